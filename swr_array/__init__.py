@@ -1,0 +1,21 @@
+"""swr-array: Sliding Window Recurrences and the Phalanx layer for NumPy, CuPy, PyTorch and JAX.
+
+NumPy inputs run the float64 reference (:mod:`swr_array.reference`); CuPy inputs run Numba CUDA
+kernels. PyTorch and JAX users go through :mod:`swr_array.adapters`.
+"""
+
+from . import reference
+from .ops import horizon, swr, swr_init_state, swr_step, swr_vjp
+from .state import SWRState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SWRState",
+    "horizon",
+    "reference",
+    "swr",
+    "swr_init_state",
+    "swr_step",
+    "swr_vjp",
+]

@@ -1,0 +1,164 @@
+"""Argument checks: every public entry point validates here, before any kernel runs."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._backend import array_backend, bfloat16, dtype_name
+
+LAYOUTS = ("BHDL", "BLHD")
+BLOCK_LENS = tuple(2**i for i in range(9))  # 1 .. 256
+GPU_DTYPES = ("float32", "float16", "bfloat16")
+CPU_DTYPES = GPU_DTYPES + ("float64",)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A checked SWR call in canonical terms: logical dims (B, H, D, N) and the backend."""
+
+    backend: str  # "numpy" or "cupy"
+    layout: str
+    B: int
+    H: int
+    D: int
+    N: int
+    per_head: bool
+    dtype: Any
+    out_dtype: Any
+    block_len: int
+    hops: int | None
+
+
+def check_block_len(block_len) -> int:
+    if isinstance(block_len, bool) or not isinstance(block_len, numbers.Integral):
+        raise TypeError(f"block_len must be an int, got {type(block_len).__name__}")
+    if int(block_len) not in BLOCK_LENS:
+        raise ValueError(f"block_len must be a power of two from 1 to 256, got {block_len}")
+    return int(block_len)
+
+
+def check_hops(hops) -> int | None:
+    if hops is None:
+        return None
+    if isinstance(hops, bool) or not isinstance(hops, numbers.Integral):
+        raise TypeError(f"hops must be a non-negative int or None, got {type(hops).__name__}")
+    if hops < 0:
+        raise ValueError(f"hops must be >= 0 or None (exact recurrence), got {hops}")
+    return int(hops)
+
+
+def check_layout(layout) -> str:
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be a string, one of {LAYOUTS}, got {type(layout).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def check_float_dtype(name, dtype, backend) -> np.dtype:
+    allowed = CPU_DTYPES if backend == "numpy" else GPU_DTYPES
+    if dtype_name(dtype) not in allowed:
+        raise TypeError(f"{name} has dtype {dtype_name(dtype)}; expected one of {allowed}")
+    return np.dtype(dtype)
+
+
+def check_out_dtype(out_dtype, default, backend) -> np.dtype:
+    if out_dtype is None:
+        return np.dtype(default)
+    if isinstance(out_dtype, str) and out_dtype == "bfloat16":
+        out_dtype = bfloat16
+    try:
+        dt = np.dtype(out_dtype)
+    except TypeError as exc:
+        raise TypeError(f"out_dtype must be a float dtype, got {out_dtype!r}") from exc
+    return check_float_dtype("out_dtype", dt, backend)
+
+
+def same_backend(named_arrays, backend, device=None):
+    """Every array must live on the same framework (and GPU) as the first input."""
+    for name, x in named_arrays:
+        if x is None:
+            continue
+        b = array_backend(x)
+        if b != backend:
+            raise TypeError(f"{name} is a {b} array but the inputs are {backend} arrays")
+        if backend == "cupy" and device is not None and x.device.id != device:
+            raise ValueError(f"{name} is on GPU {x.device.id} but the inputs are on GPU {device}")
+
+
+def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> Problem:
+    layout = check_layout(layout)
+    block_len = check_block_len(block_len)
+    hops = check_hops(hops)
+    backend = array_backend(u, name=name_u)
+    same_backend([("a", a)], backend, u.device.id if backend == "cupy" else None)
+    if u.ndim != 4:
+        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
+        raise ValueError(f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u.shape}")
+    if layout == "BHDL":
+        B, H, D, N = u.shape
+        per_head_shape, channel_shape = (B, H, N), (B, H, D, N)
+    else:
+        B, N, H, D = u.shape
+        per_head_shape, channel_shape = (B, N, H), (B, N, H, D)
+    if tuple(a.shape) == per_head_shape:
+        per_head = True
+    elif tuple(a.shape) == channel_shape:
+        per_head = False
+    else:
+        raise ValueError(
+            f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
+            f"for {name_u} of shape {tuple(u.shape)} in layout {layout!r}, got {tuple(a.shape)}"
+        )
+    dtype = check_float_dtype(name_u, u.dtype, backend)
+    check_float_dtype("a", a.dtype, backend)
+    if np.dtype(a.dtype) != dtype:
+        raise TypeError(f"a and {name_u} must share one dtype, got {a.dtype} and {u.dtype}")
+    out = check_out_dtype(out_dtype, dtype, backend)
+    return Problem(backend, layout, B, H, D, N, per_head, dtype, out, block_len, hops)
+
+
+def check_channel_array(name, x, p: Problem):
+    """x0-like arrays: (B, H, D), float, same backend and device."""
+    if x is None:
+        return None
+    dev = None
+    if p.backend == "cupy":
+        import cupy
+
+        dev = cupy.cuda.Device().id
+    same_backend([(name, x)], p.backend, dev)
+    if tuple(x.shape) != (p.B, p.H, p.D):
+        raise ValueError(f"{name} must have shape (B, H, D) = {(p.B, p.H, p.D)}, got {x.shape}")
+    check_float_dtype(name, x.dtype, p.backend)
+    return x
+
+
+def check_state(state, p: Problem):
+    from .state import SWRState
+
+    if state is None:
+        return None
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState (from return_state=True), got {type(state)}")
+    if state.block_len != p.block_len or state.hops != p.hops:
+        raise ValueError(
+            f"state was made with block_len={state.block_len}, hops={state.hops}; "
+            f"this call has block_len={p.block_len}, hops={p.hops}"
+        )
+    if tuple(state.w.shape) != (p.B, p.H, p.D):
+        raise ValueError(f"state is for channels {tuple(state.w.shape)}, not {(p.B, p.H, p.D)}")
+    b = array_backend(state.w, name="state")
+    if b != p.backend:
+        raise TypeError(f"state holds {b} arrays but the inputs are {p.backend} arrays")
+    return state
+
+
+def check_bool(name, x) -> bool:
+    if not isinstance(x, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return bool(x)

@@ -1,0 +1,178 @@
+"""The CuPy backend: allocates outputs, runs the block-level algebra, launches the kernels.
+
+Arguments arrive checked (``_checks.Problem``). Inputs that are not C-contiguous in their layout
+are copied to contiguous arrays on the same device first (kernels index contiguous layouts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import reference
+from .state import SWRState
+
+F32 = np.float32
+
+
+def _nk():
+    from . import numba_kernels
+
+    return numba_kernels
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def _view(x):
+    """The array a kernel receives: bfloat16 as its uint16 bits."""
+    return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+
+
+def _time_slice(x, start, layout, per_head):
+    """x[..., start:] along time for either layout, as a contiguous copy."""
+    cp = _cp()
+    if layout == "BHDL" or (per_head and x.ndim == 3 and layout == "BHDL"):
+        return cp.ascontiguousarray(x[..., start:])
+    return cp.ascontiguousarray(x[:, start:])
+
+
+def _exact_block_carry(v, C, s0):
+    """hops=None: S_j = s_{j-1} with s_j = v_j + C_j s_{j-1}, s_{-1} = s0 (linear_scan kernel)."""
+    cp = _cp()
+    B, H, D, nb = v.shape
+    s = cp.empty_like(v)
+    _nk().linear_scan(C.reshape(-1, nb), v.reshape(-1, nb), s.reshape(-1, nb),
+                      cp.ascontiguousarray(s0.reshape(-1)), reverse=False)
+    return cp.concatenate([s0[..., None], s[..., :-1]], axis=-1)
+
+
+def _exact_block_adjoints(C, q, S, x0_given):
+    """hops=None: r_j = q_{j+1} + C_{j+1} r_{j+1}; dv = r, dC = r S, dx0 = q_0 + C_0 r_0."""
+    cp = _cp()
+    nb = q.shape[-1]
+    zeros = cp.zeros(q.shape[:-1] + (1,), F32)
+    coef = cp.ascontiguousarray(cp.concatenate([C[..., 1:], zeros], axis=-1))
+    x = cp.ascontiguousarray(cp.concatenate([q[..., 1:], zeros], axis=-1))
+    r = cp.empty_like(q)
+    _nk().linear_scan(coef.reshape(-1, nb), x.reshape(-1, nb), r.reshape(-1, nb),
+                      cp.zeros(coef.shape[:-1], F32).reshape(-1), reverse=True)
+    dx0 = q[..., 0] + C[..., 0] * r[..., 0] if x0_given else cp.zeros(q.shape[:-1], F32)
+    return r, r * S, dx0
+
+
+def _block_carry(v, C, hops, state):
+    valid = reference._valid_carriers(state.position, state.block_len, hops)
+    if hops is None:
+        return _exact_block_carry(v, C, cp_ascontig(state.carry_v[..., 0]))
+    return reference.block_carry(
+        v, C, hops, (state.carry_v[..., :valid], state.carry_C[..., :valid]), xp=_cp()
+    )
+
+
+def cp_ascontig(x):
+    return _cp().ascontiguousarray(x, dtype=F32)
+
+
+def swr_forward(a, u, p, *, x0, state, return_state):
+    cp = _cp()
+    nk = _nk()
+    a = cp.ascontiguousarray(a)
+    u = cp.ascontiguousarray(u)
+    y = cp.empty(u.shape, dtype=p.out_dtype)
+    shape = (p.B, p.H, p.D)
+    if state is None:
+        x0f = None if x0 is None else cp_ascontig(x0)
+        state = SWRState.initial(shape, block_len=p.block_len, hops=p.hops, x0=x0f, xp=cp, dtype=F32)
+    if p.N == 0:
+        return (y, state) if return_state else y
+    kw = dict(layout=p.layout, block_len=p.block_len, offset=state.offset,
+              w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
+    av, uv = _view(a), _view(u)
+    if p.hops in (0, 1):
+        if p.hops == 1:
+            carry = cp_ascontig(state.carry_v[..., 0])
+        else:
+            carry = cp.zeros(shape, F32)
+        nk.swr_forward(av, uv, _view(y), hops=p.hops, carry=carry, **kw)
+        if not return_state:
+            return y
+        return y, _advance_from_tail(a, u, p, state)
+    nb = -(-(state.offset + p.N) // p.block_len)
+    v = cp.empty(shape + (nb,), F32)
+    C = cp.empty(shape + (nb,), F32)
+    nk.block_carriers(av, uv, v, C, **kw)
+    S = cp.ascontiguousarray(_block_carry(v, C, p.hops, state), dtype=F32)
+    nk.swr_forward(av, uv, _view(y), hops=p.hops, carry=S[..., 0].copy(), block_carry=S, **kw)
+    if not return_state:
+        return y
+    return y, state.advanced(p.N, v, C, S, cp)
+
+
+def _advance_from_tail(a, u, p, state):
+    """The next state for hops 0/1: only the trailing partial block and the K complete blocks
+    before it matter, so their carriers are recomputed from a short tail of the inputs."""
+    cp = _cp()
+    l, K = p.block_len, p.hops
+    start_abs = state.position
+    end = start_abs + p.N
+    tail_abs = max(start_abs, ((end - 1) // l - K) * l)
+    ts = tail_abs - start_abs
+    if ts == 0:
+        at, ut = a, u
+        kw = dict(offset=state.offset, w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
+    else:
+        at = _time_slice(a, ts, p.layout, p.per_head)
+        ut = _time_slice(u, ts, p.layout, False)
+        shape = (p.B, p.H, p.D)
+        kw = dict(offset=0, w0=cp.zeros(shape, F32), g0=cp.ones(shape, F32))
+    nb = -(-(kw["offset"] + p.N - ts) // l)
+    v = cp.empty((p.B, p.H, p.D, nb), F32)
+    C = cp.empty_like(v)
+    _nk().block_carriers(_view(at), _view(ut), v, C, layout=p.layout, block_len=l, **kw)
+    return state.advanced(p.N, v, C, cp.zeros_like(v), cp)
+
+
+def swr_backward(a, u, dy, p, *, x0):
+    cp = _cp()
+    nk = _nk()
+    a = cp.ascontiguousarray(a)
+    u = cp.ascontiguousarray(u)
+    # the kernels read dy in the input dtype (one specialisation per input dtype)
+    dy = cp.ascontiguousarray(dy, dtype=u.dtype)
+    du = cp.empty_like(u)
+    da = cp.empty_like(a)
+    shape = (p.B, p.H, p.D)
+    if p.N == 0:
+        da[...] = 0
+        return da, du, (None if x0 is None else cp.zeros(shape, F32))
+    carry = cp.zeros(shape, F32) if x0 is None else cp_ascontig(x0)
+    av, uv, dyv = _view(a), _view(u), _view(dy)
+    kw = dict(layout=p.layout, block_len=p.block_len)
+    nb = -(-p.N // p.block_len)
+    hops = p.hops
+    if hops is not None and hops >= nb:
+        hops = None  # every window reaches x0: the exact recurrence, same numbers
+    if hops in (0, 1):
+        dcarry = cp.empty(shape, F32)
+        nk.swr_backward(av, uv, dyv, _view(du), _view(da), hops=hops, carry=carry, dcarry=dcarry, **kw)
+        return da, du, (dcarry if x0 is not None else None)
+    v = cp.empty(shape + (nb,), F32)
+    C = cp.empty_like(v)
+    q = cp.empty_like(v)
+    ones = cp.ones(shape, F32)
+    nk.block_carriers(av, uv, v, C, offset=0, w0=cp.zeros(shape, F32), g0=ones, **kw)
+    nk.block_grad_sums(av, dyv, q, **kw)
+    if hops is None:
+        S = _exact_block_carry(v, C, carry)
+        dv, dC, dx0 = _exact_block_adjoints(C, q, S, x0 is not None)
+    else:
+        state = SWRState.initial(shape, block_len=p.block_len, hops=hops, x0=carry, xp=cp, dtype=F32)
+        S = _block_carry(v, C, hops, state)
+        dv, dC, dx0 = reference.block_adjoints(v, C, q, hops, carry if x0 is not None else None, xp=cp)
+    c = cp.ascontiguousarray
+    nk.swr_backward_blocks(av, uv, dyv, _view(du), _view(da), block_carry=c(S, dtype=F32),
+                           block_dv=c(dv, dtype=F32), block_dC=c(dC, dtype=F32), **kw)
+    return da, du, (c(dx0, dtype=F32) if x0 is not None else None)

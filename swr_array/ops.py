@@ -1,0 +1,216 @@
+"""The public SWR operations: one signature for NumPy (reference) and CuPy (Numba CUDA kernels)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+from . import _checks, reference
+from ._backend import get_xp
+from .state import SWRState
+
+Array = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# layout helpers: canonical time-last view (B, H, D|1, N)
+# ----------------------------------------------------------------------------------------------
+
+
+def to_time_last(x, layout: str, per_head: bool):
+    """(B,H,D,N)/(B,N,H,D) -> (B,H,D,N); per-head a (B,H,N)/(B,N,H) -> (B,H,1,N)."""
+    if layout == "BHDL":
+        return x[:, :, None, :] if per_head else x
+    if per_head:  # (B, N, H)
+        return x.transpose(0, 2, 1)[:, :, None, :]
+    return x.transpose(0, 2, 3, 1)
+
+
+def from_time_last(x, layout: str, per_head: bool = False):
+    """Inverse of :func:`to_time_last`."""
+    if per_head:
+        x = x[:, :, 0, :]
+        return x if layout == "BHDL" else x.transpose(0, 2, 1)
+    return x if layout == "BHDL" else x.transpose(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+def swr(
+    a: Array,
+    u: Array,
+    *,
+    block_len: int = 16,
+    hops: int | None = 1,
+    layout: str = "BHDL",
+    x0: Array | None = None,
+    state: SWRState | None = None,
+    return_state: bool = False,
+    out_dtype=None,
+):
+    """Sliding window recurrence y = L_hops(a) u (SPEC section 1).
+
+    Args:
+        a: coefficients, per head ``(B, H, L)`` / ``(B, L, H)`` or per channel (u's shape), any
+            real values.
+        u: inputs ``(B, H, D, L)`` for ``layout="BHDL"`` or ``(B, L, H, D)`` for ``"BLHD"``.
+        block_len: block length l, a power of two in 1..256.
+        hops: carrier hops k (0: block diagonal, 1: SWR default, None: exact recurrence).
+        layout: ``"BHDL"`` (time contiguous) or ``"BLHD"`` (channels contiguous).
+        x0: initial carry ``(B, H, D)`` (default 0). Not combined with ``state``.
+        state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from.
+        return_state: also return the state after the last token.
+        out_dtype: dtype of y (default: the input dtype).
+
+    Returns:
+        y with u's shape (and the new state with ``return_state``). NumPy inputs run the float64
+        reference; CuPy inputs run the Numba CUDA kernels on the current device and stream.
+    """
+    p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype)
+    _checks.check_channel_array("x0", x0, p)
+    _checks.check_state(state, p)
+    return_state = _checks.check_bool("return_state", return_state)
+    if x0 is not None and state is not None:
+        raise ValueError("pass either x0 or state, not both: a state already holds its carry")
+    if p.backend == "cupy":
+        from . import _cuda
+
+        return _cuda.swr_forward(a, u, p, x0=x0, state=state, return_state=return_state)
+    return _swr_numpy(a, u, p, x0=x0, state=state, return_state=return_state)
+
+
+def _swr_numpy(a, u, p, *, x0, state, return_state):
+    at = to_time_last(a, p.layout, p.per_head)
+    ut = to_time_last(u, p.layout, False)
+    if state is None:
+        state = SWRState.initial((p.B, p.H, p.D), block_len=p.block_len, hops=p.hops, x0=x0)
+    y, v, C, S = reference.swr(
+        at, ut, block_len=p.block_len, hops=p.hops, position=state.position,
+        w0=state.w if state.offset else None, g0=state.g if state.offset else None,
+        carry=state.carry(), return_parts=True,
+    )
+    y = np.ascontiguousarray(from_time_last(y, p.layout)).astype(p.out_dtype, copy=False)
+    if not return_state:
+        return y
+    return y, state.advanced(p.N, v, C, S, np)
+
+
+def swr_vjp(
+    a: Array,
+    u: Array,
+    dy: Array,
+    *,
+    block_len: int = 16,
+    hops: int | None = 1,
+    layout: str = "BHDL",
+    x0: Array | None = None,
+):
+    """Gradients of ``sum(dy * swr(a, u, x0=x0))`` (SPEC section 4).
+
+    Returns ``(da, du, dx0)``: ``da`` with a's shape and dtype (per-head coefficients get the sum
+    over the head's channels), ``du`` with u's shape and dtype, ``dx0`` ``(B, H, D)`` float32
+    (float64 on NumPy), or None when x0 is None.
+    """
+    p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout)
+    if tuple(dy.shape) != tuple(u.shape):
+        raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
+    _checks.same_backend([("dy", dy)], p.backend, u.device.id if p.backend == "cupy" else None)
+    _checks.check_float_dtype("dy", dy.dtype, p.backend)
+    _checks.check_channel_array("x0", x0, p)
+    if p.backend == "cupy":
+        from . import _cuda
+
+        return _cuda.swr_backward(a, u, dy, p, x0=x0)
+    at = to_time_last(a, p.layout, p.per_head)
+    ut = to_time_last(u, p.layout, False)
+    dyt = to_time_last(dy, p.layout, False)
+    da, du, dx0 = reference.swr_vjp(at, ut, dyt, block_len=p.block_len, hops=p.hops, x0=x0)
+    if p.per_head:
+        da = da.sum(axis=2, keepdims=True)
+    da = np.ascontiguousarray(from_time_last(da, p.layout, p.per_head)).astype(a.dtype, copy=False)
+    du = np.ascontiguousarray(from_time_last(du, p.layout)).astype(u.dtype, copy=False)
+    return da, du, dx0
+
+
+def swr_init_state(
+    shape, *, block_len: int = 16, hops: int | None = 1, x0: Array | None = None, like=None
+) -> SWRState:
+    """The state before the first token, for decoding from scratch with :func:`swr_step`.
+
+    ``shape`` is ``(B, H, D)``; ``like`` (an array) picks the backend (NumPy by default).
+    """
+    block_len = _checks.check_block_len(block_len)
+    hops = _checks.check_hops(hops)
+    if len(tuple(shape)) != 3:
+        raise ValueError(f"shape must be (B, H, D), got {shape}")
+    xp = np if like is None else get_xp(_checks.array_backend(like, name="like"))
+    dtype = np.float64 if xp is np else np.float32
+    return SWRState.initial(shape, block_len=block_len, hops=hops, x0=x0, xp=xp, dtype=dtype)
+
+
+def swr_step(a_t: Array, u_t: Array, state: SWRState, *, out_dtype=None):
+    """One decoding step: y_t and the next state, equal to the parallel form at that position.
+
+    Args:
+        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel.
+        u_t: ``(B, H, D)``.
+        state: the state after the previous token.
+    """
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    backend = _checks.array_backend(u_t, name="u_t")
+    _checks.same_backend([("a_t", a_t)], backend)
+    if u_t.ndim != 3 or tuple(u_t.shape) != tuple(state.w.shape):
+        raise ValueError(f"u_t must have shape (B, H, D) = {tuple(state.w.shape)}, got {u_t.shape}")
+    B, H, D = u_t.shape
+    if tuple(a_t.shape) == (B, H):
+        a_c = a_t[:, :, None]
+    elif tuple(a_t.shape) == (B, H, D):
+        a_c = a_t
+    else:
+        raise ValueError(f"a_t must have shape (B, H) or (B, H, D) = {(B, H, D)}, got {a_t.shape}")
+    dtype = _checks.check_float_dtype("u_t", u_t.dtype, backend)
+    if np.dtype(a_t.dtype) != dtype:
+        raise TypeError(f"a_t and u_t must share one dtype, got {a_t.dtype} and {u_t.dtype}")
+    out = _checks.check_out_dtype(out_dtype, dtype, backend)
+    if _checks.array_backend(state.w, name="state") != backend:
+        raise TypeError("state and u_t live on different frameworks")
+    xp = get_xp(backend)
+    f = state.w.dtype
+    a_c = xp.broadcast_to(a_c.astype(f), (B, H, D))
+    w, g, carry, y = reference.step(
+        a_c, u_t.astype(f), state.w, state.g, state.carry(), state.position,
+        state.block_len, state.hops, xp=xp,
+    )
+    new = SWRState(state.position + 1, state.block_len, state.hops, w, g, carry[0], carry[1])
+    return y.astype(out), new
+
+
+def horizon(rho: float, eps: float) -> int:
+    """The paper's computational horizon: the smallest k with rho**(k+1) / (1 - rho) < eps.
+
+    With decay bounded by ``rho`` (|a_t| <= rho < 1) inputs older than k steps change the output
+    by less than ``eps`` relative to the input scale; pick ``block_len * hops >= k``.
+    """
+    for name, x in (("rho", rho), ("eps", eps)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if rho == 0.0:
+        return 0
+    k = max(0, math.ceil(math.log(eps * (1.0 - rho)) / math.log(rho) - 1.0))
+    # settle the float rounding of the closed form on the exact strict inequality
+    while k > 0 and rho ** k / (1.0 - rho) < eps:
+        k -= 1
+    while rho ** (k + 1) / (1.0 - rho) >= eps:
+        k += 1
+    return k
