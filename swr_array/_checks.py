@@ -31,6 +31,7 @@ class Problem:
     out_dtype: Any
     block_len: int
     hops: int | None
+    device: int | None = None  # the CUDA device of the inputs (CuPy backend)
 
 
 def check_block_len(block_len) -> int:
@@ -83,7 +84,7 @@ def same_backend(named_arrays, backend, device=None):
     for name, x in named_arrays:
         if x is None:
             continue
-        b = array_backend(x)
+        b = array_backend(x, name=name)
         if b != backend:
             raise TypeError(f"{name} is a {b} array but the inputs are {backend} arrays")
         if backend == "cupy" and device is not None and x.device.id != device:
@@ -95,7 +96,8 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     block_len = check_block_len(block_len)
     hops = check_hops(hops)
     backend = array_backend(u, name=name_u)
-    same_backend([("a", a)], backend, u.device.id if backend == "cupy" else None)
+    device = u.device.id if backend == "cupy" else None
+    same_backend([("a", a)], backend, device)
     if u.ndim != 4:
         dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
         raise ValueError(f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u.shape}")
@@ -119,19 +121,14 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     if np.dtype(a.dtype) != dtype:
         raise TypeError(f"a and {name_u} must share one dtype, got {a.dtype} and {u.dtype}")
     out = check_out_dtype(out_dtype, dtype, backend)
-    return Problem(backend, layout, B, H, D, N, per_head, dtype, out, block_len, hops)
+    return Problem(backend, layout, B, H, D, N, per_head, dtype, out, block_len, hops, device)
 
 
 def check_channel_array(name, x, p: Problem):
     """x0-like arrays: (B, H, D), float, same backend and device."""
     if x is None:
         return None
-    dev = None
-    if p.backend == "cupy":
-        import cupy
-
-        dev = cupy.cuda.Device().id
-    same_backend([(name, x)], p.backend, dev)
+    same_backend([(name, x)], p.backend, p.device)
     if tuple(x.shape) != (p.B, p.H, p.D):
         raise ValueError(f"{name} must have shape (B, H, D) = {(p.B, p.H, p.D)}, got {x.shape}")
     check_float_dtype(name, x.dtype, p.backend)

@@ -20,7 +20,10 @@ def _nk():
     return numba_kernels
 
 
-def _cp():
+def _xp_of(x):
+    """CuPy for CuPy arrays; NumPy under the CUDA simulator (whose kernels take NumPy arrays)."""
+    if isinstance(x, np.ndarray):
+        return np
     import cupy
 
     return cupy
@@ -31,34 +34,44 @@ def _view(x):
     return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
 
 
-def _time_slice(x, start, layout, per_head):
+def _time_slice(x, start, layout):
     """x[..., start:] along time for either layout, as a contiguous copy."""
-    cp = _cp()
-    if layout == "BHDL" or (per_head and x.ndim == 3 and layout == "BHDL"):
-        return cp.ascontiguousarray(x[..., start:])
-    return cp.ascontiguousarray(x[:, start:])
+    xp = _xp_of(x)
+    if layout == "BHDL":
+        return xp.ascontiguousarray(x[..., start:])
+    return xp.ascontiguousarray(x[:, start:])
 
 
 def _exact_block_carry(v, C, s0):
     """hops=None: S_j = s_{j-1} with s_j = v_j + C_j s_{j-1}, s_{-1} = s0 (linear_scan kernel)."""
-    cp = _cp()
+    cp = _xp_of(v)
     B, H, D, nb = v.shape
     s = cp.empty_like(v)
-    _nk().linear_scan(C.reshape(-1, nb), v.reshape(-1, nb), s.reshape(-1, nb),
-                      cp.ascontiguousarray(s0.reshape(-1)), reverse=False)
+    _nk().linear_scan(
+        C.reshape(-1, nb),
+        v.reshape(-1, nb),
+        s.reshape(-1, nb),
+        cp.ascontiguousarray(s0.reshape(-1)),
+        reverse=False,
+    )
     return cp.concatenate([s0[..., None], s[..., :-1]], axis=-1)
 
 
 def _exact_block_adjoints(C, q, S, x0_given):
     """hops=None: r_j = q_{j+1} + C_{j+1} r_{j+1}; dv = r, dC = r S, dx0 = q_0 + C_0 r_0."""
-    cp = _cp()
+    cp = _xp_of(q)
     nb = q.shape[-1]
     zeros = cp.zeros(q.shape[:-1] + (1,), F32)
     coef = cp.ascontiguousarray(cp.concatenate([C[..., 1:], zeros], axis=-1))
     x = cp.ascontiguousarray(cp.concatenate([q[..., 1:], zeros], axis=-1))
     r = cp.empty_like(q)
-    _nk().linear_scan(coef.reshape(-1, nb), x.reshape(-1, nb), r.reshape(-1, nb),
-                      cp.zeros(coef.shape[:-1], F32).reshape(-1), reverse=True)
+    _nk().linear_scan(
+        coef.reshape(-1, nb),
+        x.reshape(-1, nb),
+        r.reshape(-1, nb),
+        cp.zeros(coef.shape[:-1], F32).reshape(-1),
+        reverse=True,
+    )
     dx0 = q[..., 0] + C[..., 0] * r[..., 0] if x0_given else cp.zeros(q.shape[:-1], F32)
     return r, r * S, dx0
 
@@ -68,16 +81,16 @@ def _block_carry(v, C, hops, state):
     if hops is None:
         return _exact_block_carry(v, C, cp_ascontig(state.carry_v[..., 0]))
     return reference.block_carry(
-        v, C, hops, (state.carry_v[..., :valid], state.carry_C[..., :valid]), xp=_cp()
+        v, C, hops, (state.carry_v[..., :valid], state.carry_C[..., :valid]), xp=_xp_of(v)
     )
 
 
 def cp_ascontig(x):
-    return _cp().ascontiguousarray(x, dtype=F32)
+    return _xp_of(x).ascontiguousarray(x, dtype=F32)
 
 
 def swr_forward(a, u, p, *, x0, state, return_state):
-    cp = _cp()
+    cp = _xp_of(u)
     nk = _nk()
     a = cp.ascontiguousarray(a)
     u = cp.ascontiguousarray(u)
@@ -85,11 +98,18 @@ def swr_forward(a, u, p, *, x0, state, return_state):
     shape = (p.B, p.H, p.D)
     if state is None:
         x0f = None if x0 is None else cp_ascontig(x0)
-        state = SWRState.initial(shape, block_len=p.block_len, hops=p.hops, x0=x0f, xp=cp, dtype=F32)
+        state = SWRState.initial(
+            shape, block_len=p.block_len, hops=p.hops, x0=x0f, xp=cp, dtype=F32
+        )
     if p.N == 0:
         return (y, state) if return_state else y
-    kw = dict(layout=p.layout, block_len=p.block_len, offset=state.offset,
-              w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
+    kw = dict(
+        layout=p.layout,
+        block_len=p.block_len,
+        offset=state.offset,
+        w0=cp_ascontig(state.w),
+        g0=cp_ascontig(state.g),
+    )
     av, uv = _view(a), _view(u)
     if p.hops in (0, 1):
         if p.hops == 1:
@@ -114,7 +134,7 @@ def swr_forward(a, u, p, *, x0, state, return_state):
 def _advance_from_tail(a, u, p, state):
     """The next state for hops 0/1: only the trailing partial block and the K complete blocks
     before it matter, so their carriers are recomputed from a short tail of the inputs."""
-    cp = _cp()
+    cp = _xp_of(u)
     l, K = p.block_len, p.hops
     start_abs = state.position
     end = start_abs + p.N
@@ -124,8 +144,8 @@ def _advance_from_tail(a, u, p, state):
         at, ut = a, u
         kw = dict(offset=state.offset, w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
     else:
-        at = _time_slice(a, ts, p.layout, p.per_head)
-        ut = _time_slice(u, ts, p.layout, False)
+        at = _time_slice(a, ts, p.layout)
+        ut = _time_slice(u, ts, p.layout)
         shape = (p.B, p.H, p.D)
         kw = dict(offset=0, w0=cp.zeros(shape, F32), g0=cp.ones(shape, F32))
     nb = -(-(kw["offset"] + p.N - ts) // l)
@@ -136,12 +156,12 @@ def _advance_from_tail(a, u, p, state):
 
 
 def swr_backward(a, u, dy, p, *, x0):
-    cp = _cp()
+    cp = _xp_of(u)
     nk = _nk()
     a = cp.ascontiguousarray(a)
     u = cp.ascontiguousarray(u)
     # the kernels read dy in the input dtype (one specialisation per input dtype)
-    dy = cp.ascontiguousarray(dy, dtype=u.dtype)
+    dy = cp.ascontiguousarray(dy).astype(u.dtype, copy=False)
     du = cp.empty_like(u)
     da = cp.empty_like(a)
     shape = (p.B, p.H, p.D)
@@ -157,7 +177,9 @@ def swr_backward(a, u, dy, p, *, x0):
         hops = None  # every window reaches x0: the exact recurrence, same numbers
     if hops in (0, 1):
         dcarry = cp.empty(shape, F32)
-        nk.swr_backward(av, uv, dyv, _view(du), _view(da), hops=hops, carry=carry, dcarry=dcarry, **kw)
+        nk.swr_backward(
+            av, uv, dyv, _view(du), _view(da), hops=hops, carry=carry, dcarry=dcarry, **kw
+        )
         return da, du, (dcarry if x0 is not None else None)
     v = cp.empty(shape + (nb,), F32)
     C = cp.empty_like(v)
@@ -169,10 +191,23 @@ def swr_backward(a, u, dy, p, *, x0):
         S = _exact_block_carry(v, C, carry)
         dv, dC, dx0 = _exact_block_adjoints(C, q, S, x0 is not None)
     else:
-        state = SWRState.initial(shape, block_len=p.block_len, hops=hops, x0=carry, xp=cp, dtype=F32)
+        state = SWRState.initial(
+            shape, block_len=p.block_len, hops=hops, x0=carry, xp=cp, dtype=F32
+        )
         S = _block_carry(v, C, hops, state)
-        dv, dC, dx0 = reference.block_adjoints(v, C, q, hops, carry if x0 is not None else None, xp=cp)
+        dv, dC, dx0 = reference.block_adjoints(
+            v, C, q, hops, carry if x0 is not None else None, xp=cp
+        )
     c = cp.ascontiguousarray
-    nk.swr_backward_blocks(av, uv, dyv, _view(du), _view(da), block_carry=c(S, dtype=F32),
-                           block_dv=c(dv, dtype=F32), block_dC=c(dC, dtype=F32), **kw)
+    nk.swr_backward_blocks(
+        av,
+        uv,
+        dyv,
+        _view(du),
+        _view(da),
+        block_carry=c(S, dtype=F32),
+        block_dv=c(dv, dtype=F32),
+        block_dC=c(dC, dtype=F32),
+        **kw,
+    )
     return da, du, (c(dx0, dtype=F32) if x0 is not None else None)

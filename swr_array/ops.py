@@ -79,9 +79,12 @@ def swr(
     if x0 is not None and state is not None:
         raise ValueError("pass either x0 or state, not both: a state already holds its carry")
     if p.backend == "cupy":
+        import cupy
+
         from . import _cuda
 
-        return _cuda.swr_forward(a, u, p, x0=x0, state=state, return_state=return_state)
+        with cupy.cuda.Device(p.device):
+            return _cuda.swr_forward(a, u, p, x0=x0, state=state, return_state=return_state)
     return _swr_numpy(a, u, p, x0=x0, state=state, return_state=return_state)
 
 
@@ -91,9 +94,15 @@ def _swr_numpy(a, u, p, *, x0, state, return_state):
     if state is None:
         state = SWRState.initial((p.B, p.H, p.D), block_len=p.block_len, hops=p.hops, x0=x0)
     y, v, C, S = reference.swr(
-        at, ut, block_len=p.block_len, hops=p.hops, position=state.position,
-        w0=state.w if state.offset else None, g0=state.g if state.offset else None,
-        carry=state.carry(), return_parts=True,
+        at,
+        ut,
+        block_len=p.block_len,
+        hops=p.hops,
+        position=state.position,
+        w0=state.w if state.offset else None,
+        g0=state.g if state.offset else None,
+        carry=state.carry(),
+        return_parts=True,
     )
     y = np.ascontiguousarray(from_time_last(y, p.layout)).astype(p.out_dtype, copy=False)
     if not return_state:
@@ -118,15 +127,18 @@ def swr_vjp(
     (float64 on NumPy), or None when x0 is None.
     """
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout)
+    _checks.same_backend([("dy", dy)], p.backend, u.device.id if p.backend == "cupy" else None)
     if tuple(dy.shape) != tuple(u.shape):
         raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
-    _checks.same_backend([("dy", dy)], p.backend, u.device.id if p.backend == "cupy" else None)
     _checks.check_float_dtype("dy", dy.dtype, p.backend)
     _checks.check_channel_array("x0", x0, p)
     if p.backend == "cupy":
+        import cupy
+
         from . import _cuda
 
-        return _cuda.swr_backward(a, u, dy, p, x0=x0)
+        with cupy.cuda.Device(p.device):
+            return _cuda.swr_backward(a, u, dy, p, x0=x0)
     at = to_time_last(a, p.layout, p.per_head)
     ut = to_time_last(u, p.layout, False)
     dyt = to_time_last(dy, p.layout, False)
@@ -185,8 +197,15 @@ def swr_step(a_t: Array, u_t: Array, state: SWRState, *, out_dtype=None):
     f = state.w.dtype
     a_c = xp.broadcast_to(a_c.astype(f), (B, H, D))
     w, g, carry, y = reference.step(
-        a_c, u_t.astype(f), state.w, state.g, state.carry(), state.position,
-        state.block_len, state.hops, xp=xp,
+        a_c,
+        u_t.astype(f),
+        state.w,
+        state.g,
+        state.carry(),
+        state.position,
+        state.block_len,
+        state.hops,
+        xp=xp,
     )
     new = SWRState(state.position + 1, state.block_len, state.hops, w, g, carry[0], carry[1])
     return y.astype(out), new
@@ -209,7 +228,7 @@ def horizon(rho: float, eps: float) -> int:
         return 0
     k = max(0, math.ceil(math.log(eps * (1.0 - rho)) / math.log(rho) - 1.0))
     # settle the float rounding of the closed form on the exact strict inequality
-    while k > 0 and rho ** k / (1.0 - rho) < eps:
+    while k > 0 and rho**k / (1.0 - rho) < eps:
         k -= 1
     while rho ** (k + 1) / (1.0 - rho) >= eps:
         k += 1

@@ -479,8 +479,15 @@ def step(a_t, u_t, w, g, carry, position, block_len, hops, xp=np):
     y_t = w + g * S[..., 0]
     if (position + 1) % block_len == 0:
         carry = advance_carriers(
-            carry, w[..., None], g[..., None], S, position=position - position % block_len,
-            n=block_len, block_len=block_len, hops=hops, xp=xp,
+            carry,
+            w[..., None],
+            g[..., None],
+            S,
+            position=position - position % block_len,
+            n=block_len,
+            block_len=block_len,
+            hops=hops,
+            xp=xp,
         )
         w, g = xp.zeros_like(w), xp.ones_like(g)
     return w, g, carry, y_t

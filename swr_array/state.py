@@ -69,8 +69,15 @@ class SWRState:
             return self
         end = self.position + n
         cv, cC = reference.advance_carriers(
-            self.carry(), v, C, S, position=self.position, n=n, block_len=self.block_len,
-            hops=self.hops, xp=xp,
+            self.carry(),
+            v,
+            C,
+            S,
+            position=self.position,
+            n=n,
+            block_len=self.block_len,
+            hops=self.hops,
+            xp=xp,
         )
         if end % self.block_len:
             w, g = xp.ascontiguousarray(v[..., -1]), xp.ascontiguousarray(C[..., -1])

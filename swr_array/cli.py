@@ -1,0 +1,124 @@
+"""swr-array: sliding window recurrences on NumPy, CuPy (Numba CUDA), PyTorch and JAX."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import time
+
+import numpy as np
+
+
+def _version(name):
+    try:
+        mod = importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - report any import failure as the reason
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:100]
+    return getattr(mod, "__version__", "?"), None
+
+
+def gpu_status():
+    """(usable, reason, description) for the CuPy + Numba CUDA backend."""
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001
+        return False, f"CuPy does not import ({exc}); pip install 'swr-array[cuda13]'", None
+    try:
+        if not cupy.cuda.is_available():
+            return False, "CuPy sees no CUDA GPU", None
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        desc = f"{name} (cc {props['major']}.{props['minor']})"
+    except Exception as exc:  # noqa: BLE001
+        return False, f"CUDA is not usable: {exc}", None
+    try:
+        from . import numba_kernels  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        hint = ""
+        if "row_stack" in str(exc):
+            hint = " (numba-cuda 0.30 needs numpy < 2.5: pip install 'numpy<2.5')"
+        return False, f"numba-cuda kernels do not import: {exc}{hint}", desc
+    return True, "ok", desc
+
+
+def info() -> int:
+    print(f"swr-array {importlib.import_module('swr_array').__version__} on "
+          f"Python {platform.python_version()} ({platform.machine()})")
+    rows = []
+    for name in ("numpy", "ml_dtypes", "numba", "numba_cuda", "cupy", "torch", "jax", "flax"):
+        ver, err = _version(name)
+        rows.append((name, ver or "-", err or ""))
+    width = max(len(r[0]) for r in rows)
+    for name, ver, err in rows:
+        print(f"  {name:<{width}}  {ver:<12} {err}")
+    ok, reason, desc = gpu_status()
+    print("backend numpy (reference): ok")
+    print(f"backend cupy + numba CUDA: {'ok on ' + desc if ok else 'unavailable: ' + reason}")
+    for fw in ("torch", "jax"):
+        ver, err = _version(fw)
+        print(f"adapter {fw}: {'available' if ver else 'unavailable: ' + err}")
+    return 0
+
+
+def _median_ms(fn, sync, repeat=5):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def demo(force_cpu: bool = False) -> int:
+    import ml_dtypes
+
+    import swr_array as sa
+    from swr_array import reference
+    from swr_array.ops import to_time_last
+
+    ok, reason, desc = gpu_status()
+    use_gpu = ok and not force_cpu
+    if use_gpu:
+        import cupy as xp
+
+        sync = xp.cuda.get_current_stream().synchronize
+        where = f"GPU: {desc}, Numba CUDA kernels"
+        B, L, H, D = 4, 8192, 128, 16
+    else:
+        xp = np
+        sync = lambda: None  # noqa: E731
+        where = f"CPU: NumPy float64 reference ({reason if not force_cpu else 'forced'})"
+        B, L, H, D = 2, 1024, 8, 16
+    print(f"swr-array demo on {where}")
+    print(f"SWR, B={B} L={L} H={H} D={D}, block_len=16; checked on 4 channels against "
+          "swr_array.reference (float64)")
+    print(f"{'layout':<6} {'dtype':<9} {'hops':>4} {'rel. error':>11} {'ms':>9}")
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for layout in ("BLHD", "BHDL"):
+        for dtype in (np.float32, ml_dtypes.bfloat16):
+            for hops in (1, 2, None):
+                shape_u = (B, H, D, L) if layout == "BHDL" else (B, L, H, D)
+                shape_a = (B, H, L) if layout == "BHDL" else (B, L, H)
+                u = rng.standard_normal(shape_u, dtype=np.float32).astype(dtype)
+                a = rng.uniform(0.8, 1.0, shape_a).astype(np.float32).astype(dtype)
+                ua, aa = xp.asarray(u), xp.asarray(a)
+                kw = dict(hops=hops, layout=layout)
+                ms = _median_ms(lambda aa=aa, ua=ua, kw=kw: sa.swr(aa, ua, **kw), sync)
+                y = sa.swr(aa, ua, **kw)
+                y = y.get() if hasattr(y, "get") else y
+                at = to_time_last(a, layout, True)[:1, :2].astype(np.float64)
+                ut = to_time_last(u, layout, False)[:1, :2, :2].astype(np.float64)
+                ref = reference.swr(at, ut, block_len=16, hops=hops)
+                got = to_time_last(y, layout, False)[:1, :2, :2].astype(np.float64)
+                err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                tol = 1e-5 if dtype == np.float32 else 1e-2  # bf16 rounds inputs and output
+                worst = max(worst, err / tol)
+                name = np.dtype(dtype).name
+                print(f"{layout:<6} {name:<9} {str(hops):>4} {err:>11.2e} {ms:>9.3f}")
+    status = 0 if worst < 1.0 else 1
+    print("all checks passed" if status == 0 else "CHECK FAILED")
+    return status
