@@ -85,6 +85,21 @@ def _block_carry(v, C, hops, state):
     )
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(xp, shape, value):
+    """A cached read-only float32 array of ``value`` (kernels only read start values)."""
+    dev = None if xp is np else xp.cuda.Device().id
+    key = (xp.__name__, dev, shape, value)
+    arr = _CONSTANTS.get(key)
+    if arr is None:
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        arr = _CONSTANTS[key] = xp.full(shape, value, dtype=F32)
+    return arr
+
+
 def cp_ascontig(x):
     return _xp_of(x).ascontiguousarray(x, dtype=F32)
 
@@ -96,26 +111,39 @@ def swr_forward(a, u, p, *, x0, state, return_state):
     u = cp.ascontiguousarray(u)
     y = cp.empty(u.shape, dtype=p.out_dtype)
     shape = (p.B, p.H, p.D)
-    if state is None:
+    fresh = state is None
+    if fresh and (return_state or p.hops not in (0, 1)):
         x0f = None if x0 is None else cp_ascontig(x0)
         state = SWRState.initial(
             shape, block_len=p.block_len, hops=p.hops, x0=x0f, xp=cp, dtype=F32
         )
     if p.N == 0:
         return (y, state) if return_state else y
-    kw = dict(
-        layout=p.layout,
-        block_len=p.block_len,
-        offset=state.offset,
-        w0=cp_ascontig(state.w),
-        g0=cp_ascontig(state.g),
-    )
     av, uv = _view(a), _view(u)
+    if state is None:
+        # the common call: no state object, shared read-only constants for the start values
+        kw = dict(
+            layout=p.layout,
+            block_len=p.block_len,
+            offset=0,
+            w0=_constant(cp, shape, 0.0),
+            g0=_constant(cp, shape, 1.0),
+        )
+    else:
+        kw = dict(
+            layout=p.layout,
+            block_len=p.block_len,
+            offset=state.offset,
+            w0=cp_ascontig(state.w),
+            g0=cp_ascontig(state.g),
+        )
     if p.hops in (0, 1):
-        if p.hops == 1:
-            carry = cp_ascontig(state.carry_v[..., 0])
+        if p.hops == 0:
+            carry = _constant(cp, shape, 0.0)
+        elif state is None:
+            carry = _constant(cp, shape, 0.0) if x0 is None else cp_ascontig(x0)
         else:
-            carry = cp.zeros(shape, F32)
+            carry = cp_ascontig(state.carry_v[..., 0])
         nk.swr_forward(av, uv, _view(y), hops=p.hops, carry=carry, **kw)
         if not return_state:
             return y
@@ -168,7 +196,7 @@ def swr_backward(a, u, dy, p, *, x0):
     if p.N == 0:
         da[...] = 0
         return da, du, (None if x0 is None else cp.zeros(shape, F32))
-    carry = cp.zeros(shape, F32) if x0 is None else cp_ascontig(x0)
+    carry = _constant(cp, shape, 0.0) if x0 is None else cp_ascontig(x0)
     av, uv, dyv = _view(a), _view(u), _view(dy)
     kw = dict(layout=p.layout, block_len=p.block_len)
     nb = -(-p.N // p.block_len)
