@@ -19,3 +19,6 @@ __all__ = [
     "swr_step",
     "swr_vjp",
 ]
+from .phalanx import init_phalanx, phalanx, phalanx_step, phalanx_vjp  # noqa: E402
+
+__all__ += ["init_phalanx", "phalanx", "phalanx_step", "phalanx_vjp"]

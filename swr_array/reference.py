@@ -491,3 +491,151 @@ def step(a_t, u_t, w, g, carry, position, block_len, hops, xp=np):
         )
         w, g = xp.zeros_like(w), xp.ones_like(g)
     return w, g, carry, y_t
+
+
+# ==============================================================================================
+# Phalanx layer (SPEC section 5; spear's SigmoidA parametrisation)
+# ==============================================================================================
+#
+# Parameters (a dict of arrays, see swr_array.phalanx): one fused input projection W_in
+# (dim, W) with W = H*D + 2*KV*D + H, its columns in the order [V | Bg | C | A]:
+#     V  = x W_v                                 (H*D)   no bias
+#     Bg = sigmoid(x W_b + b_b)                  (KV*D)  kv heads, repeated over head groups
+#     C  = x W_c + b_c                           (KV*D)  kv heads, repeated over head groups
+#     A  = decay_max * sigmoid(x W_a + b_a)      (H)     one coefficient per head
+#     Y  = swr(A, Bg * V, hops) * C + V,   out = Y W_out   (W_out: (H*D, dim))
+# Head h reads kv head h // (H // KV). The block `z -> Y` (everything between the two GEMMs) is
+# `phalanx_mix`; it is what the fused GPU kernel computes.
+
+
+def phalanx_dims(params):
+    """(dim, heads, head_dim, kv_heads, decay_max) read off the parameter shapes."""
+    heads = int(params["b_a"].shape[0])
+    head_dim = int(params["W_out"].shape[0]) // heads
+    kv_heads = int(params["b_b"].shape[0]) // head_dim
+    return int(params["W_in"].shape[0]), heads, head_dim, kv_heads, float(params["decay_max"])
+
+
+def phalanx_columns(heads: int, head_dim: int, kv_heads: int):
+    """Column ranges of the fused projection: dict name -> (start, stop)."""
+    hd, kd = heads * head_dim, kv_heads * head_dim
+    return {"v": (0, hd), "b": (hd, hd + kd), "c": (hd + kd, hd + 2 * kd),
+            "a": (hd + 2 * kd, hd + 2 * kd + heads)}
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _phalanx_gates(z, b_a, b_b, b_c, heads, head_dim, kv_heads, decay_max):
+    """z (B, L, W) -> sig_a (B, L, H), A (B, L, H), Bg, C, V (B, L, H, D), float64."""
+    z, b_a, b_b, b_c = _f64(z, b_a, b_b, b_c)
+    B, L = z.shape[:2]
+    col = phalanx_columns(heads, head_dim, kv_heads)
+    group = heads // kv_heads
+
+    def section(name):
+        lo, hi = col[name]
+        return z[..., lo:hi]
+
+    sig_a = _sigmoid(section("a") + b_a)
+    V = section("v").reshape(B, L, heads, head_dim)
+    Bg = _sigmoid(section("b") + b_b).reshape(B, L, kv_heads, head_dim)
+    C = (section("c") + b_c).reshape(B, L, kv_heads, head_dim)
+    Bg = np.repeat(Bg, group, axis=2)
+    C = np.repeat(C, group, axis=2)
+    return sig_a, decay_max * sig_a, Bg, C, V
+
+
+def phalanx_mix(
+    z, b_a, b_b, b_c, *, heads, head_dim, kv_heads, decay_max=1.0, block_len=16, hops=1,
+    position=0, w0=None, g0=None, carry=None, return_parts=False,
+):
+    """Y = swr(A, Bg * V, hops) * C + V from the fused projection z (B, L, W), float64.
+
+    Returns Y (B, L, H*D), or with ``return_parts`` the tuple (Y, v, C, S) where v, C, S are the
+    per-block quantities of the inner SWR over channels (B, H, D, nb) (see :func:`swr`); the
+    continuation arguments are those of :func:`swr` for the inner recurrence.
+    """
+    _, A, Bg, C, V = _phalanx_gates(z, b_a, b_b, b_c, heads, head_dim, kv_heads, decay_max)
+    B, L = V.shape[:2]
+    at = A.transpose(0, 2, 1)[:, :, None, :]  # (B, H, 1, L)
+    ut = (Bg * V).transpose(0, 2, 3, 1)  # (B, H, D, L)
+    y, v, Cb, S = swr(at, ut, block_len=block_len, hops=hops, position=position, w0=w0, g0=g0,
+                      carry=carry, return_parts=True)
+    Y = (y.transpose(0, 3, 1, 2) * C + V).reshape(B, L, heads * head_dim)
+    return (Y, v, Cb, S) if return_parts else Y
+
+
+def phalanx_mix_vjp(z, b_a, b_b, b_c, dy, *, heads, head_dim, kv_heads, decay_max=1.0,
+                    block_len=16, hops=1):
+    """Gradient of ``sum(dy * phalanx_mix(z, ...))`` with respect to z, from position 0.
+
+    Returns ``(dz, Y)``: dz (B, L, W) and the forward output Y (B, L, H*D), float64. The bias
+    gradients are the sums of dz's columns over (B, L).
+    """
+    sig_a, A, Bg, C, V = _phalanx_gates(z, b_a, b_b, b_c, heads, head_dim, kv_heads, decay_max)
+    B, L = V.shape[:2]
+    dY = np.asarray(dy, dtype=np.float64).reshape(B, L, heads, head_dim)
+    at = A.transpose(0, 2, 1)[:, :, None, :]
+    u = Bg * V
+    ut = u.transpose(0, 2, 3, 1)
+    s = swr(at, ut, block_len=block_len, hops=hops).transpose(0, 3, 1, 2)  # (B, L, H, D)
+    ds = dY * C
+    da, du, _ = swr_vjp(at, ut, ds.transpose(0, 2, 3, 1), block_len=block_len, hops=hops)
+    da = da.sum(axis=2).transpose(0, 2, 1)  # (B, L, H): summed over the head's channels
+    du = du.transpose(0, 3, 1, 2)
+    group = heads // kv_heads
+
+    def to_kv(x):  # sum over the heads that share a kv head
+        return x.reshape(B, L, kv_heads, group, head_dim).sum(axis=3).reshape(B, L, -1)
+
+    dz_v = dY + du * Bg
+    dz_b = to_kv(du * V * Bg * (1.0 - Bg))
+    dz_c = to_kv(dY * s)
+    dz_a = da * decay_max * sig_a * (1.0 - sig_a)
+    dz = np.concatenate([dz_v.reshape(B, L, -1), dz_b, dz_c, dz_a], axis=-1)
+    Y = (s * C + V).reshape(B, L, heads * head_dim)
+    return dz, Y
+
+
+def phalanx_reference(x, params, *, block_len: int = 16, hops: int | None = 1, position=0,
+                      w0=None, g0=None, carry=None, return_parts=False):
+    """The Phalanx layer in float64: out = phalanx_mix(x W_in) W_out, x (B, L, dim).
+
+    Continuation arguments and ``return_parts`` as in :func:`phalanx_mix` (the parts are those of
+    the inner SWR).
+    """
+    _, heads, head_dim, kv_heads, decay_max = phalanx_dims(params)
+    x, W_in, W_out = _f64(x, params["W_in"], params["W_out"])
+    res = phalanx_mix(x @ W_in, params["b_a"], params["b_b"], params["b_c"], heads=heads,
+                      head_dim=head_dim, kv_heads=kv_heads, decay_max=decay_max,
+                      block_len=block_len, hops=hops, position=position, w0=w0, g0=g0,
+                      carry=carry, return_parts=True)
+    out = res[0] @ W_out
+    return (out,) + tuple(res[1:]) if return_parts else out
+
+
+def phalanx_vjp_reference(x, params, dout, *, block_len: int = 16, hops: int | None = 1):
+    """Gradients of ``sum(dout * phalanx_reference(x, params))``: (dx, dparams), float64.
+
+    dparams holds W_in, b_a, b_b, b_c and W_out (decay_max is a fixed hyperparameter).
+    """
+    _, heads, head_dim, kv_heads, decay_max = phalanx_dims(params)
+    x, dout, W_in, W_out = _f64(x, dout, params["W_in"], params["W_out"])
+    dim = x.shape[-1]
+    dY = dout @ W_out.T
+    dz, Y = phalanx_mix_vjp(x @ W_in, params["b_a"], params["b_b"], params["b_c"], dY,
+                            heads=heads, head_dim=head_dim, kv_heads=kv_heads,
+                            decay_max=decay_max, block_len=block_len, hops=hops)
+    col = phalanx_columns(heads, head_dim, kv_heads)
+    dz2 = dz.reshape(-1, dz.shape[-1])
+    dsum = dz2.sum(axis=0)
+    dparams = {
+        "W_in": x.reshape(-1, dim).T @ dz2,
+        "b_a": dsum[col["a"][0]:col["a"][1]],
+        "b_b": dsum[col["b"][0]:col["b"][1]],
+        "b_c": dsum[col["c"][0]:col["c"][1]],
+        "W_out": Y.reshape(-1, Y.shape[-1]).T @ dout.reshape(-1, dim),
+    }
+    return dz @ W_in.T, dparams

@@ -1,0 +1,203 @@
+"""The fused Phalanx kernels against the float64 reference, on tiny shapes.
+
+Runs under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, NumPy arrays) or on a GPU (CuPy
+arrays); skipped otherwise. Every output is poisoned with NaN before the launch.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+
+from swr_array import reference as R
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+
+
+def _gpu():
+    if SIM:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no CuPy or no driver: no GPU
+        return False
+
+
+pytestmark = pytest.mark.skipif(not (SIM or _gpu()), reason="needs NUMBA_ENABLE_CUDASIM=1 or a GPU")
+
+if SIM or _gpu():
+    from swr_array.numba_kernels import phalanx_fused as PF
+
+DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
+TOL = {"f32": 2e-6, "f16": 2e-3, "bf16": 1.2e-2}
+
+
+def dev(x):
+    if SIM:
+        return x
+    import cupy
+
+    return cupy.asarray(x)
+
+
+def host(x):
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+def rel(a, b):
+    a = host(a).astype(np.float64)
+    assert np.isfinite(a).all(), "an output element was not written"
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+class Case:
+    def __init__(self, kind, B, L, H, D, KV, block_len, hops, seed, decay_max=0.97):
+        self.kind, self.B, self.L, self.H, self.D, self.KV = kind, B, L, H, D, KV
+        self.block_len, self.hops, self.decay_max = block_len, hops, decay_max
+        dt = DTYPES[kind]
+        rng = np.random.default_rng(seed)
+        self.W = H * D + 2 * KV * D + H
+        self.z = rng.normal(size=(B * L, self.W)).astype(dt)
+        self.z[:, -H:] = (rng.normal(size=(B * L, H)) + 2.0).astype(dt)  # decays near 0.9
+        self.b_a = rng.normal(scale=0.5, size=H).astype(dt)
+        self.b_b = rng.normal(size=KV * D).astype(dt)
+        self.b_c = rng.normal(size=KV * D).astype(dt)
+        self.dy = rng.normal(size=(B * L, H * D)).astype(dt)
+        self.dtype = dt
+
+    @property
+    def kw(self):
+        return dict(heads=self.H, head_dim=self.D, kv_heads=self.KV, decay_max=self.decay_max,
+                    block_len=self.block_len, hops=self.hops)
+
+    def f64(self, x):
+        return np.asarray(x, np.float64)
+
+    def ref_forward(self, **cont):
+        z = self.f64(self.z).reshape(self.B, self.L, self.W)
+        return R.phalanx_mix(z, self.f64(self.b_a), self.f64(self.b_b), self.f64(self.b_c),
+                             return_parts=bool(cont), **cont, **self.kw)
+
+    def poisoned(self, shape, dtype=None):
+        return dev(np.full(shape, np.nan, dtype or self.dtype))
+
+    def biases(self):
+        return dev(self.b_a), dev(self.b_b), dev(self.b_c)
+
+
+CASES = [
+    # kind, B, L, H, D, KV, block_len, hops
+    ("f32", 2, 13, 2, 4, 2, 4, 1),
+    ("f32", 1, 16, 4, 2, 2, 4, 1),  # kv groups, L a multiple of block_len
+    ("f32", 2, 9, 3, 3, 1, 2, 0),  # hops 0, odd head_dim, one kv head
+    ("f32", 1, 7, 2, 1, 2, 1, 1),  # block_len 1, head_dim 1
+    ("f32", 1, 40, 2, 4, 2, 32, 1),  # block_len 32: two vectors per thread in the backward
+    ("f32", 1, 5, 3, 5, 3, 8, 1),  # a single partial block
+    ("f16", 1, 10, 2, 6, 1, 8, 1),
+    ("bf16", 2, 11, 4, 4, 4, 4, 1),  # uint64 word loads
+    ("bf16", 1, 12, 2, 2, 2, 4, 1),  # uint32 word loads
+    ("bf16", 1, 9, 3, 4, 3, 2, 0),  # heads not a multiple of 4: element loads
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_matches_reference(case):
+    c = Case(*case, seed=hash(case) % 2**32)
+    y = c.poisoned((c.B * c.L, c.H * c.D))
+    PF.phalanx_forward(dev(c.z), *c.biases(), y, batch=c.B, length=c.L, **c.kw)
+    assert rel(y, c.ref_forward().reshape(c.B * c.L, -1)) < TOL[c.kind]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_backward_matches_reference(case):
+    c = Case(*case, seed=hash(case) % 2**32 + 1)
+    z = c.f64(c.z).reshape(c.B, c.L, c.W)
+    dz_ref, y_ref = R.phalanx_mix_vjp(z, c.f64(c.b_a), c.f64(c.b_b), c.f64(c.b_c),
+                                      c.f64(c.dy).reshape(c.B, c.L, -1), **c.kw)
+    dz_ref = dz_ref.reshape(c.B * c.L, -1)
+    nb = -(-c.L // c.block_len)
+    grouped = c.KV < c.H
+    dz = c.poisoned((c.B * c.L, c.W))
+    y = c.poisoned((c.B * c.L, c.H * c.D))
+    nbias = c.W - c.H * c.D
+    parts = dev(np.zeros((c.B * nb, nbias), np.float32)) if grouped else \
+        c.poisoned((c.B * nb, nbias), np.float32)
+    acc = [dev(np.zeros((c.B * c.L, c.KV * c.D), np.float32)) if grouped else None
+           for _ in range(2)]
+    assert PF.backward_config(c.kind, c.H, c.D, c.block_len) is not None
+    PF.phalanx_backward(dev(c.z), dev(c.dy), *c.biases(), dz, y, parts, batch=c.B, length=c.L,
+                        acc_b=acc[0], acc_c=acc[1], **c.kw)
+    dz = host(dz).astype(np.float64)
+    hd, kd = c.H * c.D, c.KV * c.D
+    if grouped:
+        dz[:, hd:hd + kd] = host(acc[0])
+        dz[:, hd + kd:hd + 2 * kd] = host(acc[1])
+    assert rel(dz, dz_ref) < TOL[c.kind]
+    assert rel(y, y_ref.reshape(c.B * c.L, -1)) < TOL[c.kind]
+    # bias gradients: the partial sums add up to the column sums of dz
+    assert rel(host(parts).sum(axis=0), dz_ref[:, hd:].sum(axis=0)) < TOL[c.kind]
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+@pytest.mark.parametrize("split", [0, 3, 4, 5, 11, 14])
+def test_forward_continues_a_state(hops, split):
+    """Two launches split at any token (with the state the first writes) equal one launch, and
+    the state equals the reference's."""
+    c = Case("f32", 2, 14, 2, 3, 1, 4, hops, seed=split)
+    full = c.ref_forward().reshape(c.B * c.L, -1)
+    B, H, D, L = c.B, c.H, c.D, c.L
+    shape = (B, H, D)
+    st = [c.poisoned(shape, np.float32) for _ in range(4)]
+    y1 = c.poisoned((B * split, H * D))
+    z = c.z.reshape(B, L, c.W)
+    z1 = dev(np.ascontiguousarray(z[:, :split]).reshape(B * split, c.W))
+    PF.phalanx_forward(z1, *c.biases(), y1, batch=B, length=split, state_out=tuple(st), **c.kw)
+    # the state after `split` tokens, from the reference
+    from swr_array.state import SWRState
+
+    s0 = SWRState.initial(shape, block_len=4, hops=hops)
+    _, v, C, S = R.phalanx_mix(c.f64(z[:, :split]), c.f64(c.b_a), c.f64(c.b_b), c.f64(c.b_c),
+                               return_parts=True, **c.kw)
+    ref_state = s0.advanced(split, v, C, S, np)
+    if split:
+        np.testing.assert_allclose(host(st[1]), ref_state.g, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(host(st[0]), ref_state.w, rtol=1e-5, atol=1e-6)
+        if hops == 1:
+            np.testing.assert_allclose(host(st[2]), ref_state.carry_v[..., 0], rtol=1e-5,
+                                       atol=1e-6)
+            np.testing.assert_allclose(host(st[3]), ref_state.carry_C[..., 0], rtol=1e-5,
+                                       atol=1e-6)
+    else:  # nothing consumed: the kernel does not launch, the caller keeps the initial state
+        st = [dev(np.zeros(shape, np.float32)), dev(np.ones(shape, np.float32)),
+              dev(np.zeros(shape, np.float32)), dev(np.zeros(shape, np.float32))]
+    L2 = L - split
+    y2 = c.poisoned((B * L2, H * D))
+    z2 = dev(np.ascontiguousarray(z[:, split:]).reshape(B * L2, c.W))
+    carry = dict(carry_v=st[2], carry_C=st[3]) if hops == 1 else {}
+    PF.phalanx_forward(z2, *c.biases(), y2, batch=B, length=L2, offset=split % 4, w0=st[0],
+                       g0=st[1], **carry, **c.kw)
+    y = np.concatenate([host(y1).reshape(B, split, H * D), host(y2).reshape(B, L2, H * D)], 1)
+    assert rel(y.reshape(B * L, H * D), full) < 1e-5
+
+
+@pytest.mark.parametrize("kind,hops,KV", [("f32", 1, 2), ("f32", 0, 1), ("bf16", 1, 1)])
+def test_decode_steps_equal_the_forward(kind, hops, KV):
+    c = Case(kind, 3, 11, 2, 4, KV, 4, hops, seed=7)
+    B, H, D = c.B, c.H, c.D
+    full = c.ref_forward().reshape(B, c.L, -1)
+    z = c.z.reshape(B, c.L, c.W)
+    shape = (B, H, D)
+    state = [dev(np.zeros(shape, np.float32)), dev(np.ones(shape, np.float32)),
+             dev(np.zeros(shape, np.float32)), dev(np.zeros(shape, np.float32))]
+    for t in range(c.L):
+        y = c.poisoned((B, H * D))
+        new = [c.poisoned(shape, np.float32) for _ in range(4)]
+        PF.phalanx_decode(dev(np.ascontiguousarray(z[:, t])), *c.biases(), y, tuple(state),
+                          tuple(new), heads=H, head_dim=D, kv_heads=KV, decay_max=c.decay_max,
+                          offset=t % 4, block_len=4, hops=hops)
+        assert rel(y, full[:, t]) < TOL[kind]
+        state = new if hops == 1 else new[:2] + state[2:]

@@ -1,0 +1,70 @@
+"""Every specialisation of the fused Phalanx kernels compiles to PTX for sm_90 (no GPU needed).
+
+Catches typing and lowering errors that the CUDA simulator never sees, and checks that the
+bfloat16 word views really become 64-/32-bit loads.
+"""
+
+from __future__ import annotations
+
+import numba
+import pytest
+
+pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
+                                reason="compile_ptx needs the real CUDA target, not the simulator")
+
+if not numba.config.ENABLE_CUDASIM:
+    from numba import cuda, types
+    from swr_array.numba_kernels import phalanx_fused as PF
+
+    SPECS = PF.kernel_signatures()
+else:
+    SPECS = []
+
+
+def _nvvm_or_skip():
+    try:
+        from numba.cuda.cudadrv.nvvm import NVVM
+
+        NVVM()
+    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
+        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
+
+
+
+def _id(i, spec):
+    kernel, sig = spec
+    return f"{i}-{kernel.py_func.__name__}-{sig[0].dtype}-{sig[1].dtype}"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[_id(i, s) for i, s in enumerate(SPECS)])
+def test_compiles_to_ptx(spec):
+    _nvvm_or_skip()
+    kernel, sig = spec
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    assert ".entry" in ptx
+    name = kernel.py_func.__name__
+    word = sig[1].dtype if name != "phalanx_decode_step" else None
+    if word == types.uint64:  # four bfloat16 per access
+        assert "ld.global.u64" in ptx or "ld.global.nc.u64" in ptx
+    if word == types.uint32 and sig[0].dtype == types.uint16:
+        assert "ld.global.u32" in ptx or "ld.global.nc.u32" in ptx
+    if name == "phalanx_mix_forward":  # nothing spills to local memory
+        assert "ld.local" not in ptx
+
+
+def test_every_launchable_configuration_has_a_specialisation():
+    """The configurations the launch helpers pick are all in kernel_signatures()."""
+    have = {(k.py_func.__name__, id(k)) for k, _ in SPECS}
+    for kind in ("f32", "f16", "bf16"):
+        for heads in (1, 2, 3, 4, 8):
+            for head_dim in (1, 2, 3, 4, 6, 8, 16, 64):
+                vec, vload = PF.forward_config(kind, heads, head_dim)
+                assert ("phalanx_mix_forward", id(PF.forward_kernel(kind, vec, vload))) in have
+                for block_len in (1, 2, 4, 8, 16, 32, 64):
+                    cfg = PF.backward_config(kind, heads, head_dim, block_len)
+                    assert cfg is not None
+                    vec, vload, lph, tpb = cfg
+                    assert tpb % lph == 0 and tpb <= PF.TPB and block_len * vec <= PF.LMAX
+                    k = PF.backward_kernel(kind, vec, vload)
+                    assert ("phalanx_mix_backward", id(k)) in have
+    assert PF.backward_config("f32", 4, 16, 128) is None
