@@ -159,3 +159,17 @@ def check_bool(name, x) -> bool:
     if not isinstance(x, bool | np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
     return bool(x)
+
+
+def check_out(name, out, shape, dtype, p: Problem):
+    """A preallocated output: same backend and device, exact shape and dtype, C-contiguous."""
+    if out is None:
+        return None
+    same_backend([(name, out)], p.backend, p.device)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if np.dtype(out.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return out

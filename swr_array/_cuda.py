@@ -104,12 +104,12 @@ def cp_ascontig(x):
     return _xp_of(x).ascontiguousarray(x, dtype=F32)
 
 
-def swr_forward(a, u, p, *, x0, state, return_state):
+def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     cp = _xp_of(u)
     nk = _nk()
     a = cp.ascontiguousarray(a)
     u = cp.ascontiguousarray(u)
-    y = cp.empty(u.shape, dtype=p.out_dtype)
+    y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     shape = (p.B, p.H, p.D)
     fresh = state is None
     if fresh and (return_state or p.hops not in (0, 1)):
@@ -183,19 +183,22 @@ def _advance_from_tail(a, u, p, state):
     return state.advanced(p.N, v, C, cp.zeros_like(v), cp)
 
 
-def swr_backward(a, u, dy, p, *, x0):
+def swr_backward(a, u, dy, p, *, x0, out=None):
     cp = _xp_of(u)
     nk = _nk()
     a = cp.ascontiguousarray(a)
     u = cp.ascontiguousarray(u)
     # the kernels read dy in the input dtype (one specialisation per input dtype)
     dy = cp.ascontiguousarray(dy).astype(u.dtype, copy=False)
-    du = cp.empty_like(u)
-    da = cp.empty_like(a)
+    da, du, dcarry = (None, None, None) if out is None else out
+    du = cp.empty_like(u) if du is None else du
+    da = cp.empty_like(a) if da is None else da
     shape = (p.B, p.H, p.D)
     if p.N == 0:
         da[...] = 0
-        return da, du, (None if x0 is None else cp.zeros(shape, F32))
+        if dcarry is not None:
+            dcarry[...] = 0
+        return da, du, (None if x0 is None else cp.zeros(shape, F32) if dcarry is None else dcarry)
     carry = _constant(cp, shape, 0.0) if x0 is None else cp_ascontig(x0)
     av, uv, dyv = _view(a), _view(u), _view(dy)
     kw = dict(layout=p.layout, block_len=p.block_len)
@@ -204,7 +207,8 @@ def swr_backward(a, u, dy, p, *, x0):
     if hops is not None and hops >= nb:
         hops = None  # every window reaches x0: the exact recurrence, same numbers
     if hops in (0, 1):
-        dcarry = cp.empty(shape, F32)
+        if dcarry is None:
+            dcarry = cp.empty(shape, F32)
         nk.swr_backward(
             av, uv, dyv, _view(du), _view(da), hops=hops, carry=carry, dcarry=dcarry, **kw
         )
@@ -238,4 +242,9 @@ def swr_backward(a, u, dy, p, *, x0):
         block_dC=c(dC, dtype=F32),
         **kw,
     )
-    return da, du, (c(dx0, dtype=F32) if x0 is not None else None)
+    if x0 is None:
+        return da, du, None
+    if dcarry is None:
+        return da, du, c(dx0, dtype=F32)
+    dcarry[...] = dx0
+    return da, du, dcarry

@@ -53,6 +53,7 @@ def swr(
     state: SWRState | None = None,
     return_state: bool = False,
     out_dtype=None,
+    out: Array | None = None,
 ):
     """Sliding window recurrence y = L_hops(a) u (SPEC section 1).
 
@@ -67,6 +68,7 @@ def swr(
         state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from.
         return_state: also return the state after the last token.
         out_dtype: dtype of y (default: the input dtype).
+        out: optional preallocated C-contiguous y (u's shape, ``out_dtype``) to write into.
 
     Returns:
         y with u's shape (and the new state with ``return_state``). NumPy inputs run the float64
@@ -78,14 +80,22 @@ def swr(
     return_state = _checks.check_bool("return_state", return_state)
     if x0 is not None and state is not None:
         raise ValueError("pass either x0 or state, not both: a state already holds its carry")
+    _checks.check_out("out", out, tuple(u.shape), p.out_dtype, p)
     if p.backend == "cupy":
         import cupy
 
         from . import _cuda
 
         with cupy.cuda.Device(p.device):
-            return _cuda.swr_forward(a, u, p, x0=x0, state=state, return_state=return_state)
-    return _swr_numpy(a, u, p, x0=x0, state=state, return_state=return_state)
+            return _cuda.swr_forward(
+                a, u, p, x0=x0, state=state, return_state=return_state, out=out
+            )
+    res = _swr_numpy(a, u, p, x0=x0, state=state, return_state=return_state)
+    if out is None:
+        return res
+    y = res[0] if return_state else res
+    np.copyto(out, y)
+    return (out, res[1]) if return_state else out
 
 
 def _swr_numpy(a, u, p, *, x0, state, return_state):
@@ -119,12 +129,14 @@ def swr_vjp(
     hops: int | None = 1,
     layout: str = "BHDL",
     x0: Array | None = None,
+    out: tuple | None = None,
 ):
     """Gradients of ``sum(dy * swr(a, u, x0=x0))`` (SPEC section 4).
 
     Returns ``(da, du, dx0)``: ``da`` with a's shape and dtype (per-head coefficients get the sum
     over the head's channels), ``du`` with u's shape and dtype, ``dx0`` ``(B, H, D)`` float32
-    (float64 on NumPy), or None when x0 is None.
+    (float64 on NumPy), or None when x0 is None. ``out=(da, du, dx0)`` writes into preallocated
+    C-contiguous arrays of those shapes and dtypes (``dx0`` None when x0 is None).
     """
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout)
     _checks.same_backend([("dy", dy)], p.backend, u.device.id if p.backend == "cupy" else None)
@@ -132,13 +144,23 @@ def swr_vjp(
         raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
     _checks.check_float_dtype("dy", dy.dtype, p.backend)
     _checks.check_channel_array("x0", x0, p)
+    if out is not None:
+        if not isinstance(out, tuple | list) or len(out) != 3:
+            raise TypeError("out must be a tuple (da, du, dx0)")
+        _checks.check_out("out[0] (da)", out[0], tuple(a.shape), a.dtype, p)
+        _checks.check_out("out[1] (du)", out[1], tuple(u.shape), u.dtype, p)
+        if x0 is None and out[2] is not None:
+            raise ValueError("out[2] (dx0) must be None when x0 is None")
+        if x0 is not None:
+            f = np.float32 if p.backend == "cupy" else np.float64
+            _checks.check_out("out[2] (dx0)", out[2], (p.B, p.H, p.D), f, p)
     if p.backend == "cupy":
         import cupy
 
         from . import _cuda
 
         with cupy.cuda.Device(p.device):
-            return _cuda.swr_backward(a, u, dy, p, x0=x0)
+            return _cuda.swr_backward(a, u, dy, p, x0=x0, out=out)
     at = to_time_last(a, p.layout, p.per_head)
     ut = to_time_last(u, p.layout, False)
     dyt = to_time_last(dy, p.layout, False)
@@ -147,6 +169,11 @@ def swr_vjp(
         da = da.sum(axis=2, keepdims=True)
     da = np.ascontiguousarray(from_time_last(da, p.layout, p.per_head)).astype(a.dtype, copy=False)
     du = np.ascontiguousarray(from_time_last(du, p.layout)).astype(u.dtype, copy=False)
+    if out is not None:
+        for dst, src in zip(out, (da, du, dx0)):
+            if dst is not None:
+                np.copyto(dst, src)
+        return tuple(out)
     return da, du, dx0
 
 

@@ -247,11 +247,10 @@ def block_carry(v, C, hops, carry_v=None, xp=np):
     Cx = xp.concatenate([cC[..., ::-1], C], axis=-1)
     R = xp.ones_like(v)
     pos = xp.arange(nb) + K  # index of block j in the extended sequence
-    for m in range(hops):
+    # loop bounds come from Python ints: no device-to-host sync when xp is CuPy
+    for m in range(min(hops, nb + K - 1)):
         src = pos - 1 - m
         valid = src >= 0
-        if not bool(valid.any()):
-            break
         srcc = xp.maximum(src, 0)
         S += xp.where(valid, R * Vx[..., srcc], 0.0)
         R = xp.where(valid, R * Cx[..., srcc], 0.0)
@@ -287,11 +286,9 @@ def block_adjoints(v, C, q, hops, x0=None, xp=np):
     e = xp.arange(nb + 1)
     dve = xp.zeros(lead + (nb + 1,), dtype=v.dtype)
     R = xp.ones(lead + (nb + 1,), dtype=v.dtype)
-    for m in range(hops):
+    for m in range(min(hops, nb)):
         tgt = e + m
         valid = tgt <= nb - 1
-        if not bool(valid.any()):
-            break
         dve += xp.where(valid, R * qe[..., xp.minimum(tgt, nb)], 0.0)
         R = xp.where(tgt + 1 <= nb, R * Ce[..., xp.minimum(tgt + 1, nb)], 0.0)
     dv = dve[..., 1:]
@@ -302,19 +299,18 @@ def block_adjoints(v, C, q, hops, x0=None, xp=np):
     Ve = xp.concatenate([x0v[..., None], v], axis=-1)  # Ve[i + 1] = v_i
     W = [xp.zeros_like(v)]
     P = xp.ones_like(v)
-    for n in range(1, hops):
+    for n in range(1, min(hops, nb + 1)):
         src = i - n
         W.append(W[-1] + xp.where(src >= -1, P * Ve[..., xp.maximum(src + 1, 0)], 0.0))
         P = xp.where(src >= 0, P * C[..., xp.maximum(src, 0)], 0.0)
     dC = xp.zeros_like(v)
     R = xp.ones_like(v)
-    for d in range(1, hops):
+    for d in range(1, min(hops, nb)):
         tgt = i + d
         valid = tgt <= nb - 1
-        if not bool(valid.any()):
-            break
         tc = xp.minimum(tgt, nb - 1)
-        dC += xp.where(valid, q[..., tc] * R * W[hops - d], 0.0)
+        # W_i(n) stops growing once n passes the oldest carrier (x0)
+        dC += xp.where(valid, q[..., tc] * R * W[min(hops - d, len(W) - 1)], 0.0)
         R = xp.where(valid, R * C[..., tc], 0.0)
     return dv, dC, dx0
 

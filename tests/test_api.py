@@ -165,3 +165,29 @@ def test_other_frameworks_are_pointed_at_adapters():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="adapters.torch"):
         sa.swr(torch.zeros(2, 3, 8), torch.zeros(2, 3, 4, 8))
+
+
+def test_out_arguments(rng):
+    a, u = make(rng, "BLHD", True, dtype=np.float32)
+    x0 = rng.standard_normal((2, 3, 2))
+    y = np.full(u.shape, np.nan, np.float32)
+    got = sa.swr(a, u, layout="BLHD", x0=x0, out=y)
+    assert got is y
+    np.testing.assert_array_equal(y, sa.swr(a, u, layout="BLHD", x0=x0))
+    dy = rng.standard_normal(u.shape).astype(np.float32)
+    bufs = (np.full(a.shape, np.nan, np.float32), np.full(u.shape, np.nan, np.float32),
+            np.full((2, 3, 2), np.nan))
+    res = sa.swr_vjp(a, u, dy, layout="BLHD", x0=x0, out=bufs)
+    for got, want in zip(res, sa.swr_vjp(a, u, dy, layout="BLHD", x0=x0)):
+        np.testing.assert_array_equal(got, want)
+    assert res[0] is bufs[0] and res[1] is bufs[1]
+    with pytest.raises(ValueError, match="out must have shape"):
+        sa.swr(a, u, layout="BLHD", out=y[:1])
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        sa.swr(a, u, layout="BLHD", out=y.astype(np.float64))
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        sa.swr(a, u, layout="BLHD", out=np.asfortranarray(y))
+    with pytest.raises(TypeError, match=r"out must be a tuple \(da, du, dx0\)"):
+        sa.swr_vjp(a, u, dy, layout="BLHD", out=bufs[0])
+    with pytest.raises(ValueError, match=r"out\[2\] \(dx0\) must be None"):
+        sa.swr_vjp(a, u, dy, layout="BLHD", out=bufs)
