@@ -15,6 +15,11 @@ front uses (``ValueError`` / ``TypeError`` naming the argument).
 
 Under :func:`jax.vmap` the callbacks receive the vmapped axes in front of ``B`` (vmap method
 ``"broadcast_all"``) and fold them into the batch axis: one call for the whole vmapped batch.
+
+The Phalanx layer takes its parameters in the front's layout (:class:`PhalanxParams`, the arrays
+of ``swr_array.init_phalanx``'s dict). On CUDA it is one buffer_callback into the front's fused
+``swr_array.phalanx`` (and ``phalanx_vjp``, fed the forward's ``x W_in``); elsewhere the GEMMs and
+gates run in jnp around the SWR op.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
+import inspect
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -43,7 +51,6 @@ __all__ = [
     "PhalanxParams",
     "fused_phalanx_available",
     "init_phalanx",
-    "params_from_swr_array",
     "phalanx",
     "swr",
 ]
@@ -151,18 +158,20 @@ def _a_ndim(cfg: _Config) -> int:
     return 3 if cfg.per_head else 4
 
 
-def _run_swr(cfg: _Config, a, u, x0):
+def _run_swr(cfg: _Config, a, u, x0, out=None):
     y = swr_array.swr(
         _fold(a, _a_ndim(cfg)), _fold(u, 4), block_len=cfg.block_len, hops=cfg.hops,
-        layout=cfg.layout, x0=_fold(x0, 3), out_dtype=cfg.out_dtype,
+        layout=cfg.layout, x0=_fold(x0, 3), out_dtype=cfg.out_dtype, out=_fold(out, 4),
     )
     return y.reshape(u.shape)
 
 
-def _run_swr_vjp(cfg: _Config, a, u, x0, dy):
+def _run_swr_vjp(cfg: _Config, a, u, x0, dy, out=None):
+    if out is not None:
+        out = (_fold(out[0], _a_ndim(cfg)), _fold(out[1], 4), _fold(out[2], 3))
     da, du, dx0 = swr_array.swr_vjp(
         _fold(a, _a_ndim(cfg)), _fold(u, 4), _fold(dy, 4), block_len=cfg.block_len,
-        hops=cfg.hops, layout=cfg.layout, x0=_fold(x0, 3),
+        hops=cfg.hops, layout=cfg.layout, x0=_fold(x0, 3), out=out,
     )
     grads = (da.reshape(a.shape), du.reshape(u.shape))
     if x0 is not None:
@@ -269,21 +278,49 @@ def _executing(ctx) -> bool:
     return _ctx_attr(ctx, "stage") == _bc.ExecutionStage.EXECUTE
 
 
+def _xp_of(view):
+    if isinstance(view, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def _out_slot(view, dtype):
+    """``(array the front writes, whether it must be copied into view afterwards)``: the view of
+    XLA's buffer itself when it has the dtype the front produces and is C-contiguous (the front's
+    ``out=`` then writes the result in place), else a temporary of that dtype."""
+    if view.dtype == np.dtype(dtype) and view.flags.c_contiguous:
+        return view, False
+    return _xp_of(view).empty(view.shape, dtype), True
+
+
 def _buffer_swr(cfg, ctx, out, a, u, x0):
     if not _executing(ctx):
         return
     with _buffers(ctx, out) as wrap:
-        # TODO(front): swr(..., out=y) writing into XLA's buffer would save this copy of y
-        wrap(out)[...] = _run_swr(cfg, wrap(a), wrap(u), wrap(x0))
+        o = wrap(out)
+        dst, copy = _out_slot(o, cfg.out_dtype)
+        _run_swr(cfg, wrap(a), wrap(u), wrap(x0), out=dst)  # swr(..., out=): no copy of y
+        if copy:
+            o[...] = dst
 
 
 def _buffer_swr_vjp(cfg, ctx, outs, a, u, x0, dy):
     if not _executing(ctx):
         return
     with _buffers(ctx, outs[0]) as wrap:
-        # TODO(front): swr_vjp(..., out=(da, du, dx0)) would save these copies
-        for o, g in zip(outs, _run_swr_vjp(cfg, wrap(a), wrap(u), wrap(x0), wrap(dy))):
-            wrap(o)[...] = g
+        views = [wrap(o) for o in outs]
+        # the front's dx0 is float32 on CuPy (float64 on NumPy); da, du have a's and u's dtypes
+        dtypes = [views[0].dtype, views[1].dtype]
+        if x0 is not None:
+            dtypes.append(np.float64 if isinstance(views[2], np.ndarray) else np.float32)
+        slots = [_out_slot(v, dt) for v, dt in zip(views, dtypes)]
+        dsts = [s[0] for s in slots] + [None] * (3 - len(slots))
+        _run_swr_vjp(cfg, wrap(a), wrap(u), wrap(x0), wrap(dy), out=tuple(dsts))
+        for v, (dst, copy) in zip(views, slots):
+            if copy:
+                v[...] = dst
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,31 +436,39 @@ def swr(
 # Phalanx (SPEC section 5)
 # ----------------------------------------------------------------------------------------------
 
+_WEIGHTS = ("W_in", "b_a", "b_b", "b_c", "W_out")  # the trainable leaves, in the front's order
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["w_in", "b_in", "w_out"],
+    data_fields=list(_WEIGHTS),
     meta_fields=["heads", "head_dim", "kv_heads", "decay_max"],
 )
 @dataclasses.dataclass(frozen=True)
 class PhalanxParams:
-    """Parameters of one Phalanx layer: a pytree whose leaves are the three arrays.
+    """Parameters of one Phalanx layer: a pytree whose leaves are the five weight arrays.
 
-    With ``P = heads * head_dim`` and ``Q = kv_heads * head_dim``:
+    The arrays are those of the front's parameter dict (``swr_array.init_phalanx``, see
+    :mod:`swr_array.phalanx`), same names, shapes and column order. With H heads, D = head_dim
+    and KV kv heads:
 
-    - ``w_in`` ``(dim, heads + 2 Q + P)``: the fused input projection, columns
-      ``[W_a (heads) | W_b (Q) | W_c (Q) | W_v (P)]``, each group head-major
-      (column ``h * head_dim + e`` is head h, channel e);
-    - ``b_in`` ``(heads + 2 Q,)``: the biases ``[b_a | b_b | b_c]`` (V has none);
-    - ``w_out`` ``(P, dim)``: the output projection.
+    - ``W_in`` ``(dim, H*D + 2*KV*D + H)``: the fused input projection, columns
+      ``[V (H*D) | Bg (KV*D) | C (KV*D) | A (H)]``, each group head-major (column ``h*D + e`` of
+      a group is head h, channel e);
+    - ``b_a`` ``(H,)``, ``b_b`` ``(KV*D,)``, ``b_c`` ``(KV*D,)``: the biases of A, Bg, C (V has
+      none);
+    - ``W_out`` ``(H*D, dim)``: the output projection.
 
-    ``heads``, ``head_dim``, ``kv_heads``, ``decay_max`` are static (pytree metadata). Head h reads
-    kv head ``h // (heads // kv_heads)``.
+    ``heads``, ``head_dim``, ``kv_heads`` and ``decay_max`` are static (pytree metadata), so
+    optimisers and ``jax.grad`` see only the arrays. Head h reads kv head ``h // (H // KV)``.
+    :meth:`to_dict` / :meth:`from_dict` convert to and from the front's dict.
     """
 
-    w_in: Any
-    b_in: Any
-    w_out: Any
+    W_in: Any
+    b_a: Any
+    b_b: Any
+    b_c: Any
+    W_out: Any
     heads: int
     head_dim: int
     kv_heads: int
@@ -431,7 +476,58 @@ class PhalanxParams:
 
     @property
     def dim(self) -> int:
-        return int(self.w_in.shape[0])
+        return int(self.W_in.shape[0])
+
+    def to_dict(self) -> dict:
+        """The front's parameter dict: the five JAX arrays and ``decay_max`` (a NumPy 0-d float64
+        array, as ``swr_array.init_phalanx`` makes it).
+
+        ``jax.tree.map(np.asarray, params.to_dict())`` is what ``swr_array.phalanx`` takes on NumPy
+        and what ``numpy.savez(path, **...)`` saves.
+        """
+        d = {k: getattr(self, k) for k in _WEIGHTS}
+        d["decay_max"] = np.asarray(float(self.decay_max), dtype=np.float64)
+        return d
+
+    @classmethod
+    def from_dict(cls, params: Mapping, *, dtype=None) -> PhalanxParams:
+        """From the front's parameter dict (``swr_array.init_phalanx(...)`` on NumPy or CuPy,
+        ``dict(numpy.load(path))``, or :meth:`to_dict`'s output).
+
+        heads, head_dim and kv_heads are read off the shapes, as the front does; the dict is
+        checked by the front's own checks. ``dtype`` casts the arrays (default: kept).
+        """
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of arrays (swr_array.init_phalanx), got "
+                            f"{type(params).__name__}")
+        arrays = {k: _to_jax(f"params[{k!r}]", params[k]) for k in _WEIGHTS if k in params}
+        # the front's checks see zero-byte NumPy stand-ins: shapes, dtypes, keys, decay_max
+        probe = dict(params)
+        probe.update({k: _placeholder(v) for k, v in arrays.items()})
+        cfg = _front_phalanx_module()._check_params(probe)
+        if dtype is not None:
+            dtype = jnp.dtype(dtype)
+            _checks.check_float_dtype("dtype", dtype, "numpy")
+            arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+        return cls(*(arrays[k] for k in _WEIGHTS), cfg.heads, cfg.head_dim, cfg.kv_heads,
+                   cfg.decay_max)
+
+
+def _to_jax(name, x):
+    """A JAX array from a NumPy / JAX array, or from a CuPy (any DLPack) array, zero copy."""
+    if isinstance(x, jax.Array):
+        return x
+    if isinstance(x, np.ndarray | np.generic | numbers.Number):
+        return jnp.asarray(x)
+    if hasattr(x, "__dlpack__"):
+        return jnp.from_dlpack(x)
+    raise TypeError(f"{name} must be a NumPy, CuPy or JAX array, got "
+                    f"{type(x).__module__}.{type(x).__name__}")
+
+
+def _front_phalanx_module():
+    # the module: the package attribute swr_array.phalanx is the function
+    return importlib.import_module("swr_array.phalanx")
 
 
 def _check_int(name, x, minimum=1) -> int:
@@ -442,12 +538,20 @@ def _check_int(name, x, minimum=1) -> int:
     return int(x)
 
 
+def _check_decay_max(decay_max) -> float:
+    if isinstance(decay_max, bool) or not isinstance(decay_max, numbers.Real):
+        raise TypeError(f"decay_max must be a real number, got {type(decay_max).__name__}")
+    if not math.isfinite(decay_max):
+        raise ValueError(f"decay_max must be finite, got {decay_max}")
+    return float(decay_max)
+
+
 def _head_config(dim, heads, head_dim, kv_heads):
     dim = _check_int("dim", dim)
     head_dim = _check_int("head_dim", head_dim)
     if heads is None:
         if dim % head_dim:
-            raise ValueError(f"dim={dim} is not a multiple of head_dim={head_dim}; pass heads")
+            raise ValueError(f"dim={dim} is not a multiple of head_dim={head_dim}: pass heads")
         heads = dim // head_dim
     heads = _check_int("heads", heads)
     kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
@@ -466,58 +570,59 @@ def init_phalanx(
     decay_max: float = 1.0,
     dtype=jnp.float32,
 ) -> PhalanxParams:
-    """Random Phalanx parameters: LeCun-normal projections, zero biases.
+    """Random Phalanx parameters, initialised like the front's ``swr_array.init_phalanx``.
 
-    ``heads`` defaults to ``dim // head_dim`` and ``kv_heads`` to ``heads``. To start from the
-    front's initialisation instead, use ``params_from_swr_array(swr_array.init_phalanx(...))``.
+    Every weight and bias is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's
+    ``nn.Linear`` default, which spear uses): fan_in = dim for ``W_in`` and the biases, H*D for
+    ``W_out``; the draws come from ``key`` (the front draws from a NumPy seed, so the numbers
+    differ). ``heads`` defaults to ``dim // head_dim`` and ``kv_heads`` to ``heads``. To start
+    from the front's numbers instead: ``PhalanxParams.from_dict(swr_array.init_phalanx(...))``.
     """
     dim, heads, head_dim, kv_heads = _head_config(dim, heads, head_dim, kv_heads)
-    w_in, b_in, w_out = _init_arrays(key, dim, heads, heads * head_dim, kv_heads * head_dim,
-                                     jnp.dtype(dtype))
-    return PhalanxParams(w_in, b_in, w_out, heads, head_dim, kv_heads, float(decay_max))
+    decay_max = _check_decay_max(decay_max)
+    dtype = jnp.dtype(dtype)
+    _checks.check_float_dtype("dtype", dtype, "numpy")
+    arrays = _init_arrays(key, dim, heads, head_dim, kv_heads, dtype)
+    return PhalanxParams(*arrays, heads, head_dim, kv_heads, decay_max)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _init_arrays(key, dim, heads, P, Q, dtype):
-    k_in, k_out = jax.random.split(key)
-    w_in = jax.random.normal(k_in, (dim, heads + 2 * Q + P), dtype) * dim**-0.5
-    w_out = jax.random.normal(k_out, (P, dim), dtype) * P**-0.5
-    return w_in, jnp.zeros((heads + 2 * Q,), dtype), w_out
-
-
-def params_from_swr_array(params) -> PhalanxParams:
-    """Convert the front's Phalanx parameters (``swr_array.init_phalanx``, NumPy or CuPy) to JAX.
-
-    Reads the fields ``w_in``, ``b_in``, ``w_out``, ``heads``, ``head_dim``, ``kv_heads``,
-    ``decay_max`` as attributes or mapping keys.
-    """
-
-    def field(name):
-        if isinstance(params, dict):
-            return params[name]
-        return getattr(params, name)
-
-    arrays = [jnp.asarray(field(n)) for n in ("w_in", "b_in", "w_out")]
-    meta = [int(field(n)) for n in ("heads", "head_dim", "kv_heads")]
-    return PhalanxParams(*arrays, *meta, float(field("decay_max")))
+def _init_arrays(key, dim, heads, head_dim, kv_heads, dtype):
+    hd, kd = heads * head_dim, kv_heads * head_dim
+    shapes = ((dim, hd + 2 * kd + heads), (heads,), (kd,), (kd,), (hd, dim))
+    bounds = (dim**-0.5,) * 4 + (hd**-0.5,)
+    keys = jax.random.split(key, len(shapes))
+    return tuple(
+        jax.random.uniform(k, s, jnp.float32, -b, b).astype(dtype)
+        for k, s, b in zip(keys, shapes, bounds)
+    )
 
 
 def _check_phalanx(params, x):
     if not isinstance(params, PhalanxParams):
-        raise TypeError(
-            f"params must be a PhalanxParams (init_phalanx / params_from_swr_array), "
-            f"got {type(params).__name__}"
-        )
-    H, E, K = params.heads, params.head_dim, params.kv_heads
+        hint = " (PhalanxParams.from_dict converts the front's dict)" if isinstance(
+            params, Mapping) else ""
+        raise TypeError(f"params must be a PhalanxParams (init_phalanx / "
+                        f"PhalanxParams.from_dict), got {type(params).__name__}{hint}")
+    H = _check_int("params.heads", params.heads)
+    D = _check_int("params.head_dim", params.head_dim)
+    KV = _check_int("params.kv_heads", params.kv_heads)
+    if H % KV:
+        raise ValueError(f"params.kv_heads={KV} must divide params.heads={H}")
+    _check_decay_max(params.decay_max)
+    if getattr(params.W_in, "ndim", None) != 2:
+        raise ValueError(f"params.W_in must be 2-D (dim, H*D + 2*KV*D + H), got "
+                         f"{getattr(params.W_in, 'shape', params.W_in)}")
     dim = params.dim
-    P, Q = H * E, K * E
-    for name, arr, shape in (("params.w_in", params.w_in, (dim, H + 2 * Q + P)),
-                             ("params.b_in", params.b_in, (H + 2 * Q,)),
-                             ("params.w_out", params.w_out, (P, dim))):
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
-    if H % K:
-        raise ValueError(f"params.kv_heads={K} must divide params.heads={H}")
+    hd, kd = H * D, KV * D
+    shapes = {"W_in": (dim, hd + 2 * kd + H), "b_a": (H,), "b_b": (kd,), "b_c": (kd,),
+              "W_out": (hd, dim)}
+    for k, shape in shapes.items():
+        arr = getattr(params, k)
+        if tuple(getattr(arr, "shape", ())) != shape:
+            raise ValueError(f"params.{k} must have shape {shape} (dim={dim}, heads={H}, "
+                             f"head_dim={D}, kv_heads={KV}), got {getattr(arr, 'shape', arr)}")
+        _checks.check_float_dtype(f"params.{k}", arr.dtype, "numpy")
     x = _as_jax("x", x)
     if x.ndim != 3 or x.shape[-1] != dim:
         raise ValueError(f"x must have shape (B, L, dim={dim}), got {tuple(x.shape)}")
@@ -527,73 +632,93 @@ def _check_phalanx(params, x):
 
 def _phalanx_composite(params: PhalanxParams, x, block_len, hops):
     """GEMMs and gates in jnp, the recurrence through :func:`swr`."""
-    H, E, K = params.heads, params.head_dim, params.kv_heads
+    H, D, KV = params.heads, params.head_dim, params.kv_heads
     Bsz, L, _ = x.shape
-    P, Q = H * E, K * E
+    hd, kd = H * D, KV * D
     cd = x.dtype  # compute dtype of the GEMMs and of the SWR inputs
     gd = jnp.promote_types(cd, jnp.float32)  # gates in float32 (float64 stays float64)
-    z = (x @ params.w_in.astype(cd)).astype(gd)
-    b = params.b_in.astype(gd)
-    za, zb, zc, zv = jnp.split(z, [H, H + Q, H + 2 * Q], axis=-1)
-    ba, bb, bc = jnp.split(b, [H, H + Q])
-    A = params.decay_max * jax.nn.sigmoid(za + ba)  # (B, L, H)
-    Bg = jax.nn.sigmoid(zb + bb).reshape(Bsz, L, K, E)
-    Cg = (zc + bc).reshape(Bsz, L, K, E)
-    group = H // K
+    z = (x @ params.W_in.astype(cd)).astype(gd)
+    zv, zb, zc, za = jnp.split(z, [hd, hd + kd, hd + 2 * kd], axis=-1)  # [V | Bg | C | A]
+    A = params.decay_max * jax.nn.sigmoid(za + params.b_a.astype(gd))  # (B, L, H)
+    Bg = jax.nn.sigmoid(zb + params.b_b.astype(gd)).reshape(Bsz, L, KV, D)
+    Cg = (zc + params.b_c.astype(gd)).reshape(Bsz, L, KV, D)
+    group = H // KV
     if group > 1:
         Bg = jnp.repeat(Bg, group, axis=2)
         Cg = jnp.repeat(Cg, group, axis=2)
-    V = zv.reshape(Bsz, L, H, E)
+    V = zv.reshape(Bsz, L, H, D)
     y = swr(A.astype(cd), (Bg * V).astype(cd), block_len=block_len, hops=hops, layout="BLHD")
-    Y = (y.astype(gd) * Cg + V).astype(cd).reshape(Bsz, L, P)
-    return Y @ params.w_out.astype(cd)
+    Y = (y.astype(gd) * Cg + V).astype(cd).reshape(Bsz, L, hd)
+    return Y @ params.W_out.astype(cd)
 
 
-def _fused_api():
-    """The front's fused Phalanx (``swr_array.phalanx``, ``phalanx_vjp``, ``PhalanxParams``)."""
-    names = ("phalanx", "phalanx_vjp", "PhalanxParams")
-    if all(callable(getattr(swr_array, n, None)) for n in names):
-        return tuple(getattr(swr_array, n) for n in names)
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _front_phalanx():
+    """The front's Phalanx module when it has the fused API the GPU path calls
+    (``phalanx(..., return_residuals=)`` and ``phalanx_vjp(..., residuals=)``), else None."""
+    try:
+        mod = _front_phalanx_module()
+    except ImportError:
+        return None
+    fwd, vjp = getattr(mod, "phalanx", None), getattr(mod, "phalanx_vjp", None)
+    if (callable(fwd) and callable(vjp) and _accepts(fwd, "return_residuals")
+            and _accepts(vjp, "residuals")):
+        return mod
     return None
 
 
 def fused_phalanx_available() -> bool:
-    """Whether the front provides the fused Phalanx kernels the GPU path uses."""
-    return _fused_api() is not None
+    """Whether the front provides the fused Phalanx API (``swr_array.phalanx`` with residuals and
+    ``swr_array.phalanx_vjp``) that the GPU path calls."""
+    return _front_phalanx() is not None
 
 
 class _PhalanxConfig(NamedTuple):
-    heads: int
-    head_dim: int
-    kv_heads: int
-    decay_max: float
+    decay_max: float  # heads, head_dim, kv_heads: the front reads them off the shapes
     block_len: int
     hops: int | None
 
 
-def _front_params(cfg: _PhalanxConfig, w_in, b_in, w_out):
-    return _fused_api()[2](
-        w_in=w_in, b_in=b_in, w_out=w_out, heads=cfg.heads, head_dim=cfg.head_dim,
-        kv_heads=cfg.kv_heads, decay_max=cfg.decay_max,
-    )
+def _front_params(cfg: _PhalanxConfig, wrap, weights) -> dict:
+    d = {k: wrap(w) for k, w in zip(_WEIGHTS, weights)}
+    d["decay_max"] = np.asarray(cfg.decay_max, dtype=np.float64)
+    return d
 
 
-def _buffer_phalanx(cfg, ctx, out, x, w_in, b_in, w_out):
-    if not _executing(ctx):
-        return
-    with _buffers(ctx, out) as wrap:
-        p = _front_params(cfg, wrap(w_in), wrap(b_in), wrap(w_out))
-        y = _fused_api()[0](wrap(x), p, block_len=cfg.block_len, hops=cfg.hops)
-        wrap(out)[...] = y
-
-
-def _buffer_phalanx_vjp(cfg, ctx, outs, x, w_in, b_in, w_out, dout):
+def _buffer_phalanx(cfg, ctx, outs, x, *weights):
+    """outs: ``(out,)``, or ``(out, z)`` with z = x W_in kept for the backward."""
     if not _executing(ctx):
         return
     with _buffers(ctx, outs[0]) as wrap:
-        p = _front_params(cfg, wrap(w_in), wrap(b_in), wrap(w_out))
-        dx, dp = _fused_api()[1](wrap(x), p, wrap(dout), block_len=cfg.block_len, hops=cfg.hops)
-        for o, g in zip(outs, (dx, dp.w_in, dp.b_in, dp.w_out)):
+        with_z = len(outs) == 2
+        res = _front_phalanx().phalanx(
+            wrap(x), _front_params(cfg, wrap, weights), block_len=cfg.block_len, hops=cfg.hops,
+            return_residuals=with_z,
+        )
+        # the front's phalanx has no out=: one copy of out (and of z) into XLA's buffers
+        if with_z:
+            res, residuals = res
+            wrap(outs[1])[...] = residuals["z"]
+        wrap(outs[0])[...] = res
+
+
+def _buffer_phalanx_vjp(cfg, ctx, outs, x, *rest):
+    """outs: ``(dx, dW_in, db_a, db_b, db_c, dW_out)``; rest: the five weights, z, dout."""
+    if not _executing(ctx):
+        return
+    *weights, z, dout = rest
+    with _buffers(ctx, outs[0]) as wrap:
+        dx, dp = _front_phalanx().phalanx_vjp(
+            wrap(x), _front_params(cfg, wrap, weights), wrap(dout), block_len=cfg.block_len,
+            hops=cfg.hops, residuals={"z": wrap(z)},  # the backward skips x W_in
+        )
+        for o, g in zip(outs, (dx, *(dp[k] for k in _WEIGHTS))):
             wrap(o)[...] = g
 
 
@@ -603,24 +728,26 @@ def _spec(x):
 
 # The fused layer's callbacks fold nothing under vmap ("sequential"): parameters may be vmapped
 # too (ensembles, per-example gradients), and the front's phalanx_vjp sums dparams over B.
+def _fused_call(cfg, body, specs, *args):
+    return _bc.buffer_callback(functools.partial(body, cfg), specs,
+                               vmap_method="sequential")(*args)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _phalanx_fused(cfg, x, w_in, b_in, w_out):
-    call = _bc.buffer_callback(
-        functools.partial(_buffer_phalanx, cfg), _spec(x), vmap_method="sequential"
-    )
-    return call(x, w_in, b_in, w_out)
+def _phalanx_fused(cfg, x, *weights):
+    return _fused_call(cfg, _buffer_phalanx, (_spec(x),), x, *weights)[0]
 
 
-def _phalanx_fused_fwd(cfg, x, w_in, b_in, w_out):
-    return _phalanx_fused(cfg, x, w_in, b_in, w_out), (x, w_in, b_in, w_out)
+def _phalanx_fused_fwd(cfg, x, *weights):
+    Bsz, L, _ = x.shape
+    z_spec = jax.ShapeDtypeStruct((Bsz, L, weights[0].shape[1]), x.dtype)
+    out, z = _fused_call(cfg, _buffer_phalanx, (_spec(x), z_spec), x, *weights)
+    return out, (x, *weights, z)
 
 
 def _phalanx_fused_bwd(cfg, res, dout):
-    specs = tuple(_spec(r) for r in res)
-    call = _bc.buffer_callback(
-        functools.partial(_buffer_phalanx_vjp, cfg), specs, vmap_method="sequential"
-    )
-    return tuple(call(*res, dout))
+    specs = tuple(_spec(r) for r in res[:-1])  # dx and the five weight gradients
+    return tuple(_fused_call(cfg, _buffer_phalanx_vjp, specs, *res, dout))
 
 
 _phalanx_fused.defvjp(_phalanx_fused_fwd, _phalanx_fused_bwd)
@@ -629,27 +756,31 @@ _phalanx_fused.defvjp(_phalanx_fused_fwd, _phalanx_fused_bwd)
 def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1) -> Array:
     """The Phalanx layer (SPEC section 5), functional: ``(B, L, dim) -> (B, L, dim)``.
 
-    ``A = decay_max sigmoid(x W_a + b_a)``, ``Bg = sigmoid(x W_b + b_b)``, ``C = x W_c + b_c``,
-    ``V = x W_v``, ``Y = swr(A, Bg V, hops) C + V``, ``out = Y W_out``. GEMMs run in x's dtype
-    (parameters are cast to it), gates in float32 (float64 with float64 inputs).
+    ``[V | Bg | C | A] = x W_in``; ``A = decay_max sigmoid(A + b_a)``, ``Bg = sigmoid(Bg + b_b)``,
+    ``C = C + b_c``; ``Y = swr(A, Bg V, hops) C + V``; ``out = Y W_out``. Parameters are cast to
+    x's dtype (float32 master weights with bfloat16 activations work); the GEMMs run in that
+    dtype, the gates in float32 (float64 with float64 inputs).
 
-    On a CUDA GPU, when the front provides the fused kernels (:func:`fused_phalanx_available`),
-    the whole layer and its gradient run through them; otherwise (and always on the CPU) the GEMMs
-    run in jnp and the recurrence through :func:`swr`.
+    On a CUDA GPU, when the front provides the fused API (:func:`fused_phalanx_available`), the
+    layer runs as ``swr_array.phalanx`` (one GEMM, one fused kernel, one GEMM) and its gradient as
+    ``swr_array.phalanx_vjp`` fed with the forward's ``x W_in``; elsewhere (and always on the CPU)
+    the GEMMs and gates run in jnp and the recurrence through :func:`swr`.
     """
     x = _check_phalanx(params, x)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
     composite = functools.partial(_phalanx_composite, block_len=block_len, hops=hops)
     on_cpu_test_path = _CPU_CALLBACK == "buffer_callback"
-    if _bc is None or _fused_api() is None or not (on_cpu_test_path or _cuda_backend_present()):
+    if _bc is None or not fused_phalanx_available() or not (
+        on_cpu_test_path or _cuda_backend_present()
+    ):
         return composite(params, x)
-    cfg = _PhalanxConfig(params.heads, params.head_dim, params.kv_heads, params.decay_max,
-                         block_len, hops)
+    if _platform_guess(x) == "gpu":
+        _checks.check_float_dtype("x", x.dtype, "cupy")  # no float64 on the GPU
+    cfg = _PhalanxConfig(float(params.decay_max), block_len, hops)
 
     def fused(p, x):
-        return _phalanx_fused(cfg, x, p.w_in.astype(x.dtype), p.b_in.astype(x.dtype),
-                              p.w_out.astype(x.dtype))
+        return _phalanx_fused(cfg, x, *(getattr(p, k).astype(x.dtype) for k in _WEIGHTS))
 
     if on_cpu_test_path:
         return fused(params, x)
@@ -676,8 +807,12 @@ def _phalanx_module():
     class Phalanx(nnx.Module):
         """Phalanx layer as a Flax NNX module: ``(B, L, dim) -> (B, L, dim)``.
 
-        Holds ``w_in``, ``b_in``, ``w_out`` as :class:`flax.nnx.Param` (see :class:`PhalanxParams`
-        for their shapes) and calls the functional :func:`phalanx`.
+        Holds ``W_in``, ``b_a``, ``b_b``, ``b_c``, ``W_out`` as :class:`flax.nnx.Param` (shapes
+        and column order of :class:`PhalanxParams`, i.e. of the front's dict) and calls the
+        functional :func:`phalanx`. ``rngs`` draws the initial parameters (as
+        :func:`init_phalanx`); ``params`` (a :class:`PhalanxParams` or the front's dict) starts
+        from given ones instead, and must agree with dim, heads, head_dim, kv_heads and
+        decay_max (:meth:`from_params` reads those off it).
         """
 
         def __init__(
@@ -691,21 +826,44 @@ def _phalanx_module():
             block_len: int = 16,
             hops: int | None = 1,
             param_dtype=jnp.float32,
-            rngs: nnx.Rngs,
+            rngs: nnx.Rngs | None = None,
+            params: PhalanxParams | Mapping | None = None,
         ):
-            p = init_phalanx(rngs.params(), dim, heads=heads, head_dim=head_dim,
-                             kv_heads=kv_heads, decay_max=decay_max, dtype=param_dtype)
-            self.w_in = nnx.Param(p.w_in)
-            self.b_in = nnx.Param(p.b_in)
-            self.w_out = nnx.Param(p.w_out)
+            dim, heads, head_dim, kv_heads = _head_config(dim, heads, head_dim, kv_heads)
+            decay_max = _check_decay_max(decay_max)
+            if params is None:
+                if rngs is None:
+                    raise TypeError("Phalanx needs rngs (to draw the parameters) or params")
+                p = init_phalanx(rngs.params(), dim, heads=heads, head_dim=head_dim,
+                                 kv_heads=kv_heads, decay_max=decay_max, dtype=param_dtype)
+            else:
+                p = params if isinstance(params, PhalanxParams) else PhalanxParams.from_dict(
+                    params)
+                got = (p.dim, p.heads, p.head_dim, p.kv_heads, float(p.decay_max))
+                want = (dim, heads, head_dim, kv_heads, decay_max)
+                if got != want:
+                    raise ValueError(
+                        f"params have (dim, heads, head_dim, kv_heads, decay_max) = {got}, the "
+                        f"module {want}: use Phalanx.from_params(params)"
+                    )
+            for k in _WEIGHTS:
+                setattr(self, k, nnx.Param(getattr(p, k)))
             self.heads, self.head_dim, self.kv_heads = p.heads, p.head_dim, p.kv_heads
-            self.decay_max = p.decay_max
+            self.decay_max = float(p.decay_max)
             self.block_len = _checks.check_block_len(block_len)
             self.hops = _checks.check_hops(hops)
 
+        @classmethod
+        def from_params(cls, params, *, block_len: int = 16, hops: int | None = 1):
+            """The layer holding ``params`` (a :class:`PhalanxParams` or the front's dict, e.g.
+            ``swr_array.init_phalanx(...)``)."""
+            p = params if isinstance(params, PhalanxParams) else PhalanxParams.from_dict(params)
+            return cls(p.dim, heads=p.heads, head_dim=p.head_dim, kv_heads=p.kv_heads,
+                       decay_max=float(p.decay_max), block_len=block_len, hops=hops, params=p)
+
         @property
         def params(self) -> PhalanxParams:
-            return PhalanxParams(self.w_in[...], self.b_in[...], self.w_out[...], self.heads,
+            return PhalanxParams(*(getattr(self, k)[...] for k in _WEIGHTS), self.heads,
                                  self.head_dim, self.kv_heads, self.decay_max)
 
         def __call__(self, x: Array) -> Array:

@@ -1,8 +1,9 @@
 """A jitted training step for a tiny Phalanx model with Flax NNX and optax.
 
 The task suits a sliding window recurrence: predict the sum of the last 8 values of the first input
-channel. Run ``python examples/jax_train.py --steps 100``; on a CUDA GPU the recurrence runs in the
-Numba kernels inside the compiled step, on the CPU in the NumPy reference.
+channel. Run ``python examples/jax_train.py --steps 100``; on a CUDA GPU the Phalanx layer and its
+gradient run in the front's fused kernels (``swr_array.phalanx`` / ``phalanx_vjp``) inside the
+compiled step, on the CPU the recurrence runs in the NumPy reference.
 """
 
 from __future__ import annotations

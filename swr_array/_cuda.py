@@ -188,8 +188,7 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     nk = _nk()
     a = cp.ascontiguousarray(a)
     u = cp.ascontiguousarray(u)
-    # the kernels read dy in the input dtype (one specialisation per input dtype)
-    dy = cp.ascontiguousarray(dy).astype(u.dtype, copy=False)
+    dy = cp.ascontiguousarray(dy)  # any of the three float dtypes, read as it is
     da, du, dcarry = (None, None, None) if out is None else out
     du = cp.empty_like(u) if du is None else du
     da = cp.empty_like(a) if da is None else da

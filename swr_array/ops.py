@@ -170,10 +170,12 @@ def swr_vjp(
     da = np.ascontiguousarray(from_time_last(da, p.layout, p.per_head)).astype(a.dtype, copy=False)
     du = np.ascontiguousarray(from_time_last(du, p.layout)).astype(u.dtype, copy=False)
     if out is not None:
+        res = []
         for dst, src in zip(out, (da, du, dx0)):
             if dst is not None:
                 np.copyto(dst, src)
-        return tuple(out)
+            res.append(src if dst is None else dst)
+        return tuple(res)
     return da, du, dx0
 
 

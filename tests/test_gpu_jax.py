@@ -178,7 +178,7 @@ def test_cpu_device_on_gpu_machine_runs_reference():
 
 @jax.default_matmul_precision("highest")  # float32 GEMMs, not TF32: compared at 1e-3
 def test_phalanx_on_gpu_matches_oracle():
-    from test_jax import phalanx_oracle  # the CPU tests' SPEC section 5 oracle
+    from test_jax import phalanx_oracle  # reference.phalanx_reference on the front's dict
 
     p = sj.init_phalanx(jax.random.key(0), 64, head_dim=16, kv_heads=2, decay_max=0.95)
     x = jax.random.normal(jax.random.key(1), (2, 200, 64))
@@ -197,15 +197,65 @@ def test_phalanx_on_gpu_matches_oracle():
     close(sj.phalanx(p, xb), want, 0.1)
 
 
+def _close_grads(g, want, tol):
+    """g: (PhalanxParams, dx) from jax.grad; want: (dx, dparams) from the reference."""
+    close(g[1], want[0], tol)
+    for k, w in want[1].items():
+        close(getattr(g[0], k), w, tol)
+
+
 @jax.default_matmul_precision("highest")
-def test_phalanx_fused_path_when_available():
-    if not sj.fused_phalanx_available():
-        pytest.skip("swr_array.phalanx / phalanx_vjp / PhalanxParams not in the front yet")
-    p = sj.init_phalanx(jax.random.key(2), 64, head_dim=16, kv_heads=4)
-    x = jax.random.normal(jax.random.key(3), (2, 128, 64))
-    fused = jax.jit(sj.phalanx)(p, x)
-    composite = jax.jit(functools.partial(sj._phalanx_composite, block_len=16, hops=1))(p, x)
-    close(fused, np.asarray(composite, np.float64), 1e-3)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-3), (jnp.bfloat16, 6e-2)])
+@pytest.mark.parametrize("hops,kv_heads", [(1, 4), (0, 2), (2, 4)])
+def test_phalanx_fused_path(hops, kv_heads, dtype, tol):
+    """The fused front (swr_array.phalanx / phalanx_vjp on CuPy views) against the float64
+    reference on the same rounded inputs; hops=2 is the front's composed CuPy path."""
+    from test_jax import front_dict
+
+    assert sj.fused_phalanx_available()
+    p = sj.init_phalanx(jax.random.key(2), 64, head_dim=16, kv_heads=kv_heads, dtype=dtype)
+    x = jax.random.normal(jax.random.key(3), (2, 129, 64), dtype)
+    c = jax.random.normal(jax.random.key(4), x.shape, dtype)
+    fp = {k: np.asarray(v, np.float64) for k, v in front_dict(p).items()}
+    xf, cf = np.asarray(x, np.float64), np.asarray(c, np.float64)
+    kw = dict(block_len=16, hops=hops)
+    out = jax.jit(functools.partial(sj.phalanx, **kw))(p, x)
+    assert out.dtype == dtype and next(iter(out.devices())).platform == "gpu"
+    close(out, swr_array.reference.phalanx_reference(xf, fp, **kw), tol)
+    g = jax.jit(jax.grad(lambda p, x: jnp.sum((sj.phalanx(p, x, **kw) * c).astype(jnp.float32)),
+                         argnums=(0, 1)))(p, x)
+    _close_grads(g, swr_array.reference.phalanx_vjp_reference(xf, fp, cf, **kw), 4 * tol)
+
+
+def test_phalanx_fused_backward_gets_z(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("swr_array.phalanx")
+    seen = []
+    real = mod.phalanx_vjp
+
+    @functools.wraps(real)
+    def spy(x, params, dout, **kw):
+        seen.append(type(kw["residuals"]["z"]).__module__.split(".")[0])
+        return real(x, params, dout, **kw)
+
+    monkeypatch.setattr(mod, "phalanx_vjp", spy)
+    p = sj.init_phalanx(jax.random.key(5), 32, head_dim=16)
+    x = jax.random.normal(jax.random.key(6), (1, 40, 32))
+    jax.jit(jax.grad(lambda p: jnp.sum(sj.phalanx(p, x) ** 2)))(p)
+    assert seen == ["cupy"]
+
+
+def test_front_params_on_cupy_load():
+    import cupy
+
+    fp = swr_array.init_phalanx(64, head_dim=16, kv_heads=2, xp=cupy, seed=7)
+    p = sj.PhalanxParams.from_dict(fp)  # CuPy arrays: DLPack, no copy through the host
+    assert next(iter(p.W_in.devices())).platform == "gpu"
+    x = jax.random.normal(jax.random.key(8), (2, 64, 64))
+    want = swr_array.phalanx(cupy.from_dlpack(x), fp)  # the front on CuPy
+    np.testing.assert_allclose(np.asarray(jax.jit(sj.phalanx)(p, x)), want.get(), rtol=1e-5,
+                               atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """The JAX adapter on the CPU: numbers against the float64 reference, transformations, errors.
 
 Oracles: the dense truncated transfer operator of ``swr_array.reference`` (forward), finite
-differences in float64 (``jax.test_util.check_grads``, gradients) and, for Phalanx, SPEC section 5
-written in NumPy around ``reference.swr``.
+differences in float64 (``jax.test_util.check_grads``, gradients) and, for Phalanx (SPEC section
+5), ``reference.phalanx_reference`` / ``phalanx_vjp_reference`` and the front's NumPy ``phalanx``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import importlib.util
 import math
 import pathlib
@@ -23,6 +25,7 @@ sj = pytest.importorskip("swr_array.adapters.jax")
 
 from jax.test_util import check_grads  # noqa: E402
 
+import swr_array  # noqa: E402
 from swr_array import reference  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,26 +76,22 @@ def dense_oracle(a, u, *, block_len, hops, layout, x0=None):
     return from_bhdl(y, layout)
 
 
+def front_dict(params):
+    """The front's NumPy parameter dict of a PhalanxParams."""
+    return jax.tree.map(np.asarray, params.to_dict())
+
+
 def phalanx_oracle(params, x, *, block_len=16, hops=1):
-    """SPEC section 5 in NumPy float64 around reference.swr (the recurrence's one home)."""
-    H, E, K = params.heads, params.head_dim, params.kv_heads
-    w_in, b_in, w_out = (np.asarray(t, np.float64) for t in (params.w_in, params.b_in,
-                                                              params.w_out))
-    x = np.asarray(x, np.float64)
-    Bsz, L, _ = x.shape
-    P, Q = H * E, K * E
-    z = x @ w_in
-    za, zb, zc, zv = np.split(z, [H, H + Q, H + 2 * Q], axis=-1)
-    ba, bb, bc = np.split(b_in, [H, H + Q])
-    sig = lambda t: 1.0 / (1.0 + np.exp(-t))  # noqa: E731
-    A = params.decay_max * sig(za + ba)
-    Bg = np.repeat(sig(zb + bb).reshape(Bsz, L, K, E), H // K, axis=2)
-    Cg = np.repeat((zc + bc).reshape(Bsz, L, K, E), H // K, axis=2)
-    V = zv.reshape(Bsz, L, H, E)
-    y = reference.swr(to_bhdl(A, "BLHD", True), to_bhdl(Bg * V, "BLHD", False),
-                      block_len=block_len, hops=hops)
-    Y = from_bhdl(y, "BLHD") * Cg + V
-    return Y.reshape(Bsz, L, P) @ w_out
+    """SPEC section 5 in float64: reference.phalanx_reference on the front's dict."""
+    return reference.phalanx_reference(np.asarray(x, np.float64), front_dict(params),
+                                       block_len=block_len, hops=hops)
+
+
+def phalanx_vjp_oracle(params, x, dout, *, block_len=16, hops=1):
+    """(dx, dparams dict) in float64: reference.phalanx_vjp_reference."""
+    return reference.phalanx_vjp_reference(np.asarray(x, np.float64), front_dict(params),
+                                           np.asarray(dout, np.float64), block_len=block_len,
+                                           hops=hops)
 
 
 def make_inputs(layout, per_head, *, B=2, N=37, H=3, D=4, seed=0, dtype=np.float64, x0=False):
@@ -405,6 +404,28 @@ def test_buffer_callback_path_matches_reference(buffer_callback_path):
     assert yb.dtype == jnp.bfloat16
 
 
+def test_buffer_callback_path_writes_into_xlas_buffers(buffer_callback_path, monkeypatch):
+    """swr(..., out=) / swr_vjp(..., out=) receive views of XLA's output buffers."""
+    import swr_array as front
+
+    seen = []
+    real_swr, real_vjp = front.swr, front.swr_vjp
+
+    def spy_swr(*args, out=None, **kw):
+        seen.append(("swr", out is not None and out.dtype == kw["out_dtype"]))
+        return real_swr(*args, out=out, **kw)
+
+    def spy_vjp(*args, out=None, **kw):
+        seen.append(("vjp", out is not None and all(o is not None for o in out)))
+        return real_vjp(*args, out=out, **kw)
+
+    monkeypatch.setattr(front, "swr", spy_swr)
+    monkeypatch.setattr(front, "swr_vjp", spy_vjp)
+    a, u, x0 = make_inputs("BLHD", True, N=11, dtype=np.float32, x0=True)
+    jax.jit(jax.grad(functools.partial(_loss, block_len=4), argnums=(0, 1, 2)))(a, u, x0)
+    assert seen == [("swr", True), ("vjp", True)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Phalanx
 # ----------------------------------------------------------------------------------------------
@@ -415,15 +436,94 @@ phalanx_jit = jax.jit(sj.phalanx, static_argnames=("block_len", "hops"))
 
 
 def small_phalanx(dtype=jnp.float32, *, kv_heads=1, decay_max=0.95, seed=0):
-    p = sj.init_phalanx(jax.random.key(seed), 8, head_dim=4, kv_heads=kv_heads,
-                        decay_max=decay_max, dtype=dtype)
-    # non-zero biases so the test sees them
-    b = jax.random.normal(jax.random.key(seed + 1), p.b_in.shape, dtype) * 0.5
-    return sj.PhalanxParams(p.w_in, b, p.w_out, p.heads, p.head_dim, p.kv_heads, p.decay_max)
+    # init_phalanx draws the biases too (U(-1/sqrt(dim), 1/sqrt(dim))), so the tests see them
+    return sj.init_phalanx(jax.random.key(seed), 8, head_dim=4, kv_heads=kv_heads,
+                           decay_max=decay_max, dtype=dtype)
+
+
+def _assert_dparams_close(gp, want_dp, rtol, atol, what=""):
+    for k, w in want_dp.items():
+        np.testing.assert_allclose(np.asarray(getattr(gp, k), np.float64), w, rtol=rtol,
+                                   atol=atol, err_msg=f"{what} d{k}")
+
+
+def _assert_grads_close(g, want, rtol, atol, what=""):
+    """g: (PhalanxParams, dx) from jax.grad; want: (dx, dparams dict) from the reference."""
+    np.testing.assert_allclose(np.asarray(g[1], np.float64), want[0], rtol=rtol, atol=atol,
+                               err_msg=f"{what} dx")
+    _assert_dparams_close(g[0], want[1], rtol, atol, what)
+
+
+def _linear_loss(c, **kw):
+    return lambda p, x: jnp.sum(sj.phalanx(p, x, **kw) * c)
+
+
+def test_phalanx_params_layout_matches_the_front():
+    p = sj.init_phalanx(jax.random.key(0), 12, head_dim=2, kv_heads=2, decay_max=0.9)
+    fp = swr_array.init_phalanx(12, head_dim=2, kv_heads=2, decay_max=0.9)
+    assert (p.heads, p.head_dim, p.kv_heads, p.dim) == (6, 2, 2, 12)
+    assert jax.tree.leaves(p) == [p.W_in, p.b_a, p.b_b, p.b_c, p.W_out]  # static: the rest
+    d = p.to_dict()
+    assert list(d) == list(fp)
+    for k, v in fp.items():
+        assert tuple(np.shape(d[k])) == tuple(np.shape(v)) and d[k].dtype == v.dtype, k
+    # the front's initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases included
+    for k, bound in (("W_in", 12**-0.5), ("b_a", 12**-0.5), ("b_b", 12**-0.5),
+                     ("b_c", 12**-0.5), ("W_out", 12**-0.5)):
+        v = np.asarray(d[k])
+        assert np.abs(v).max() <= bound and np.abs(v).max() > bound / 4, k
+    assert float(d["decay_max"]) == 0.9 and d["decay_max"].dtype == np.float64
+    q = sj.PhalanxParams.from_dict(d)  # round trip, arrays untouched
+    assert (q.heads, q.head_dim, q.kv_heads, q.decay_max) == (6, 2, 2, 0.9)
+    assert all(a is b for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(p)))
+    assert sj.PhalanxParams.from_dict(d, dtype=jnp.bfloat16).W_in.dtype == jnp.bfloat16
+
+
+def test_front_init_params_load_and_match_the_front():
+    fp = swr_array.init_phalanx(16, head_dim=4, kv_heads=2, decay_max=0.8, seed=3)
+    p = sj.PhalanxParams.from_dict(fp)
+    assert (p.heads, p.head_dim, p.kv_heads, p.decay_max) == (4, 4, 2, 0.8)
+    x = np.random.default_rng(0).standard_normal((2, 21, 16)).astype(np.float32)
+    want = swr_array.phalanx(x, fp, block_len=8)  # the front on NumPy (the float64 reference)
+    out = phalanx_jit(p, jnp.asarray(x), block_len=8)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    # and back: the JAX parameters run in the front
+    np.testing.assert_allclose(swr_array.phalanx(x, front_dict(p), block_len=8), want, rtol=0,
+                               atol=0)
+    # a file saved from the front loads as well
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **fp)
+    buf.seek(0)
+    q = sj.PhalanxParams.from_dict(dict(np.load(buf)))
+    np.testing.assert_array_equal(np.asarray(phalanx_jit(q, jnp.asarray(x), block_len=8)),
+                                  np.asarray(out))
+
+
+@pytest.mark.parametrize(
+    "params,exc,match",
+    [
+        ({"W_in": np.zeros((4, 9))}, ValueError, "lacks"),
+        ("not a dict", TypeError, "dict of arrays"),
+    ],
+)
+def test_from_dict_errors(params, exc, match):
+    with pytest.raises(exc, match=match):
+        sj.PhalanxParams.from_dict(params)
+
+
+def test_from_dict_uses_the_fronts_shape_checks():
+    fp = swr_array.init_phalanx(8, head_dim=4)
+    bad = dict(fp, b_c=fp["b_c"][:-1])
+    with pytest.raises(ValueError, match=r"params\['b_c'\] must have shape"):
+        sj.PhalanxParams.from_dict(bad)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        sj.PhalanxParams.from_dict(dict(fp, b_in=fp["b_a"]))
 
 
 @pytest.mark.parametrize("hops,kv_heads", [(1, 1), (None, 2), (0, 2)])
-def test_phalanx_matches_oracle(hops, kv_heads):
+def test_phalanx_matches_reference(hops, kv_heads):
     with x64():
         p = small_phalanx(jnp.float64, kv_heads=kv_heads)
         x = jax.random.normal(jax.random.key(2), (2, 19, 8), jnp.float64)
@@ -433,17 +533,23 @@ def test_phalanx_matches_oracle(hops, kv_heads):
         np.testing.assert_allclose(np.asarray(out), want, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("hops,kv_heads", [(1, 2), (2, 1)])
+def test_phalanx_gradients_match_reference(hops, kv_heads):
+    with x64():
+        p = small_phalanx(jnp.float64, kv_heads=kv_heads)
+        x = jax.random.normal(jax.random.key(3), (2, 17, 8), jnp.float64)
+        c = jax.random.normal(jax.random.key(4), x.shape, jnp.float64)
+        g = jax.jit(jax.grad(_linear_loss(c, block_len=4, hops=hops), argnums=(0, 1)))(p, x)
+        _assert_grads_close(g, phalanx_vjp_oracle(p, x, c, block_len=4, hops=hops), 1e-10,
+                            1e-10)
+
+
 def test_phalanx_gradients_match_finite_differences():
     with x64():
         p = small_phalanx(jnp.float64)
         x = jax.random.normal(jax.random.key(3), (1, 11, 8), jnp.float64)
-
-        def f(w_in, b_in, w_out, x):
-            q = sj.PhalanxParams(w_in, b_in, w_out, p.heads, p.head_dim, p.kv_heads, p.decay_max)
-            return sj.phalanx(q, x, block_len=4)
-
-        check_grads(jax.jit(f), (p.w_in, p.b_in, p.w_out, x), order=1, modes=["rev"],
-                    atol=1e-6, rtol=1e-6)
+        check_grads(jax.jit(functools.partial(sj.phalanx, block_len=4)), (p, x), order=1,
+                    modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_phalanx_low_precision():
@@ -455,28 +561,21 @@ def test_phalanx_low_precision():
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.1, rtol=0.1)
     g = jax.jit(jax.grad(lambda p: jnp.sum(sj.phalanx(p, x.astype(jnp.bfloat16), block_len=8)
                                            .astype(jnp.float32) ** 2)))(p)
-    assert g.w_in.dtype == jnp.float32 and np.isfinite(np.asarray(g.w_in)).all()
+    assert g.W_in.dtype == jnp.float32 and np.isfinite(np.asarray(g.W_in)).all()
 
 
 def test_phalanx_bad_input():
     p = small_phalanx()
     with pytest.raises(ValueError, match="x must have shape"):
         sj.phalanx(p, jnp.zeros((2, 5, 7)))
-    with pytest.raises(TypeError, match="params must be a PhalanxParams"):
-        sj.phalanx({"w_in": p.w_in}, jnp.zeros((2, 5, 8)))
+    with pytest.raises(TypeError, match="PhalanxParams.from_dict converts"):
+        sj.phalanx(p.to_dict(), jnp.zeros((2, 5, 8)))
     with pytest.raises(ValueError, match="block_len"):
         sj.phalanx(p, jnp.zeros((2, 5, 8)), block_len=6)
+    with pytest.raises(ValueError, match=r"params.b_b must have shape \(4,\)"):
+        sj.phalanx(dataclasses.replace(p, b_b=p.b_c[:3]), jnp.zeros((2, 5, 8)))
     with pytest.raises(ValueError, match="kv_heads"):
         sj.init_phalanx(jax.random.key(0), 12, head_dim=4, kv_heads=2)
-
-
-def test_params_from_swr_array_container():
-    p = small_phalanx()
-    fields = dict(w_in=np.asarray(p.w_in), b_in=np.asarray(p.b_in), w_out=np.asarray(p.w_out),
-                  heads=p.heads, head_dim=p.head_dim, kv_heads=p.kv_heads, decay_max=p.decay_max)
-    q = sj.params_from_swr_array(fields)
-    x = jax.random.normal(jax.random.key(5), (1, 9, 8))
-    np.testing.assert_array_equal(np.asarray(phalanx_jit(q, x)), np.asarray(phalanx_jit(p, x)))
 
 
 def test_phalanx_nnx_module_matches_functional():
@@ -485,80 +584,102 @@ def test_phalanx_nnx_module_matches_functional():
                        rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(6), (2, 13, 8))
     p = model.params
+    assert (p.heads, p.head_dim, p.kv_heads, p.decay_max) == (2, 4, 1, 0.9)
     out = nnx.jit(lambda m, x: m(x))(model, x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(phalanx_jit(p, x, block_len=4)))
-    want = phalanx_oracle(p, np.asarray(x, np.float64), block_len=4)
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out), phalanx_oracle(p, x, block_len=4), rtol=1e-4,
+                               atol=1e-4)
     grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(model)
     gf = jax.jit(jax.grad(lambda p: jnp.sum(sj.phalanx(p, x, block_len=4) ** 2)))(p)
-    for name in ("w_in", "b_in", "w_out"):
+    for name in ("W_in", "b_a", "b_b", "b_c", "W_out"):
         np.testing.assert_allclose(np.asarray(grads[name][...]), np.asarray(getattr(gf, name)),
                                    rtol=1e-5, atol=1e-6)
+    # from the front's parameters
+    fp = swr_array.init_phalanx(8, head_dim=4, kv_heads=1, decay_max=0.9, seed=1)
+    layer = sj.Phalanx.from_params(fp, block_len=4)
+    xn = np.asarray(x)
+    np.testing.assert_allclose(np.asarray(layer(x)), swr_array.phalanx(xn, fp, block_len=4),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="from_params"):
+        sj.Phalanx(8, head_dim=2, params=fp)
 
 
-def test_fused_phalanx_plumbing_with_a_stand_in_front(buffer_callback_path, monkeypatch):
-    """The fused path's buffer_callbacks and custom VJP, with a stand-in for the front's API:
-    the forward is the oracle, the VJP returns recognisable constants."""
-    import dataclasses
+# ----------------------------------------------------------------------------------------------
+# Phalanx: the fused path (buffer_callback into swr_array.phalanx / phalanx_vjp), lowered on the
+# CPU with NumPy views of XLA's buffers, i.e. the front's NumPy reference
+# ----------------------------------------------------------------------------------------------
 
-    import swr_array
 
-    @dataclasses.dataclass
-    class FrontParams:
-        w_in: np.ndarray
-        b_in: np.ndarray
-        w_out: np.ndarray
-        heads: int
-        head_dim: int
-        kv_heads: int
-        decay_max: float
-
-    def front_phalanx(x, params, *, block_len, hops):
-        assert isinstance(x, np.ndarray) and isinstance(params.w_in, np.ndarray)
-        return phalanx_oracle(params, x, block_len=block_len, hops=hops).astype(x.dtype)
-
-    def front_phalanx_vjp(x, params, dout, *, block_len, hops):
-        dp = FrontParams(np.full_like(params.w_in, 3), np.full_like(params.b_in, 4),
-                         np.full_like(params.w_out, 5), params.heads, params.head_dim,
-                         params.kv_heads, params.decay_max)
-        return 2 * dout, dp
-
-    monkeypatch.setattr(swr_array, "phalanx", front_phalanx, raising=False)
-    monkeypatch.setattr(swr_array, "phalanx_vjp", front_phalanx_vjp, raising=False)
-    monkeypatch.setattr(swr_array, "PhalanxParams", FrontParams, raising=False)
+def test_fused_phalanx_available_checks_the_fronts_api(monkeypatch):
+    mod = importlib.import_module("swr_array.phalanx")
     assert sj.fused_phalanx_available()
-    p = small_phalanx()
-    x = jax.random.normal(jax.random.key(8), (2, 13, 8))
-    out = jax.jit(lambda p, x: sj.phalanx(p, x, block_len=4, hops=None))(p, x)
-    want = phalanx_oracle(p, x, block_len=4, hops=None)
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
-    c = jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
-    gp, gx = jax.jit(jax.grad(lambda p, x: jnp.sum(sj.phalanx(p, x) * c), argnums=(0, 1)))(p, x)
-    np.testing.assert_array_equal(np.asarray(gx), 2 * np.asarray(c))
-    for leaf, v in ((gp.w_in, 3), (gp.b_in, 4), (gp.w_out, 5)):
-        np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, v, np.float32))
-    # vmap over the batch of inputs: one call per vmapped element ("sequential")
-    xs = jnp.stack([x, 2 * x])
-    outs = jax.vmap(lambda x: sj.phalanx(p, x))(xs)
-    np.testing.assert_allclose(np.asarray(outs[1]), phalanx_oracle(p, 2 * xs[0]), rtol=1e-5,
-                               atol=1e-5)
+
+    def old_vjp(x, params, dout, *, block_len=16, hops=1):  # no residuals=
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(mod, "phalanx_vjp", old_vjp)
+    assert not sj.fused_phalanx_available()
+    monkeypatch.delattr(mod, "phalanx_vjp")
+    assert not sj.fused_phalanx_available()
 
 
 def test_fused_phalanx_path(buffer_callback_path):
-    if not sj.fused_phalanx_available():
-        pytest.skip("swr_array.phalanx / phalanx_vjp / PhalanxParams not in the front yet")
-    p = small_phalanx()
+    p = small_phalanx(kv_heads=2)
     x = jax.random.normal(jax.random.key(7), (2, 13, 8))
-    with x64():
-        want = phalanx_oracle(p, np.asarray(x, np.float64), block_len=4)
-    # a fresh jit: phalanx_jit may hold a composite trace of the same shapes
+    c = jax.random.normal(jax.random.key(8), x.shape)
+    # fresh jits: phalanx_jit may hold a composite trace of the same shapes
     out = jax.jit(lambda p, x: sj.phalanx(p, x, block_len=4))(p, x)
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
-    g = jax.grad(lambda p, x: jnp.sum(sj.phalanx(p, x, block_len=4) ** 2), argnums=(0, 1))(p, x)
-    sj_cpu = functools.partial(sj._phalanx_composite, block_len=4, hops=1)
-    gc = jax.grad(lambda p, x: jnp.sum(sj_cpu(p, x) ** 2), argnums=(0, 1))(p, x)
-    for x_, xc in zip(jax.tree.leaves(g), jax.tree.leaves(gc)):
-        np.testing.assert_allclose(np.asarray(x_), np.asarray(xc), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), phalanx_oracle(p, x, block_len=4), rtol=1e-5,
+                               atol=1e-5)
+    g = jax.jit(jax.grad(_linear_loss(c, block_len=4), argnums=(0, 1)))(p, x)
+    _assert_grads_close(g, phalanx_vjp_oracle(p, x, c, block_len=4), 1e-4, 1e-5, "fused")
+    # mixed precision: float32 weights cast to bfloat16 x, gradients back in float32
+    gb = jax.jit(jax.grad(lambda p: jnp.sum(sj.phalanx(p, x.astype(jnp.bfloat16))
+                                            .astype(jnp.float32) * c)))(p)
+    assert gb.W_in.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(gb.W_out), np.asarray(g[0].W_out), rtol=0.1,
+                               atol=0.1 * float(np.abs(np.asarray(g[0].W_out)).max()))
+    # vmap over inputs and over parameters (an ensemble): one call per element ("sequential")
+    xs = jnp.stack([x, 2 * x])
+    outs = jax.jit(jax.vmap(lambda x: sj.phalanx(p, x, block_len=4)))(xs)
+    np.testing.assert_allclose(np.asarray(outs[1]), phalanx_oracle(p, xs[1], block_len=4),
+                               rtol=1e-5, atol=1e-5)
+    ps = jax.tree.map(lambda a: jnp.stack([a, -a]), p)
+    gs = jax.jit(jax.vmap(jax.grad(_linear_loss(c, block_len=4)), in_axes=(0, None)))(ps, x)
+    p1 = jax.tree.map(lambda a: a[1], ps)
+    _assert_dparams_close(jax.tree.map(lambda a: a[1], gs),
+                          phalanx_vjp_oracle(p1, x, c, block_len=4)[1], 1e-4, 1e-5, "vmapped")
+
+
+def test_fused_phalanx_passes_z_to_the_backward(buffer_callback_path, monkeypatch):
+    """The forward asks the front for its residuals only when differentiated, and the backward
+    hands z = x W_in back to phalanx_vjp."""
+    mod = importlib.import_module("swr_array.phalanx")
+    calls = []
+    real_fwd, real_vjp = mod.phalanx, mod.phalanx_vjp
+
+    @functools.wraps(real_fwd)
+    def spy_fwd(x, params, **kw):
+        calls.append(("fwd", kw.get("return_residuals", False)))
+        return real_fwd(x, params, **kw)
+
+    @functools.wraps(real_vjp)
+    def spy_vjp(x, params, dout, **kw):
+        z = kw["residuals"]["z"]
+        np.testing.assert_allclose(z, x.astype(np.float64) @ params["W_in"], rtol=1e-5,
+                                   atol=1e-5)
+        calls.append(("vjp", z.shape))
+        return real_vjp(x, params, dout, **kw)
+
+    monkeypatch.setattr(mod, "phalanx", spy_fwd)
+    monkeypatch.setattr(mod, "phalanx_vjp", spy_vjp)
+    p = small_phalanx()
+    x = jax.random.normal(jax.random.key(9), (2, 5, 8))
+    jax.jit(lambda p, x: sj.phalanx(p, x, block_len=2))(p, x).block_until_ready()
+    assert calls == [("fwd", False)]
+    calls.clear()
+    jax.jit(jax.grad(lambda p, x: jnp.sum(sj.phalanx(p, x, block_len=2))))(p, x)
+    assert calls == [("fwd", True), ("vjp", (2, 5, p.W_in.shape[1]))]
 
 
 # ----------------------------------------------------------------------------------------------
