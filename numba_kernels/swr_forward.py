@@ -1,0 +1,855 @@
+"""SWR forward: the fused sliding-window pass (hops 0/1), the block-carry pass and block carriers.
+
+Notation as in SPEC.md: per block of ``block_len`` (``l``) steps the local scan ``w`` (from 0), the
+attenuation ``g`` (from 1), the carrier ``v`` (``w`` at the block's last index) and the carry ``S``
+entering a block; the output is ``y_t = w_t + g_t * S``.
+
+The forward is memory bound (a few flops per element), so both kernels are shaped around the
+bytes: every element of ``a`` and ``u`` is read once from DRAM and ``y`` written once, with wide
+coalesced accesses and several loads in flight per thread.
+
+- ``BHDL`` (time contiguous): :func:`_make_lane_scan_kernel`. A warp owns ``rows_per_warp`` channel
+  rows and a chunk of blocks; each lane holds ``vec`` consecutive steps (one 16-byte load), scans
+  them serially, and the lanes combine their partial scans with a segmented warp-shuffle scan that
+  restarts at block boundaries. The carrier of the block before a lane's block comes from the lane
+  that ended it (a shuffle), or from the previous iteration, so nothing is re-read inside a chunk.
+- ``BLHD`` (channel contiguous): :func:`_make_channel_walk_kernel`. A thread owns ``vec`` adjacent
+  channels (one 16-byte load per step, coalesced across the warp) and walks a chunk of blocks in
+  time, ``unroll`` steps of loads in flight at a time. Within the chunk the carrier is handed on in
+  registers; only the block before the chunk is re-read (``l / chunk`` extra reads, a few percent).
+
+Both run the same source in the CUDA simulator, with scalar twins of the vector loads and of the
+warp shuffles. A ``vec == 1`` specialisation of each is the general kernel: any head dim, any
+alignment, any ``offset``.
+
+Entry points :func:`swr_forward` and :func:`block_carriers` follow docs/internals.md. They take the
+front's canonical arrays (CuPy on a GPU, NumPy in the simulator); bfloat16 arrives as uint16 bits.
+The vector paths need 16-byte aligned ``a``, ``u`` (and ``y`` for its access width) and, BLHD,
+``vec | H*D`` (per head also ``vec | D``); BHDL ``vec | N``, ``vec | block_len``, ``vec | offset``,
+with ``vec`` = 8 for 16-bit inputs, 4 for float32. Anything else takes the ``vec == 1`` kernels.
+
+Measured on an H100 80GB HBM3 (scripts/kfwd_bench.py; device-to-device copy 2.98 TB/s), bf16,
+hops=1, block_len=16, H=128 x D=16, per-head a, through ``swr_forward``, median of CUDA events
+around 20 back-to-back calls: BLHD 109-112 us (1.18-1.21 x the 93 us memory floor) and BHDL
+114-120 us (1.23-1.29 x) at B x L = 16x2048, 4x8192, 1x32768. BLHD is limited by the few threads
+its chunking leaves (32768: ~8 warps per SM) against the re-read per chunk; BHDL by the serial
+shuffle chain of each warp iteration at 80 registers (24 warps per SM).
+Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
+software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
+slower), longer or shorter chunks (fewer threads, or more re-read).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import cuda, types
+
+from ._dtypes import LOAD, SIMULATOR, STORE
+from ._launch import FlatArray, launch, launch_prepared, prepare
+
+# --------------------------------------------------------------------------------------------
+# Modes of the shared kernels. The mode is a compile-time constant of each specialisation.
+
+HOPS0 = 0  # S = 0 for every block (block-diagonal only)
+HOPS1 = 1  # S_j = v_{j-1}; the first touched block takes `carry`
+BLOCK_CARRY = 2  # S_j = block_carry[..., j], computed outside (any hops, hops=None)
+CARRIERS = 3  # write v_j, C_j per touched block instead of y
+
+MODE_NAMES = {HOPS0: "hops0", HOPS1: "hops1", BLOCK_CARRY: "block_carry", CARRIERS: "carriers"}
+
+_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+# --------------------------------------------------------------------------------------------
+# Wide loads and stores.
+#
+# Numba has no 128-bit scalar type and LLVM splits a vector load of halves into 8-byte pieces, so
+# the 4/8/16-byte accesses are written as inline PTX (`ld.global.v4.u32` ...) and unpacked to
+# float32 in registers; the float32 -> 16-bit packing uses one `cvt.rn.{bf16,f16}x2.f32` per pair
+# (round to nearest even, as _dtypes.STORE). Width-1 accesses use _dtypes.LOAD/STORE directly.
+# The helpers move values between a global array and a local float32 array at a flat offset, so a
+# kernel's unrolled loops index registers with constants only.
+
+_WORD_ASM_LOAD = {
+    16: ("ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l"),
+    8: ("ld.global.v2.u32 {$0, $1}, [$2];", "=r,=r,l"),
+    4: ("ld.global.u32 $0, [$1];", "=r,l"),
+}
+_WORD_ASM_STORE = {
+    16: ("st.global.v4.u32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r"),
+    8: ("st.global.v2.u32 [$0], {$1, $2};", "l,r,r"),
+    4: ("st.global.u32 [$0], $1;", "l,r"),
+}
+
+
+def _element_address(context, builder, array_type, array_value, index):
+    """i64 address of element ``index`` (flat, elements) of a C-contiguous array."""
+    ary = context.make_array(array_type)(context, builder, value=array_value)
+    ptr = builder.gep(ary.data, [index])
+    return builder.ptrtoint(ptr, ir.IntType(64))
+
+
+def _local_pointer(context, builder, array_type, array_value, offset, k):
+    ary = context.make_array(array_type)(context, builder, value=array_value)
+    idx = builder.add(offset, ir.Constant(offset.type, k))
+    return builder.gep(ary.data, [idx])
+
+
+def _load_words(builder, address, nbytes):
+    i32 = ir.IntType(32)
+    nwords = nbytes // 4
+    text, constraints = _WORD_ASM_LOAD[nbytes]
+    if nwords == 1:
+        fn = ir.FunctionType(i32, [ir.IntType(64)])
+        return [builder.asm(fn, text, constraints, [address], False)]
+    fn = ir.FunctionType(ir.LiteralStructType([i32] * nwords), [ir.IntType(64)])
+    packed = builder.asm(fn, text, constraints, [address], False)
+    return [builder.extract_value(packed, k) for k in range(nwords)]
+
+
+def _store_words(builder, address, words):
+    i32 = ir.IntType(32)
+    nbytes = 4 * len(words)
+    text, constraints = _WORD_ASM_STORE[nbytes]
+    fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [i32] * len(words))
+    builder.asm(fn, text, constraints, [address] + list(words), True)
+
+
+def _words_to_f32(builder, kind, words):
+    """Unpack 32-bit words into float32 values, element order as in memory (little endian)."""
+    f32, i32, i16 = ir.FloatType(), ir.IntType(32), ir.IntType(16)
+    out = []
+    for word in words:
+        if kind == "f32":
+            out.append(builder.bitcast(word, f32))
+        elif kind == "bf16":
+            lo = builder.shl(word, ir.Constant(i32, 16))
+            hi = builder.and_(word, ir.Constant(i32, 0xFFFF0000))
+            out += [builder.bitcast(lo, f32), builder.bitcast(hi, f32)]
+        else:  # f16
+            lo = builder.trunc(word, i16)
+            hi = builder.trunc(builder.lshr(word, ir.Constant(i32, 16)), i16)
+            for half in (lo, hi):
+                out.append(builder.fpext(builder.bitcast(half, ir.HalfType()), f32))
+    return out
+
+
+def _f32_to_words(builder, kind, values):
+    """Pack float32 values into 32-bit words of the storage kind (round to nearest even)."""
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    if kind == "f32":
+        return [builder.bitcast(v, i32) for v in values]
+    op = "cvt.rn.bf16x2.f32" if kind == "bf16" else "cvt.rn.f16x2.f32"
+    fn = ir.FunctionType(i32, [f32, f32])
+    # the first operand lands in the upper half: the higher address
+    return [
+        builder.asm(fn, f"{op} $0, $1, $2;", "=r,f,f", [values[k + 1], values[k]], False)
+        for k in range(0, len(values), 2)
+    ]
+
+
+def _scalar_load_loop(kind, width):
+    load = LOAD[kind]
+
+    @cuda.jit(device=True, inline=True)
+    def load_loop(array, index, dst, offset):
+        for k in range(width):
+            dst[offset + k] = load(array[index + k])
+
+    return load_loop
+
+
+def _scalar_store_loop(kind, width):
+    store = STORE[kind]
+
+    @cuda.jit(device=True, inline=True)
+    def store_loop(array, index, src, offset):
+        for k in range(width):
+            array[index + k] = store(src[offset + k])
+
+    return store_loop
+
+
+def make_vector_load(kind, width):
+    """``load(array, index, dst, offset)``: ``dst[offset + k] = float32(array[index + k])``.
+
+    ``array`` is a 1-D storage array (uint16 bits for bf16), ``dst`` a local float32 array. For
+    width > 1 one access of ``width * itemsize`` bytes: the address must be aligned to that.
+    """
+    nbytes = width * _ITEMSIZE[kind]
+    if SIMULATOR or width == 1:
+        return _scalar_load_loop(kind, width)
+    assert nbytes in (4, 8, 16), (kind, width)
+
+    @numba.cuda.extending.intrinsic
+    def load_vector(typingctx, array, index, dst, offset):
+        sig = types.void(array, types.int64, dst, types.int64)
+
+        def codegen(context, builder, sig, args):
+            address = _element_address(context, builder, sig.args[0], args[0], args[1])
+            values = _words_to_f32(builder, kind, _load_words(builder, address, nbytes))
+            for k, value in enumerate(values):
+                slot = _local_pointer(context, builder, sig.args[2], args[2], args[3], k)
+                builder.store(value, slot)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def load(array, index, dst, offset):
+        load_vector(array, numba.int64(index), dst, numba.int64(offset))
+
+    return load
+
+
+def make_vector_store(kind, width):
+    """``store(array, index, src, offset)``: ``array[index + k] = src[offset + k]``, k < width.
+
+    Converts float32 to the storage kind; stores of more than 16 bytes are split into 16-byte
+    pieces, so the address must be aligned to ``min(16, width * itemsize)``.
+    """
+    nbytes = width * _ITEMSIZE[kind]
+    if SIMULATOR or width == 1:
+        return _scalar_store_loop(kind, width)
+    piece = min(16, nbytes)
+    per_piece = piece // _ITEMSIZE[kind]
+
+    @numba.cuda.extending.intrinsic
+    def store_vector(typingctx, array, index, src, offset):
+        sig = types.void(array, types.int64, src, types.int64)
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            values = [
+                builder.load(_local_pointer(context, builder, sig.args[2], args[2], args[3], k))
+                for k in range(width)
+            ]
+            for p in range(0, width, per_piece):
+                first = builder.add(args[1], ir.Constant(ir.IntType(64), p))
+                address = _element_address(context, builder, sig.args[0], args[0], first)
+                chunk = [builder.bitcast(v, f32) for v in values[p : p + per_piece]]
+                _store_words(builder, address, _f32_to_words(builder, kind, chunk))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def store(array, index, src, offset):
+        store_vector(array, numba.int64(index), src, numba.int64(offset))
+
+    return store
+
+
+# --------------------------------------------------------------------------------------------
+# Warp shuffles (float32 / int32). The simulator has none: its twins exchange values through a
+# per-block dictionary between two barriers, which is a warp exchange when a block is one warp
+# (the simulator launches the lane-scan kernel with 32-thread blocks).
+
+_FULL_MASK = 0xFFFFFFFF
+
+if SIMULATOR:
+
+    def _sim_exchange(value, source_lane):
+        # two alternating mailboxes: a thread rewrites a box only after the next barrier, which
+        # every reader of its previous contents has passed, so one barrier per exchange suffices
+        thread = threading.current_thread()
+        phase = getattr(thread, "_swr_phase", 0)
+        thread._swr_phase = phase ^ 1
+        boxes = thread._manager.__dict__.setdefault("_swr_lanes", ({}, {}))
+        lane = thread.thread_id % 32
+        boxes[phase][thread.thread_id] = value
+        thread.syncthreads()
+        if 0 <= source_lane < 32:
+            return boxes[phase].get(thread.thread_id - lane + source_lane, value)
+        return value
+
+    def _sim_shfl_up(value, delta):
+        lane = threading.current_thread().thread_id % 32
+        return _sim_exchange(value, lane - delta if lane >= delta else lane)
+
+    def _sim_shfl_idx(value, source_lane):
+        return _sim_exchange(value, source_lane)
+
+    shfl_up = cuda.jit(device=True)(_sim_shfl_up)
+    shfl_idx = cuda.jit(device=True)(_sim_shfl_idx)
+
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_up(value, delta):
+        return cuda.shfl_up_sync(_FULL_MASK, value, delta)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_idx(value, source_lane):
+        return cuda.shfl_sync(_FULL_MASK, value, source_lane)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel arguments (the same list for both layouts and every mode; unused arrays are 1-element
+# dummies):
+#   a, u, y, w0, g0, carry, block_carry, v_out, c_out   1-D views of the C-contiguous arrays
+#   n            sequence length N (> 0)
+#   channels     H * D
+#   head_dim     D
+#   block_len    l (power of two)
+#   offset       in-block position of time index 0
+#   nb           touched blocks, ceil((offset + N) / l)
+#   chunk_blocks blocks per chunk (one chunk per thread or warp)
+#   groups       BLHD: channel vectors per batch row (channels / vec); BHDL: row groups
+#   nchunks      chunks per row
+#   nwork        threads (BLHD) or warps (BHDL) doing work; the rest of the grid returns
+
+
+def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
+    """BLHD: one thread per (batch, ``vec`` adjacent channels, chunk of blocks), walking time.
+
+    ``u``, ``y``: (B, N, H, D) flat; ``a``: (B, N, H) (per head, ``head_dim % vec == 0``) or
+    (B, N, H, D) flat; ``w0``, ``g0``, ``carry``: (B, H, D); ``block_carry``, ``v_out``, ``c_out``:
+    (B, H, D, nb). Accesses of ``vec`` elements must be aligned to their size.
+    """
+    load_u = make_vector_load(in_kind, vec)
+    load_a = make_vector_load(in_kind, 1 if per_head else vec)
+    store_y = make_vector_store(out_kind, vec)
+    a_width = 1 if per_head else vec  # a values per step (per head: one for the thread's channels)
+    u_buffer, a_buffer = unroll * vec, unroll * a_width  # local array sizes must be constants
+    f32 = numba.float32
+
+    def kernel(
+        a, u, y, w0, g0, carry, block_carry, v_out, c_out,
+        n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups, nchunks, nwork, nrows,
+    ):  # fmt: skip
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * vec
+        rest = tid // groups
+        jj0 = (rest % nchunks) * chunk_blocks
+        b = rest // nchunks
+        ch0 = b * channels + c0  # flat (b, h, d) of the first channel
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+        else:
+            a_stride = channels
+            a_col = c0
+        jj1 = min(jj0 + chunk_blocks, nb)
+        t_lo = max(jj0 * block_len - offset, 0)  # first step whose y this thread writes
+        t_hi = min(jj1 * block_len - offset, n)
+        mask = block_len - 1
+
+        w = cuda.local.array(vec, f32)
+        s = cuda.local.array(vec, f32)
+        g = cuda.local.array(a_width, f32)
+        if mode == HOPS1 and jj0 > 0:
+            # re-walk the block before the chunk, storing nothing, for its carrier v_{jj0-1}
+            t_walk = max((jj0 - 1) * block_len - offset, 0)
+            first = jj0 == 1
+        else:
+            t_walk = t_lo
+            first = jj0 == 0
+        for k in range(vec):
+            w[k] = w0[ch0 + k] if first else f32(0.0)
+            if mode == HOPS1:
+                s[k] = carry[ch0 + k] if jj0 == 0 else f32(0.0)
+            elif mode == BLOCK_CARRY:
+                s[k] = block_carry[(ch0 + k) * nb + jj0]
+            else:
+                s[k] = f32(0.0)
+        for q in range(a_width):
+            g[q] = g0[ch0 + q] if first else f32(1.0)
+
+        ubuf = cuda.local.array(u_buffer, f32)
+        abuf = cuda.local.array(a_buffer, f32)
+        out = cuda.local.array(vec, f32)
+        for t_batch in range(t_walk, t_hi, unroll):
+            # all loads of the batch first (clamped into the chunk), so they are in flight together
+            for i in range(unroll):
+                tc = min(t_batch + i, t_hi - 1)
+                load_u(u, (b * n + tc) * channels + c0, ubuf, i * vec)
+                load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * a_width)
+            for i in range(unroll):
+                t = t_batch + i
+                if t < t_hi:
+                    if ((t + offset) & mask) == 0 and t > t_walk:
+                        # a block starts: its carry S, and the local scan restarts
+                        for k in range(vec):
+                            if mode == HOPS1:
+                                s[k] = w[k]
+                            elif mode == BLOCK_CARRY:
+                                s[k] = block_carry[(ch0 + k) * nb + (t + offset) // block_len]
+                            w[k] = f32(0.0)
+                        for q in range(a_width):
+                            g[q] = f32(1.0)
+                    for k in range(vec):
+                        w[k] = abuf[i * a_width + k % a_width] * w[k] + ubuf[i * vec + k]
+                    for q in range(a_width):
+                        g[q] = g[q] * abuf[i * a_width + q]
+                    if mode == CARRIERS:
+                        if ((t + offset + 1) & mask) == 0 or t == n - 1:
+                            jj = (t + offset) // block_len
+                            for k in range(vec):
+                                v_out[(ch0 + k) * nb + jj] = w[k]
+                                c_out[(ch0 + k) * nb + jj] = g[k % a_width]
+                    elif t >= t_lo:
+                        for k in range(vec):
+                            if mode == HOPS0:
+                                out[k] = w[k]
+                            else:
+                                out[k] = w[k] + g[k % a_width] * s[k]
+                        store_y(y, (b * n + t) * channels + c0, out, 0)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_{MODE_NAMES[mode]}_blhd_channel_walk_{in_kind}_to_{out_kind}_"
+        f"{'per_head' if per_head else 'per_channel'}_vec{vec}_unroll{unroll}"
+    )
+    return cuda.jit(kernel)
+
+
+def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp):
+    """BHDL: one warp per (``rows_per_warp`` channel rows, chunk of blocks); lanes along time.
+
+    ``u``, ``y``: (B, H, D, N) flat; ``a``: (B, H, N) per head or (B, H, D, N) flat; ``w0``,
+    ``g0``, ``carry``: (B, H, D); ``block_carry``, ``v_out``, ``c_out``: (B, H, D, nb).
+    Needs ``vec | block_len``, ``vec | offset`` and ``vec | N`` (a lane's steps lie in one block;
+    vector accesses are aligned when the base pointers are).
+    """
+    load_u = make_vector_load(in_kind, vec)
+    load_a = make_vector_load(in_kind, vec)
+    store_y = make_vector_store(out_kind, vec)
+    span = 32 * vec  # steps one warp iteration covers
+    row_buffer = rows_per_warp * vec  # local array sizes must be constants
+    f32, i32 = numba.float32, numba.int32
+
+    def kernel(
+        a, u, y, w0, g0, carry, block_carry, v_out, c_out,
+        n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups, nchunks, nwork, nrows,
+    ):  # fmt: skip
+        warp = cuda.grid(1) // 32
+        if warp >= nwork:
+            return
+        lane = i32(cuda.threadIdx.x % 32)
+        r0 = (warp % groups) * rows_per_warp
+        jj0 = (warp // groups) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        t_lo = max(jj0 * block_len - offset, 0)
+        t_hi = min(jj1 * block_len - offset, n)
+        mask = block_len - 1
+        lanes_per_block = min(32, block_len // vec)
+        if mode == HOPS1 and jj0 > 0:
+            t_walk = max((jj0 - 1) * block_len - offset, 0)
+        else:
+            t_walk = t_lo
+
+        # the scan state entering each iteration: (w, g) of the block in progress and its carry S
+        w_run = cuda.local.array(rows_per_warp, f32)
+        g_run = cuda.local.array(rows_per_warp, f32)
+        s_run = cuda.local.array(rows_per_warp, f32)
+        for q in range(rows_per_warp):
+            r = min(r0 + q, nrows - 1)  # a last group may be short: it repeats the last row
+            w_run[q] = w0[r] if t_walk == 0 else f32(0.0)
+            g_run[q] = g0[r] if t_walk == 0 else f32(1.0)
+            if mode == HOPS1:
+                s_run[q] = carry[r] if jj0 == 0 else f32(0.0)
+            elif mode == BLOCK_CARRY:
+                s_run[q] = block_carry[r * nb + jj0]
+            else:
+                s_run[q] = f32(0.0)
+
+        ubuf = cuda.local.array(row_buffer, f32)
+        abuf = cuda.local.array(row_buffer, f32)
+        wl = cuda.local.array(vec, f32)
+        gl = cuda.local.array(vec, f32)
+        out = cuda.local.array(vec, f32)
+        for t_iter in range(t_walk, t_hi, span):
+            t0 = t_iter + lane * vec  # this lane's first step
+            valid = t0 < t_hi
+            tc = min(t0, t_hi - vec)
+            pos = (t0 + offset) & mask
+            starts = valid and pos == 0 and t0 > t_walk  # a block starts at this lane
+            for q in range(rows_per_warp):
+                r = min(r0 + q, nrows - 1)
+                # rows of one head load the same `a`: the repeats hit L1, not DRAM
+                load_a(a, ((r // head_dim) if per_head else r) * n + tc, abuf, q * vec)
+                load_u(u, r * n + tc, ubuf, q * vec)
+            for q in range(rows_per_warp):
+                r = min(r0 + q, nrows - 1)
+                real_row = r0 + q < nrows
+                # serial scan of the lane's steps from (w, g) = (0, 1); past the end: identity
+                w_acc = f32(0.0)
+                g_acc = f32(1.0)
+                for e in range(vec):
+                    if valid:
+                        w_acc = abuf[q * vec + e] * w_acc + ubuf[q * vec + e]
+                        g_acc = g_acc * abuf[q * vec + e]
+                    wl[e] = w_acc
+                    gl[e] = g_acc
+                # segmented inclusive scan across lanes; lane 0 first absorbs the running state
+                big_w = w_acc
+                big_g = g_acc
+                done = i32(1) if starts else i32(0)
+                if lane == 0 and not starts:
+                    big_w = big_w + big_g * w_run[q]
+                    big_g = big_g * g_run[q]
+                    done = i32(1)
+                k = 1
+                while k < lanes_per_block:
+                    w_up = shfl_up(big_w, k)
+                    g_up = shfl_up(big_g, k)
+                    done_up = shfl_up(done, k)
+                    if lane >= k and done == 0:
+                        big_w = big_w + big_g * w_up
+                        big_g = big_g * g_up
+                        done = done_up
+                    k *= 2
+                # exclusive prefix (w, g) entering this lane's first step
+                w_in = shfl_up(big_w, 1)
+                g_in = shfl_up(big_g, 1)
+                if starts:
+                    w_in = f32(0.0)
+                    g_in = f32(1.0)
+                elif lane == 0:
+                    w_in = w_run[q]
+                    g_in = g_run[q]
+                # carry S of this lane's block
+                carry_s = f32(0.0)
+                if mode == HOPS1:
+                    start_lane = lane - pos // vec  # lane where this block started (< 0: earlier)
+                    fresh = start_lane >= 0 and t_iter + start_lane * vec > t_walk
+                    w_end = shfl_idx(big_w, max(start_lane - 1, 0))  # v of the block before
+                    if not fresh:
+                        carry_s = s_run[q]
+                    elif start_lane > 0:
+                        carry_s = w_end
+                    else:
+                        carry_s = w_run[q]  # the previous block ended with the last iteration
+                elif mode == BLOCK_CARRY:
+                    if valid:
+                        carry_s = block_carry[r * nb + (t0 + offset) // block_len]
+                if mode == CARRIERS:
+                    ends = ((t0 + vec + offset) & mask) == 0 or t0 + vec == n
+                    if valid and real_row and ends:
+                        jj = (t0 + offset) // block_len
+                        v_out[r * nb + jj] = big_w
+                        c_out[r * nb + jj] = big_g
+                else:
+                    # y = w + g S with w = wl + gl w_in, g = gl g_in
+                    z = w_in + g_in * carry_s
+                    for e in range(vec):
+                        out[e] = wl[e] + gl[e] * z
+                    if valid and real_row and t0 >= t_lo:
+                        store_y(y, r * n + t0, out, 0)
+                w_run[q] = shfl_idx(big_w, 31)
+                g_run[q] = shfl_idx(big_g, 31)
+                if mode == HOPS1:
+                    s_run[q] = shfl_idx(carry_s, 31)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_{MODE_NAMES[mode]}_bhdl_lane_scan_{in_kind}_to_{out_kind}_"
+        f"{'per_head' if per_head else 'per_channel'}_vec{vec}_rows{rows_per_warp}"
+    )
+    return cuda.jit(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Specialisations and launch plans
+
+class _Tuning(dict):
+    """A dict whose ``version`` changes with every assignment (launch plans depend on it)."""
+
+    version = 0
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.version += 1
+
+
+TUNING = _Tuning({
+    # BLHD: bytes one thread moves per step (16: one 16-byte access), steps whose loads are in
+    # flight together, chunk length in steps (longer: fewer re-read blocks but fewer threads)
+    "blhd_access_bytes": 16,
+    "blhd_unroll": 8,
+    "blhd_chunk_steps": 256,
+    "blhd_threads_per_block": 256,
+    # BHDL: channel rows per warp (their per-head `a` loads hit L1), resident threads to aim for
+    # per SM when rows are split into chunks, shortest chunk in warp iterations
+    "bhdl_access_bytes": 16,
+    "bhdl_rows_per_warp": 2,
+    "threads_per_sm": 2048,
+    "bhdl_min_chunk_iters": 8,
+    "bhdl_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
+    "bhdl_threads_per_block": 256,
+})
+"""Launch tuning, chosen by scripts/kfwd_bench.py on an H100 (see the module docstring)."""
+
+_kernels: dict = {}
+
+
+def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, depth):
+    """The compiled-on-demand dispatcher of one specialisation (``depth``: BLHD unroll, BHDL rows
+    per warp)."""
+    key = (layout, in_kind, out_kind, per_head, mode, vec, depth)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        factory = _make_channel_walk_kernel if layout == "BLHD" else _make_lane_scan_kernel
+        kernel = _kernels[key] = factory(in_kind, out_kind, per_head, mode, vec, depth)
+    return kernel
+
+
+_KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
+
+
+def _vec_for(access_bytes, kind):
+    return max(1, access_bytes // _ITEMSIZE[kind])
+
+
+def _unroll(mode, vec):
+    """BLHD steps per batch. The block-carry mode re-reads S at every block start; its larger loop
+    body makes NVVM stop unrolling (then the batch buffers go to local memory) above 32 values."""
+    unroll = TUNING["blhd_unroll"]
+    return max(1, min(unroll, 32 // vec)) if mode == BLOCK_CARRY else unroll
+
+
+def signature(in_kind, out_kind):
+    """The Numba signature of every forward kernel for these storage kinds (9 arrays, 11 int64)."""
+    f32 = types.Array(types.float32, 1, "C")
+    storage = {"f32": f32, "f16": types.Array(types.float16, 1, "C"),
+               "bf16": types.Array(types.uint16, 1, "C")}  # fmt: skip
+    arrays = [storage[in_kind]] * 2 + [storage[out_kind]] + [f32] * 6
+    return tuple(arrays + [types.int64] * 11)
+
+
+def _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned):
+    """BLHD: the widest channel vector if these shapes and pointers allow it, else 1 (general)."""
+    vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)
+    ok = channels % vec == 0 and (not per_head or head_dim % vec == 0)
+    ok = ok and not misaligned(vec * _ITEMSIZE[in_kind], min(16, vec * _ITEMSIZE[out_kind]))
+    return vec if ok else 1
+
+
+def _time_vec(in_kind, out_kind, n, block_len, offset, misaligned):
+    """BHDL: the widest time vector if every lane's steps stay in one block and aligned, else 1."""
+    vec = _vec_for(TUNING["bhdl_access_bytes"], in_kind)
+    ok = n % vec == 0 and block_len % vec == 0 and offset % vec == 0
+    ok = ok and not misaligned(vec * _ITEMSIZE[in_kind], min(16, vec * _ITEMSIZE[out_kind]))
+    return vec if ok else 1
+
+
+_sm_counts: dict = {}
+
+
+def _sm_count() -> int:
+    if SIMULATOR:
+        return 1
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    count = _sm_counts.get(dev)
+    if count is None:
+        count = _sm_counts[dev] = cupy.cuda.Device(dev).attributes["MultiProcessorCount"]
+    return count
+
+
+class _Plan:
+    """What one launch needs besides the data pointers, cached per shape/dtype/alignment."""
+
+    __slots__ = ("kernel", "grid", "block", "scalars", "entry", "values")
+
+    def __init__(self, kernel, grid, block, scalars):
+        self.kernel, self.grid, self.block, self.scalars = kernel, grid, block, scalars
+        self.entry = self.values = None
+
+
+def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mode, misaligned):
+    if layout == "BHDL":
+        batch, heads, head_dim, n = shape
+    else:
+        batch, n, heads, head_dim = shape
+    channels = heads * head_dim
+    nrows = batch * channels
+    nb = -(-(offset + n) // block_len)
+    target = _sm_count() * TUNING["threads_per_sm"]
+    # the simulator's warp shuffles exchange values across a whole block: keep blocks one warp
+    block = 32 if SIMULATOR else TUNING[f"{layout.lower()}_threads_per_block"]
+    if layout == "BLHD":
+        vec = _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned)
+        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, _unroll(mode, vec))
+        groups = channels // vec
+        chunk_blocks = max(1, min(nb, TUNING["blhd_chunk_steps"] // block_len))
+        nchunks = -(-nb // chunk_blocks)
+        nwork = batch * groups * nchunks
+        grid = -(-nwork // block)
+    else:
+        vec = _time_vec(in_kind, out_kind, n, block_len, offset, misaligned)
+        rows_per_warp = TUNING["bhdl_rows_per_warp"]
+        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, rows_per_warp)
+        groups = -(-nrows // rows_per_warp)
+        # whole rows per warp unless that leaves the GPU short of warps; chunks stay long enough
+        # that re-walking the block before each (hops=1) costs little
+        min_blocks = max(1, TUNING["bhdl_min_chunk_iters"] * 32 * vec // block_len)
+        want_chunks = max(1, -(-target // (32 * groups)))
+        chunk_blocks = max(min_blocks, -(-nb // want_chunks))
+        chunk_blocks = min(TUNING["bhdl_chunk_blocks"] or chunk_blocks, nb)
+        nchunks = -(-nb // chunk_blocks)
+        nwork = groups * nchunks
+        grid = -(-nwork * 32 // block)
+    scalars = (n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups, nchunks, nwork,
+               nrows)  # fmt: skip
+    return _Plan(kernel, grid, block, [np.int64(x) for x in scalars])
+
+
+def _arrays(a, u, y, v_out, c_out, w0, g0, carry, block_carry, mode, dummy):
+    """The nine kernel arrays in argument order (a dummy where the mode reads nothing)."""
+    return [a, u, dummy if y is None else y, w0, g0,
+            carry if mode == HOPS1 else dummy,
+            block_carry if mode == BLOCK_CARRY else dummy,
+            dummy if v_out is None else v_out, dummy if c_out is None else c_out]  # fmt: skip
+
+
+def _kinds(in_dtype, out_dtype, mode):
+    in_kind = _KINDS[np.dtype(FlatArray(0, 0, in_dtype).dtype)]
+    out_kind = "f32" if mode == CARRIERS else _KINDS[np.dtype(FlatArray(0, 0, out_dtype).dtype)]
+    return in_kind, out_kind
+
+
+def _host_flat(x):
+    x = x.reshape(-1)
+    return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+
+
+def _run_simulated(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry,
+                   block_carry, mode, stream):  # fmt: skip
+    """NumPy arrays in the simulator: plain launches, alignment not observable."""
+    arrays = _arrays(a, u, y, v_out, c_out, w0, g0, carry, block_carry, mode,
+                     np.zeros(1, np.float32))  # fmt: skip
+    args = [_host_flat(x) for x in arrays]
+    in_kind, out_kind = _kinds(args[1].dtype, args[2].dtype, mode)
+    plan = _make_plan(layout, u.shape, a.ndim == 3, in_kind, out_kind, block_len, offset, mode,
+                      lambda in_bytes, out_bytes: False)  # fmt: skip
+    launch(plan.kernel, plan.grid, plan.block, args + plan.scalars, stream=stream)
+
+
+_plans: dict = {}
+_dummies: dict = {}
+_cupy = None
+
+
+def _device_setup():
+    """(cupy module, current device, a 1-element float32 dummy array on it)."""
+    global _cupy
+    if _cupy is None:
+        import cupy
+
+        _cupy = cupy
+    device = _cupy.cuda.runtime.getDevice()
+    dummy = _dummies.get(device)
+    if dummy is None:
+        dummy = _dummies[device] = _cupy.zeros(1, np.float32)
+    return device, dummy
+
+
+def _pointer(x):
+    try:
+        return x.data.ptr  # CuPy
+    except AttributeError:
+        return FlatArray.of(x).ptr
+
+
+def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, block_carry, mode,
+         stream):  # fmt: skip
+    shape = u.shape
+    if 0 in shape:
+        return
+    if isinstance(u, np.ndarray):
+        _run_simulated(layout, a, u, y, v_out, c_out, block_len=block_len, offset=offset,
+                       w0=w0, g0=g0, carry=carry, block_carry=block_carry, mode=mode,
+                       stream=stream)  # fmt: skip
+        return
+    # The GPU path is the per-call host cost users see: everything but the data pointers is
+    # looked up in a plan cached per (device, shapes, dtypes, options, pointer alignment).
+    device, dummy = _device_setup()
+    arrays = _arrays(a, u, y, v_out, c_out, w0, g0, carry, block_carry, mode, dummy)
+    ptrs = [_pointer(x) for x in arrays]
+    align = ((ptrs[0] | ptrs[1]) & 15, ptrs[2] & 15)  # the vector paths need aligned bases
+    out_dtype = None if y is None else y.dtype
+    key = (device, layout, shape, len(a.shape), u.dtype, out_dtype, block_len, offset, mode,
+           align, TUNING.version)  # fmt: skip
+    plan = _plans.get(key)
+    if plan is None:
+
+        def misaligned(in_bytes, out_bytes):
+            return align[0] % in_bytes != 0 or align[1] % out_bytes != 0
+
+        in_kind, out_kind = _kinds(u.dtype, y.dtype if y is not None else np.float32, mode)
+        plan = _make_plan(layout, shape, len(a.shape) == 3, in_kind, out_kind, block_len, offset,
+                          mode, misaligned)  # fmt: skip
+        plan.entry, plan.values = prepare(plan.kernel, [FlatArray.of(x) for x in arrays]
+                                          + plan.scalars)  # fmt: skip
+        _plans[key] = plan
+    values = plan.values[:]
+    # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride)
+    for i, ptr in enumerate(ptrs):
+        values[7 * i + 4] = ptr
+    launch_prepared(plan.entry, plan.grid, plan.block, values, stream)
+
+
+def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, block_carry=None,
+                stream=None):  # fmt: skip
+    """Sliding-window forward ``y_t = w_t + g_t * S`` into the preallocated ``y``.
+
+    Shapes (canonical, C-contiguous, see docs/internals.md):
+      BHDL: ``u``, ``y`` (B, H, D, N); ``a`` (B, H, N) per head or (B, H, D, N) per channel.
+      BLHD: ``u``, ``y`` (B, N, H, D); ``a`` (B, N, H) per head or (B, N, H, D) per channel.
+      ``w0``, ``g0``, ``carry``: (B, H, D) float32; ``block_carry``: (B, H, D, nb) float32,
+      ``nb = ceil((offset + N) / block_len)``.
+    ``hops`` 0 (S = 0; ``carry`` is not read) or 1 (S of the first touched block is ``carry``,
+    then the previous block's carrier). With ``block_carry`` the kernel reads S of every touched
+    block from it instead (any hops). ``a``/``u`` float32, float16 or bfloat16 (as uint16 bits);
+    ``y`` any of the three. ``y`` must not overlap the inputs. Returns None.
+    """
+    if block_carry is not None:
+        mode = BLOCK_CARRY
+    else:
+        mode = HOPS0 if hops == 0 else HOPS1
+    _run(layout, a, u, y, None, None, block_len=block_len, offset=offset, w0=w0, g0=g0,
+         carry=carry, block_carry=block_carry, mode=mode, stream=stream)  # fmt: skip
+
+
+def block_carriers(a, u, v, C, *, layout, block_len, offset, w0, g0, stream=None):
+    """Per touched block ``j``: ``v[..., j]`` = w and ``C[..., j]`` = g at its last index.
+
+    Shapes as :func:`swr_forward`; ``v``, ``C``: (B, H, D, nb) float32. The first block continues
+    from ``w0``, ``g0``; a final partial block ends at index N - 1. Returns None.
+    """
+    _run(layout, a, u, None, v, C, block_len=block_len, offset=offset, w0=w0, g0=g0, carry=None,
+         block_carry=None, mode=CARRIERS, stream=stream)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# For tests: every specialisation the entry points can launch, as (kernel, numba signature).
+
+
+def specialisations():
+    """Yield ``(name, kernel, argument types)`` for every kernel the entry points can pick under
+    the current TUNING: layout x input x output dtype x per-head/per-channel x mode x the widest
+    vector or the general ``vec == 1``."""
+    for layout in ("BLHD", "BHDL"):
+        for in_kind in ("f32", "f16", "bf16"):
+            widest = _vec_for(TUNING[f"{layout.lower()}_access_bytes"], in_kind)
+            for mode in (HOPS0, HOPS1, BLOCK_CARRY, CARRIERS):
+                for out_kind in ("f32",) if mode == CARRIERS else ("f32", "f16", "bf16"):
+                    for per_head in (True, False):
+                        for vec in sorted({1, widest}):
+                            if layout == "BLHD":
+                                depth = _unroll(mode, vec)
+                            else:
+                                depth = TUNING["bhdl_rows_per_warp"]
+                            kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
+                                                depth)  # fmt: skip
+                            yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+
+
+__all__ = ["swr_forward", "block_carriers", "TUNING", "specialisations", "get_kernel"]
+
