@@ -104,6 +104,31 @@ def cp_ascontig(x):
     return _xp_of(x).ascontiguousarray(x, dtype=F32)
 
 
+_PLAIN_CONSTANTS: dict = {}
+
+
+def swr_forward_plain(a, u, p):
+    """The hot path: a checked, C-contiguous CuPy call with no x0, state or out, hops 0 or 1."""
+    cp = _xp_of(u)
+    if cp.cuda.runtime.getDevice() != p.device:
+        with cp.cuda.Device(p.device):
+            return swr_forward_plain(a, u, p)
+    y = cp.empty(u.shape, dtype=p.out_dtype)
+    if p.N == 0:
+        return y
+    shape = (p.B, p.H, p.D)
+    key = (p.device, shape)
+    consts = _PLAIN_CONSTANTS.get(key)
+    if consts is None:
+        if len(_PLAIN_CONSTANTS) > 64:
+            _PLAIN_CONSTANTS.clear()
+        consts = _PLAIN_CONSTANTS[key] = (cp.zeros(shape, F32), cp.ones(shape, F32))
+    zeros, ones = consts
+    _nk().swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
+                      w0=zeros, g0=ones, carry=zeros)
+    return y
+
+
 def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     cp = _xp_of(u)
     nk = _nk()

@@ -1,0 +1,125 @@
+"""The public front on CuPy: the same checks as on NumPy, at real sizes, through the kernels."""
+
+from __future__ import annotations
+
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import swr_array as sa
+from swr_array.ops import to_time_last
+
+pytestmark = pytest.mark.gpu
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return pytest.importorskip("cupy")
+
+
+def draw(rng, layout, per_head, B, H, D, N, dtype):
+    us = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
+    if per_head:
+        as_ = (B, H, N) if layout == "BHDL" else (B, N, H)
+    else:
+        as_ = us
+    u = rng.standard_normal(us, dtype=np.float32).astype(dtype)
+    a = rng.uniform(-1.05, 1.05, as_).astype(np.float32).astype(dtype)
+    return a, u
+
+
+def rel(got, want):
+    got = np.asarray(got, np.float64)
+    return float(np.linalg.norm(got - want) / (np.linalg.norm(want) + 1e-30))
+
+
+@pytest.mark.parametrize("layout", ["BHDL", "BLHD"])
+@pytest.mark.parametrize("hops", [0, 1, 2, 5, None])
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_forward_backward_state(cp, rng, layout, hops, dtype):
+    a, u = draw(rng, layout, True, 2, 4, 16, 1000, dtype)
+    x0 = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    dy = rng.standard_normal(u.shape).astype(np.float32).astype(dtype)
+    kw = dict(block_len=16, hops=hops, layout=layout)
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
+    want = sa.swr(f64(a), f64(u), x0=f64(x0), **kw)
+    tol = 1e-5 if dtype == np.float32 else 1e-2
+    ca, cu, cx0 = cp.asarray(a), cp.asarray(u), cp.asarray(x0)
+    y = sa.swr(ca, cu, x0=cx0, **kw)
+    assert isinstance(y, cp.ndarray) and y.dtype == dtype
+    assert rel(y.get(), want) < tol
+    # split at a point inside a block, continue from the state
+    sl = (lambda x, s: x[..., s]) if layout == "BHDL" else (lambda x, s: x[:, s])
+    y1, st = sa.swr(sl(ca, slice(0, 357)), sl(cu, slice(0, 357)), x0=cx0, return_state=True, **kw)
+    y2 = sa.swr(sl(ca, slice(357, None)), sl(cu, slice(357, None)), state=st, **kw)
+    joined = cp.concatenate([y1, y2], axis=-1 if layout == "BHDL" else 1)
+    assert rel(joined.get(), want) < tol
+    da, du, dx0 = sa.swr_vjp(ca, cu, cp.asarray(dy), x0=cx0, **kw)
+    eda, edu, edx0 = sa.swr_vjp(f64(a), f64(u), f64(dy), x0=f64(x0), **kw)
+    assert rel(da.get(), eda) < tol * 3 and rel(du.get(), edu) < tol and rel(dx0.get(), edx0) < tol
+
+
+def test_issue_size_through_public_api(cp, rng):
+    for layout in ("BLHD", "BHDL"):
+        a, u = draw(rng, layout, True, 4, 128, 16, 8192, BF16)
+        ca, cu = cp.asarray(a), cp.asarray(u)
+        y = sa.swr(ca, cu, layout=layout)
+        y2 = sa.swr(ca, cu, layout=layout)  # the cached fast path
+        assert cp.array_equal(y, y2)
+        at, ut = to_time_last(a, layout, True), to_time_last(u, layout, False)
+        got = to_time_last(y.get(), layout, False)
+        for h in (0, 77, 127):
+            want = sa.reference.swr(at[1:2, h:h + 1].astype(np.float64),
+                                    ut[1:2, h:h + 1].astype(np.float64))
+            assert rel(got[1:2, h:h + 1], want) < 1e-2
+
+
+def test_fast_path_cache_keeps_checks(cp, rng):
+    a, u = draw(rng, "BLHD", True, 1, 2, 16, 64, np.float32)
+    ca, cu = cp.asarray(a), cp.asarray(u)
+    sa.swr(ca, cu, layout="BLHD")
+    sa.swr(ca, cu, layout="BLHD")
+    with pytest.raises(TypeError, match="hops must be"):
+        sa.swr(ca, cu, layout="BLHD", hops=True)
+    with pytest.raises(TypeError, match="share one dtype"):
+        sa.swr(ca.astype(cp.float16), cu, layout="BLHD")
+    with pytest.raises(ValueError, match="a must have shape"):
+        sa.swr(ca, cu, layout="BHDL")
+    with pytest.raises(TypeError, match="a is a numpy array"):
+        sa.swr(a, cu, layout="BLHD")
+    y = sa.swr(ca[:, ::2], cu[:, ::2], layout="BLHD")  # non-contiguous: copied, not cached
+    want = sa.swr(a[:, ::2].astype(np.float64), u[:, ::2].astype(np.float64), layout="BLHD")
+    assert rel(y.get(), want) < 1e-5
+
+
+def test_out_and_streams(cp, rng):
+    a, u = draw(rng, "BHDL", False, 2, 3, 8, 300, np.float32)
+    ca, cu = cp.asarray(a), cp.asarray(u)
+    want = sa.swr(a.astype(np.float64), u.astype(np.float64))
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        out = cp.full(u.shape, cp.nan, cp.float32)
+        got = sa.swr(ca, cu, out=out)
+    s.synchronize()
+    assert got is out and rel(out.get(), want) < 1e-5
+
+
+def test_host_overhead_report(cp, rng):
+    """Not a timed assertion: prints the median host cost of one tiny call (docs/benchmarks.md)."""
+    a, u = draw(rng, "BLHD", True, 1, 1, 16, 16, BF16)
+    ca, cu = cp.asarray(a), cp.asarray(u)
+    for _ in range(50):
+        sa.swr(ca, cu, layout="BLHD")
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(1000):
+        t = time.perf_counter()
+        sa.swr(ca, cu, layout="BLHD")
+        times.append(time.perf_counter() - t)
+    cp.cuda.get_current_stream().synchronize()
+    med = float(np.median(times) * 1e6)
+    print(f"\nhost overhead of swr_array.swr (tiny bf16 input): median {med:.1f} us")
+    assert med > 0
