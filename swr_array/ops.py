@@ -115,11 +115,12 @@ _CHECKED: dict = {}
 
 
 def _plain_key(a, u, block_len, hops, layout):
-    """What the checks of a plain CuPy call depend on; None for other arrays (NumPy has no
-    ``device.id``)."""
+    """What the checks of a plain CuPy call depend on; None for other arrays (a NumPy array's
+    ``data`` has no ``device_id``)."""
     try:
         return (
-            type(a), type(u), a.shape, u.shape, a.dtype, u.dtype, a.device.id, u.device.id,
+            type(a), type(u), a.shape, u.shape, a.dtype, u.dtype, a.data.device_id,
+            u.data.device_id,
             a.flags.c_contiguous, u.flags.c_contiguous, type(block_len), block_len, type(hops),
             hops, layout,
         )

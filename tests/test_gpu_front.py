@@ -123,3 +123,27 @@ def test_host_overhead_report(cp, rng):
     med = float(np.median(times) * 1e6)
     print(f"\nhost overhead of swr_array.swr (tiny bf16 input): median {med:.1f} us")
     assert med > 0
+
+
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_backward_beyond_2_31_elements(cp, layout):
+    """64-bit indexing of the backward through the public API: 2**31 + 32768 elements."""
+    B, H, D, N = 1, 128, 16, 2**20 + 16
+    us = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
+    as_ = (B, H, N) if layout == "BHDL" else (B, N, H)
+    cp.random.seed(7)
+    u = cp.random.standard_normal(us, dtype=cp.float32).astype(BF16)
+    dy = cp.random.standard_normal(us, dtype=cp.float32).astype(BF16)
+    a = cp.random.uniform(0.5, 1.0, as_, dtype=cp.float32).astype(BF16)
+    da, du, _ = sa.swr_vjp(a, u, dy, layout=layout)
+    for h in (0, 127):  # head 127 holds the highest flat indices in either layout
+        if layout == "BHDL":
+            pick = lambda x, h=h: cp.asnumpy(x[:, h]).astype(np.float64)  # noqa: E731
+            tl = lambda x: x  # noqa: E731  (B, D, N) already time-last
+        else:
+            pick = lambda x, h=h: cp.asnumpy(x[:, :, h]).astype(np.float64)  # noqa: E731
+            tl = lambda x: x.transpose(0, 2, 1)  # noqa: E731  (B, N, D) -> (B, D, N)
+        at = pick(a)[:, None, None, :]  # (B, 1, 1, N)
+        eda, edu, _ = sa.reference.swr_vjp(at, tl(pick(u))[:, None], tl(pick(dy))[:, None])
+        assert rel(tl(pick(du)), edu[:, 0]) < 1e-2
+        assert rel(pick(da), eda.sum(axis=2)[:, 0]) < 2e-2
