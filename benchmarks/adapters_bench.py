@@ -34,34 +34,39 @@ def main():
     print("| B x L | path | fwd ms | fwd+bwd ms |")
     print("|---|---|---:|---:|")
     for B, L in ((16, 2048), (4, 8192), (1, 32768), (1, 64)):
-        H, D = (128, 16) if L > 64 else (2, 16)
-        u = torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16)
-        a = torch.rand(B, L, H, device="cuda", dtype=torch.bfloat16) * 0.1 + 0.9
-        dy = torch.randn_like(u)
-        ut, at = u.clone().requires_grad_(), a.clone().requires_grad_()
-        cu, ca, cdy = cp.from_dlpack(u), cp.from_dlpack(a), cp.from_dlpack(dy)
-        stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        measure(B, L)
 
-        def front_fwd():
-            with stream:
-                sa.swr(ca, cu, layout="BLHD")
 
-        def front_fb():
-            with stream:
-                sa.swr(ca, cu, layout="BLHD")
-                sa.swr_vjp(ca, cu, cdy, layout="BLHD")
+def measure(B, L):
+    """One table row pair: the front and the torch adapter on the same buffers."""
+    H, D = (128, 16) if L > 64 else (2, 16)
+    u = torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16)
+    a = torch.rand(B, L, H, device="cuda", dtype=torch.bfloat16) * 0.1 + 0.9
+    dy = torch.randn_like(u)
+    ut, at = u.clone().requires_grad_(), a.clone().requires_grad_()
+    cu, ca, cdy = cp.from_dlpack(u), cp.from_dlpack(a), cp.from_dlpack(dy)
+    stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
-        def torch_fwd():
-            with torch.no_grad():
-                swr_torch.swr(a, u, layout="BLHD")
+    def front_fwd():
+        with stream:
+            sa.swr(ca, cu, layout="BLHD")
 
-        def torch_fb():
-            y = swr_torch.swr(at, ut, layout="BLHD")
-            torch.autograd.grad(y, (at, ut), dy)
+    def front_fb():
+        with stream:
+            sa.swr(ca, cu, layout="BLHD")
+            sa.swr_vjp(ca, cu, cdy, layout="BLHD")
 
-        rows = (("front (CuPy)", front_fwd, front_fb), ("torch adapter", torch_fwd, torch_fb))
-        for name, f, fb in rows:
-            print(f"| {B} x {L} | {name} | {timed(f):.3f} | {timed(fb):.3f} |")
+    def torch_fwd():
+        with torch.no_grad():
+            swr_torch.swr(a, u, layout="BLHD")
+
+    def torch_fb():
+        y = swr_torch.swr(at, ut, layout="BLHD")
+        torch.autograd.grad(y, (at, ut), dy)
+
+    rows = (("front (CuPy)", front_fwd, front_fb), ("torch adapter", torch_fwd, torch_fb))
+    for name, f, fb in rows:
+        print(f"| {B} x {L} | {name} | {timed(f):.3f} | {timed(fb):.3f} |")
 
 
 if __name__ == "__main__":
