@@ -2,8 +2,8 @@
 
 Storage kinds: ``"f32"`` (float32 arrays), ``"f16"`` (float16 arrays) and ``"bf16"``
 (bfloat16 handed over as ``uint16`` raw bits: Numba has no bfloat16 array type). Kernels are built
-by factories that close over ``LOAD[kind]`` / ``STORE[kind]``, so each specialisation compiles to straight-line
-conversions with no branches on the dtype.
+by factories that close over ``LOAD[kind]`` / ``STORE[kind]``, so each specialisation compiles
+to straight-line conversions with no branches on the dtype.
 
 The CUDA simulator has no libdevice, so the bit casts have a pure-Python twin used only there.
 """
