@@ -115,8 +115,9 @@ _CHECKED: dict = {}
 
 
 def _plain_key(a, u, block_len, hops, layout):
-    """What the checks of a plain CuPy call depend on; None for other arrays (a NumPy array's
-    ``data`` has no ``device_id``)."""
+    """What the checks of a plain CuPy call depend on; None for any other arrays."""
+    if not (type(u).__module__.startswith("cupy") and type(a).__module__.startswith("cupy")):
+        return None
     try:
         return (
             type(a), type(u), a.shape, u.shape, a.dtype, u.dtype, a.data.device_id,

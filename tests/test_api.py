@@ -191,3 +191,11 @@ def test_out_arguments(rng):
         sa.swr_vjp(a, u, dy, layout="BLHD", out=bufs[0])
     with pytest.raises(ValueError, match=r"out\[2\] \(dx0\) must be None"):
         sa.swr_vjp(a, u, dy, layout="BLHD", out=bufs)
+
+
+def test_repeated_numpy_calls_all_dtypes(rng):
+    """The plain-call cache is for CuPy; NumPy calls (bfloat16 included) keep working unchanged."""
+    for dtype in (np.float32, np.float16, BF16):
+        a, u = make(rng, "BLHD", True, dtype=dtype)
+        first = sa.swr(a, u, layout="BLHD")
+        np.testing.assert_array_equal(sa.swr(a, u, layout="BLHD"), first)
