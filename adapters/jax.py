@@ -251,6 +251,46 @@ def _ctx_attr(ctx, name):
     return v() if callable(v) else v
 
 
+# The GPU path runs once per program execution, on the host, between XLA's kernels: the GPU idles
+# while it runs, so everything per call is kept to lookups (stream objects, checked problems) and
+# zero-copy views.
+_STREAMS: dict = {}  # (stream pointer, device) -> cupy.cuda.ExternalStream
+_LEGACY_CAPSULE = [True]  # whether cupy.from_dlpack takes a bare (unversioned) DLPack capsule
+
+
+def _external_stream(cupy, ptr: int, device_id: int):
+    """XLA's stream as a CuPy stream, built once per stream pointer (CuPy's current-stream stack is
+    thread-local, so one object serves every thread)."""
+    key = (ptr, device_id)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        if len(_STREAMS) > 64:
+            _STREAMS.clear()
+        stream = _STREAMS[key] = cupy.cuda.ExternalStream(ptr, device_id)
+    return stream
+
+
+def _cupy_view(cupy, b):
+    """A zero-copy CuPy view of an XLA buffer.
+
+    Inputs are exported read-only in the versioned DLPack protocol; the unversioned capsule
+    (``b.__dlpack__()`` with no ``max_version``) is the same pointer, shape and dtype without that
+    flag, so inputs and outputs take one path: no BufferError to raise and catch, no detour
+    through the CUDA array interface. (XLA's buffers are ready on XLA's stream, on which
+    everything here is enqueued: no stream handshake is needed.)"""
+    if b is None:
+        return None
+    if _LEGACY_CAPSULE[0]:
+        try:
+            return cupy.from_dlpack(b.__dlpack__())
+        except (TypeError, ValueError, AttributeError, BufferError, NotImplementedError):
+            _LEGACY_CAPSULE[0] = False  # a CuPy without bare-capsule import: the protocol path
+    try:
+        return cupy.from_dlpack(b)  # zero copy
+    except BufferError:  # an input flagged read-only: the CUDA array interface instead
+        return cupy.asarray(b)
+
+
 @contextlib.contextmanager
 def _buffers(ctx, probe):
     """Yield a function wrapping XLA buffers as NumPy (CPU) or CuPy (GPU) arrays; on the GPU the
@@ -261,17 +301,9 @@ def _buffers(ctx, probe):
         return
     import cupy
 
-    def view(b):
-        if b is None:
-            return None
-        try:
-            return cupy.from_dlpack(b)  # zero copy, on the current (XLA's) stream
-        except BufferError:  # an input flagged read-only: the CUDA array interface instead
-            return cupy.asarray(b)
-
-    stream = cupy.cuda.ExternalStream(int(_ctx_attr(ctx, "stream")), device_id)
+    stream = _external_stream(cupy, int(_ctx_attr(ctx, "stream")), device_id)
     with cupy.cuda.Device(device_id), stream:
-        yield view
+        yield functools.partial(_cupy_view, cupy)
 
 
 def _executing(ctx) -> bool:
@@ -295,13 +327,69 @@ def _out_slot(view, dtype):
     return _xp_of(view).empty(view.shape, dtype), True
 
 
+# Checked problems of the GPU path, per call signature. The first call of a signature goes through
+# the front's public swr / swr_vjp (all of its checks); later ones, whose arguments can only differ
+# in their data (XLA's buffers: same shapes, dtypes, device, C-contiguous), go straight to the
+# CuPy backend that those functions call, with the problem checked then.
+_PROBLEMS: dict = {}
+
+
+def _sig(x):
+    return None if x is None else (tuple(x.shape), x.dtype)
+
+
+def _cuda_backend():
+    from swr_array import _cuda
+
+    return _cuda
+
+
+def _remember(key, p):
+    if len(_PROBLEMS) > 256:
+        _PROBLEMS.clear()
+    _PROBLEMS[key] = p
+
+
+def _device_swr(cfg, a, u, x0, out):
+    """swr(a, u, x0=x0, out=out) on CuPy views (vmapped axes folded into B)."""
+    a, u, x0, out = _fold(a, _a_ndim(cfg)), _fold(u, 4), _fold(x0, 3), _fold(out, 4)
+    key = ("swr", cfg, _sig(a), _sig(u), _sig(x0), _sig(out), u.data.device_id)
+    p = _PROBLEMS.get(key)
+    if p is not None:
+        _cuda_backend().swr_forward(a, u, p, x0=x0, state=None, return_state=False, out=out)
+        return
+    swr_array.swr(a, u, block_len=cfg.block_len, hops=cfg.hops, layout=cfg.layout, x0=x0,
+                  out_dtype=cfg.out_dtype, out=out)
+    _remember(key, _checks.check_swr(a, u, block_len=cfg.block_len, hops=cfg.hops,
+                                     layout=cfg.layout, out_dtype=cfg.out_dtype))
+
+
+def _device_swr_vjp(cfg, a, u, x0, dy, out):
+    """swr_vjp(a, u, dy, x0=x0, out=out) on CuPy views (vmapped axes folded into B)."""
+    a, u, x0, dy = _fold(a, _a_ndim(cfg)), _fold(u, 4), _fold(x0, 3), _fold(dy, 4)
+    out = (_fold(out[0], _a_ndim(cfg)), _fold(out[1], 4), _fold(out[2], 3))
+    key = ("vjp", cfg, _sig(a), _sig(u), _sig(x0), _sig(dy), tuple(_sig(o) for o in out),
+           u.data.device_id)
+    p = _PROBLEMS.get(key)
+    if p is not None:
+        _cuda_backend().swr_backward(a, u, dy, p, x0=x0, out=out)
+        return
+    swr_array.swr_vjp(a, u, dy, block_len=cfg.block_len, hops=cfg.hops, layout=cfg.layout,
+                      x0=x0, out=out)
+    _remember(key, _checks.check_swr(a, u, block_len=cfg.block_len, hops=cfg.hops,
+                                     layout=cfg.layout))
+
+
 def _buffer_swr(cfg, ctx, out, a, u, x0):
     if not _executing(ctx):
         return
     with _buffers(ctx, out) as wrap:
         o = wrap(out)
         dst, copy = _out_slot(o, cfg.out_dtype)
-        _run_swr(cfg, wrap(a), wrap(u), wrap(x0), out=dst)  # swr(..., out=): no copy of y
+        if isinstance(o, np.ndarray):  # the CPU test path: the front's NumPy reference
+            _run_swr(cfg, wrap(a), wrap(u), wrap(x0), out=dst)
+        else:  # y written straight into XLA's buffer (dst is o unless dtypes differ)
+            _device_swr(cfg, wrap(a), wrap(u), wrap(x0), dst)
         if copy:
             o[...] = dst
 
@@ -311,13 +399,15 @@ def _buffer_swr_vjp(cfg, ctx, outs, a, u, x0, dy):
         return
     with _buffers(ctx, outs[0]) as wrap:
         views = [wrap(o) for o in outs]
+        on_cpu = isinstance(views[0], np.ndarray)
         # the front's dx0 is float32 on CuPy (float64 on NumPy); da, du have a's and u's dtypes
         dtypes = [views[0].dtype, views[1].dtype]
         if x0 is not None:
-            dtypes.append(np.float64 if isinstance(views[2], np.ndarray) else np.float32)
+            dtypes.append(np.float64 if on_cpu else np.float32)
         slots = [_out_slot(v, dt) for v, dt in zip(views, dtypes)]
-        dsts = [s[0] for s in slots] + [None] * (3 - len(slots))
-        _run_swr_vjp(cfg, wrap(a), wrap(u), wrap(x0), wrap(dy), out=tuple(dsts))
+        dsts = tuple([s[0] for s in slots] + [None] * (3 - len(slots)))
+        run = _run_swr_vjp if on_cpu else _device_swr_vjp
+        run(cfg, wrap(a), wrap(u), wrap(x0), wrap(dy), out=dsts)
         for v, (dst, copy) in zip(views, slots):
             if copy:
                 v[...] = dst

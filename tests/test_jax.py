@@ -696,3 +696,38 @@ def test_example_trains():
     losses = mod.main(steps=3)
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+def test_device_path_checks_once_per_signature(monkeypatch):
+    """The GPU path runs the front's public swr / swr_vjp (all checks) on the first call of a
+    signature and the CuPy backend directly, with the checked problem, on later ones."""
+    import types
+
+    import swr_array as front
+
+    class DeviceArray(np.ndarray):  # stands in for a CuPy view: .data.device_id
+        @property
+        def data(self):
+            return types.SimpleNamespace(device_id=0)
+
+    calls = []
+    monkeypatch.setattr(front, "swr", lambda *a, **k: calls.append("swr"))
+    monkeypatch.setattr(front, "swr_vjp", lambda *a, **k: calls.append("swr_vjp"))
+    backend = types.SimpleNamespace(
+        swr_forward=lambda a, u, p, **k: calls.append(("fwd", p.B, k["out"] is not None)),
+        swr_backward=lambda a, u, dy, p, **k: calls.append(("bwd", p.B, len(k["out"]))),
+    )
+    monkeypatch.setattr(sj, "_cuda_backend", lambda: backend)
+    monkeypatch.setattr(sj, "_PROBLEMS", {})
+    a, u, _ = make_inputs("BLHD", True, N=7, dtype=np.float32)
+    cfg = sj._check_swr(jnp.asarray(a), jnp.asarray(u), None, block_len=4, hops=1,
+                        layout="BLHD", out_dtype=None)
+    a, u = np.asarray(a).view(DeviceArray), np.asarray(u).view(DeviceArray)
+    y = np.empty_like(u)
+    for _ in range(2):
+        sj._device_swr(cfg, a, u, None, y)
+        sj._device_swr_vjp(cfg, a, u, None, u, (np.empty_like(a), np.empty_like(u), None))
+    B = u.shape[0]
+    assert calls == ["swr", "swr_vjp", ("fwd", B, True), ("bwd", B, 3)]
+    sj._device_swr(cfg, a[None], u[None], None, y[None])  # vmapped axes fold into B: same key
+    assert calls[-1] == ("fwd", B, True)
