@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from swr_array import _checks
 from swr_array import ops as _front
@@ -93,14 +94,25 @@ def _cupy():
 _STREAMS: dict = {}
 
 
+def _raw_stream(index: int) -> int:
+    """The ``cudaStream_t`` of torch's current stream on GPU ``index`` (no Stream object made)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is not None:
+        return get(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
 def _cupy_stream(device: torch.device):
-    """A CuPy view of torch's current stream on ``device`` (cached by stream handle)."""
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    key = (device.index, ptr)
+    """A CuPy view of torch's current stream on ``device`` (cached by device and stream handle:
+    no ``ExternalStream`` is built per call)."""
+    index = device.index
+    ptr = _raw_stream(index)
+    key = (index, ptr)
     stream = _STREAMS.get(key)
     if stream is None:
-        stream = _cupy().cuda.ExternalStream(ptr, device_id=device.index)
-        _STREAMS[key] = stream
+        if len(_STREAMS) > 256:  # many short-lived user streams: start over
+            _STREAMS.clear()
+        stream = _STREAMS[key] = _cupy().cuda.ExternalStream(ptr, device_id=index)
     return stream
 
 
@@ -110,18 +122,29 @@ def _front_context(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    cupy = _cupy()
-    with cupy.cuda.Device(device.index), _cupy_stream(device):
+    with _cupy().cuda.Device(device.index), _cupy_stream(device):
         yield
+
+
+def _cuda_view(t: Tensor):
+    """Zero-copy CuPy view of a CUDA tensor through a DLPack capsule.
+
+    The capsule route skips the stream handshake of ``__dlpack__`` (``torch.cuda.current_stream``,
+    ``default_stream``, an event when the streams differ): every kernel here runs on torch's
+    current stream, which is where the tensor's producers ran, so there is nothing to order. The
+    capsule keeps the tensor's storage alive as long as the CuPy array (``requires_grad`` does not
+    matter to the capsule, so nothing is detached).
+    """
+    return _cupy().from_dlpack(_to_dlpack(t))
 
 
 def _to_front(t: Tensor | None):
     """Zero-copy NumPy (CPU) or CuPy (CUDA) view of a tensor; call inside ``_front_context``."""
     if t is None:
         return None
-    t = t.detach()
     if t.device.type == "cuda":
-        return _cupy().from_dlpack(t)
+        return _cuda_view(t)
+    t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(_np_bfloat16)
     return t.numpy()
@@ -258,6 +281,8 @@ def _swr_op(
     layout: str,
     out_dtype: torch.dtype | None,
 ) -> Tensor:
+    if u.device.type == "cuda":
+        return _swr_cuda(a, u, x0, block_len, hops, layout, out_dtype)
     with _front_context(u.device):
         y = _front.swr(
             _to_front(a),
@@ -269,6 +294,28 @@ def _swr_op(
             out_dtype=_np_dtype(out_dtype),
         )
         return _from_front(y, u.device)
+
+
+def _swr_cuda(a, u, x0, block_len, hops, layout, out_dtype) -> Tensor:
+    """The forward on CUDA: y comes from torch's allocator (on torch's current stream) and the
+    front writes into a CuPy view of it (``out=``); nothing is copied or converted afterwards."""
+    device = u.device
+    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=device)
+    cupy = _cupy()
+    with cupy.cuda.Device(device.index), _cupy_stream(device):
+        yc = _cuda_view(y)
+        _front.swr(
+            _cuda_view(a),
+            _cuda_view(u),
+            block_len=block_len,
+            hops=hops,
+            layout=layout,
+            x0=None if x0 is None else _cuda_view(x0),
+            # y's own (CuPy) dtype, so the front's check of out= compares like with like
+            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yc.dtype,
+            out=yc,
+        )
+    return y
 
 
 @_swr_op.register_fake
@@ -287,6 +334,8 @@ def _swr_vjp_op(
     layout: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(da, du, dx0); dx0 is an empty tensor when x0 is None (custom ops return no None)."""
+    if u.device.type == "cuda":
+        return _swr_vjp_cuda(a, u, dy, x0, block_len, hops, layout)
     with _front_context(u.device):
         da, du, dx0 = _front.swr_vjp(
             _to_front(a),
@@ -302,6 +351,30 @@ def _swr_vjp_op(
         if x0 is None:
             return da, du, u.new_empty(0)
         return da, du, _from_front(dx0, u.device).to(x0.dtype)
+
+
+def _swr_vjp_cuda(a, u, dy, x0, block_len, hops, layout):
+    """The backward on CUDA: one ``swr_vjp`` call writing into torch-allocated gradients
+    (``out=``); only dx0 ((B, H, D), float32 from the front) may need a cast to x0's dtype."""
+    device = u.device
+    da = torch.empty(a.shape, dtype=a.dtype, device=device)
+    du = torch.empty(u.shape, dtype=u.dtype, device=device)
+    dx0 = None if x0 is None else torch.empty(x0.shape, dtype=torch.float32, device=device)
+    cupy = _cupy()
+    with cupy.cuda.Device(device.index), _cupy_stream(device):
+        _front.swr_vjp(
+            _cuda_view(a),
+            _cuda_view(u),
+            _cuda_view(dy),
+            block_len=block_len,
+            hops=hops,
+            layout=layout,
+            x0=None if x0 is None else _cuda_view(x0),
+            out=(_cuda_view(da), _cuda_view(du), None if dx0 is None else _cuda_view(dx0)),
+        )
+    if x0 is None:
+        return da, du, u.new_empty(0)
+    return da, du, dx0.to(x0.dtype)
 
 
 @_swr_vjp_op.register_fake

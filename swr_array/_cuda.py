@@ -107,13 +107,13 @@ def cp_ascontig(x):
 _PLAIN_CONSTANTS: dict = {}
 
 
-def swr_forward_plain(a, u, p):
-    """The hot path: a checked, C-contiguous CuPy call with no x0, state or out, hops 0 or 1."""
+def swr_forward_plain(a, u, p, out=None):
+    """The hot path: a checked, C-contiguous CuPy call with no x0 or state, hops 0 or 1."""
     cp = _xp_of(u)
     if cp.cuda.runtime.getDevice() != p.device:
         with cp.cuda.Device(p.device):
-            return swr_forward_plain(a, u, p)
-    y = cp.empty(u.shape, dtype=p.out_dtype)
+            return swr_forward_plain(a, u, p, out)
+    y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     if p.N == 0:
         return y
     shape = (p.B, p.H, p.D)

@@ -74,15 +74,15 @@ def swr(
         y with u's shape (and the new state with ``return_state``). NumPy inputs run the float64
         reference; CuPy inputs run the Numba CUDA kernels on the current device and stream.
     """
-    plain = x0 is None and state is None and out is None and return_state is False
-    if plain and out_dtype is None:
+    plain = x0 is None and state is None and return_state is False
+    if plain:
         # Repeated plain calls on CuPy skip the checks: everything they depend on is in the key.
-        key = _plain_key(a, u, block_len, hops, layout)
+        key = _plain_key(a, u, block_len, hops, layout, out_dtype, out)
         p = _CHECKED.get(key)
         if p is not None:
             from . import _cuda
 
-            return _cuda.swr_forward_plain(a, u, p)
+            return _cuda.swr_forward_plain(a, u, p, out)
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype)
     _checks.check_channel_array("x0", x0, p)
     _checks.check_state(state, p)
@@ -95,7 +95,7 @@ def swr(
 
         from . import _cuda
 
-        if plain and out_dtype is None and p.hops in (0, 1):
+        if plain and key is not None and p.hops in (0, 1):
             contiguous = a.flags.c_contiguous and u.flags.c_contiguous
             if contiguous and len(_CHECKED) < 1024:
                 _CHECKED[key] = p
@@ -114,18 +114,37 @@ def swr(
 _CHECKED: dict = {}
 
 
-def _plain_key(a, u, block_len, hops, layout):
+def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
     """What the checks of a plain CuPy call depend on; None for any other arrays."""
     if not (type(u).__module__.startswith("cupy") and type(a).__module__.startswith("cupy")):
         return None
     try:
+        if out is None:
+            out_key = None
+        elif type(out).__module__.startswith("cupy"):
+            out_key = (out.shape, out.dtype, out.data.device_id, out.flags.c_contiguous)
+        else:
+            return None
         return (
-            type(a), type(u), a.shape, u.shape, a.dtype, u.dtype, a.data.device_id,
+            out_key,
+            out_dtype if isinstance(out_dtype, str | type(None)) else np.dtype(out_dtype),
+            type(a),
+            type(u),
+            a.shape,
+            u.shape,
+            a.dtype,
+            u.dtype,
+            a.data.device_id,
             u.data.device_id,
-            a.flags.c_contiguous, u.flags.c_contiguous, type(block_len), block_len, type(hops),
-            hops, layout,
+            a.flags.c_contiguous,
+            u.flags.c_contiguous,
+            type(block_len),
+            block_len,
+            type(hops),
+            hops,
+            layout,
         )
-    except AttributeError:
+    except (AttributeError, TypeError):  # not array-like, or an invalid out_dtype: full checks
         return None
 
 

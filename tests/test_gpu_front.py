@@ -90,6 +90,13 @@ def test_fast_path_cache_keeps_checks(cp, rng):
         sa.swr(ca, cu, layout="BHDL")
     with pytest.raises(TypeError, match="a is a numpy array"):
         sa.swr(a, cu, layout="BLHD")
+    out = cp.empty(u.shape, cp.float32)
+    for _ in range(2):  # the second call takes the cached path with out=
+        assert sa.swr(ca, cu, layout="BLHD", out=out, out_dtype="float32") is out
+    with pytest.raises(ValueError, match="out must have shape"):
+        sa.swr(ca, cu, layout="BLHD", out=out[:, :1])
+    with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
+        sa.swr(ca, cu, layout="BLHD", out_dtype="banana")
     y = sa.swr(ca[:, ::2], cu[:, ::2], layout="BLHD")  # non-contiguous: copied, not cached
     want = sa.swr(a[:, ::2].astype(np.float64), u[:, ::2].astype(np.float64), layout="BLHD")
     assert rel(y.get(), want) < 1e-5
