@@ -350,18 +350,29 @@ def _remember(key, p):
     _PROBLEMS[key] = p
 
 
+def _plain(p, x0, *arrays) -> bool:
+    """Whether a signature can take the front's plain hot path (no x0, hops 0/1, C-contiguous
+    arrays): XLA hands later calls of a signature buffers of the same layout."""
+    return x0 is None and p.hops in (0, 1) and all(x.flags.c_contiguous for x in arrays)
+
+
 def _device_swr(cfg, a, u, x0, out):
     """swr(a, u, x0=x0, out=out) on CuPy views (vmapped axes folded into B)."""
     a, u, x0, out = _fold(a, _a_ndim(cfg)), _fold(u, 4), _fold(x0, 3), _fold(out, 4)
     key = ("swr", cfg, _sig(a), _sig(u), _sig(x0), _sig(out), u.data.device_id)
-    p = _PROBLEMS.get(key)
-    if p is not None:
-        _cuda_backend().swr_forward(a, u, p, x0=x0, state=None, return_state=False, out=out)
+    hit = _PROBLEMS.get(key)
+    if hit is not None:
+        p, plain = hit
+        if plain:
+            _cuda_backend().swr_forward_plain(a, u, p, out)
+        else:
+            _cuda_backend().swr_forward(a, u, p, x0=x0, state=None, return_state=False, out=out)
         return
     swr_array.swr(a, u, block_len=cfg.block_len, hops=cfg.hops, layout=cfg.layout, x0=x0,
                   out_dtype=cfg.out_dtype, out=out)
-    _remember(key, _checks.check_swr(a, u, block_len=cfg.block_len, hops=cfg.hops,
-                                     layout=cfg.layout, out_dtype=cfg.out_dtype))
+    p = _checks.check_swr(a, u, block_len=cfg.block_len, hops=cfg.hops, layout=cfg.layout,
+                          out_dtype=cfg.out_dtype)
+    _remember(key, (p, _plain(p, x0, a, u, out)))
 
 
 def _device_swr_vjp(cfg, a, u, x0, dy, out):
@@ -370,14 +381,18 @@ def _device_swr_vjp(cfg, a, u, x0, dy, out):
     out = (_fold(out[0], _a_ndim(cfg)), _fold(out[1], 4), _fold(out[2], 3))
     key = ("vjp", cfg, _sig(a), _sig(u), _sig(x0), _sig(dy), tuple(_sig(o) for o in out),
            u.data.device_id)
-    p = _PROBLEMS.get(key)
-    if p is not None:
-        _cuda_backend().swr_backward(a, u, dy, p, x0=x0, out=out)
+    hit = _PROBLEMS.get(key)
+    if hit is not None:
+        p, plain = hit
+        if plain:
+            _cuda_backend().swr_backward_plain(a, u, dy, p, out)
+        else:
+            _cuda_backend().swr_backward(a, u, dy, p, x0=x0, out=out)
         return
     swr_array.swr_vjp(a, u, dy, block_len=cfg.block_len, hops=cfg.hops, layout=cfg.layout,
                       x0=x0, out=out)
-    _remember(key, _checks.check_swr(a, u, block_len=cfg.block_len, hops=cfg.hops,
-                                     layout=cfg.layout))
+    p = _checks.check_swr(a, u, block_len=cfg.block_len, hops=cfg.hops, layout=cfg.layout)
+    _remember(key, (p, _plain(p, x0, a, u, dy, *out[:2])))
 
 
 def _buffer_swr(cfg, ctx, out, a, u, x0):

@@ -447,7 +447,155 @@ def swr(
         if state is not None and x0 is not None:
             raise ValueError("pass either x0 or state, not both: a state already holds its carry")
         return _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_state)
+    if x0 is None and u.device.type == "cuda":
+        launch = _eager_launcher(a, u, block_len, hops, layout, out_dtype)
+        if launch is not None:
+            if torch.is_grad_enabled() and (a.requires_grad or u.requires_grad):
+                return _EagerSWR.apply(a, u, launch)
+            return launch.forward(a, u)
     return _swr_op(a, u, x0, block_len, hops, layout, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the eager CUDA fast path
+#
+# Outside torch.compile, tracing, torch.func transforms and dispatch modes, a plain CUDA call
+# (contiguous tensors on the current device, no x0) skips the custom op's dispatch and the DLPack
+# views: the checks of its first call through the custom op are remembered per shape/dtype/
+# options, and later calls hand the tensors' data pointers and torch's current stream straight to
+# the kernels' cached launch plans (swr_array.numba_kernels). Same kernels, same numbers; the
+# custom op stays what torch.compile sees.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Ptr:
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+class _Raw:
+    """What the kernels' launchers read of an array: shape, dtype, size, data pointer."""
+
+    __slots__ = ("shape", "dtype", "size", "data")
+
+    def __init__(self, t: Tensor, dtype):
+        self.shape = tuple(t.shape)
+        self.dtype = dtype
+        self.size = t.numel()
+        self.data = _Ptr(t.data_ptr())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False),
+                "strides": None, "version": 3}  # fmt: skip
+
+
+class _Launcher:
+    """A checked plain call's configuration: runs its forward and backward on raw pointers."""
+
+    __slots__ = ("p", "np_in", "np_out", "y_dtype", "zeros", "ones", "index")
+
+    def __init__(self, p, u_dtype, y_dtype, index):
+        from swr_array import _cuda
+
+        self.p = p
+        self.np_in = _NP_DTYPES[u_dtype]
+        self.np_out = _NP_DTYPES[y_dtype]
+        self.y_dtype = y_dtype
+        self.index = index
+        with _cupy().cuda.Device(index):
+            self.zeros, self.ones = _cuda._plain_zeros(_cupy(), p)
+
+    def forward(self, a: Tensor, u: Tensor) -> Tensor:
+        from swr_array import numba_kernels as nk
+
+        p = self.p
+        y = torch.empty(u.shape, dtype=self.y_dtype, device=u.device)
+        nk.swr_forward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(y, self.np_out),
+                       layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
+                       w0=self.zeros, g0=self.ones, carry=self.zeros,
+                       stream=_raw_stream(self.index))  # fmt: skip
+        return y
+
+    def backward(self, a: Tensor, u: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+        from swr_array import numba_kernels as nk
+
+        p = self.p
+        dy = dy.contiguous()
+        kd = _NP_DTYPES.get(dy.dtype)
+        da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        if kd is None or kd == np.dtype(np.float64) or dy.device != u.device:
+            # not what autograd hands back for this op; let the custom op check and run it
+            return _swr_vjp_op(a, u, dy, None, p.block_len, p.hops, p.layout)[:2]
+        nk.swr_backward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(dy, kd),
+                        _Raw(du, self.np_in), _Raw(da, self.np_in), layout=p.layout,
+                        block_len=p.block_len, hops=p.hops, carry=self.zeros, dcarry=None,
+                        stream=_raw_stream(self.index))  # fmt: skip
+        return da, du
+
+
+class _EagerSWR(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, u, launch):
+        ctx.save_for_backward(a, u)
+        ctx.launch = launch
+        return launch.forward(a, u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, u = ctx.saved_tensors
+        da, du = ctx.launch.backward(a, u, dy)
+        return da, du, None
+
+
+def _modes_active() -> bool:
+    """A dispatch mode or a torch.func transform is active (or torch cannot tell us)."""
+    try:
+        return bool(torch._C._len_torch_dispatch_stack()) or (
+            torch._C._functorch.peek_interpreter_stack() is not None
+        )
+    except AttributeError:  # private hooks of another torch version: always the custom op
+        return True
+
+
+_LAUNCHERS: dict = {}
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+
+
+def _eager_launcher(a, u, block_len, hops, layout, out_dtype):
+    """The cached :class:`_Launcher` of a plain eager CUDA call, or None (use the custom op)."""
+    if (
+        type(u) not in _PLAIN_TENSORS
+        or type(a) not in _PLAIN_TENSORS
+        or torch.compiler.is_compiling()
+        or _modes_active()
+        or hops not in (0, 1)
+        or not (u.is_contiguous() and a.is_contiguous())
+    ):
+        return None
+    index = u.device.index
+    key = (index, tuple(a.shape), tuple(u.shape), a.dtype, u.dtype, a.device, block_len, hops,
+           layout, out_dtype)  # fmt: skip
+    launch = _LAUNCHERS.get(key)
+    if launch is None:
+        if 0 in u.shape or len(_LAUNCHERS) > 256:
+            return None
+        # the first call of a configuration: the front's full checks, then remember them
+        cupy = _cupy()
+        with cupy.cuda.Device(index):
+            p = _checks.check_swr(_cuda_view(a), _cuda_view(u), block_len=block_len, hops=hops,
+                                  layout=layout, out_dtype=_np_dtype(out_dtype))  # fmt: skip
+        launch = _LAUNCHERS[key] = _Launcher(p, u.dtype, out_dtype or u.dtype, index)
+    if _cupy().cuda.runtime.getDevice() != index:
+        return None
+    return launch
 
 
 @torch.compiler.disable

@@ -51,7 +51,7 @@ import numpy as np
 from numba import cuda
 
 from ._dtypes import LOAD, SIMULATOR, STORE, f32_to_bf16, storage_kind
-from ._launch import FlatArray, launch
+from ._launch import FlatArray, launch, launch_prepared, prepare
 from .block_scan import scratch_shape, warp_exchange
 
 __all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan"]
@@ -861,15 +861,71 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
     ``threads``: threads per CTA of the walk kernel (a multiple of 32). ``lanes``: lanes per
     block of the walk kernel instead of :func:`walk_plan`'s choice (a tuning knob).
     """
+    tuned = variant == "auto" and blocks_per_chunk is None and threads == 128 and lanes is None
+    if tuned and not (SIMULATOR or isinstance(u, np.ndarray)) and 0 not in u.shape:
+        _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream)
+        return
+    call = _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, variant,
+                        blocks_per_chunk, threads, lanes)
+    if call is not None:
+        kernel, grid, block, args = call
+        launch(kernel, grid, block, args, stream)
+
+
+# The GPU path is the per-call host cost users see: everything but the data pointers is looked
+# up in a plan cached per (device, shapes, dtypes, options, pointer alignment), as in
+# swr_forward._run.
+_plans: dict = {}
+
+
+def _pointer(x):
+    try:
+        return x.data.ptr  # CuPy
+    except AttributeError:
+        return FlatArray.of(x).ptr
+
+
+def _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream):
+    from cupy.cuda import runtime
+
+    arrays = (a, u, dy, du, da, carry, carry if dcarry is None else dcarry)
+    ptrs = [_pointer(x) for x in arrays]
+    misaligned = bool((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 7)
+    key = (runtime.getDevice(), layout, u.shape, a.shape, u.dtype, dy.dtype, block_len, hops,
+           dcarry is None, misaligned)  # fmt: skip
+    plan = _plans.get(key)
+    if plan is None:
+        call = _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, "auto",
+                            None, 128, None)  # fmt: skip
+        if call is None:  # nothing to launch (only for shapes that are never cached)
+            return
+        kernel, grid, block, args = call
+        entry, values = prepare(kernel, args)
+        if len(_plans) > 256:
+            _plans.clear()
+        plan = _plans[key] = (entry, grid, block, values)
+    entry, grid, block, values = plan
+    values = values[:]
+    # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride);
+    # the walk and the general kernel both take a, u, dy, du, da, carry, dcarry first
+    for i, ptr in enumerate(ptrs):
+        values[7 * i + 4] = ptr
+    launch_prepared(entry, grid, block, values, stream)
+
+
+def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, variant,
+                 blocks_per_chunk, threads, lanes):  # fmt: skip
+    """(kernel, grid, block, args) of the backward launch, or None when there is nothing to run
+    (dcarry is zeroed here for N = 0)."""
     B, N, H, D, per_head = _dims(u, a, layout)
     nb = -(-N // block_len)
     has_dcarry = dcarry is not None
     if B * H * D == 0:
-        return
+        return None
     if nb == 0:
         if has_dcarry:
             dcarry[...] = 0
-        return
+        return None
     ku, kd = _kind(u), _kind(dy)
     plan = None
     if variant in ("auto", "walk"):
@@ -903,24 +959,23 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
         args = (a_arg, _words(u, ku), _words(dy, kd), _words(du, ku), da_arg,
                 _flat(carry, "f32"), dc, np.int64(N), np.int64(H), np.int64(D), np.int64(nb),
                 np.int64(K), flag)
-        launch(kernel, grid, threads, args, stream)
-        return
+        return kernel, grid, threads, args
     mode = MODE_HOPS1 if hops == 1 else MODE_HOPS0
     kernel = _general_kernel(ku, kd, layout, per_head, block_len, mode)
     dummy = _flat(carry, "f32")
-    _launch_general(kernel, a, u, dy, du, da, _flat(carry, "f32"), dc, dummy, dummy, dummy,
-                    B, N, H, D, nb, flag, per_head, ku, kd, stream)
+    return _general_args(kernel, a, u, dy, du, da, _flat(carry, "f32"), dc, dummy, dummy, dummy,
+                         B, N, H, D, nb, flag, per_head, ku, kd)
 
 
-def _launch_general(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,
-                    per_head, ku, kd, stream, threads=128):
+def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,
+                  per_head, ku, kd, threads=128):  # fmt: skip
     groups = H if per_head else H * D
     total = B * groups * nb
     grid = -(-total // threads)
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku), carry,
             dcarry, S, dv, dC, np.int64(B), np.int64(N), np.int64(H), np.int64(D),
             np.int64(nb), flag)
-    launch(kernel, grid, threads, args, stream)
+    return kernel, grid, threads, args
 
 
 def block_grad_sums(a, dy, q, *, layout, block_len, stream=None):
@@ -952,6 +1007,7 @@ def swr_backward_blocks(a, u, dy, du, da, *, layout, block_len, block_carry, blo
     ku, kd = _kind(u), _kind(dy)
     kernel = _general_kernel(ku, kd, layout, per_head, block_len, MODE_BLOCKS)
     dummy = _flat(block_carry, "f32")  # stands in for carry / dcarry, never touched
-    _launch_general(kernel, a, u, dy, du, da, dummy, dummy, _flat(block_carry, "f32"),
-                    _flat(block_dv, "f32"), _flat(block_dC, "f32"), B, N, H, D, nb, np.int64(0),
-                    per_head, ku, kd, stream)
+    kernel, grid, block, args = _general_args(
+        kernel, a, u, dy, du, da, dummy, dummy, _flat(block_carry, "f32"), _flat(block_dv, "f32"),
+        _flat(block_dC, "f32"), B, N, H, D, nb, np.int64(0), per_head, ku, kd)
+    launch(kernel, grid, block, args, stream)

@@ -116,6 +116,13 @@ def swr_forward_plain(a, u, p, out=None):
     y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     if p.N == 0:
         return y
+    zeros, ones = _plain_zeros(cp, p)
+    _nk().swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
+                      w0=zeros, g0=ones, carry=zeros)
+    return y
+
+
+def _plain_zeros(cp, p):
     shape = (p.B, p.H, p.D)
     key = (p.device, shape)
     consts = _PLAIN_CONSTANTS.get(key)
@@ -123,10 +130,28 @@ def swr_forward_plain(a, u, p, out=None):
         if len(_PLAIN_CONSTANTS) > 64:
             _PLAIN_CONSTANTS.clear()
         consts = _PLAIN_CONSTANTS[key] = (cp.zeros(shape, F32), cp.ones(shape, F32))
-    zeros, ones = consts
-    _nk().swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
-                      w0=zeros, g0=ones, carry=zeros)
-    return y
+    return consts
+
+
+def swr_backward_plain(a, u, dy, p, out=None):
+    """The hot path of the gradient: a checked, C-contiguous CuPy call with no x0, hops 0 or 1;
+    ``out`` is None or ``(da, du, None)``."""
+    cp = _xp_of(u)
+    if cp.cuda.runtime.getDevice() != p.device:
+        with cp.cuda.Device(p.device):
+            return swr_backward_plain(a, u, dy, p, out)
+    if out is None:
+        da = cp.empty(a.shape, dtype=a.dtype)
+        du = cp.empty(u.shape, dtype=u.dtype)
+    else:
+        da, du = out[0], out[1]
+    if p.N == 0:
+        da[...] = 0
+        return da, du, None
+    zeros, _ = _plain_zeros(cp, p)
+    _nk().swr_backward(a, u, dy, du, da, layout=p.layout, block_len=p.block_len, hops=p.hops,
+                       carry=zeros, dcarry=None)  # fmt: skip
+    return da, du, None
 
 
 def swr_forward(a, u, p, *, x0, state, return_state, out=None):
@@ -231,7 +256,7 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     if hops is not None and hops >= nb:
         hops = None  # every window reaches x0: the exact recurrence, same numbers
     if hops in (0, 1):
-        if dcarry is None:
+        if dcarry is None and x0 is not None:
             dcarry = cp.empty(shape, F32)
         nk.swr_backward(
             av, uv, dyv, _view(du), _view(da), hops=hops, carry=carry, dcarry=dcarry, **kw

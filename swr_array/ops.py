@@ -148,6 +148,29 @@ def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
         return None
 
 
+def _array_key(x):
+    return (type(x), x.shape, x.dtype, x.data.device_id, x.flags.c_contiguous)
+
+
+def _vjp_key(a, u, dy, block_len, hops, layout, out):
+    """What the checks of a plain CuPy ``swr_vjp`` call depend on; None for any other call."""
+    base = _plain_key(a, u, block_len, hops, layout, None, None)
+    if base is None or not type(dy).__module__.startswith("cupy"):
+        return None
+    try:
+        if out is None:
+            out_key = None
+        elif (type(out) is tuple and len(out) == 3 and out[2] is None
+              and type(out[0]).__module__.startswith("cupy")
+              and type(out[1]).__module__.startswith("cupy")):
+            out_key = (_array_key(out[0]), _array_key(out[1]))
+        else:
+            return None
+        return ("vjp", base, _array_key(dy), out_key)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _swr_numpy(a, u, p, *, x0, state, return_state):
     at = to_time_last(a, p.layout, p.per_head)
     ut = to_time_last(u, p.layout, False)
@@ -188,6 +211,15 @@ def swr_vjp(
     (float64 on NumPy), or None when x0 is None. ``out=(da, du, dx0)`` writes into preallocated
     C-contiguous arrays of those shapes and dtypes (``dx0`` None when x0 is None).
     """
+    plain = x0 is None
+    if plain:
+        # as in swr: repeated plain CuPy calls skip the checks (all they depend on is in the key)
+        key = _vjp_key(a, u, dy, block_len, hops, layout, out)
+        p = _CHECKED.get(key)
+        if p is not None:
+            from . import _cuda
+
+            return _cuda.swr_backward_plain(a, u, dy, p, out)
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout)
     _checks.same_backend([("dy", dy)], p.backend, u.device.id if p.backend == "cupy" else None)
     if tuple(dy.shape) != tuple(u.shape):
@@ -209,6 +241,10 @@ def swr_vjp(
 
         from . import _cuda
 
+        if plain and key is not None and p.hops in (0, 1):
+            contiguous = a.flags.c_contiguous and u.flags.c_contiguous and dy.flags.c_contiguous
+            if contiguous and len(_CHECKED) < 1024:
+                _CHECKED[key] = p
         with cupy.cuda.Device(p.device):
             return _cuda.swr_backward(a, u, dy, p, x0=x0, out=out)
     at = to_time_last(a, p.layout, p.per_head)

@@ -102,6 +102,49 @@ def test_fast_path_cache_keeps_checks(cp, rng):
     assert rel(y.get(), want) < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+@pytest.mark.parametrize("hops", [0, 1])
+def test_vjp_cached_path_matches_reference(cp, rng, layout, hops):
+    """The second and third plain swr_vjp calls take the checked-call cache and the cached launch
+    plan (with and without out=); they must give the reference's numbers, into poisoned outputs,
+    and still reject a bad call with the same key prefix."""
+    kw = dict(layout=layout, hops=hops)
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
+    a, u = draw(rng, layout, True, 2, 4, 16, 200, np.float32)
+    dy = rng.standard_normal(u.shape).astype(np.float32)
+    ca, cu, cdy = cp.asarray(a), cp.asarray(u), cp.asarray(dy)
+    eda, edu, _ = sa.swr_vjp(f64(a), f64(u), f64(dy), **kw)
+    for _ in range(3):
+        da, du, dx0 = sa.swr_vjp(ca, cu, cdy, **kw)
+        assert dx0 is None and rel(da.get(), eda) < 1e-4 and rel(du.get(), edu) < 1e-5
+    oda = cp.full(a.shape, cp.nan, cp.float32)
+    odu = cp.full(u.shape, cp.nan, cp.float32)
+    for _ in range(3):
+        got = sa.swr_vjp(ca, cu, cdy, out=(oda, odu, None), **kw)
+        assert got[0] is oda and got[1] is odu
+        assert rel(oda.get(), eda) < 1e-4 and rel(odu.get(), edu) < 1e-5
+        oda.fill(cp.nan)
+        odu.fill(cp.nan)
+    with pytest.raises(ValueError, match="dy must have u's shape"):
+        sa.swr_vjp(ca, cu, cdy[:, :-1], **kw)
+    with pytest.raises(ValueError, match=r"out\[1\] \(du\) must have shape"):
+        sa.swr_vjp(ca, cu, cdy, out=(oda, odu[:, :1], None), **kw)
+    # arrays 2 bytes off an 8-byte boundary get their own plan (the general kernel), not the
+    # aligned one's: alternate aligned and misaligned calls of the same shapes
+    a16, u16 = a.astype(np.float16), u.astype(np.float16)
+    eda16, edu16, _ = sa.swr_vjp(f64(a16), f64(u16), f64(dy), **kw)
+
+    def placed(x, shift):
+        buf = cp.empty(x.size + 4, cp.float16)
+        view = buf[shift:shift + x.size].reshape(x.shape)
+        view[...] = cp.asarray(x)
+        return view
+
+    for shift in (0, 1, 0, 1):
+        got = sa.swr_vjp(placed(a16, shift), placed(u16, shift), cdy, **kw)
+        assert rel(got[0].get(), eda16) < 1e-2 and rel(got[1].get(), edu16) < 1e-2
+
+
 def test_out_and_streams(cp, rng):
     a, u = draw(rng, "BHDL", False, 2, 3, 8, 300, np.float32)
     ca, cu = cp.asarray(a), cp.asarray(u)

@@ -290,6 +290,12 @@ def bench_host_overhead(shape=(1, 64, 4, 16), reps: int = 200, dtype=torch.bfloa
         "torch swr forward": timed(lambda: swr(a, u)),
         "torch swr forward+backward": timed(fwd_bwd),
         "front swr on CuPy (BLHD)": timed(lambda: swr_array.swr(ac, uc, layout="BLHD")),
+        "front swr+swr_vjp on CuPy": timed(
+            lambda: (
+                swr_array.swr(ac, uc, layout="BLHD"),
+                swr_array.swr_vjp(ac, uc, uc, layout="BLHD"),
+            )
+        ),
         "torch elementwise (u * 2)": timed(lambda: u * 2),
     }
 
@@ -304,3 +310,62 @@ def test_host_overhead_report():
 if __name__ == "__main__":
     for name, us in bench_host_overhead().items():
         print(f"{name:<30s} {us:9.1f} us/call")
+
+
+# ----------------------------------------------------------------------------------------------
+# the eager fast path (cached launches on raw pointers) against the custom op and the reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_fast_path_matches_custom_op(layout, per_head, dtype):
+    import swr_array.adapters.torch as st
+
+    a, u, _ = make_inputs(layout=layout, per_head=per_head, N=333, dtype=dtype, device="cuda",
+                          seed=11)
+    dy = torch.randn(u.shape, device="cuda", dtype=dtype)
+    results = []
+    for _ in range(3):  # the first call checks and caches, later ones take the raw launch
+        ag, ug = a.clone().requires_grad_(), u.clone().requires_grad_()
+        y = swr(ag, ug, layout=layout)
+        assert st._eager_launcher(a, u, 16, 1, layout, None) is not None
+        da, du = torch.autograd.grad(y, (ag, ug), dy)
+        results.append((y, da, du))
+    ag, ug = a.clone().requires_grad_(), u.clone().requires_grad_()
+    y_op = st._swr_op(ag, ug, None, 16, 1, layout, None)
+    da_op, du_op = torch.autograd.grad(y_op, (ag, ug), dy)
+    for y, da, du in results:
+        assert torch.equal(y, y_op) and torch.equal(du, du_op)
+        torch.testing.assert_close(da, da_op, rtol=0, atol=0)
+    # and the numbers are the reference's
+    at, ut = time_last(a.double().cpu(), layout, per_head), time_last(u.double().cpu(), layout)
+    want = reference.swr(at.numpy(), ut.numpy())
+    got = time_last(results[-1][0].double().cpu(), layout).numpy()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+    with torch.no_grad():  # no autograd node: the launch alone, still the same numbers
+        assert torch.equal(swr(a, u, layout=layout), y_op.detach())
+
+
+def test_eager_fast_path_stays_off_where_it_must():
+    import swr_array.adapters.torch as st
+
+    a, u, x0 = make_inputs(N=64, dtype=torch.float32, device="cuda", x0=True)
+    swr(a, u)
+    assert st._eager_launcher(a, u, 16, 1, "BLHD", None) is not None
+    assert st._eager_launcher(a, u, 16, 2, "BLHD", None) is None  # hops >= 2: custom op
+    assert st._eager_launcher(a[:, ::2], u[:, ::2], 16, 1, "BLHD", None) is None
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # autocast casts first, then fast path
+        y = swr(a, u)
+    assert y.dtype == torch.bfloat16
+    # x0 goes through the custom op, gradients for x0 included
+    x0g = x0.clone().requires_grad_()
+    (gx0,) = torch.autograd.grad(swr(a, u, x0=x0g).sum(), x0g)
+    assert gx0.shape == x0.shape and torch.isfinite(gx0).all()
+    # torch.func transforms see the custom op
+    g = torch.func.grad(lambda uu: swr(a, uu).sum())(u)
+    ug = u.clone().requires_grad_()
+    (want,) = torch.autograd.grad(swr(a, ug).sum(), ug)
+    torch.testing.assert_close(g, want)

@@ -716,6 +716,8 @@ def test_device_path_checks_once_per_signature(monkeypatch):
     backend = types.SimpleNamespace(
         swr_forward=lambda a, u, p, **k: calls.append(("fwd", p.B, k["out"] is not None)),
         swr_backward=lambda a, u, dy, p, **k: calls.append(("bwd", p.B, len(k["out"]))),
+        swr_forward_plain=lambda a, u, p, out: calls.append(("plain fwd", p.B, out is not None)),
+        swr_backward_plain=lambda a, u, dy, p, out: calls.append(("plain bwd", p.B, len(out))),
     )
     monkeypatch.setattr(sj, "_cuda_backend", lambda: backend)
     monkeypatch.setattr(sj, "_PROBLEMS", {})
@@ -728,6 +730,14 @@ def test_device_path_checks_once_per_signature(monkeypatch):
         sj._device_swr(cfg, a, u, None, y)
         sj._device_swr_vjp(cfg, a, u, None, u, (np.empty_like(a), np.empty_like(u), None))
     B = u.shape[0]
-    assert calls == ["swr", "swr_vjp", ("fwd", B, True), ("bwd", B, 3)]
+    # no x0, hops 1, contiguous: the front's plain hot paths
+    assert calls == ["swr", "swr_vjp", ("plain fwd", B, True), ("plain bwd", B, 3)]
     sj._device_swr(cfg, a[None], u[None], None, y[None])  # vmapped axes fold into B: same key
-    assert calls[-1] == ("fwd", B, True)
+    assert calls[-1] == ("plain fwd", B, True)
+    # with x0 the general backend entry points, still checked once
+    x0 = np.zeros((B,) + u.shape[2:], np.float32).view(DeviceArray)
+    del calls[:]
+    for _ in range(2):
+        sj._device_swr(cfg, a, u, x0, y)
+        sj._device_swr_vjp(cfg, a, u, x0, u, (np.empty_like(a), np.empty_like(u), x0.copy()))
+    assert calls == ["swr", "swr_vjp", ("fwd", B, True), ("bwd", B, 3)]
