@@ -534,6 +534,9 @@ class _Launcher:
         if kd is None or kd == np.dtype(np.float64) or dy.device != u.device:
             # not what autograd hands back for this op; let the custom op check and run it
             return _swr_vjp_op(a, u, dy, None, p.block_len, p.hops, p.layout)[:2]
+        # autograd may run this on its own thread for the device, where the driver API (the
+        # launch) finds no current context until the runtime makes the device's one current
+        _cupy().cuda.runtime.setDevice(self.index)
         nk.swr_backward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(dy, kd),
                         _Raw(du, self.np_in), _Raw(da, self.np_in), layout=p.layout,
                         block_len=p.block_len, hops=p.hops, carry=self.zeros, dcarry=None,
