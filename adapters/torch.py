@@ -106,6 +106,10 @@ def _cupy_stream(device: torch.device):
     """A CuPy view of torch's current stream on ``device`` (cached by device and stream handle:
     no ``ExternalStream`` is built per call)."""
     index = device.index
+    # autograd runs backward passes on its own thread per device, where the driver API (our
+    # launches) may find no current context: cudaSetDevice makes the device's primary one current
+    # (CuPy's Device context skips it when the runtime's device already matches)
+    _cupy().cuda.runtime.setDevice(index)
     ptr = _raw_stream(index)
     key = (index, ptr)
     stream = _STREAMS.get(key)
