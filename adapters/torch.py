@@ -521,6 +521,7 @@ class _Launcher:
 
         p = self.p
         y = torch.empty(u.shape, dtype=self.y_dtype, device=u.device)
+        _cupy().cuda.runtime.setDevice(self.index)  # a current context on this thread (see below)
         nk.swr_forward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(y, self.np_out),
                        layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
                        w0=self.zeros, g0=self.ones, carry=self.zeros,
