@@ -534,11 +534,11 @@ class _Launcher:
         p = self.p
         dy = dy.contiguous()
         kd = _NP_DTYPES.get(dy.dtype)
-        da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         if kd is None or kd == np.dtype(np.float64) or dy.device != u.device:
             # not what autograd hands back for this op; let the custom op check and run it
             return _swr_vjp_op(a, u, dy, None, p.block_len, p.hops, p.layout)[:2]
+        da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         # autograd may run this on its own thread for the device, where the driver API (the
         # launch) finds no current context until the runtime makes the device's one current
         _cupy().cuda.runtime.setDevice(self.index)

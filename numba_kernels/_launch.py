@@ -42,7 +42,8 @@ from numba import cuda, types
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
-__all__ = ["FlatArray", "compile_for", "launch", "launch_prepared", "prepare"]
+__all__ = ["FlatArray", "compile_for", "data_pointer", "launch", "launch_prepared",
+           "launch_with_pointers", "prepare"]
 
 
 class FlatArray:
@@ -458,6 +459,25 @@ def launch_prepared(entry, grid, block, values, stream=None, shared_mem=0):
 
 
 _use_extra = [True]
+
+
+def data_pointer(x) -> int:
+    """Device address of a CuPy array (or anything :meth:`FlatArray.of` takes)."""
+    try:
+        return x.data.ptr  # CuPy
+    except AttributeError:
+        return FlatArray.of(x).ptr
+
+
+def launch_with_pointers(entry, grid, block, values, pointers, stream=None):
+    """Relaunch a :func:`prepare`'d entry whose leading arguments are 1-D arrays, with only their
+    data pointers changed: ``values`` (the prepared values, not modified) with ``pointers[i]``
+    as array argument i's data."""
+    values = values[:]
+    # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride)
+    for i, ptr in enumerate(pointers):
+        values[7 * i + 4] = ptr
+    launch_prepared(entry, grid, block, values, stream)
 
 
 def _param_pointers(entry, buffer):

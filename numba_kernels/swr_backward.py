@@ -51,7 +51,7 @@ import numpy as np
 from numba import cuda
 
 from ._dtypes import LOAD, SIMULATOR, STORE, f32_to_bf16, storage_kind
-from ._launch import FlatArray, launch, launch_prepared, prepare
+from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
 from .block_scan import scratch_shape, warp_exchange
 
 __all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan"]
@@ -878,18 +878,11 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
 _plans: dict = {}
 
 
-def _pointer(x):
-    try:
-        return x.data.ptr  # CuPy
-    except AttributeError:
-        return FlatArray.of(x).ptr
-
-
 def _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream):
     from cupy.cuda import runtime
 
     arrays = (a, u, dy, du, da, carry, carry if dcarry is None else dcarry)
-    ptrs = [_pointer(x) for x in arrays]
+    ptrs = [data_pointer(x) for x in arrays]
     misaligned = bool((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 7)
     key = (runtime.getDevice(), layout, u.shape, a.shape, u.dtype, dy.dtype, block_len, hops,
            dcarry is None, misaligned)  # fmt: skip
@@ -904,13 +897,8 @@ def _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream
         if len(_plans) > 256:
             _plans.clear()
         plan = _plans[key] = (entry, grid, block, values)
-    entry, grid, block, values = plan
-    values = values[:]
-    # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride);
     # the walk and the general kernel both take a, u, dy, du, da, carry, dcarry first
-    for i, ptr in enumerate(ptrs):
-        values[7 * i + 4] = ptr
-    launch_prepared(entry, grid, block, values, stream)
+    launch_with_pointers(*plan, ptrs, stream)
 
 
 def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, variant,

@@ -49,7 +49,7 @@ from llvmlite import ir
 from numba import cuda, types
 
 from ._dtypes import LOAD, SIMULATOR, STORE
-from ._launch import FlatArray, launch, launch_prepared, prepare
+from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
 
 # --------------------------------------------------------------------------------------------
 # Modes of the shared kernels. The mode is a compile-time constant of each specialisation.
@@ -750,13 +750,6 @@ def _device_setup():
     return device, dummy
 
 
-def _pointer(x):
-    try:
-        return x.data.ptr  # CuPy
-    except AttributeError:
-        return FlatArray.of(x).ptr
-
-
 def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, block_carry, mode,
          stream):  # fmt: skip
     shape = u.shape
@@ -771,7 +764,7 @@ def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, blo
     # looked up in a plan cached per (device, shapes, dtypes, options, pointer alignment).
     device, dummy = _device_setup()
     arrays = _arrays(a, u, y, v_out, c_out, w0, g0, carry, block_carry, mode, dummy)
-    ptrs = [_pointer(x) for x in arrays]
+    ptrs = [data_pointer(x) for x in arrays]
     align = ((ptrs[0] | ptrs[1]) & 15, ptrs[2] & 15)  # the vector paths need aligned bases
     out_dtype = None if y is None else y.dtype
     key = (device, layout, shape, len(a.shape), u.dtype, out_dtype, block_len, offset, mode,
@@ -788,11 +781,7 @@ def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, blo
         plan.entry, plan.values = prepare(plan.kernel, [FlatArray.of(x) for x in arrays]
                                           + plan.scalars)  # fmt: skip
         _plans[key] = plan
-    values = plan.values[:]
-    # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride)
-    for i, ptr in enumerate(ptrs):
-        values[7 * i + 4] = ptr
-    launch_prepared(plan.entry, plan.grid, plan.block, values, stream)
+    launch_with_pointers(plan.entry, plan.grid, plan.block, plan.values, ptrs, stream)
 
 
 def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, block_carry=None,

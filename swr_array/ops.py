@@ -122,7 +122,7 @@ def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
         if out is None:
             out_key = None
         elif type(out).__module__.startswith("cupy"):
-            out_key = (out.shape, out.dtype, out.data.device_id, out.flags.c_contiguous)
+            out_key = _array_key(out)
         else:
             return None
         return (
