@@ -116,6 +116,7 @@ def compile_for(kernel, arg_types, cc) -> str:
         cc=tuple(cc),
         fastmath=bool(opts.get("fastmath", False)),
         lineinfo=bool(opts.get("lineinfo", False)),
+        launch_bounds=opts.get("launch_bounds"),
     )
     return ptx
 

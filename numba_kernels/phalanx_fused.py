@@ -50,6 +50,7 @@ from ._dtypes import (
     storage_view,
 )
 from ._launch import launch as _launch
+from .swr_forward import make_vector_load, make_vector_store
 
 __all__ = [
     "LMAX",
@@ -139,118 +140,123 @@ def _vector_io(kind: str, vec: int, vload: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward
+# Forward: one thread per (batch, VEC adjacent channels of one head, chunk of blocks)
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_forward(kind: str, vec: int, vload: bool):
+def _make_forward(kind: str, vec: int, unroll: int, min_blocks: int = 0):
+    """The forward walk: a thread walks ``chunk_blocks`` consecutive blocks of its channels (and,
+    with hops=1, the block before them first, storing nothing, for the chunk's first carrier).
+    Each batch of ``unroll`` steps issues all its loads (VEC-wide, one access each) before any
+    arithmetic, so they are in flight together; steps past the chunk's end load its last step
+    again and are skipped."""
     load = LOAD[kind]
-    load_vec, store_vec = _vector_io(kind, vec, vload)
-    VEC = vec
+    load_v = make_vector_load(kind, vec)
+    store_v = make_vector_store(kind, vec)
+    VEC, U = vec, unroll
+    UV = unroll * vec  # local array sizes must be constants
 
-    def phalanx_mix_forward(z, zw, b_a, b_b, b_c, y, yw, w0, g0, cv0, cC0, w_out, g_out,
-                            cv_out, cC_out, L, H, D, G, decay_max, offset, block_len, hops,
-                            nvec, nb, total, has_carry, write_state):
+    def phalanx_mix_forward(z, b_a, b_b, b_c, y, w0, g0, cv0, cC0, w_out, g_out, cv_out, cC_out,
+                            L, H, D, G, decay_max, offset, block_len, hops, nvec, nb,
+                            chunk_blocks, nchunks, total, has_carry, write_state):
         tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
         if tid >= total:
             return
-        row = tid // nvec
-        c0 = (tid - row * nvec) * VEC
-        b = row // nb
-        j = row - b * nb
+        rest = tid // nvec
+        c0 = (tid - rest * nvec) * VEC
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
         h = c0 // D
         d0 = c0 - h * D
         HD = H * D
         KD = (H // G) * D
+        W = HD + 2 * KD + H
         kc0 = (h // G) * D + d0
         col_b = HD + kc0
         col_c = col_b + KD
         col_a = HD + 2 * KD + h
         lb = block_len
-        end = offset + L
+        t_lo = max(jj0 * lb - offset, 0)  # first step whose y this thread writes
+        t_hi = min(jj1 * lb - offset, L)
+        if hops == 1 and jj0 > 0:
+            t_walk = max((jj0 - 1) * lb - offset, 0)
+            first = jj0 == 1
+        else:
+            t_walk = t_lo
+            first = jj0 == 0
+        resume = first and offset > 0  # the first walked block was begun by an earlier call
+        carried = hops == 1 and jj0 == 0 and has_carry != 0
+        st = b * HD + c0  # flat (b, h, d0) of the (B, H, D) state arrays
         ba = load(b_a[h])
         bb = cuda.local.array(VEC, f32)
         bc = cuda.local.array(VEC, f32)
-        S = cuda.local.array(VEC, f32)
-        Cp = cuda.local.array(VEC, f32)
         w = cuda.local.array(VEC, f32)
         g = cuda.local.array(VEC, f32)
-        zb = cuda.local.array(VEC, f32)
-        zc = cuda.local.array(VEC, f32)
-        zv = cuda.local.array(VEC, f32)
+        S = cuda.local.array(VEC, f32)
+        Cp = cuda.local.array(VEC, f32)
         out = cuda.local.array(VEC, f32)
+        za = cuda.local.array(U, f32)
+        zb = cuda.local.array(UV, f32)
+        zc = cuda.local.array(UV, f32)
+        zv = cuda.local.array(UV, f32)
         for k in range(VEC):
             bb[k] = load(b_b[kc0 + k])
             bc[k] = load(b_c[kc0 + k])
-            S[k] = F0
-            Cp[k] = F0
-        if hops == 1:
-            if j == 0:
-                if has_carry != 0:
+            w[k] = w0[st + k] if resume else F0
+            g[k] = g0[st + k] if resume else F1
+            S[k] = cv0[st + k] if carried else F0
+            Cp[k] = cC0[st + k] if carried else F0
+        pos = (t_walk + offset) % lb
+        for t0 in range(t_walk, t_hi, U):
+            for i in range(U):
+                m = (b * L + min(t0 + i, t_hi - 1)) * W
+                za[i] = load(z[m + col_a])
+                load_v(z, m + col_b, zb, i * VEC)
+                load_v(z, m + col_c, zc, i * VEC)
+                load_v(z, m + c0, zv, i * VEC)
+            for i in range(U):
+                t = t0 + i
+                if t < t_hi:
+                    if pos == 0 and t > t_walk:  # a block starts: the previous one is the carrier
+                        for k in range(VEC):
+                            if hops == 1:
+                                S[k] = w[k]
+                                Cp[k] = g[k]
+                            w[k] = F0
+                            g[k] = F1
+                    a = decay_max * _sigmoid(za[i] + ba)
                     for k in range(VEC):
-                        S[k] = cv0[b, h, d0 + k]
-                        Cp[k] = cC0[b, h, d0 + k]
-            else:
-                # the carrier v_{j-1} (and C_{j-1}) of the previous block, recomputed
-                start = (j - 1) * lb
-                if start < offset:
-                    start = offset
-                    for k in range(VEC):
-                        w[k] = w0[b, h, d0 + k]
-                        g[k] = g0[b, h, d0 + k]
-                else:
-                    for k in range(VEC):
-                        w[k] = F0
-                        g[k] = F1
-                for p in range(start, j * lb):
-                    m = b * L + (p - offset)
-                    a = decay_max * _sigmoid(load(z[m, col_a]) + ba)
-                    load_vec(z, zw, m, col_b, zb)
-                    load_vec(z, zw, m, c0, zv)
-                    for k in range(VEC):
-                        w[k] = a * w[k] + _sigmoid(zb[k] + bb[k]) * zv[k]
+                        v = zv[i * VEC + k]
+                        w[k] = a * w[k] + _sigmoid(zb[i * VEC + k] + bb[k]) * v
                         g[k] = a * g[k]
+                        out[k] = (w[k] + g[k] * S[k]) * (zc[i * VEC + k] + bc[k]) + v
+                    if t >= t_lo:
+                        store_v(y, (b * L + t) * HD + c0, out, 0)
+                    pos += 1
+                    if pos == lb:
+                        pos = 0
+        if write_state != 0 and jj1 == nb:
+            if (offset + L) % lb == 0:  # the last block is complete: it becomes the newest carrier
                 for k in range(VEC):
-                    S[k] = w[k]
-                    Cp[k] = g[k]
-        start = j * lb
-        if start < offset:
-            start = offset
-            for k in range(VEC):
-                w[k] = w0[b, h, d0 + k]
-                g[k] = g0[b, h, d0 + k]
-        else:
-            for k in range(VEC):
-                w[k] = F0
-                g[k] = F1
-        stop = min(j * lb + lb, end)
-        for p in range(start, stop):
-            m = b * L + (p - offset)
-            a = decay_max * _sigmoid(load(z[m, col_a]) + ba)
-            load_vec(z, zw, m, col_b, zb)
-            load_vec(z, zw, m, col_c, zc)
-            load_vec(z, zw, m, c0, zv)
-            for k in range(VEC):
-                w[k] = a * w[k] + _sigmoid(zb[k] + bb[k]) * zv[k]
-                g[k] = a * g[k]
-                out[k] = (w[k] + g[k] * S[k]) * (zc[k] + bc[k]) + zv[k]
-            store_vec(y, yw, m, c0, out)
-        if write_state != 0 and j == nb - 1:
-            if end % lb == 0:  # the last block is complete: it becomes the newest carrier
-                for k in range(VEC):
-                    w_out[b, h, d0 + k] = F0
-                    g_out[b, h, d0 + k] = F1
+                    w_out[st + k] = F0
+                    g_out[st + k] = F1
                     if hops == 1:
-                        cv_out[b, h, d0 + k] = w[k]
-                        cC_out[b, h, d0 + k] = g[k]
+                        cv_out[st + k] = w[k]
+                        cC_out[st + k] = g[k]
             else:
                 for k in range(VEC):
-                    w_out[b, h, d0 + k] = w[k]
-                    g_out[b, h, d0 + k] = g[k]
+                    w_out[st + k] = w[k]
+                    g_out[st + k] = g[k]
                     if hops == 1:
-                        cv_out[b, h, d0 + k] = S[k]
-                        cC_out[b, h, d0 + k] = Cp[k]
+                        cv_out[st + k] = S[k]
+                        cC_out[st + k] = Cp[k]
 
+    phalanx_mix_forward.__name__ = phalanx_mix_forward.__qualname__ = (
+        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}_min{min_blocks}")
+    if min_blocks and not SIMULATOR:  # at least min_blocks blocks per SM: caps the registers
+        bounds = (TUNING["fwd_threads_per_block"], min_blocks)
+        return cuda.jit(phalanx_mix_forward, launch_bounds=bounds)
     return cuda.jit(phalanx_mix_forward)
 
 
@@ -477,13 +483,26 @@ def _make_decode(kind: str):
 # Specialisations, signatures and launch helpers
 # ----------------------------------------------------------------------------------------------
 
+TUNING = {
+    # forward: bytes one thread moves per access (16: one 16-byte load), steps whose loads are in
+    # flight together, steps per chunk (longer: fewer re-walked blocks, fewer threads)
+    "fwd_access_bytes": 16,
+    "fwd_unroll": 2,
+    "fwd_chunk_steps": 128,
+    "fwd_threads_per_block": 256,
+    "fwd_min_blocks": 0,  # > 0: launch bounds asking for this many blocks per SM (fewer registers)
+}
+"""Launch tuning of the fused kernels, chosen by scripts/phalanx_dev.py on an H200."""
+
 _CACHE: dict = {}
+_ITEM = {"f32": 4, "f16": 2, "bf16": 2}
 
 
-def forward_kernel(kind: str, vec: int, vload: bool):
-    key = ("fwd", kind, vec, vload)
+def forward_kernel(kind: str, vec: int, unroll: int):
+    min_blocks = TUNING["fwd_min_blocks"]
+    key = ("fwd", kind, vec, unroll, min_blocks, TUNING["fwd_threads_per_block"])
     if key not in _CACHE:
-        _CACHE[key] = _make_forward(kind, vec, vload)
+        _CACHE[key] = _make_forward(kind, vec, unroll, min_blocks)
     return _CACHE[key]
 
 
@@ -501,17 +520,33 @@ def decode_kernel(kind: str):
     return _CACHE[key]
 
 
+def _widths(kind: str, access_bytes: int):
+    return [v for v in (8, 4, 2, 1) if v * _ITEM[kind] <= access_bytes]
+
+
+def vector_width(kind: str, heads: int, head_dim: int, access_bytes: int, aligned=True) -> int:
+    """Elements per access: the widest of at most ``access_bytes`` that divides head_dim and
+    heads (so every row and column start is a multiple of it); 1 when a base pointer is not
+    aligned to 16 bytes."""
+    if not aligned:
+        return 1
+    for v in _widths(kind, access_bytes):
+        if head_dim % v == 0 and heads % v == 0:
+            return v
+    return 1
+
+
+def forward_config(kind: str, heads: int, head_dim: int, aligned=True):
+    """(vec, unroll) of the forward kernel for these shapes."""
+    return vector_width(kind, heads, head_dim, TUNING["fwd_access_bytes"], aligned), \
+        TUNING["fwd_unroll"]
+
+
 def _widest(head_dim: int, limit: int = 4) -> int:
     for v in (4, 2, 1):
         if v <= limit and head_dim % v == 0:
             return v
     return 1
-
-
-def forward_config(kind: str, heads: int, head_dim: int):
-    """(vec, vload) of the forward kernel for these shapes."""
-    vec = _widest(head_dim)
-    return vec, (kind == "bf16" and vec > 1 and heads % vec == 0)
 
 
 def backward_config(kind: str, heads: int, head_dim: int, block_len: int):
@@ -532,22 +567,25 @@ _WORD = {2: types.uint32, 4: types.uint64}
 
 
 def kernel_signatures():
-    """Every specialisation the launch helpers can use: a list of (kernel, signature) pairs, for
-    compiling them all ahead (``numba.cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))``)."""
+    """Every specialisation the launch helpers can use with the current TUNING: a list of
+    (kernel, signature) pairs, for compiling them all ahead
+    (``numba.cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))``)."""
     i64, fl = types.int64, types.float32
-    st3 = types.Array(fl, 3, "C")
+    f1 = types.Array(fl, 1, "C")
     out = []
     for kind, el in _STORAGE.items():
-        m2, v1 = types.Array(el, 2, "C"), types.Array(el, 1, "C")
+        v1, m2 = types.Array(el, 1, "C"), types.Array(el, 2, "C")
+        for vec in _widths(kind, TUNING["fwd_access_bytes"]):
+            sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
+            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"]), sig))
+        f2 = types.Array(fl, 2, "C")
         for vec in (1, 2, 4):
             for vload in ((False, True) if kind == "bf16" and vec > 1 else (False,)):
                 w2 = types.Array(_WORD[vec], 2, "C") if vload else m2
-                sig = (m2, w2, v1, v1, v1, m2, w2) + (st3,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 8
-                out.append((forward_kernel(kind, vec, vload), sig))
-                f2 = types.Array(fl, 2, "C")
                 sig = ((m2, w2, m2, w2, v1, v1, v1, m2, w2, m2, w2, f2, f2, f2)
                        + (i64,) * 4 + (fl,) + (i64,) * 6)
                 out.append((backward_kernel(kind, vec, vload), sig))
+        st3 = types.Array(fl, 3, "C")
         sig = (m2, v1, v1, v1, m2) + (st3,) * 8 + (i64,) * 3 + (fl,) + (i64,) * 4
         out.append((decode_kernel(kind), sig))
     return out
@@ -581,6 +619,17 @@ def _views(x, kind, vload, vec):
     return v, (v.view(np.uint64 if vec == 4 else np.uint32) if vload else v)
 
 
+def _flat(x, kind):
+    """x's storage view (uint16 bits for bfloat16), 1-D, no copy (x is C-contiguous)."""
+    return storage_view(x, kind).reshape(-1)
+
+
+def _aligned(*arrays) -> bool:
+    if SIMULATOR:
+        return True
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
 def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_heads, decay_max,
                     block_len, hops, offset=0, w0=None, g0=None, carry_v=None, carry_C=None,
                     state_out=None, stream=None):
@@ -592,27 +641,30 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
     (w, g, cv, cC) (B, H, D) float32 receive the state after the last token.
     """
     kind = storage_kind(z.dtype)
-    vec, vload = forward_config(kind, heads, head_dim)
+    vec, unroll = forward_config(kind, heads, head_dim, _aligned(z, y))
     nvec = heads * head_dim // vec
     nb = -(-(offset + length) // block_len)
-    total = batch * nb * nvec
+    chunk_blocks = max(1, min(nb, TUNING["fwd_chunk_steps"] // block_len))
+    nchunks = -(-nb // chunk_blocks)
+    total = batch * nchunks * nvec
     if total == 0:
         return
-    dummy = _like(z, (1, 1, 1))
-    zv, zw = _views(z, kind, vload, vec)
-    yv, yw = _views(y, kind, vload, vec)
-    w0 = dummy if w0 is None else w0
-    g0 = dummy if g0 is None else g0
+    dummy = _like(z, (1,))
+
+    def st(x):
+        return dummy if x is None else x.reshape(-1)
+
     has_carry = carry_v is not None
-    cv0 = carry_v if has_carry else dummy
-    cC0 = carry_C if has_carry else dummy
-    outs = state_out if state_out is not None else (dummy,) * 4
+    outs = state_out if state_out is not None else (None,) * 4
     i64 = np.int64
-    args = (zv, zw, storage_view(b_a, kind), storage_view(b_b, kind), storage_view(b_c, kind),
-            yv, yw, w0, g0, cv0, cC0, *outs, i64(length), i64(heads), i64(head_dim),
-            i64(heads // kv_heads), np.float32(decay_max), i64(offset), i64(block_len), i64(hops),
-            i64(nvec), i64(nb), i64(total), i64(has_carry), i64(state_out is not None))
-    launch(forward_kernel(kind, vec, vload), (-(-total // TPB),), (TPB,), args, stream)
+    args = (_flat(z, kind), _flat(b_a, kind), _flat(b_b, kind), _flat(b_c, kind), _flat(y, kind),
+            st(w0), st(g0), st(carry_v), st(carry_C), *(st(o) for o in outs),
+            i64(length), i64(heads), i64(head_dim), i64(heads // kv_heads),
+            np.float32(decay_max), i64(offset), i64(block_len), i64(hops), i64(nvec), i64(nb),
+            i64(chunk_blocks), i64(nchunks), i64(total), i64(has_carry),
+            i64(state_out is not None))
+    tpb = 32 if SIMULATOR else TUNING["fwd_threads_per_block"]
+    launch(forward_kernel(kind, vec, unroll), (-(-total // tpb),), (tpb,), args, stream)
 
 
 def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads, head_dim,

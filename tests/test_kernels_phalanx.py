@@ -142,6 +142,62 @@ def test_backward_matches_reference(case):
     assert rel(host(parts).sum(axis=0), dz_ref[:, hd:].sum(axis=0)) < TOL[c.kind]
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Forward launch tuning that splits tiny shapes into many chunks of two blocks, with steps
+    past a chunk's end in its last load batch."""
+    def use(**kw):
+        for k, v in kw.items():
+            monkeypatch.setitem(PF.TUNING, k, v)
+    return use
+
+
+TILED = [
+    # kind, B, L, H, D, KV, block_len, hops
+    ("f32", 2, 23, 3, 2, 3, 4, 1),  # 6 blocks, the last partial
+    ("f32", 1, 32, 3, 2, 1, 4, 1),  # kv groups (atomics)
+    ("f32", 2, 19, 3, 2, 3, 2, 0),  # hops 0
+    ("bf16", 1, 21, 4, 2, 4, 4, 1),
+]
+
+
+@pytest.mark.parametrize("case", TILED, ids=lambda c: "-".join(map(str, c)))
+def test_chunks_match_reference(case, small_tiles):
+    small_tiles(fwd_chunk_steps=2 * case[6], fwd_unroll=3)
+    c = Case(*case, seed=hash(case) % 2**32)
+    y = c.poisoned((c.B * c.L, c.H * c.D))
+    PF.phalanx_forward(dev(c.z), *c.biases(), y, batch=c.B, length=c.L, **c.kw)
+    assert rel(y, c.ref_forward().reshape(c.B * c.L, -1)) < TOL[c.kind]
+    z = c.f64(c.z).reshape(c.B, c.L, c.W)
+    dz_ref, y_ref = R.phalanx_mix_vjp(z, c.f64(c.b_a), c.f64(c.b_b), c.f64(c.b_c),
+                                      c.f64(c.dy).reshape(c.B, c.L, -1), **c.kw)
+    dz_ref = dz_ref.reshape(c.B * c.L, -1)
+    nb = -(-c.L // c.block_len)
+    grouped = c.KV < c.H
+    hd, kd = c.H * c.D, c.KV * c.D
+    dz = c.poisoned((c.B * c.L, c.W))
+    y = c.poisoned((c.B * c.L, hd))
+    parts = dev(np.zeros((c.B * nb, c.W - hd), np.float32)) if grouped else \
+        c.poisoned((c.B * nb, c.W - hd), np.float32)
+    acc = [dev(np.zeros((c.B * c.L, kd), np.float32)) if grouped else None for _ in range(2)]
+    PF.phalanx_backward(dev(c.z), dev(c.dy), *c.biases(), dz, y, parts, batch=c.B, length=c.L,
+                        acc_b=acc[0], acc_c=acc[1], **c.kw)
+    dz = host(dz).astype(np.float64)
+    if grouped:
+        dz[:, hd:hd + kd] = host(acc[0])
+        dz[:, hd + kd:hd + 2 * kd] = host(acc[1])
+    assert rel(dz, dz_ref) < TOL[c.kind]
+    assert rel(y, y_ref.reshape(c.B * c.L, -1)) < TOL[c.kind]
+    assert rel(host(parts).sum(axis=0), dz_ref[:, hd:].sum(axis=0)) < TOL[c.kind]
+
+
+@pytest.mark.parametrize("split", [3, 5, 9])
+def test_forward_continues_a_state_across_chunks(split, small_tiles):
+    """A continued launch (offset, w0/g0, carry) whose chunks start past its first block."""
+    small_tiles(fwd_chunk_steps=4, fwd_unroll=3)
+    test_forward_continues_a_state(1, split)
+
+
 @pytest.mark.parametrize("hops", [0, 1])
 @pytest.mark.parametrize("split", [0, 3, 4, 5, 11, 14])
 def test_forward_continues_a_state(hops, split):
