@@ -115,6 +115,13 @@ def bench_size(B, L, dim, dtype, args, log):
                             parts, **kw)
 
     r = {"B": B, "L": L, "dim": dim, "heads": H, "head_dim": head_dim, "width": width}
+    spear_layer = getattr(args, "spear_layer", None)
+    if spear_layer is not None:
+        try:
+            r.update(bench_spear(spear_layer, B, L, dim, t, log))
+        except Exception as exc:  # noqa: BLE001 - keep ours if spear's layer fails
+            r["spear_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"  spear layer failed: {r['spear_error']}")
     for name, fn in [("gemm_fwd", gemm_fwd), ("ours_fwd", ours_fwd),
                      ("gemm_fwdbwd", gemm_fwdbwd), ("ours_fwdbwd", ours_fwdbwd),
                      ("ours_fwdbwd_recompute", ours_fwdbwd_recompute),
@@ -130,6 +137,50 @@ def bench_size(B, L, dim, dtype, args, log):
     r["fwdbwd_ratio"] = r["ours_fwdbwd_ms"] / r["gemm_fwdbwd_ms"]
     flops_fwd = 2 * M * dim * (width + hd)
     r["gemm_fwd_TFLOPs"] = flops_fwd / r["gemm_fwd_ms"] / 1e9
+    return r
+
+
+def load_spear_layer(build_dir, wait_s):
+    """spear's Phalanx module class (spear.nn.phalanx.swr.Phalanx) from build_spear.sh's build,
+    or the reason it is unavailable."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        import peers
+
+        if build_dir and (os.path.isdir(build_dir) or wait_s > 0):
+            peers._load_spear_from_build(build_dir, wait_s)
+        from spear.nn.phalanx.swr import Phalanx
+
+        return Phalanx, None
+    except Exception as exc:  # noqa: BLE001 - any failure: no spear column, say why
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def bench_spear(Phalanx, B, L, dim, t, log):
+    """spear's Phalanx layer (bf16, its BTP kernel, k=2 i.e. hops=1, block 16), forward and
+    forward+backward (out.backward(dout): input and parameter gradients), CUDA events."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = Phalanx(dim, length=L, dtype=torch.bfloat16).cuda()
+    x = torch.randn(B, L, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(B, L, dim, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+
+    def fwdbwd():
+        layer(x).backward(dout)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    r = {"spear_fwd_ms": gpu_time(fwd, **t), "spear_fwdbwd_ms": gpu_time(fwdbwd, **t)}
+    log(f"  {B}x{L} spear layer fwd {r['spear_fwd_ms']:.3f} ms, "
+        f"fwd+bwd {r['spear_fwdbwd_ms']:.3f} ms")
     return r
 
 
@@ -245,12 +296,23 @@ def table(results):
     lines = ["| B x L | GEMMs fwd ms | ours fwd ms | ratio | GEMMs fwd+bwd ms | ours fwd+bwd ms "
              "| ratio | fused fwd kernel ms (TB/s) | fused bwd kernel ms (TB/s) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    spear = [r for r in results["sizes"] if "spear_fwd_ms" in r]
     for r in results["sizes"]:
         lines.append(
             f"| {r['B']} x {r['L']} | {r['gemm_fwd_ms']:.3f} | {r['ours_fwd_ms']:.3f} | "
             f"{r['fwd_ratio']:.2f} | {r['gemm_fwdbwd_ms']:.3f} | {r['ours_fwdbwd_ms']:.3f} | "
             f"{r['fwdbwd_ratio']:.2f} | {r['kernel_fwd_ms']:.3f} ({r['kernel_fwd_TBps']:.2f}) | "
             f"{r['kernel_bwd_ms']:.3f} ({r['kernel_bwd_TBps']:.2f}) |")
+    if spear:
+        lines += ["", "| B x L | spear layer fwd ms | ours fwd ms | spear / ours | spear layer "
+                  "fwd+bwd ms | ours fwd+bwd ms | spear / ours |", "|---|---|---|---|---|---|---|"]
+        for r in spear:
+            lines.append(
+                f"| {r['B']} x {r['L']} | {r['spear_fwd_ms']:.3f} | {r['ours_fwd_ms']:.3f} | "
+                f"{r['spear_fwd_ms'] / r['ours_fwd_ms']:.2f} | {r['spear_fwdbwd_ms']:.3f} | "
+                f"{r['ours_fwdbwd_ms']:.3f} | {r['spear_fwdbwd_ms'] / r['ours_fwdbwd_ms']:.2f} |")
+    elif results.get("spear_unavailable"):
+        lines += ["", f"spear's layer: not measured ({results['spear_unavailable']})"]
     d = results.get("decode")
     if d:
         lines.append("")
@@ -272,6 +334,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--spear-build", default=None, metavar="DIR",
+                    help="time spear's Phalanx layer too, with the extension that "
+                         "benchmarks/build_spear.sh built into DIR")
+    ap.add_argument("--spear-wait", type=float, default=0.0, metavar="S",
+                    help="wait up to S seconds for that build to finish")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -299,6 +366,12 @@ def main(argv=None):
         pass
     log(f"device: {results['device']}")
     os.makedirs(args.out, exist_ok=True)
+    args.spear_layer = None
+    if args.spear_build:
+        args.spear_layer, why = load_spear_layer(args.spear_build, args.spear_wait)
+        if why:
+            results["spear_unavailable"] = why
+            log(f"spear's layer unavailable: {why}")
 
     def save():
         with open(os.path.join(args.out, "phalanx_bench.json"), "w") as f:

@@ -44,13 +44,17 @@ from ._dtypes import (
     LOAD,
     SIMULATOR,
     STORE,
-    bf16_to_f32,
-    f32_to_bf16,
     storage_kind,
     storage_view,
 )
 from ._launch import launch as _launch
-from .swr_forward import make_vector_load, make_vector_store
+from .swr_forward import (
+    _scalar_load_loop,
+    _scalar_store_loop,
+    make_vector_load,
+    make_vector_store,
+    shfl_idx,
+)
 
 __all__ = [
     "LMAX",
@@ -79,64 +83,6 @@ f32 = numba.float32
 @cuda.jit(device=True, inline=True)
 def _sigmoid(x):
     return F1 / (F1 + math.exp(-x))
-
-
-# ----------------------------------------------------------------------------------------------
-# Vector loads and stores: VEC adjacent elements of a row, into / from a float32 local array
-# ----------------------------------------------------------------------------------------------
-
-
-def _vector_io(kind: str, vec: int, vload: bool):
-    """(load_vec(A, Aw, m, col, out), store_vec(A, Aw, m, col, vals)) for one specialisation.
-
-    ``A`` is the element view, ``Aw`` the word view (uint64 for 4 bf16, uint32 for 2 bf16; the
-    element view again when ``vload`` is off); ``col`` is a multiple of VEC when ``vload``.
-    """
-    load, store = LOAD[kind], STORE[kind]
-    VEC = vec
-    if vload and vec == 4:
-
-        @cuda.jit(device=True, inline=True)
-        def load_vec(A, Aw, m, col, out):
-            word = Aw[m, col // 4]
-            for k in range(4):
-                out[k] = bf16_to_f32((word >> numba.uint64(16 * k)) & numba.uint64(0xFFFF))
-
-        @cuda.jit(device=True, inline=True)
-        def store_vec(A, Aw, m, col, vals):
-            word = numba.uint64(0)
-            for k in range(4):
-                word |= numba.uint64(f32_to_bf16(vals[k])) << numba.uint64(16 * k)
-            Aw[m, col // 4] = word
-
-    elif vload and vec == 2:
-
-        @cuda.jit(device=True, inline=True)
-        def load_vec(A, Aw, m, col, out):
-            word = Aw[m, col // 2]
-            for k in range(2):
-                out[k] = bf16_to_f32((word >> numba.uint32(16 * k)) & numba.uint32(0xFFFF))
-
-        @cuda.jit(device=True, inline=True)
-        def store_vec(A, Aw, m, col, vals):
-            word = numba.uint32(0)
-            for k in range(2):
-                word |= numba.uint32(f32_to_bf16(vals[k])) << numba.uint32(16 * k)
-            Aw[m, col // 2] = word
-
-    else:
-
-        @cuda.jit(device=True, inline=True)
-        def load_vec(A, Aw, m, col, out):
-            for k in range(VEC):
-                out[k] = load(A[m, col + k])
-
-        @cuda.jit(device=True, inline=True)
-        def store_vec(A, Aw, m, col, vals):
-            for k in range(VEC):
-                A[m, col + k] = store(vals[k])
-
-    return load_vec, store_vec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,170 +207,268 @@ def _make_forward(kind: str, vec: int, unroll: int, min_blocks: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward
+# Backward: one thread per (batch, VEC adjacent channels of one head, chunk of blocks), walking
+# the chunk's blocks from the last to the first
 # ----------------------------------------------------------------------------------------------
 
+BUF = 128
+"""block_len * VEC <= BUF in the backward (bounds its registers and checkpoints)."""
 
-def _make_backward(kind: str, vec: int, vload: bool):
+if SIMULATOR:  # no warp shuffles there: the launch makes a thread block of one head's lanes
+
+    def _sim_head_sum(x, lph, mask):
+        total = F0
+        for k in range(lph):
+            total += shfl_idx(x, k)
+        return total
+
+    _head_sum = cuda.jit(device=True)(_sim_head_sum)
+
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def _head_sum(x, lph, mask):
+        """Sum of x over the lph (a power of two) lanes of this lane's head, on all of them."""
+        off = lph >> 1
+        while off > 0:
+            x += cuda.shfl_xor_sync(mask, x, off)
+            off >>= 1
+        return x
+
+
+def _accessors(kind: str, vec: int, vector: bool):
+    if vector:
+        return make_vector_load(kind, vec), make_vector_store(kind, vec)
+    return _scalar_load_loop(kind, vec), _scalar_store_loop(kind, vec)
+
+
+def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
+    """The backward walk.
+
+    Block j's reverse sweep needs its forward states (a_t w_{t-1}, g_t), the carrier S_j (the
+    previous block's last state) and q_{j+1} (the next block's sum of g_t dS_t). Walking the
+    chunk's blocks backwards, one forward walk of block j-1 gives S_j and checkpoints of block
+    j-1's state before each group of ``unroll`` steps (kept in the other half of a two-block
+    buffer); block j's reverse sweep takes its groups last to first, recomputes each group's
+    forward states from its checkpoint into registers (from the loads it needs anyway) and ends
+    with q_j = a_first z_first for block j-1. The chunk reads one block beyond each end: the one
+    before it (hops=1: the first carrier) and the one after it (q). A group's loads are issued
+    together, VEC elements per access. The head's sum of a_t da_t over its lanes goes through
+    warp shuffles (lph lanes per head, a power of two up to 32).
+    """
     load = LOAD[kind]
     store = STORE[kind]
-    load_vec, store_vec = _vector_io(kind, vec, vload)
-    VEC = vec
+    load_v, store_v = _accessors(kind, vec, vector)
+    VEC, U = vec, unroll
+    UV = unroll * vec
+    NG = -(-LMAX // unroll)  # groups per block, at most
+    CKW = 2 * NG * vec  # checkpoints of w, two blocks
+    CKG = 2 * NG  # checkpoints of g
 
-    def phalanx_mix_backward(z, zw, dy, dyw, b_a, b_b, b_c, dz, dzw, y, yw, dbias, acc_b,
-                             acc_c, L, H, D, G, decay_max, block_len, hops, nvec, nb, total,
-                             lph):
-        # a_t da_t (1 - sigmoid) per (step, thread): block_len * blockDim floats, dynamic
-        part = cuda.shared.array(0, f32)
-        tx = cuda.threadIdx.x
-        tpb = cuda.blockDim.x
-        first = numba.int64(cuda.blockIdx.x) * tpb
-        tid = first + tx
-        lb = block_len
+    @cuda.jit(device=True, inline=True)
+    def walk(z, m0, n, W, col_a, col_b, c0, ba, bb, decay_max, ckw, ckg, half, w, za, zb, zv):
+        """Forward through one block of n steps from flat row m0, checkpointing (w, g) before
+        each group of U steps into buffer half ``half``; w ends as the block's last state."""
+        for k in range(VEC):
+            w[k] = F0
+        gh = F1
+        gi = half * NG
+        for t0 in range(0, n, U):
+            for k in range(VEC):
+                ckw[gi * VEC + k] = w[k]
+            ckg[gi] = gh
+            gi += 1
+            for i in range(U):
+                m = (m0 + min(t0 + i, n - 1)) * W
+                za[i] = load(z[m + col_a])
+                load_v(z, m + col_b, zb, i * VEC)
+                load_v(z, m + c0, zv, i * VEC)
+            for i in range(U):
+                if t0 + i < n:
+                    a = decay_max * _sigmoid(za[i] + ba)
+                    for k in range(VEC):
+                        w[k] = a * w[k] + _sigmoid(zb[i * VEC + k] + bb[k]) * zv[i * VEC + k]
+                    gh = a * gh
+
+    def phalanx_mix_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
+                             L, H, D, G, decay_max, block_len, hops, nvec, nb, chunk_blocks,
+                             nchunks, total, lph):
+        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if tid >= total:
+            return
+        rest = tid // nvec
+        c0 = (tid - rest * nvec) * VEC
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        h = c0 // D
+        d0 = c0 - h * D
         HD = H * D
         KD = (H // G) * D
-        if tid < total:
-            row = tid // nvec
-            c0 = (tid - row * nvec) * VEC
-            b = row // nb
-            j = row - b * nb
-            h = c0 // D
-            d0 = c0 - h * D
-            kc0 = (h // G) * D + d0
-            col_b = HD + kc0
-            col_c = col_b + KD
-            col_a = HD + 2 * KD + h
+        W = HD + 2 * KD + H
+        NBW = 2 * KD + H  # dbias row width
+        kc0 = (h // G) * D + d0
+        col_b = HD + kc0
+        col_c = col_b + KD
+        col_a = HD + 2 * KD + h
+        lb = block_len
+        lead = d0 == 0  # the head's first lane writes its dz_a
+        lane = numba.int64(cuda.threadIdx.x) % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        ba = load(b_a[h])
+        bb = cuda.local.array(VEC, f32)
+        bc = cuda.local.array(VEC, f32)
+        q = cuda.local.array(VEC, f32)
+        S = cuda.local.array(VEC, f32)
+        w = cuda.local.array(VEC, f32)
+        lam = cuda.local.array(VEC, f32)
+        zzv = cuda.local.array(VEC, f32)
+        pb = cuda.local.array(VEC, f32)
+        pc = cuda.local.array(VEC, f32)
+        ov = cuda.local.array(VEC, f32)
+        ob = cuda.local.array(VEC, f32)
+        oc = cuda.local.array(VEC, f32)
+        oy = cuda.local.array(VEC, f32)
+        za = cuda.local.array(U, f32)
+        sgs = cuda.local.array(U, f32)  # sigmoid(z_a + b_a) of the group's steps
+        ghs = cuda.local.array(U, f32)  # g_t
+        zb = cuda.local.array(UV, f32)
+        zc = cuda.local.array(UV, f32)
+        zv = cuda.local.array(UV, f32)
+        zd = cuda.local.array(UV, f32)
+        bgs = cuda.local.array(UV, f32)  # sigmoid(Bg + b_b)
+        aws = cuda.local.array(UV, f32)  # a_t w_{t-1}
+        ckw = cuda.local.array(CKW, f32)
+        ckg = cuda.local.array(CKG, f32)
+        for k in range(VEC):
+            bb[k] = load(b_b[kc0 + k])
+            bc[k] = load(b_c[kc0 + k])
+            q[k] = F0
+        # q of the block after the chunk
+        if hops == 1 and jj1 < nb:
+            lo = jj1 * lb
+            n = min(lb, L - lo)
+            gq = F1
+            for t0 in range(0, n, U):
+                for i in range(U):
+                    m = b * L + lo + min(t0 + i, n - 1)
+                    za[i] = load(z[m * W + col_a])
+                    load_v(z, m * W + col_c, zc, i * VEC)
+                    load_v(dy, m * HD + c0, zd, i * VEC)
+                for i in range(U):
+                    if t0 + i < n:
+                        gq *= decay_max * _sigmoid(za[i] + ba)
+                        for k in range(VEC):
+                            q[k] += gq * zd[i * VEC + k] * (zc[i * VEC + k] + bc[k])
+        # checkpoints of the chunk's last block
+        half = 0
+        j = jj1 - 1
+        walk(z, b * L + j * lb, min(lb, L - j * lb), W, col_a, col_b, c0, ba, bb, decay_max,
+             ckw, ckg, half, w, za, zb, zv)
+        while j >= jj0:
             lo = j * lb
-            n = min(lo + lb, L) - lo
-            ba = load(b_a[h])
-            bb = cuda.local.array(VEC, f32)
-            bc = cuda.local.array(VEC, f32)
-            S = cuda.local.array(VEC, f32)
-            q = cuda.local.array(VEC, f32)
-            w = cuda.local.array(VEC, f32)
-            lam = cuda.local.array(VEC, f32)
-            zz = cuda.local.array(VEC, f32)
-            pb = cuda.local.array(VEC, f32)
-            pc = cuda.local.array(VEC, f32)
-            zb = cuda.local.array(VEC, f32)
-            zc = cuda.local.array(VEC, f32)
-            zv = cuda.local.array(VEC, f32)
-            dyv = cuda.local.array(VEC, f32)
-            o_v = cuda.local.array(VEC, f32)
-            o_b = cuda.local.array(VEC, f32)
-            o_c = cuda.local.array(VEC, f32)
-            o_y = cuda.local.array(VEC, f32)
-            aw = cuda.local.array(LMAX, f32)  # a_t w_{t-1}, [step * VEC + k]
-            gbuf = cuda.local.array(LMAX, f32)  # g_t (per head)
-            sbuf = cuda.local.array(LMAX, f32)  # sigmoid(z_a + b_a)
+            n = min(lb, L - lo)
             for k in range(VEC):
-                bb[k] = load(b_b[kc0 + k])
-                bc[k] = load(b_c[kc0 + k])
                 S[k] = F0
-                q[k] = F0
-                w[k] = F0
-            if hops == 1 and j > 0:  # carrier of the previous block
-                for t in range(lo - lb, lo):
-                    m = b * L + t
-                    a = decay_max * _sigmoid(load(z[m, col_a]) + ba)
-                    load_vec(z, zw, m, col_b, zb)
-                    load_vec(z, zw, m, c0, zv)
+            if j > 0 and (hops == 1 or j > jj0):
+                # block j-1: its checkpoints (next iteration) and its last state, S_j
+                walk(z, b * L + lo - lb, lb, W, col_a, col_b, c0, ba, bb, decay_max, ckw, ckg,
+                     1 - half, w, za, zb, zv)
+                if hops == 1:
                     for k in range(VEC):
-                        S[k] = a * S[k] + _sigmoid(zb[k] + bb[k]) * zv[k]
-            hi = lo + n
-            if hops == 1 and hi < L:  # q_{j+1}: the next block's sum of g_t ds_t
-                gq = F1
-                for t in range(hi, min(hi + lb, L)):
-                    m = b * L + t
-                    gq *= decay_max * _sigmoid(load(z[m, col_a]) + ba)
-                    load_vec(z, zw, m, col_c, zc)
-                    load_vec(dy, dyw, m, c0, dyv)
-                    for k in range(VEC):
-                        q[k] += gq * dyv[k] * (zc[k] + bc[k])
-            # forward through the block, keeping what the reverse sweep needs
-            gh = F1
-            for i in range(n):
-                m = b * L + lo + i
-                sg = _sigmoid(load(z[m, col_a]) + ba)
-                a = decay_max * sg
-                sbuf[i] = sg
-                load_vec(z, zw, m, col_b, zb)
-                load_vec(z, zw, m, c0, zv)
-                for k in range(VEC):
-                    awk = a * w[k]
-                    aw[i * VEC + k] = awk
-                    w[k] = awk + _sigmoid(zb[k] + bb[k]) * zv[k]
-                gh = a * gh
-                gbuf[i] = gh
-            # reverse sweep
+                        S[k] = w[k]
+            # reverse sweep of block j, a group of U steps at a time
             for k in range(VEC):
                 lam[k] = q[k]
-                zz[k] = F0
+                zzv[k] = F0
                 pb[k] = F0
                 pc[k] = F0
+            pah = F0
             a_next = F1
-            for ii in range(n):
-                i = n - 1 - ii
-                m = b * L + lo + i
-                load_vec(z, zw, m, col_b, zb)
-                load_vec(z, zw, m, col_c, zc)
-                load_vec(z, zw, m, c0, zv)
-                load_vec(dy, dyw, m, c0, dyv)
-                gh = gbuf[i]
-                pa = F0
+            ng = -(-n // U)
+            for gg in range(ng):
+                gi = ng - 1 - gg
+                t0 = gi * U
+                cnt = min(U, n - t0)
+                for i in range(U):
+                    m = b * L + lo + t0 + min(i, cnt - 1)
+                    za[i] = load(z[m * W + col_a])
+                    load_v(z, m * W + col_b, zb, i * VEC)
+                    load_v(z, m * W + col_c, zc, i * VEC)
+                    load_v(z, m * W + c0, zv, i * VEC)
+                    load_v(dy, m * HD + c0, zd, i * VEC)
+                # the group's forward states, from its checkpoint
+                ck = half * NG + gi
                 for k in range(VEC):
-                    bg = _sigmoid(zb[k] + bb[k])
-                    v = zv[k]
-                    c = zc[k] + bc[k]
-                    ds = dyv[k] * c
-                    lam[k] = ds + a_next * lam[k]
-                    zz[k] = ds + a_next * zz[k]
-                    awk = aw[i * VEC + k]
-                    s = awk + bg * v + gh * S[k]
-                    o_v[k] = dyv[k] + lam[k] * bg
-                    o_b[k] = lam[k] * v * bg * (F1 - bg)
-                    o_c[k] = dyv[k] * s
-                    o_y[k] = s * c + v
-                    pa += awk * lam[k] + gh * S[k] * zz[k]
-                    pb[k] += o_b[k]
-                    pc[k] += o_c[k]
-                store_vec(dz, dzw, m, c0, o_v)
-                store_vec(y, yw, m, c0, o_y)
-                if G == 1:
-                    store_vec(dz, dzw, m, col_b, o_b)
-                    store_vec(dz, dzw, m, col_c, o_c)
-                else:  # heads of one kv group share these columns
-                    for k in range(VEC):
-                        cuda.atomic.add(acc_b, (m, kc0 + k), o_b[k])
-                        cuda.atomic.add(acc_c, (m, kc0 + k), o_c[k])
-                part[i * tpb + tx] = pa * (F1 - sbuf[i])
-                a_next = decay_max * sbuf[i]
+                    w[k] = ckw[ck * VEC + k]
+                gh = ckg[ck]
+                for i in range(U):
+                    if i < cnt:
+                        sg = _sigmoid(za[i] + ba)
+                        sgs[i] = sg
+                        a = decay_max * sg
+                        for k in range(VEC):
+                            bgv = _sigmoid(zb[i * VEC + k] + bb[k])
+                            bgs[i * VEC + k] = bgv
+                            awk = a * w[k]
+                            aws[i * VEC + k] = awk
+                            w[k] = awk + bgv * zv[i * VEC + k]
+                        gh = a * gh
+                        ghs[i] = gh
+                for ii in range(U):
+                    i = U - 1 - ii
+                    if i < cnt:
+                        m = b * L + lo + t0 + i
+                        pa = F0
+                        for k in range(VEC):
+                            bg = bgs[i * VEC + k]
+                            v = zv[i * VEC + k]
+                            c = zc[i * VEC + k] + bc[k]
+                            dyv = zd[i * VEC + k]
+                            ds = dyv * c
+                            lam[k] = ds + a_next * lam[k]
+                            zzv[k] = ds + a_next * zzv[k]
+                            awk = aws[i * VEC + k]
+                            ghs_k = ghs[i] * S[k]
+                            sv = awk + bg * v + ghs_k
+                            ov[k] = dyv + lam[k] * bg
+                            ob[k] = lam[k] * v * bg * (F1 - bg)
+                            oc[k] = dyv * sv
+                            oy[k] = sv * c + v
+                            pa += awk * lam[k] + ghs_k * zzv[k]
+                            pb[k] += ob[k]
+                            pc[k] += oc[k]
+                        store_v(dz, m * W + c0, ov, 0)
+                        store_v(y, m * HD + c0, oy, 0)
+                        if G == 1:
+                            store_v(dz, m * W + col_b, ob, 0)
+                            store_v(dz, m * W + col_c, oc, 0)
+                        else:  # heads of one kv group share these columns
+                            for k in range(VEC):
+                                cuda.atomic.add(acc_b, m * KD + kc0 + k, ob[k])
+                                cuda.atomic.add(acc_c, m * KD + kc0 + k, oc[k])
+                        sg = sgs[i]
+                        pa = _head_sum(pa * (F1 - sg), lph, mask)
+                        if lead:
+                            dz[m * W + col_a] = store(pa)
+                        pah += pa
+                        a_next = decay_max * sg
+            row = (b * nb + j) * NBW
             for k in range(VEC):
+                q[k] = a_next * zzv[k] if hops == 1 else F0  # q_j, for block j-1
                 if G == 1:
-                    dbias[row, kc0 + k] = pb[k]
-                    dbias[row, KD + kc0 + k] = pc[k]
+                    dbias[row + kc0 + k] = pb[k]
+                    dbias[row + KD + kc0 + k] = pc[k]
                 else:
-                    cuda.atomic.add(dbias, (row, kc0 + k), pb[k])
-                    cuda.atomic.add(dbias, (row, KD + kc0 + k), pc[k])
-        cuda.syncthreads()
-        # one thread per head of this thread block sums the head's lanes: dz_a and its bias part
-        lane0 = first + tx * lph
-        if tx * lph < tpb and lane0 < total:
-            row = lane0 // nvec
-            h = ((lane0 - row * nvec) * VEC) // D
-            b = row // nb
-            lo = (row - b * nb) * lb
-            n = min(lo + lb, L) - lo
-            col_a = HD + 2 * KD + h
-            acc = F0
-            for i in range(n):
-                s = F0
-                for k in range(lph):
-                    s += part[i * tpb + tx * lph + k]
-                dz[b * L + lo + i, col_a] = store(s)
-                acc += s
-            dbias[row, 2 * KD + h] = acc
+                    cuda.atomic.add(dbias, row + kc0 + k, pb[k])
+                    cuda.atomic.add(dbias, row + KD + kc0 + k, pc[k])
+            if lead:
+                dbias[row + 2 * KD + h] = pah
+            half = 1 - half
+            j -= 1
 
+    phalanx_mix_backward.__name__ = phalanx_mix_backward.__qualname__ = (
+        f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}")
     return cuda.jit(phalanx_mix_backward)
 
 
@@ -491,6 +535,11 @@ TUNING = {
     "fwd_chunk_steps": 128,
     "fwd_threads_per_block": 256,
     "fwd_min_blocks": 0,  # > 0: launch bounds asking for this many blocks per SM (fewer registers)
+    # backward: the same knobs
+    "bwd_access_bytes": 16,
+    "bwd_unroll": 4,
+    "bwd_chunk_steps": 256,
+    "bwd_threads_per_block": 256,
 }
 """Launch tuning of the fused kernels, chosen by scripts/phalanx_dev.py on an H200."""
 
@@ -506,10 +555,10 @@ def forward_kernel(kind: str, vec: int, unroll: int):
     return _CACHE[key]
 
 
-def backward_kernel(kind: str, vec: int, vload: bool):
-    key = ("bwd", kind, vec, vload)
+def backward_kernel(kind: str, vec: int, vector: bool, unroll: int):
+    key = ("bwd", kind, vec, vector, unroll)
     if key not in _CACHE:
-        _CACHE[key] = _make_backward(kind, vec, vload)
+        _CACHE[key] = _make_backward(kind, vec, vector, unroll)
     return _CACHE[key]
 
 
@@ -542,28 +591,38 @@ def forward_config(kind: str, heads: int, head_dim: int, aligned=True):
         TUNING["fwd_unroll"]
 
 
-def _widest(head_dim: int, limit: int = 4) -> int:
-    for v in (4, 2, 1):
-        if v <= limit and head_dim % v == 0:
-            return v
-    return 1
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
-def backward_config(kind: str, heads: int, head_dim: int, block_len: int):
-    """(vec, vload, lph, tpb) of the backward kernel, or None when the fused backward
-    does not take these shapes (block_len > LMAX, or a head wider than a thread block)."""
+
+def backward_config(kind: str, heads: int, head_dim: int, block_len: int, aligned=True):
+    """(vec, vector, unroll, lph) of the backward kernel: channels per thread, whether they are
+    read with one access, steps per load batch, threads per head (a power of two up to 32);
+    None when it does not take these shapes (block_len > LMAX, or no vec splits the head into a
+    power of two of lanes, up to 32: then the layer composes swr_vjp and CuPy elementwise ops)."""
     if block_len > LMAX:
         return None
-    vec = _widest(head_dim, max(1, min(4, LMAX // block_len)))
-    lph = head_dim // vec
-    if lph > TPB:
-        return None
-    vload = kind == "bf16" and vec > 1 and heads % vec == 0
-    return vec, vload, lph, lph * (TPB // lph)
+    unroll = TUNING["bwd_unroll"]
+    if aligned:
+        for v in _widths(kind, TUNING["bwd_access_bytes"]):
+            lph = head_dim // v
+            if (v > 1 and head_dim % v == 0 and heads % v == 0 and _pow2(lph) and lph <= 32
+                    and block_len * v <= BUF):
+                return v, True, unroll, lph
+    if _pow2(head_dim) and head_dim <= 32:
+        return 1, False, unroll, head_dim
+    return None
+
+
+def aligned(*arrays) -> bool:
+    """Whether every array's data starts at a multiple of 16 bytes (always, in the simulator)."""
+    if SIMULATOR:
+        return True
+    return all(a.data.ptr % 16 == 0 for a in arrays)
 
 
 _STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
-_WORD = {2: types.uint32, 4: types.uint64}
 
 
 def kernel_signatures():
@@ -578,13 +637,12 @@ def kernel_signatures():
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
             out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"]), sig))
-        f2 = types.Array(fl, 2, "C")
-        for vec in (1, 2, 4):
-            for vload in ((False, True) if kind == "bf16" and vec > 1 else (False,)):
-                w2 = types.Array(_WORD[vec], 2, "C") if vload else m2
-                sig = ((m2, w2, m2, w2, v1, v1, v1, m2, w2, m2, w2, f2, f2, f2)
-                       + (i64,) * 4 + (fl,) + (i64,) * 6)
-                out.append((backward_kernel(kind, vec, vload), sig))
+        bsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
+        un = TUNING["bwd_unroll"]
+        for vec in _widths(kind, TUNING["bwd_access_bytes"]):
+            if vec > 1:
+                out.append((backward_kernel(kind, vec, True, un), bsig))
+        out.append((backward_kernel(kind, 1, False, un), bsig))
         st3 = types.Array(fl, 3, "C")
         sig = (m2, v1, v1, v1, m2) + (st3,) * 8 + (i64,) * 3 + (fl,) + (i64,) * 4
         out.append((decode_kernel(kind), sig))
@@ -614,20 +672,9 @@ def _like(x, shape, dtype=np.float32):
     return cupy.zeros(shape, dtype)
 
 
-def _views(x, kind, vload, vec):
-    v = storage_view(x, kind)
-    return v, (v.view(np.uint64 if vec == 4 else np.uint32) if vload else v)
-
-
 def _flat(x, kind):
     """x's storage view (uint16 bits for bfloat16), 1-D, no copy (x is C-contiguous)."""
     return storage_view(x, kind).reshape(-1)
-
-
-def _aligned(*arrays) -> bool:
-    if SIMULATOR:
-        return True
-    return all(a.data.ptr % 16 == 0 for a in arrays)
 
 
 def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_heads, decay_max,
@@ -641,7 +688,7 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
     (w, g, cv, cC) (B, H, D) float32 receive the state after the last token.
     """
     kind = storage_kind(z.dtype)
-    vec, unroll = forward_config(kind, heads, head_dim, _aligned(z, y))
+    vec, unroll = forward_config(kind, heads, head_dim, aligned(z, y))
     nvec = heads * head_dim // vec
     nb = -(-(offset + length) // block_len)
     chunk_blocks = max(1, min(nb, TUNING["fwd_chunk_steps"] // block_len))
@@ -671,33 +718,38 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
                      kv_heads, decay_max, block_len, hops, acc_b=None, acc_c=None, stream=None):
     """Launch ``phalanx_mix_backward`` (from position 0).
 
-    Inputs z (B*L, W), dy (B*L, H*D); outputs dz (B*L, W), y (B*L, H*D) (all one dtype) and
-    dbias (B*nb, 2*KV*D + H) float32: per (batch, block) row the partial sums of the gradients of
-    [b_b | b_c | b_a]. With kv groups (kv_heads < heads) the Bg and C columns of dz are summed
-    over heads with atomics into acc_b, acc_c (B*L, KV*D) float32, which must be zeroed (and so
-    must dbias); the caller copies them into dz. Use :func:`backward_config` to check the shapes.
+    Inputs z (B*L, W), dy (B*L, H*D); outputs dz (B*L, W), y (B*L, H*D) (all one dtype,
+    C-contiguous) and dbias (B*nb, 2*KV*D + H) float32: per (batch, block) row the partial sums
+    of the gradients of [b_b | b_c | b_a]. With kv groups (kv_heads < heads) the Bg and C columns
+    of dz are summed over heads with atomics into acc_b, acc_c (B*L, KV*D) float32, which must be
+    zeroed (and so must dbias); the caller copies them into dz. Use :func:`backward_config` (with
+    :func:`aligned` of z, dy, dz, y) to check the shapes.
     """
     kind = storage_kind(z.dtype)
-    vec, vload, lph, tpb = backward_config(kind, heads, head_dim, block_len)
+    cfg = backward_config(kind, heads, head_dim, block_len, aligned(z, dy, dz, y))
+    if cfg is None:
+        raise ValueError(f"the fused backward does not take head_dim={head_dim}, "
+                         f"block_len={block_len} with these arrays (see backward_config)")
+    vec, vector, unroll, lph = cfg
     nvec = heads * head_dim // vec
     nb = -(-length // block_len)
-    total = batch * nb * nvec
+    chunk_blocks = max(1, min(nb, TUNING["bwd_chunk_steps"] // block_len))
+    nchunks = -(-nb // chunk_blocks)
+    total = batch * nchunks * nvec
     if total == 0:
         return
-    dummy = _like(z, (1, 1))
-    zv, zw = _views(z, kind, vload, vec)
-    dyv, dyw = _views(dy, kind, vload, vec)
-    dzv, dzw = _views(dz, kind, vload, vec)
-    yv, yw = _views(y, kind, vload, vec)
+    dummy = _like(z, (1,))
     i64 = np.int64
-    args = (zv, zw, dyv, dyw, storage_view(b_a, kind), storage_view(b_b, kind),
-            storage_view(b_c, kind), dzv, dzw, yv, yw, dbias,
-            dummy if acc_b is None else acc_b, dummy if acc_c is None else acc_c,
+    args = (_flat(z, kind), _flat(dy, kind), _flat(b_a, kind), _flat(b_b, kind),
+            _flat(b_c, kind), _flat(dz, kind), _flat(y, kind), dbias.reshape(-1),
+            dummy if acc_b is None else acc_b.reshape(-1),
+            dummy if acc_c is None else acc_c.reshape(-1),
             i64(length), i64(heads), i64(head_dim), i64(heads // kv_heads),
-            np.float32(decay_max), i64(block_len), i64(hops), i64(nvec), i64(nb), i64(total),
-            i64(lph))
-    launch(backward_kernel(kind, vec, vload), (-(-total // tpb),), (tpb,), args, stream,
-           shared_mem=block_len * tpb * 4)
+            np.float32(decay_max), i64(block_len), i64(hops), i64(nvec), i64(nb),
+            i64(chunk_blocks), i64(nchunks), i64(total), i64(lph))
+    # the simulator has no warp shuffles: there a thread block is one head's lanes
+    tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
+    launch(backward_kernel(kind, vec, vector, unroll), (-(-total // tpb),), (tpb,), args, stream)
 
 
 def phalanx_decode(z, b_a, b_b, b_c, y, state_in, state_out, *, heads, head_dim, kv_heads,

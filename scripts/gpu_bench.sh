@@ -5,8 +5,10 @@
 # carried peer wheels, builds spear's BTP extension in the background (benchmarks/build_spear.sh),
 # and runs `python -m swr_array bench --markdown`, everything written to $OUT (default
 # bench_results/): bench.json, bench.png, benchmarks.md, benchmarks.png, gpu_bench.log,
-# spear_build.log. Every peer is optional: one that fails to install, build or run is skipped with
-# its reason in the log and the page. Runs in about 5 minutes (BENCH_BUDGET, BENCH_TIMEOUT).
+# spear_build.log; then benchmarks/phalanx_bench.py (with spear's layer): phalanx_bench.{json,log,
+# md}. Every peer is optional: one that fails to install, build or run is skipped with its reason
+# in the log and the page. Runs in about 7 minutes (BENCH_BUDGET, BENCH_TIMEOUT, PHALANX=0 skips
+# the layer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -67,6 +69,16 @@ stamp "running ${BENCH[*]}"
   --time-budget "${BENCH_BUDGET:-250}" "$@")
 rc=$?
 [ "$rc" = 124 ] && stamp "the benchmark hit its ${BENCH_TIMEOUT:-300} s limit: partial bench.json"
+
+# 5. the Phalanx layer (ours vs its GEMMs and spear's layer, same process), unless PHALANX=0
+if [ "${PHALANX:-1}" != 0 ]; then
+  stamp "running benchmarks/phalanx_bench.py"
+  (cd /tmp && timeout -k 10 "${PHALANX_TIMEOUT:-240}" python3 "$ROOT/benchmarks/phalanx_bench.py" \
+    --out "$OUT" --spear-build "$SPEAR_DIR" --spear-wait 120 >"$OUT/phalanx_bench.log" 2>&1)
+  stamp "phalanx_bench exit $?"
+  sed -n '/^| B x L/,$p' "$OUT/phalanx_bench.log" >"$OUT/phalanx_bench.md"
+  cat "$OUT/phalanx_bench.md"
+fi
 
 if [ -n "$spear_pid" ] && kill -0 "$spear_pid" 2>/dev/null; then
   stamp "spear build still running: stopping it"

@@ -545,8 +545,9 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z):
     col = reference.phalanx_columns(cfg.heads, cfg.head_dim, cfg.kv_heads)
     cfg_b = None
     if hops in (0, 1):
-        cfg_b = _nk().phalanx_fused.backward_config(_kind(cfg.dtype), cfg.heads, cfg.head_dim,
-                                                     block_len)
+        pf = _nk().phalanx_fused
+        cfg_b = pf.backward_config(_kind(cfg.dtype), cfg.heads, cfg.head_dim, block_len,
+                                   pf.aligned(z, dy))
     if M == 0:
         dz = cp.zeros((M, cfg.width), cfg.dtype)
         y = cp.zeros((M, cfg.hd), cfg.dtype)

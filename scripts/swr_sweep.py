@@ -1,0 +1,132 @@
+"""Quick launch-tuning sweep of the SWR kernels on the GPU (bf16, hops=1, l=16, H=128 x D=16,
+per-head a), one size: the forward's TUNING knobs and the backward's chunk/threads/lanes.
+
+    python scripts/swr_sweep.py [--size 16x2048]
+
+CUDA events around 20 back-to-back kernel calls, median of 7 runs; every variant's output is
+compared with the default's (max relative difference). The floor is bytes moved over the
+device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import statistics
+import sys
+
+
+def gpu_time(fn, runs=7, calls=20):
+    import cupy as cp
+
+    fn()
+    cp.cuda.Device().synchronize()
+    out = []
+    for _ in range(runs):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(cp.cuda.get_elapsed_time(a, b) / calls)
+    return statistics.median(out)
+
+
+def rel(x, r):
+    import cupy as cp
+
+    x, r = x.astype(cp.float32), r.astype(cp.float32)
+    return float(cp.abs(x - r).max() / cp.abs(r).max())
+
+
+def sweep(layout, B, L, bw):
+    import cupy as cp
+    import ml_dtypes
+    SB = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    SF = importlib.import_module("swr_array.numba_kernels.swr_forward")
+
+    bf16 = ml_dtypes.bfloat16
+    H, D = 128, 16
+    rng = cp.random.default_rng(1)
+    shape = (B, L, H, D) if layout == "BLHD" else (B, H, D, L)
+    ashape = (B, L, H) if layout == "BLHD" else (B, H, L)
+    u = rng.standard_normal(shape, dtype=cp.float32).astype(bf16)
+    dy = rng.standard_normal(shape, dtype=cp.float32).astype(bf16)
+    a = (0.5 + 0.5 * rng.random(ashape, dtype=cp.float32)).astype(bf16)
+    y = cp.empty_like(u)
+    du, da = cp.empty_like(u), cp.empty_like(a)
+    carry = cp.zeros((B, H, D), cp.float32)
+    kw = dict(layout=layout, block_len=16, hops=1, offset=0, w0=None, g0=None, carry=carry)
+    floor_f = (u.nbytes * 2 + a.nbytes) / bw / 1e9
+    floor_b = (u.nbytes * 3 + a.nbytes * 2) / bw / 1e9  # a, u, dy read; du, da written
+
+    def fwd():
+        SF.swr_forward(a, u, y, **kw)
+
+    saved = dict(SF.TUNING)
+    fwd()
+    ref = y.copy()
+    t = gpu_time(fwd)
+    print(f"{layout} fwd default: {t:.4f} ms ({t / floor_f:.2f}x floor {floor_f:.4f})", flush=True)
+    if layout == "BLHD":
+        grid = [dict(blhd_unroll=un, blhd_chunk_steps=cs, blhd_threads_per_block=tp)
+                for un, cs, tp in itertools.product((2, 4, 8), (64, 128, 256), (128, 256))]
+    else:
+        grid = [dict(bhdl_rows_per_warp=r, threads_per_sm=ts, bhdl_threads_per_block=tp)
+                for r, ts, tp in itertools.product((1, 2, 4), (1024, 2048, 4096), (128, 256))]
+    for knobs in grid:
+        for k, v in knobs.items():
+            SF.TUNING[k] = v
+        try:
+            y[...] = cp.nan
+            fwd()
+            d = rel(y, ref)
+            t = gpu_time(fwd)
+            print(f"  fwd {knobs}: {t:.4f} ms ({t / floor_f:.2f}x) diff {d:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  fwd {knobs}: failed {exc}", flush=True)
+        for k, v in saved.items():
+            SF.TUNING[k] = v
+
+    def bwd(**opt):
+        SB.swr_backward(a, u, dy, du, da, layout=layout, block_len=16, hops=1, carry=carry,
+                        **opt)
+
+    bwd()
+    ref_du, ref_da = du.copy(), da.copy()
+    t = gpu_time(bwd)
+    print(f"{layout} bwd default: {t:.4f} ms ({t / floor_b:.2f}x floor {floor_b:.4f})",
+          flush=True)
+    for bpc, th in itertools.product((4, 8, 16, 32), (64, 128, 256)):
+        opt = dict(blocks_per_chunk=bpc, threads=th)
+        try:
+            du[...] = cp.nan
+            bwd(**opt)
+            d = max(rel(du, ref_du), rel(da, ref_da))
+            t = gpu_time(lambda: bwd(**opt))  # noqa: B023
+            print(f"  bwd {opt}: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  bwd {opt}: failed {exc}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="16x2048")
+    args = ap.parse_args()
+    import cupy as cp
+
+    B, L = (int(p) for p in args.size.split("x"))
+    buf = cp.empty(256 * 2**20 // 4, cp.float32)
+    dst = cp.empty_like(buf)
+    t = gpu_time(lambda: dst.__setitem__(Ellipsis, buf))
+    bw = 2 * buf.nbytes / t / 1e9
+    print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"copy {bw:.2f} TB/s")
+    for layout in ("BLHD", "BHDL"):
+        sweep(layout, B, L, bw)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
