@@ -58,7 +58,8 @@ def sweep(layout, B, L, bw):
     y = cp.empty_like(u)
     du, da = cp.empty_like(u), cp.empty_like(a)
     carry = cp.zeros((B, H, D), cp.float32)
-    kw = dict(layout=layout, block_len=16, hops=1, offset=0, w0=None, g0=None, carry=carry)
+    ones = cp.ones((B, H, D), cp.float32)
+    kw = dict(layout=layout, block_len=16, hops=1, offset=0, w0=carry, g0=ones, carry=carry)
     floor_f = (u.nbytes * 2 + a.nbytes) / bw / 1e9
     floor_b = (u.nbytes * 3 + a.nbytes * 2) / bw / 1e9  # a, u, dy read; du, da written
 
