@@ -13,23 +13,24 @@ read it as it is, with no transposes:
   partial sums of the bias gradients, so the layer's backward is four GEMMs and this kernel.
 - ``phalanx_decode_step``: one token for a batch, the state updated out of place.
 
-Work split: one thread owns ``VEC`` adjacent channels of one head for one block of ``block_len``
-tokens (a "row" is one (batch, block) pair; a row's threads are consecutive, so a warp reads
-contiguous bytes of one token row at each step). With hops=1 a thread recomputes the previous
-block's carrier (forward) or the next block's gradient sum q (backward) instead of communicating
-with other threads: blocks stay independent, at the cost of re-reading neighbouring blocks,
-which the L2 cache serves.
+Work split (forward and backward): one thread owns ``VEC`` adjacent channels of one head (up to
+16 bytes of each array per access) over a chunk of consecutive blocks of one batch row; a row's
+threads are consecutive, so a warp reads contiguous bytes of one token row at each step. The
+forward walks its chunk in time order (with hops=1 after re-walking the block before it for the
+first carrier); the backward walks its chunk's blocks from the last to the first (see
+``_make_backward``). Loads of a few steps are issued together before their arithmetic, so that
+many are in flight per thread. Launch knobs live in ``TUNING`` (scripts/phalanx_dev.py sweeps
+them).
 
 Backward math per channel (hops=1, S = carrier of the previous block, ds = dY * C):
     lam_t = ds_t + a_{t+1} lam_{t+1},  lam_end = ds_end + q_{j+1}     (du = lam)
-    z_t   = ds_t + a_{t+1} z_{t+1},    z_end = ds_end
+    z_t   = ds_t + a_{t+1} z_{t+1},    z_end = ds_end,   q_j = a_first z_first
     a_t da_t = (a_t w_{t-1}) lam_t + g_t S z_t
 and with A = decay_max * sigmoid(z_a), dz_a = da * A * (1 - sigmoid) = (a_t da_t) (1 - sigmoid):
-no division by a_t, no w_{t-1} needed. The per-head sum of a_t da_t over the head's channels
-goes through shared memory (one barrier per thread block).
+no division by a_t. The per-head sum of a_t da_t over the head's lanes goes through warp
+shuffles (in the simulator, which has none, a thread block is one head's lanes).
 
-bfloat16 arrays arrive as uint16 views; with ``VEC`` 2 or 4 and aligned rows they are also read
-and written through uint32 / uint64 views (two or four values per access).
+bfloat16 arrays arrive as uint16 views.
 """
 
 from __future__ import annotations
