@@ -572,6 +572,7 @@ TUNING = _Tuning({
     "blhd_access_bytes": 16,
     "blhd_unroll": 4,
     "blhd_chunk_steps": 128,
+    "blhd_chunk_steps_f32": 256,  # float32 inputs: half the channels per thread, twice the steps
     "blhd_threads_per_block": 256,
     # BHDL: channel rows per warp (their per-head `a` loads hit L1), resident threads to aim for
     # per SM when rows are split into chunks, shortest chunk in warp iterations
@@ -583,7 +584,8 @@ TUNING = _Tuning({
     "bhdl_threads_per_block": 128,
 })
 """Launch tuning, chosen by scripts/kfwd_bench.py on an H100 and retuned with scripts/swr_sweep.py
-on an H200 (BLHD unroll 4 over 128-step chunks: 0.083 vs 0.090 ms at 16 x 2048)."""
+on an H200 (BLHD unroll 4 over 128-step chunks: 0.083 vs 0.090 ms at 16 x 2048; float32 over
+256-step chunks: 0.152 vs 0.172 ms at 4 x 8192)."""
 
 _kernels: dict = {}
 
@@ -678,7 +680,8 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
         vec = _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned)
         kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, _unroll(mode, vec))
         groups = channels // vec
-        chunk_blocks = max(1, min(nb, TUNING["blhd_chunk_steps"] // block_len))
+        steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
+        chunk_blocks = max(1, min(nb, steps // block_len))
         nchunks = -(-nb // chunk_blocks)
         nwork = batch * groups * nchunks
         grid = -(-nwork // block)

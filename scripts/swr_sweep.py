@@ -41,13 +41,13 @@ def rel(x, r):
     return float(cp.abs(x - r).max() / cp.abs(r).max())
 
 
-def sweep(layout, B, L, bw):
+def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True):
     import cupy as cp
     import ml_dtypes
     SB = importlib.import_module("swr_array.numba_kernels.swr_backward")
     SF = importlib.import_module("swr_array.numba_kernels.swr_forward")
 
-    bf16 = ml_dtypes.bfloat16
+    bf16 = ml_dtypes.bfloat16 if dtype == "bf16" else cp.float32
     H, D = 128, 16
     rng = cp.random.default_rng(1)
     shape = (B, L, H, D) if layout == "BLHD" else (B, H, D, L)
@@ -59,7 +59,7 @@ def sweep(layout, B, L, bw):
     du, da = cp.empty_like(u), cp.empty_like(a)
     carry = cp.zeros((B, H, D), cp.float32)
     ones = cp.ones((B, H, D), cp.float32)
-    kw = dict(layout=layout, block_len=16, hops=1, offset=0, w0=carry, g0=ones, carry=carry)
+    kw = dict(layout=layout, block_len=block_len, hops=1, offset=0, w0=carry, g0=ones, carry=carry)
     floor_f = (u.nbytes * 2 + a.nbytes) / bw / 1e9
     floor_b = (u.nbytes * 3 + a.nbytes * 2) / bw / 1e9  # a, u, dy read; du, da written
 
@@ -70,10 +70,11 @@ def sweep(layout, B, L, bw):
     fwd()
     ref = y.copy()
     t = gpu_time(fwd)
-    print(f"{layout} fwd default: {t:.4f} ms ({t / floor_f:.2f}x floor {floor_f:.4f})", flush=True)
+    print(f"{layout} {dtype} l={block_len} fwd default: {t:.4f} ms ({t / floor_f:.2f}x floor "
+          f"{floor_f:.4f})", flush=True)
     if layout == "BLHD":
         grid = [dict(blhd_unroll=un, blhd_chunk_steps=cs, blhd_threads_per_block=tp)
-                for un, cs, tp in itertools.product((2, 4, 8), (64, 128, 256), (128, 256))]
+                for un, cs, tp in itertools.product((2, 4, 8), (64, 128, 256, 512), (256,))]
     else:
         grid = [dict(bhdl_rows_per_warp=r, threads_per_sm=ts, bhdl_threads_per_block=tp)
                 for r, ts, tp in itertools.product((1, 2, 4), (1024, 2048, 4096), (128, 256))]
@@ -90,6 +91,9 @@ def sweep(layout, B, L, bw):
             print(f"  fwd {knobs}: failed {exc}", flush=True)
         for k, v in saved.items():
             SF.TUNING[k] = v
+
+    if not backward:
+        return
 
     def bwd(**opt):
         SB.swr_backward(a, u, dy, du, da, layout=layout, block_len=16, hops=1, carry=carry,
@@ -115,6 +119,10 @@ def sweep(layout, B, L, bw):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="16x2048")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--block-len", type=int, default=16)
+    ap.add_argument("--layouts", default="BLHD,BHDL")
+    ap.add_argument("--forward-only", action="store_true")
     args = ap.parse_args()
     import cupy as cp
 
@@ -124,8 +132,8 @@ def main():
     t = gpu_time(lambda: dst.__setitem__(Ellipsis, buf))
     bw = 2 * buf.nbytes / t / 1e9
     print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"copy {bw:.2f} TB/s")
-    for layout in ("BLHD", "BHDL"):
-        sweep(layout, B, L, bw)
+    for layout in args.layouts.split(","):
+        sweep(layout, B, L, bw, args.dtype, args.block_len, not args.forward_only)
     return 0
 
 
