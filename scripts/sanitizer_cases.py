@@ -1,4 +1,5 @@
-"""Small runs of every SWR kernel path, for compute-sanitizer (memcheck, racecheck).
+"""Small runs of every SWR and fused Phalanx kernel path, for compute-sanitizer (memcheck,
+racecheck).
 
 CuPy's memory pool is switched off so that an out-of-bounds access is not hidden inside a larger
 pooled allocation. Exits non-zero if any result disagrees with the reference.
@@ -39,6 +40,24 @@ for layout in ("BHDL", "BLHD"):
                     if not err < 2e-2:
                         bad += 1
                         print("MISMATCH", layout, per_head, hops, dtype, B, H, D, N, l, err)
+
+# the Phalanx layer's fused kernels: forward (chunk walk; 300 tokens are three chunks), backward
+# (block walk; two chunks), 16-byte (8 heads of 16) and narrower accesses, kv groups, partial blocks
+for dtype in (ml_dtypes.bfloat16,) if quick else (np.float32, ml_dtypes.bfloat16):
+    for (dim, kv, B, L) in ((128, None, 1, 300), (48, 1, 2, 37)):
+        p = sa.init_phalanx(dim, kv_heads=kv, dtype=dtype, seed=1)
+        x = rng.standard_normal((B, L, dim)).astype(dtype)
+        dout = rng.standard_normal((B, L, dim)).astype(dtype)
+        pc = {k: cupy.asarray(v) for k, v in p.items()}
+        out = sa.phalanx(cupy.asarray(x), pc)
+        dx, _ = sa.phalanx_vjp(cupy.asarray(x), pc, cupy.asarray(dout))
+        for name, got, ref in (("phalanx", out, sa.phalanx(x, p)),
+                               ("phalanx_vjp dx", dx, sa.phalanx_vjp(x, p, dout)[0])):
+            ref = np.asarray(ref, np.float64)
+            err = np.abs(got.get().astype(np.float64) - ref).max() / (np.abs(ref).max() + 1)
+            if not err < 3e-2:
+                bad += 1
+                print("MISMATCH", name, dtype, dim, kv, B, L, err)
 cupy.cuda.runtime.deviceSynchronize()
 print("sanitizer cases done, mismatches:", bad)
 sys.exit(1 if bad else 0)
