@@ -104,37 +104,28 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_forward_matches_reference(case):
-    c = Case(*case, seed=hash(case) % 2**32)
+def check_forward(c):
     y = c.poisoned((c.B * c.L, c.H * c.D))
     PF.phalanx_forward(dev(c.z), *c.biases(), y, batch=c.B, length=c.L, **c.kw)
     assert rel(y, c.ref_forward().reshape(c.B * c.L, -1)) < TOL[c.kind]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_backward_matches_reference(case):
-    c = Case(*case, seed=hash(case) % 2**32 + 1)
+def check_backward(c):
     z = c.f64(c.z).reshape(c.B, c.L, c.W)
     dz_ref, y_ref = R.phalanx_mix_vjp(z, c.f64(c.b_a), c.f64(c.b_b), c.f64(c.b_c),
                                       c.f64(c.dy).reshape(c.B, c.L, -1), **c.kw)
     dz_ref = dz_ref.reshape(c.B * c.L, -1)
     nb = -(-c.L // c.block_len)
     grouped = c.KV < c.H
+    hd, kd = c.H * c.D, c.KV * c.D
     dz = c.poisoned((c.B * c.L, c.W))
-    y = c.poisoned((c.B * c.L, c.H * c.D))
-    nbias = c.W - c.H * c.D
-    parts = dev(np.zeros((c.B * nb, nbias), np.float32)) if grouped else \
-        c.poisoned((c.B * nb, nbias), np.float32)
-    acc = [dev(np.zeros((c.B * c.L, c.KV * c.D), np.float32)) if grouped else None
-           for _ in range(2)]
-    if not PF._pow2(c.D):  # not taken by the fused backward: the layer composes swr_vjp
-        assert PF.backward_config(c.kind, c.H, c.D, c.block_len) is None
-        return
+    y = c.poisoned((c.B * c.L, hd))
+    parts = dev(np.zeros((c.B * nb, c.W - hd), np.float32)) if grouped else \
+        c.poisoned((c.B * nb, c.W - hd), np.float32)
+    acc = [dev(np.zeros((c.B * c.L, kd), np.float32)) if grouped else None for _ in range(2)]
     PF.phalanx_backward(dev(c.z), dev(c.dy), *c.biases(), dz, y, parts, batch=c.B, length=c.L,
                         acc_b=acc[0], acc_c=acc[1], **c.kw)
     dz = host(dz).astype(np.float64)
-    hd, kd = c.H * c.D, c.KV * c.D
     if grouped:
         dz[:, hd:hd + kd] = host(acc[0])
         dz[:, hd + kd:hd + 2 * kd] = host(acc[1])
@@ -142,6 +133,20 @@ def test_backward_matches_reference(case):
     assert rel(y, y_ref.reshape(c.B * c.L, -1)) < TOL[c.kind]
     # bias gradients: the partial sums add up to the column sums of dz
     assert rel(host(parts).sum(axis=0), dz_ref[:, hd:].sum(axis=0)) < TOL[c.kind]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_matches_reference(case):
+    check_forward(Case(*case, seed=hash(case) % 2**32))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_backward_matches_reference(case):
+    c = Case(*case, seed=hash(case) % 2**32 + 1)
+    if not PF._pow2(c.D):  # not taken by the fused backward: the layer composes swr_vjp
+        assert PF.backward_config(c.kind, c.H, c.D, c.block_len) is None
+        return
+    check_backward(c)
 
 
 @pytest.fixture
@@ -170,30 +175,8 @@ def test_chunks_match_reference(case, small_tiles):
     small_tiles(fwd_chunk_steps=2 * case[6], fwd_unroll=3, bwd_chunk_steps=2 * case[6],
                 bwd_unroll=3)
     c = Case(*case, seed=hash(case) % 2**32)
-    y = c.poisoned((c.B * c.L, c.H * c.D))
-    PF.phalanx_forward(dev(c.z), *c.biases(), y, batch=c.B, length=c.L, **c.kw)
-    assert rel(y, c.ref_forward().reshape(c.B * c.L, -1)) < TOL[c.kind]
-    z = c.f64(c.z).reshape(c.B, c.L, c.W)
-    dz_ref, y_ref = R.phalanx_mix_vjp(z, c.f64(c.b_a), c.f64(c.b_b), c.f64(c.b_c),
-                                      c.f64(c.dy).reshape(c.B, c.L, -1), **c.kw)
-    dz_ref = dz_ref.reshape(c.B * c.L, -1)
-    nb = -(-c.L // c.block_len)
-    grouped = c.KV < c.H
-    hd, kd = c.H * c.D, c.KV * c.D
-    dz = c.poisoned((c.B * c.L, c.W))
-    y = c.poisoned((c.B * c.L, hd))
-    parts = dev(np.zeros((c.B * nb, c.W - hd), np.float32)) if grouped else \
-        c.poisoned((c.B * nb, c.W - hd), np.float32)
-    acc = [dev(np.zeros((c.B * c.L, kd), np.float32)) if grouped else None for _ in range(2)]
-    PF.phalanx_backward(dev(c.z), dev(c.dy), *c.biases(), dz, y, parts, batch=c.B, length=c.L,
-                        acc_b=acc[0], acc_c=acc[1], **c.kw)
-    dz = host(dz).astype(np.float64)
-    if grouped:
-        dz[:, hd:hd + kd] = host(acc[0])
-        dz[:, hd + kd:hd + 2 * kd] = host(acc[1])
-    assert rel(dz, dz_ref) < TOL[c.kind]
-    assert rel(y, y_ref.reshape(c.B * c.L, -1)) < TOL[c.kind]
-    assert rel(host(parts).sum(axis=0), dz_ref[:, hd:].sum(axis=0)) < TOL[c.kind]
+    check_forward(c)
+    check_backward(c)
 
 
 @pytest.mark.parametrize("split", [3, 5, 9])
