@@ -71,10 +71,10 @@ __all__ = [
 ]
 
 LMAX = 64
-"""Largest block_len the fused kernels take (local buffers hold LMAX values per thread)."""
+"""Largest block_len the fused kernels take (the backward's checkpoint buffers are sized by it)."""
 
 TPB = 128
-"""Threads per block (the backward kernel uses the largest multiple of D/VEC not above it)."""
+"""Threads per block of the decode kernel."""
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
@@ -91,7 +91,7 @@ def _sigmoid(x):
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_forward(kind: str, vec: int, unroll: int, min_blocks: int = 0):
+def _make_forward(kind: str, vec: int, unroll: int):
     """The forward walk: a thread walks ``chunk_blocks`` consecutive blocks of its channels (and,
     with hops=1, the block before them first, storing nothing, for the chunk's first carrier).
     Each batch of ``unroll`` steps issues all its loads (VEC-wide, one access each) before any
@@ -200,10 +200,7 @@ def _make_forward(kind: str, vec: int, unroll: int, min_blocks: int = 0):
                         cC_out[st + k] = Cp[k]
 
     phalanx_mix_forward.__name__ = phalanx_mix_forward.__qualname__ = (
-        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}_min{min_blocks}")
-    if min_blocks and not SIMULATOR:  # at least min_blocks blocks per SM: caps the registers
-        bounds = (TUNING["fwd_threads_per_block"], min_blocks)
-        return cuda.jit(phalanx_mix_forward, launch_bounds=bounds)
+        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}")
     return cuda.jit(phalanx_mix_forward)
 
 
@@ -535,7 +532,6 @@ TUNING = {
     "fwd_unroll": 2,
     "fwd_chunk_steps": 128,
     "fwd_threads_per_block": 256,
-    "fwd_min_blocks": 0,  # > 0: launch bounds asking for this many blocks per SM (fewer registers)
     # backward: the same knobs
     "bwd_access_bytes": 16,
     "bwd_unroll": 4,
@@ -549,10 +545,9 @@ _ITEM = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 def forward_kernel(kind: str, vec: int, unroll: int):
-    min_blocks = TUNING["fwd_min_blocks"]
-    key = ("fwd", kind, vec, unroll, min_blocks, TUNING["fwd_threads_per_block"])
+    key = ("fwd", kind, vec, unroll)
     if key not in _CACHE:
-        _CACHE[key] = _make_forward(kind, vec, unroll, min_blocks)
+        _CACHE[key] = _make_forward(kind, vec, unroll)
     return _CACHE[key]
 
 
@@ -594,7 +589,6 @@ def forward_config(kind: str, heads: int, head_dim: int, aligned=True):
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
 
 
 def backward_config(kind: str, heads: int, head_dim: int, block_len: int, aligned=True):
@@ -650,27 +644,33 @@ def kernel_signatures():
     return out
 
 
-def launch(kernel, grid, block, args, stream=None, shared_mem=0):
-    """``_launch.launch``. In the simulator, NumPy arrays are wrapped without a copy so that two
-    views of one buffer (element and word views) stay one buffer (the simulator otherwise copies
-    each NumPy argument in and back out on its own, and the last copy wins), and the dynamic
-    shared memory size is passed on."""
+def launch(kernel, grid, block, args, stream=None):
+    """``_launch.launch``. In the simulator, NumPy arrays are wrapped without a copy (the
+    simulator otherwise copies each NumPy argument in and back out on its own)."""
     if SIMULATOR:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         args = tuple(FakeCUDAArray(a) if isinstance(a, np.ndarray) else a for a in args)
-        kernel[grid, block, 0, shared_mem](*args)
+        kernel[grid, block](*args)
         return
-    _launch(kernel, grid, block, args, stream, shared_mem)
+    _launch(kernel, grid, block, args, stream)
 
 
-def _like(x, shape, dtype=np.float32):
-    """A small scratch array on x's device (NumPy in the simulator)."""
+_DUMMIES: dict = {}
+
+
+def _dummy(x):
+    """A one-element float32 array on x's device for the arrays a launch does not use (the
+    kernels never touch it); one per device, not a new allocation and memset per launch."""
     if isinstance(x, np.ndarray):
-        return np.zeros(shape, dtype)
+        return np.zeros(1, np.float32)
     import cupy
 
-    return cupy.zeros(shape, dtype)
+    dev = cupy.cuda.runtime.getDevice()
+    d = _DUMMIES.get(dev)
+    if d is None:
+        d = _DUMMIES[dev] = cupy.zeros(1, np.float32)
+    return d
 
 
 def _flat(x, kind):
@@ -697,7 +697,7 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
     total = batch * nchunks * nvec
     if total == 0:
         return
-    dummy = _like(z, (1,))
+    dummy = _dummy(z)
 
     def st(x):
         return dummy if x is None else x.reshape(-1)
@@ -739,7 +739,7 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
     total = batch * nchunks * nvec
     if total == 0:
         return
-    dummy = _like(z, (1,))
+    dummy = _dummy(z)
     i64 = np.int64
     args = (_flat(z, kind), _flat(dy, kind), _flat(b_a, kind), _flat(b_b, kind),
             _flat(b_c, kind), _flat(dz, kind), _flat(y, kind), dbias.reshape(-1),

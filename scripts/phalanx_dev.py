@@ -19,20 +19,11 @@ import sys
 
 
 def gpu_time(fn, runs=15, calls=10):
-    import cupy as cp
+    """Median ms per call of ``calls`` back-to-back calls (swr_array.bench's CUDA-event timing)."""
+    from swr_array.bench import CupyTimer, time_calls
 
-    fn()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(runs):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b) / calls)
-    return statistics.median(times)
+    return statistics.median(time_calls(lambda _: fn(), 1, CupyTimer(), runs=runs, calls=calls,
+                                        warmup=1))
 
 
 def load_old(path):
@@ -109,23 +100,21 @@ def main():
             print(f"  old fwd {tf:.4f} ms {fwd_bytes / tf / 1e9:.2f} TB/s | "
                   f"old bwd {tb:.4f} ms {bwd_bytes / tb / 1e9:.2f} TB/s", flush=True)
         saved = dict(PF.TUNING)
-        fwd_grid = [(16, 2, 128, 0)] if args.quick else itertools.product(
-            (16,), (2,), (128,), (0,))
-        for ab, un, cs, mb in fwd_grid:
-            PF.TUNING.update(saved, fwd_access_bytes=ab, fwd_unroll=un, fwd_chunk_steps=cs,
-                             fwd_min_blocks=mb)
+        fwd_grid = [(16, 2, 128)] if args.quick else itertools.product(
+            (16, 8), (1, 2, 4), (64, 128, 256))
+        for ab, un, cs in fwd_grid:
+            PF.TUNING.update(saved, fwd_access_bytes=ab, fwd_unroll=un, fwd_chunk_steps=cs)
             try:
                 tf, yv = fwd(PF)
             except Exception as exc:  # noqa: BLE001
-                print(f"  fwd bytes={ab} unroll={un} chunk={cs} min_blocks={mb}: failed {exc}",
-                      flush=True)
+                print(f"  fwd bytes={ab} unroll={un} chunk={cs}: failed {exc}", flush=True)
                 continue
             if ref_f is None:
                 ref_f = yv
-            print(f"  fwd bytes={ab} unroll={un} chunk={cs} min_blocks={mb}: {tf:.4f} ms "
+            print(f"  fwd bytes={ab} unroll={un} chunk={cs}: {tf:.4f} ms "
                   f"{fwd_bytes / tf / 1e9:.2f} TB/s ({fwd_bytes / tf / 1e9 / bw:.0%} of copy) "
                   f"diff {rel(yv, ref_f):.1e}", flush=True)
-        bwd_grid = [(16, 2, 128, 256)] if args.quick else itertools.product(
+        bwd_grid = [(16, 4, 256, 256)] if args.quick else itertools.product(
             (16, 8), (1, 2, 4), (128, 256, 512), (256,))
         for ab, un, cs, th in bwd_grid:
             PF.TUNING.update(saved, bwd_access_bytes=ab, bwd_unroll=un, bwd_chunk_steps=cs,

@@ -18,20 +18,11 @@ import sys
 
 
 def gpu_time(fn, runs=7, calls=20):
-    import cupy as cp
+    """Median ms per call of ``calls`` back-to-back calls (swr_array.bench's CUDA-event timing)."""
+    from swr_array.bench import CupyTimer, time_calls
 
-    fn()
-    cp.cuda.Device().synchronize()
-    out = []
-    for _ in range(runs):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(cp.cuda.get_elapsed_time(a, b) / calls)
-    return statistics.median(out)
+    return statistics.median(time_calls(lambda _: fn(), 1, CupyTimer(), runs=runs, calls=calls,
+                                        warmup=1))
 
 
 def rel(x, r):
