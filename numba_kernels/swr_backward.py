@@ -53,8 +53,24 @@ from numba import cuda
 from ._dtypes import LOAD, SIMULATOR, STORE, f32_to_bf16, storage_kind
 from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
 from .block_scan import scratch_shape, warp_exchange
+from .swr_backward_channel import channel_config, channel_kernel
+from .swr_forward import _Tuning
 
-__all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan"]
+__all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan", "TUNING"]
+
+TUNING = _Tuning({
+    # BLHD channel kernel (swr_backward_channel): bytes of u one thread moves per step, steps whose
+    # loads are in flight together, chunk length in steps, threads per block
+    "channel_access_bytes": 16,
+    "channel_unroll": 8,
+    "channel_chunk_steps": 256,
+    "channel_threads_per_block": 256,
+    "channel_min_blocks": 0,  # launch bounds: blocks per SM the registers must allow (0: none)
+})
+"""Launch tuning of the BLHD channel kernel, chosen by scripts/swr_sweep.py on an H200 (bf16,
+l=16, 128 x 16: 8-step groups over 256-step chunks 0.173 ms; 4-step groups 0.219 ms; 128- or
+512-step chunks 0.184 / 0.268 ms; 8-byte accesses 0.278 ms; launch bounds of 2 blocks per SM
+0.232 ms)."""
 
 f32 = numba.float32
 i64 = numba.int64
@@ -855,9 +871,10 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
     ``(B, H, D, N)``, BLHD ``(B, N, H, D)``; dy like u (any of the three dtypes); da like a.
     ``carry``: ``(B, H, D)`` float32, the initial carry (x0, or zeros). ``dcarry``: ``(B, H, D)``
     float32 receiving d carry (zeros for hops=0), or None.
-    ``variant``: "auto" (the fused walk kernel where :func:`walk_plan` allows, else "general"),
-    "walk" or "general". ``blocks_per_chunk``: blocks each lane group walks (default: 16 for
-    BHDL, 8 for BLHD).
+    ``variant``: "auto" (BLHD: the channel kernel of swr_backward_channel where its
+    ``channel_config`` allows; then the fused walk kernel where :func:`walk_plan` allows; else
+    "general"), "channel" (BLHD), "walk" or "general". ``blocks_per_chunk``: blocks each lane
+    group of the walk kernel walks (default: 32 for BHDL, 8 for BLHD).
     ``threads``: threads per CTA of the walk kernel (a multiple of 32). ``lanes``: lanes per
     block of the walk kernel instead of :func:`walk_plan`'s choice (a tuning knob).
     """
@@ -883,9 +900,9 @@ def _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream
 
     arrays = (a, u, dy, du, da, carry, carry if dcarry is None else dcarry)
     ptrs = [data_pointer(x) for x in arrays]
-    misaligned = bool((ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 7)
+    misaligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15
     key = (runtime.getDevice(), layout, u.shape, a.shape, u.dtype, dy.dtype, block_len, hops,
-           dcarry is None, misaligned)  # fmt: skip
+           dcarry is None, misaligned, TUNING.version)  # fmt: skip
     plan = _plans.get(key)
     if plan is None:
         call = _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, "auto",
@@ -915,6 +932,17 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
             dcarry[...] = 0
         return None
     ku, kd = _kind(u), _kind(dy)
+    # absent optional arrays are replaced by carry: the kernels never touch them then
+    dc = _flat(dcarry, "f32") if has_dcarry else _flat(carry, "f32")
+    flag = np.int64(1 if has_dcarry else 0)
+    if layout == "BLHD" and variant in ("auto", "channel"):
+        call = _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku,
+                             kd, block_len, hops)
+        if call is not None:
+            return call
+        if variant == "channel":
+            raise ValueError(f"the channel kernel does not fit D={D}, block_len={block_len}, "
+                             f"dtypes {ku}/{kd} with these arrays")
     plan = None
     if variant in ("auto", "walk"):
         plan = walk_plan(layout, per_head, ku, kd, block_len, N, H, D, (a, u, dy, du, da))
@@ -929,15 +957,12 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
             if not fits:
                 raise ValueError(f"lanes={lanes} does not fit block_len={block_len} here")
             plan = (lanes, plan[1])
-    # absent optional arrays are replaced by carry: the kernels never touch them then
-    dc = _flat(dcarry, "f32") if has_dcarry else _flat(carry, "f32")
-    flag = np.int64(1 if has_dcarry else 0)
     if plan is not None:
         lanes, uph = plan
         kernel = _walk_kernel(ku, kd, layout, per_head, block_len, lanes, int(hops), uph, threads)
-        # measured on an H100 (bf16, D=16, 3 sizes): BHDL 1-2% faster with 16 than with 8
-        # blocks per chunk, BLHD best at 8; 4 is 2-7% slower for both
-        K = (16 if layout == "BHDL" else 8) if blocks_per_chunk is None else int(blocks_per_chunk)
+        # measured on an H200 (bf16, D=16): BHDL 2-3% faster with 32 blocks per chunk than with
+        # 16 (on an H100 16 beat 8 by 1-2%), BLHD best at 8
+        K = (32 if layout == "BHDL" else 8) if blocks_per_chunk is None else int(blocks_per_chunk)
         E = max(ELEMS_PER_WORD[ku], ELEMS_PER_WORD[kd])
         units = H * D // (E if layout == "BLHD" else 1)
         upc = threads // lanes
@@ -953,6 +978,31 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
     dummy = _flat(carry, "f32")
     return _general_args(kernel, a, u, dy, du, da, _flat(carry, "f32"), dc, dummy, dummy, dummy,
                          B, N, H, D, nb, flag, per_head, ku, kd)
+
+
+def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
+                  block_len, hops):  # fmt: skip
+    """(kernel, grid, block, args) of the BLHD channel kernel, or None where it does not fit."""
+    vec_arrays = (u, du) if per_head else (u, du, a, da)
+    cfg = channel_config(ku, kd, per_head, block_len, H, D, TUNING["channel_access_bytes"],
+                         [_address(x) for x in vec_arrays], _address(dy))
+    if cfg is None:
+        return None
+    vec, lph = cfg
+    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["channel_threads_per_block"]
+    kernel = channel_kernel(ku, kd, per_head, int(hops), vec, TUNING["channel_unroll"],
+                            N % block_len == 0 and block_len % TUNING["channel_unroll"] == 0,
+                            TUNING["channel_min_blocks"], tpb)
+    groups = H * D // vec
+    chunk_blocks = max(1, min(nb, TUNING["channel_chunk_steps"] // block_len))
+    nchunks = -(-nb // chunk_blocks)
+    nwork = B * nchunks * groups
+    # (the simulator has no warp shuffles: there a thread block is one head's lanes)
+    i64 = np.int64
+    args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
+            _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
+            i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(lph), flag)
+    return kernel, -(-nwork // tpb), tpb, args
 
 
 def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,

@@ -1,5 +1,6 @@
 """Quick launch-tuning sweep of the SWR kernels on the GPU (bf16, hops=1, l=16, H=128 x D=16,
-per-head a), one size: the forward's TUNING knobs and the backward's chunk/threads/lanes.
+per-head a), one size: the forward's TUNING knobs and the backward's (BLHD: the channel kernel's
+TUNING, against the lane-walk kernel; BHDL: chunk/threads).
 
     python scripts/swr_sweep.py [--size 16x2048]
 
@@ -32,7 +33,7 @@ def rel(x, r):
     return float(cp.abs(x - r).max() / cp.abs(r).max())
 
 
-def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True):
+def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=True):
     import cupy as cp
     import ml_dtypes
     SB = importlib.import_module("swr_array.numba_kernels.swr_backward")
@@ -63,7 +64,9 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True):
     t = gpu_time(fwd)
     print(f"{layout} {dtype} l={block_len} fwd default: {t:.4f} ms ({t / floor_f:.2f}x floor "
           f"{floor_f:.4f})", flush=True)
-    if layout == "BLHD":
+    if not forward:
+        grid = []
+    elif layout == "BLHD":
         grid = [dict(blhd_unroll=un, blhd_chunk_steps=cs, blhd_threads_per_block=tp)
                 for un, cs, tp in itertools.product((2, 4, 8), (64, 128, 256, 512), (256,))]
     else:
@@ -87,7 +90,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True):
         return
 
     def bwd(**opt):
-        SB.swr_backward(a, u, dy, du, da, layout=layout, block_len=16, hops=1, carry=carry,
+        SB.swr_backward(a, u, dy, du, da, layout=layout, block_len=block_len, hops=1, carry=carry,
                         **opt)
 
     bwd()
@@ -95,6 +98,34 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True):
     t = gpu_time(bwd)
     print(f"{layout} bwd default: {t:.4f} ms ({t / floor_b:.2f}x floor {floor_b:.4f})",
           flush=True)
+    if layout == "BLHD":
+        t = gpu_time(lambda: bwd(variant="walk"))
+        du[...] = cp.nan
+        bwd(variant="walk")
+        d = max(rel(du, ref_du), rel(da, ref_da))
+        print(f"  bwd lane-walk kernel: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
+        saved_b = dict(SB.TUNING)
+        grid = [dict(channel_chunk_steps=cs, channel_min_blocks=mb, channel_threads_per_block=tp,
+                     channel_unroll=un, channel_access_bytes=ab)
+                for cs, mb, tp, un, ab in (
+                    (256, 0, 256, 4, 16), (256, 0, 256, 8, 16), (128, 0, 256, 8, 16),
+                    (512, 0, 256, 8, 16), (128, 2, 256, 8, 16), (256, 0, 128, 8, 16),
+                    (128, 0, 128, 8, 16), (256, 0, 256, 16, 16), (256, 0, 256, 16, 8),
+                    (128, 0, 256, 16, 8), (256, 0, 256, 8, 8), (128, 0, 256, 8, 8))]
+        for knobs in grid:
+            for k, v in knobs.items():
+                SB.TUNING[k] = v
+            try:
+                du[...] = cp.nan
+                bwd()
+                d = max(rel(du, ref_du), rel(da, ref_da))
+                t = gpu_time(bwd)
+                print(f"  bwd {knobs}: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  bwd {knobs}: failed {exc}", flush=True)
+            for k, v in saved_b.items():
+                SB.TUNING[k] = v
+        return
     for bpc, th in itertools.product((4, 8, 16, 32), (64, 128, 256)):
         opt = dict(blocks_per_chunk=bpc, threads=th)
         try:
@@ -114,6 +145,7 @@ def main():
     ap.add_argument("--block-len", type=int, default=16)
     ap.add_argument("--layouts", default="BLHD,BHDL")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--backward-only", action="store_true")
     args = ap.parse_args()
     import cupy as cp
 
@@ -124,7 +156,8 @@ def main():
     bw = 2 * buf.nbytes / t / 1e9
     print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"copy {bw:.2f} TB/s")
     for layout in args.layouts.split(","):
-        sweep(layout, B, L, bw, args.dtype, args.block_len, not args.forward_only)
+        sweep(layout, B, L, bw, args.dtype, args.block_len, not args.forward_only,
+              not args.backward_only)
     return 0
 
 

@@ -187,6 +187,72 @@ def test_walk_short_and_without_dcarry(rng, layout):
 
 
 # ----------------------------------------------------------------------------------------------
+# The BLHD channel kernel (swr_backward_channel.py): a thread per channel vector walking blocks
+# from the last to the first
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def channel_tuning():
+    """The backward's TUNING, with 16-step chunks: tiny cases span several chunks (carrier and q
+    handed across chunk ends). Restored after the test."""
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    saved = dict(mod.TUNING)
+    mod.TUNING["channel_chunk_steps"] = 16
+    yield mod.TUNING
+    for k, v in saved.items():
+        mod.TUNING[k] = v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("hops", [0, 1])
+@pytest.mark.parametrize("per_head", [True, False], ids=["head", "channel"])
+@pytest.mark.parametrize("N", [40, 45], ids=["whole", "partial"])
+def test_channel_kernel(rng, channel_tuning, dtype, hops, per_head, N):
+    # D=16: a head on 2 (16-bit, 8 channels per thread) or 4 (float32) threads, so the head sum
+    # of da runs; block_len 8 with 4-step groups (two checkpoints per block); N=40: whole blocks
+    # (the unclamped specialisation), 45: a partial last block
+    channel_tuning["channel_unroll"] = 4
+    check_backward(rng, "BLHD", per_head, dtype, hops, block_len=8, D=16, N=N,
+                   x0_given=per_head, variant="channel")
+
+
+@pytest.mark.parametrize("block_len,unroll", [(16, 8), (32, 8), (64, 4), (8, 16)])
+def test_channel_block_lengths(rng, channel_tuning, block_len, unroll):
+    # groups of 8 or 4 steps over longer blocks (chunks of one block); 16-step groups over
+    # 8-step blocks take the clamped path
+    channel_tuning["channel_unroll"] = unroll
+    check_backward(rng, "BLHD", True, BF16, 1, block_len=block_len, H=1, D=16,
+                   N=3 * block_len, variant="channel")
+
+
+def test_channel_mixed_dy_and_lanes(rng, channel_tuning):
+    # dy float32 with bfloat16 a, u (two 16-byte loads of dy per step), 8 threads per head, no
+    # dcarry, two batches
+    check_backward(rng, "BLHD", True, BF16, 1, block_len=8, B=2, H=1, D=64, N=24,
+                   dy_dtype=np.float32, want_dcarry=False, variant="channel")
+
+
+def test_channel_kernel_is_chosen(rng):
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    X = xp()
+    names = {}
+    for D in (16, 3):
+        a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, D=D, N=32)
+        aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
+        carry = X.asarray(x0)
+        kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), "BLHD", 16, 1, carry, None,
+                                  "auto", None, 128, None)[0]
+        names[D] = kernel.py_func.__name__
+    assert names[16].startswith("swr_backward_channel_bf16_dy_bf16_per_head_hops1")
+    assert not names[3].startswith("swr_backward_channel")  # D=3: no channel vector fits
+
+
+# ----------------------------------------------------------------------------------------------
 # The general kernel: odd head dims, any block length, unaligned arrays
 # ----------------------------------------------------------------------------------------------
 

@@ -43,6 +43,12 @@ def _spec_list():
             specs.append(("walk", layout, "bf16", "bf16", True, 1, block_len))
         specs.append(("walk", layout, "bf16", "f32", True, 1, 16))
         specs.append(("general", layout, "bf16", "bf16", True, 1, 256))
+    for kind in DTYPES:  # the BLHD channel kernel (whole blocks)
+        for per_head in (True, False):
+            for hops in (0, 1):
+                specs.append(("channel", "BLHD", kind, kind, per_head, hops, 16))
+    specs.append(("channel", "BLHD", "bf16", "f32", True, 1, 16))
+    specs.append(("channel_partial", "BLHD", "bf16", "bf16", True, 1, 16))  # N % 16 != 0
     specs += [("scan", None, "f32", "f32", False, 0, 0), ("scan", None, "f32", "f32", False, 1, 0)]
     return specs
 
@@ -57,6 +63,7 @@ def _spec_id(spec):
 
 
 def _arrays(layout, ku, kd, per_head, N=64, B=1, H=4, D=16):
+    """Zero / one inputs of one spec (only their shapes and dtypes matter here)."""
     ushape = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
     ashape = ushape if not per_head else ((B, H, N) if layout == "BHDL" else (B, N, H))
     a = np.ones(ashape, DTYPES[ku])
@@ -91,7 +98,8 @@ def recorded_launch(spec, **options):
             x = np.zeros((3, 5), np.float32)
             scan.linear_scan(x, x, x.copy(), np.zeros(3, np.float32), reverse=bool(hops))
         else:
-            a, u, dy, bhd = _arrays(layout, ku, kd, per_head)
+            a, u, dy, bhd = _arrays(layout, ku, kd, per_head,
+                                    N=60 if what == "channel_partial" else 64)
             f32 = np.zeros(bhd, np.float32)
             nb = -(-u.shape[-1 if layout == "BHDL" else 1] // block_len)
             blk = np.zeros(bhd + (nb,), np.float32)
@@ -104,7 +112,7 @@ def recorded_launch(spec, **options):
             else:
                 mod.swr_backward(a, u, dy, u.copy(), a.copy(), layout=layout,
                                  block_len=block_len, hops=hops, carry=f32, dcarry=f32.copy(),
-                                 variant=what, **options)
+                                 variant=what.replace("_partial", ""), **options)
     finally:
         mod.launch, scan.launch = saved
     assert len(seen) == 1, seen
@@ -153,6 +161,10 @@ def test_compiles_to_ptx(spec):
         lanes, uph = mod.walk_plan(layout, per_head, ku, kd, block_len, 64, 4, 16)
         if lanes > 1 or (per_head and uph > 1):
             assert "shfl.sync" in ptx
+    if what.startswith("channel"):
+        assert "ld.global.v4.u32" in ptx  # 16 bytes of u per access
+        assert ("shfl.sync" in ptx) == per_head  # the head sum of da over 2 (16-bit) / 4 lanes
+        assert recorded_launch(spec)[0].py_func.__name__.endswith("_full") == (what == "channel")
 
 
 def test_fused_kernel_is_chosen_for_the_benchmark_shapes():

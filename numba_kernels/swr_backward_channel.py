@@ -1,0 +1,305 @@
+"""BLHD backward of hops 0/1: one thread per (batch, ``vec`` adjacent channels, chunk of blocks).
+
+The math is that of ``swr_backward`` (SPEC section 4): per block j, with S the carry entering it
+(hops=1: the previous block's carrier ``v_{j-1}``, ``carry`` for j = 0) and ``q_{j+1}`` the next
+block's sum of ``g_t dy_t``, a reverse sweep
+
+    lam_t = dy_t + a_{t+1} lam_{t+1},  lam_end = dy_end + q_{j+1}      (du_t = lam_t)
+    z_t   = dy_t + a_{t+1} z_{t+1},    z_end = dy_end,   q_j = a_first z_first
+    da_t  = lam_t w_{t-1} + S z_t g_{t-1}   (w_{-1} = 0, g_{-1} = 1 at a block start)
+
+summed over the head's channels for per-head coefficients; hops=0 has S = 0 and q = 0.
+
+Work split (as the fused Phalanx backward): a thread owns ``vec`` adjacent channels (one 16-byte
+access per step, coalesced across the warp: BLHD rows are channel contiguous) and walks its
+chunk's blocks from the last to the first. One forward walk of block j-1 gives S for block j and
+checkpoints of block j-1's state (w, g) before each group of ``unroll`` steps, kept in the other
+half of a two-block buffer; block j's reverse sweep takes its groups last to first, recomputes
+each group's forward states from its checkpoint in registers (from the loads it makes anyway),
+and ends with q_j, carried to block j-1 in registers. The chunk reads one block beyond each end:
+the one before it (its carrier) and the one after it (q). No shuffles inside a block; per-head
+``da`` is summed over the head's ``lph`` lanes (a power of two up to 32) with log2(lph) butterfly
+shuffles, once per step for ``vec`` channels (the simulator, which has none, makes a
+thread block of one head's lanes).
+
+Launch knobs are in ``swr_backward.TUNING`` (scripts/swr_sweep.py sweeps them). Where N is a
+multiple of block_len (and block_len of the group length) a specialisation without any clamping
+of steps runs: on an H200 (bf16, l=16, 128 x 16) 0.173 ms against 0.255 ms clamped, 8-step
+groups. Tried and dropped: L2 prefetch of the blocks 1-3 ahead (``prefetch.global.L2``; 15%
+slower, as it was in the forward kernels), launch bounds of 2 blocks per SM with 128-step chunks
+(more warps, spills: 0.208 vs 0.219 ms with 4-step groups, 0.232 vs 0.173 ms with 8).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._dtypes import STORE
+from .phalanx_fused import _head_sum
+from .swr_forward import make_vector_load, make_vector_store
+
+__all__ = ["LMAX", "channel_kernel", "channel_config"]
+
+LMAX = 64
+"""Largest block_len of this kernel (its checkpoint buffer is sized by it)."""
+
+F0 = np.float32(0.0)
+F1 = np.float32(1.0)
+f32 = numba.float32
+_ITEM = {"f32": 4, "f16": 2, "bf16": 2}
+_CACHE: dict = {}
+
+
+def _split_load(kind, vec):
+    """``load(array, index, dst, offset)`` of ``vec`` elements in accesses of at most 16 bytes."""
+    width = min(vec, 16 // _ITEM[kind])
+    pieces = vec // width
+    one = make_vector_load(kind, width)
+
+    @cuda.jit(device=True, inline=True)
+    def load(array, index, dst, offset):
+        for p in range(pieces):
+            one(array, index + p * width, dst, offset + p * width)
+
+    return load
+
+
+def _make(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256):
+    load_u = make_vector_load(ku, vec)
+    load_a = make_vector_load(ku, 1 if per_head else vec)
+    load_d = _split_load(kd, vec)
+    store_v = make_vector_store(ku, vec)
+    store_s = STORE[ku]
+    VEC, U = vec, unroll
+    AW = 1 if per_head else vec  # coefficient values per step
+    UV, UA = U * VEC, U * AW  # local array sizes must be constants
+    NG = -(-LMAX // U)  # groups per block, at most
+    CKW, CKG = 2 * NG * VEC, 2 * NG * AW
+    HOPS1 = hops == 1
+    FULL = full  # every block has block_len steps (N a multiple of it): no clamps
+
+    @cuda.jit(device=True, inline=True)
+    def walk(a, u, m0, n, C, c0, a_stride, a_col, ckw, ckg, half, w, g, ab, ub):
+        """Forward through one block of n steps from flat row m0 (= b * N + first step),
+        checkpointing (w, g) before each group of U steps into buffer half ``half``; w ends as
+        the block's carrier."""
+        for k in range(VEC):
+            w[k] = F0
+        for k in range(AW):
+            g[k] = F1
+        gi = half * NG
+        for t0 in range(0, n, U):
+            for k in range(VEC):
+                ckw[gi * VEC + k] = w[k]
+            if HOPS1:
+                for k in range(AW):
+                    ckg[gi * AW + k] = g[k]
+            gi += 1
+            for i in range(U):
+                m = m0 + (t0 + i if FULL else min(t0 + i, n - 1))
+                load_a(a, m * a_stride + a_col, ab, i * AW)
+                load_u(u, m * C + c0, ub, i * VEC)
+            for i in range(U):
+                if FULL or t0 + i < n:
+                    for k in range(VEC):
+                        w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                    if HOPS1:
+                        for k in range(AW):
+                            g[k] = g[k] * ab[i * AW + k]
+
+    def swr_backward_channel(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
+                             chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
+        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if tid >= nwork:
+            return
+        rest = tid // groups
+        c0 = (tid - rest * groups) * VEC
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        if per_head:
+            a_stride = C // D
+            a_col = c0 // D
+        else:
+            a_stride = C
+            a_col = c0
+        lb = block_len
+        ch0 = b * C + c0  # flat (b, h, d) of the (B, H, D) carry arrays
+        lead = (c0 % D) == 0  # per head: the head's first lane stores da
+        lane = numba.int64(cuda.threadIdx.x) % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+
+        q = cuda.local.array(VEC, f32)
+        S = cuda.local.array(VEC, f32)
+        w = cuda.local.array(VEC, f32)
+        g = cuda.local.array(AW, f32)
+        lam = cuda.local.array(VEC, f32)
+        zz = cuda.local.array(VEC, f32)
+        an = cuda.local.array(AW, f32)  # a of the step after the current one
+        ov = cuda.local.array(VEC, f32)
+        oa = cuda.local.array(VEC, f32)
+        ab = cuda.local.array(UA, f32)
+        ub = cuda.local.array(UV, f32)
+        db = cuda.local.array(UV, f32)
+        wp = cuda.local.array(UV, f32)  # w_{t-1} of the group's steps
+        gp = cuda.local.array(UA, f32)  # g_{t-1}
+        ckw = cuda.local.array(CKW, f32)
+        ckg = cuda.local.array(CKG, f32)
+
+        for k in range(VEC):
+            q[k] = F0
+        if HOPS1 and jj1 < nb:
+            # q of the block after the chunk, summed in the reverse sweep's order (so that the
+            # numbers do not depend on where chunks end)
+            m0 = b * N + jj1 * lb
+            n = lb if FULL else min(lb, N - jj1 * lb)
+            for k in range(AW):
+                an[k] = F1
+            for k in range(VEC):
+                zz[k] = F0
+            ng = -(-n // U)
+            for gg in range(ng):
+                t0 = (ng - 1 - gg) * U
+                cnt = U if FULL else min(U, n - t0)
+                for i in range(U):
+                    m = m0 + t0 + (i if FULL else min(i, cnt - 1))
+                    load_a(a, m * a_stride + a_col, ab, i * AW)
+                    load_d(dy, m * C + c0, db, i * VEC)
+                for ii in range(U):
+                    i = U - 1 - ii
+                    if FULL or i < cnt:
+                        for k in range(VEC):
+                            zz[k] = db[i * VEC + k] + an[k % AW] * zz[k]
+                        for k in range(AW):
+                            an[k] = ab[i * AW + k]
+            for k in range(VEC):
+                q[k] = an[k % AW] * zz[k]
+        half = 0
+        j = jj1 - 1
+        walk(a, u, b * N + j * lb, lb if FULL else min(lb, N - j * lb), C, c0, a_stride, a_col,
+             ckw, ckg, half, w, g, ab, ub)
+        while j >= jj0:
+            lo = j * lb
+            n = lb if FULL else min(lb, N - lo)
+            for k in range(VEC):
+                S[k] = F0
+            if j > 0 and (HOPS1 or j > jj0):
+                # block j-1: its checkpoints (next iteration) and, hops=1, its carrier S
+                walk(a, u, b * N + lo - lb, lb, C, c0, a_stride, a_col, ckw, ckg, 1 - half, w, g,
+                     ab, ub)
+                if HOPS1:
+                    for k in range(VEC):
+                        S[k] = w[k]
+            elif HOPS1 and j == 0:
+                for k in range(VEC):
+                    S[k] = carry[ch0 + k]
+            # reverse sweep of block j, a group of U steps at a time
+            for k in range(VEC):
+                lam[k] = q[k]
+                zz[k] = F0
+            for k in range(AW):
+                an[k] = F1
+            ng = -(-n // U)
+            for gg in range(ng):
+                gi = ng - 1 - gg
+                t0 = gi * U
+                cnt = U if FULL else min(U, n - t0)
+                for i in range(U):
+                    m = b * N + lo + t0 + (i if FULL else min(i, cnt - 1))
+                    load_a(a, m * a_stride + a_col, ab, i * AW)
+                    load_u(u, m * C + c0, ub, i * VEC)
+                    load_d(dy, m * C + c0, db, i * VEC)
+                # the group's forward states w_{t-1}, g_{t-1}, from its checkpoint
+                ck = half * NG + gi
+                for k in range(VEC):
+                    w[k] = ckw[ck * VEC + k]
+                if HOPS1:
+                    for k in range(AW):
+                        g[k] = ckg[ck * AW + k]
+                for i in range(U):
+                    if FULL or i < cnt:
+                        for k in range(VEC):
+                            wp[i * VEC + k] = w[k]
+                            w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                        if HOPS1:
+                            for k in range(AW):
+                                gp[i * AW + k] = g[k]
+                                g[k] = g[k] * ab[i * AW + k]
+                for ii in range(U):
+                    i = U - 1 - ii
+                    if FULL or i < cnt:
+                        m = b * N + lo + t0 + i
+                        pa = F0
+                        for k in range(VEC):
+                            dv = db[i * VEC + k]
+                            lam[k] = dv + an[k % AW] * lam[k]
+                            ov[k] = lam[k]
+                            dak = lam[k] * wp[i * VEC + k]
+                            if HOPS1:
+                                zz[k] = dv + an[k % AW] * zz[k]
+                                dak += S[k] * zz[k] * gp[i * AW + k % AW]
+                            oa[k] = dak
+                            pa += dak
+                        store_v(du, m * C + c0, ov, 0)
+                        if per_head:
+                            pa = _head_sum(pa, lph, mask)
+                            if lead:
+                                da[m * a_stride + a_col] = store_s(pa)
+                        else:
+                            store_v(da, m * C + c0, oa, 0)
+                        for k in range(AW):
+                            an[k] = ab[i * AW + k]
+            if HOPS1:
+                for k in range(VEC):
+                    q[k] = an[k % AW] * zz[k]  # q_j, for block j-1
+            if j == 0 and has_dcarry != 0:
+                for k in range(VEC):
+                    dcarry[ch0 + k] = q[k]  # hops=0: zeros
+            half = 1 - half
+            j -= 1
+
+    swr_backward_channel.__name__ = swr_backward_channel.__qualname__ = (
+        f"swr_backward_channel_{ku}_dy_{kd}_{'per_head' if per_head else 'per_channel'}"
+        f"_hops{hops}_vec{vec}_unroll{unroll}" + ("_full" if full else "")
+        + (f"_lb{tpb}x{min_blocks}" if min_blocks else ""))
+    if min_blocks:
+        return cuda.jit(swr_backward_channel, launch_bounds=(tpb, min_blocks))
+    return cuda.jit(swr_backward_channel)
+
+
+def channel_kernel(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256):
+    """The compiled-on-demand dispatcher of one specialisation (``full``: N is a multiple of
+    block_len and of ``unroll``, no clamps; ``min_blocks`` > 0: launch bounds of ``tpb`` threads,
+    that many blocks per SM)."""
+    key = (ku, kd, per_head, hops, vec, unroll, full, min_blocks, tpb)
+    if key not in _CACHE:
+        _CACHE[key] = _make(ku, kd, per_head, hops, vec, unroll, full, min_blocks, tpb)
+    return _CACHE[key]
+
+
+def channel_config(ku, kd, per_head, block_len, H, D, access_bytes, u_addresses=(),
+                   dy_address=0):
+    """``(vec, lph)`` of this kernel for a BLHD shape, or None where it does not fit: ``vec``
+    channels per thread (the widest of at most ``access_bytes`` of u that divides the channels,
+    and per head the head dim, with every address aligned to its accesses: ``u_addresses`` those
+    of the arrays accessed ``vec`` elements of u's kind at a time, ``dy_address`` that of dy),
+    ``lph`` threads per head (per head a power of two up to 32; 1 per channel)."""
+    if block_len > LMAX:
+        return None
+    C = H * D
+    for vec in (8, 4, 2):
+        if vec * _ITEM[ku] > access_bytes:
+            continue
+        if any(x % (vec * _ITEM[ku]) for x in u_addresses):
+            continue
+        if dy_address % min(16, vec * _ITEM[kd]):
+            continue
+        if per_head:
+            lph = D // vec
+            if D % vec == 0 and lph & (lph - 1) == 0 and lph <= 32:
+                return vec, lph
+        elif C % vec == 0:
+            return vec, 1
+    return None
