@@ -17,8 +17,9 @@ Kernels
 * ``channel`` (``swr_backward_channel.py``): the BLHD hops 0/1 backward where a vector of 2-8
   channels fits (the default there): a thread owns the vector and walks its chunk's blocks from
   the last to the first, no shuffles inside a block (H200, bf16, 128 x 16: 0.173 ms, 58% of the
-  copy bandwidth, against 0.28 ms for the walk kernel below).
-* ``walk``: the fused hops 0/1 backward (BHDL, and BLHD shapes the channel kernel does not take).
+  copy bandwidth, against 0.28 ms for the walk kernel below); in BHDL its row variant (a thread
+  per channel row, 16-byte vectors along time; 0.21-0.22 ms against 0.23-0.24 ms).
+* ``walk``: the fused hops 0/1 backward (shapes the channel kernels do not take).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
   lane ``block_len / lanes`` consecutive time steps in registers. The lanes combine their partial
@@ -57,7 +58,7 @@ from numba import cuda
 from ._dtypes import LOAD, SIMULATOR, STORE, f32_to_bf16, storage_kind
 from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
 from .block_scan import scratch_shape, warp_exchange
-from .swr_backward_channel import channel_config, channel_kernel
+from .swr_backward_channel import channel_config, channel_kernel, rows_config, rows_kernel
 from .swr_forward import _Tuning
 
 __all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan", "TUNING"]
@@ -70,11 +71,17 @@ TUNING = _Tuning({
     "channel_chunk_steps": 256,
     "channel_threads_per_block": 256,
     "channel_min_blocks": 0,  # launch bounds: blocks per SM the registers must allow (0: none)
+    # BHDL row kernel (swr_backward_channel.rows_kernel): 16-byte vectors per group and array,
+    # chunk length in steps, threads per block
+    "rows_depth": 2,
+    "rows_chunk_steps": 512,
+    "rows_threads_per_block": 128,
 })
-"""Launch tuning of the BLHD channel kernel, chosen by scripts/swr_sweep.py on an H200 (bf16,
-l=16, 128 x 16: 8-step groups over 256-step chunks 0.173 ms; 4-step groups 0.219 ms; 128- or
-512-step chunks 0.184 / 0.268 ms; 8-byte accesses 0.278 ms; launch bounds of 2 blocks per SM
-0.232 ms)."""
+"""Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
+x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
+0.33-0.41 ms, 256- or 2048-step chunks 0.215-0.236 / 0.252 ms; BLHD: 8-step groups over 256-step
+chunks 0.173 ms; 4-step groups 0.219 ms; 128- or 512-step chunks 0.184 / 0.268 ms; 8-byte accesses
+0.278 ms; launch bounds of 2 blocks per SM 0.232 ms)."""
 
 f32 = numba.float32
 i64 = numba.int64
@@ -939,14 +946,15 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
     # absent optional arrays are replaced by carry: the kernels never touch them then
     dc = _flat(dcarry, "f32") if has_dcarry else _flat(carry, "f32")
     flag = np.int64(1 if has_dcarry else 0)
-    if layout == "BLHD" and variant in ("auto", "channel"):
-        call = _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku,
-                             kd, block_len, hops)
+    if variant in ("auto", "channel"):
+        args_of = _channel_args if layout == "BLHD" else _rows_args
+        call = args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
+                       block_len, hops)
         if call is not None:
             return call
         if variant == "channel":
-            raise ValueError(f"the channel kernel does not fit D={D}, block_len={block_len}, "
-                             f"dtypes {ku}/{kd} with these arrays")
+            raise ValueError(f"the channel kernel does not fit {layout}, D={D}, N={N}, "
+                             f"block_len={block_len}, dtypes {ku}/{kd} with these arrays")
     plan = None
     if variant in ("auto", "walk"):
         plan = walk_plan(layout, per_head, ku, kd, block_len, N, H, D, (a, u, dy, du, da))
@@ -1006,6 +1014,28 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
             _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(lph), flag)
+    return kernel, -(-nwork // tpb), tpb, args
+
+
+def _rows_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd, block_len,
+               hops):  # fmt: skip
+    """(kernel, grid, block, args) of the BHDL row kernel, or None where it does not fit."""
+    cfg = rows_config(ku, kd, per_head, block_len, N, D, TUNING["rows_depth"],
+                      [_address(x) for x in (a, u, dy, du, da)])
+    if cfg is None:
+        return None
+    depth, _, lph = cfg
+    kernel = rows_kernel(ku, kd, per_head, int(hops), depth, lph)
+    C = H * D
+    chunk_blocks = max(1, min(nb, TUNING["rows_chunk_steps"] // block_len))
+    nchunks = -(-nb // chunk_blocks)
+    nwork = B * nchunks * C
+    # (the simulator has no warp shuffles: there a thread block is one head's lanes)
+    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["rows_threads_per_block"]
+    i64 = np.int64
+    args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
+            _flat(carry, "f32"), dc, i64(N), i64(C), i64(D), i64(nb), i64(block_len),
+            i64(chunk_blocks), i64(C), i64(nchunks), i64(nwork), i64(lph), flag)
     return kernel, -(-nwork // tpb), tpb, args
 
 

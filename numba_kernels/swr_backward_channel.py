@@ -1,4 +1,4 @@
-"""BLHD backward of hops 0/1: one thread per (batch, ``vec`` adjacent channels, chunk of blocks).
+"""Backward of hops 0/1 with one thread per channel vector (BLHD) or channel row (BHDL).
 
 The math is that of ``swr_backward`` (SPEC section 4): per block j, with S the carry entering it
 (hops=1: the previous block's carrier ``v_{j-1}``, ``carry`` for j = 0) and ``q_{j+1}`` the next
@@ -22,6 +22,12 @@ the one before it (its carrier) and the one after it (q). No shuffles inside a b
 shuffles, once per step for ``vec`` channels (the simulator, which has none, makes a
 thread block of one head's lanes).
 
+BHDL (``rows_kernel``): the same walk with one channel row per thread; a group is one or two
+16-byte vectors of consecutive steps of each array (so block_len and N must be multiples of its
+8 or 16 steps for 16-bit data), and per-head ``da`` of a group is summed over the head's D lanes
+with a shuffle reduce-scatter (one shuffle per step and lane). H200, bf16, 128 x 16: 0.212-0.223
+ms against 0.232-0.242 ms for the lane-walk kernel.
+
 Launch knobs are in ``swr_backward.TUNING`` (scripts/swr_sweep.py sweeps them). Where N is a
 multiple of block_len (and block_len of the group length) a specialisation without any clamping
 of steps runs: on an H200 (bf16, l=16, 128 x 16) 0.173 ms against 0.255 ms clamped, 8-step
@@ -36,11 +42,11 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._dtypes import STORE
+from ._dtypes import SIMULATOR, STORE
 from .phalanx_fused import _head_sum
-from .swr_forward import make_vector_load, make_vector_store
+from .swr_forward import make_vector_load, make_vector_store, shfl_idx
 
-__all__ = ["LMAX", "channel_kernel", "channel_config"]
+__all__ = ["LMAX", "channel_kernel", "channel_config", "rows_kernel", "rows_config"]
 
 LMAX = 64
 """Largest block_len of this kernel (its checkpoint buffer is sized by it)."""
@@ -267,6 +273,216 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256
     if min_blocks:
         return cuda.jit(swr_backward_channel, launch_bounds=(tpb, min_blocks))
     return cuda.jit(swr_backward_channel)
+
+
+# ----------------------------------------------------------------------------------------------
+# BHDL: one thread per (channel row, chunk of blocks); groups of steps are vector loads along time
+# ----------------------------------------------------------------------------------------------
+
+if SIMULATOR:  # a thread block is one head's lanes there (see _head_sum)
+
+    def _sim_xor(x, bit, mask):
+        return shfl_idx(x, (cuda.threadIdx.x % 32) ^ bit)
+
+    _xor = cuda.jit(device=True)(_sim_xor)
+
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def _xor(x, bit, mask):
+        return cuda.shfl_xor_sync(mask, x, bit)
+
+
+def _make_rows(ku, kd, per_head, hops, depth, lph):
+    """The BHDL kernel: a thread owns one channel row and walks its chunk's blocks from the last
+    to the first as the BLHD kernel does; a group is ``depth`` 16-byte vectors of consecutive
+    steps of each array (U = depth * 16 / itemsize steps, block_len and N multiples of U, so
+    nothing is clamped). Per head, da of a group is summed over the head's ``lph`` (= D) lanes
+    with a shuffle reduce-scatter: log2(lph) rounds, U shuffles per lane in all."""
+    V = 16 // _ITEM[ku]
+    VD = 16 // _ITEM[kd]
+    U = depth * V
+    load_u = make_vector_load(ku, V)
+    load_d = make_vector_load(kd, VD)
+    store_v = make_vector_store(ku, V)
+    store_s = STORE[ku]
+    NG = -(-LMAX // U)
+    CK = 2 * NG  # local array sizes must be constants
+    HOPS1 = hops == 1
+    LOG_LPH = lph.bit_length() - 1 if per_head else 0
+
+    @cuda.jit(device=True, inline=True)
+    def load_group(arr, base, dst, load, width):
+        for p in range(U // width):
+            load(arr, base + p * width, dst, p * width)
+
+    @cuda.jit(device=True, inline=True)
+    def walk(a, u, ra, ru, lo, n, ckw, ckg, half, ab, ub):
+        """Forward through one block (steps lo .. lo+n of row offsets ra (a), ru (u)),
+        checkpointing (w, g) before each group; returns the block's carrier."""
+        w = F0
+        g = F1
+        gi = half * NG
+        for t0 in range(lo, lo + n, U):
+            ckw[gi] = w
+            ckg[gi] = g
+            gi += 1
+            load_group(a, ra + t0, ab, load_u, V)
+            load_group(u, ru + t0, ub, load_u, V)
+            for i in range(U):
+                w = ab[i] * w + ub[i]
+                g = g * ab[i]
+        return w
+
+    def swr_backward_rows(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
+                          chunk_blocks, groups, nchunks, nwork, lph_, has_dcarry):
+        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if tid >= nwork:
+            return
+        rest = tid // groups
+        c = tid - rest * groups  # channel (h, d) of the row
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        row = b * C + c
+        ru = row * N
+        ra = (b * (C // D) + c // D) * N if per_head else ru
+        lb = block_len
+        lane = numba.int64(cuda.threadIdx.x) % 32
+        mask = numba.uint32(((numba.int64(1) << lph_) - 1) << (lane - lane % lph_))
+
+        ab = cuda.local.array(U, f32)
+        ub = cuda.local.array(U, f32)
+        db = cuda.local.array(U, f32)
+        wp = cuda.local.array(U, f32)
+        gp = cuda.local.array(U, f32)
+        ov = cuda.local.array(U, f32)
+        red = cuda.local.array(U, f32)
+        ckw = cuda.local.array(CK, f32)
+        ckg = cuda.local.array(CK, f32)
+
+        q = F0
+        if HOPS1 and jj1 < nb:
+            # q of the block after the chunk, in the reverse sweep's order
+            lo = jj1 * lb
+            n = min(lb, N - lo)
+            an = F1
+            zz = F0
+            for gg in range(n // U):
+                t0 = lo + n - (gg + 1) * U
+                load_group(a, ra + t0, ab, load_u, V)
+                load_group(dy, ru + t0, db, load_d, VD)
+                for ii in range(U):
+                    i = U - 1 - ii
+                    zz = db[i] + an * zz
+                    an = ab[i]
+            q = an * zz
+        half = 0
+        j = jj1 - 1
+        walk(a, u, ra, ru, j * lb, min(lb, N - j * lb), ckw, ckg, half, ab, ub)
+        while j >= jj0:
+            lo = j * lb
+            n = min(lb, N - lo)
+            S = F0
+            if j > 0 and (HOPS1 or j > jj0):
+                v = walk(a, u, ra, ru, lo - lb, lb, ckw, ckg, 1 - half, ab, ub)
+                if HOPS1:
+                    S = v
+            elif HOPS1 and j == 0:
+                S = carry[row]
+            lam = q
+            zz = F0
+            an = F1
+            ng = n // U
+            for gg in range(ng):
+                gi = ng - 1 - gg
+                t0 = lo + gi * U
+                load_group(a, ra + t0, ab, load_u, V)
+                load_group(u, ru + t0, ub, load_u, V)
+                load_group(dy, ru + t0, db, load_d, VD)
+                w = ckw[half * NG + gi]
+                g = ckg[half * NG + gi]
+                for i in range(U):
+                    wp[i] = w
+                    w = ab[i] * w + ub[i]
+                    gp[i] = g
+                    g = g * ab[i]
+                for ii in range(U):
+                    i = U - 1 - ii
+                    lam = db[i] + an * lam
+                    ov[i] = lam
+                    dak = lam * wp[i]
+                    if HOPS1:
+                        zz = db[i] + an * zz
+                        dak += S * zz * gp[i]
+                    red[i] = dak
+                    an = ab[i]
+                for p in range(depth):
+                    store_v(du, ru + t0 + p * V, ov, p * V)
+                if per_head:
+                    # reduce-scatter over the head's lanes: each round halves the steps a lane
+                    # holds, the last rounds add single values
+                    nn = U
+                    off = 0
+                    owner = True
+                    for sround in range(LOG_LPH):
+                        bit = 1 << sround
+                        hi = (lane & bit) != 0
+                        if nn > 1:
+                            hf = nn // 2
+                            for i in range(hf):
+                                lo_v = red[i]
+                                hi_v = red[i + hf]
+                                got = _xor(lo_v if hi else hi_v, bit, mask)
+                                red[i] = (hi_v if hi else lo_v) + got
+                            if hi:
+                                off += hf
+                            nn = hf
+                        else:
+                            red[0] = red[0] + _xor(red[0], bit, mask)
+                            owner = owner and not hi
+                    if owner:
+                        for i in range(nn):
+                            da[ra + t0 + off + i] = store_s(red[i])
+                else:
+                    for p in range(depth):
+                        store_v(da, ra + t0 + p * V, red, p * V)
+            if HOPS1:
+                q = an * zz
+            if j == 0 and has_dcarry != 0:
+                dcarry[row] = q
+            half = 1 - half
+            j -= 1
+
+    swr_backward_rows.__name__ = swr_backward_rows.__qualname__ = (
+        f"swr_backward_rows_{ku}_dy_{kd}_{'per_head' if per_head else 'per_channel'}"
+        f"_hops{hops}_depth{depth}_lph{lph}")
+    return cuda.jit(swr_backward_rows)
+
+
+def rows_kernel(ku, kd, per_head, hops, depth, lph):
+    """The compiled-on-demand dispatcher of one BHDL specialisation."""
+    key = ("rows", ku, kd, per_head, hops, depth, lph)
+    if key not in _CACHE:
+        _CACHE[key] = _make_rows(ku, kd, per_head, hops, depth, lph)
+    return _CACHE[key]
+
+
+def rows_config(ku, kd, per_head, block_len, N, D, depth, addresses=()):
+    """``(depth, steps per group, lph)`` of the BHDL kernel, or None where it does not fit:
+    groups of ``depth`` (else 1) 16-byte vectors that divide block_len and N, aligned arrays
+    (every address a multiple of 16 bytes), per head D a power of two up to 32."""
+    if block_len > LMAX or any(x % 16 for x in addresses):
+        return None
+    if per_head and (D & (D - 1) or D > 32):
+        return None
+    lph = D if per_head else 1
+    for dp in sorted({depth, 1}, reverse=True):
+        steps = dp * 16 // _ITEM[ku]
+        if dp * 16 // _ITEM[ku] * _ITEM[kd] % 16 == 0 and block_len % steps == 0 \
+                and N % steps == 0:
+            return dp, steps, lph
+    return None
 
 
 def channel_kernel(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256):

@@ -1,6 +1,6 @@
 """Quick launch-tuning sweep of the SWR kernels on the GPU (bf16, hops=1, l=16, H=128 x D=16,
-per-head a), one size: the forward's TUNING knobs and the backward's (BLHD: the channel kernel's
-TUNING, against the lane-walk kernel; BHDL: chunk/threads).
+per-head a), one size: the forward's TUNING knobs and the backward's (the channel kernels'
+TUNING, against the lane-walk kernel).
 
     python scripts/swr_sweep.py [--size 16x2048]
 
@@ -68,7 +68,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid = []
     elif layout == "BLHD":
         grid = [dict(blhd_unroll=un, blhd_chunk_steps=cs, blhd_threads_per_block=tp)
-                for un, cs, tp in itertools.product((2, 4, 8), (64, 128, 256, 512), (256,))]
+                for un, cs, tp in itertools.product((4,), (64, 128), (64, 128, 256, 512))]
     else:
         grid = [dict(bhdl_rows_per_warp=r, threads_per_sm=ts, bhdl_threads_per_block=tp)
                 for r, ts, tp in itertools.product((1, 2, 4), (1024, 2048, 4096), (128, 256))]
@@ -126,16 +126,27 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
             for k, v in saved_b.items():
                 SB.TUNING[k] = v
         return
-    for bpc, th in itertools.product((4, 8, 16, 32), (64, 128, 256)):
-        opt = dict(blocks_per_chunk=bpc, threads=th)
+    t = gpu_time(lambda: bwd(variant="walk"))
+    du[...] = cp.nan
+    bwd(variant="walk")
+    d = max(rel(du, ref_du), rel(da, ref_da))
+    print(f"  bwd lane-walk kernel: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
+    saved_b = dict(SB.TUNING)
+    grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
+            for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]
+    for knobs in grid:
+        for k, v in knobs.items():
+            SB.TUNING[k] = v
         try:
             du[...] = cp.nan
-            bwd(**opt)
+            bwd()
             d = max(rel(du, ref_du), rel(da, ref_da))
-            t = gpu_time(lambda: bwd(**opt))  # noqa: B023
-            print(f"  bwd {opt}: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
+            t = gpu_time(bwd)
+            print(f"  bwd {knobs}: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"  bwd {opt}: failed {exc}", flush=True)
+            print(f"  bwd {knobs}: failed {exc}", flush=True)
+        for k, v in saved_b.items():
+            SB.TUNING[k] = v
 
 
 def main():

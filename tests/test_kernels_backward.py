@@ -235,21 +235,47 @@ def test_channel_mixed_dy_and_lanes(rng, channel_tuning):
                    dy_dtype=np.float32, want_dcarry=False, variant="channel")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("hops", [0, 1])
+@pytest.mark.parametrize("per_head", [True, False], ids=["head", "channel"])
+def test_rows_kernel(rng, channel_tuning, dtype, hops, per_head):
+    # BHDL: a thread per channel row; D=4 lanes per head run the reduce-scatter of da over
+    # 16 (16-bit: two 8-step vectors) or 8 (float32) steps; 16-step chunks of 16-step blocks:
+    # the carrier and q cross every chunk end; two batches
+    channel_tuning["rows_chunk_steps"] = 16
+    check_backward(rng, "BHDL", per_head, dtype, hops, block_len=16, B=2, D=4, N=48,
+                   x0_given=per_head, variant="channel")
+
+
+@pytest.mark.parametrize("depth,block_len,D", [(1, 8, 8), (2, 32, 2), (2, 64, 32)])
+def test_rows_kernel_shapes(rng, channel_tuning, depth, block_len, D):
+    # one or two vectors per group, several groups per block (checkpoints), 2 to 32 lanes per
+    # head (from two rounds of halving to single-value rounds), dy float32 with bfloat16 a, u
+    channel_tuning["rows_depth"] = depth
+    channel_tuning["rows_chunk_steps"] = 2 * block_len
+    check_backward(rng, "BHDL", True, BF16, 1, block_len=block_len, H=1, D=D,
+                   N=3 * block_len, dy_dtype=np.float32 if D == 2 else None, variant="channel")
+
+
 def test_channel_kernel_is_chosen(rng):
     import importlib
 
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
     X = xp()
     names = {}
-    for D in (16, 3):
-        a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, D=D, N=32)
-        aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
-        carry = X.asarray(x0)
-        kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), "BLHD", 16, 1, carry, None,
-                                  "auto", None, 128, None)[0]
-        names[D] = kernel.py_func.__name__
-    assert names[16].startswith("swr_backward_channel_bf16_dy_bf16_per_head_hops1")
-    assert not names[3].startswith("swr_backward_channel")  # D=3: no channel vector fits
+    for layout in ("BLHD", "BHDL"):
+        for D, N in ((16, 32), (3, 32), (16, 36)):
+            a, u, dy, x0 = make_case(rng, layout, True, BF16, D=D, N=N)
+            aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
+            kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), layout, 16, 1,
+                                      X.asarray(x0), None, "auto", None, 128, None)[0]
+            names[layout, D, N] = kernel.py_func.__name__
+    assert names["BLHD", 16, 32].startswith("swr_backward_channel_bf16_dy_bf16_per_head_hops1")
+    assert names["BLHD", 16, 36].startswith("swr_backward_channel")  # clamped partial block
+    assert not names["BLHD", 3, 32].startswith("swr_backward_channel")  # no vector fits D=3
+    assert names["BHDL", 16, 32].startswith("swr_backward_rows_bf16_dy_bf16_per_head_hops1")
+    assert "rows" not in names["BHDL", 3, 32]  # D=3: no power of two of lanes per head
+    assert "rows" not in names["BHDL", 16, 36]  # rows need whole 8-step vectors
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,11 @@ def _spec_list():
                 specs.append(("channel", "BLHD", kind, kind, per_head, hops, 16))
     specs.append(("channel", "BLHD", "bf16", "f32", True, 1, 16))
     specs.append(("channel_partial", "BLHD", "bf16", "bf16", True, 1, 16))  # N % 16 != 0
+    for kind in DTYPES:  # the BHDL row kernel
+        for per_head in (True, False):
+            specs.append(("channel", "BHDL", kind, kind, per_head, 1, 16))
+    specs.append(("channel", "BHDL", "bf16", "bf16", True, 0, 16))
+    specs.append(("channel", "BHDL", "bf16", "f32", True, 1, 16))
     specs += [("scan", None, "f32", "f32", False, 0, 0), ("scan", None, "f32", "f32", False, 1, 0)]
     return specs
 
@@ -164,7 +169,11 @@ def test_compiles_to_ptx(spec):
     if what.startswith("channel"):
         assert "ld.global.v4.u32" in ptx  # 16 bytes of u per access
         assert ("shfl.sync" in ptx) == per_head  # the head sum of da over 2 (16-bit) / 4 lanes
-        assert recorded_launch(spec)[0].py_func.__name__.endswith("_full") == (what == "channel")
+        name = recorded_launch(spec)[0].py_func.__name__
+        if layout == "BLHD":
+            assert name.endswith("_full") == (what == "channel")
+        else:
+            assert name.startswith("swr_backward_rows") and "_depth2_" in name
 
 
 def test_fused_kernel_is_chosen_for_the_benchmark_shapes():
