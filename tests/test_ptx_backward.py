@@ -43,10 +43,12 @@ def _spec_list():
             specs.append(("walk", layout, "bf16", "bf16", True, 1, block_len))
         specs.append(("walk", layout, "bf16", "f32", True, 1, 16))
         specs.append(("general", layout, "bf16", "bf16", True, 1, 256))
-    for kind in DTYPES:  # the BLHD channel kernel (whole blocks)
-        for per_head in (True, False):
-            for hops in (0, 1):
-                specs.append(("channel", "BLHD", kind, kind, per_head, hops, 16))
+    # the BLHD channel kernel (whole blocks): every mode in bf16, each dtype once
+    for per_head in (True, False):
+        for hops in (0, 1):
+            specs.append(("channel", "BLHD", "bf16", "bf16", per_head, hops, 16))
+    specs.append(("channel", "BLHD", "f32", "f32", True, 1, 16))
+    specs.append(("channel", "BLHD", "f16", "f16", False, 1, 16))
     specs.append(("channel", "BLHD", "bf16", "f32", True, 1, 16))
     specs.append(("channel_partial", "BLHD", "bf16", "bf16", True, 1, 16))  # N % 16 != 0
     for kind in DTYPES:  # the BHDL row kernel
