@@ -70,7 +70,6 @@ TUNING = _Tuning({
     "channel_unroll": 8,
     "channel_chunk_steps": 256,
     "channel_threads_per_block": 256,
-    "channel_min_blocks": 0,  # launch bounds: blocks per SM the registers must allow (0: none)
     # BHDL row kernel (swr_backward_channel.rows_kernel): 16-byte vectors per group and array,
     # chunk length in steps, threads per block
     "rows_depth": 2,
@@ -1001,15 +1000,15 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
     if cfg is None:
         return None
     vec, lph = cfg
-    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["channel_threads_per_block"]
-    kernel = channel_kernel(ku, kd, per_head, int(hops), vec, TUNING["channel_unroll"],
-                            N % block_len == 0 and block_len % TUNING["channel_unroll"] == 0,
-                            TUNING["channel_min_blocks"], tpb)
+    unroll = TUNING["channel_unroll"]
+    full = N % block_len == 0 and block_len % unroll == 0
+    kernel = channel_kernel(ku, kd, per_head, int(hops), vec, unroll, full)
     groups = H * D // vec
     chunk_blocks = max(1, min(nb, TUNING["channel_chunk_steps"] // block_len))
     nchunks = -(-nb // chunk_blocks)
     nwork = B * nchunks * groups
-    # (the simulator has no warp shuffles: there a thread block is one head's lanes)
+    # the simulator has no warp shuffles: there a thread block is one head's lanes
+    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["channel_threads_per_block"]
     i64 = np.int64
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
             _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),

@@ -72,7 +72,7 @@ def _split_load(kind, vec):
     return load
 
 
-def _make(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256):
+def _make(ku, kd, per_head, hops, vec, unroll, full=False):
     load_u = make_vector_load(ku, vec)
     load_a = make_vector_load(ku, 1 if per_head else vec)
     load_d = _split_load(kd, vec)
@@ -268,10 +268,7 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256
 
     swr_backward_channel.__name__ = swr_backward_channel.__qualname__ = (
         f"swr_backward_channel_{ku}_dy_{kd}_{'per_head' if per_head else 'per_channel'}"
-        f"_hops{hops}_vec{vec}_unroll{unroll}" + ("_full" if full else "")
-        + (f"_lb{tpb}x{min_blocks}" if min_blocks else ""))
-    if min_blocks:
-        return cuda.jit(swr_backward_channel, launch_bounds=(tpb, min_blocks))
+        f"_hops{hops}_vec{vec}_unroll{unroll}" + ("_full" if full else ""))
     return cuda.jit(swr_backward_channel)
 
 
@@ -335,7 +332,8 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
         return w
 
     def swr_backward_rows(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
-                          chunk_blocks, groups, nchunks, nwork, lph_, has_dcarry):
+                          chunk_blocks, groups, nchunks, nwork, lph_arg, has_dcarry):
+        # lph_arg: the BLHD kernel's argument list; here lph is a constant of the specialisation
         tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
         if tid >= nwork:
             return
@@ -349,7 +347,7 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
         ra = (b * (C // D) + c // D) * N if per_head else ru
         lb = block_len
         lane = numba.int64(cuda.threadIdx.x) % 32
-        mask = numba.uint32(((numba.int64(1) << lph_) - 1) << (lane - lane % lph_))
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
 
         ab = cuda.local.array(U, f32)
         ub = cuda.local.array(U, f32)
@@ -479,19 +477,18 @@ def rows_config(ku, kd, per_head, block_len, N, D, depth, addresses=()):
     lph = D if per_head else 1
     for dp in sorted({depth, 1}, reverse=True):
         steps = dp * 16 // _ITEM[ku]
-        if dp * 16 // _ITEM[ku] * _ITEM[kd] % 16 == 0 and block_len % steps == 0 \
-                and N % steps == 0:
+        whole_dy = steps * _ITEM[kd] % 16 == 0  # dy of a group: whole 16-byte vectors
+        if whole_dy and block_len % steps == 0 and N % steps == 0:
             return dp, steps, lph
     return None
 
 
-def channel_kernel(ku, kd, per_head, hops, vec, unroll, full=False, min_blocks=0, tpb=256):
+def channel_kernel(ku, kd, per_head, hops, vec, unroll, full=False):
     """The compiled-on-demand dispatcher of one specialisation (``full``: N is a multiple of
-    block_len and of ``unroll``, no clamps; ``min_blocks`` > 0: launch bounds of ``tpb`` threads,
-    that many blocks per SM)."""
-    key = (ku, kd, per_head, hops, vec, unroll, full, min_blocks, tpb)
+    block_len and of ``unroll``, no clamps)."""
+    key = (ku, kd, per_head, hops, vec, unroll, full)
     if key not in _CACHE:
-        _CACHE[key] = _make(ku, kd, per_head, hops, vec, unroll, full, min_blocks, tpb)
+        _CACHE[key] = _make(ku, kd, per_head, hops, vec, unroll, full)
     return _CACHE[key]
 
 

@@ -33,6 +33,23 @@ def rel(x, r):
     return float(cp.abs(x - r).max() / cp.abs(r).max())
 
 
+def try_knobs(label, tuning, grid, run, diff, floor):
+    """Run and time ``run`` under each dict of ``grid`` set into ``tuning`` (restored after
+    each); ``diff()`` compares the output it wrote with the default's."""
+    saved = dict(tuning)
+    for knobs in grid:
+        for k, v in knobs.items():
+            tuning[k] = v  # item by item: a TUNING's version counts assignments
+        try:
+            d = diff(run)
+            t = gpu_time(run)
+            print(f"  {label} {knobs}: {t:.4f} ms ({t / floor:.2f}x) diff {d:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {label} {knobs}: failed {exc}", flush=True)
+        for k, v in saved.items():
+            tuning[k] = v
+
+
 def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=True):
     import cupy as cp
     import ml_dtypes
@@ -58,12 +75,17 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     def fwd():
         SF.swr_forward(a, u, y, **kw)
 
-    saved = dict(SF.TUNING)
     fwd()
     ref = y.copy()
     t = gpu_time(fwd)
     print(f"{layout} {dtype} l={block_len} fwd default: {t:.4f} ms ({t / floor_f:.2f}x floor "
           f"{floor_f:.4f})", flush=True)
+
+    def fwd_diff(run):
+        y[...] = cp.nan
+        run()
+        return rel(y, ref)
+
     if not forward:
         grid = []
     elif layout == "BLHD":
@@ -72,19 +94,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     else:
         grid = [dict(bhdl_rows_per_warp=r, threads_per_sm=ts, bhdl_threads_per_block=tp)
                 for r, ts, tp in itertools.product((1, 2, 4), (1024, 2048, 4096), (128, 256))]
-    for knobs in grid:
-        for k, v in knobs.items():
-            SF.TUNING[k] = v
-        try:
-            y[...] = cp.nan
-            fwd()
-            d = rel(y, ref)
-            t = gpu_time(fwd)
-            print(f"  fwd {knobs}: {t:.4f} ms ({t / floor_f:.2f}x) diff {d:.1e}", flush=True)
-        except Exception as exc:  # noqa: BLE001
-            print(f"  fwd {knobs}: failed {exc}", flush=True)
-        for k, v in saved.items():
-            SF.TUNING[k] = v
+    try_knobs("fwd", SF.TUNING, grid, fwd, fwd_diff, floor_f)
 
     if not backward:
         return
@@ -98,55 +108,29 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     t = gpu_time(bwd)
     print(f"{layout} bwd default: {t:.4f} ms ({t / floor_b:.2f}x floor {floor_b:.4f})",
           flush=True)
-    if layout == "BLHD":
-        t = gpu_time(lambda: bwd(variant="walk"))
+
+    def bwd_diff(run):
         du[...] = cp.nan
+        run()
+        return max(rel(du, ref_du), rel(da, ref_da))
+
+    def walk():
         bwd(variant="walk")
-        d = max(rel(du, ref_du), rel(da, ref_da))
-        print(f"  bwd lane-walk kernel: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
-        saved_b = dict(SB.TUNING)
-        grid = [dict(channel_chunk_steps=cs, channel_min_blocks=mb, channel_threads_per_block=tp,
-                     channel_unroll=un, channel_access_bytes=ab)
-                for cs, mb, tp, un, ab in (
-                    (256, 0, 256, 4, 16), (256, 0, 256, 8, 16), (128, 0, 256, 8, 16),
-                    (512, 0, 256, 8, 16), (128, 2, 256, 8, 16), (256, 0, 128, 8, 16),
-                    (128, 0, 128, 8, 16), (256, 0, 256, 16, 16), (256, 0, 256, 16, 8),
-                    (128, 0, 256, 16, 8), (256, 0, 256, 8, 8), (128, 0, 256, 8, 8))]
-        for knobs in grid:
-            for k, v in knobs.items():
-                SB.TUNING[k] = v
-            try:
-                du[...] = cp.nan
-                bwd()
-                d = max(rel(du, ref_du), rel(da, ref_da))
-                t = gpu_time(bwd)
-                print(f"  bwd {knobs}: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"  bwd {knobs}: failed {exc}", flush=True)
-            for k, v in saved_b.items():
-                SB.TUNING[k] = v
-        return
-    t = gpu_time(lambda: bwd(variant="walk"))
-    du[...] = cp.nan
-    bwd(variant="walk")
-    d = max(rel(du, ref_du), rel(da, ref_da))
+
+    d = bwd_diff(walk)
+    t = gpu_time(walk)
     print(f"  bwd lane-walk kernel: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
-    saved_b = dict(SB.TUNING)
-    grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
-            for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]
-    for knobs in grid:
-        for k, v in knobs.items():
-            SB.TUNING[k] = v
-        try:
-            du[...] = cp.nan
-            bwd()
-            d = max(rel(du, ref_du), rel(da, ref_da))
-            t = gpu_time(bwd)
-            print(f"  bwd {knobs}: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
-        except Exception as exc:  # noqa: BLE001
-            print(f"  bwd {knobs}: failed {exc}", flush=True)
-        for k, v in saved_b.items():
-            SB.TUNING[k] = v
+    if layout == "BLHD":
+        grid = [dict(channel_chunk_steps=cs, channel_threads_per_block=tp, channel_unroll=un,
+                     channel_access_bytes=ab)
+                for cs, tp, un, ab in (
+                    (256, 256, 4, 16), (256, 256, 8, 16), (128, 256, 8, 16), (512, 256, 8, 16),
+                    (256, 128, 8, 16), (128, 128, 8, 16), (256, 256, 16, 16), (256, 256, 16, 8),
+                    (128, 256, 16, 8), (256, 256, 8, 8), (128, 256, 8, 8))]
+    else:
+        grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
+                for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]
+    try_knobs("bwd", SB.TUNING, grid, bwd, bwd_diff, floor_b)
 
 
 def main():
