@@ -6,9 +6,9 @@ by the number of calls, and the median over the runs is reported. Inputs rotate 
 whose bytes add up to more than twice the L2 cache, so that no call finds its inputs in L2.
 
 - ours: ``swr_array.swr`` (forward) and ``swr`` + ``swr_vjp`` (forward+backward) on CuPy arrays;
-- the floor: the bytes a call must move (forward: a and u read, y written; forward+backward: a, u
-  and dy read, y, du and da written) over the device-to-device copy bandwidth measured here
-  (bytes read + bytes written per second);
+- the floor: the bytes the calls must move (forward: a and u read, y written; forward+backward:
+  that, then a, u and dy read and du, da written by the gradient call) over the device-to-device
+  copy bandwidth measured here (bytes read + bytes written per second);
 - peers (``benchmarks/peers.py``): spear's BTP kernel, accelerated-scan, flash-linear-attention's
   ``chunk_hgrn``, torch SDPA (flash, causal) and flex_attention sliding windows, each in its own
   natural layout and dtype, skipped with a reason when it does not import or run here;
@@ -257,9 +257,14 @@ def make_cases(args) -> list[Case]:
 
 
 def floor_bytes(case: Case, direction: str) -> int:
-    """Fewest bytes a call moves through device memory, each tensor read or written once.
+    """Fewest bytes the calls move through device memory, each tensor read or written once per
+    call.
 
-    forward: a and u read, y written; forward+backward: a, u and dy read, y, du and da written.
+    forward (``swr``): a and u read, y written. forward+backward: that, then the gradient call
+    (``swr_vjp``), which reads a, u and dy and writes du and da: a and u are read by both calls.
+    This is the floor issue #3 states (about 0.30 ms = 1.3 x 0.23 ms on the H100 at 3.0 TB/s;
+    ../shared/GPU.md counts 703 MB at 4 x 8192): bf16, per-head, 5 u + 3 a bytes. A single pass
+    reading a and u once (4 u + 2 a) is not possible through two calls.
     """
     item = ITEMSIZE[case.dtype]
     u = case.B * case.L * case.H * case.D * item
@@ -267,7 +272,7 @@ def floor_bytes(case: Case, direction: str) -> int:
     if direction == "fwd":
         return a + u + u
     if direction == "fwdbwd":
-        return (a + u + u) + (u + u + a)
+        return (a + u + u) + (a + u + u + u + a)
     raise ValueError(f"direction must be 'fwd' or 'fwdbwd', got {direction!r}")
 
 
@@ -677,9 +682,9 @@ def render_markdown(payload: dict, png_name: str | None) -> str:
         "(no call finds its inputs in L2). Values: a in (0.9, 1), u and dy standard normal.",
         "- swr forward is `swr_array.swr`; forward + backward is `swr` then `swr_vjp` "
         "(gradients of a and u), on CuPy arrays.",
-        "- Memory floor: the bytes a call must move (forward: a, u read and y written; forward + "
-        "backward: a, u, dy read and y, du, da written) over the device-to-device copy bandwidth "
-        "measured in the same process"
+        "- Memory floor: the bytes the calls must move (forward: a, u read and y written; forward "
+        "+ backward: that, then a, u, dy read and du, da written by the gradient call) over the "
+        "device-to-device copy bandwidth measured in the same process"
         + (f": {bw / 1e12:.2f} TB/s (bytes read + written)." if bw else "."),
         "- Peers run in their own natural layout and dtype on the same sizes; the exact-scan peers "
         "compute a different (exact, per-channel) recurrence and are there for scale.",
