@@ -42,8 +42,8 @@ from numba import cuda, types
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
-__all__ = ["FlatArray", "compile_for", "data_pointer", "launch", "launch_prepared",
-           "launch_with_pointers", "prepare"]
+__all__ = ["FlatArray", "allow_shared_memory", "compile_for", "data_pointer", "launch",
+           "launch_prepared", "launch_with_pointers", "prepare"]
 
 
 class FlatArray:
@@ -470,7 +470,7 @@ def data_pointer(x) -> int:
         return FlatArray.of(x).ptr
 
 
-def launch_with_pointers(entry, grid, block, values, pointers, stream=None):
+def launch_with_pointers(entry, grid, block, values, pointers, stream=None, shared_mem=0):
     """Relaunch a :func:`prepare`'d entry whose leading arguments are 1-D arrays, with only their
     data pointers changed: ``values`` (the prepared values, not modified) with ``pointers[i]``
     as array argument i's data."""
@@ -478,7 +478,23 @@ def launch_with_pointers(entry, grid, block, values, pointers, stream=None):
     # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride)
     for i, ptr in enumerate(pointers):
         values[7 * i + 4] = ptr
-    launch_prepared(entry, grid, block, values, stream)
+    launch_prepared(entry, grid, block, values, stream, shared_mem)
+
+
+_STATIC_SHARED_LIMIT = 48 * 1024
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+def allow_shared_memory(entry, nbytes: int) -> None:
+    """Let ``entry`` launch with ``nbytes`` of dynamic shared memory. Above 48 KiB a kernel has to
+    opt in (``cuFuncSetAttribute``); the device's per-block maximum still applies, and a request
+    over it raises here rather than at the launch."""
+    if SIMULATOR or nbytes <= _STATIC_SHARED_LIMIT:
+        return
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(entry.function_ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            int(nbytes))  # fmt: skip
 
 
 def _param_pointers(entry, buffer):
@@ -506,7 +522,8 @@ def _launch_kernel():
 def launch(kernel, grid, block, args, stream=None, shared_mem=0):
     """Launch ``kernel[grid, block](*args)`` on ``stream`` (None: CuPy's current stream)."""
     if SIMULATOR:
-        kernel[grid, block](*args)
+        kernel[grid, block, 0, shared_mem](*args)
         return
     entry, values = prepare(kernel, args)
+    allow_shared_memory(entry, shared_mem)
     launch_prepared(entry, grid, block, values, stream, shared_mem)

@@ -49,7 +49,14 @@ from llvmlite import ir
 from numba import cuda, types
 
 from ._dtypes import LOAD, SIMULATOR, STORE
-from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
+from ._launch import (
+    FlatArray,
+    allow_shared_memory,
+    data_pointer,
+    launch,
+    launch_with_pointers,
+    prepare,
+)
 
 # --------------------------------------------------------------------------------------------
 # Modes of the shared kernels. The mode is a compile-time constant of each specialisation.
@@ -243,6 +250,83 @@ def make_vector_store(kind, width):
     return store
 
 
+# Raw words: a 16-byte access kept packed (4 uint32 words), so it can be parked in shared memory
+# at its storage size and unpacked to float32 later. In the simulator a "word" is simply the
+# float32 value (WORD_TYPE float32, one per element).
+
+WORD_TYPE = numba.float32 if SIMULATOR else numba.uint32
+
+
+def words_per_access(kind, width, simulated=SIMULATOR):
+    """Words :func:`make_word_load` fills for ``width`` elements of ``kind``."""
+    return width if simulated else width * _ITEMSIZE[kind] // 4
+
+
+def make_word_load(kind, width):
+    """``load_words(array, index, dst, offset)``: ``width`` elements from ``array[index:]`` into
+    ``dst[offset:]`` as packed words (one 4/8/16-byte access; aligned as make_vector_load)."""
+    if SIMULATOR or width == 1:
+        return _scalar_load_loop(kind, width)
+    nbytes = width * _ITEMSIZE[kind]
+
+    @numba.cuda.extending.intrinsic
+    def load_raw(typingctx, array, index, dst, offset):
+        sig = types.void(array, types.int64, dst, types.int64)
+
+        def codegen(context, builder, sig, args):
+            address = _element_address(context, builder, sig.args[0], args[0], args[1])
+            for k, word in enumerate(_load_words(builder, address, nbytes)):
+                builder.store(word, _local_pointer(context, builder, sig.args[2], args[2],
+                                                   args[3], k))  # fmt: skip
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def load_words(array, index, dst, offset):
+        load_raw(array, numba.int64(index), dst, numba.int64(offset))
+
+    return load_words
+
+
+def make_word_unpack(kind, width, stride=1):
+    """``unpack(src, offset, dst, doffset)``: the words of one access at ``src[offset + j *
+    stride]`` (j < words) as ``width`` float32 values in ``dst[doffset:]``; ``src`` in registers or
+    shared memory (``stride``: its layout, e.g. interleaved across threads)."""
+    nwords = words_per_access(kind, width)
+    if SIMULATOR or width == 1:
+
+        @cuda.jit(device=True, inline=True)
+        def copy(src, offset, dst, doffset):
+            for k in range(width):
+                dst[doffset + k] = src[offset + k * stride]
+
+        return copy
+
+    @numba.cuda.extending.intrinsic
+    def unpack_words(typingctx, src, offset, dst, doffset):
+        sig = types.void(src, types.int64, dst, types.int64)
+
+        def codegen(context, builder, sig, args):
+            words = [
+                builder.load(_local_pointer(context, builder, sig.args[0], args[0], args[1],
+                                            j * stride))
+                for j in range(nwords)
+            ]  # fmt: skip
+            for k, value in enumerate(_words_to_f32(builder, kind, words)):
+                builder.store(value, _local_pointer(context, builder, sig.args[2], args[2],
+                                                    args[3], k))  # fmt: skip
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def unpack(src, offset, dst, doffset):
+        unpack_words(src, numba.int64(offset), dst, numba.int64(doffset))
+
+    return unpack
+
+
 # --------------------------------------------------------------------------------------------
 # Warp shuffles (float32 / int32). The simulator has none: its twins exchange values through a
 # per-block dictionary between two barriers, which is a warp exchange when a block is one warp
@@ -404,6 +488,182 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_{MODE_NAMES[mode]}_blhd_channel_walk_{in_kind}_to_{out_kind}_"
         f"{'per_head' if per_head else 'per_channel'}_vec{vec}_unroll{unroll}"
+    )
+    return cuda.jit(kernel)
+
+
+def shared_walk_words(in_kind, per_head, vec, steps, tpb, simulated=SIMULATOR):
+    """(u, a, carrier) word offsets and the total words of the shared-walk kernel's dynamic shared
+    memory (4-byte words; in the simulator a word holds one element)."""
+    uw = words_per_access(in_kind, vec, simulated)
+    a_at = steps * uw * tpb
+    carrier_at = a_at + steps * (1 if per_head else uw) * tpb
+    return 0, a_at, carrier_at, carrier_at + vec * tpb
+
+
+def _make_shared_walk_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, chunks, steps):
+    """BLHD, hops=1, whole blocks, ``offset`` 0: the channel walk with the carriers of neighbouring
+    chunks handed over in shared memory instead of re-read.
+
+    A thread block is ``chunks`` warps-worth (``lanes`` threads each, one ``vec``-channel group per
+    thread) of consecutive time chunks over the same channels. Each thread first walks the last
+    block of its chunk (``steps`` = block_len steps), parking the raw words it loads in shared
+    memory and publishing that block's carrier; after one barrier, the thread of chunk k takes
+    S for its first block from the thread of chunk k - 1, walks its chunk, and reads its last block
+    back from shared memory. Only the first chunk of each thread block re-reads the block before
+    it (1 / ``chunks`` of the re-reads of the plain walk). Needs ``N % block_len == 0`` and
+    ``block_len % unroll == 0``; the shared memory is :func:`shared_walk_words` words.
+    """
+    load_u = make_vector_load(in_kind, vec)
+    load_a = make_vector_load(in_kind, 1 if per_head else vec)
+    load_uw = make_word_load(in_kind, vec)
+    load_aw = make_word_load(in_kind, vec)  # per-channel a only
+    tpb = lanes * chunks
+    uw = words_per_access(in_kind, vec)
+    aw = 1 if per_head else uw
+    unpack_reg = make_word_unpack(in_kind, vec)
+    unpack_smem = make_word_unpack(in_kind, vec, stride=tpb)
+    store_y = make_vector_store(out_kind, vec)
+    a_width = 1 if per_head else vec
+    _, a_at, carrier_at, _ = shared_walk_words(in_kind, per_head, vec, steps, tpb)
+    # local array sizes must be constants
+    u_buffer, a_buffer = unroll * vec, unroll * a_width
+    uw_buffer, aw_buffer = unroll * uw, unroll * aw
+    f32, word = numba.float32, WORD_TYPE
+
+    def kernel(
+        a, u, y, w0, g0, carry, block_carry, v_out, c_out,
+        n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups, nchunks, nwork, nrows,
+    ):  # fmt: skip
+        tx = cuda.threadIdx.x
+        lane = tx % lanes
+        k = tx // lanes
+        ctiles = (groups + lanes - 1) // lanes
+        nsuper = (nchunks + chunks - 1) // chunks
+        bid = cuda.blockIdx.x
+        grp = (bid % ctiles) * lanes + lane
+        rest = bid // ctiles
+        chunk = (rest % nsuper) * chunks + k
+        b = rest // nsuper
+        active = grp < groups and chunk < nchunks
+        sm_w = cuda.shared.array(0, word)
+        sm_f = cuda.shared.array(0, f32)  # the same memory, seen as float32
+
+        c0 = grp * vec
+        ch0 = b * channels + c0
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+        else:
+            a_stride = channels
+            a_col = c0
+        jj0 = chunk * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        t_lo = jj0 * steps
+        t_last = (jj1 - 1) * steps
+        t_hi = jj1 * steps
+        mask = steps - 1
+
+        w = cuda.local.array(vec, f32)
+        s = cuda.local.array(vec, f32)
+        g = cuda.local.array(a_width, f32)
+        out = cuda.local.array(vec, f32)
+        ubuf = cuda.local.array(u_buffer, f32)
+        abuf = cuda.local.array(a_buffer, f32)
+        ubuf_w = cuda.local.array(uw_buffer, word)
+        abuf_w = cuda.local.array(aw_buffer, word)
+
+        if active:
+            # the chunk's last block: park its words, publish its carrier v (w from 0, or w0)
+            for q in range(vec):
+                w[q] = w0[ch0 + q] if jj1 == 1 else f32(0.0)
+            for t_batch in range(t_last, t_hi, unroll):
+                for i in range(unroll):
+                    row = b * n + t_batch + i
+                    load_uw(u, row * channels + c0, ubuf_w, i * uw)
+                    if per_head:
+                        load_a(a, row * a_stride + a_col, abuf, i)
+                    else:
+                        load_aw(a, row * a_stride + a_col, abuf_w, i * aw)
+                for i in range(unroll):
+                    p = t_batch - t_last + i
+                    for j in range(uw):
+                        sm_w[(p * uw + j) * tpb + tx] = ubuf_w[i * uw + j]
+                    unpack_reg(ubuf_w, i * uw, ubuf, i * vec)
+                    if per_head:
+                        sm_f[a_at + p * tpb + tx] = abuf[i]
+                    else:
+                        for j in range(aw):
+                            sm_w[a_at + (p * aw + j) * tpb + tx] = abuf_w[i * aw + j]
+                        unpack_reg(abuf_w, i * aw, abuf, i * vec)
+                    for q in range(vec):
+                        w[q] = abuf[i * a_width + q % a_width] * w[q] + ubuf[i * vec + q]
+            for q in range(vec):
+                sm_f[carrier_at + q * tpb + tx] = w[q]
+        cuda.syncthreads()
+        if not active:
+            return
+
+        # S entering the chunk's first block
+        if jj0 == 0:
+            for q in range(vec):
+                s[q] = carry[ch0 + q]
+        elif k > 0:
+            for q in range(vec):
+                s[q] = sm_f[carrier_at + q * tpb + tx - lanes]
+        else:
+            # the first chunk of the thread block re-walks the block before it
+            for q in range(vec):
+                w[q] = w0[ch0 + q] if jj0 == 1 else f32(0.0)
+            for t_batch in range(t_lo - steps, t_lo, unroll):
+                for i in range(unroll):
+                    row = b * n + t_batch + i
+                    load_u(u, row * channels + c0, ubuf, i * vec)
+                    load_a(a, row * a_stride + a_col, abuf, i * a_width)
+                for i in range(unroll):
+                    for q in range(vec):
+                        w[q] = abuf[i * a_width + q % a_width] * w[q] + ubuf[i * vec + q]
+            for q in range(vec):
+                s[q] = w[q]
+
+        for q in range(vec):
+            w[q] = w0[ch0 + q] if jj0 == 0 else f32(0.0)
+        for q in range(a_width):
+            g[q] = g0[ch0 + q] if jj0 == 0 else f32(1.0)
+        for t_batch in range(t_lo, t_hi, unroll):
+            if t_batch < t_last:
+                for i in range(unroll):
+                    row = b * n + t_batch + i
+                    load_u(u, row * channels + c0, ubuf, i * vec)
+                    load_a(a, row * a_stride + a_col, abuf, i * a_width)
+            else:
+                for i in range(unroll):
+                    p = t_batch - t_last + i
+                    unpack_smem(sm_w, p * uw * tpb + tx, ubuf, i * vec)
+                    if per_head:
+                        abuf[i] = sm_f[a_at + p * tpb + tx]
+                    else:
+                        unpack_smem(sm_w, a_at + p * aw * tpb + tx, abuf, i * vec)
+            for i in range(unroll):
+                t = t_batch + i
+                if (t & mask) == 0 and t > t_lo:
+                    for q in range(vec):
+                        s[q] = w[q]
+                        w[q] = f32(0.0)
+                    for q in range(a_width):
+                        g[q] = f32(1.0)
+                for q in range(vec):
+                    w[q] = abuf[i * a_width + q % a_width] * w[q] + ubuf[i * vec + q]
+                for q in range(a_width):
+                    g[q] = g[q] * abuf[i * a_width + q]
+                for q in range(vec):
+                    out[q] = w[q] + g[q % a_width] * s[q]
+                store_y(y, (b * n + t) * channels + c0, out, 0)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_hops1_blhd_shared_walk_{in_kind}_to_{out_kind}_"
+        f"{'per_head' if per_head else 'per_channel'}_vec{vec}_unroll{unroll}_lanes{lanes}_"
+        f"chunks{chunks}_l{steps}"
     )
     return cuda.jit(kernel)
 
@@ -574,6 +834,14 @@ TUNING = _Tuning({
     "blhd_chunk_steps": 128,
     "blhd_chunk_steps_f32": 256,  # float32 inputs: half the channels per thread, twice the steps
     "blhd_threads_per_block": 256,
+    # BLHD hops=1 over whole blocks: consecutive chunks per thread block whose carriers are handed
+    # over in shared memory (1: off), channel groups per chunk, and the most shared memory a
+    # thread block may take for it (above: the plain walk)
+    "blhd_share_chunks": 4,
+    "blhd_share_lanes": 32,
+    "blhd_share_chunk_steps": 64,
+    "blhd_share_chunk_steps_f32": 256,
+    "blhd_share_max_bytes": 48 * 1024,
     # BHDL: channel rows per warp (their per-head `a` loads hit L1), resident threads to aim for
     # per SM when rows are split into chunks, shortest chunk in warp iterations
     "bhdl_access_bytes": 16,
@@ -588,6 +856,16 @@ on an H200 (BLHD unroll 4 over 128-step chunks: 0.083 vs 0.090 ms at 16 x 2048; 
 256-step chunks: 0.152 vs 0.172 ms at 4 x 8192)."""
 
 _kernels: dict = {}
+_shared_kernels: dict = {}
+
+
+def get_shared_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, chunks, steps):
+    """The compiled-on-demand dispatcher of one shared-walk specialisation."""
+    key = (in_kind, out_kind, per_head, vec, unroll, lanes, chunks, steps)
+    kernel = _shared_kernels.get(key)
+    if kernel is None:
+        kernel = _shared_kernels[key] = _make_shared_walk_kernel(*key)
+    return kernel
 
 
 def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, depth):
@@ -658,11 +936,33 @@ def _sm_count() -> int:
 class _Plan:
     """What one launch needs besides the data pointers, cached per shape/dtype/alignment."""
 
-    __slots__ = ("kernel", "grid", "block", "scalars", "entry", "values")
+    __slots__ = ("kernel", "grid", "block", "scalars", "shared", "entry", "values")
 
-    def __init__(self, kernel, grid, block, scalars):
+    def __init__(self, kernel, grid, block, scalars, shared=0):
         self.kernel, self.grid, self.block, self.scalars = kernel, grid, block, scalars
+        self.shared = shared  # bytes of dynamic shared memory
         self.entry = self.values = None
+
+
+def _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb):
+    """(lanes, chunks, shared bytes, blocks per chunk) when the shared-walk kernel takes this
+    BLHD launch, else None: hops=1 over whole blocks from offset 0, the vector path, at least two
+    chunks, and its shared memory within TUNING's limit."""
+    chunks, lanes = TUNING["blhd_share_chunks"], TUNING["blhd_share_lanes"]
+    unroll = _unroll(mode, vec)
+    if chunks < 2 or mode != HOPS1 or vec == 1 or offset != 0:
+        return None
+    if n % block_len or block_len % unroll:
+        return None
+    steps = TUNING["blhd_share_chunk_steps_f32" if in_kind == "f32" else "blhd_share_chunk_steps"]
+    chunk_blocks = max(1, min(nb, steps // block_len))
+    if nb <= chunk_blocks:
+        return None
+    words = shared_walk_words(in_kind, per_head, vec, block_len, lanes * chunks, False)[3]
+    if 4 * words > TUNING["blhd_share_max_bytes"]:  # judged by what a GPU needs
+        return None
+    return lanes, chunks, 4 * shared_walk_words(in_kind, per_head, vec, block_len,
+                                                lanes * chunks)[3], chunk_blocks
 
 
 def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mode, misaligned):
@@ -685,6 +985,16 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
         nchunks = -(-nb // chunk_blocks)
         nwork = batch * groups * nchunks
         grid = -(-nwork // block)
+        shared = _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb)
+        if shared:
+            lanes, chunks, nbytes, chunk_blocks = shared
+            nchunks = -(-nb // chunk_blocks)
+            kernel = get_shared_kernel(in_kind, out_kind, per_head, vec, _unroll(mode, vec),
+                                       lanes, chunks, block_len)  # fmt: skip
+            grid = batch * -(-groups // lanes) * -(-nchunks // chunks)
+            scalars = (n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups,
+                       nchunks, nwork, nrows)  # fmt: skip
+            return _Plan(kernel, grid, lanes * chunks, [np.int64(x) for x in scalars], nbytes)
     else:
         vec = _time_vec(in_kind, out_kind, n, block_len, offset, misaligned)
         rows_per_warp = TUNING["bhdl_rows_per_warp"]
@@ -732,7 +1042,8 @@ def _run_simulated(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, 
     in_kind, out_kind = _kinds(args[1].dtype, args[2].dtype, mode)
     plan = _make_plan(layout, u.shape, a.ndim == 3, in_kind, out_kind, block_len, offset, mode,
                       lambda in_bytes, out_bytes: False)  # fmt: skip
-    launch(plan.kernel, plan.grid, plan.block, args + plan.scalars, stream=stream)
+    launch(plan.kernel, plan.grid, plan.block, args + plan.scalars, stream=stream,
+           shared_mem=plan.shared)  # fmt: skip
 
 
 _plans: dict = {}
@@ -784,8 +1095,10 @@ def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, blo
                           mode, misaligned)  # fmt: skip
         plan.entry, plan.values = prepare(plan.kernel, [FlatArray.of(x) for x in arrays]
                                           + plan.scalars)  # fmt: skip
+        allow_shared_memory(plan.entry, plan.shared)
         _plans[key] = plan
-    launch_with_pointers(plan.entry, plan.grid, plan.block, plan.values, ptrs, stream)
+    launch_with_pointers(plan.entry, plan.grid, plan.block, plan.values, ptrs, stream,
+                         plan.shared)  # fmt: skip
 
 
 def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, block_carry=None,
@@ -827,7 +1140,7 @@ def block_carriers(a, u, v, C, *, layout, block_len, offset, w0, g0, stream=None
 def specialisations():
     """Yield ``(name, kernel, argument types)`` for every kernel the entry points can pick under
     the current TUNING: layout x input x output dtype x per-head/per-channel x mode x the widest
-    vector or the general ``vec == 1``."""
+    vector or the general ``vec == 1``; then the shared-walk kernels (see the comment there)."""
     for layout in ("BLHD", "BHDL"):
         for in_kind in ("f32", "f16", "bf16"):
             widest = _vec_for(TUNING[f"{layout.lower()}_access_bytes"], in_kind)
@@ -842,6 +1155,19 @@ def specialisations():
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
                                                 depth)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+    # the shared walk (BLHD hops=1): block_len 16 per head for every dtype pair; the other block
+    # lengths it fits (per head 4 and 8, per channel 4 and 8 at 48 KiB) only change trip counts
+    # and shared-memory offsets, so one dtype pair stands for them
+    lanes, chunks = TUNING["blhd_share_lanes"], TUNING["blhd_share_chunks"]
+    for in_kind in ("f32", "f16", "bf16"):
+        vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)
+        cases = [(out_kind, True, 16) for out_kind in ("f32", "f16", "bf16")]
+        if in_kind == "bf16":
+            cases += [("bf16", True, 4), ("bf16", True, 8), ("bf16", False, 4), ("bf16", False, 8)]
+        for out_kind, per_head, steps in cases:
+            kernel = get_shared_kernel(in_kind, out_kind, per_head, vec, _unroll(HOPS1, vec),
+                                       lanes, chunks, steps)  # fmt: skip
+            yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
 
 
 __all__ = ["swr_forward", "block_carriers", "TUNING", "specialisations", "get_kernel"]

@@ -23,7 +23,9 @@ for layout in ("BHDL", "BLHD"):
     for per_head in (True, False):
         for hops in (1, 2) if quick else (0, 1, 2, None):
             for dtype in (ml_dtypes.bfloat16,) if quick else (np.float32, ml_dtypes.bfloat16):
-                for (B, H, D, N, l) in ((2, 3, 16, 70, 16), (1, 2, 16, 64, 16), (1, 2, 5, 33, 8)):
+                # (1, 2, 16, 320, 16): BLHD hops=1 takes the shared walk (five 64-step chunks)
+                for (B, H, D, N, l) in ((2, 3, 16, 70, 16), (1, 2, 16, 64, 16), (1, 2, 5, 33, 8),
+                                        (1, 2, 16, 320, 16)):
                     us = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
                     if per_head:
                         as_ = (B, H, N) if layout == "BHDL" else (B, N, H)

@@ -89,8 +89,8 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     if not forward:
         grid = []
     elif layout == "BLHD":
-        grid = [dict(blhd_unroll=un, blhd_chunk_steps=cs, blhd_threads_per_block=tp)
-                for un, cs, tp in itertools.product((4,), (64, 128), (64, 128, 256, 512))]
+        grid = [dict(blhd_share_chunks=ch, blhd_chunk_steps=cs, blhd_share_max_bytes=200 * 1024)
+                for ch, cs in itertools.product((1, 2, 4, 8), (64, 128, 256))]
     else:
         grid = [dict(bhdl_rows_per_warp=r, threads_per_sm=ts, bhdl_threads_per_block=tp)
                 for r, ts, tp in itertools.product((1, 2, 4), (1024, 2048, 4096), (128, 256))]

@@ -229,6 +229,78 @@ def test_block_lengths(rng, small_chunks, layout, block_len):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.fixture
+def shared_walk(monkeypatch, small_chunks):
+    """BLHD hops=1 over whole blocks takes the shared-walk kernel; shrink its thread blocks so
+    that tiny shapes still span several channel tiles and several groups of chunks."""
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+
+    def set_shape(lanes, chunks, chunk_steps, max_bytes=1 << 20):
+        small_chunks(chunk_steps)
+        monkeypatch.setitem(F.TUNING, "blhd_share_lanes", lanes)
+        monkeypatch.setitem(F.TUNING, "blhd_share_chunks", chunks)
+        monkeypatch.setitem(F.TUNING, "blhd_share_max_bytes", max_bytes)
+        monkeypatch.setitem(F.TUNING, "blhd_share_chunk_steps", chunk_steps)
+        monkeypatch.setitem(F.TUNING, "blhd_share_chunk_steps_f32", chunk_steps)
+        return F
+
+    return set_shape
+
+
+@pytest.mark.parametrize("kinds,per_head,geometry", [
+    (("bf16", "bf16"), True, (2, 3, 16, 8)),
+    (("bf16", "f16"), False, (2, 3, 16, 8)),
+    (("f32", "f32"), False, (4, 2, 8, 4)),
+    (("f32", "bf16"), True, (4, 2, 8, 4)),
+    (("f16", "f32"), True, (1, 4, 32, 16)),
+], ids=["bf16-per_head", "bf16-f16-per_channel", "f32-per_channel", "f32-bf16-per_head",
+        "f16-f32-l16"])  # geometry: lanes, chunks per thread block, chunk steps, block_len
+def test_shared_walk_kernel(rng, shared_walk, kinds, per_head, geometry):
+    """Carriers handed between chunks in shared memory: every chunk's first block, the first chunk
+    of each thread block (re-walked), idle lanes and chunks past the end."""
+    in_kind, out_kind = kinds
+    lanes, chunks, chunk_steps, block_len = geometry
+    F = shared_walk(lanes, chunks, chunk_steps)
+    # H * D / vec channel groups: 3 (two tiles of 2 lanes, one idle) or 5 with D=8
+    heads = 3 if lanes == 2 else 5
+    shape = (2, heads, 8, 7 * block_len)
+    a, u = make_case(rng, "BLHD", shape, per_head, in_kind)
+    plan = F._make_plan("BLHD", u.shape, per_head, in_kind, out_kind, block_len, 0, F.HOPS1,
+                        lambda in_bytes, out_bytes: False)  # fmt: skip
+    assert "shared_walk" in plan.kernel.py_func.__name__
+    x0 = rng.standard_normal(shape[:3])
+    y, ref = run_forward(a, u, layout="BLHD", block_len=block_len, hops=1, out_kind=out_kind,
+                         x0=x0)  # fmt: skip
+    assert rel_err(y, ref) < TOL[out_kind]
+    # the same numbers as the plain walk: every sum is taken in the same order
+    F.TUNING["blhd_share_chunks"] = 1
+    y_plain, _ = run_forward(a, u, layout="BLHD", block_len=block_len, hops=1, out_kind=out_kind,
+                             x0=x0)  # fmt: skip
+    assert np.array_equal(y, y_plain)
+
+
+def test_shared_walk_is_chosen_where_it_fits():
+    """Under the shipped TUNING: BLHD hops=1 over whole blocks from offset 0 takes the shared
+    walk when its shared memory fits (bf16 per head up to block_len 16), else the plain walk."""
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+
+    def kernel_name(shape, per_head=True, kind="bf16", block_len=16, offset=0, mode=F.HOPS1):
+        plan = F._make_plan("BLHD", shape, per_head, kind, kind, block_len, offset, mode,
+                            lambda in_bytes, out_bytes: False)  # fmt: skip
+        assert SIM or plan.shared <= 48 * 1024
+        return plan.kernel.py_func.__name__
+
+    shape = (2, 4096, 128, 16)
+    assert "shared_walk" in kernel_name(shape)
+    assert "shared_walk" in kernel_name(shape, kind="f32")
+    assert "shared_walk" in kernel_name(shape, block_len=8, per_head=False)
+    for kw in (dict(block_len=32), dict(per_head=False), dict(mode=F.HOPS0), dict(offset=8),
+               dict(mode=F.BLOCK_CARRY)):  # fmt: skip
+        assert "channel_walk" in kernel_name(shape, **kw), kw
+    assert "channel_walk" in kernel_name((2, 4088, 128, 16))  # N % block_len
+    assert "channel_walk" in kernel_name((2, 64, 128, 16))  # one chunk
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("head_dim", [1, 3])
 @pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "per_channel"])
