@@ -13,10 +13,15 @@ coalesced accesses and several loads in flight per thread.
   them serially, and the lanes combine their partial scans with a segmented warp-shuffle scan that
   restarts at block boundaries. The carrier of the block before a lane's block comes from the lane
   that ended it (a shuffle), or from the previous iteration, so nothing is re-read inside a chunk.
+  On the 16-byte path the loads of the next ``bhdl_stages - 1`` iterations are in flight as
+  ``cp.async`` copies into shared memory (no registers held for them) while one iteration computes.
 - ``BLHD`` (channel contiguous): :func:`_make_channel_walk_kernel`. A thread owns ``vec`` adjacent
   channels (one 16-byte load per step, coalesced across the warp) and walks a chunk of blocks in
   time, ``unroll`` steps of loads in flight at a time. Within the chunk the carrier is handed on in
   registers; only the block before the chunk is re-read (``l / chunk`` extra reads, a few percent).
+  For hops=1 over whole blocks from offset 0, :func:`_make_shared_walk_kernel` puts consecutive
+  chunks of the same channels in one thread block and hands each chunk's last carrier to the next
+  in shared memory, so only one chunk in ``blhd_share_chunks`` re-reads a block.
 
 Both run the same source in the CUDA simulator, with scalar twins of the vector loads and of the
 warp shuffles. A ``vec == 1`` specialisation of each is the general kernel: any head dim, any
@@ -34,6 +39,10 @@ around 20 back-to-back calls: BLHD 109-112 us (1.18-1.21 x the 93 us memory floo
 114-120 us (1.23-1.29 x) at B x L = 16x2048, 4x8192, 1x32768. BLHD is limited by the few threads
 its chunking leaves (32768: ~8 warps per SM) against the re-read per chunk; BHDL by the serial
 shuffle chain of each warp iteration at 80 registers (24 warps per SM).
+On an H200 (2026-11-30, copy 4.1-4.2 TB/s, swr_forward alone, scripts/swr_sweep.py): BLHD
+0.083 ms with the plain walk, 0.080 ms with the shared walk (4 chunks of 64 steps per thread block;
+at block_len 32 and 64 its shared memory costs more occupancy than the re-read, so those keep the
+plain walk); BHDL 0.104-0.116 ms with register loads, 0.096-0.102 ms with 4 cp.async stages.
 Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
 software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
 slower), longer or shorter chunks (fewer threads, or more re-read).
@@ -105,15 +114,19 @@ def _local_pointer(context, builder, array_type, array_value, offset, k):
     return builder.gep(ary.data, [idx])
 
 
-def _load_words(builder, address, nbytes):
+def _load_words(builder, address, nbytes, space=".global"):
+    """``space`` "" is a generic load; it is kept in order with the other volatile asm (a load
+    from shared memory must stay after the ``cp.async.wait_group`` that makes its data ready)."""
     i32 = ir.IntType(32)
     nwords = nbytes // 4
     text, constraints = _WORD_ASM_LOAD[nbytes]
+    text = text.replace("ld.global", "ld" + space)
+    volatile = space != ".global"
     if nwords == 1:
         fn = ir.FunctionType(i32, [ir.IntType(64)])
-        return [builder.asm(fn, text, constraints, [address], False)]
+        return [builder.asm(fn, text, constraints, [address], volatile)]
     fn = ir.FunctionType(ir.LiteralStructType([i32] * nwords), [ir.IntType(64)])
-    packed = builder.asm(fn, text, constraints, [address], False)
+    packed = builder.asm(fn, text, constraints, [address], volatile)
     return [builder.extract_value(packed, k) for k in range(nwords)]
 
 
@@ -325,6 +338,115 @@ def make_word_unpack(kind, width, stride=1):
         unpack_words(src, numba.int64(offset), dst, numba.int64(doffset))
 
     return unpack
+
+
+# Asynchronous copies (sm_80+ `cp.async`): 16 bytes from global to shared memory without passing
+# through registers, so a thread can have several iterations of loads in flight at no register
+# cost. Each thread later reads back only what it copied itself, after `cp.async.wait_group`, so no
+# barrier is needed. In the simulator the copy is immediate and commit/wait do nothing.
+
+_STORAGE_TYPE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
+
+
+def make_async_copy(kind, width):
+    """``copy(array, index, smem, sindex)``: start copying ``array[index:index + width]`` (16
+    bytes, aligned) into the shared array ``smem[sindex:]`` (same storage type)."""
+    if SIMULATOR:
+
+        @cuda.jit(device=True, inline=True)
+        def copy_now(array, index, smem, sindex):
+            for k in range(width):
+                smem[sindex + k] = array[index + k]
+
+        return copy_now
+    assert width * _ITEMSIZE[kind] == 16, (kind, width)
+
+    @numba.cuda.extending.intrinsic
+    def cp_async(typingctx, array, index, smem, sindex):
+        sig = types.void(array, types.int64, smem, types.int64)
+
+        def codegen(context, builder, sig, args):
+            src = _element_address(context, builder, sig.args[0], args[0], args[1])
+            dst = _element_address(context, builder, sig.args[2], args[2], args[3])
+            fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
+            builder.asm(fn, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
+                            "cp.async.cg.shared.global [s], [$1], 16; }",
+                        "l,l,~{memory}", [dst, src], True)  # fmt: skip
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def copy(array, index, smem, sindex):
+        cp_async(array, numba.int64(index), smem, numba.int64(sindex))
+
+    return copy
+
+
+def _asm_statement(text):
+    @numba.cuda.extending.intrinsic
+    def statement(typingctx):
+        sig = types.void()
+
+        def codegen(context, builder, sig, args):
+            builder.asm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", [], True)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return statement
+
+
+def make_async_wait(pending):
+    """``wait()``: this thread's copies are done except for the ``pending`` newest groups."""
+    if SIMULATOR:
+        return cuda.jit(device=True)(lambda: None)
+    wait_group = _asm_statement(f"cp.async.wait_group {int(pending)};")
+
+    @cuda.jit(device=True, inline=True)
+    def wait():
+        wait_group()
+
+    return wait
+
+
+if SIMULATOR:
+    async_commit = cuda.jit(device=True)(lambda: None)
+else:
+    _commit_group = _asm_statement("cp.async.commit_group;")
+
+    @cuda.jit(device=True, inline=True)
+    def async_commit():
+        """Close the group of copies started since the last commit."""
+        _commit_group()
+
+
+def make_shared_load(kind, width):
+    """``load(smem, index, dst, offset)``: make_vector_load for a shared array (one 16-byte
+    generic load)."""
+    if SIMULATOR:
+        return _scalar_load_loop(kind, width)
+    nbytes = width * _ITEMSIZE[kind]
+
+    @numba.cuda.extending.intrinsic
+    def load_vector(typingctx, array, index, dst, offset):
+        sig = types.void(array, types.int64, dst, types.int64)
+
+        def codegen(context, builder, sig, args):
+            address = _element_address(context, builder, sig.args[0], args[0], args[1])
+            words = _load_words(builder, address, nbytes, space="")
+            for k, value in enumerate(_words_to_f32(builder, kind, words)):
+                slot = _local_pointer(context, builder, sig.args[2], args[2], args[3], k)
+                builder.store(value, slot)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def load(array, index, dst, offset):
+        load_vector(array, numba.int64(index), dst, numba.int64(offset))
+
+    return load
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,7 +790,8 @@ def _make_shared_walk_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, ch
     return cuda.jit(kernel)
 
 
-def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp):
+def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp, stages=1,
+                           warps_per_block=1):
     """BHDL: one warp per (``rows_per_warp`` channel rows, chunk of blocks); lanes along time.
 
     ``u``, ``y``: (B, H, D, N) flat; ``a``: (B, H, N) per head or (B, H, D, N) flat; ``w0``,
@@ -682,6 +805,15 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
     span = 32 * vec  # steps one warp iteration covers
     row_buffer = rows_per_warp * vec  # local array sizes must be constants
     f32, i32 = numba.float32, numba.int32
+    # stages > 1: the loads of the next stages - 1 iterations are in flight (cp.async into shared
+    # memory) while one iteration computes; shared memory per warp: stages x rows x (u, a) spans
+    pipelined = stages > 1
+    copy = make_async_copy(in_kind, vec) if pipelined else None
+    wait = make_async_wait(stages - 1) if pipelined else None
+    load_shared = make_shared_load(in_kind, vec) if pipelined else None
+    storage = _STORAGE_TYPE[in_kind]
+    smem_elems = max(1, warps_per_block * stages * rows_per_warp * span) if pipelined else 1
+    prologue = max(stages - 1, 0)
 
     def kernel(
         a, u, y, w0, g0, carry, block_carry, v_out, c_out,
@@ -723,17 +855,48 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
         wl = cuda.local.array(vec, f32)
         gl = cuda.local.array(vec, f32)
         out = cuda.local.array(vec, f32)
-        for t_iter in range(t_walk, t_hi, span):
+        sm_u = cuda.shared.array(smem_elems, storage)
+        sm_a = cuda.shared.array(smem_elems, storage)
+        n_iters = (t_hi - t_walk + span - 1) // span
+        warp_base = (cuda.threadIdx.x // 32) * stages * rows_per_warp * span + lane * vec
+        if pipelined:
+            for it in range(prologue):
+                if it < n_iters:
+                    tc = min(t_walk + it * span + lane * vec, t_hi - vec)
+                    for q in range(rows_per_warp):
+                        r = min(r0 + q, nrows - 1)
+                        at = warp_base + (it * rows_per_warp + q) * span
+                        copy(a, ((r // head_dim) if per_head else r) * n + tc, sm_a, at)
+                        copy(u, r * n + tc, sm_u, at)
+                async_commit()
+        for it in range(n_iters):
+            t_iter = t_walk + it * span
             t0 = t_iter + lane * vec  # this lane's first step
             valid = t0 < t_hi
             tc = min(t0, t_hi - vec)
             pos = (t0 + offset) & mask
             starts = valid and pos == 0 and t0 > t_walk  # a block starts at this lane
-            for q in range(rows_per_warp):
-                r = min(r0 + q, nrows - 1)
-                # rows of one head load the same `a`: the repeats hit L1, not DRAM
-                load_a(a, ((r // head_dim) if per_head else r) * n + tc, abuf, q * vec)
-                load_u(u, r * n + tc, ubuf, q * vec)
+            if pipelined:
+                ahead = it + prologue
+                if ahead < n_iters:
+                    tc_ahead = min(t_walk + ahead * span + lane * vec, t_hi - vec)
+                    for q in range(rows_per_warp):
+                        r = min(r0 + q, nrows - 1)
+                        at = warp_base + ((ahead % stages) * rows_per_warp + q) * span
+                        copy(a, ((r // head_dim) if per_head else r) * n + tc_ahead, sm_a, at)
+                        copy(u, r * n + tc_ahead, sm_u, at)
+                async_commit()
+                wait()
+                for q in range(rows_per_warp):
+                    at = warp_base + ((it % stages) * rows_per_warp + q) * span
+                    load_shared(sm_a, at, abuf, q * vec)
+                    load_shared(sm_u, at, ubuf, q * vec)
+            else:
+                for q in range(rows_per_warp):
+                    r = min(r0 + q, nrows - 1)
+                    # rows of one head load the same `a`: the repeats hit L1, not DRAM
+                    load_a(a, ((r // head_dim) if per_head else r) * n + tc, abuf, q * vec)
+                    load_u(u, r * n + tc, ubuf, q * vec)
             for q in range(rows_per_warp):
                 r = min(r0 + q, nrows - 1)
                 real_row = r0 + q < nrows
@@ -809,6 +972,7 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_{MODE_NAMES[mode]}_bhdl_lane_scan_{in_kind}_to_{out_kind}_"
         f"{'per_head' if per_head else 'per_channel'}_vec{vec}_rows{rows_per_warp}"
+        + (f"_stages{stages}_warps{warps_per_block}" if pipelined else "")
     )
     return cuda.jit(kernel)
 
@@ -847,9 +1011,14 @@ TUNING = _Tuning({
     "bhdl_access_bytes": 16,
     "bhdl_rows_per_warp": 2,
     "threads_per_sm": 2048,
+    "threads_per_sm_f32": 4096,  # float32: more, shorter chunks (H200: 0.169 vs 0.175 ms)
     "bhdl_min_chunk_iters": 8,
     "bhdl_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
     "bhdl_threads_per_block": 128,
+    # BHDL 16-byte path: iterations whose loads are in flight (cp.async into shared memory; 1: plain
+    # loads into registers). Shared memory per block: stages x 8 KiB at 128 threads. H200, bf16,
+    # 2 rows per warp: 4 stages 0.096-0.102 ms, 2: 0.098-0.103, 3: 0.102-0.109, 1: 0.104-0.116.
+    "bhdl_stages": 4,
 })
 """Launch tuning, chosen by scripts/kfwd_bench.py on an H100 and retuned with scripts/swr_sweep.py
 on an H200 (BLHD unroll 4 over 128-step chunks: 0.083 vs 0.090 ms at 16 x 2048; float32 over
@@ -868,15 +1037,21 @@ def get_shared_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, chunks, s
     return kernel
 
 
-def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, depth):
+def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, depth, *pipeline):
     """The compiled-on-demand dispatcher of one specialisation (``depth``: BLHD unroll, BHDL rows
-    per warp)."""
-    key = (layout, in_kind, out_kind, per_head, mode, vec, depth)
+    per warp; BHDL ``pipeline``: stages, warps per block)."""
+    key = (layout, in_kind, out_kind, per_head, mode, vec, depth) + pipeline
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_channel_walk_kernel if layout == "BLHD" else _make_lane_scan_kernel
-        kernel = _kernels[key] = factory(in_kind, out_kind, per_head, mode, vec, depth)
+        kernel = _kernels[key] = factory(in_kind, out_kind, per_head, mode, vec, depth, *pipeline)
     return kernel
+
+
+def _bhdl_pipeline(vec, block):
+    """(stages, warps per block) of the BHDL lane scan: cp.async stages for the 16-byte path."""
+    stages = TUNING["bhdl_stages"] if vec > 1 else 1
+    return (stages, block // 32) if stages > 1 else ()
 
 
 _KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
@@ -973,7 +1148,7 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
     channels = heads * head_dim
     nrows = batch * channels
     nb = -(-(offset + n) // block_len)
-    target = _sm_count() * TUNING["threads_per_sm"]
+    target = _sm_count() * TUNING["threads_per_sm_f32" if in_kind == "f32" else "threads_per_sm"]
     # the simulator's warp shuffles exchange values across a whole block: keep blocks one warp
     block = 32 if SIMULATOR else TUNING[f"{layout.lower()}_threads_per_block"]
     if layout == "BLHD":
@@ -998,7 +1173,8 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
     else:
         vec = _time_vec(in_kind, out_kind, n, block_len, offset, misaligned)
         rows_per_warp = TUNING["bhdl_rows_per_warp"]
-        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, rows_per_warp)
+        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, rows_per_warp,
+                            *_bhdl_pipeline(vec, block))  # fmt: skip
         groups = -(-nrows // rows_per_warp)
         # whole rows per warp unless that leaves the GPU short of warps; chunks stay long enough
         # that re-walking the block before each (hops=1) costs little
@@ -1152,8 +1328,10 @@ def specialisations():
                                 depth = _unroll(mode, vec)
                             else:
                                 depth = TUNING["bhdl_rows_per_warp"]
+                            pipeline = () if layout == "BLHD" else _bhdl_pipeline(
+                                vec, TUNING["bhdl_threads_per_block"])
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
-                                                depth)  # fmt: skip
+                                                depth, *pipeline)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
     # the shared walk (BLHD hops=1): block_len 16 per head for every dtype pair; the other block
     # lengths it fits (per head 4 and 8, per channel 4 and 8 at 48 KiB) only change trip counts

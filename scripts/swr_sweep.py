@@ -92,8 +92,8 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid = [dict(blhd_share_chunks=ch, blhd_chunk_steps=cs, blhd_share_max_bytes=200 * 1024)
                 for ch, cs in itertools.product((1, 2, 4, 8), (64, 128, 256))]
     else:
-        grid = [dict(bhdl_rows_per_warp=r, threads_per_sm=ts, bhdl_threads_per_block=tp)
-                for r, ts, tp in itertools.product((1, 2, 4), (1024, 2048, 4096), (128, 256))]
+        grid = [dict(bhdl_stages=st, bhdl_rows_per_warp=r, threads_per_sm=ts)
+                for st, r, ts in itertools.product((1, 2, 3, 4), (1, 2), (2048, 4096))]
     try_knobs("fwd", SF.TUNING, grid, fwd, fwd_diff, floor_f)
 
     if not backward:

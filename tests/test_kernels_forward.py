@@ -279,6 +279,24 @@ def test_shared_walk_kernel(rng, shared_walk, kinds, per_head, geometry):
     assert np.array_equal(y, y_plain)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+def test_bhdl_pipeline_stages(rng, monkeypatch, stages):
+    """The BHDL lane scan with its loads ``stages - 1`` iterations ahead (cp.async ring in shared
+    memory): many iterations per warp, so every ring slot is refilled several times; the same
+    numbers as register loads."""
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+    monkeypatch.setitem(F.TUNING, "bhdl_chunk_blocks", 80)  # chunks of 5 and 1.25 iterations
+    shape = (1, 1, 2, 1600)
+    a, u = make_case(rng, "BHDL", shape, True, "bf16")
+    x0 = rng.standard_normal(shape[:3])
+    monkeypatch.setitem(F.TUNING, "bhdl_stages", stages)
+    y, ref = run_forward(a, u, layout="BHDL", block_len=16, hops=1, out_kind="f32", x0=x0)
+    assert rel_err(y, ref) < 1e-5
+    monkeypatch.setitem(F.TUNING, "bhdl_stages", 1)
+    y_plain, _ = run_forward(a, u, layout="BHDL", block_len=16, hops=1, out_kind="f32", x0=x0)
+    assert np.array_equal(y, y_plain)
+
+
 def test_shared_walk_is_chosen_where_it_fits():
     """Under the shipped TUNING: BLHD hops=1 over whole blocks from offset 0 takes the shared
     walk when its shared memory fits (bf16 per head up to block_len 16), else the plain walk."""

@@ -49,7 +49,12 @@ def _check(ptx: str, name: str) -> list[str]:
         problems.append("uses local memory (a register array indexed at run time?)")
     vec = int(re.search(r"_vec(\d+)", name).group(1))
     if vec > 1:
-        if "ld.global.v4.u32" not in ptx:
+        if "_stages" in name:  # cp.async into shared memory, read back 16 bytes at a time
+            if "cp.async.cg.shared.global" not in ptx or "cp.async.wait_group" not in ptx:
+                problems.append("pipelined path without cp.async copies and waits")
+            if not re.search(r"\bld\.v4\.u32", ptx):
+                problems.append("pipelined path without 16-byte reads of its shared memory")
+        elif "ld.global.v4.u32" not in ptx:
             problems.append("vector path without 16-byte loads")
         if "carriers" not in name and not re.search(r"st\.global\.v[24]\.u32", ptx):
             problems.append("vector path without 8/16-byte stores")
