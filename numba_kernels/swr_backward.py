@@ -15,11 +15,13 @@ summed over the D channels of a head for per-head coefficients. For hops=1 (offs
 Kernels
 -------
 * ``channel`` (``swr_backward_channel.py``): the BLHD hops 0/1 backward where a vector of 2-8
-  channels fits (the default there): a thread owns the vector and walks its chunk's blocks from
-  the last to the first, no shuffles inside a block (H200, bf16, 128 x 16: 0.173 ms, 58% of the
-  copy bandwidth, against 0.28 ms for the walk kernel below); in BHDL its row variant (a thread
-  per channel row, 16-byte vectors along time; 0.21-0.22 ms against 0.23-0.24 ms).
-* ``walk``: the fused hops 0/1 backward (shapes the channel kernels do not take).
+  channels fits: a thread owns the vector and walks its chunk's blocks from the last to the
+  first, no shuffles inside a block (H200, bf16, 128 x 16: 0.173 ms, 58% of the copy bandwidth,
+  against 0.28 ms for the walk kernel below); in BHDL its row variant (a thread per channel row,
+  16-byte vectors along time; 0.21-0.22 ms against 0.23-0.24 ms). ``auto`` takes them first
+  only where they measured faster (:func:`_channel_preferred`: hops=1; in BHDL also 16-bit,
+  per head, two vectors per group).
+* ``walk``: the fused hops 0/1 backward (the rest, where it fits).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
   lane ``block_len / lanes`` consecutive time steps in registers. The lanes combine their partial
@@ -881,10 +883,11 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
     ``(B, H, D, N)``, BLHD ``(B, N, H, D)``; dy like u (any of the three dtypes); da like a.
     ``carry``: ``(B, H, D)`` float32, the initial carry (x0, or zeros). ``dcarry``: ``(B, H, D)``
     float32 receiving d carry (zeros for hops=0), or None.
-    ``variant``: "auto" (BLHD: the channel kernel of swr_backward_channel where its
-    ``channel_config`` allows; then the fused walk kernel where :func:`walk_plan` allows; else
-    "general"), "channel" (BLHD), "walk" or "general". ``blocks_per_chunk``: blocks each lane
-    group of the walk kernel walks (default: 32 for BHDL, 8 for BLHD).
+    ``variant``: "auto" (the channel kernels of swr_backward_channel first where
+    :func:`_channel_preferred` says they are faster and they fit, then the fused walk kernel
+    where :func:`walk_plan` allows, then the channel kernels where they fit, else "general"),
+    "channel" (BLHD channel or BHDL row kernel), "walk" or "general". ``blocks_per_chunk``:
+    blocks each lane group of the walk kernel walks (default: 32 for BHDL, 8 for BLHD).
     ``threads``: threads per CTA of the walk kernel (a multiple of 32). ``lanes``: lanes per
     block of the walk kernel instead of :func:`walk_plan`'s choice (a tuning knob).
     """
@@ -945,8 +948,10 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
     # absent optional arrays are replaced by carry: the kernels never touch them then
     dc = _flat(dcarry, "f32") if has_dcarry else _flat(carry, "f32")
     flag = np.int64(1 if has_dcarry else 0)
-    if variant in ("auto", "channel"):
-        args_of = _channel_args if layout == "BLHD" else _rows_args
+    args_of = _channel_args if layout == "BLHD" else _rows_args
+    preferred = variant == "channel" or (
+        variant == "auto" and _channel_preferred(layout, ku, hops, per_head, N, block_len))
+    if preferred:
         call = args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
                        block_len, hops)
         if call is not None:
@@ -984,11 +989,33 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
                 _flat(carry, "f32"), dc, np.int64(N), np.int64(H), np.int64(D), np.int64(nb),
                 np.int64(K), flag)
         return kernel, grid, threads, args
+    if variant == "auto" and not preferred:
+        call = args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
+                       block_len, hops)
+        if call is not None:
+            return call
     mode = MODE_HOPS1 if hops == 1 else MODE_HOPS0
     kernel = _general_kernel(ku, kd, layout, per_head, block_len, mode)
     dummy = _flat(carry, "f32")
     return _general_args(kernel, a, u, dy, du, da, _flat(carry, "f32"), dc, dummy, dummy, dummy,
                          B, N, H, D, nb, flag, per_head, ku, kd)
+
+
+def _channel_preferred(layout, ku, hops, per_head, N, block_len):
+    """Whether ``auto`` tries the channel kernels before the lane-walk kernel: where they
+    measured faster (H200, bf16, 4 x 8192, H=128 x D=16; ms, channel kernel vs lane walk).
+    BLHD: hops=1 (l=16 0.173 vs 0.281, l=8 0.159 vs 0.251, l=64 0.202 vs 0.458, float32 0.328
+    vs 0.353, per channel 0.270 vs 0.275); hops=0 went to the lane walk (0.160 vs 0.167). BHDL
+    (the row kernel): 16-bit u, hops=1, per head, groups of two vectors (l=16 0.216 vs 0.232,
+    l=32 0.221 vs 0.240); the lane walk won for hops=0 (0.191 vs 0.330), float32 (0.381 vs
+    0.547), per channel (0.271 vs 0.673) and block_len 8 (one vector per group: 0.369 vs 0.482).
+    Where the lane walk does not fit, the channel kernels are tried after it all the same."""
+    if hops != 1:
+        return False
+    if layout == "BLHD":
+        return True
+    steps = TUNING["rows_depth"] * 16 // {"f32": 4, "f16": 2, "bf16": 2}[ku]
+    return per_head and ku != "f32" and block_len % steps == 0 and N % steps == 0
 
 
 def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,

@@ -50,7 +50,8 @@ def try_knobs(label, tuning, grid, run, diff, floor):
             tuning[k] = v
 
 
-def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=True):
+def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=True, hops=1,
+          per_channel=False):
     import cupy as cp
     import ml_dtypes
     SB = importlib.import_module("swr_array.numba_kernels.swr_backward")
@@ -60,7 +61,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     H, D = 128, 16
     rng = cp.random.default_rng(1)
     shape = (B, L, H, D) if layout == "BLHD" else (B, H, D, L)
-    ashape = (B, L, H) if layout == "BLHD" else (B, H, L)
+    ashape = shape if per_channel else ((B, L, H) if layout == "BLHD" else (B, H, L))
     u = rng.standard_normal(shape, dtype=cp.float32).astype(bf16)
     dy = rng.standard_normal(shape, dtype=cp.float32).astype(bf16)
     a = (0.5 + 0.5 * rng.random(ashape, dtype=cp.float32)).astype(bf16)
@@ -68,7 +69,8 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     du, da = cp.empty_like(u), cp.empty_like(a)
     carry = cp.zeros((B, H, D), cp.float32)
     ones = cp.ones((B, H, D), cp.float32)
-    kw = dict(layout=layout, block_len=block_len, hops=1, offset=0, w0=carry, g0=ones, carry=carry)
+    kw = dict(layout=layout, block_len=block_len, hops=hops, offset=0, w0=carry, g0=ones,
+              carry=carry)
     floor_f = (u.nbytes * 2 + a.nbytes) / bw / 1e9
     floor_b = (u.nbytes * 3 + a.nbytes * 2) / bw / 1e9  # a, u, dy read; du, da written
 
@@ -78,8 +80,8 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     fwd()
     ref = y.copy()
     t = gpu_time(fwd)
-    print(f"{layout} {dtype} l={block_len} fwd default: {t:.4f} ms ({t / floor_f:.2f}x floor "
-          f"{floor_f:.4f})", flush=True)
+    print(f"{layout} {dtype} hops={hops} l={block_len} fwd default: {t:.4f} ms "
+          f"({t / floor_f:.2f}x floor {floor_f:.4f})", flush=True)
 
     def fwd_diff(run):
         y[...] = cp.nan
@@ -100,8 +102,8 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         return
 
     def bwd(**opt):
-        SB.swr_backward(a, u, dy, du, da, layout=layout, block_len=block_len, hops=1, carry=carry,
-                        **opt)
+        SB.swr_backward(a, u, dy, du, da, layout=layout, block_len=block_len, hops=hops,
+                        carry=carry, **opt)
 
     bwd()
     ref_du, ref_da = du.copy(), da.copy()
@@ -138,6 +140,8 @@ def main():
     ap.add_argument("--size", default="16x2048")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--block-len", type=int, default=16)
+    ap.add_argument("--hops", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--per-channel", action="store_true")
     ap.add_argument("--layouts", default="BLHD,BHDL")
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--backward-only", action="store_true")
@@ -152,7 +156,7 @@ def main():
     print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"copy {bw:.2f} TB/s")
     for layout in args.layouts.split(","):
         sweep(layout, B, L, bw, args.dtype, args.block_len, not args.forward_only,
-              not args.backward_only)
+              not args.backward_only, args.hops, args.per_channel)
     return 0
 
 

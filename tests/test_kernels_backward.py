@@ -276,6 +276,39 @@ def test_channel_kernel_is_chosen(rng):
     assert names["BHDL", 16, 32].startswith("swr_backward_rows_bf16_dy_bf16_per_head_hops1")
     assert "rows" not in names["BHDL", 3, 32]  # D=3: no power of two of lanes per head
     assert "rows" not in names["BHDL", 16, 36]  # rows need whole 8-step vectors
+    # BHDL takes the row kernel only where it measured faster than the lane-walk kernel (16-bit
+    # u, per head), and neither layout for hops=0
+    cases = [("BHDL", BF16, 0, 16, True), ("BHDL", np.float32, 1, 16, True),
+             ("BHDL", BF16, 1, 8, True), ("BHDL", BF16, 1, 16, False), ("BLHD", BF16, 0, 16, True)]
+    for layout, dtype, hops, block_len, per_head in cases:
+        a, u, dy, x0 = make_case(rng, layout, per_head, dtype, D=16, N=32)
+        aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
+        kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), layout, block_len, hops,
+                                  X.asarray(x0), None, "auto", None, 128, None)[0]
+        assert "walk" in kernel.py_func.__name__, (layout, dtype, hops, block_len, per_head)
+    # asked for by name, the row kernel still runs where it fits
+    a, u, dy, x0 = make_case(rng, "BHDL", True, BF16, D=16, N=32)
+    aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
+    kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), "BHDL", 16, 0, X.asarray(x0),
+                              None, "channel", None, 128, None)[0]
+    assert "rows" in kernel.py_func.__name__
+
+
+def test_channel_kernel_where_the_lane_walk_does_not_fit(rng, monkeypatch):
+    """hops=0 prefers the lane walk, but takes the channel kernel rather than the general one
+    where the lane walk does not fit."""
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    monkeypatch.setattr(mod, "walk_plan", lambda *args: None)
+    X = xp()
+    for layout in ("BLHD", "BHDL"):
+        a, u, dy, x0 = make_case(rng, layout, True, BF16, D=16, N=32)
+        aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
+        kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), layout, 16, 0,
+                                  X.asarray(x0), None, "auto", None, 128, None)[0]
+        name = kernel.py_func.__name__
+        assert name.startswith(("swr_backward_channel", "swr_backward_rows")), name
 
 
 # ----------------------------------------------------------------------------------------------
