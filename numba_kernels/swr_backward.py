@@ -19,8 +19,8 @@ Kernels
   first, no shuffles inside a block (H200, bf16, 128 x 16: 0.173 ms, 58% of the copy bandwidth,
   against 0.28 ms for the walk kernel below); in BHDL its row variant (a thread per channel row,
   16-byte vectors along time; 0.21-0.22 ms against 0.23-0.24 ms). ``auto`` takes them first
-  only where they measured faster (:func:`_channel_preferred`: hops=1; in BHDL also 16-bit,
-  per head, two vectors per group).
+  only where they measured faster (:func:`_channel_preferred`: hops=1, and BLHD hops=0 from
+  block_len 32; in BHDL only 16-bit, per head, two vectors per group).
 * ``walk``: the fused hops 0/1 backward (the rest, where it fits).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
@@ -1005,15 +1005,17 @@ def _channel_preferred(layout, ku, hops, per_head, N, block_len):
     """Whether ``auto`` tries the channel kernels before the lane-walk kernel: where they
     measured faster (H200, bf16, 4 x 8192, H=128 x D=16; ms, channel kernel vs lane walk).
     BLHD: hops=1 (l=16 0.173 vs 0.281, l=8 0.159 vs 0.251, l=64 0.202 vs 0.458, float32 0.328
-    vs 0.353, per channel 0.270 vs 0.275); hops=0 went to the lane walk (0.160 vs 0.167). BHDL
+    vs 0.353, per channel 0.270 vs 0.275) and hops=0 from block_len 32 (forward+backward through
+    the API: l=32 0.250 vs 0.294, l=64 0.253 vs 0.286); hops=0 at block_len 16 and below went to
+    the lane walk (0.160 vs 0.167 alone; forward+backward l=8 0.212 vs 0.230). BHDL
     (the row kernel): 16-bit u, hops=1, per head, groups of two vectors (l=16 0.216 vs 0.232,
     l=32 0.221 vs 0.240); the lane walk won for hops=0 (0.191 vs 0.330), float32 (0.381 vs
     0.547), per channel (0.271 vs 0.673) and block_len 8 (one vector per group: 0.369 vs 0.482).
     Where the lane walk does not fit, the channel kernels are tried after it all the same."""
+    if layout == "BLHD":
+        return hops == 1 or block_len >= 32
     if hops != 1:
         return False
-    if layout == "BLHD":
-        return True
     steps = TUNING["rows_depth"] * 16 // {"f32": 4, "f16": 2, "bf16": 2}[ku]
     return per_head and ku != "f32" and block_len % steps == 0 and N % steps == 0
 

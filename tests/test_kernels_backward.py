@@ -286,6 +286,11 @@ def test_channel_kernel_is_chosen(rng):
         kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), layout, block_len, hops,
                                   X.asarray(x0), None, "auto", None, 128, None)[0]
         assert "walk" in kernel.py_func.__name__, (layout, dtype, hops, block_len, per_head)
+    a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, D=16, N=64)  # BLHD hops=0 from l=32
+    aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
+    kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), "BLHD", 32, 0, X.asarray(x0),
+                              None, "auto", None, 128, None)[0]
+    assert kernel.py_func.__name__.startswith("swr_backward_channel"), kernel.py_func.__name__
     # asked for by name, the row kernel still runs where it fits
     a, u, dy, x0 = make_case(rng, "BHDL", True, BF16, D=16, N=32)
     aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
