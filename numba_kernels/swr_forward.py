@@ -42,7 +42,9 @@ shuffle chain of each warp iteration at 80 registers (24 warps per SM).
 On an H200 (2026-11-30, copy 4.1-4.2 TB/s, swr_forward alone, scripts/swr_sweep.py): BLHD
 0.083 ms with the plain walk, 0.080 ms with the shared walk (4 chunks of 64 steps per thread block;
 at block_len 32 and 64 its shared memory costs more occupancy than the re-read, so those keep the
-plain walk); BHDL 0.104-0.116 ms with register loads, 0.096-0.102 ms with 4 cp.async stages.
+plain walk; a ptxas register cap on the shared walk for 5 blocks per SM instead of 4: 0.093
+vs 0.079 ms at 96 registers); BHDL 0.104-0.116 ms with register loads, 0.096-0.102 ms with 4
+cp.async stages.
 Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
 software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
 slower), longer or shorter chunks (fewer threads, or more re-read).

@@ -91,7 +91,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     if not forward:
         grid = []
     elif layout == "BLHD":
-        grid = [dict(blhd_share_chunks=ch, blhd_chunk_steps=cs, blhd_share_max_bytes=200 * 1024)
+        grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs)
                 for ch, cs in itertools.product((1, 2, 4, 8), (64, 128, 256))]
     else:
         grid = [dict(bhdl_stages=st, bhdl_rows_per_warp=r, threads_per_sm=ts)
