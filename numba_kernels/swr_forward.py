@@ -195,36 +195,47 @@ def _scalar_store_loop(kind, width):
     return store_loop
 
 
-def make_vector_load(kind, width):
+def _array_op(body):
+    """A device function ``op(x, i, y, j)`` over two arrays and two element indices, whose code
+    is ``body(context, builder, sig, args)`` (LLVM IR; the indices arrive as int64). The wide
+    accesses below are all of this shape."""
+
+    @numba.cuda.extending.intrinsic
+    def op_intrinsic(typingctx, x, i, y, j):
+        sig = types.void(x, types.int64, y, types.int64)
+
+        def codegen(context, builder, sig, args):
+            body(context, builder, sig, args)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def op(x, i, y, j):
+        op_intrinsic(x, numba.int64(i), y, numba.int64(j))
+
+    return op
+
+
+def make_vector_load(kind, width, space=".global"):
     """``load(array, index, dst, offset)``: ``dst[offset + k] = float32(array[index + k])``.
 
     ``array`` is a 1-D storage array (uint16 bits for bf16), ``dst`` a local float32 array. For
     width > 1 one access of ``width * itemsize`` bytes: the address must be aligned to that.
+    ``space`` "" reads a shared array (a generic load, kept in order with the cp.async waits).
     """
     nbytes = width * _ITEMSIZE[kind]
     if SIMULATOR or width == 1:
         return _scalar_load_loop(kind, width)
     assert nbytes in (4, 8, 16), (kind, width)
 
-    @numba.cuda.extending.intrinsic
-    def load_vector(typingctx, array, index, dst, offset):
-        sig = types.void(array, types.int64, dst, types.int64)
+    def body(context, builder, sig, args):
+        address = _element_address(context, builder, sig.args[0], args[0], args[1])
+        values = _words_to_f32(builder, kind, _load_words(builder, address, nbytes, space))
+        for k, value in enumerate(values):
+            builder.store(value, _local_pointer(context, builder, sig.args[2], args[2], args[3], k))
 
-        def codegen(context, builder, sig, args):
-            address = _element_address(context, builder, sig.args[0], args[0], args[1])
-            values = _words_to_f32(builder, kind, _load_words(builder, address, nbytes))
-            for k, value in enumerate(values):
-                slot = _local_pointer(context, builder, sig.args[2], args[2], args[3], k)
-                builder.store(value, slot)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def load(array, index, dst, offset):
-        load_vector(array, numba.int64(index), dst, numba.int64(offset))
-
-    return load
+    return _array_op(body)
 
 
 def make_vector_store(kind, width):
@@ -239,30 +250,19 @@ def make_vector_store(kind, width):
     piece = min(16, nbytes)
     per_piece = piece // _ITEMSIZE[kind]
 
-    @numba.cuda.extending.intrinsic
-    def store_vector(typingctx, array, index, src, offset):
-        sig = types.void(array, types.int64, src, types.int64)
+    def body(context, builder, sig, args):
+        f32 = ir.FloatType()
+        values = [
+            builder.load(_local_pointer(context, builder, sig.args[2], args[2], args[3], k))
+            for k in range(width)
+        ]
+        for p in range(0, width, per_piece):
+            first = builder.add(args[1], ir.Constant(ir.IntType(64), p))
+            address = _element_address(context, builder, sig.args[0], args[0], first)
+            chunk = [builder.bitcast(v, f32) for v in values[p : p + per_piece]]
+            _store_words(builder, address, _f32_to_words(builder, kind, chunk))
 
-        def codegen(context, builder, sig, args):
-            f32 = ir.FloatType()
-            values = [
-                builder.load(_local_pointer(context, builder, sig.args[2], args[2], args[3], k))
-                for k in range(width)
-            ]
-            for p in range(0, width, per_piece):
-                first = builder.add(args[1], ir.Constant(ir.IntType(64), p))
-                address = _element_address(context, builder, sig.args[0], args[0], first)
-                chunk = [builder.bitcast(v, f32) for v in values[p : p + per_piece]]
-                _store_words(builder, address, _f32_to_words(builder, kind, chunk))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def store(array, index, src, offset):
-        store_vector(array, numba.int64(index), src, numba.int64(offset))
-
-    return store
+    return _array_op(body)
 
 
 # Raw words: a 16-byte access kept packed (4 uint32 words), so it can be parked in shared memory
@@ -284,24 +284,12 @@ def make_word_load(kind, width):
         return _scalar_load_loop(kind, width)
     nbytes = width * _ITEMSIZE[kind]
 
-    @numba.cuda.extending.intrinsic
-    def load_raw(typingctx, array, index, dst, offset):
-        sig = types.void(array, types.int64, dst, types.int64)
+    def body(context, builder, sig, args):
+        address = _element_address(context, builder, sig.args[0], args[0], args[1])
+        for k, word in enumerate(_load_words(builder, address, nbytes)):
+            builder.store(word, _local_pointer(context, builder, sig.args[2], args[2], args[3], k))
 
-        def codegen(context, builder, sig, args):
-            address = _element_address(context, builder, sig.args[0], args[0], args[1])
-            for k, word in enumerate(_load_words(builder, address, nbytes)):
-                builder.store(word, _local_pointer(context, builder, sig.args[2], args[2],
-                                                   args[3], k))  # fmt: skip
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def load_words(array, index, dst, offset):
-        load_raw(array, numba.int64(index), dst, numba.int64(offset))
-
-    return load_words
+    return _array_op(body)
 
 
 def make_word_unpack(kind, width, stride=1):
@@ -318,28 +306,16 @@ def make_word_unpack(kind, width, stride=1):
 
         return copy
 
-    @numba.cuda.extending.intrinsic
-    def unpack_words(typingctx, src, offset, dst, doffset):
-        sig = types.void(src, types.int64, dst, types.int64)
+    def body(context, builder, sig, args):
+        words = [
+            builder.load(_local_pointer(context, builder, sig.args[0], args[0], args[1],
+                                        j * stride))
+            for j in range(nwords)
+        ]
+        for k, value in enumerate(_words_to_f32(builder, kind, words)):
+            builder.store(value, _local_pointer(context, builder, sig.args[2], args[2], args[3], k))
 
-        def codegen(context, builder, sig, args):
-            words = [
-                builder.load(_local_pointer(context, builder, sig.args[0], args[0], args[1],
-                                            j * stride))
-                for j in range(nwords)
-            ]  # fmt: skip
-            for k, value in enumerate(_words_to_f32(builder, kind, words)):
-                builder.store(value, _local_pointer(context, builder, sig.args[2], args[2],
-                                                    args[3], k))  # fmt: skip
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def unpack(src, offset, dst, doffset):
-        unpack_words(src, numba.int64(offset), dst, numba.int64(doffset))
-
-    return unpack
+    return _array_op(body)
 
 
 # Asynchronous copies (sm_80+ `cp.async`): 16 bytes from global to shared memory without passing
@@ -363,26 +339,15 @@ def make_async_copy(kind, width):
         return copy_now
     assert width * _ITEMSIZE[kind] == 16, (kind, width)
 
-    @numba.cuda.extending.intrinsic
-    def cp_async(typingctx, array, index, smem, sindex):
-        sig = types.void(array, types.int64, smem, types.int64)
+    def body(context, builder, sig, args):
+        src = _element_address(context, builder, sig.args[0], args[0], args[1])
+        dst = _element_address(context, builder, sig.args[2], args[2], args[3])
+        fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
+        builder.asm(fn, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
+                        "cp.async.cg.shared.global [s], [$1], 16; }",
+                    "l,l,~{memory}", [dst, src], True)  # fmt: skip
 
-        def codegen(context, builder, sig, args):
-            src = _element_address(context, builder, sig.args[0], args[0], args[1])
-            dst = _element_address(context, builder, sig.args[2], args[2], args[3])
-            fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
-            builder.asm(fn, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
-                            "cp.async.cg.shared.global [s], [$1], 16; }",
-                        "l,l,~{memory}", [dst, src], True)  # fmt: skip
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def copy(array, index, smem, sindex):
-        cp_async(array, numba.int64(index), smem, numba.int64(sindex))
-
-    return copy
+    return _array_op(body)
 
 
 def _asm_statement(text):
@@ -426,29 +391,7 @@ else:
 def make_shared_load(kind, width):
     """``load(smem, index, dst, offset)``: make_vector_load for a shared array (one 16-byte
     generic load)."""
-    if SIMULATOR:
-        return _scalar_load_loop(kind, width)
-    nbytes = width * _ITEMSIZE[kind]
-
-    @numba.cuda.extending.intrinsic
-    def load_vector(typingctx, array, index, dst, offset):
-        sig = types.void(array, types.int64, dst, types.int64)
-
-        def codegen(context, builder, sig, args):
-            address = _element_address(context, builder, sig.args[0], args[0], args[1])
-            words = _load_words(builder, address, nbytes, space="")
-            for k, value in enumerate(_words_to_f32(builder, kind, words)):
-                slot = _local_pointer(context, builder, sig.args[2], args[2], args[3], k)
-                builder.store(value, slot)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def load(array, index, dst, offset):
-        load_vector(array, numba.int64(index), dst, numba.int64(offset))
-
-    return load
+    return make_vector_load(kind, width, space="")
 
 
 # --------------------------------------------------------------------------------------------
