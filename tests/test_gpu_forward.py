@@ -125,6 +125,31 @@ def test_4x8192_heads128_dim16_bf16(layout, hops, per_head):
     check_sampled(a, u, y, layout=layout, block_len=16, hops=hops, nsamples=24, seed=3)
 
 
+def test_shared_walk_over_48_kib_of_shared_memory(monkeypatch):
+    """Eight chunks per thread block (88 KiB of dynamic shared memory, which a kernel must opt
+    into): the reference on sampled channels, and bit for bit the default four chunks."""
+    import importlib
+
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+    cp = _cp()
+    a_shape, u_shape = shapes("BLHD", 2, 4096, 128, 16, True)
+    a = random_bf16_bits(a_shape, 7, -1.1, 1.1)
+    u = random_bf16_bits(u_shape, 8)
+    y_default = cp.full(u_shape, BF16_NAN, cp.uint16)
+    run(a, u, y_default, layout="BLHD")
+    monkeypatch.setitem(F.TUNING, "blhd_share_chunks", 8)
+    monkeypatch.setitem(F.TUNING, "blhd_share_max_bytes", 100 * 1024)
+    plan = F._make_plan("BLHD", u_shape, True, "bf16", "bf16", 16, 0, F.HOPS1,
+                        lambda in_bytes, out_bytes: False)  # fmt: skip
+    assert "chunks8" in plan.kernel.py_func.__name__ and plan.shared > 48 * 1024
+    y = cp.full(u_shape, BF16_NAN, cp.uint16)
+    run(a, u, y, layout="BLHD")
+    cp.cuda.get_current_stream().synchronize()
+    assert_all_written(y)
+    check_sampled(a, u, y, layout="BLHD", block_len=16, hops=1, nsamples=12, seed=9)
+    assert bool((y == y_default).all())
+
+
 @pytest.mark.parametrize("layout", ["BHDL", "BLHD"])
 @pytest.mark.parametrize("block_len", [8, 32, 64, 256])
 def test_block_lengths_at_size(layout, block_len):
