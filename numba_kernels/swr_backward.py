@@ -948,12 +948,16 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
     # absent optional arrays are replaced by carry: the kernels never touch them then
     dc = _flat(dcarry, "f32") if has_dcarry else _flat(carry, "f32")
     flag = np.int64(1 if has_dcarry else 0)
-    args_of = _channel_args if layout == "BLHD" else _rows_args
-    preferred = variant == "channel" or (
-        variant == "auto" and _channel_preferred(layout, ku, hops, per_head, N, block_len))
-    if preferred:
-        call = args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
+
+    def channel_call():
+        args_of = _channel_args if layout == "BLHD" else _rows_args
+        return args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
                        block_len, hops)
+
+    preferred = variant == "channel" or (
+        variant == "auto" and _channel_preferred(layout, ku, kd, hops, per_head, N, D, block_len))
+    if preferred:
+        call = channel_call()
         if call is not None:
             return call
         if variant == "channel":
@@ -990,8 +994,7 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
                 np.int64(K), flag)
         return kernel, grid, threads, args
     if variant == "auto" and not preferred:
-        call = args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
-                       block_len, hops)
+        call = channel_call()
         if call is not None:
             return call
     mode = MODE_HOPS1 if hops == 1 else MODE_HOPS0
@@ -1001,7 +1004,7 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
                          B, N, H, D, nb, flag, per_head, ku, kd)
 
 
-def _channel_preferred(layout, ku, hops, per_head, N, block_len):
+def _channel_preferred(layout, ku, kd, hops, per_head, N, D, block_len):
     """Whether ``auto`` tries the channel kernels before the lane-walk kernel: where they
     measured faster (H200, bf16, 4 x 8192, H=128 x D=16; ms, channel kernel vs lane walk).
     BLHD: hops=1 (l=16 0.173 vs 0.281, l=8 0.159 vs 0.251, l=64 0.202 vs 0.458, float32 0.328
@@ -1014,10 +1017,11 @@ def _channel_preferred(layout, ku, hops, per_head, N, block_len):
     Where the lane walk does not fit, the channel kernels are tried after it all the same."""
     if layout == "BLHD":
         return hops == 1 or block_len >= 32
-    if hops != 1:
+    if hops != 1 or not per_head or ku == "f32":
         return False
-    steps = TUNING["rows_depth"] * 16 // {"f32": 4, "f16": 2, "bf16": 2}[ku]
-    return per_head and ku != "f32" and block_len % steps == 0 and N % steps == 0
+    depth = TUNING["rows_depth"]
+    cfg = rows_config(ku, kd, per_head, block_len, N, D, depth)
+    return cfg is not None and cfg[0] == depth  # not the one-vector fallback
 
 
 def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,

@@ -454,6 +454,24 @@ else:
 #   nwork        threads (BLHD) or warps (BHDL) doing work; the rest of the grid returns
 
 
+def _make_advance(vec, a_width):
+    """``advance_w(w, abuf, ubuf, i)``: one step of the local scan, ``w <- a w + u``, for the
+    ``vec`` channels of a thread at step ``i`` of a batch (``a_width`` 1: one per-head ``a`` for
+    all of them); ``advance_g(g, abuf, i)``: ``g <- g a``."""
+
+    @cuda.jit(device=True, inline=True)
+    def advance_w(w, abuf, ubuf, i):
+        for k in range(vec):
+            w[k] = abuf[i * a_width + k % a_width] * w[k] + ubuf[i * vec + k]
+
+    @cuda.jit(device=True, inline=True)
+    def advance_g(g, abuf, i):
+        for q in range(a_width):
+            g[q] = g[q] * abuf[i * a_width + q]
+
+    return advance_w, advance_g
+
+
 def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
     """BLHD: one thread per (batch, ``vec`` adjacent channels, chunk of blocks), walking time.
 
@@ -465,6 +483,7 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
     load_a = make_vector_load(in_kind, 1 if per_head else vec)
     store_y = make_vector_store(out_kind, vec)
     a_width = 1 if per_head else vec  # a values per step (per head: one for the thread's channels)
+    advance_w, advance_g = _make_advance(vec, a_width)
     u_buffer, a_buffer = unroll * vec, unroll * a_width  # local array sizes must be constants
     f32 = numba.float32
 
@@ -534,10 +553,8 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
                             w[k] = f32(0.0)
                         for q in range(a_width):
                             g[q] = f32(1.0)
-                    for k in range(vec):
-                        w[k] = abuf[i * a_width + k % a_width] * w[k] + ubuf[i * vec + k]
-                    for q in range(a_width):
-                        g[q] = g[q] * abuf[i * a_width + q]
+                    advance_w(w, abuf, ubuf, i)
+                    advance_g(g, abuf, i)
                     if mode == CARRIERS:
                         if ((t + offset + 1) & mask) == 0 or t == n - 1:
                             jj = (t + offset) // block_len
@@ -592,6 +609,7 @@ def _make_shared_walk_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, ch
     unpack_smem = make_word_unpack(in_kind, vec, stride=tpb)
     store_y = make_vector_store(out_kind, vec)
     a_width = 1 if per_head else vec
+    advance_w, advance_g = _make_advance(vec, a_width)
     _, a_at, carrier_at, _ = shared_walk_words(in_kind, per_head, vec, steps, tpb)
     # local array sizes must be constants
     u_buffer, a_buffer = unroll * vec, unroll * a_width
@@ -663,8 +681,7 @@ def _make_shared_walk_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, ch
                         for j in range(aw):
                             sm_w[a_at + (p * aw + j) * tpb + tx] = abuf_w[i * aw + j]
                         unpack_reg(abuf_w, i * aw, abuf, i * vec)
-                    for q in range(vec):
-                        w[q] = abuf[i * a_width + q % a_width] * w[q] + ubuf[i * vec + q]
+                    advance_w(w, abuf, ubuf, i)
             for q in range(vec):
                 sm_f[carrier_at + q * tpb + tx] = w[q]
         cuda.syncthreads()
@@ -688,8 +705,7 @@ def _make_shared_walk_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, ch
                     load_u(u, row * channels + c0, ubuf, i * vec)
                     load_a(a, row * a_stride + a_col, abuf, i * a_width)
                 for i in range(unroll):
-                    for q in range(vec):
-                        w[q] = abuf[i * a_width + q % a_width] * w[q] + ubuf[i * vec + q]
+                    advance_w(w, abuf, ubuf, i)
             for q in range(vec):
                 s[q] = w[q]
 
@@ -719,10 +735,8 @@ def _make_shared_walk_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, ch
                         w[q] = f32(0.0)
                     for q in range(a_width):
                         g[q] = f32(1.0)
-                for q in range(vec):
-                    w[q] = abuf[i * a_width + q % a_width] * w[q] + ubuf[i * vec + q]
-                for q in range(a_width):
-                    g[q] = g[q] * abuf[i * a_width + q]
+                advance_w(w, abuf, ubuf, i)
+                advance_g(g, abuf, i)
                 for q in range(vec):
                     out[q] = w[q] + g[q % a_width] * s[q]
                 store_y(y, (b * n + t) * channels + c0, out, 0)
@@ -1096,25 +1110,27 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
     target = _sm_count() * TUNING["threads_per_sm_f32" if in_kind == "f32" else "threads_per_sm"]
     # the simulator's warp shuffles exchange values across a whole block: keep blocks one warp
     block = 32 if SIMULATOR else TUNING[f"{layout.lower()}_threads_per_block"]
+    shared_bytes = 0  # dynamic shared memory (the shared walk)
     if layout == "BLHD":
         vec = _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned)
-        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, _unroll(mode, vec))
         groups = channels // vec
-        steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
-        chunk_blocks = max(1, min(nb, steps // block_len))
-        nchunks = -(-nb // chunk_blocks)
-        nwork = batch * groups * nchunks
-        grid = -(-nwork // block)
         shared = _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb)
         if shared:
-            lanes, chunks, nbytes, chunk_blocks = shared
-            nchunks = -(-nb // chunk_blocks)
+            lanes, chunks, shared_bytes, chunk_blocks = shared
             kernel = get_shared_kernel(in_kind, out_kind, per_head, vec, _unroll(mode, vec),
                                        lanes, chunks, block_len)  # fmt: skip
+            block = lanes * chunks
+        else:
+            kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
+                                _unroll(mode, vec))  # fmt: skip
+            steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
+            chunk_blocks = max(1, min(nb, steps // block_len))
+        nchunks = -(-nb // chunk_blocks)
+        nwork = batch * groups * nchunks
+        if shared:  # a thread block: `chunks` consecutive chunks of `lanes` channel groups
             grid = batch * -(-groups // lanes) * -(-nchunks // chunks)
-            scalars = (n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups,
-                       nchunks, nwork, nrows)  # fmt: skip
-            return _Plan(kernel, grid, lanes * chunks, [np.int64(x) for x in scalars], nbytes)
+        else:
+            grid = -(-nwork // block)
     else:
         vec = _time_vec(in_kind, out_kind, n, block_len, offset, misaligned)
         rows_per_warp = TUNING["bhdl_rows_per_warp"]
@@ -1132,7 +1148,7 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
         grid = -(-nwork * 32 // block)
     scalars = (n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups, nchunks, nwork,
                nrows)  # fmt: skip
-    return _Plan(kernel, grid, block, [np.int64(x) for x in scalars])
+    return _Plan(kernel, grid, block, [np.int64(x) for x in scalars], shared_bytes)
 
 
 def _arrays(a, u, y, v_out, c_out, w0, g0, carry, block_carry, mode, dummy):
