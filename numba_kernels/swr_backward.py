@@ -58,9 +58,17 @@ import numpy as np
 from numba import cuda
 
 from ._dtypes import LOAD, SIMULATOR, STORE, f32_to_bf16, storage_kind
-from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
+from ._launch import (
+    FlatArray,
+    allow_shared_memory,
+    data_pointer,
+    launch,
+    launch_with_pointers,
+    prepare,
+)
 from .block_scan import scratch_shape, warp_exchange
 from .swr_backward_channel import channel_config, channel_kernel, rows_config, rows_kernel
+from .swr_backward_staged import staged_config, staged_kernel
 from .swr_forward import _Tuning
 
 __all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan", "TUNING"]
@@ -77,6 +85,12 @@ TUNING = _Tuning({
     "rows_depth": 2,
     "rows_chunk_steps": 512,
     "rows_threads_per_block": 128,
+    # BLHD staged kernel (swr_backward_staged): "" (off), "plain" (a block's copies, then its
+    # compute) or "lead" (the next block's copies in flight while one computes); chunk length in
+    # steps; threads per block (fewer where the shared memory does not fit)
+    "staged": "split",
+    "staged_chunk_steps": 256,
+    "staged_threads_per_block": 128,
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
 x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
@@ -898,8 +912,8 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
     call = _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, variant,
                         blocks_per_chunk, threads, lanes)
     if call is not None:
-        kernel, grid, block, args = call
-        launch(kernel, grid, block, args, stream)
+        kernel, grid, block, args, shared = call
+        launch(kernel, grid, block, args, stream, shared)
 
 
 # The GPU path is the per-call host cost users see: everything but the data pointers is looked
@@ -922,19 +936,21 @@ def _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream
                             None, 128, None)  # fmt: skip
         if call is None:  # nothing to launch (only for shapes that are never cached)
             return
-        kernel, grid, block, args = call
+        kernel, grid, block, args, shared = call
         entry, values = prepare(kernel, args)
+        allow_shared_memory(entry, shared)
         if len(_plans) > 256:
             _plans.clear()
-        plan = _plans[key] = (entry, grid, block, values)
-    # the walk and the general kernel both take a, u, dy, du, da, carry, dcarry first
-    launch_with_pointers(*plan, ptrs, stream)
+        plan = _plans[key] = (entry, grid, block, values, shared)
+    # every backward kernel takes a, u, dy, du, da, carry, dcarry first
+    entry, grid, block, values, shared = plan
+    launch_with_pointers(entry, grid, block, values, ptrs, stream, shared)
 
 
 def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, variant,
                  blocks_per_chunk, threads, lanes):  # fmt: skip
-    """(kernel, grid, block, args) of the backward launch, or None when there is nothing to run
-    (dcarry is zeroed here for N = 0)."""
+    """(kernel, grid, block, args, dynamic shared memory bytes) of the backward launch, or None
+    when there is nothing to run (dcarry is zeroed here for N = 0)."""
     B, N, H, D, per_head = _dims(u, a, layout)
     nb = -(-N // block_len)
     has_dcarry = dcarry is not None
@@ -992,7 +1008,7 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
         args = (a_arg, _words(u, ku), _words(dy, kd), _words(du, ku), da_arg,
                 _flat(carry, "f32"), dc, np.int64(N), np.int64(H), np.int64(D), np.int64(nb),
                 np.int64(K), flag)
-        return kernel, grid, threads, args
+        return kernel, grid, threads, args, 0
     if variant == "auto" and not preferred:
         call = channel_call()
         if call is not None:
@@ -1026,7 +1042,9 @@ def _channel_preferred(layout, ku, kd, hops, per_head, N, D, block_len):
 
 def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
                   block_len, hops):  # fmt: skip
-    """(kernel, grid, block, args) of the BLHD channel kernel, or None where it does not fit."""
+    """(kernel, grid, block, args, shared bytes) of the BLHD channel kernel (or, where
+    ``TUNING["staged"]`` asks for it and it fits, the staged kernel), or None where neither
+    fits."""
     vec_arrays = (u, du) if per_head else (u, du, a, da)
     cfg = channel_config(ku, kd, per_head, block_len, H, D, TUNING["channel_access_bytes"],
                          [_address(x) for x in vec_arrays], _address(dy))
@@ -1034,24 +1052,36 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
         return None
     vec, lph = cfg
     unroll = TUNING["channel_unroll"]
-    full = N % block_len == 0 and block_len % unroll == 0
-    kernel = channel_kernel(ku, kd, per_head, int(hops), vec, unroll, full)
+    # the simulator has no warp shuffles: there a thread block is one head's lanes
+    sim_tpb = lph if per_head else 32
+    staged = TUNING["staged"] and staged_config(
+        ku, kd, per_head, block_len, N, vec, unroll, TUNING["staged"] == "lead",
+        sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"])
+    shared = 0
+    if staged:
+        tpb, shared = staged
+        kernel = staged_kernel(ku, kd, int(hops), vec, block_len, unroll,
+                               TUNING["staged"] == "lead", TUNING["staged"] == "split")
+        steps = TUNING["staged_chunk_steps"]
+    else:
+        full = N % block_len == 0 and block_len % unroll == 0
+        kernel = channel_kernel(ku, kd, per_head, int(hops), vec, unroll, full)
+        tpb = sim_tpb if SIMULATOR else TUNING["channel_threads_per_block"]
+        steps = TUNING["channel_chunk_steps"]
     groups = H * D // vec
-    chunk_blocks = max(1, min(nb, TUNING["channel_chunk_steps"] // block_len))
+    chunk_blocks = max(1, min(nb, steps // block_len))
     nchunks = -(-nb // chunk_blocks)
     nwork = B * nchunks * groups
-    # the simulator has no warp shuffles: there a thread block is one head's lanes
-    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["channel_threads_per_block"]
     i64 = np.int64
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
             _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(lph), flag)
-    return kernel, -(-nwork // tpb), tpb, args
+    return kernel, -(-nwork // tpb), tpb, args, shared
 
 
 def _rows_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd, block_len,
                hops):  # fmt: skip
-    """(kernel, grid, block, args) of the BHDL row kernel, or None where it does not fit."""
+    """(kernel, grid, block, args, 0) of the BHDL row kernel, or None where it does not fit."""
     cfg = rows_config(ku, kd, per_head, block_len, N, D, TUNING["rows_depth"],
                       [_address(x) for x in (a, u, dy, du, da)])
     if cfg is None:
@@ -1068,7 +1098,7 @@ def _rows_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, 
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
             _flat(carry, "f32"), dc, i64(N), i64(C), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(C), i64(nchunks), i64(nwork), i64(lph), flag)
-    return kernel, -(-nwork // tpb), tpb, args
+    return kernel, -(-nwork // tpb), tpb, args, 0
 
 
 def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,
@@ -1079,7 +1109,7 @@ def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku), carry,
             dcarry, S, dv, dC, np.int64(B), np.int64(N), np.int64(H), np.int64(D),
             np.int64(nb), flag)
-    return kernel, grid, threads, args
+    return kernel, grid, threads, args, 0
 
 
 def block_grad_sums(a, dy, q, *, layout, block_len, stream=None):
@@ -1111,7 +1141,7 @@ def swr_backward_blocks(a, u, dy, du, da, *, layout, block_len, block_carry, blo
     ku, kd = _kind(u), _kind(dy)
     kernel = _general_kernel(ku, kd, layout, per_head, block_len, MODE_BLOCKS)
     dummy = _flat(block_carry, "f32")  # stands in for carry / dcarry, never touched
-    kernel, grid, block, args = _general_args(
+    kernel, grid, block, args, _ = _general_args(
         kernel, a, u, dy, du, da, dummy, dummy, _flat(block_carry, "f32"), _flat(block_dv, "f32"),
         _flat(block_dC, "f32"), B, N, H, D, nb, np.int64(0), per_head, ku, kd)
     launch(kernel, grid, block, args, stream)

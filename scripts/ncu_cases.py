@@ -2,7 +2,7 @@
 per-head a):
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy ... \\
-        python3 scripts/ncu_cases.py [--size 4x8192]
+        python3 scripts/ncu_cases.py [--size 4x8192] [--tuning staged=plain]
 
 Each kernel runs twice (the first call compiles and warms up); profile with ``--launch-skip``
 or ``--kernel-name`` to take the second.
@@ -17,6 +17,8 @@ import sys
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="4x8192")
+    ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a backward TUNING knob (int or string), e.g. staged=plain")
     args = ap.parse_args()
     import importlib
 
@@ -26,6 +28,9 @@ def main():
     SB = importlib.import_module("swr_array.numba_kernels.swr_backward")
     SF = importlib.import_module("swr_array.numba_kernels.swr_forward")
 
+    for item in args.tuning:
+        key, value = item.split("=", 1)
+        SB.TUNING[key] = int(value) if value.lstrip("-").isdigit() else value
     B, L = (int(p) for p in args.size.split("x"))
     H, D = 128, 16
     rng = cp.random.default_rng(1)

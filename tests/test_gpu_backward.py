@@ -126,3 +126,48 @@ def test_tuning_knobs(rng, layout, lanes, blocks_per_chunk):
         pytest.skip("lane count does not fit this layout")
     check_full(rng, layout, True, BF16, B=1, N=4096, H=32, D=16, lanes=lanes,
                blocks_per_chunk=blocks_per_chunk, threads=64 if lanes == 2 else 128)
+
+
+@pytest.mark.parametrize("mode", ["plain", "split", "lead"])
+@pytest.mark.parametrize("dtype,block_len,dy_dtype", [
+    (BF16, 16, None), (BF16, 8, None), (BF16, 32, np.float32), (np.dtype(np.float32), 16, None),
+    (np.dtype(np.float16), 16, None)], ids=["bf16-l16", "bf16-l8", "bf16-l32-dyf32", "f32", "f16"])
+def test_staged_kernel_modes(rng, mode, dtype, block_len, dy_dtype):
+    """The staged BLHD kernel in each mode (cp.async copies, real shared memory, threads per
+    block cut to fit it) against the reference on a few heads, and bitwise against the plain
+    channel kernel on every output."""
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    cp = _cupy()
+    saved = dict(mod.TUNING)
+    try:
+        mod.TUNING["staged"] = mode
+        mod.TUNING["staged_chunk_steps"] = 4 * block_len  # many chunk ends
+        B, N, H, D = 2, 64 * block_len, 16, 16
+        a, u, dy, x0 = random_case(rng, "BLHD", True, dtype, B, N, H, D, dy_dtype)
+        outs = []
+        for staged in (mode, ""):
+            mod.TUNING["staged"] = staged
+            du, da = poisoned(u.shape, u.dtype), poisoned(a.shape, a.dtype)
+            dcarry = poisoned((B, H, D), np.float32)
+            name = mod._launch_args(a, u, dy, du, da, "BLHD", block_len, 1, cp.asarray(x0),
+                                    dcarry, "channel", None, 128, None)[0].py_func.__name__
+            assert name.startswith("swr_backward_staged" if staged else "swr_backward_channel")
+            mod.swr_backward(a, u, dy, du, da, layout="BLHD", block_len=block_len, hops=1,
+                             carry=cp.asarray(x0), dcarry=dcarry, variant="channel")
+            outs.append((du, da, dcarry))
+        cp.cuda.runtime.deviceSynchronize()
+        for got, want, what in zip(outs[0], outs[1], ("du", "da", "dcarry")):
+            assert all_finite(got), f"{what}: unwritten outputs"
+            assert bool((got.view(cp.uint8) == want.view(cp.uint8)).all()), what
+        heads = cp.asarray([0, H - 1])
+        sl = [head_slice(x, "BLHD", heads) for x in (a, u, dy)]
+        da_r, du_r, dx0_r = expected(*sl, "BLHD", True, block_len, 1, x0[:, [0, H - 1]])
+        du, da, dcarry = outs[0]
+        assert_close(time_last(head_slice(du, "BLHD", heads), "BLHD"), du_r, dtype, "du")
+        assert_close(time_last(head_slice(da, "BLHD", heads), "BLHD"), da_r, dtype, "da")
+        assert_close(to_np(dcarry[:, heads]), dx0_r, np.float32, "dcarry")
+    finally:
+        for k, v in saved.items():
+            mod.TUNING[k] = v

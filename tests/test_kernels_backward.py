@@ -195,12 +195,13 @@ def test_walk_short_and_without_dcarry(rng, layout):
 @pytest.fixture
 def channel_tuning():
     """The backward's TUNING, with 16-step chunks: tiny cases span several chunks (carrier and q
-    handed across chunk ends). Restored after the test."""
+    handed across chunk ends), and the staged kernel off. Restored after the test."""
     import importlib
 
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
     saved = dict(mod.TUNING)
     mod.TUNING["channel_chunk_steps"] = 16
+    mod.TUNING["staged"] = ""  # the staged kernel's tests ask for it
     yield mod.TUNING
     for k, v in saved.items():
         mod.TUNING[k] = v
@@ -233,6 +234,71 @@ def test_channel_mixed_dy_and_lanes(rng, channel_tuning):
     # dcarry, two batches
     check_backward(rng, "BLHD", True, BF16, 1, block_len=8, B=2, H=1, D=64, N=24,
                    dy_dtype=np.float32, want_dcarry=False, variant="channel")
+
+
+# The staged BLHD kernel (swr_backward_staged.py): the channel kernel's walk with each block's u and
+# dy copied into shared memory (cp.async on a GPU, plain copies in the simulator)
+
+
+def staged_name(a, u, dy, block_len, hops, x0):
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    X = xp()
+    call = mod._launch_args(X.asarray(a), X.asarray(u), X.asarray(dy), X.asarray(u).copy(),
+                            X.asarray(a).copy(), "BLHD", block_len, hops, X.asarray(x0), None,
+                            "channel", None, 128, None)
+    return call[0].py_func.__name__, call[4]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("hops", [0, 1])
+@pytest.mark.parametrize("mode", ["plain", "split", "lead"])
+def test_staged_kernel(rng, channel_tuning, dtype, hops, mode):
+    # block_len 16 with 8-step groups (two checkpoints per block), 32-step chunks: the carrier
+    # and q cross chunk ends, and a chunk's last iteration issues no copies (lead); bitwise
+    # the numbers of the plain channel kernel (the same sums in the same order)
+    channel_tuning["staged"] = mode
+    channel_tuning["staged_chunk_steps"] = 32
+    block_len, N = 16, 80
+    a, u, dy, x0 = make_case(rng, "BLHD", True, dtype, H=2, D=16, N=N)
+    name, shared = staged_name(a, u, dy, block_len, hops, x0)
+    assert name.startswith("swr_backward_staged") and name.endswith(
+        {"plain": "_unroll8", "split": "_split", "lead": "_lead"}[mode])
+    assert shared > 0
+    got = run_backward(a, u, dy, "BLHD", block_len, hops, x0, variant="channel")
+    da_r, du_r, dx0_r = expected(a, u, dy, "BLHD", True, block_len, hops, x0)
+    assert_close(time_last(got[1], "BLHD"), du_r, dtype, "du")
+    assert_close(time_last(got[0], "BLHD"), da_r, dtype, "da")
+    assert_close(got[2], dx0_r if hops else np.zeros_like(dx0_r), np.float32, "dcarry")
+    channel_tuning["staged"] = ""
+    plain = run_backward(a, u, dy, "BLHD", block_len, hops, x0, variant="channel")
+    for g, p, what in zip(got, plain, ("da", "du", "dcarry")):
+        np.testing.assert_array_equal(g.view(np.uint8), p.view(np.uint8), err_msg=what)
+
+
+@pytest.mark.parametrize("block_len,D,mode", [(8, 64, "lead"), (32, 16, "split"),
+                                              (32, 32, "lead"), (16, 16, "plain")])
+def test_staged_kernel_shapes(rng, channel_tuning, block_len, D, mode):
+    # one group per block (l=8) or four (l=32); 8, 2 or 4 threads per head; dy float32 with
+    # bfloat16 a, u (two 16-byte copies of dy per step); two batches, no dcarry
+    channel_tuning["staged"] = mode
+    channel_tuning["staged_chunk_steps"] = 2 * block_len
+    dy_dtype = np.float32 if block_len != 32 or D == 32 else None
+    a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, B=2, H=1, D=D, N=5 * block_len,
+                             dy_dtype=dy_dtype)
+    assert staged_name(a, u, dy, block_len, 1, x0)[0].startswith("swr_backward_staged")
+    check_backward(rng, "BLHD", True, BF16, 1, block_len=block_len, B=2, H=1, D=D,
+                   N=5 * block_len, dy_dtype=dy_dtype, want_dcarry=False, variant="channel")
+
+
+def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
+    # per-channel coefficients, a partial last block, block_len 64: the plain channel kernel
+    channel_tuning["staged"] = "lead"
+    for per_head, N, block_len in ((False, 32, 16), (True, 36, 16), (True, 128, 64)):
+        a, u, dy, x0 = make_case(rng, "BLHD", per_head, BF16, D=16, N=N)
+        name, shared = staged_name(a, u, dy, block_len, 1, x0)
+        assert name.startswith("swr_backward_channel") and shared == 0, (per_head, N)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -270,7 +336,9 @@ def test_channel_kernel_is_chosen(rng):
             kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), layout, 16, 1,
                                       X.asarray(x0), None, "auto", None, 128, None)[0]
             names[layout, D, N] = kernel.py_func.__name__
-    assert names["BLHD", 16, 32].startswith("swr_backward_channel_bf16_dy_bf16_per_head_hops1")
+    # whole blocks, per head: the staged kernel (TUNING's default mode)
+    assert names["BLHD", 16, 32].startswith("swr_backward_staged_bf16_dy_bf16_per_head_hops1")
+    assert names["BLHD", 16, 32].endswith("_split")
     assert names["BLHD", 16, 36].startswith("swr_backward_channel")  # clamped partial block
     assert not names["BLHD", 3, 32].startswith("swr_backward_channel")  # no vector fits D=3
     assert names["BHDL", 16, 32].startswith("swr_backward_rows_bf16_dy_bf16_per_head_hops1")
@@ -290,7 +358,7 @@ def test_channel_kernel_is_chosen(rng):
     aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
     kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), "BLHD", 32, 0, X.asarray(x0),
                               None, "auto", None, 128, None)[0]
-    assert kernel.py_func.__name__.startswith("swr_backward_channel"), kernel.py_func.__name__
+    assert kernel.py_func.__name__.startswith("swr_backward_staged"), kernel.py_func.__name__
     # asked for by name, the row kernel still runs where it fits
     a, u, dy, x0 = make_case(rng, "BHDL", True, BF16, D=16, N=32)
     aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
@@ -313,7 +381,7 @@ def test_channel_kernel_where_the_lane_walk_does_not_fit(rng, monkeypatch):
         kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), layout, 16, 0,
                                   X.asarray(x0), None, "auto", None, 128, None)[0]
         name = kernel.py_func.__name__
-        assert name.startswith(("swr_backward_channel", "swr_backward_rows")), name
+        assert name.startswith(("swr_backward_staged", "swr_backward_rows")), name
 
 
 # ----------------------------------------------------------------------------------------------

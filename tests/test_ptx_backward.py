@@ -56,6 +56,14 @@ def _spec_list():
             specs.append(("channel", "BHDL", kind, kind, per_head, 1, 16))
     specs.append(("channel", "BHDL", "bf16", "bf16", True, 0, 16))
     specs.append(("channel", "BHDL", "bf16", "f32", True, 1, 16))
+    # the BLHD staged kernel (per head, whole blocks): both modes, each dtype, block_len 8 / 32
+    for mode in ("staged_lead", "staged_plain", "staged_split"):
+        for hops in (0, 1):
+            specs.append((mode, "BLHD", "bf16", "bf16", True, hops, 16))
+    specs.append(("staged_lead", "BLHD", "f32", "f32", True, 1, 16))
+    specs.append(("staged_lead", "BLHD", "f16", "f16", True, 1, 8))
+    specs.append(("staged_lead", "BLHD", "bf16", "f32", True, 1, 32))
+    specs.append(("staged_plain", "BLHD", "bf16", "bf16", True, 1, 32))
     specs += [("scan", None, "f32", "f32", False, 0, 0), ("scan", None, "f32", "f32", False, 1, 0)]
     return specs
 
@@ -100,6 +108,12 @@ def recorded_launch(spec, **options):
     what, layout, ku, kd, per_head, hops, block_len = spec
     saved = mod.launch, scan.launch
     mod.launch = scan.launch = record
+    staged = mod.TUNING["staged"]
+    if what.startswith("staged"):
+        mod.TUNING["staged"] = what.split("_")[1]
+        what = "channel"
+    elif what.startswith("channel"):
+        mod.TUNING["staged"] = ""  # the plain channel kernel
     try:
         if what == "scan":
             x = np.zeros((3, 5), np.float32)
@@ -122,6 +136,7 @@ def recorded_launch(spec, **options):
                                  variant=what.replace("_partial", ""), **options)
     finally:
         mod.launch, scan.launch = saved
+        mod.TUNING["staged"] = staged
     assert len(seen) == 1, seen
     return seen[0]
 
@@ -176,6 +191,13 @@ def test_compiles_to_ptx(spec):
             assert name.endswith("_full") == (what == "channel")
         else:
             assert name.startswith("swr_backward_rows") and "_depth2_" in name
+    if what.startswith("staged"):
+        name = recorded_launch(spec)[0].py_func.__name__
+        assert name.startswith("swr_backward_staged") and name.endswith(
+            {"staged_lead": "_lead", "staged_split": "_split"}.get(what, "_unroll8"))
+        assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
+        assert "ld.v4.u32" in ptx  # 16 bytes of u (and dy) back from shared memory per step
+        assert ("shfl.sync" in ptx) == (ku != "f32" or kd == "f32")  # head sum over >1 lanes
 
 
 def test_fused_kernel_is_chosen_for_the_benchmark_shapes():

@@ -1,0 +1,349 @@
+"""BLHD backward of hops 0/1 with each block's data staged in shared memory by ``cp.async``.
+
+The math and the work split are those of ``swr_backward_channel`` (a thread owns ``vec`` adjacent
+channels of one head-sharing group and walks its chunk's blocks from the last to the first; one
+forward walk of block j-1 gives S for block j and checkpoints of block j-1; block j's reverse
+sweep recomputes each group of ``unroll`` steps from its checkpoint; per-head ``da`` is summed by
+butterfly shuffles over the head's lanes). What changes is where the data comes from:
+
+- A block's ``u`` and ``dy`` are copied into shared memory with 16-byte ``cp.async`` copies, a
+  whole block at a time, with one ``cp.async.wait_group``: one round trip to memory per block
+  instead of one per group of each pass, and no registers held by loads in flight.
+- ``u`` of block j-1 is read from DRAM once: the walk of block j-1 (while block j is reversed) and
+  the reverse sweep of block j-1 (next iteration) both read the copy in shared memory. The per-head
+  coefficients of the block are loaded into registers for the walk and parked in shared memory
+  (float32) for the reverse sweep. The plain channel kernel reads ``u`` and ``a`` twice (the
+  second time mostly from L2: Nsight Compute showed L2 at 80% of its throughput there).
+- ``lead``: the copies for block j-1's iteration are in flight while block j computes (three
+  blocks of ``u`` and two of ``dy`` in shared memory instead of two and one).
+
+``block_len`` is a constant of each specialisation (8, 16 or 32), so the checkpoints of a block
+live in registers. Each thread reads back only what it copied itself (after its own
+``cp.async.wait_group``), so no barrier is needed. Needs per-head coefficients, N a multiple of
+block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), and the shared memory of
+:func:`staged_bytes` per thread block.
+"""
+
+from __future__ import annotations
+
+import numba
+from numba import cuda
+
+from ._dtypes import STORE
+from .phalanx_fused import _head_sum
+from .swr_backward_channel import F0, F1, _ITEM, _split_load
+from .swr_forward import (
+    _STORAGE_TYPE,
+    async_commit,
+    make_async_copy,
+    make_async_wait,
+    make_shared_load,
+    make_vector_load,
+    make_vector_store,
+)
+
+__all__ = ["BLOCK_LENS", "staged_bytes", "staged_config", "staged_kernel"]
+
+BLOCK_LENS = (8, 16, 32)
+"""block_len values with a staged specialisation."""
+
+SHARED_LIMIT = 227 * 1024
+"""Dynamic shared memory one thread block may opt in to on sm_90 (H100, H200)."""
+
+f32 = numba.float32
+_CACHE: dict = {}
+
+
+def _slots(lead: bool):
+    """Blocks of (u, dy) in shared memory per thread."""
+    return (3, 2) if lead else (2, 1)
+
+
+def staged_bytes(ku, kd, vec, block_len, threads, lead):
+    """(u, dy, a) offsets in bytes and the total bytes of the dynamic shared memory."""
+    nu, nd = _slots(lead)
+    u_block = block_len * threads * vec * _ITEM[ku]
+    d_block = block_len * threads * vec * _ITEM[kd]
+    d_at = nu * u_block
+    a_at = d_at + nd * d_block
+    return 0, d_at, a_at, a_at + 2 * block_len * threads * 4
+
+
+def staged_config(ku, kd, per_head, block_len, N, vec, unroll, lead, threads):
+    """``(threads, shared bytes)`` of the staged kernel, or None where it does not fit: per-head
+    coefficients, ``block_len`` in :data:`BLOCK_LENS` and a multiple of ``unroll``, ``N`` a
+    multiple of ``block_len``, one 16-byte access of ``u`` per step (``vec`` elements; the caller
+    checked the alignment) and whole 16-byte pieces of ``dy``. ``threads`` per block halve until
+    the shared memory fits (down to 32; the simulator passes a head's lanes)."""
+    if not per_head or block_len not in BLOCK_LENS or block_len % unroll or N % block_len:
+        return None
+    if vec * _ITEM[ku] != 16 or vec * _ITEM[kd] % 16:
+        return None
+    while threads > 32 and staged_bytes(ku, kd, vec, block_len, threads, lead)[3] > SHARED_LIMIT:
+        threads //= 2
+    total = staged_bytes(ku, kd, vec, block_len, threads, lead)[3]
+    return (threads, total) if total <= SHARED_LIMIT else None
+
+
+def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
+    VEC, LB, U = vec, block_len, unroll
+    SPLIT = split and not lead
+    NGB = LB // U  # groups per block
+    NU, ND = _slots(lead)
+    LEAD = lead
+    HOPS1 = hops == 1
+    DW = 16 // _ITEM[kd]  # dy elements per 16-byte copy
+    DP = VEC // DW  # copies of dy per step
+    copy_u = make_async_copy(ku, VEC)
+    copy_d = make_async_copy(kd, DW)
+    wait_all = make_async_wait(0)
+    wait_older = make_async_wait(1)
+    load_su = make_shared_load(ku, VEC)
+    load_sd = _split_shared_load(kd, VEC)
+    load_a = make_vector_load(ku, 1)
+    load_d = _split_load(kd, VEC)
+    store_v = make_vector_store(ku, VEC)
+    store_s = STORE[ku]
+    SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
+    ITU, ITD = _ITEM[ku], _ITEM[kd]
+    CKN, UV = NGB * VEC, U * VEC  # local array sizes must be constants
+
+    @cuda.jit(device=True, inline=True)
+    def issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, jb_u, jb_d, d_at, tpb, tx,
+              abuf):
+        """Start the copies of u (block jb_u >= 0) and dy (block jb_d >= 0) into their slots and
+        load a of block jb_u into ``abuf``; one commit group (``split``: u, then dy)."""
+        if jb_u >= 0:
+            m0 = b * N + jb_u * LB
+            su = jb_u % NU
+            for i in range(LB):
+                copy_u(u, (m0 + i) * C + c0, sm_u, ((su * LB + i) * tpb + tx) * VEC)
+                load_a(a, (m0 + i) * a_stride + a_col, abuf, i)
+        if SPLIT:
+            async_commit()  # u: the older group, waited for before the walk
+        if jb_d >= 0:
+            m0 = b * N + jb_d * LB
+            sd = jb_d % ND
+            for i in range(LB):
+                for p in range(DP):
+                    copy_d(dy, (m0 + i) * C + c0 + p * DW, sm_d,
+                           d_at + ((sd * LB + i) * tpb + tx) * VEC + p * DW)
+        async_commit()
+
+    @cuda.jit(device=True, inline=True)
+    def walk(sm_u, sm_f, jb, a_at, tpb, tx, abuf, w, g, ckw, ckg, ub):
+        """Forward through block jb from shared memory (a from ``abuf``, parked for the reverse
+        sweep), checkpointing (w, g) before each group; w ends as the block's carrier."""
+        su = jb % NU
+        sa = jb % 2
+        for k in range(VEC):
+            w[k] = F0
+        g[0] = F1
+        for gi in range(NGB):
+            for k in range(VEC):
+                ckw[gi * VEC + k] = w[k]
+            ckg[gi] = g[0]
+            for i in range(U):
+                t = gi * U + i
+                load_su(sm_u, ((su * LB + t) * tpb + tx) * VEC, ub, 0)
+                sm_f[a_at + (sa * LB + t) * tpb + tx] = abuf[t]
+                for k in range(VEC):
+                    w[k] = abuf[t] * w[k] + ub[k]
+                g[0] = g[0] * abuf[t]
+
+    def swr_backward_staged(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
+                            chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
+        tx = numba.int64(cuda.threadIdx.x)
+        tpb = numba.int64(cuda.blockDim.x)
+        tid = numba.int64(cuda.blockIdx.x) * tpb + tx
+        if tid >= nwork:
+            return  # no barriers below: each thread reads back only its own copies
+        rest = tid // groups
+        c0 = (tid - rest * groups) * VEC
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        a_stride = C // D
+        a_col = c0 // D
+        ch0 = b * C + c0
+        lead_lane = (c0 % D) == 0  # the head's first lane stores da
+        lane = tx % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        sm_u = cuda.shared.array(0, SU)
+        sm_d = cuda.shared.array(0, SD)
+        sm_f = cuda.shared.array(0, f32)
+        # region offsets in each view's elements (see staged_bytes)
+        u_block = LB * tpb * VEC * ITU
+        d_at = NU * u_block // ITD
+        a_at = (NU * u_block + ND * LB * tpb * VEC * ITD) // 4
+
+        q = cuda.local.array(VEC, f32)
+        S = cuda.local.array(VEC, f32)
+        w = cuda.local.array(VEC, f32)
+        g = cuda.local.array(1, f32)
+        lam = cuda.local.array(VEC, f32)
+        zz = cuda.local.array(VEC, f32)
+        ov = cuda.local.array(VEC, f32)
+        ub = cuda.local.array(VEC, f32)
+        db = cuda.local.array(VEC, f32)
+        ab = cuda.local.array(U, f32)
+        gp = cuda.local.array(U, f32)
+        wp = cuda.local.array(UV, f32)
+        a_walk = cuda.local.array(LB, f32)
+        a_next = cuda.local.array(LB, f32)
+        ckw = cuda.local.array(CKN, f32)  # checkpoints of the block being reversed
+        ckg = cuda.local.array(NGB, f32)
+        nkw = cuda.local.array(CKN, f32)  # ... and of the block walked
+        nkg = cuda.local.array(NGB, f32)
+        an = cuda.local.array(1, f32)
+        dq = cuda.local.array(UV, f32)
+        aq = cuda.local.array(U, f32)
+
+        for k in range(VEC):
+            q[k] = F0
+        if HOPS1 and jj1 < nb:
+            # q of the block after the chunk, summed in the reverse sweep's order (so that the
+            # numbers do not depend on where chunks end); plain loads, once per chunk
+            m0 = b * N + jj1 * LB
+            an[0] = F1
+            for k in range(VEC):
+                zz[k] = F0
+            for gg in range(NGB):
+                t0 = (NGB - 1 - gg) * U
+                for i in range(U):
+                    m = m0 + t0 + i
+                    load_a(a, m * a_stride + a_col, aq, i)
+                    load_d(dy, m * C + c0, dq, i * VEC)
+                for ii in range(U):
+                    i = U - 1 - ii
+                    for k in range(VEC):
+                        zz[k] = dq[i * VEC + k] + an[0] * zz[k]
+                    an[0] = aq[i]
+            for k in range(VEC):
+                q[k] = an[0] * zz[k]
+
+        j = jj1 - 1
+        # the chunk's last block: its copies, then (lead) the first iteration's
+        issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j, -1, d_at, tpb, tx, a_walk)
+        if LEAD:
+            walking = j > 0 and (HOPS1 or j > jj0)
+            issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j - 1 if walking else -1,
+                  j, d_at, tpb, tx, a_next)
+            wait_older()
+        else:
+            wait_all()
+        walk(sm_u, sm_f, j, a_at, tpb, tx, a_walk, w, g, ckw, ckg, ub)
+        while j >= jj0:
+            walking = j > 0 and (HOPS1 or j > jj0)
+            if LEAD:
+                for i in range(LB):
+                    a_walk[i] = a_next[i]
+                jn = j - 1  # the next iteration's copies
+                if jn >= jj0:
+                    wn = jn > 0 and (HOPS1 or jn > jj0)
+                    issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col,
+                          jn - 1 if wn else -1, jn, d_at, tpb, tx, a_next)
+                else:
+                    async_commit()
+                wait_older()
+            else:
+                issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col,
+                      j - 1 if walking else -1, j, d_at, tpb, tx, a_walk)
+                if SPLIT:
+                    wait_older()  # u; dy arrives during the walk
+                else:
+                    wait_all()
+            for k in range(VEC):
+                S[k] = F0
+            if walking:
+                walk(sm_u, sm_f, j - 1, a_at, tpb, tx, a_walk, w, g, nkw, nkg, ub)
+                if HOPS1:
+                    for k in range(VEC):
+                        S[k] = w[k]
+            elif HOPS1 and j == 0:
+                for k in range(VEC):
+                    S[k] = carry[ch0 + k]
+            if SPLIT:
+                wait_all()
+            # reverse sweep of block j, a group of U steps at a time
+            su = j % NU
+            sd = j % ND
+            sa = j % 2
+            for k in range(VEC):
+                lam[k] = q[k]
+                zz[k] = F0
+            an[0] = F1
+            for gg in range(NGB):
+                gi = NGB - 1 - gg
+                t0 = gi * U
+                # the group's forward states w_{t-1}, g_{t-1}, from its checkpoint
+                for k in range(VEC):
+                    w[k] = ckw[gi * VEC + k]
+                g[0] = ckg[gi]
+                for i in range(U):
+                    t = t0 + i
+                    load_su(sm_u, ((su * LB + t) * tpb + tx) * VEC, ub, 0)
+                    ab[i] = sm_f[a_at + (sa * LB + t) * tpb + tx]
+                    gp[i] = g[0]
+                    g[0] = g[0] * ab[i]
+                    for k in range(VEC):
+                        wp[i * VEC + k] = w[k]
+                        w[k] = ab[i] * w[k] + ub[k]
+                for ii in range(U):
+                    i = U - 1 - ii
+                    t = t0 + i
+                    m = b * N + j * LB + t
+                    load_sd(sm_d, d_at + ((sd * LB + t) * tpb + tx) * VEC, db, 0)
+                    pa = F0
+                    for k in range(VEC):
+                        dv = db[k]
+                        lam[k] = dv + an[0] * lam[k]
+                        ov[k] = lam[k]
+                        dak = lam[k] * wp[i * VEC + k]
+                        if HOPS1:
+                            zz[k] = dv + an[0] * zz[k]
+                            dak += S[k] * zz[k] * gp[i]
+                        pa += dak
+                    store_v(du, m * C + c0, ov, 0)
+                    pa = _head_sum(pa, lph, mask)
+                    if lead_lane:
+                        da[m * a_stride + a_col] = store_s(pa)
+                    an[0] = ab[i]
+            if HOPS1:
+                for k in range(VEC):
+                    q[k] = an[0] * zz[k]  # q_j, for block j-1
+            if j == 0 and has_dcarry != 0:
+                for k in range(VEC):
+                    dcarry[ch0 + k] = q[k]  # hops=0: zeros
+            for k in range(CKN):
+                ckw[k] = nkw[k]
+            for k in range(NGB):
+                ckg[k] = nkg[k]
+            j -= 1
+
+    swr_backward_staged.__name__ = swr_backward_staged.__qualname__ = (
+        f"swr_backward_staged_{ku}_dy_{kd}_per_head_hops{hops}_vec{vec}_l{block_len}"
+        f"_unroll{unroll}" + ("_lead" if lead else "_split" if SPLIT else ""))
+    return cuda.jit(swr_backward_staged)
+
+
+def _split_shared_load(kind, vec):
+    """make_shared_load of ``vec`` elements in 16-byte pieces."""
+    width = min(vec, 16 // _ITEM[kind])
+    pieces = vec // width
+    one = make_shared_load(kind, width)
+
+    @cuda.jit(device=True, inline=True)
+    def load(array, index, dst, offset):
+        for p in range(pieces):
+            one(array, index + p * width, dst, offset + p * width)
+
+    return load
+
+
+def staged_kernel(ku, kd, hops, vec, block_len, unroll, lead, split=False):
+    """The compiled-on-demand dispatcher of one specialisation."""
+    key = (ku, kd, hops, vec, block_len, unroll, lead, split)
+    if key not in _CACHE:
+        _CACHE[key] = _make(ku, kd, hops, vec, block_len, unroll, lead, split)
+    return _CACHE[key]
