@@ -91,6 +91,7 @@ TUNING = _Tuning({
     "staged": "split",
     "staged_chunk_steps": 256,
     "staged_threads_per_block": 128,
+    "staged_max_block_len": 16,
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
 x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
@@ -1054,7 +1055,7 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
     unroll = TUNING["channel_unroll"]
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     sim_tpb = lph if per_head else 32
-    staged = TUNING["staged"] and staged_config(
+    staged = TUNING["staged"] and block_len <= TUNING["staged_max_block_len"] and staged_config(
         ku, kd, per_head, block_len, N, vec, unroll, TUNING["staged"] == "lead",
         sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"])
     shared = 0

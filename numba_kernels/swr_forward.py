@@ -117,12 +117,18 @@ def _local_pointer(context, builder, array_type, array_value, offset, k):
 
 
 def _load_words(builder, address, nbytes, space=".global"):
-    """``space`` "" is a generic load; it is kept in order with the other volatile asm (a load
-    from shared memory must stay after the ``cp.async.wait_group`` that makes its data ready)."""
+    """``space`` ".shared": ``address`` is a generic address of shared memory, converted in the
+    asm (``cvta.to.shared``) so that the load is an ``LDS``, not a generic ``LD`` (which waits on
+    the long scoreboard as a global load does); "" a generic load. Both are volatile, so kept
+    in order with the other volatile asm (a load from shared memory must stay after the
+    ``cp.async.wait_group`` that makes its data ready)."""
     i32 = ir.IntType(32)
     nwords = nbytes // 4
     text, constraints = _WORD_ASM_LOAD[nbytes]
     text = text.replace("ld.global", "ld" + space)
+    if space == ".shared":
+        text = (f"{{ .reg .u64 sa; cvta.to.shared.u64 sa, ${nwords}; "
+                + text.replace(f"[${nwords}]", "[sa]") + " }")
     volatile = space != ".global"
     if nwords == 1:
         fn = ir.FunctionType(i32, [ir.IntType(64)])
@@ -222,7 +228,7 @@ def make_vector_load(kind, width, space=".global"):
 
     ``array`` is a 1-D storage array (uint16 bits for bf16), ``dst`` a local float32 array. For
     width > 1 one access of ``width * itemsize`` bytes: the address must be aligned to that.
-    ``space`` "" reads a shared array (a generic load, kept in order with the cp.async waits).
+    ``space`` ".shared" reads a shared array (kept in order with the cp.async waits).
     """
     nbytes = width * _ITEMSIZE[kind]
     if SIMULATOR or width == 1:
@@ -390,8 +396,8 @@ else:
 
 def make_shared_load(kind, width):
     """``load(smem, index, dst, offset)``: make_vector_load for a shared array (one 16-byte
-    generic load)."""
-    return make_vector_load(kind, width, space="")
+    ``ld.shared``)."""
+    return make_vector_load(kind, width, space=".shared")
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def try_knobs(label, tuning, grid, run, diff, floor):
 
 
 def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=True, hops=1,
-          per_channel=False):
+          per_channel=False, grids=True):
     import cupy as cp
     import ml_dtypes
     SB = importlib.import_module("swr_array.numba_kernels.swr_backward")
@@ -88,7 +88,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         run()
         return rel(y, ref)
 
-    if not forward:
+    if not forward or not grids:
         grid = []
     elif layout == "BLHD":
         grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs)
@@ -133,7 +133,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     else:
         grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
                 for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]
-    try_knobs("bwd", SB.TUNING, grid, bwd, bwd_diff, floor_b)
+    try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 
 def main():
@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--layouts", default="BLHD,BHDL")
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--backward-only", action="store_true")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="time the default launches only, no knob grids")
     args = ap.parse_args()
     import cupy as cp
 
@@ -157,7 +159,7 @@ def main():
     print(cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), f"copy {bw:.2f} TB/s")
     for layout in args.layouts.split(","):
         sweep(layout, B, L, bw, args.dtype, args.block_len, not args.forward_only,
-              not args.backward_only, args.hops, args.per_channel)
+              not args.backward_only, args.hops, args.per_channel, not args.defaults_only)
     return 0
 
 

@@ -144,6 +144,7 @@ def test_staged_kernel_modes(rng, mode, dtype, block_len, dy_dtype):
     try:
         mod.TUNING["staged"] = mode
         mod.TUNING["staged_chunk_steps"] = 4 * block_len  # many chunk ends
+        mod.TUNING["staged_max_block_len"] = 32
         B, N, H, D = 2, 64 * block_len, 16, 16
         a, u, dy, x0 = random_case(rng, "BLHD", True, dtype, B, N, H, D, dy_dtype)
         outs = []

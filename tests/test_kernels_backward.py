@@ -284,6 +284,7 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D, mode):
     # bfloat16 a, u (two 16-byte copies of dy per step); two batches, no dcarry
     channel_tuning["staged"] = mode
     channel_tuning["staged_chunk_steps"] = 2 * block_len
+    channel_tuning["staged_max_block_len"] = 32
     dy_dtype = np.float32 if block_len != 32 or D == 32 else None
     a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, B=2, H=1, D=D, N=5 * block_len,
                              dy_dtype=dy_dtype)
@@ -293,9 +294,11 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D, mode):
 
 
 def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
-    # per-channel coefficients, a partial last block, block_len 64: the plain channel kernel
+    # per-channel coefficients, a partial last block, block_len 64, block_len 32 over the
+    # default staged_max_block_len: the plain channel kernel
     channel_tuning["staged"] = "lead"
-    for per_head, N, block_len in ((False, 32, 16), (True, 36, 16), (True, 128, 64)):
+    for per_head, N, block_len in ((False, 32, 16), (True, 36, 16), (True, 128, 64),
+                                   (True, 64, 32)):
         a, u, dy, x0 = make_case(rng, "BLHD", per_head, BF16, D=16, N=N)
         name, shared = staged_name(a, u, dy, block_len, 1, x0)
         assert name.startswith("swr_backward_channel") and shared == 0, (per_head, N)
@@ -358,7 +361,8 @@ def test_channel_kernel_is_chosen(rng):
     aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)
     kernel = mod._launch_args(aX, uX, dyX, uX.copy(), aX.copy(), "BLHD", 32, 0, X.asarray(x0),
                               None, "auto", None, 128, None)[0]
-    assert kernel.py_func.__name__.startswith("swr_backward_staged"), kernel.py_func.__name__
+    # (block_len 32: the plain channel kernel, over the staged kernel's default block_len cap)
+    assert kernel.py_func.__name__.startswith("swr_backward_channel"), kernel.py_func.__name__
     # asked for by name, the row kernel still runs where it fits
     a, u, dy, x0 = make_case(rng, "BHDL", True, BF16, D=16, N=32)
     aX, uX, dyX = X.asarray(a), X.asarray(u), X.asarray(dy)

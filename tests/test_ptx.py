@@ -52,7 +52,7 @@ def _check(ptx: str, name: str) -> list[str]:
         if "_stages" in name:  # cp.async into shared memory, read back 16 bytes at a time
             if "cp.async.cg.shared.global" not in ptx or "cp.async.wait_group" not in ptx:
                 problems.append("pipelined path without cp.async copies and waits")
-            if not re.search(r"\bld\.v4\.u32", ptx):
+            if "ld.shared.v4.u32" not in ptx:
                 problems.append("pipelined path without 16-byte reads of its shared memory")
         elif "ld.global.v4.u32" not in ptx:
             problems.append("vector path without 16-byte loads")

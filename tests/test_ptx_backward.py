@@ -108,9 +108,10 @@ def recorded_launch(spec, **options):
     what, layout, ku, kd, per_head, hops, block_len = spec
     saved = mod.launch, scan.launch
     mod.launch = scan.launch = record
-    staged = mod.TUNING["staged"]
+    staged = mod.TUNING["staged"], mod.TUNING["staged_max_block_len"]
     if what.startswith("staged"):
         mod.TUNING["staged"] = what.split("_")[1]
+        mod.TUNING["staged_max_block_len"] = 32
         what = "channel"
     elif what.startswith("channel"):
         mod.TUNING["staged"] = ""  # the plain channel kernel
@@ -136,7 +137,7 @@ def recorded_launch(spec, **options):
                                  variant=what.replace("_partial", ""), **options)
     finally:
         mod.launch, scan.launch = saved
-        mod.TUNING["staged"] = staged
+        mod.TUNING["staged"], mod.TUNING["staged_max_block_len"] = staged
     assert len(seen) == 1, seen
     return seen[0]
 
@@ -196,7 +197,7 @@ def test_compiles_to_ptx(spec):
         assert name.startswith("swr_backward_staged") and name.endswith(
             {"staged_lead": "_lead", "staged_split": "_split"}.get(what, "_unroll8"))
         assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
-        assert "ld.v4.u32" in ptx  # 16 bytes of u (and dy) back from shared memory per step
+        assert "ld.shared.v4.u32" in ptx  # 16 bytes of u (and dy) back from shared memory
         assert ("shfl.sync" in ptx) == (ku != "f32" or kd == "f32")  # head sum over >1 lanes
 
 
