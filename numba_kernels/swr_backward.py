@@ -92,7 +92,6 @@ TUNING = _Tuning({
     "staged_chunk_steps": 256,
     "staged_threads_per_block": 128,
     "staged_max_block_len": 16,
-    "staged_access_bytes": 16,
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
 x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
@@ -1047,33 +1046,28 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
     """(kernel, grid, block, args, shared bytes) of the BLHD channel kernel (or, where
     ``TUNING["staged"]`` asks for it and it fits, the staged kernel), or None where neither
     fits."""
-    vec_arrays = [_address(x) for x in ((u, du) if per_head else (u, du, a, da))]
+    vec_arrays = (u, du) if per_head else (u, du, a, da)
+    cfg = channel_config(ku, kd, per_head, block_len, H, D, TUNING["channel_access_bytes"],
+                         [_address(x) for x in vec_arrays], _address(dy))
+    if cfg is None:
+        return None
+    vec, lph = cfg
     unroll = TUNING["channel_unroll"]
-    staged = None
-    if TUNING["staged"] and block_len <= TUNING["staged_max_block_len"]:
-        cfg = channel_config(ku, kd, per_head, block_len, H, D, TUNING["staged_access_bytes"],
-                             vec_arrays, _address(dy))
-        if cfg is not None:
-            # the simulator has no warp shuffles: there a thread block is one head's lanes
-            threads = cfg[1] if SIMULATOR else TUNING["staged_threads_per_block"]
-            staged = staged_config(ku, kd, per_head, block_len, N, cfg[0], unroll,
-                                   TUNING["staged"] == "lead", threads)
+    # the simulator has no warp shuffles: there a thread block is one head's lanes
+    sim_tpb = lph if per_head else 32
+    staged = TUNING["staged"] and block_len <= TUNING["staged_max_block_len"] and staged_config(
+        ku, kd, per_head, block_len, N, vec, unroll, TUNING["staged"] == "lead",
+        sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"])
     shared = 0
     if staged:
-        vec, lph = cfg
         tpb, shared = staged
         kernel = staged_kernel(ku, kd, int(hops), vec, block_len, unroll,
                                TUNING["staged"] == "lead", TUNING["staged"] == "split")
         steps = TUNING["staged_chunk_steps"]
     else:
-        cfg = channel_config(ku, kd, per_head, block_len, H, D, TUNING["channel_access_bytes"],
-                             vec_arrays, _address(dy))
-        if cfg is None:
-            return None
-        vec, lph = cfg
         full = N % block_len == 0 and block_len % unroll == 0
         kernel = channel_kernel(ku, kd, per_head, int(hops), vec, unroll, full)
-        tpb = (lph if per_head else 32) if SIMULATOR else TUNING["channel_threads_per_block"]
+        tpb = sim_tpb if SIMULATOR else TUNING["channel_threads_per_block"]
         steps = TUNING["channel_chunk_steps"]
     groups = H * D // vec
     chunk_blocks = max(1, min(nb, steps // block_len))

@@ -72,12 +72,12 @@ def staged_bytes(ku, kd, vec, block_len, threads, lead):
 def staged_config(ku, kd, per_head, block_len, N, vec, unroll, lead, threads):
     """``(threads, shared bytes)`` of the staged kernel, or None where it does not fit: per-head
     coefficients, ``block_len`` in :data:`BLOCK_LENS` and a multiple of ``unroll``, ``N`` a
-    multiple of ``block_len``, one 8- or 16-byte access of ``u`` per step (``vec`` elements; the
-    caller checked the alignment) and of ``dy`` (or 16-byte pieces). ``threads`` per block halve until
+    multiple of ``block_len``, one 16-byte access of ``u`` per step (``vec`` elements; the caller
+    checked the alignment) and whole 16-byte pieces of ``dy``. ``threads`` per block halve until
     the shared memory fits (down to 32; the simulator passes a head's lanes)."""
     if not per_head or block_len not in BLOCK_LENS or block_len % unroll or N % block_len:
         return None
-    if vec * _ITEM[ku] not in (8, 16) or vec * _ITEM[kd] not in (8, 16, 32, 64):
+    if vec * _ITEM[ku] != 16 or vec * _ITEM[kd] % 16:
         return None
     while threads > 32 and staged_bytes(ku, kd, vec, block_len, threads, lead)[3] > SHARED_LIMIT:
         threads //= 2
@@ -92,7 +92,7 @@ def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
     NU, ND = _slots(lead)
     LEAD = lead
     HOPS1 = hops == 1
-    DW = min(VEC, 16 // _ITEM[kd])  # dy elements per copy (at most 16 bytes)
+    DW = 16 // _ITEM[kd]  # dy elements per 16-byte copy
     DP = VEC // DW  # copies of dy per step
     copy_u = make_async_copy(ku, VEC)
     copy_d = make_async_copy(kd, DW)

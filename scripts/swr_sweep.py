@@ -127,10 +127,9 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                      channel_access_bytes=ab, staged="")
                 for cs, tp, un, ab in ((256, 256, 8, 16), (128, 256, 8, 16))]
         # the staged kernel (swr_backward_staged): copies of a block, or one block ahead
-        grid += [dict(staged=mode, staged_access_bytes=ab, staged_chunk_steps=cs,
-                      staged_threads_per_block=tp)
-                 for mode, ab, cs, tp in itertools.product(("split", "lead"), (16, 8),
-                                                           (256, 384, 512), (128, 64))]
+        grid += [dict(staged=mode, staged_chunk_steps=cs, staged_threads_per_block=tp)
+                 for mode, cs, tp in itertools.product(("plain", "split", "lead"), (192, 256),
+                                                       (128, 256))]
     else:
         grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
                 for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]

@@ -293,20 +293,6 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D, mode):
                    N=5 * block_len, dy_dtype=dy_dtype, want_dcarry=False, variant="channel")
 
 
-@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32)], ids=lambda d: d.name)
-def test_staged_kernel_8_byte_accesses(rng, channel_tuning, dtype):
-    # staged_access_bytes 8: 4 (16-bit) or 2 (float32) channels per thread, 8-byte copies and
-    # shared-memory reads, 4 or 8 threads per head
-    channel_tuning["staged"] = "split"
-    channel_tuning["staged_access_bytes"] = 8
-    channel_tuning["staged_chunk_steps"] = 32
-    a, u, dy, x0 = make_case(rng, "BLHD", True, dtype, H=1, D=16, N=64)
-    name = staged_name(a, u, dy, 16, 1, x0)[0]
-    assert name.startswith("swr_backward_staged") and f"_vec{8 // dtype.itemsize}_" in name
-    check_backward(rng, "BLHD", True, dtype, 1, block_len=16, H=1, D=16, N=64,
-                   variant="channel")
-
-
 def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
     # per-channel coefficients, a partial last block, block_len 64, block_len 32 over the
     # default staged_max_block_len: the plain channel kernel

@@ -64,7 +64,6 @@ def _spec_list():
     specs.append(("staged_lead", "BLHD", "f16", "f16", True, 1, 8))
     specs.append(("staged_lead", "BLHD", "bf16", "f32", True, 1, 32))
     specs.append(("staged_plain", "BLHD", "bf16", "bf16", True, 1, 32))
-    specs.append(("staged_split8", "BLHD", "bf16", "bf16", True, 1, 16))  # 8-byte accesses
     specs += [("scan", None, "f32", "f32", False, 0, 0), ("scan", None, "f32", "f32", False, 1, 0)]
     return specs
 
@@ -109,13 +108,10 @@ def recorded_launch(spec, **options):
     what, layout, ku, kd, per_head, hops, block_len = spec
     saved = mod.launch, scan.launch
     mod.launch = scan.launch = record
-    staged = (mod.TUNING["staged"], mod.TUNING["staged_max_block_len"],
-              mod.TUNING["staged_access_bytes"])
+    staged = mod.TUNING["staged"], mod.TUNING["staged_max_block_len"]
     if what.startswith("staged"):
-        mode = what.split("_")[1]
-        mod.TUNING["staged"] = mode.rstrip("8")
+        mod.TUNING["staged"] = what.split("_")[1]
         mod.TUNING["staged_max_block_len"] = 32
-        mod.TUNING["staged_access_bytes"] = 8 if mode.endswith("8") else 16
         what = "channel"
     elif what.startswith("channel"):
         mod.TUNING["staged"] = ""  # the plain channel kernel
@@ -141,8 +137,7 @@ def recorded_launch(spec, **options):
                                  variant=what.replace("_partial", ""), **options)
     finally:
         mod.launch, scan.launch = saved
-        (mod.TUNING["staged"], mod.TUNING["staged_max_block_len"],
-         mod.TUNING["staged_access_bytes"]) = staged
+        mod.TUNING["staged"], mod.TUNING["staged_max_block_len"] = staged
     assert len(seen) == 1, seen
     return seen[0]
 
@@ -200,14 +195,9 @@ def test_compiles_to_ptx(spec):
     if what.startswith("staged"):
         name = recorded_launch(spec)[0].py_func.__name__
         assert name.startswith("swr_backward_staged") and name.endswith(
-            {"staged_lead": "_lead", "staged_split": "_split", "staged_split8": "_split"}.get(
-                what, "_unroll8"))
-        if what == "staged_split8":  # 8 bytes of u and dy per copy and per read
-            assert "cp.async.ca.shared.global" in ptx and "ld.shared.v2.u32" in ptx
-        else:
-            assert "cp.async.cg.shared.global" in ptx  # 16 bytes of u (and dy) per copy ...
-            assert "ld.shared.v4.u32" in ptx  # ... and per read back from shared memory
-        assert "cp.async.wait_group" in ptx
+            {"staged_lead": "_lead", "staged_split": "_split"}.get(what, "_unroll8"))
+        assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
+        assert "ld.shared.v4.u32" in ptx  # 16 bytes of u (and dy) back from shared memory
         assert ("shfl.sync" in ptx) == (ku != "f32" or kd == "f32")  # head sum over >1 lanes
 
 
