@@ -21,6 +21,10 @@ Kernels
   16-byte vectors along time; 0.21-0.22 ms against 0.23-0.24 ms). ``auto`` takes them first
   only where they measured faster (:func:`_channel_preferred`: hops=1, and BLHD hops=0 from
   block_len 32; in BHDL only 16-bit, per head, two vectors per group).
+* ``staged`` (``swr_backward_staged.py``): the BLHD channel kernel's walk with each block's u and
+  dy copied into shared memory by ``cp.async`` (u read from memory once, one round trip per
+  block), where it fits: per head, whole blocks, block_len up to 16 (TUNING); bitwise the same
+  numbers (H200: 0.147-0.153 ms against 0.173 ms).
 * ``walk``: the fused hops 0/1 backward (the rest, where it fits).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
@@ -85,10 +89,10 @@ TUNING = _Tuning({
     "rows_depth": 2,
     "rows_chunk_steps": 512,
     "rows_threads_per_block": 128,
-    # BLHD staged kernel (swr_backward_staged): "" (off), "plain" (a block's copies, then its
-    # compute) or "lead" (the next block's copies in flight while one computes); chunk length in
-    # steps; threads per block (fewer where the shared memory does not fit)
-    "staged": "split",
+    # BLHD staged kernel (swr_backward_staged): on where it fits (else the channel kernel), chunk
+    # length in steps, threads per block (fewer where the shared memory does not fit), largest
+    # block_len
+    "staged": True,
     "staged_chunk_steps": 256,
     "staged_threads_per_block": 128,
     "staged_max_block_len": 16,
@@ -97,7 +101,8 @@ TUNING = _Tuning({
 x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
 0.33-0.41 ms, 256- or 2048-step chunks 0.215-0.236 / 0.252 ms; BLHD: 8-step groups over 256-step
 chunks 0.173 ms; 4-step groups 0.219 ms; 128- or 512-step chunks 0.184 / 0.268 ms; 8-byte accesses
-0.278 ms; launch bounds of 2 blocks per SM 0.232 ms)."""
+0.278 ms; launch bounds of 2 blocks per SM 0.232 ms; the staged kernel: 256-step chunks 0.147-0.153
+ms, 192 / 384 / 512 steps 0.207 / 0.201 / 0.240 ms, 64-256 threads per block within 1%)."""
 
 f32 = numba.float32
 i64 = numba.int64
@@ -1056,13 +1061,12 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     sim_tpb = lph if per_head else 32
     staged = TUNING["staged"] and block_len <= TUNING["staged_max_block_len"] and staged_config(
-        ku, kd, per_head, block_len, N, vec, unroll, TUNING["staged"] == "lead",
+        ku, kd, per_head, block_len, N, vec, unroll,
         sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"])
     shared = 0
     if staged:
         tpb, shared = staged
-        kernel = staged_kernel(ku, kd, int(hops), vec, block_len, unroll,
-                               TUNING["staged"] == "lead", TUNING["staged"] == "split")
+        kernel = staged_kernel(ku, kd, int(hops), vec, block_len, unroll)
         steps = TUNING["staged_chunk_steps"]
     else:
         full = N % block_len == 0 and block_len % unroll == 0

@@ -7,21 +7,31 @@ sweep recomputes each group of ``unroll`` steps from its checkpoint; per-head ``
 butterfly shuffles over the head's lanes). What changes is where the data comes from:
 
 - A block's ``u`` and ``dy`` are copied into shared memory with 16-byte ``cp.async`` copies, a
-  whole block at a time, with one ``cp.async.wait_group``: one round trip to memory per block
-  instead of one per group of each pass, and no registers held by loads in flight.
+  whole block at a time: one round trip to memory per block instead of one per group of each
+  pass, and no registers held by loads in flight. ``u`` of block j-1 and ``dy`` of block j are
+  two commit groups: the walk of block j-1 waits for the first only, and ``dy`` arrives during it.
 - ``u`` of block j-1 is read from DRAM once: the walk of block j-1 (while block j is reversed) and
   the reverse sweep of block j-1 (next iteration) both read the copy in shared memory. The per-head
   coefficients of the block are loaded into registers for the walk and parked in shared memory
   (float32) for the reverse sweep. The plain channel kernel reads ``u`` and ``a`` twice (the
   second time mostly from L2: Nsight Compute showed L2 at 80% of its throughput there).
-- ``lead``: the copies for block j-1's iteration are in flight while block j computes (three
-  blocks of ``u`` and two of ``dy`` in shared memory instead of two and one).
+- Shared memory is read back with ``ld.shared`` (an ``LDS``, short scoreboard).
 
 ``block_len`` is a constant of each specialisation (8, 16 or 32), so the checkpoints of a block
 live in registers. Each thread reads back only what it copied itself (after its own
 ``cp.async.wait_group``), so no barrier is needed. Needs per-head coefficients, N a multiple of
 block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), and the shared memory of
 :func:`staged_bytes` per thread block.
+
+Measured on an H200 (bf16, hops=1, l=16, 128 x 16, 4 x 8192, the kernel alone; scripts/swr_sweep.py):
+0.147-0.153 ms against 0.173 ms for the channel kernel (one wait for both copies: 0.156 ms;
+generic instead of ``ld.shared`` reads: 0.154 ms); float32 0.259 against 0.327 ms. Chunks of 256
+steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM, 243 registers: 8
+warps). Tried and dropped: the next block's copies in flight during a block's compute (three
+blocks of ``u`` and two of ``dy`` in shared memory, so half the warps: 0.245-0.25 ms); 8-byte
+accesses (4 channels per thread, 12 warps per SM but twice the shuffles and per-step work:
+0.21-0.26 ms); block_len 32 (one block of 128 threads per SM: 0.240 against 0.187 ms for the channel
+kernel, so TUNING caps the staged kernel at block_len 16).
 """
 
 from __future__ import annotations
@@ -54,22 +64,17 @@ f32 = numba.float32
 _CACHE: dict = {}
 
 
-def _slots(lead: bool):
-    """Blocks of (u, dy) in shared memory per thread."""
-    return (3, 2) if lead else (2, 1)
-
-
-def staged_bytes(ku, kd, vec, block_len, threads, lead):
-    """(u, dy, a) offsets in bytes and the total bytes of the dynamic shared memory."""
-    nu, nd = _slots(lead)
+def staged_bytes(ku, kd, vec, block_len, threads):
+    """(u, dy, a) offsets in bytes and the total bytes of the dynamic shared memory: two blocks
+    of ``u`` (the one reversed, the one walked), one of ``dy``, two of float32 ``a``."""
     u_block = block_len * threads * vec * _ITEM[ku]
     d_block = block_len * threads * vec * _ITEM[kd]
-    d_at = nu * u_block
-    a_at = d_at + nd * d_block
+    d_at = 2 * u_block
+    a_at = d_at + d_block
     return 0, d_at, a_at, a_at + 2 * block_len * threads * 4
 
 
-def staged_config(ku, kd, per_head, block_len, N, vec, unroll, lead, threads):
+def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads):
     """``(threads, shared bytes)`` of the staged kernel, or None where it does not fit: per-head
     coefficients, ``block_len`` in :data:`BLOCK_LENS` and a multiple of ``unroll``, ``N`` a
     multiple of ``block_len``, one 16-byte access of ``u`` per step (``vec`` elements; the caller
@@ -79,18 +84,16 @@ def staged_config(ku, kd, per_head, block_len, N, vec, unroll, lead, threads):
         return None
     if vec * _ITEM[ku] != 16 or vec * _ITEM[kd] % 16:
         return None
-    while threads > 32 and staged_bytes(ku, kd, vec, block_len, threads, lead)[3] > SHARED_LIMIT:
+    while threads > 32 and staged_bytes(ku, kd, vec, block_len, threads)[3] > SHARED_LIMIT:
         threads //= 2
-    total = staged_bytes(ku, kd, vec, block_len, threads, lead)[3]
+    total = staged_bytes(ku, kd, vec, block_len, threads)[3]
     return (threads, total) if total <= SHARED_LIMIT else None
 
 
-def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
+def _make(ku, kd, hops, vec, block_len, unroll):
     VEC, LB, U = vec, block_len, unroll
-    SPLIT = split and not lead
     NGB = LB // U  # groups per block
-    NU, ND = _slots(lead)
-    LEAD = lead
+    NU, ND = 2, 1  # blocks of u and dy in shared memory (see staged_bytes)
     HOPS1 = hops == 1
     DW = 16 // _ITEM[kd]  # dy elements per 16-byte copy
     DP = VEC // DW  # copies of dy per step
@@ -112,15 +115,15 @@ def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
     def issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, jb_u, jb_d, d_at, tpb, tx,
               abuf):
         """Start the copies of u (block jb_u >= 0) and dy (block jb_d >= 0) into their slots and
-        load a of block jb_u into ``abuf``; one commit group (``split``: u, then dy)."""
+        load a of block jb_u into ``abuf``; two commit groups, u then dy (either may be
+        empty)."""
         if jb_u >= 0:
             m0 = b * N + jb_u * LB
             su = jb_u % NU
             for i in range(LB):
                 copy_u(u, (m0 + i) * C + c0, sm_u, ((su * LB + i) * tpb + tx) * VEC)
                 load_a(a, (m0 + i) * a_stride + a_col, abuf, i)
-        if SPLIT:
-            async_commit()  # u: the older group, waited for before the walk
+        async_commit()  # u: the older group, waited for before the walk
         if jb_d >= 0:
             m0 = b * N + jb_d * LB
             sd = jb_d % ND
@@ -190,7 +193,6 @@ def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
         gp = cuda.local.array(U, f32)
         wp = cuda.local.array(UV, f32)
         a_walk = cuda.local.array(LB, f32)
-        a_next = cuda.local.array(LB, f32)
         ckw = cuda.local.array(CKN, f32)  # checkpoints of the block being reversed
         ckg = cuda.local.array(NGB, f32)
         nkw = cuda.local.array(CKN, f32)  # ... and of the block walked
@@ -223,36 +225,15 @@ def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
                 q[k] = an[0] * zz[k]
 
         j = jj1 - 1
-        # the chunk's last block: its copies, then (lead) the first iteration's
+        # the chunk's last block: its checkpoints
         issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j, -1, d_at, tpb, tx, a_walk)
-        if LEAD:
-            walking = j > 0 and (HOPS1 or j > jj0)
-            issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j - 1 if walking else -1,
-                  j, d_at, tpb, tx, a_next)
-            wait_older()
-        else:
-            wait_all()
+        wait_all()
         walk(sm_u, sm_f, j, a_at, tpb, tx, a_walk, w, g, ckw, ckg, ub)
         while j >= jj0:
             walking = j > 0 and (HOPS1 or j > jj0)
-            if LEAD:
-                for i in range(LB):
-                    a_walk[i] = a_next[i]
-                jn = j - 1  # the next iteration's copies
-                if jn >= jj0:
-                    wn = jn > 0 and (HOPS1 or jn > jj0)
-                    issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col,
-                          jn - 1 if wn else -1, jn, d_at, tpb, tx, a_next)
-                else:
-                    async_commit()
-                wait_older()
-            else:
-                issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col,
-                      j - 1 if walking else -1, j, d_at, tpb, tx, a_walk)
-                if SPLIT:
-                    wait_older()  # u; dy arrives during the walk
-                else:
-                    wait_all()
+            issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j - 1 if walking else -1, j,
+                  d_at, tpb, tx, a_walk)
+            wait_older()  # u; dy arrives during the walk
             for k in range(VEC):
                 S[k] = F0
             if walking:
@@ -263,8 +244,7 @@ def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
             elif HOPS1 and j == 0:
                 for k in range(VEC):
                     S[k] = carry[ch0 + k]
-            if SPLIT:
-                wait_all()
+            wait_all()
             # reverse sweep of block j, a group of U steps at a time
             su = j % NU
             sd = j % ND
@@ -323,7 +303,7 @@ def _make(ku, kd, hops, vec, block_len, unroll, lead, split=False):
 
     swr_backward_staged.__name__ = swr_backward_staged.__qualname__ = (
         f"swr_backward_staged_{ku}_dy_{kd}_per_head_hops{hops}_vec{vec}_l{block_len}"
-        f"_unroll{unroll}" + ("_lead" if lead else "_split" if SPLIT else ""))
+        f"_unroll{unroll}")
     return cuda.jit(swr_backward_staged)
 
 
@@ -341,9 +321,9 @@ def _split_shared_load(kind, vec):
     return load
 
 
-def staged_kernel(ku, kd, hops, vec, block_len, unroll, lead, split=False):
+def staged_kernel(ku, kd, hops, vec, block_len, unroll):
     """The compiled-on-demand dispatcher of one specialisation."""
-    key = (ku, kd, hops, vec, block_len, unroll, lead, split)
+    key = (ku, kd, hops, vec, block_len, unroll)
     if key not in _CACHE:
-        _CACHE[key] = _make(ku, kd, hops, vec, block_len, unroll, lead, split)
+        _CACHE[key] = _make(ku, kd, hops, vec, block_len, unroll)
     return _CACHE[key]

@@ -124,12 +124,11 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     print(f"  bwd lane-walk kernel: {t:.4f} ms ({t / floor_b:.2f}x) diff {d:.1e}", flush=True)
     if layout == "BLHD":
         grid = [dict(channel_chunk_steps=cs, channel_threads_per_block=tp, channel_unroll=un,
-                     channel_access_bytes=ab, staged="")
+                     channel_access_bytes=ab, staged=False)
                 for cs, tp, un, ab in ((256, 256, 8, 16), (128, 256, 8, 16))]
-        # the staged kernel (swr_backward_staged): copies of a block, or one block ahead
-        grid += [dict(staged=mode, staged_chunk_steps=cs, staged_threads_per_block=tp)
-                 for mode, cs, tp in itertools.product(("plain", "split", "lead"), (192, 256),
-                                                       (128, 256))]
+        # the staged kernel (swr_backward_staged)
+        grid += [dict(staged=True, staged_chunk_steps=cs, staged_threads_per_block=tp)
+                 for cs, tp in itertools.product((128, 256, 384), (64, 128, 256))]
     else:
         grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
                 for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]

@@ -201,7 +201,7 @@ def channel_tuning():
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
     saved = dict(mod.TUNING)
     mod.TUNING["channel_chunk_steps"] = 16
-    mod.TUNING["staged"] = ""  # the staged kernel's tests ask for it
+    mod.TUNING["staged"] = False  # the staged kernel's tests ask for it
     yield mod.TUNING
     for k, v in saved.items():
         mod.TUNING[k] = v
@@ -253,36 +253,33 @@ def staged_name(a, u, dy, block_len, hops, x0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("hops", [0, 1])
-@pytest.mark.parametrize("mode", ["plain", "split", "lead"])
-def test_staged_kernel(rng, channel_tuning, dtype, hops, mode):
+def test_staged_kernel(rng, channel_tuning, dtype, hops):
     # block_len 16 with 8-step groups (two checkpoints per block), 32-step chunks: the carrier
-    # and q cross chunk ends, and a chunk's last iteration issues no copies (lead); bitwise
-    # the numbers of the plain channel kernel (the same sums in the same order)
-    channel_tuning["staged"] = mode
+    # and q cross chunk ends; bitwise the numbers of the plain channel kernel (the same sums in
+    # the same order)
+    channel_tuning["staged"] = True
     channel_tuning["staged_chunk_steps"] = 32
     block_len, N = 16, 80
     a, u, dy, x0 = make_case(rng, "BLHD", True, dtype, H=2, D=16, N=N)
     name, shared = staged_name(a, u, dy, block_len, hops, x0)
-    assert name.startswith("swr_backward_staged") and name.endswith(
-        {"plain": "_unroll8", "split": "_split", "lead": "_lead"}[mode])
+    assert name.startswith("swr_backward_staged")
     assert shared > 0
     got = run_backward(a, u, dy, "BLHD", block_len, hops, x0, variant="channel")
     da_r, du_r, dx0_r = expected(a, u, dy, "BLHD", True, block_len, hops, x0)
     assert_close(time_last(got[1], "BLHD"), du_r, dtype, "du")
     assert_close(time_last(got[0], "BLHD"), da_r, dtype, "da")
     assert_close(got[2], dx0_r if hops else np.zeros_like(dx0_r), np.float32, "dcarry")
-    channel_tuning["staged"] = ""
+    channel_tuning["staged"] = False
     plain = run_backward(a, u, dy, "BLHD", block_len, hops, x0, variant="channel")
     for g, p, what in zip(got, plain, ("da", "du", "dcarry")):
         np.testing.assert_array_equal(g.view(np.uint8), p.view(np.uint8), err_msg=what)
 
 
-@pytest.mark.parametrize("block_len,D,mode", [(8, 64, "lead"), (32, 16, "split"),
-                                              (32, 32, "lead"), (16, 16, "plain")])
-def test_staged_kernel_shapes(rng, channel_tuning, block_len, D, mode):
+@pytest.mark.parametrize("block_len,D", [(8, 64), (32, 16), (32, 32)])
+def test_staged_kernel_shapes(rng, channel_tuning, block_len, D):
     # one group per block (l=8) or four (l=32); 8, 2 or 4 threads per head; dy float32 with
     # bfloat16 a, u (two 16-byte copies of dy per step); two batches, no dcarry
-    channel_tuning["staged"] = mode
+    channel_tuning["staged"] = True
     channel_tuning["staged_chunk_steps"] = 2 * block_len
     channel_tuning["staged_max_block_len"] = 32
     dy_dtype = np.float32 if block_len != 32 or D == 32 else None
@@ -296,7 +293,7 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D, mode):
 def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
     # per-channel coefficients, a partial last block, block_len 64, block_len 32 over the
     # default staged_max_block_len: the plain channel kernel
-    channel_tuning["staged"] = "lead"
+    channel_tuning["staged"] = True
     for per_head, N, block_len in ((False, 32, 16), (True, 36, 16), (True, 128, 64),
                                    (True, 64, 32)):
         a, u, dy, x0 = make_case(rng, "BLHD", per_head, BF16, D=16, N=N)
@@ -341,7 +338,6 @@ def test_channel_kernel_is_chosen(rng):
             names[layout, D, N] = kernel.py_func.__name__
     # whole blocks, per head: the staged kernel (TUNING's default mode)
     assert names["BLHD", 16, 32].startswith("swr_backward_staged_bf16_dy_bf16_per_head_hops1")
-    assert names["BLHD", 16, 32].endswith("_split")
     assert names["BLHD", 16, 36].startswith("swr_backward_channel")  # clamped partial block
     assert not names["BLHD", 3, 32].startswith("swr_backward_channel")  # no vector fits D=3
     assert names["BHDL", 16, 32].startswith("swr_backward_rows_bf16_dy_bf16_per_head_hops1")
