@@ -41,7 +41,7 @@ from numba import cuda
 
 from ._dtypes import STORE
 from .phalanx_fused import _head_sum
-from .swr_backward_channel import F0, F1, _ITEM, _split_load
+from .swr_backward_channel import F0, F1, _ITEM, _split_load, _xor
 from .swr_forward import (
     _STORAGE_TYPE,
     async_commit,
@@ -52,7 +52,8 @@ from .swr_forward import (
     make_vector_store,
 )
 
-__all__ = ["BLOCK_LENS", "staged_bytes", "staged_config", "staged_kernel"]
+__all__ = ["BLOCK_LENS", "rows_staged_bytes", "rows_staged_config", "rows_staged_kernel",
+           "staged_bytes", "staged_config", "staged_kernel"]
 
 BLOCK_LENS = (8, 16, 32)
 """block_len values with a staged specialisation."""
@@ -326,4 +327,232 @@ def staged_kernel(ku, kd, hops, vec, block_len, unroll):
     key = (ku, kd, hops, vec, block_len, unroll)
     if key not in _CACHE:
         _CACHE[key] = _make(ku, kd, hops, vec, block_len, unroll)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# BHDL: the row kernel (swr_backward_channel.rows_kernel) with each block's u and dy staged
+# ----------------------------------------------------------------------------------------------
+
+
+def rows_staged_bytes(ku, kd, block_len, threads):
+    """(u, dy) offsets in bytes and the total bytes of the BHDL staged kernel's shared memory:
+    two blocks of each thread's row of ``u`` and one of ``dy``."""
+    d_at = 2 * block_len * threads * _ITEM[ku]
+    return 0, d_at, d_at + block_len * threads * _ITEM[kd]
+
+
+def rows_staged_config(ku, kd, per_head, hops, block_len, N, D, addresses, threads):
+    """``(threads, shared bytes, lph)`` of the BHDL staged kernel, or None where it does not fit:
+    per head, 16-bit ``u``, block_len 16 or 32, N a multiple of it, D a power of two up to 32,
+    aligned arrays (every address a multiple of 16 bytes)."""
+    if not per_head or _ITEM[ku] != 2 or block_len not in (16, 32) or N % block_len:
+        return None
+    if D & (D - 1) or D > 32 or any(x % 16 for x in addresses):
+        return None
+    return threads, rows_staged_bytes(ku, kd, block_len, threads)[2], D
+
+
+def _make_rows_staged(ku, kd, hops, block_len, lph):
+    """The BHDL row kernel's walk (a thread per channel row, blocks from the last to the first,
+    groups of 16 steps, per-head da by a shuffle reduce-scatter over the head's ``lph`` lanes)
+    with block j-1's u and block j's dy copied into shared memory by ``cp.async`` (two commit
+    groups; the walk of block j-1 waits for u only), u read from memory once, and the block's
+    coefficients kept in registers from its walk to its reverse sweep."""
+    V = 16 // _ITEM[ku]  # u elements per 16-byte copy (8)
+    VD = 16 // _ITEM[kd]
+    U = 2 * V  # steps per group
+    LB = block_len
+    NGB = LB // U
+    PU, PD = LB // V, LB // VD  # 16-byte pieces of a block's row
+    HOPS1 = hops == 1
+    LOG_LPH = lph.bit_length() - 1
+    copy_u = make_async_copy(ku, V)
+    copy_d = make_async_copy(kd, VD)
+    wait_all = make_async_wait(0)
+    wait_older = make_async_wait(1)
+    load_su = make_shared_load(ku, V)
+    load_sd = make_shared_load(kd, VD)
+    load_u = make_vector_load(ku, V)
+    load_d = make_vector_load(kd, VD)
+    store_v = make_vector_store(ku, V)
+    store_s = STORE[ku]
+    SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
+    ITU, ITD = _ITEM[ku], _ITEM[kd]
+
+    @cuda.jit(device=True, inline=True)
+    def issue(u, dy, a, sm_u, sm_d, ra, ru, jb_u, jb_d, d_at, tpb, tx, abuf):
+        """Copies of u (block jb_u >= 0, and its coefficients into ``abuf``), then of dy (block
+        jb_d >= 0): two commit groups."""
+        if jb_u >= 0:
+            su = jb_u % 2
+            for p in range(PU):
+                copy_u(u, ru + jb_u * LB + p * V, sm_u, ((su * PU + p) * tpb + tx) * V)
+                load_u(a, ra + jb_u * LB + p * V, abuf, p * V)
+        async_commit()
+        if jb_d >= 0:
+            for p in range(PD):
+                copy_d(dy, ru + jb_d * LB + p * VD, sm_d, d_at + (p * tpb + tx) * VD)
+        async_commit()
+
+    @cuda.jit(device=True, inline=True)
+    def walk(sm_u, jb, tpb, tx, abuf, ckw, ckg, ub):
+        """Forward through block jb (u from shared memory, a from ``abuf``), checkpointing (w, g)
+        before each group; returns the block's carrier."""
+        su = jb % 2
+        w = F0
+        g = F1
+        for gi in range(NGB):
+            ckw[gi] = w
+            ckg[gi] = g
+            for p in range(U // V):
+                load_su(sm_u, ((su * PU + gi * (U // V) + p) * tpb + tx) * V, ub, p * V)
+            for i in range(U):
+                w = abuf[gi * U + i] * w + ub[i]
+                g = g * abuf[gi * U + i]
+        return w
+
+    def swr_backward_rows_staged(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
+                                 chunk_blocks, groups, nchunks, nwork, lph_arg, has_dcarry):
+        tx = numba.int64(cuda.threadIdx.x)
+        tpb = numba.int64(cuda.blockDim.x)
+        tid = numba.int64(cuda.blockIdx.x) * tpb + tx
+        if tid >= nwork:
+            return  # no barriers below: each thread reads back only its own copies
+        rest = tid // groups
+        c = tid - rest * groups  # channel (h, d) of the row
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        row = b * C + c
+        ru = row * N
+        ra = (b * (C // D) + c // D) * N
+        lane = tx % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        sm_u = cuda.shared.array(0, SU)
+        sm_d = cuda.shared.array(0, SD)
+        d_at = 2 * LB * tpb * ITU // ITD
+
+        ab = cuda.local.array(U, f32)
+        ub = cuda.local.array(U, f32)
+        db = cuda.local.array(U, f32)
+        wp = cuda.local.array(U, f32)
+        gp = cuda.local.array(U, f32)
+        ov = cuda.local.array(U, f32)
+        red = cuda.local.array(U, f32)
+        a_walk = cuda.local.array(LB, f32)
+        a_rev = cuda.local.array(LB, f32)
+        ckw = cuda.local.array(NGB, f32)
+        ckg = cuda.local.array(NGB, f32)
+        nkw = cuda.local.array(NGB, f32)
+        nkg = cuda.local.array(NGB, f32)
+
+        q = F0
+        if HOPS1 and jj1 < nb:
+            # q of the block after the chunk, in the reverse sweep's order; plain loads
+            an = F1
+            zz = F0
+            for gg in range(NGB):
+                t0 = jj1 * LB + (NGB - 1 - gg) * U
+                for p in range(U // V):
+                    load_u(a, ra + t0 + p * V, ab, p * V)
+                for p in range(U // VD):
+                    load_d(dy, ru + t0 + p * VD, db, p * VD)
+                for ii in range(U):
+                    i = U - 1 - ii
+                    zz = db[i] + an * zz
+                    an = ab[i]
+            q = an * zz
+        j = jj1 - 1
+        issue(u, dy, a, sm_u, sm_d, ra, ru, j, -1, d_at, tpb, tx, a_walk)
+        wait_all()
+        walk(sm_u, j, tpb, tx, a_walk, ckw, ckg, ub)
+        while j >= jj0:
+            for i in range(LB):
+                a_rev[i] = a_walk[i]
+            walking = j > 0 and (HOPS1 or j > jj0)
+            issue(u, dy, a, sm_u, sm_d, ra, ru, j - 1 if walking else -1, j, d_at, tpb, tx,
+                  a_walk)
+            wait_older()  # u; dy arrives during the walk
+            S = F0
+            if walking:
+                v = walk(sm_u, j - 1, tpb, tx, a_walk, nkw, nkg, ub)
+                if HOPS1:
+                    S = v
+            elif HOPS1 and j == 0:
+                S = carry[row]
+            wait_all()
+            su = j % 2
+            lam = q
+            zz = F0
+            an = F1
+            for gg in range(NGB):
+                gi = NGB - 1 - gg
+                t0 = j * LB + gi * U
+                for p in range(U // V):
+                    load_su(sm_u, ((su * PU + gi * (U // V) + p) * tpb + tx) * V, ub, p * V)
+                for p in range(U // VD):
+                    load_sd(sm_d, d_at + ((gi * (U // VD) + p) * tpb + tx) * VD, db, p * VD)
+                w = ckw[gi]
+                g = ckg[gi]
+                for i in range(U):
+                    ab[i] = a_rev[gi * U + i]
+                    wp[i] = w
+                    w = ab[i] * w + ub[i]
+                    gp[i] = g
+                    g = g * ab[i]
+                for ii in range(U):
+                    i = U - 1 - ii
+                    lam = db[i] + an * lam
+                    ov[i] = lam
+                    dak = lam * wp[i]
+                    if HOPS1:
+                        zz = db[i] + an * zz
+                        dak += S * zz * gp[i]
+                    red[i] = dak
+                    an = ab[i]
+                for p in range(U // V):
+                    store_v(du, ru + t0 + p * V, ov, p * V)
+                # reduce-scatter over the head's lanes (as the row kernel)
+                nn = U
+                off = 0
+                owner = True
+                for sround in range(LOG_LPH):
+                    bit = 1 << sround
+                    hi = (lane & bit) != 0
+                    if nn > 1:
+                        hf = nn // 2
+                        for i in range(hf):
+                            lo_v = red[i]
+                            hi_v = red[i + hf]
+                            got = _xor(lo_v if hi else hi_v, bit, mask)
+                            red[i] = (hi_v if hi else lo_v) + got
+                        if hi:
+                            off += hf
+                        nn = hf
+                    else:
+                        red[0] = red[0] + _xor(red[0], bit, mask)
+                        owner = owner and not hi
+                if owner:
+                    for i in range(nn):
+                        da[ra + t0 + off + i] = store_s(red[i])
+            if HOPS1:
+                q = an * zz
+            if j == 0 and has_dcarry != 0:
+                dcarry[row] = q
+            for k in range(NGB):
+                ckw[k] = nkw[k]
+                ckg[k] = nkg[k]
+            j -= 1
+
+    swr_backward_rows_staged.__name__ = swr_backward_rows_staged.__qualname__ = (
+        f"swr_backward_rows_staged_{ku}_dy_{kd}_per_head_hops{hops}_l{block_len}_lph{lph}")
+    return cuda.jit(swr_backward_rows_staged)
+
+
+def rows_staged_kernel(ku, kd, hops, block_len, lph):
+    """The compiled-on-demand dispatcher of one BHDL specialisation."""
+    key = ("rows", ku, kd, hops, block_len, lph)
+    if key not in _CACHE:
+        _CACHE[key] = _make_rows_staged(ku, kd, hops, block_len, lph)
     return _CACHE[key]
