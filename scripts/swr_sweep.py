@@ -130,11 +130,8 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid += [dict(staged=True, staged_chunk_steps=cs, staged_threads_per_block=tp)
                  for cs, tp in itertools.product((128, 256, 384), (64, 128, 256))]
     else:
-        grid = [dict(rows_depth=2, rows_chunk_steps=512, rows_threads_per_block=128,
-                     staged=False)]
-        # the staged row kernel (swr_backward_staged)
-        grid += [dict(staged=True, rows_chunk_steps=cs, rows_threads_per_block=tp)
-                 for cs, tp in itertools.product((256, 512, 1024), (64, 128, 256))]
+        grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
+                for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 

@@ -290,36 +290,6 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D):
                    N=5 * block_len, dy_dtype=dy_dtype, want_dcarry=False, variant="channel")
 
 
-@pytest.mark.parametrize("dtype,hops,block_len,D,dy_dtype", [
-    (BF16, 1, 16, 4, None), (BF16, 0, 16, 16, None), (np.dtype(np.float16), 1, 32, 2, None),
-    (BF16, 1, 16, 8, np.float32)], ids=["bf16", "hops0-D16", "f16-l32", "dy-f32"])
-def test_rows_staged_kernel(rng, channel_tuning, dtype, hops, block_len, D, dy_dtype):
-    # BHDL staged: 2 or 4 threads per head (reduce-scatter of da), one or two groups of 16 steps
-    # per block, chunks of two blocks (the carrier and q cross chunk ends), two batches; bitwise
-    # the row kernel's numbers
-    channel_tuning["staged"] = True
-    channel_tuning["staged_max_block_len"] = 32
-    channel_tuning["rows_chunk_steps"] = 2 * block_len
-    N = 5 * block_len
-    a, u, dy, x0 = make_case(rng, "BHDL", True, dtype, B=2, H=2, D=D, N=N, dy_dtype=dy_dtype)
-    import importlib
-
-    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
-    call = mod._launch_args(a, u, dy, u.copy(), a.copy(), "BHDL", block_len, hops, x0, None,
-                            "channel", None, 128, None)
-    assert call[0].py_func.__name__.startswith("swr_backward_rows_staged") and call[4] > 0
-    got = run_backward(a, u, dy, "BHDL", block_len, hops, x0, variant="channel")
-    da_r, du_r, dx0_r = expected(a, u, dy, "BHDL", True, block_len, hops, x0)
-    assert_close(time_last(got[1], "BHDL"), du_r, dtype, "du")
-    assert_close(time_last(got[0], "BHDL"), da_r, dtype, "da")
-    assert_close(got[2], dx0_r if hops else np.zeros_like(dx0_r), np.float32, "dcarry")
-    channel_tuning["staged"] = False
-    channel_tuning["rows_depth"] = 2
-    plain = run_backward(a, u, dy, "BHDL", block_len, hops, x0, variant="channel")
-    for g, p, what in zip(got, plain, ("da", "du", "dcarry")):
-        np.testing.assert_array_equal(g.view(np.uint8), p.view(np.uint8), err_msg=what)
-
-
 def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
     # per-channel coefficients, a partial last block, block_len 64, block_len 32 over the
     # default staged_max_block_len: the plain channel kernel
