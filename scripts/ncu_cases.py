@@ -2,7 +2,7 @@
 per-head a):
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy ... \\
-        python3 scripts/ncu_cases.py [--size 4x8192] [--tuning staged=plain]
+        python3 scripts/ncu_cases.py [--size 4x8192] [--tuning staged=0]
 
 Each kernel runs twice (the first call compiles and warms up); profile with ``--launch-skip``
 or ``--kernel-name`` to take the second.
@@ -18,7 +18,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="4x8192")
     ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
-                    help="set a backward TUNING knob (int or string), e.g. staged=plain")
+                    help="set a backward TUNING knob (int or string), e.g. staged=0")
     args = ap.parse_args()
     import importlib
 
