@@ -58,11 +58,12 @@ _ITEM = {"f32": 4, "f16": 2, "bf16": 2}
 _CACHE: dict = {}
 
 
-def _split_load(kind, vec):
-    """``load(array, index, dst, offset)`` of ``vec`` elements in accesses of at most 16 bytes."""
+def _split_load(kind, vec, space=".global"):
+    """``load(array, index, dst, offset)`` of ``vec`` elements in accesses of at most 16 bytes
+    (``space`` as make_vector_load's: ".shared" reads a shared array)."""
     width = min(vec, 16 // _ITEM[kind])
     pieces = vec // width
-    one = make_vector_load(kind, width)
+    one = make_vector_load(kind, width, space)
 
     @cuda.jit(device=True, inline=True)
     def load(array, index, dst, offset):

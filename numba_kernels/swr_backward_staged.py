@@ -102,7 +102,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     wait_all = make_async_wait(0)
     wait_older = make_async_wait(1)
     load_su = make_shared_load(ku, VEC)
-    load_sd = _split_shared_load(kd, VEC)
+    load_sd = _split_load(kd, VEC, ".shared")
     load_a = make_vector_load(ku, 1)
     load_d = _split_load(kd, VEC)
     store_v = make_vector_store(ku, VEC)
@@ -305,20 +305,6 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         f"swr_backward_staged_{ku}_dy_{kd}_per_head_hops{hops}_vec{vec}_l{block_len}"
         f"_unroll{unroll}")
     return cuda.jit(swr_backward_staged)
-
-
-def _split_shared_load(kind, vec):
-    """make_shared_load of ``vec`` elements in 16-byte pieces."""
-    width = min(vec, 16 // _ITEM[kind])
-    pieces = vec // width
-    one = make_shared_load(kind, width)
-
-    @cuda.jit(device=True, inline=True)
-    def load(array, index, dst, offset):
-        for p in range(pieces):
-            one(array, index + p * width, dst, offset + p * width)
-
-    return load
 
 
 def staged_kernel(ku, kd, hops, vec, block_len, unroll):
