@@ -72,7 +72,7 @@ from ._launch import (
 )
 from .block_scan import scratch_shape, warp_exchange
 from .swr_backward_channel import channel_config, channel_kernel, rows_config, rows_kernel
-from .swr_backward_staged import staged_config, staged_kernel
+from .swr_backward_staged import rows_coop_config, rows_coop_kernel, staged_config, staged_kernel
 from .swr_forward import _Tuning
 
 __all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan", "TUNING"]
@@ -96,6 +96,10 @@ TUNING = _Tuning({
     "staged_chunk_steps": 256,
     "staged_threads_per_block": 128,
     "staged_max_block_len": 16,
+    # BHDL cooperative row kernel (swr_backward_staged.rows_coop_kernel): on where it fits, warps
+    # per thread block
+    "rows_coop": True,
+    "rows_coop_warps": 2,
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
 x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
@@ -1086,24 +1090,35 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
 
 def _rows_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd, block_len,
                hops):  # fmt: skip
-    """(kernel, grid, block, args, 0) of the BHDL row kernel, or None where it does not fit."""
-    cfg = rows_config(ku, kd, per_head, block_len, N, D, TUNING["rows_depth"],
-                      [_address(x) for x in (a, u, dy, du, da)])
-    if cfg is None:
-        return None
-    depth, _, lph = cfg
-    kernel = rows_kernel(ku, kd, per_head, int(hops), depth, lph)
+    """(kernel, grid, block, args, shared bytes) of the BHDL row kernel (or, where
+    ``TUNING["rows_coop"]`` asks for it and it fits, its cooperative variant), or None where
+    neither fits."""
+    addresses = [_address(x) for x in (a, u, dy, du, da)]
     C = H * D
     chunk_blocks = max(1, min(nb, TUNING["rows_chunk_steps"] // block_len))
+    coop = TUNING["rows_coop"] and rows_coop_config(
+        ku, kd, per_head, block_len, N, D, C, chunk_blocks, addresses,
+        1 if SIMULATOR else TUNING["rows_coop_warps"])  # the simulator: a block is one warp
+    shared = 0
+    if coop:
+        tpb, shared = coop
+        lph = D
+        kernel = rows_coop_kernel(ku, int(hops), lph)
+    else:
+        cfg = rows_config(ku, kd, per_head, block_len, N, D, TUNING["rows_depth"], addresses)
+        if cfg is None:
+            return None
+        depth, _, lph = cfg
+        kernel = rows_kernel(ku, kd, per_head, int(hops), depth, lph)
+        # (the simulator has no warp shuffles: there a thread block is one head's lanes)
+        tpb = (lph if per_head else 32) if SIMULATOR else TUNING["rows_threads_per_block"]
     nchunks = -(-nb // chunk_blocks)
     nwork = B * nchunks * C
-    # (the simulator has no warp shuffles: there a thread block is one head's lanes)
-    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["rows_threads_per_block"]
     i64 = np.int64
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
             _flat(carry, "f32"), dc, i64(N), i64(C), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(C), i64(nchunks), i64(nwork), i64(lph), flag)
-    return kernel, -(-nwork // tpb), tpb, args, 0
+    return kernel, -(-nwork // tpb), tpb, args, shared
 
 
 def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,

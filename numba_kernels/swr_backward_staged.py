@@ -39,9 +39,9 @@ from __future__ import annotations
 import numba
 from numba import cuda
 
-from ._dtypes import STORE
+from ._dtypes import SIMULATOR, STORE
 from .phalanx_fused import _head_sum
-from .swr_backward_channel import F0, F1, _ITEM, _split_load
+from .swr_backward_channel import F0, F1, _ITEM, _split_load, _xor
 from .swr_forward import (
     _STORAGE_TYPE,
     async_commit,
@@ -52,7 +52,8 @@ from .swr_forward import (
     make_vector_store,
 )
 
-__all__ = ["BLOCK_LENS", "staged_bytes", "staged_config", "staged_kernel"]
+__all__ = ["BLOCK_LENS", "rows_coop_config", "rows_coop_kernel", "staged_bytes",
+           "staged_config", "staged_kernel"]
 
 BLOCK_LENS = (8, 16, 32)
 """block_len values with a staged specialisation."""
@@ -312,4 +313,256 @@ def staged_kernel(ku, kd, hops, vec, block_len, unroll):
     key = (ku, kd, hops, vec, block_len, unroll)
     if key not in _CACHE:
         _CACHE[key] = _make(ku, kd, hops, vec, block_len, unroll)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# BHDL: the row kernel's walk with a warp's rows staged together (coalesced copies)
+# ----------------------------------------------------------------------------------------------
+
+SPAN_BLOCKS = 4
+"""Blocks of 16 steps a BHDL warp copies at a time: 64 steps, 128 bytes of a 16-bit row."""
+
+if SIMULATOR:  # a thread block is one warp there (see _rows_coop_args)
+
+    @cuda.jit(device=True)
+    def _warp_sync():
+        cuda.syncthreads()
+
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def _warp_sync():
+        cuda.syncwarp()
+
+
+def _coop_layout(kind, lph):
+    """(row stride, u, dy, a offsets, elements) of one warp's shared memory, in elements: two
+    spans of its 32 rows of u and of dy, two of its heads' rows of a; rows padded by 16 bytes
+    so that 16-byte reads of 32 different rows do not conflict."""
+    v = 16 // _ITEM[kind]
+    pad = SPAN_BLOCKS * 16 + v
+    d_at = 2 * 32 * pad
+    a_at = 2 * d_at
+    return pad, 0, d_at, a_at, a_at + 2 * (32 // lph) * pad
+
+
+def rows_coop_config(ku, kd, per_head, block_len, N, D, C, chunk_blocks, addresses, warps):
+    """``(threads, shared bytes)`` of the cooperative BHDL kernel, or None where it does not
+    fit: per head, 16-bit u and dy of one kind, block_len 16, N and the chunks whole spans of
+    64 steps, D a power of two up to 32, whole warps of rows (C % 32), aligned arrays."""
+    if not per_head or ku != kd or _ITEM[ku] != 2 or block_len != 16:
+        return None
+    if N % (16 * SPAN_BLOCKS) or chunk_blocks % SPAN_BLOCKS or C % 32:
+        return None
+    if D & (D - 1) or D > 32 or any(x % 16 for x in addresses):
+        return None
+    return 32 * warps, warps * _coop_layout(ku, D)[4] * _ITEM[ku]
+
+
+def _make_rows_coop(ku, hops, lph):
+    """A warp owns 32 consecutive channel rows of one chunk, each lane one row, and walks the
+    chunk's blocks from the last to the first as the row kernel does (groups of 16 steps, per-head
+    da by a shuffle reduce-scatter over the head's ``lph`` lanes). The warp copies u, dy and a
+    into shared memory a span of four blocks at a time with ``cp.async``: each instruction moves
+    four rows x 128 bytes (the row kernel's loads touch 32 lines each), u and a are read from
+    memory once, and the next span is in flight while one computes. A lane reads its own row
+    back; other lanes' copies become visible after ``cp.async.wait_group`` and ``__syncwarp``."""
+    V = 16 // _ITEM[ku]
+    LB = 16
+    U = LB  # one group of 16 steps per block
+    SB = SPAN_BLOCKS
+    SP = SB * LB
+    PR = SP // V  # 16-byte pieces of a row's span
+    HPW = 32 // lph  # heads per warp
+    PAD, U_AT, D_AT, A_AT, WARP = _coop_layout(ku, lph)
+    HOPS1 = hops == 1
+    LOG_LPH = lph.bit_length() - 1
+    copy = make_async_copy(ku, V)
+    wait_all = make_async_wait(0)
+    wait_older = make_async_wait(1)
+    load_s = make_shared_load(ku, V)
+    load_g = make_vector_load(ku, V)
+    store_v = make_vector_store(ku, V)
+    store_s = STORE[ku]
+    ST = _STORAGE_TYPE[ku]
+
+    @cuda.jit(device=True, inline=True)
+    def issue(u, dy, a, sm, base, r0, h0, N, s, lane, with_u, with_d):
+        """Copies of span s of the warp's rows (u and its heads' a, and/or dy) into slot s % 2;
+        one commit group (empty when neither)."""
+        z = s % 2
+        t0 = s * SP
+        for k in range(PR):
+            p = k * 32 + lane
+            rr = p // PR
+            pc = p - rr * PR
+            src = (r0 + rr) * N + t0 + pc * V
+            dst = (z * 32 + rr) * PAD + pc * V
+            if with_u:
+                copy(u, src, sm, base + U_AT + dst)
+            if with_d:
+                copy(dy, src, sm, base + D_AT + dst)
+        if with_u and lane < HPW * PR:
+            hh = lane // PR
+            pc = lane - hh * PR
+            copy(a, (h0 + hh) * N + t0 + pc * V, sm, base + A_AT + (z * HPW + hh) * PAD + pc * V)
+        async_commit()
+
+    @cuda.jit(device=True, inline=True)
+    def read(sm, at, dst):
+        for p in range(U // V):
+            load_s(sm, at + p * V, dst, p * V)
+
+    def swr_backward_rows_coop(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
+                               chunk_blocks, groups, nchunks, nwork, lph_arg, has_dcarry):
+        tx = numba.int64(cuda.threadIdx.x)
+        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + tx
+        if tid >= nwork:
+            return  # whole warps (nwork is a multiple of 32)
+        rest = tid // C
+        c = tid - rest * C
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        row = b * C + c
+        ru = row * N
+        ra = (b * (C // D) + c // D) * N
+        lane = tx % 32
+        r0 = row - lane
+        h0 = b * (C // D) + (c - lane) // D
+        hw = lane // lph  # the lane's head in the warp
+        base = (tx // 32) * WARP
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        sm = cuda.shared.array(0, ST)
+
+        ab = cuda.local.array(U, f32)
+        ub = cuda.local.array(U, f32)
+        db = cuda.local.array(U, f32)
+        wp = cuda.local.array(U, f32)
+        gp = cuda.local.array(U, f32)
+        ov = cuda.local.array(U, f32)
+        red = cuda.local.array(U, f32)
+
+        s_hi = (jj1 - 1) // SB
+        s_lo = jj0 // SB
+        prev = HOPS1 and jj0 > 0  # the walk of block jj0 - 1 (span s_lo - 1) gives the carrier
+        issue(u, dy, a, sm, base, r0, h0, N, s_hi, lane, True, True)
+        if s_hi - 1 >= s_lo:
+            issue(u, dy, a, sm, base, r0, h0, N, s_hi - 1, lane, True, True)
+        else:
+            issue(u, dy, a, sm, base, r0, h0, N, s_hi - 1, lane, prev, False)
+
+        q = F0
+        if HOPS1 and jj1 < nb:
+            # q of the block after the chunk, in the reverse sweep's order; plain loads
+            t0 = jj1 * LB
+            for p in range(U // V):
+                load_g(a, ra + t0 + p * V, ab, p * V)
+                load_g(dy, ru + t0 + p * V, db, p * V)
+            an = F1
+            zz = F0
+            for ii in range(U):
+                i = U - 1 - ii
+                zz = db[i] + an * zz
+                an = ab[i]
+            q = an * zz
+        wait_older()
+        _warp_sync()
+
+        j = jj1 - 1
+        while j >= jj0:
+            s = j // SB
+            walking = j > 0 and (HOPS1 or j > jj0)
+            if j % SB == 0 and walking:
+                wait_all()  # span s - 1: the walk below reads its last block
+                _warp_sync()
+            S = F0
+            if walking and HOPS1:
+                jb = j - 1
+                zb = (jb // SB) % 2
+                o = (jb % SB) * LB
+                read(sm, base + U_AT + (zb * 32 + lane) * PAD + o, ub)
+                read(sm, base + A_AT + (zb * HPW + hw) * PAD + o, ab)
+                w = F0
+                for i in range(U):
+                    w = ab[i] * w + ub[i]
+                S = w
+            elif HOPS1 and j == 0:
+                S = carry[row]
+            # reverse sweep of block j (one group: its forward states from w = 0, g = 1)
+            z = s % 2
+            o = (j % SB) * LB
+            read(sm, base + U_AT + (z * 32 + lane) * PAD + o, ub)
+            read(sm, base + A_AT + (z * HPW + hw) * PAD + o, ab)
+            read(sm, base + D_AT + (z * 32 + lane) * PAD + o, db)
+            w = F0
+            g = F1
+            for i in range(U):
+                wp[i] = w
+                w = ab[i] * w + ub[i]
+                gp[i] = g
+                g = g * ab[i]
+            lam = q
+            zz = F0
+            an = F1
+            for ii in range(U):
+                i = U - 1 - ii
+                lam = db[i] + an * lam
+                ov[i] = lam
+                dak = lam * wp[i]
+                if HOPS1:
+                    zz = db[i] + an * zz
+                    dak += S * zz * gp[i]
+                red[i] = dak
+                an = ab[i]
+            t0 = j * LB
+            for p in range(U // V):
+                store_v(du, ru + t0 + p * V, ov, p * V)
+            nn = U
+            off = 0
+            owner = True
+            for sround in range(LOG_LPH):
+                bit = 1 << sround
+                hi = (lane & bit) != 0
+                if nn > 1:
+                    hf = nn // 2
+                    for i in range(hf):
+                        lo_v = red[i]
+                        hi_v = red[i + hf]
+                        got = _xor(lo_v if hi else hi_v, bit, mask)
+                        red[i] = (hi_v if hi else lo_v) + got
+                    if hi:
+                        off += hf
+                    nn = hf
+                else:
+                    red[0] = red[0] + _xor(red[0], bit, mask)
+                    owner = owner and not hi
+            if owner:
+                for i in range(nn):
+                    da[ra + t0 + off + i] = store_s(red[i])
+            if HOPS1:
+                q = an * zz
+            if j == 0 and has_dcarry != 0:
+                dcarry[row] = q
+            if j % SB == 0 and j > jj0:
+                # span s is done: its slot takes span s - 2
+                _warp_sync()
+                if s - 2 >= s_lo:
+                    issue(u, dy, a, sm, base, r0, h0, N, s - 2, lane, True, True)
+                else:  # the span before the chunk: u and a of its last block's walk
+                    issue(u, dy, a, sm, base, r0, h0, N, s - 2, lane,
+                          prev and s - 2 == s_lo - 1, False)
+            j -= 1
+
+    swr_backward_rows_coop.__name__ = swr_backward_rows_coop.__qualname__ = (
+        f"swr_backward_rows_coop_{ku}_per_head_hops{hops}_lph{lph}")
+    return cuda.jit(swr_backward_rows_coop)
+
+
+def rows_coop_kernel(ku, hops, lph):
+    """The compiled-on-demand dispatcher of one specialisation."""
+    key = ("coop", ku, hops, lph)
+    if key not in _CACHE:
+        _CACHE[key] = _make_rows_coop(ku, hops, lph)
     return _CACHE[key]

@@ -130,8 +130,11 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid += [dict(staged=True, staged_chunk_steps=cs, staged_threads_per_block=tp)
                  for cs, tp in itertools.product((128, 256, 384), (64, 128, 256))]
     else:
-        grid = [dict(rows_depth=dp, rows_chunk_steps=cs, rows_threads_per_block=tp)
-                for dp, cs, tp in itertools.product((1, 2), (256, 512, 2048), (128, 256))]
+        grid = [dict(rows_coop=False, rows_depth=2, rows_chunk_steps=cs)
+                for cs in (512,)]
+        # the cooperative row kernel (swr_backward_staged.rows_coop_kernel)
+        grid += [dict(rows_coop=True, rows_chunk_steps=cs, rows_coop_warps=wp)
+                 for cs, wp in itertools.product((256, 512, 1024), (1, 2, 4))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 

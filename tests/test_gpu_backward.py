@@ -170,3 +170,44 @@ def test_staged_kernel(rng, dtype, block_len, dy_dtype):
     finally:
         for k, v in saved.items():
             mod.TUNING[k] = v
+
+
+@pytest.mark.parametrize("dtype,hops,D", [(BF16, 1, 16), (BF16, 0, 8), (np.dtype(np.float16), 1, 32)],
+                         ids=["bf16", "hops0-D8", "f16-D32"])
+def test_rows_coop_kernel(rng, dtype, hops, D):
+    """The cooperative BHDL row kernel (a warp's rows copied together) against the reference on
+    a few heads, and bitwise against the row kernel on every output."""
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    cp = _cupy()
+    saved = dict(mod.TUNING)
+    try:
+        mod.TUNING["rows_chunk_steps"] = 128  # many chunk ends
+        B, N, H = 2, 4096, 8
+        a, u, dy, x0 = random_case(rng, "BHDL", True, dtype, B, N, H, D)
+        outs = []
+        for coop in (True, False):
+            mod.TUNING["rows_coop"] = coop
+            du, da = poisoned(u.shape, u.dtype), poisoned(a.shape, a.dtype)
+            dcarry = poisoned((B, H, D), np.float32)
+            name = mod._launch_args(a, u, dy, du, da, "BHDL", 16, hops, cp.asarray(x0),
+                                    dcarry, "channel", None, 128, None)[0].py_func.__name__
+            assert name.startswith("swr_backward_rows_coop" if coop else "swr_backward_rows_")
+            mod.swr_backward(a, u, dy, du, da, layout="BHDL", block_len=16, hops=hops,
+                             carry=cp.asarray(x0), dcarry=dcarry, variant="channel")
+            outs.append((du, da, dcarry))
+        cp.cuda.runtime.deviceSynchronize()
+        for got, want, what in zip(outs[0], outs[1], ("du", "da", "dcarry")):
+            assert all_finite(got), f"{what}: unwritten outputs"
+            assert bool((got.view(cp.uint8) == want.view(cp.uint8)).all()), what
+        heads = cp.asarray([0, H - 1])
+        sl = [head_slice(x, "BHDL", heads) for x in (a, u, dy)]
+        da_r, du_r, dx0_r = expected(*sl, "BHDL", True, 16, hops, x0[:, [0, H - 1]])
+        du, da, dcarry = outs[0]
+        assert_close(time_last(head_slice(du, "BHDL", heads), "BHDL"), du_r, dtype, "du")
+        assert_close(time_last(head_slice(da, "BHDL", heads), "BHDL"), da_r, dtype, "da")
+        assert_close(to_np(dcarry[:, heads]), dx0_r if hops else 0 * dx0_r, np.float32, "dcarry")
+    finally:
+        for k, v in saved.items():
+            mod.TUNING[k] = v

@@ -201,7 +201,8 @@ def channel_tuning():
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
     saved = dict(mod.TUNING)
     mod.TUNING["channel_chunk_steps"] = 16
-    mod.TUNING["staged"] = False  # the staged kernel's tests ask for it
+    mod.TUNING["staged"] = False  # the staged kernels' tests ask for them
+    mod.TUNING["rows_coop"] = False
     yield mod.TUNING
     for k, v in saved.items():
         mod.TUNING[k] = v
@@ -288,6 +289,34 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D):
     assert staged_name(a, u, dy, block_len, 1, x0)[0].startswith("swr_backward_staged")
     check_backward(rng, "BLHD", True, BF16, 1, block_len=block_len, B=2, H=1, D=D,
                    N=5 * block_len, dy_dtype=dy_dtype, want_dcarry=False, variant="channel")
+
+
+@pytest.mark.parametrize("hops,D,B,N,chunk", [(1, 16, 1, 256, 128), (0, 16, 2, 128, 64),
+                                               (1, 32, 2, 192, 64), (1, 8, 1, 320, 128)],
+                         ids=["hops1", "hops0", "D32", "D8"])
+def test_rows_coop_kernel(rng, channel_tuning, hops, D, B, N, chunk):
+    # BHDL cooperative: 32 rows per warp (one thread block of 32 in the simulator), spans of 64
+    # steps, chunks of one or two spans (carrier and q across chunk ends; refills of a span's
+    # slot), 1 to 4 heads per warp; bitwise the row kernel's numbers
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    channel_tuning["rows_coop"] = True
+    channel_tuning["rows_chunk_steps"] = chunk
+    H = 32 // D
+    a, u, dy, x0 = make_case(rng, "BHDL", True, BF16, B=B, H=H, D=D, N=N)
+    call = mod._launch_args(a, u, dy, u.copy(), a.copy(), "BHDL", 16, hops, x0, None,
+                            "channel", None, 128, None)
+    assert call[0].py_func.__name__.startswith("swr_backward_rows_coop") and call[4] > 0
+    got = run_backward(a, u, dy, "BHDL", 16, hops, x0, variant="channel")
+    da_r, du_r, dx0_r = expected(a, u, dy, "BHDL", True, 16, hops, x0)
+    assert_close(time_last(got[1], "BHDL"), du_r, BF16, "du")
+    assert_close(time_last(got[0], "BHDL"), da_r, BF16, "da")
+    assert_close(got[2], dx0_r if hops else np.zeros_like(dx0_r), np.float32, "dcarry")
+    channel_tuning["rows_coop"] = False
+    plain = run_backward(a, u, dy, "BHDL", 16, hops, x0, variant="channel")
+    for g, p, what in zip(got, plain, ("da", "du", "dcarry")):
+        np.testing.assert_array_equal(g.view(np.uint8), p.view(np.uint8), err_msg=what)
 
 
 def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
