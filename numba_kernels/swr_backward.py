@@ -24,7 +24,9 @@ Kernels
 * ``staged`` (``swr_backward_staged.py``): the BLHD channel kernel's walk with each block's u and
   dy copied into shared memory by ``cp.async`` (u read from memory once, one round trip per
   block), where it fits: per head, whole blocks, block_len up to 16 (TUNING); bitwise the same
-  numbers (H200: 0.147-0.153 ms against 0.173 ms).
+  numbers (H200: 0.147-0.153 ms against 0.173 ms). Its BHDL counterpart ``rows_coop`` has a
+  warp copy 64-step spans of its 32 rows together (coalesced) and each lane walk its own row
+  from shared memory, as the row kernel does (0.190 against 0.219 ms).
 * ``walk``: the fused hops 0/1 backward (the rest, where it fits).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
