@@ -291,6 +291,41 @@ else:
         return cuda.shfl_xor_sync(mask, x, bit)
 
 
+def make_head_scatter(steps, lph, store_s):
+    """``scatter(red, lane, mask, da, at)``: the sums over a head's ``lph`` lanes (a power of
+    two) of ``red[:steps]`` (each lane's values for ``steps`` consecutive steps), stored as
+    ``da[at:at + steps]`` by a shuffle reduce-scatter: each round halves the steps a lane holds,
+    the last rounds add single values, and each sum is stored once by the lane that owns it."""
+    rounds = lph.bit_length() - 1
+
+    @cuda.jit(device=True, inline=True)
+    def scatter(red, lane, mask, da, at):
+        nn = steps
+        off = 0
+        owner = True
+        for sround in range(rounds):
+            bit = 1 << sround
+            hi = (lane & bit) != 0
+            if nn > 1:
+                hf = nn // 2
+                for i in range(hf):
+                    lo_v = red[i]
+                    hi_v = red[i + hf]
+                    got = _xor(lo_v if hi else hi_v, bit, mask)
+                    red[i] = (hi_v if hi else lo_v) + got
+                if hi:
+                    off += hf
+                nn = hf
+            else:
+                red[0] = red[0] + _xor(red[0], bit, mask)
+                owner = owner and not hi
+        if owner:
+            for i in range(nn):
+                da[at + off + i] = store_s(red[i])
+
+    return scatter
+
+
 def _make_rows(ku, kd, per_head, hops, depth, lph):
     """The BHDL kernel: a thread owns one channel row and walks its chunk's blocks from the last
     to the first as the BLHD kernel does; a group is ``depth`` 16-byte vectors of consecutive
@@ -307,7 +342,7 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
     NG = -(-LMAX // U)
     CK = 2 * NG  # local array sizes must be constants
     HOPS1 = hops == 1
-    LOG_LPH = lph.bit_length() - 1 if per_head else 0
+    head_scatter = make_head_scatter(U, lph if per_head else 1, store_s)
 
     @cuda.jit(device=True, inline=True)
     def load_group(arr, base, dst, load, width):
@@ -419,30 +454,7 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
                 for p in range(depth):
                     store_v(du, ru + t0 + p * V, ov, p * V)
                 if per_head:
-                    # reduce-scatter over the head's lanes: each round halves the steps a lane
-                    # holds, the last rounds add single values
-                    nn = U
-                    off = 0
-                    owner = True
-                    for sround in range(LOG_LPH):
-                        bit = 1 << sround
-                        hi = (lane & bit) != 0
-                        if nn > 1:
-                            hf = nn // 2
-                            for i in range(hf):
-                                lo_v = red[i]
-                                hi_v = red[i + hf]
-                                got = _xor(lo_v if hi else hi_v, bit, mask)
-                                red[i] = (hi_v if hi else lo_v) + got
-                            if hi:
-                                off += hf
-                            nn = hf
-                        else:
-                            red[0] = red[0] + _xor(red[0], bit, mask)
-                            owner = owner and not hi
-                    if owner:
-                        for i in range(nn):
-                            da[ra + t0 + off + i] = store_s(red[i])
+                    head_scatter(red, lane, mask, da, ra + t0)
                 else:
                     for p in range(depth):
                         store_v(da, ra + t0 + p * V, red, p * V)

@@ -28,15 +28,15 @@ live in registers. Each thread reads back only what it copied itself (after its 
 block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), and the shared memory of
 :func:`staged_bytes` per thread block.
 
-Measured on an H200 (bf16, hops=1, l=16, 128 x 16, 4 x 8192, the kernel alone; scripts/swr_sweep.py):
-0.147-0.153 ms against 0.173 ms for the channel kernel (one wait for both copies: 0.156 ms;
-generic instead of ``ld.shared`` reads: 0.154 ms); float32 0.259 against 0.327 ms. Chunks of 256
-steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM, 243 registers: 8
-warps). Tried and dropped: the next block's copies in flight during a block's compute (three
-blocks of ``u`` and two of ``dy`` in shared memory, so half the warps: 0.245-0.25 ms); 8-byte
-accesses (4 channels per thread, 12 warps per SM but twice the shuffles and per-step work:
-0.21-0.26 ms); block_len 32 (one block of 128 threads per SM: 0.240 against 0.187 ms for the channel
-kernel, so TUNING caps the staged kernel at block_len 16).
+Measured on an H200 (bf16, hops=1, l=16, 128 x 16, 4 x 8192, the kernel alone;
+scripts/swr_sweep.py): 0.147-0.153 ms against 0.173 ms for the channel kernel (one wait for both
+copies: 0.156 ms; generic instead of ``ld.shared`` reads: 0.154 ms); float32 0.259 against 0.327
+ms. Chunks of 256 steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM,
+243 registers: 8 warps). Tried and dropped: the next block's copies in flight during a block's
+compute (three blocks of ``u`` and two of ``dy`` in shared memory, so half the warps: 0.245-0.25
+ms); 8-byte accesses (4 channels per thread, 12 warps per SM but twice the shuffles and per-step
+work: 0.21-0.26 ms); block_len 32 (one block of 128 threads per SM: 0.240 against 0.187 ms for the
+channel kernel, so TUNING caps the staged kernel at block_len 16).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from numba import cuda
 
 from ._dtypes import SIMULATOR, STORE
 from .phalanx_fused import _head_sum
-from .swr_backward_channel import F0, F1, _ITEM, _split_load, _xor
+from .swr_backward_channel import _ITEM, F0, F1, _split_load, make_head_scatter
 from .swr_forward import (
     _STORAGE_TYPE,
     async_commit,
@@ -382,14 +382,13 @@ def _make_rows_coop(ku, hops, lph):
     HPW = 32 // lph  # heads per warp
     PAD, U_AT, D_AT, A_AT, WARP = _coop_layout(ku, lph)
     HOPS1 = hops == 1
-    LOG_LPH = lph.bit_length() - 1
+    head_scatter = make_head_scatter(U, lph, STORE[ku])
     copy = make_async_copy(ku, V)
     wait_all = make_async_wait(0)
     wait_older = make_async_wait(1)
     load_s = make_shared_load(ku, V)
     load_g = make_vector_load(ku, V)
     store_v = make_vector_store(ku, V)
-    store_s = STORE[ku]
     ST = _STORAGE_TYPE[ku]
 
     @cuda.jit(device=True, inline=True)
@@ -524,28 +523,7 @@ def _make_rows_coop(ku, hops, lph):
             t0 = j * LB
             for p in range(U // V):
                 store_v(du, ru + t0 + p * V, ov, p * V)
-            nn = U
-            off = 0
-            owner = True
-            for sround in range(LOG_LPH):
-                bit = 1 << sround
-                hi = (lane & bit) != 0
-                if nn > 1:
-                    hf = nn // 2
-                    for i in range(hf):
-                        lo_v = red[i]
-                        hi_v = red[i + hf]
-                        got = _xor(lo_v if hi else hi_v, bit, mask)
-                        red[i] = (hi_v if hi else lo_v) + got
-                    if hi:
-                        off += hf
-                    nn = hf
-                else:
-                    red[0] = red[0] + _xor(red[0], bit, mask)
-                    owner = owner and not hi
-            if owner:
-                for i in range(nn):
-                    da[ra + t0 + off + i] = store_s(red[i])
+            head_scatter(red, lane, mask, da, ra + t0)
             if HOPS1:
                 q = an * zz
             if j == 0 and has_dcarry != 0:

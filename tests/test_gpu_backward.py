@@ -172,7 +172,8 @@ def test_staged_kernel(rng, dtype, block_len, dy_dtype):
             mod.TUNING[k] = v
 
 
-@pytest.mark.parametrize("dtype,hops,D", [(BF16, 1, 16), (BF16, 0, 8), (np.dtype(np.float16), 1, 32)],
+@pytest.mark.parametrize("dtype,hops,D",
+                         [(BF16, 1, 16), (BF16, 0, 8), (np.dtype(np.float16), 1, 32)],
                          ids=["bf16", "hops0-D8", "f16-D32"])
 def test_rows_coop_kernel(rng, dtype, hops, D):
     """The cooperative BHDL row kernel (a warp's rows copied together) against the reference on
