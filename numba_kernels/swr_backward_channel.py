@@ -73,6 +73,60 @@ def _split_load(kind, vec, space=".global"):
     return load
 
 
+def make_reverse_step(vec, aw, hops):
+    """``pa = step(db, doff, an, lam, zz, S, wp, gp, i, ov, oa)``: one step i of a block's
+    reverse sweep for ``vec`` channels (``aw`` coefficients per step: 1 per head, else ``vec``):
+    lam <- dy + a_{t+1} lam into ``ov`` (du), z likewise (hops=1), da_t = lam w_{t-1} +
+    S z g_{t-1} per channel into ``oa``; returns the sum of the latter."""
+    HOPS1 = hops == 1
+
+    @cuda.jit(device=True, inline=True)
+    def step(db, doff, an, lam, zz, S, wp, gp, i, ov, oa):
+        pa = F0
+        for k in range(vec):
+            dv = db[doff + k]
+            lam[k] = dv + an[k % aw] * lam[k]
+            ov[k] = lam[k]
+            dak = lam[k] * wp[i * vec + k]
+            if HOPS1:
+                zz[k] = dv + an[k % aw] * zz[k]
+                dak += S[k] * zz[k] * gp[i * aw + k % aw]
+            oa[k] = dak
+            pa += dak
+        return pa
+
+    return step
+
+
+def make_row_group(steps, hops):
+    """``lam, zz, an = group(ab, ub, db, w, g, S, lam, zz, an, wp, gp, ov, red)``: one group of
+    ``steps`` steps of a channel row's reverse sweep: its forward states from the checkpoint
+    (w, g), then the reverse sweep from (lam, zz, an) writing du into ``ov`` and the unsummed
+    da into ``red``."""
+    HOPS1 = hops == 1
+
+    @cuda.jit(device=True, inline=True)
+    def group(ab, ub, db, w, g, S, lam, zz, an, wp, gp, ov, red):
+        for i in range(steps):
+            wp[i] = w
+            w = ab[i] * w + ub[i]
+            gp[i] = g
+            g = g * ab[i]
+        for ii in range(steps):
+            i = steps - 1 - ii
+            lam = db[i] + an * lam
+            ov[i] = lam
+            dak = lam * wp[i]
+            if HOPS1:
+                zz = db[i] + an * zz
+                dak += S * zz * gp[i]
+            red[i] = dak
+            an = ab[i]
+        return lam, zz, an
+
+    return group
+
+
 def _make(ku, kd, per_head, hops, vec, unroll, full=False):
     load_u = make_vector_load(ku, vec)
     load_a = make_vector_load(ku, 1 if per_head else vec)
@@ -86,6 +140,7 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False):
     CKW, CKG = 2 * NG * VEC, 2 * NG * AW
     HOPS1 = hops == 1
     FULL = full  # every block has block_len steps (N a multiple of it): no clamps
+    reverse_step = make_reverse_step(VEC, AW, hops)
 
     @cuda.jit(device=True, inline=True)
     def walk(a, u, m0, n, C, c0, a_stride, a_col, ckw, ckg, half, w, g, ab, ub):
@@ -238,17 +293,7 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False):
                     i = U - 1 - ii
                     if FULL or i < cnt:
                         m = b * N + lo + t0 + i
-                        pa = F0
-                        for k in range(VEC):
-                            dv = db[i * VEC + k]
-                            lam[k] = dv + an[k % AW] * lam[k]
-                            ov[k] = lam[k]
-                            dak = lam[k] * wp[i * VEC + k]
-                            if HOPS1:
-                                zz[k] = dv + an[k % AW] * zz[k]
-                                dak += S[k] * zz[k] * gp[i * AW + k % AW]
-                            oa[k] = dak
-                            pa += dak
+                        pa = reverse_step(db, i * VEC, an, lam, zz, S, wp, gp, i, ov, oa)
                         store_v(du, m * C + c0, ov, 0)
                         if per_head:
                             pa = _head_sum(pa, lph, mask)
@@ -343,6 +388,7 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
     CK = 2 * NG  # local array sizes must be constants
     HOPS1 = hops == 1
     head_scatter = make_head_scatter(U, lph if per_head else 1, store_s)
+    row_group = make_row_group(U, hops)
 
     @cuda.jit(device=True, inline=True)
     def load_group(arr, base, dst, load, width):
@@ -434,23 +480,8 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
                 load_group(a, ra + t0, ab, load_u, V)
                 load_group(u, ru + t0, ub, load_u, V)
                 load_group(dy, ru + t0, db, load_d, VD)
-                w = ckw[half * NG + gi]
-                g = ckg[half * NG + gi]
-                for i in range(U):
-                    wp[i] = w
-                    w = ab[i] * w + ub[i]
-                    gp[i] = g
-                    g = g * ab[i]
-                for ii in range(U):
-                    i = U - 1 - ii
-                    lam = db[i] + an * lam
-                    ov[i] = lam
-                    dak = lam * wp[i]
-                    if HOPS1:
-                        zz = db[i] + an * zz
-                        dak += S * zz * gp[i]
-                    red[i] = dak
-                    an = ab[i]
+                lam, zz, an = row_group(ab, ub, db, ckw[half * NG + gi], ckg[half * NG + gi], S,
+                                        lam, zz, an, wp, gp, ov, red)
                 for p in range(depth):
                     store_v(du, ru + t0 + p * V, ov, p * V)
                 if per_head:

@@ -46,7 +46,15 @@ from numba import cuda
 
 from ._dtypes import SIMULATOR, STORE
 from .phalanx_fused import _head_sum
-from .swr_backward_channel import _ITEM, F0, F1, _split_load, make_head_scatter
+from .swr_backward_channel import (
+    _ITEM,
+    F0,
+    F1,
+    _split_load,
+    make_head_scatter,
+    make_reverse_step,
+    make_row_group,
+)
 from .swr_forward import (
     _STORAGE_TYPE,
     async_commit,
@@ -116,6 +124,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
     ITU, ITD = _ITEM[ku], _ITEM[kd]
     CKN, UV = NGB * VEC, U * VEC  # local array sizes must be constants
+    reverse_step = make_reverse_step(VEC, 1, hops)
 
     @cuda.jit(device=True, inline=True)
     def issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, jb_u, jb_d, d_at, tpb, tx,
@@ -193,6 +202,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         lam = cuda.local.array(VEC, f32)
         zz = cuda.local.array(VEC, f32)
         ov = cuda.local.array(VEC, f32)
+        oa = cuda.local.array(VEC, f32)  # per-channel da of a step (summed here: unused)
         ub = cuda.local.array(VEC, f32)
         db = cuda.local.array(VEC, f32)
         ab = cuda.local.array(U, f32)
@@ -280,16 +290,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
                     t = t0 + i
                     m = b * N + j * LB + t
                     load_sd(sm_d, d_at + ((sd * LB + t) * tpb + tx) * VEC, db, 0)
-                    pa = F0
-                    for k in range(VEC):
-                        dv = db[k]
-                        lam[k] = dv + an[0] * lam[k]
-                        ov[k] = lam[k]
-                        dak = lam[k] * wp[i * VEC + k]
-                        if HOPS1:
-                            zz[k] = dv + an[0] * zz[k]
-                            dak += S[k] * zz[k] * gp[i]
-                        pa += dak
+                    pa = reverse_step(db, 0, an, lam, zz, S, wp, gp, i, ov, oa)
                     store_v(du, m * C + c0, ov, 0)
                     pa = _head_sum(pa, lph, mask)
                     if lead_lane:
@@ -383,6 +384,7 @@ def _make_rows_coop(ku, hops, lph):
     PAD, U_AT, D_AT, A_AT, WARP = _coop_layout(ku, lph)
     HOPS1 = hops == 1
     head_scatter = make_head_scatter(U, lph, STORE[ku])
+    row_group = make_row_group(U, hops)
     copy = make_async_copy(ku, V)
     wait_all = make_async_wait(0)
     wait_older = make_async_wait(1)
@@ -500,26 +502,7 @@ def _make_rows_coop(ku, hops, lph):
             read(sm, base + U_AT + (z * 32 + lane) * PAD + o, ub)
             read(sm, base + A_AT + (z * HPW + hw) * PAD + o, ab)
             read(sm, base + D_AT + (z * 32 + lane) * PAD + o, db)
-            w = F0
-            g = F1
-            for i in range(U):
-                wp[i] = w
-                w = ab[i] * w + ub[i]
-                gp[i] = g
-                g = g * ab[i]
-            lam = q
-            zz = F0
-            an = F1
-            for ii in range(U):
-                i = U - 1 - ii
-                lam = db[i] + an * lam
-                ov[i] = lam
-                dak = lam * wp[i]
-                if HOPS1:
-                    zz = db[i] + an * zz
-                    dak += S * zz * gp[i]
-                red[i] = dak
-                an = ab[i]
+            _, zz, an = row_group(ab, ub, db, F0, F1, S, q, F0, F1, wp, gp, ov, red)
             t0 = j * LB
             for p in range(U // V):
                 store_v(du, ru + t0 + p * V, ov, p * V)
