@@ -98,6 +98,41 @@ def make_reverse_step(vec, aw, hops):
     return step
 
 
+def make_next_q(vec, aw, unroll, full, load_a, load_d):
+    """``next_q(a, dy, m0, n, C, c0, a_stride, a_col, an, zz, ab, db, q)``: q (the sum over a
+    block of g_t dy_t) of the block of ``n`` steps at flat row ``m0``, for ``vec`` channels, summed
+    in the reverse sweep's order (so that the numbers do not depend on where chunks end), in
+    groups of ``unroll`` steps (``full``: whole groups, no clamps). ``an``, ``zz``, ``ab``, ``db``
+    are scratch (aw, vec, unroll * aw, unroll * vec)."""
+    U = unroll
+
+    @cuda.jit(device=True, inline=True)
+    def next_q(a, dy, m0, n, C, c0, a_stride, a_col, an, zz, ab, db, q):
+        for k in range(aw):
+            an[k] = F1
+        for k in range(vec):
+            zz[k] = F0
+        ng = -(-n // U)
+        for gg in range(ng):
+            t0 = (ng - 1 - gg) * U
+            cnt = U if full else min(U, n - t0)
+            for i in range(U):
+                m = m0 + t0 + (i if full else min(i, cnt - 1))
+                load_a(a, m * a_stride + a_col, ab, i * aw)
+                load_d(dy, m * C + c0, db, i * vec)
+            for ii in range(U):
+                i = U - 1 - ii
+                if full or i < cnt:
+                    for k in range(vec):
+                        zz[k] = db[i * vec + k] + an[k % aw] * zz[k]
+                    for k in range(aw):
+                        an[k] = ab[i * aw + k]
+        for k in range(vec):
+            q[k] = an[k % aw] * zz[k]
+
+    return next_q
+
+
 def make_row_group(steps, hops):
     """``lam, zz, an = group(ab, ub, db, w, g, S, lam, zz, an, wp, gp, ov, red)``: one group of
     ``steps`` steps of a channel row's reverse sweep: its forward states from the checkpoint
@@ -141,6 +176,7 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False):
     HOPS1 = hops == 1
     FULL = full  # every block has block_len steps (N a multiple of it): no clamps
     reverse_step = make_reverse_step(VEC, AW, hops)
+    next_q = make_next_q(VEC, AW, U, FULL, load_a, load_d)
 
     @cuda.jit(device=True, inline=True)
     def walk(a, u, m0, n, C, c0, a_stride, a_col, ckw, ckg, half, w, g, ab, ub):
@@ -215,29 +251,8 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False):
         if HOPS1 and jj1 < nb:
             # q of the block after the chunk, summed in the reverse sweep's order (so that the
             # numbers do not depend on where chunks end)
-            m0 = b * N + jj1 * lb
             n = lb if FULL else min(lb, N - jj1 * lb)
-            for k in range(AW):
-                an[k] = F1
-            for k in range(VEC):
-                zz[k] = F0
-            ng = -(-n // U)
-            for gg in range(ng):
-                t0 = (ng - 1 - gg) * U
-                cnt = U if FULL else min(U, n - t0)
-                for i in range(U):
-                    m = m0 + t0 + (i if FULL else min(i, cnt - 1))
-                    load_a(a, m * a_stride + a_col, ab, i * AW)
-                    load_d(dy, m * C + c0, db, i * VEC)
-                for ii in range(U):
-                    i = U - 1 - ii
-                    if FULL or i < cnt:
-                        for k in range(VEC):
-                            zz[k] = db[i * VEC + k] + an[k % AW] * zz[k]
-                        for k in range(AW):
-                            an[k] = ab[i * AW + k]
-            for k in range(VEC):
-                q[k] = an[k % AW] * zz[k]
+            next_q(a, dy, b * N + jj1 * lb, n, C, c0, a_stride, a_col, an, zz, ab, db, q)
         half = 0
         j = jj1 - 1
         walk(a, u, b * N + j * lb, lb if FULL else min(lb, N - j * lb), C, c0, a_stride, a_col,

@@ -52,6 +52,7 @@ from .swr_backward_channel import (
     F1,
     _split_load,
     make_head_scatter,
+    make_next_q,
     make_reverse_step,
     make_row_group,
 )
@@ -125,6 +126,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     ITU, ITD = _ITEM[ku], _ITEM[kd]
     CKN, UV = NGB * VEC, U * VEC  # local array sizes must be constants
     reverse_step = make_reverse_step(VEC, 1, hops)
+    next_q = make_next_q(VEC, 1, U, True, load_a, load_d)
 
     @cuda.jit(device=True, inline=True)
     def issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, jb_u, jb_d, d_at, tpb, tx,
@@ -220,25 +222,8 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         for k in range(VEC):
             q[k] = F0
         if HOPS1 and jj1 < nb:
-            # q of the block after the chunk, summed in the reverse sweep's order (so that the
-            # numbers do not depend on where chunks end); plain loads, once per chunk
-            m0 = b * N + jj1 * LB
-            an[0] = F1
-            for k in range(VEC):
-                zz[k] = F0
-            for gg in range(NGB):
-                t0 = (NGB - 1 - gg) * U
-                for i in range(U):
-                    m = m0 + t0 + i
-                    load_a(a, m * a_stride + a_col, aq, i)
-                    load_d(dy, m * C + c0, dq, i * VEC)
-                for ii in range(U):
-                    i = U - 1 - ii
-                    for k in range(VEC):
-                        zz[k] = dq[i * VEC + k] + an[0] * zz[k]
-                    an[0] = aq[i]
-            for k in range(VEC):
-                q[k] = an[0] * zz[k]
+            # q of the block after the chunk (plain loads, once per chunk)
+            next_q(a, dy, b * N + jj1 * LB, LB, C, c0, a_stride, a_col, an, zz, aq, dq, q)
 
         j = jj1 - 1
         # the chunk's last block: its checkpoints
