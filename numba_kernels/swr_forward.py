@@ -942,6 +942,147 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
     return cuda.jit(kernel)
 
 
+def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
+                          warps_per_block):
+    """BHDL fast path: hops 0/1, per-head ``a``, offset 0, the 16-byte path; ``block_len`` a
+    compile-time constant with ``vec | block_len | 32 * vec`` (a block is ``lanes`` whole lanes
+    of one warp iteration).
+
+    A warp owns ``rows`` consecutive rows of one head and a chunk of whole iterations (``span``
+    steps each, from ``t_lo``). Everything that depends on ``a`` only is computed once per
+    iteration for all rows (it is the same ``a``): the copy, the unpack, each lane's running
+    product ``g`` and the segmented product across the block's lanes. Per row that leaves the
+    lane's local scan, ``log2(lanes)`` shuffles for the block's running ``w`` and one for its
+    carry: the carrier of the block before comes from the lane that ended it, and lanes 0..lanes-1
+    take it from lane 31, which sends last iteration's value (no lane of this iteration needs
+    lane 31's). Indexing is hoisted out of the loop, and the loads run ``stages - 1`` iterations
+    ahead as ``cp.async`` copies into shared memory, as in the lane scan.
+
+    A chunk after the first (hops=1) starts with one iteration that only its last ``lanes``
+    lanes load (the block before the chunk; the other lanes read the same 16 bytes) and that
+    stores nothing. The same numbers, bit for bit, as :func:`_make_lane_scan_kernel` (each sum
+    in the same order).
+    """
+    span = 32 * vec
+    lanes = block_len // vec
+    assert vec > 1 and stages > 1 and block_len % vec == 0 and 1 <= lanes <= 32, (vec, block_len)
+    levels = lanes.bit_length() - 1  # shuffle steps of the segmented scan
+    gk_size = max(levels, 1)
+    f32, i32 = numba.float32, numba.int32
+    copy = make_async_copy(in_kind, vec)
+    wait = make_async_wait(stages - 1)
+    load_shared = make_shared_load(in_kind, vec)
+    store_y = make_vector_store(out_kind, vec)
+    storage = _STORAGE_TYPE[in_kind]
+    slot = (rows + 1) * span  # one ring slot of a warp: a, then the rows' u
+    smem_elems = warps_per_block * stages * slot
+    hops1 = mode == HOPS1
+    prologue = stages - 1
+
+    def kernel(
+        a, u, y, w0, g0, carry, block_carry, v_out, c_out,
+        n, channels, head_dim, block_len_, offset, nb, chunk_blocks, groups, nchunks, nwork, nrows,
+    ):  # fmt: skip
+        warp = cuda.grid(1) // 32
+        if warp >= nwork:
+            return
+        lane = i32(cuda.threadIdx.x % 32)
+        seg = lane & i32(lanes - 1)  # this lane's place in its block
+        src = (lane - seg - i32(1)) & i32(31)  # the lane that ends the block before
+        r0 = (warp % groups) * rows
+        chunk = warp // groups
+        t_lo = chunk * chunk_blocks * block_len
+        t_hi = min(t_lo + chunk_blocks * block_len, n)
+        pre = hops1 and chunk > 0  # one iteration for the block before the chunk
+        t_first = t_lo - span if pre else t_lo
+        t_min = t_lo - block_len if pre else t_lo  # the pre-iteration's lanes read from here
+        n_iters = (t_hi - t_first + span - 1) // span
+        a_row = (r0 // head_dim) * n
+        u_row = r0 * n
+        w_prev = cuda.local.array(rows, f32)  # lane 31: the last carrier of the last iteration
+        for q in range(rows):
+            w_prev[q] = carry[r0 + q] if hops1 and chunk == 0 else f32(0.0)
+        af = cuda.local.array(vec, f32)
+        gl = cuda.local.array(vec, f32)
+        wl = cuda.local.array(vec, f32)
+        uf = cuda.local.array(vec, f32)
+        out = cuda.local.array(vec, f32)
+        gk = cuda.local.array(gk_size, f32)
+        sm = cuda.shared.array(smem_elems, storage)
+        warp_base = (cuda.threadIdx.x // 32) * stages * slot + lane * vec
+        for it in range(prologue):
+            if it < n_iters:
+                tc = min(max(t_first + it * span + lane * vec, t_min), t_hi - vec)
+                at = warp_base + it * slot
+                copy(a, a_row + tc, sm, at)
+                for q in range(rows):
+                    copy(u, u_row + q * n + tc, sm, at + (q + 1) * span)
+            async_commit()
+        for it in range(n_iters):
+            t0 = t_first + it * span + lane * vec
+            ahead = it + prologue
+            if ahead < n_iters:
+                tc = min(max(t_first + ahead * span + lane * vec, t_min), t_hi - vec)
+                at = warp_base + (ahead % stages) * slot
+                copy(a, a_row + tc, sm, at)
+                for q in range(rows):
+                    copy(u, u_row + q * n + tc, sm, at + (q + 1) * span)
+            async_commit()
+            wait()
+            at = warp_base + (it % stages) * slot
+            load_shared(sm, at, af, 0)
+            # what depends on a only: the lane's running product, the block's across lanes
+            g_acc = f32(1.0)
+            for e in range(vec):
+                g_acc = g_acc * af[e]
+                gl[e] = g_acc
+            big_g = g_acc
+            for i in range(levels):
+                gk[i] = big_g
+                g_up = shfl_up(big_g, 1 << i)
+                if seg >= (1 << i):
+                    big_g = big_g * g_up
+            g_in = f32(1.0)
+            if lanes > 1:
+                g_up = shfl_up(big_g, 1)
+                if seg > 0:
+                    g_in = g_up
+            store = t0 >= t_lo and t0 < t_hi
+            for q in range(rows):
+                load_shared(sm, at + (q + 1) * span, uf, 0)
+                w_acc = f32(0.0)
+                for e in range(vec):
+                    w_acc = af[e] * w_acc + uf[e]
+                    wl[e] = w_acc
+                big_w = w_acc
+                w_in = f32(0.0)
+                for i in range(levels):
+                    w_up = shfl_up(big_w, 1 << i)
+                    if seg >= (1 << i):
+                        big_w = big_w + gk[i] * w_up
+                    if lanes == 2 and seg > 0:
+                        w_in = w_up  # from the block's first lane, whose inclusive w is its own
+                if lanes > 2:
+                    w_up = shfl_up(big_w, 1)
+                    if seg > 0:
+                        w_in = w_up
+                z = w_in
+                if hops1:
+                    carrier = shfl_idx(w_prev[q] if lane == 31 else big_w, src)
+                    z = w_in + g_in * carrier
+                    w_prev[q] = big_w
+                for e in range(vec):
+                    out[e] = wl[e] + gl[e] * z
+                if store:
+                    store_y(y, u_row + q * n + t0, out, 0)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_{MODE_NAMES[mode]}_bhdl_row_scan_{in_kind}_to_{out_kind}_per_head_vec{vec}"
+        f"_rows{rows}_l{block_len}_stages{stages}_warps{warps_per_block}"
+    )
+    return cuda.jit(kernel)
+
+
 # --------------------------------------------------------------------------------------------
 # Specialisations and launch plans
 
@@ -984,6 +1125,10 @@ TUNING = _Tuning({
     # loads into registers). Shared memory per block: stages x 8 KiB at 128 threads. H200, bf16,
     # 2 rows per warp: 4 stages 0.096-0.102 ms, 2: 0.098-0.103, 3: 0.102-0.109, 1: 0.104-0.116.
     "bhdl_stages": 4,
+    # BHDL hops 0/1, per head, offset 0, 16-byte path: the row scan (a's work once per iteration
+    # for `bhdl_scan_rows` rows of one head; False: the lane scan)
+    "bhdl_row_scan": True,
+    "bhdl_scan_rows": 2,
 })
 """Launch tuning, chosen by scripts/kfwd_bench.py on an H100 and retuned with scripts/swr_sweep.py
 on an H200 (BLHD unroll 4 over 128-step chunks: 0.083 vs 0.090 ms at 16 x 2048; float32 over
@@ -1000,6 +1145,26 @@ def get_shared_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, chunks, s
     if kernel is None:
         kernel = _shared_kernels[key] = _make_shared_walk_kernel(*key)
     return kernel
+
+
+def get_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages, warps_per_block):
+    """The compiled-on-demand dispatcher of one BHDL row-scan specialisation."""
+    key = ("row_scan", in_kind, out_kind, mode, vec, rows, block_len, stages, warps_per_block)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = _make_row_scan_kernel(*key[1:])
+    return kernel
+
+
+def _row_scan(in_kind, per_head, mode, vec, block_len, offset, head_dim, block):
+    """Rows per warp when the BHDL row scan takes this launch, else None."""
+    rows = TUNING["bhdl_scan_rows"]
+    stages = _bhdl_pipeline(vec, block)
+    if not (TUNING["bhdl_row_scan"] and per_head and mode in (HOPS0, HOPS1) and stages):
+        return None
+    if offset != 0 or head_dim % rows or not vec <= block_len <= 32 * vec:
+        return None
+    return rows
 
 
 def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, depth, *pipeline):
@@ -1139,15 +1304,23 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
             grid = -(-nwork // block)
     else:
         vec = _time_vec(in_kind, out_kind, n, block_len, offset, misaligned)
-        rows_per_warp = TUNING["bhdl_rows_per_warp"]
-        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, rows_per_warp,
-                            *_bhdl_pipeline(vec, block))  # fmt: skip
+        rows_per_warp = _row_scan(in_kind, per_head, mode, vec, block_len, offset, head_dim,
+                                  block)  # fmt: skip
+        if rows_per_warp:
+            kernel = get_row_scan_kernel(in_kind, out_kind, mode, vec, rows_per_warp, block_len,
+                                         *_bhdl_pipeline(vec, block))  # fmt: skip
+        else:
+            rows_per_warp = TUNING["bhdl_rows_per_warp"]
+            kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, rows_per_warp,
+                                *_bhdl_pipeline(vec, block))  # fmt: skip
         groups = -(-nrows // rows_per_warp)
         # whole rows per warp unless that leaves the GPU short of warps; chunks stay long enough
-        # that re-walking the block before each (hops=1) costs little
-        min_blocks = max(1, TUNING["bhdl_min_chunk_iters"] * 32 * vec // block_len)
+        # that re-walking the block before each (hops=1) costs little, and are whole iterations
+        per_iter = max(1, 32 * vec // block_len)
+        min_blocks = max(1, TUNING["bhdl_min_chunk_iters"] * per_iter)
         want_chunks = max(1, -(-target // (32 * groups)))
         chunk_blocks = max(min_blocks, -(-nb // want_chunks))
+        chunk_blocks = -(-chunk_blocks // per_iter) * per_iter
         chunk_blocks = min(TUNING["bhdl_chunk_blocks"] or chunk_blocks, nb)
         nchunks = -(-nb // chunk_blocks)
         nwork = groups * nchunks
@@ -1300,6 +1473,21 @@ def specialisations():
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
                                                 depth, *pipeline)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+    # the BHDL row scan: block_len 16 for every dtype pair and both modes; the other block
+    # lengths only change the segmented scan's depth, so one dtype pair stands for them
+    rows = TUNING["bhdl_scan_rows"]
+    for in_kind in ("f32", "f16", "bf16"):
+        vec = _vec_for(TUNING["bhdl_access_bytes"], in_kind)
+        stages = _bhdl_pipeline(vec, TUNING["bhdl_threads_per_block"])
+        if not stages:
+            continue
+        cases = [(out_kind, mode, 16) for out_kind in ("f32", "f16", "bf16")
+                 for mode in (HOPS0, HOPS1)]
+        if in_kind == "bf16":
+            cases += [("bf16", HOPS1, 8), ("bf16", HOPS1, 32), ("bf16", HOPS1, 64)]
+        for out_kind, mode, block_len in cases:
+            kernel = get_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, *stages)
+            yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
     # the shared walk (BLHD hops=1): block_len 16 per head for every dtype pair; the other block
     # lengths it fits (per head 4 and 8, per channel 4 and 8 at 48 KiB) only change trip counts
     # and shared-memory offsets, so one dtype pair stands for them

@@ -94,8 +94,11 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs)
                 for ch, cs in itertools.product((1, 2, 4, 8), (64, 128, 256))]
     else:
-        grid = [dict(bhdl_stages=st, bhdl_rows_per_warp=r, threads_per_sm=ts)
-                for st, r, ts in itertools.product((1, 2, 3, 4), (1, 2), (2048, 4096))]
+        # the lane scan, then the row scan (hops 0/1 per head) by rows, stages, threads
+        grid = [dict(bhdl_row_scan=False, bhdl_stages=st, threads_per_sm=ts)
+                for st, ts in itertools.product((4,), (2048, 4096))]
+        grid += [dict(bhdl_row_scan=True, bhdl_scan_rows=r, bhdl_stages=st, threads_per_sm=ts)
+                 for r, st, ts in itertools.product((2, 4, 8), (3, 4, 6), (2048, 4096))]
     try_knobs("fwd", SF.TUNING, grid, fwd, fwd_diff, floor_f)
 
     if not backward:

@@ -297,6 +297,41 @@ def test_bhdl_pipeline_stages(rng, monkeypatch, stages):
     assert np.array_equal(y, y_plain)
 
 
+@pytest.mark.parametrize("kinds,hops,block_len,rows,chunk_blocks,n,bitwise", [
+    (("bf16", "bf16"), 1, 16, 2, 16, 800, True),  # one-iteration chunks, a short last one
+    (("bf16", "f32"), 1, 16, 2, 3, 296, True),  # chunks of part iterations, a partial last block
+    (("bf16", "bf16"), 0, 16, 4, 0, 520, False),
+    (("f32", "f32"), 1, 8, 2, 5, 264, False),  # two lanes per block (vec 4)
+    (("f16", "f32"), 1, 32, 2, 4, 520, False),
+    (("bf16", "f16"), 1, 64, 2, 2, 640, True),
+    (("bf16", "bf16"), 1, 8, 2, 7, 400, False),  # one lane per block
+    (("f32", "bf16"), 0, 128, 2, 0, 320, False),  # a block is a whole iteration
+])
+def test_bhdl_row_scan_kernel(rng, monkeypatch, kinds, hops, block_len, rows, chunk_blocks, n,
+                              bitwise):  # fmt: skip
+    """The BHDL row scan (hops 0/1, per head, offset 0): the reference's numbers (and bit for
+    bit the lane scan's) across chunks of whole and part iterations, two and four rows per
+    warp, one to eight lanes per block and a partial last block."""
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+    in_kind, out_kind = kinds
+    shape = (1, 1, 4, n)
+    monkeypatch.setitem(F.TUNING, "bhdl_chunk_blocks", chunk_blocks)
+    monkeypatch.setitem(F.TUNING, "bhdl_scan_rows", rows)
+    plan = F._make_plan("BHDL", shape, True, in_kind, out_kind, block_len, 0,
+                        F.HOPS1 if hops else F.HOPS0, lambda *_: False)  # fmt: skip
+    assert "row_scan" in plan.kernel.py_func.__name__
+    a, u = make_case(rng, "BHDL", shape, True, in_kind)
+    x0 = rng.standard_normal(shape[:3])
+    y, ref = run_forward(a, u, layout="BHDL", block_len=block_len, hops=hops, out_kind=out_kind,
+                         x0=x0)  # fmt: skip
+    assert rel_err(y, ref) < TOL[out_kind]
+    if bitwise:
+        monkeypatch.setitem(F.TUNING, "bhdl_row_scan", False)
+        y_lane, _ = run_forward(a, u, layout="BHDL", block_len=block_len, hops=hops,
+                                out_kind=out_kind, x0=x0)  # fmt: skip
+        assert np.array_equal(y, y_lane)
+
+
 def test_shared_walk_is_chosen_where_it_fits():
     """Under the shipped TUNING: BLHD hops=1 over whole blocks from offset 0 takes the shared
     walk when its shared memory fits (bf16 per head up to block_len 16), else the plain walk."""
