@@ -15,6 +15,11 @@ coalesced accesses and several loads in flight per thread.
   that ended it (a shuffle), or from the previous iteration, so nothing is re-read inside a chunk.
   On the 16-byte path the loads of the next ``bhdl_stages - 1`` iterations are in flight as
   ``cp.async`` copies into shared memory (no registers held for them) while one iteration computes.
+  For hops 0/1 with per-head ``a`` from offset 0, :func:`_make_row_scan_kernel` does the same
+  with what depends on ``a`` alone (its copy, unpack and products) once per iteration for the
+  warp's rows of one head, one shuffle per row for the carrier, and no 64-bit division in
+  its loop: Nsight Compute found the lane scan issue bound (0.78 warps
+  issued per scheduler per cycle, SM 74%, DRAM 53%).
 - ``BLHD`` (channel contiguous): :func:`_make_channel_walk_kernel`. A thread owns ``vec`` adjacent
   channels (one 16-byte load per step, coalesced across the warp) and walks a chunk of blocks in
   time, ``unroll`` steps of loads in flight at a time. Within the chunk the carrier is handed on in
@@ -44,7 +49,9 @@ On an H200 (2026-11-30, copy 4.1-4.2 TB/s, swr_forward alone, scripts/swr_sweep.
 at block_len 32 and 64 its shared memory costs more occupancy than the re-read, so those keep the
 plain walk; a ptxas register cap on the shared walk for 5 blocks per SM instead of 4: 0.093
 vs 0.079 ms at 96 registers); BHDL 0.104-0.116 ms with register loads, 0.096-0.102 ms with 4
-cp.async stages.
+cp.async stages, 0.075-0.076 ms with the row scan (4 x 8192, 1 x 32768; 2 rows per warp, 4 stages;
+4 and 8 rows: 0.076-0.080). BLHD with 8 steps of loads in flight instead of 4: 0.0775 vs 0.0885 ms
+on 2026-11-30's H200, whose copy measured 4.08-4.18 TB/s.
 Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
 software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
 slower), longer or shorter chunks (fewer threads, or more re-read).
@@ -1098,9 +1105,10 @@ class _Tuning(dict):
 
 TUNING = _Tuning({
     # BLHD: bytes one thread moves per step (16: one 16-byte access), steps whose loads are in
-    # flight together, chunk length in steps (longer: fewer re-read blocks but fewer threads)
+    # flight together (H200 2026-11-30, shared walk, bf16 4 x 8192: 8 steps 0.0775 ms, 4 steps
+    # 0.0885 ms), chunk length in steps (longer: fewer re-read blocks but fewer threads)
     "blhd_access_bytes": 16,
-    "blhd_unroll": 4,
+    "blhd_unroll": 8,
     "blhd_chunk_steps": 128,
     "blhd_chunk_steps_f32": 256,  # float32 inputs: half the channels per thread, twice the steps
     "blhd_threads_per_block": 256,

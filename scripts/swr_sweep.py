@@ -91,8 +91,9 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     if not forward or not grids:
         grid = []
     elif layout == "BLHD":
-        grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs)
-                for ch, cs in itertools.product((1, 2, 4, 8), (64, 128, 256))]
+        grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs, blhd_unroll=un)
+                for ch, cs, un in ((4, 64, 8), (8, 64, 8), (4, 128, 8), (8, 64, 4))]
+        grid += [dict(blhd_unroll=un) for un in (8,)]
     else:
         # the lane scan, then the row scan (hops 0/1 per head) by rows, stages, threads
         grid = [dict(bhdl_row_scan=False, bhdl_stages=st, threads_per_sm=ts)
