@@ -1199,10 +1199,13 @@ def _vec_for(access_bytes, kind):
     return max(1, access_bytes // _ITEMSIZE[kind])
 
 
-def _unroll(mode, vec):
+def _unroll(mode, vec, block_len=None):
     """BLHD steps per batch. The block-carry mode re-reads S at every block start; its larger loop
-    body makes NVVM stop unrolling (then the batch buffers go to local memory) above 32 values."""
+    body makes NVVM stop unrolling (then the batch buffers go to local memory) above 32 values.
+    With ``block_len`` (the shared walk, whose batches stay inside a block): at most that."""
     unroll = TUNING["blhd_unroll"]
+    if block_len is not None:
+        unroll = max(1, min(unroll, block_len))
     return max(1, min(unroll, 32 // vec)) if mode == BLOCK_CARRY else unroll
 
 
@@ -1262,7 +1265,7 @@ def _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb):
     BLHD launch, else None: hops=1 over whole blocks from offset 0, the vector path, at least two
     chunks, and its shared memory within TUNING's limit."""
     chunks, lanes = TUNING["blhd_share_chunks"], TUNING["blhd_share_lanes"]
-    unroll = _unroll(mode, vec)
+    unroll = _unroll(mode, vec, block_len)
     if chunks < 2 or mode != HOPS1 or vec == 1 or offset != 0:
         return None
     if n % block_len or block_len % unroll:
@@ -1296,7 +1299,8 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
         shared = _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb)
         if shared:
             lanes, chunks, shared_bytes, chunk_blocks = shared
-            kernel = get_shared_kernel(in_kind, out_kind, per_head, vec, _unroll(mode, vec),
+            kernel = get_shared_kernel(in_kind, out_kind, per_head, vec,
+                                       _unroll(mode, vec, block_len),
                                        lanes, chunks, block_len)  # fmt: skip
             block = lanes * chunks
         else:
@@ -1506,7 +1510,8 @@ def specialisations():
         if in_kind == "bf16":
             cases += [("bf16", True, 4), ("bf16", True, 8), ("bf16", False, 4), ("bf16", False, 8)]
         for out_kind, per_head, steps in cases:
-            kernel = get_shared_kernel(in_kind, out_kind, per_head, vec, _unroll(HOPS1, vec),
+            kernel = get_shared_kernel(in_kind, out_kind, per_head, vec,
+                                       _unroll(HOPS1, vec, steps),
                                        lanes, chunks, steps)  # fmt: skip
             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
 
