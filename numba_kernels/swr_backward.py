@@ -74,6 +74,7 @@ from ._launch import (
 )
 from .block_scan import scratch_shape, warp_exchange
 from .swr_backward_channel import channel_config, channel_kernel, rows_config, rows_kernel
+from .swr_backward_rowscan import row_scan_config, row_scan_kernel
 from .swr_backward_staged import rows_coop_config, rows_coop_kernel, staged_config, staged_kernel
 from .swr_forward import _Tuning
 
@@ -102,6 +103,15 @@ TUNING = _Tuning({
     # per thread block
     "rows_coop": True,
     "rows_coop_warps": 2,
+    # BHDL row scan (swr_backward_rowscan): lanes along time, a warp per (head, chunk); on where
+    # it fits (hops 0/1, per head), warps per thread block, resident threads to aim for per SM,
+    # shortest chunk in iterations
+    "row_scan": True,
+    "row_scan_warps": 2,
+    "row_scan_threads_per_sm": 1024,
+    "row_scan_min_iters": 2,
+    "row_scan_depth": 1,  # rows whose loads are in flight (2 or 3: more registers, slower)
+    "row_scan_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
 x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
@@ -982,6 +992,14 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
         return args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
                        block_len, hops)
 
+    if layout == "BHDL" and (variant == "row_scan" or (variant == "auto" and TUNING["row_scan"])):
+        call = _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku,
+                              kd, block_len, hops)  # fmt: skip
+        if call is not None:
+            return call
+        if variant == "row_scan":
+            raise ValueError(f"the row scan does not fit {layout}, D={D}, N={N}, "
+                             f"block_len={block_len}, dtypes {ku}/{kd} with these arrays")
     preferred = variant == "channel" or (
         variant == "auto" and _channel_preferred(layout, ku, kd, hops, per_head, N, D, block_len))
     if preferred:
@@ -1121,6 +1139,35 @@ def _rows_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, 
             _flat(carry, "f32"), dc, i64(N), i64(C), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(C), i64(nchunks), i64(nwork), i64(lph), flag)
     return kernel, -(-nwork // tpb), tpb, args, shared
+
+
+def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
+                   block_len, hops):  # fmt: skip
+    """(kernel, grid, block, args, 0) of the BHDL row scan, or None where it does not fit."""
+    from .swr_forward import _sm_count
+
+    vec = row_scan_config(ku, kd, per_head, block_len, N, D,
+                          [_address(x) for x in (a, u, dy, du, da)])  # fmt: skip
+    if vec is None:
+        return None
+    warps = 1 if SIMULATOR else TUNING["row_scan_warps"]  # the simulator: a block is one warp
+    kernel = row_scan_kernel(ku, kd, int(hops), vec, block_len, D, warps,
+                             TUNING["row_scan_depth"])
+    groups = B * H
+    per_iter = 32 * vec // block_len - 1  # blocks an iteration writes
+    sms = 1 if isinstance(u, np.ndarray) else _sm_count()  # NumPy: the simulator, or recorded
+    target = sms * TUNING["row_scan_threads_per_sm"] // 32
+    want = max(1, -(-target // groups))
+    chunk_blocks = max(TUNING["row_scan_min_iters"] * per_iter, -(-nb // want))
+    chunk_blocks = min(-(-chunk_blocks // per_iter) * per_iter, nb)
+    chunk_blocks = TUNING["row_scan_chunk_blocks"] or chunk_blocks
+    nchunks = -(-nb // chunk_blocks)
+    nwork = groups * nchunks
+    i64 = np.int64
+    args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
+            _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
+            i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(D), flag)
+    return kernel, -(-nwork // warps), 32 * warps, args, 0
 
 
 def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,

@@ -134,11 +134,15 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid += [dict(staged=True, staged_chunk_steps=cs, staged_threads_per_block=tp)
                  for cs, tp in itertools.product((128, 256, 384), (64, 128, 256))]
     else:
-        grid = [dict(rows_coop=False, rows_depth=2, rows_chunk_steps=cs)
+        grid = [dict(row_scan=False, rows_coop=False, rows_depth=2, rows_chunk_steps=cs)
                 for cs in (512,)]
         # the cooperative row kernel (swr_backward_staged.rows_coop_kernel)
-        grid += [dict(rows_coop=True, rows_chunk_steps=cs, rows_coop_warps=wp)
-                 for cs, wp in itertools.product((256, 512, 1024), (1, 2, 4))]
+        grid += [dict(row_scan=False, rows_coop=True, rows_chunk_steps=cs, rows_coop_warps=wp)
+                 for cs, wp in ((512, 2),)]
+        # the row scan (swr_backward_rowscan)
+        grid += [dict(row_scan=True, row_scan_depth=dp, row_scan_threads_per_sm=ts,
+                      row_scan_warps=wp)
+                 for dp, ts, wp in itertools.product((1, 2, 3), (1024, 2048), (1, 2))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 

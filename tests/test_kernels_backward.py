@@ -352,10 +352,12 @@ def test_rows_kernel_shapes(rng, channel_tuning, depth, block_len, D):
                    N=3 * block_len, dy_dtype=np.float32 if D == 2 else None, variant="channel")
 
 
-def test_channel_kernel_is_chosen(rng):
+def test_channel_kernel_is_chosen(rng, monkeypatch):
+    """Under TUNING with the BHDL row scan off (test_row_scan_kernel checks where it runs)."""
     import importlib
 
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    monkeypatch.setitem(mod.TUNING, "row_scan", False)
     X = xp()
     names = {}
     for layout in ("BLHD", "BHDL"):
@@ -403,6 +405,7 @@ def test_channel_kernel_where_the_lane_walk_does_not_fit(rng, monkeypatch):
 
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
     monkeypatch.setattr(mod, "walk_plan", lambda *args: None)
+    monkeypatch.setitem(mod.TUNING, "row_scan", False)
     X = xp()
     for layout in ("BLHD", "BHDL"):
         a, u, dy, x0 = make_case(rng, layout, True, BF16, D=16, N=32)
@@ -533,3 +536,44 @@ def test_linear_scan(rng, reverse, shape):
     kernels().linear_scan(X.asarray(coef), X.asarray(x), out, X.asarray(init), reverse=reverse)
     if n:
         assert_close(to_np(out), want, np.float32, "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# The BHDL row scan (swr_backward_rowscan): lanes along time, a warp per (head, chunk)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def row_scan_tuning():
+    import importlib
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    saved = dict(mod.TUNING)
+    yield mod.TUNING
+    for k, v in saved.items():
+        mod.TUNING[k] = v
+
+
+@pytest.mark.parametrize("dtype,hops,block_len,N,chunk_blocks", [
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0),  # several iterations of one chunk
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15),  # chunks of one iteration, a partial block
+    (np.dtype(ml_dtypes.bfloat16), 0, 16, 520, 4),
+    (np.dtype(np.float32), 1, 8, 264, 7),  # two lanes per block (vec 4)
+    (np.dtype(np.float16), 1, 32, 520, 3),  # four lanes per block
+    (np.dtype(ml_dtypes.bfloat16), 1, 8, 400, 31),  # one lane per block
+    (np.dtype(np.float32), 0, 64, 320, 0),  # sixteen lanes per block
+])
+def test_row_scan_kernel(rng, row_scan_tuning, dtype, hops, block_len, N, chunk_blocks):
+    """The BHDL row scan against the reference: du, the per-head da summed over the warp's rows,
+    dcarry; chunks of whole and part iterations (the walked-only first iteration of each), a
+    partial last block, one to sixteen lanes per block."""
+    import importlib
+
+    row_scan_tuning["row_scan_chunk_blocks"] = chunk_blocks
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    a, u, dy, x0 = make_case(rng, "BHDL", True, dtype, B=1, H=2, D=4, N=N)
+    name = mod._launch_args(a, u, dy, u.copy(), a.copy(), "BHDL", block_len, hops,
+                            np.zeros((1, 2, 4), np.float32), None, "auto", None, 128,
+                            None)[0].py_func.__name__  # fmt: skip
+    assert "row_scan" in name
+    check_backward(rng, "BHDL", True, dtype, hops, block_len=block_len, D=4, N=N)

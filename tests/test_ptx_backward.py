@@ -15,6 +15,7 @@ import functools
 import importlib
 import multiprocessing
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 
 import ml_dtypes
@@ -65,6 +66,12 @@ def _spec_list():
     for kind in ("bf16", "f16"):  # the cooperative BHDL row kernel
         for hops in (0, 1):
             specs.append(("coop", "BHDL", kind, kind, True, hops, 16))
+    for kind in DTYPES:  # the BHDL row scan
+        for hops in (0, 1):
+            specs.append(("row_scan", "BHDL", kind, kind, True, hops, 16))
+    for block_len in (8, 32, 64):
+        specs.append(("row_scan", "BHDL", "bf16", "bf16", True, 1, block_len))
+    specs.append(("row_scan", "BHDL", "bf16", "f16", True, 1, 16))
     specs += [("scan", None, "f32", "f32", False, 0, 0), ("scan", None, "f32", "f32", False, 1, 0)]
     return specs
 
@@ -202,6 +209,12 @@ def test_compiles_to_ptx(spec):
         assert name.startswith("swr_backward_rows_coop"), name
         assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
         assert "ld.shared.v4.u32" in ptx and "bar.warp.sync" in ptx
+    if what == "row_scan":
+        name = recorded_launch(spec)[0].py_func.__name__
+        assert name.startswith("swr_backward_row_scan"), name
+        assert "ld.global.v4.u32" in ptx and re.search(r"st\.global\.v4\.u32", ptx)
+        assert "shfl.sync.idx" in ptx  # the carrier, q and the backward segmented scan
+        assert "ld.local" not in ptx and "st.local" not in ptx
     if what.startswith("staged"):
         name = recorded_launch(spec)[0].py_func.__name__
         assert name.startswith("swr_backward_staged")

@@ -1,0 +1,278 @@
+"""BHDL backward with the lanes along time: the forward row scan's layout, run both ways.
+
+SPEC section 4 (hops 0/1, per-head ``a``, offset 0). A warp owns one head (all its ``D`` rows) and
+a chunk of time. Each lane holds ``vec`` consecutive steps of a row (one 16-byte load), so every
+load and store of a warp is 512 contiguous bytes. Per iteration of ``32 * vec`` steps, what
+depends on ``a`` alone is computed once for the head's rows: the lane's running products forward
+(``g``) and backward (``a_{t+1} ... a_end``), and their segmented products across the block's
+lanes. Per row the lane then
+
+- scans forward (``w``) and combines with the block's earlier lanes (``log2(lanes)`` shuffles);
+  the carrier of the block before (hops=1) comes from the lane that ended it;
+- scans ``dy`` backward (``z``) and combines with the block's later lanes;
+- sums ``g dy`` over its block (``q``, shuffles within the block) and takes ``q`` of the block
+  after from the lanes that hold it;
+- writes ``du = z + (a_{t+1} ... a_end) q_{j+1}`` and adds its row's share of
+  ``da_t = w_{t-1} du_t + g_{t-1} v_{j-1} z_t`` to the head's sum, kept in registers over the
+  rows and stored once per iteration.
+
+An iteration's last block only feeds ``q`` to the one before it: iterations step by ``32 * vec -
+block_len``, so that block is the first of the next iteration (its bytes are read twice, the
+second time from L2). Lane ``31 - lanes`` ends the last block an iteration writes; it keeps that
+block's carrier (per row, in shared memory) and sends it to the next iteration's first block. A
+chunk after the first (hops=1) starts with an iteration that only walks forward, for the carrier
+of the block before it.
+"""
+
+from __future__ import annotations
+
+import numba
+from numba import cuda
+
+from .swr_backward_channel import _ITEM
+from .swr_forward import (
+    WORD_TYPE,
+    make_vector_load,
+    make_vector_store,
+    make_word_load,
+    make_word_unpack,
+    shfl_idx,
+    shfl_up,
+    words_per_access,
+)
+
+_CACHE: dict = {}
+
+F0 = numba.float32(0.0)
+F1 = numba.float32(1.0)
+
+
+def row_scan_config(ku, kd, per_head, block_len, N, D, addresses, vec_bytes=16):
+    """``vec`` of the BHDL backward row scan, or None where it does not fit: per head, u and dy
+    of one item size, ``vec | N``, ``vec <= block_len <= 16 vec`` (at least two blocks per
+    iteration), D up to 64, 16-byte aligned arrays."""
+    if not per_head or _ITEM[ku] != _ITEM[kd]:
+        return None
+    vec = vec_bytes // _ITEM[ku]
+    if N % vec or not vec <= block_len <= 16 * vec or D > 64:
+        return None
+    if any(x % vec_bytes for x in addresses):
+        return None
+    return vec
+
+
+def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
+    span = 32 * vec
+    lanes = block_len // vec
+    levels = lanes.bit_length() - 1
+    lv = max(levels, 1)
+    step = span - block_len  # iterations overlap by one block
+    last = 31 - lanes  # the lane that ends the last block an iteration writes
+    HOPS1 = hops == 1
+    depth = min(depth, rows)
+    nbuf = depth * words_per_access(ku, vec)
+    n_slots = warps_per_block * rows
+    f32, i32 = numba.float32, numba.int32
+    nw = words_per_access(ku, vec)
+    load_a = make_vector_load(ku, vec)
+    load_uw = make_word_load(ku, vec)
+    load_dw = make_word_load(kd, vec)
+    unpack_u = make_word_unpack(ku, vec)
+    unpack_d = make_word_unpack(kd, vec)
+    store_du = make_vector_store(ku, vec)
+    store_da = make_vector_store(ku, vec)
+    WT = WORD_TYPE
+
+    def swr_backward_row_scan(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len_,
+                              chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
+        warp = cuda.grid(1) // 32
+        if warp >= nwork:
+            return  # whole warps
+        lane = i32(cuda.threadIdx.x % 32)
+        seg = lane & i32(lanes - 1)
+        src = lane - seg - i32(1)  # the lane that ends the block before
+        if src < 0:
+            src = i32(last)  # ... in the last iteration
+        head = warp % groups
+        chunk = warp // groups
+        t_lo = chunk * chunk_blocks * block_len
+        t_hi = min(t_lo + chunk_blocks * block_len, N)
+        t_end = min(t_hi + block_len, N)  # loads: the block after the chunk gives its q
+        pre = HOPS1 and chunk > 0
+        t_first = t_lo - step if pre else t_lo
+        t_min = t_lo - block_len if pre else t_lo
+        n_iters = (t_hi - t_lo + step - 1) // step + (1 if pre else 0)
+        a_row = head * N
+        row0 = head * rows
+        sm_v = cuda.shared.array(n_slots, numba.float32)
+        slot = (cuda.threadIdx.x // 32) * rows
+        if HOPS1 and lane == last:
+            for q in range(rows):
+                sm_v[slot + q] = carry[row0 + q] if chunk == 0 else F0
+
+        af = cuda.local.array(vec, f32)
+        gl = cuda.local.array(vec, f32)  # a_0 ... a_e (the lane's steps)
+        pl = cuda.local.array(vec, f32)  # a_{e+1} ... a_{vec-1}
+        gk = cuda.local.array(lv, f32)
+        pk = cuda.local.array(lv, f32)
+        uf = cuda.local.array(vec, f32)
+        df = cuda.local.array(vec, f32)
+        wl = cuda.local.array(vec, f32)
+        zl = cuda.local.array(vec, f32)
+        ov = cuda.local.array(vec, f32)
+        dacc = cuda.local.array(vec, f32)
+        nu = cuda.local.array(nbuf, WT)  # the next `depth` rows' words, in flight
+        nd = cuda.local.array(nbuf, WT)
+        cu = cuda.local.array(nw, WT)
+        cd = cuda.local.array(nw, WT)
+        # the first `depth` rows' loads; later ones are issued `depth` rows ahead, across
+        # iterations
+        tc = min(max(t_first + lane * vec, t_min), t_end - vec)
+        for d in range(depth):
+            load_uw(u, (row0 + d) * N + tc, nu, d * nw)
+            load_dw(dy, (row0 + d) * N + tc, nd, d * nw)
+        for it in range(n_iters):
+            walk_only = pre and it == 0
+            t0 = t_first + it * step + lane * vec
+            valid = t0 < t_end
+            tc = min(max(t0, t_min), t_end - vec)
+            tc_next = min(max(t0 + step, t_min), t_end - vec)
+            writes = lane <= last and t0 >= t_lo and t0 < t_hi
+            load_a(a, a_row + tc, af, 0)
+            if not valid:  # past the end: no dy, and nothing carried across
+                for e in range(vec):
+                    af[e] = F0
+            # what depends on a only: products forward and backward, in the lane and the block
+            g_acc = F1
+            for e in range(vec):
+                g_acc = g_acc * af[e]
+                gl[e] = g_acc
+            p_acc = F1
+            for ee in range(vec):
+                e = vec - 1 - ee
+                pl[e] = p_acc
+                p_acc = p_acc * af[e]
+            big_g = g_acc
+            big_p = p_acc
+            for i in range(levels):
+                gk[i] = big_g
+                pk[i] = big_p
+                g_up = shfl_up(big_g, 1 << i)
+                p_down = shfl_idx(big_p, min(lane + (1 << i), 31))
+                if seg >= (1 << i):
+                    big_g = big_g * g_up
+                if seg + (1 << i) < lanes:
+                    big_p = big_p * p_down
+            g_in = F1
+            p_after = F1  # product of a over the block's later lanes
+            if lanes > 1:
+                g_up = shfl_up(big_g, 1)
+                p_down = shfl_idx(big_p, min(lane + 1, 31))
+                if seg > 0:
+                    g_in = g_up
+                if seg < lanes - 1:
+                    p_after = p_down
+            for e in range(vec):
+                dacc[e] = F0
+            for q in range(rows):
+                row = row0 + q
+                for k in range(nw):
+                    cu[k] = nu[k]
+                    cd[k] = nd[k]
+                for k in range(nbuf - nw):
+                    nu[k] = nu[k + nw]
+                    nd[k] = nd[k + nw]
+                f = q + depth
+                if f < rows:
+                    load_uw(u, (row0 + f) * N + tc, nu, nbuf - nw)
+                    load_dw(dy, (row0 + f) * N + tc, nd, nbuf - nw)
+                elif it + 1 < n_iters:
+                    load_uw(u, (row0 + f - rows) * N + tc_next, nu, nbuf - nw)
+                    load_dw(dy, (row0 + f - rows) * N + tc_next, nd, nbuf - nw)
+                unpack_u(cu, 0, uf, 0)
+                unpack_d(cd, 0, df, 0)
+                # forward: w in the lane, then across the block's lanes
+                w_acc = F0
+                for e in range(vec):
+                    w_acc = af[e] * w_acc + uf[e]
+                    wl[e] = w_acc
+                big_w = w_acc
+                for i in range(levels):
+                    w_up = shfl_up(big_w, 1 << i)
+                    if seg >= (1 << i):
+                        big_w = big_w + gk[i] * w_up
+                w_in = F0
+                if lanes > 1:
+                    w_up = shfl_up(big_w, 1)
+                    if seg > 0:
+                        w_in = w_up
+                carrier = F0
+                if HOPS1:
+                    carrier = shfl_idx(sm_v[slot + q] if lane == last else big_w, src)
+                    if lane == last:
+                        sm_v[slot + q] = big_w
+                if walk_only:
+                    continue
+                # backward: z in the lane, then across the block's later lanes
+                if not valid:
+                    for e in range(vec):
+                        df[e] = F0
+                z_acc = F0
+                for ee in range(vec):
+                    e = vec - 1 - ee
+                    z_acc = df[e] + (af[e + 1] * z_acc if e + 1 < vec else F0)
+                    zl[e] = z_acc
+                big_z = af[0] * z_acc  # what this lane adds to the lane before it
+                for i in range(levels):
+                    z_down = shfl_idx(big_z, min(lane + (1 << i), 31))
+                    if seg + (1 << i) < lanes:
+                        big_z = big_z + pk[i] * z_down
+                psi = F0  # a z of the next lane's first step, from the block's later lanes
+                if lanes > 1:
+                    z_down = shfl_idx(big_z, min(lane + 1, 31))
+                    if seg < lanes - 1:
+                        psi = z_down
+                psi_du = psi
+                if HOPS1:
+                    # q of this lane's block, then of the block after
+                    q_part = F0
+                    for e in range(vec):
+                        q_part = q_part + (g_in * gl[e]) * df[e]
+                    for i in range(levels):
+                        q_part = q_part + shfl_idx(q_part, lane ^ (1 << i))
+                    if has_dcarry != 0 and chunk == 0 and it == 0 and lane == 0:
+                        dcarry[row] = q_part
+                    q_next = shfl_idx(q_part, min(lane + lanes, 31))
+                    psi_du = psi + p_after * q_next
+                for e in range(vec):
+                    du_e = zl[e] + pl[e] * psi_du
+                    ov[e] = du_e
+                    if e == 0:
+                        w_prev = w_in
+                        g_prev = g_in
+                    else:
+                        w_prev = wl[e - 1] + gl[e - 1] * w_in
+                        g_prev = g_in * gl[e - 1]
+                    dacc[e] = dacc[e] + w_prev * du_e
+                    if HOPS1:
+                        z_e = zl[e] + pl[e] * psi
+                        dacc[e] = dacc[e] + g_prev * (carrier * z_e)
+                if writes:
+                    store_du(du, row * N + t0, ov, 0)
+                if not HOPS1 and has_dcarry != 0 and chunk == 0 and it == 0 and lane == 0:
+                    dcarry[row] = F0
+            if writes and not walk_only:
+                store_da(da, a_row + t0, dacc, 0)
+
+    swr_backward_row_scan.__name__ = swr_backward_row_scan.__qualname__ = (
+        f"swr_backward_row_scan_{ku}_dy_{kd}_per_head_hops{hops}_vec{vec}_l{block_len}"
+        f"_rows{rows}_warps{warps_per_block}_depth{depth}")
+    return cuda.jit(swr_backward_row_scan)
+
+
+def row_scan_kernel(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
+    """The compiled-on-demand dispatcher of one specialisation."""
+    key = (ku, kd, hops, vec, block_len, rows, warps_per_block, min(depth, rows))
+    if key not in _CACHE:
+        _CACHE[key] = _make(*key)
+    return _CACHE[key]
