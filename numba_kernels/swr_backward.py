@@ -27,6 +27,10 @@ Kernels
   numbers (H200: 0.147-0.153 ms against 0.173 ms). Its BHDL counterpart ``rows_coop`` has a
   warp copy 64-step spans of its 32 rows together (coalesced) and each lane walk its own row
   from shared memory, as the row kernel does (0.190 against 0.219 ms).
+* ``row_scan`` (``swr_backward_rowscan.py``): BHDL per head, hops 0/1, taken first where it
+  fits. Lanes along time as in the forward's row scan, a warp per (head, chunk), da summed over
+  the head's rows in registers (H200, bf16: 0.165-0.179 ms against the cooperative row kernel's
+  0.180-0.194 ms; float32, hops=0 and other block lengths faster too).
 * ``walk``: the fused hops 0/1 backward (the rest, where it fits).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
@@ -919,11 +923,13 @@ def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=Non
     ``(B, H, D, N)``, BLHD ``(B, N, H, D)``; dy like u (any of the three dtypes); da like a.
     ``carry``: ``(B, H, D)`` float32, the initial carry (x0, or zeros). ``dcarry``: ``(B, H, D)``
     float32 receiving d carry (zeros for hops=0), or None.
-    ``variant``: "auto" (the channel kernels of swr_backward_channel first where
+    ``variant``: "auto" (in BHDL the row scan of swr_backward_rowscan first where it fits and
+    ``TUNING["row_scan"]``; then the channel kernels of swr_backward_channel first where
     :func:`_channel_preferred` says they are faster and they fit, then the fused walk kernel
     where :func:`walk_plan` allows, then the channel kernels where they fit, else "general"),
-    "channel" (BLHD channel or BHDL row kernel), "walk" or "general". ``blocks_per_chunk``:
-    blocks each lane group of the walk kernel walks (default: 32 for BHDL, 8 for BLHD).
+    "channel" (BLHD channel or BHDL row kernel), "row_scan" (BHDL), "walk" or "general".
+    ``blocks_per_chunk``: blocks each lane group of the walk kernel walks (default: 32 for BHDL,
+    8 for BLHD).
     ``threads``: threads per CTA of the walk kernel (a multiple of 32). ``lanes``: lanes per
     block of the walk kernel instead of :func:`walk_plan`'s choice (a tuning knob).
     """
