@@ -1485,16 +1485,17 @@ def specialisations():
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
                                                 depth, *pipeline)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
-    # the BHDL row scan: block_len 16 for every dtype pair and both modes; the other block
-    # lengths only change the segmented scan's depth, so one dtype pair stands for them
+    # the BHDL row scan: block_len 16 for every input dtype in both modes and every output
+    # dtype in hops=1 (the modes differ only in the carrier); the other block lengths only change
+    # the segmented scan's depth, so one dtype pair stands for them
     rows = TUNING["bhdl_scan_rows"]
     for in_kind in ("f32", "f16", "bf16"):
         vec = _vec_for(TUNING["bhdl_access_bytes"], in_kind)
         stages = _bhdl_pipeline(vec, TUNING["bhdl_threads_per_block"])
         if not stages:
             continue
-        cases = [(out_kind, mode, 16) for out_kind in ("f32", "f16", "bf16")
-                 for mode in (HOPS0, HOPS1)]
+        cases = [(out_kind, HOPS1, 16) for out_kind in ("f32", "f16", "bf16")]
+        cases += [(in_kind, HOPS0, 16)]
         if in_kind == "bf16":
             cases += [("bf16", HOPS1, 8), ("bf16", HOPS1, 32), ("bf16", HOPS1, 64)]
         for out_kind, mode, block_len in cases:
