@@ -32,12 +32,12 @@ from numba import cuda
 from .swr_backward_channel import _ITEM
 from .swr_forward import (
     WORD_TYPE,
+    make_block_scan,
     make_vector_load,
     make_vector_store,
     make_word_load,
     make_word_unpack,
     shfl_idx,
-    shfl_up,
     words_per_access,
 )
 
@@ -66,6 +66,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
     lanes = block_len // vec
     levels = lanes.bit_length() - 1
     lv = max(levels, 1)
+    scan_g, scan_w = make_block_scan(lanes)
     step = span - block_len  # iterations overlap by one block
     last = 31 - lanes  # the lane that ends the last block an iteration writes
     HOPS1 = hops == 1
@@ -152,24 +153,17 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
                 e = vec - 1 - ee
                 pl[e] = p_acc
                 p_acc = p_acc * af[e]
-            big_g = g_acc
+            _, g_in = scan_g(g_acc, gk, seg)
+            # ... and backward: the lane's product with the block's later lanes'
             big_p = p_acc
             for i in range(levels):
-                gk[i] = big_g
                 pk[i] = big_p
-                g_up = shfl_up(big_g, 1 << i)
                 p_down = shfl_idx(big_p, min(lane + (1 << i), 31))
-                if seg >= (1 << i):
-                    big_g = big_g * g_up
                 if seg + (1 << i) < lanes:
                     big_p = big_p * p_down
-            g_in = F1
             p_after = F1  # product of a over the block's later lanes
             if lanes > 1:
-                g_up = shfl_up(big_g, 1)
                 p_down = shfl_idx(big_p, min(lane + 1, 31))
-                if seg > 0:
-                    g_in = g_up
                 if seg < lanes - 1:
                     p_after = p_down
             for e in range(vec):
@@ -196,16 +190,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
                 for e in range(vec):
                     w_acc = af[e] * w_acc + uf[e]
                     wl[e] = w_acc
-                big_w = w_acc
-                for i in range(levels):
-                    w_up = shfl_up(big_w, 1 << i)
-                    if seg >= (1 << i):
-                        big_w = big_w + gk[i] * w_up
-                w_in = F0
-                if lanes > 1:
-                    w_up = shfl_up(big_w, 1)
-                    if seg > 0:
-                        w_in = w_up
+                big_w, w_in = scan_w(w_acc, gk, seg)
                 carrier = F0
                 if HOPS1:
                     carrier = shfl_idx(sm_v[slot + q] if lane == last else big_w, src)

@@ -451,6 +451,54 @@ else:
         return cuda.shfl_sync(_FULL_MASK, value, source_lane)
 
 
+def make_block_scan(lanes):
+    """Segmented scans across the ``lanes`` lanes of a block (``lanes`` a power of two up to 32;
+    blocks start at lanes ``seg == 0``), for kernels whose blocks are whole lanes:
+
+    - ``scan_g(g, gk, seg) -> (inclusive, exclusive)``: products of the lanes' ``g``; ``gk[i]``
+      receives this lane's product before level ``i`` (what :func:`scan_w` needs);
+    - ``scan_w(w, gk, seg) -> (inclusive, exclusive)``: the running ``w`` (``w <- w + g w_before``).
+
+    The exclusive value entering a block's first lane is the identity (1 or 0). With two lanes a
+    block the first level's shuffle already holds it (the first lane's inclusive value is its
+    own), so it costs no extra shuffle.
+    """
+    levels = lanes.bit_length() - 1
+
+    @cuda.jit(device=True, inline=True)
+    def scan_g(g, gk, seg):
+        g_in = numba.float32(1.0)
+        for i in range(levels):
+            gk[i] = g
+            up = shfl_up(g, 1 << i)
+            if seg >= (1 << i):
+                g = g * up
+            if lanes == 2 and seg > 0:
+                g_in = up
+        if lanes > 2:
+            up = shfl_up(g, 1)
+            if seg > 0:
+                g_in = up
+        return g, g_in
+
+    @cuda.jit(device=True, inline=True)
+    def scan_w(w, gk, seg):
+        w_in = numba.float32(0.0)
+        for i in range(levels):
+            up = shfl_up(w, 1 << i)
+            if seg >= (1 << i):
+                w = w + gk[i] * up
+            if lanes == 2 and seg > 0:
+                w_in = up
+        if lanes > 2:
+            up = shfl_up(w, 1)
+            if seg > 0:
+                w_in = up
+        return w, w_in
+
+    return scan_g, scan_w
+
+
 # --------------------------------------------------------------------------------------------
 # Kernel arguments (the same list for both layouts and every mode; unused arrays are 1-element
 # dummies):
@@ -973,8 +1021,8 @@ def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
     span = 32 * vec
     lanes = block_len // vec
     assert vec > 1 and stages > 1 and block_len % vec == 0 and 1 <= lanes <= 32, (vec, block_len)
-    levels = lanes.bit_length() - 1  # shuffle steps of the segmented scan
-    gk_size = max(levels, 1)
+    gk_size = max(lanes.bit_length() - 1, 1)  # shuffle levels of the segmented scans
+    scan_g, scan_w = make_block_scan(lanes)
     f32, i32 = numba.float32, numba.int32
     copy = make_async_copy(in_kind, vec)
     wait = make_async_wait(stages - 1)
@@ -1043,17 +1091,7 @@ def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
             for e in range(vec):
                 g_acc = g_acc * af[e]
                 gl[e] = g_acc
-            big_g = g_acc
-            for i in range(levels):
-                gk[i] = big_g
-                g_up = shfl_up(big_g, 1 << i)
-                if seg >= (1 << i):
-                    big_g = big_g * g_up
-            g_in = f32(1.0)
-            if lanes > 1:
-                g_up = shfl_up(big_g, 1)
-                if seg > 0:
-                    g_in = g_up
+            big_g, g_in = scan_g(g_acc, gk, seg)
             store = t0 >= t_lo and t0 < t_hi
             for q in range(rows):
                 load_shared(sm, at + (q + 1) * span, uf, 0)
@@ -1061,18 +1099,7 @@ def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
                 for e in range(vec):
                     w_acc = af[e] * w_acc + uf[e]
                     wl[e] = w_acc
-                big_w = w_acc
-                w_in = f32(0.0)
-                for i in range(levels):
-                    w_up = shfl_up(big_w, 1 << i)
-                    if seg >= (1 << i):
-                        big_w = big_w + gk[i] * w_up
-                    if lanes == 2 and seg > 0:
-                        w_in = w_up  # from the block's first lane, whose inclusive w is its own
-                if lanes > 2:
-                    w_up = shfl_up(big_w, 1)
-                    if seg > 0:
-                        w_in = w_up
+                big_w, w_in = scan_w(w_acc, gk, seg)
                 z = w_in
                 if hops1:
                     carrier = shfl_idx(w_prev[q] if lane == 31 else big_w, src)
