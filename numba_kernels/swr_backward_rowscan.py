@@ -31,8 +31,13 @@ from numba import cuda
 
 from .swr_backward_channel import _ITEM
 from .swr_forward import (
+    _STORAGE_TYPE,
     WORD_TYPE,
+    async_commit,
+    make_async_copy,
+    make_async_wait,
     make_block_scan,
+    make_shared_load,
     make_vector_load,
     make_vector_store,
     make_word_load,
@@ -61,7 +66,7 @@ def row_scan_config(ku, kd, per_head, block_len, N, D, addresses, vec_bytes=16):
     return vec
 
 
-def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
+def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
     span = 32 * vec
     lanes = block_len // vec
     levels = lanes.bit_length() - 1
@@ -83,6 +88,32 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
     store_du = make_vector_store(ku, vec)
     store_da = make_vector_store(ku, vec)
     WT = WORD_TYPE
+    # stages > 0: the rows' u and dy (and each iteration's a) come through a ring of `stages`
+    # rows per warp in shared memory, copied by cp.async `stages` rows ahead (no registers held)
+    STAGED = stages > 0
+    S = max(stages, 1)
+    n_ring = warps_per_block * S * 32 * vec
+    n_aring = warps_per_block * 2 * 32 * vec
+    SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
+    copy_u = make_async_copy(ku, vec)
+    copy_d = make_async_copy(kd, vec)
+    wait_row = make_async_wait(S - 1)
+    load_su = make_shared_load(ku, vec)
+    load_sd = make_shared_load(kd, vec)
+
+    @cuda.jit(device=True, inline=True)
+    def issue(u, dy, a, sm_u, sm_d, sm_a, k, wslot, lane, t_first, t_min, t_end, row0, a_row,
+              N):
+        """Start the copies of step ``k`` (iteration ``k // rows``, row ``k % rows``; a with
+        the iteration's first row) into ring slot ``k % S``."""
+        it2 = k // rows
+        q2 = k - it2 * rows
+        tc2 = min(max(t_first + it2 * step + lane * vec, t_min), t_end - vec)
+        base = ((wslot * S + k % S) * 32 + lane) * vec
+        copy_u(u, (row0 + q2) * N + tc2, sm_u, base)
+        copy_d(dy, (row0 + q2) * N + tc2, sm_d, base)
+        if q2 == 0:
+            copy_u(a, a_row + tc2, sm_a, ((wslot * 2 + it2 % 2) * 32 + lane) * vec)
 
     def swr_backward_row_scan(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len_,
                               chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
@@ -106,7 +137,12 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
         a_row = head * N
         row0 = head * rows
         sm_v = cuda.shared.array(n_slots, numba.float32)
-        slot = (cuda.threadIdx.x // 32) * rows
+        sm_u = cuda.shared.array(n_ring if STAGED else 1, SU)
+        sm_d = cuda.shared.array(n_ring if STAGED else 1, SD)
+        sm_a = cuda.shared.array(n_aring if STAGED else 1, SU)
+        wslot = cuda.threadIdx.x // 32
+        slot = wslot * rows
+        total = n_iters * rows  # steps (iteration, row) of the ring
         if HOPS1 and lane == last:
             for q in range(rows):
                 sm_v[slot + q] = carry[row0 + q] if chunk == 0 else F0
@@ -129,9 +165,16 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
         # the first `depth` rows' loads; later ones are issued `depth` rows ahead, across
         # iterations
         tc = min(max(t_first + lane * vec, t_min), t_end - vec)
-        for d in range(depth):
-            load_uw(u, (row0 + d) * N + tc, nu, d * nw)
-            load_dw(dy, (row0 + d) * N + tc, nd, d * nw)
+        if STAGED:
+            for k in range(S):
+                if k < total:
+                    issue(u, dy, a, sm_u, sm_d, sm_a, k, wslot, lane, t_first, t_min, t_end,
+                          row0, a_row, N)
+                async_commit()
+        else:
+            for d in range(depth):
+                load_uw(u, (row0 + d) * N + tc, nu, d * nw)
+                load_dw(dy, (row0 + d) * N + tc, nd, d * nw)
         for it in range(n_iters):
             walk_only = pre and it == 0
             t0 = t_first + it * step + lane * vec
@@ -139,7 +182,11 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
             tc = min(max(t0, t_min), t_end - vec)
             tc_next = min(max(t0 + step, t_min), t_end - vec)
             writes = lane <= last and t0 >= t_lo and t0 < t_hi
-            load_a(a, a_row + tc, af, 0)
+            if STAGED:
+                wait_row()
+                load_su(sm_a, ((wslot * 2 + it % 2) * 32 + lane) * vec, af, 0)
+            else:
+                load_a(a, a_row + tc, af, 0)
             if not valid:  # past the end: no dy, and nothing carried across
                 for e in range(vec):
                     af[e] = F0
@@ -170,21 +217,28 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
                 dacc[e] = F0
             for q in range(rows):
                 row = row0 + q
-                for k in range(nw):
-                    cu[k] = nu[k]
-                    cd[k] = nd[k]
-                for k in range(nbuf - nw):
-                    nu[k] = nu[k + nw]
-                    nd[k] = nd[k + nw]
-                f = q + depth
-                if f < rows:
-                    load_uw(u, (row0 + f) * N + tc, nu, nbuf - nw)
-                    load_dw(dy, (row0 + f) * N + tc, nd, nbuf - nw)
-                elif it + 1 < n_iters:
-                    load_uw(u, (row0 + f - rows) * N + tc_next, nu, nbuf - nw)
-                    load_dw(dy, (row0 + f - rows) * N + tc_next, nd, nbuf - nw)
-                unpack_u(cu, 0, uf, 0)
-                unpack_d(cd, 0, df, 0)
+                k_now = it * rows + q
+                if STAGED:
+                    wait_row()
+                    at = ((wslot * S + k_now % S) * 32 + lane) * vec
+                    load_su(sm_u, at, uf, 0)
+                    load_sd(sm_d, at, df, 0)
+                else:
+                    for k in range(nw):
+                        cu[k] = nu[k]
+                        cd[k] = nd[k]
+                    for k in range(nbuf - nw):
+                        nu[k] = nu[k + nw]
+                        nd[k] = nd[k + nw]
+                    f = q + depth
+                    if f < rows:
+                        load_uw(u, (row0 + f) * N + tc, nu, nbuf - nw)
+                        load_dw(dy, (row0 + f) * N + tc, nd, nbuf - nw)
+                    elif it + 1 < n_iters:
+                        load_uw(u, (row0 + f - rows) * N + tc_next, nu, nbuf - nw)
+                        load_dw(dy, (row0 + f - rows) * N + tc_next, nd, nbuf - nw)
+                    unpack_u(cu, 0, uf, 0)
+                    unpack_d(cd, 0, df, 0)
                 # forward: w in the lane, then across the block's lanes
                 w_acc = F0
                 for e in range(vec):
@@ -197,6 +251,11 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
                     if lane == last:
                         sm_v[slot + q] = big_w
                 if walk_only:
+                    if STAGED:  # the slot is read: refill it, S steps ahead
+                        if k_now + S < total:
+                            issue(u, dy, a, sm_u, sm_d, sm_a, k_now + S, wslot, lane, t_first,
+                                  t_min, t_end, row0, a_row, N)
+                        async_commit()
                     continue
                 # backward: z in the lane, then across the block's later lanes
                 if not valid:
@@ -244,6 +303,11 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
                         dacc[e] = dacc[e] + g_prev * (carrier * z_e)
                 if writes:
                     store_du(du, row * N + t0, ov, 0)
+                if STAGED:  # uf and df are used: refill their slot, S steps ahead
+                    if k_now + S < total:
+                        issue(u, dy, a, sm_u, sm_d, sm_a, k_now + S, wslot, lane, t_first,
+                              t_min, t_end, row0, a_row, N)
+                    async_commit()
                 if not HOPS1 and has_dcarry != 0 and chunk == 0 and it == 0 and lane == 0:
                     dcarry[row] = F0
             if writes and not walk_only:
@@ -251,13 +315,17 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
 
     swr_backward_row_scan.__name__ = swr_backward_row_scan.__qualname__ = (
         f"swr_backward_row_scan_{ku}_dy_{kd}_per_head_hops{hops}_vec{vec}_l{block_len}"
-        f"_rows{rows}_warps{warps_per_block}_depth{depth}")
+        f"_rows{rows}_warps{warps_per_block}_"
+        + (f"stages{stages}" if STAGED else f"depth{depth}"))
     return cuda.jit(swr_backward_row_scan)
 
 
-def row_scan_kernel(ku, kd, hops, vec, block_len, rows, warps_per_block, depth):
-    """The compiled-on-demand dispatcher of one specialisation."""
-    key = (ku, kd, hops, vec, block_len, rows, warps_per_block, min(depth, rows))
+def row_scan_kernel(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages=0):
+    """The compiled-on-demand dispatcher of one specialisation (``stages`` > 0: the loads go
+    through a shared-memory ring of that many rows, and ``depth`` is unused)."""
+    stages = min(stages, rows)
+    key = (ku, kd, hops, vec, block_len, rows, warps_per_block,
+           1 if stages else min(depth, rows), stages)
     if key not in _CACHE:
         _CACHE[key] = _make(*key)
     return _CACHE[key]

@@ -141,8 +141,13 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                  for cs, wp in ((512, 2),)]
         # the row scan (swr_backward_rowscan)
         grid += [dict(row_scan=True, row_scan_depth=dp, row_scan_threads_per_sm=ts,
+                      row_scan_warps=wp, row_scan_stages=0)
+                 for dp, ts, wp in ((1, 1024, 2), (2, 1024, 2))]
+        # ... with its loads through the cp.async ring
+        grid += [dict(row_scan=True, row_scan_stages=st, row_scan_threads_per_sm=ts,
                       row_scan_warps=wp)
-                 for dp, ts, wp in itertools.product((1, 2, 3), (1024, 2048), (1, 2))]
+                 for st, ts, wp in ((2, 1024, 2), (3, 1024, 2), (4, 1024, 2), (6, 1024, 2),
+                                    (8, 1024, 2), (4, 2048, 2), (4, 1024, 4), (8, 2048, 4))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 

@@ -554,26 +554,32 @@ def row_scan_tuning():
         mod.TUNING[k] = v
 
 
-@pytest.mark.parametrize("dtype,hops,block_len,N,chunk_blocks", [
-    (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0),  # several iterations of one chunk
-    (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15),  # chunks of one iteration, a partial block
-    (np.dtype(ml_dtypes.bfloat16), 0, 16, 520, 4),
-    (np.dtype(np.float32), 1, 8, 264, 7),  # two lanes per block (vec 4)
-    (np.dtype(np.float16), 1, 32, 520, 3),  # four lanes per block
-    (np.dtype(ml_dtypes.bfloat16), 1, 8, 400, 31),  # one lane per block
-    (np.dtype(np.float32), 0, 64, 320, 0),  # sixteen lanes per block
+@pytest.mark.parametrize("dtype,hops,block_len,N,chunk_blocks,stages", [
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0, 0),  # several iterations of one chunk
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15, 0),  # chunks of one iteration, partial block
+    (np.dtype(ml_dtypes.bfloat16), 0, 16, 520, 4, 0),
+    (np.dtype(np.float32), 1, 8, 264, 7, 0),  # two lanes per block (vec 4)
+    (np.dtype(np.float16), 1, 32, 520, 3, 0),  # four lanes per block
+    (np.dtype(ml_dtypes.bfloat16), 1, 8, 400, 31, 0),  # one lane per block
+    (np.dtype(np.float32), 0, 64, 320, 0, 0),  # sixteen lanes per block
+    # the cp.async ring: fewer slots than rows (it wraps within and across iterations), as many
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0, 3),
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15, 4),  # the walked-only iterations refill
+    (np.dtype(np.float32), 0, 8, 264, 7, 2),
 ])
-def test_row_scan_kernel(rng, row_scan_tuning, dtype, hops, block_len, N, chunk_blocks):
+def test_row_scan_kernel(rng, row_scan_tuning, dtype, hops, block_len, N, chunk_blocks, stages):
     """The BHDL row scan against the reference: du, the per-head da summed over the warp's rows,
     dcarry; chunks of whole and part iterations (the walked-only first iteration of each), a
-    partial last block, one to sixteen lanes per block."""
+    partial last block, one to sixteen lanes per block; loads through registers or through the
+    shared-memory ring."""
     import importlib
 
     row_scan_tuning["row_scan_chunk_blocks"] = chunk_blocks
+    row_scan_tuning["row_scan_stages"] = stages
     mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
     a, u, dy, x0 = make_case(rng, "BHDL", True, dtype, B=1, H=2, D=4, N=N)
     name = mod._launch_args(a, u, dy, u.copy(), a.copy(), "BHDL", block_len, hops,
                             np.zeros((1, 2, 4), np.float32), None, "auto", None, 128,
                             None)[0].py_func.__name__  # fmt: skip
-    assert "row_scan" in name
+    assert "row_scan" in name and ("stages" in name) == (stages > 0), name
     check_backward(rng, "BHDL", True, dtype, hops, block_len=block_len, D=4, N=N)

@@ -72,6 +72,8 @@ def _spec_list():
     for block_len in (8, 32, 64):
         specs.append(("row_scan", "BHDL", "bf16", "bf16", True, 1, block_len))
     specs.append(("row_scan", "BHDL", "bf16", "f16", True, 1, 16))
+    specs.append(("row_scan_ring", "BHDL", "bf16", "bf16", True, 1, 16))  # the cp.async ring
+    specs.append(("row_scan_ring", "BHDL", "f32", "f32", True, 0, 16))
     specs += [("scan", None, "f32", "f32", False, 0, 0), ("scan", None, "f32", "f32", False, 1, 0)]
     return specs
 
@@ -116,8 +118,12 @@ def recorded_launch(spec, **options):
     what, layout, ku, kd, per_head, hops, block_len = spec
     saved = mod.launch, scan.launch
     mod.launch = scan.launch = record
-    staged = mod.TUNING["staged"], mod.TUNING["staged_max_block_len"], mod.TUNING["rows_coop"]
-    if what.startswith("staged"):
+    staged = (mod.TUNING["staged"], mod.TUNING["staged_max_block_len"], mod.TUNING["rows_coop"],
+              mod.TUNING["row_scan_stages"])
+    if what == "row_scan_ring":
+        mod.TUNING["row_scan_stages"] = 4
+        what = "row_scan"
+    elif what.startswith("staged"):
         mod.TUNING["staged"] = True
         mod.TUNING["staged_max_block_len"] = 32
         what = "channel"
@@ -149,7 +155,8 @@ def recorded_launch(spec, **options):
                                  variant=what.replace("_partial", ""), **options)
     finally:
         mod.launch, scan.launch = saved
-        mod.TUNING["staged"], mod.TUNING["staged_max_block_len"], mod.TUNING["rows_coop"] = staged
+        (mod.TUNING["staged"], mod.TUNING["staged_max_block_len"], mod.TUNING["rows_coop"],
+         mod.TUNING["row_scan_stages"]) = staged
     assert len(seen) == 1, seen
     return seen[0]
 
@@ -209,12 +216,19 @@ def test_compiles_to_ptx(spec):
         assert name.startswith("swr_backward_rows_coop"), name
         assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
         assert "ld.shared.v4.u32" in ptx and "bar.warp.sync" in ptx
-    if what == "row_scan":
+    if what.startswith("row_scan"):
         name = recorded_launch(spec)[0].py_func.__name__
         assert name.startswith("swr_backward_row_scan"), name
-        assert "ld.global.v4.u32" in ptx and re.search(r"st\.global\.v4\.u32", ptx)
+        assert re.search(r"st\.global\.v4\.u32", ptx)
         assert "shfl.sync.idx" in ptx  # the carrier, q and the backward segmented scan
         assert "ld.local" not in ptx and "st.local" not in ptx
+        ring = what == "row_scan_ring"
+        assert ("_stages4" in name) == ring, name
+        assert ("cp.async.cg.shared.global" in ptx) == ring  # u, dy and a through the ring
+        if ring:
+            assert "cp.async.wait_group 3;" in ptx and "ld.shared.v4.u32" in ptx
+        else:
+            assert "ld.global.v4.u32" in ptx
     if what.startswith("staged"):
         name = recorded_launch(spec)[0].py_func.__name__
         assert name.startswith("swr_backward_staged")
