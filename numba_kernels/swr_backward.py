@@ -116,6 +116,7 @@ TUNING = _Tuning({
     "row_scan_min_iters": 2,
     "row_scan_depth": 1,  # rows whose loads are in flight (2 or 3: more registers, slower)
     "row_scan_stages": 0,  # > 0: loads through a cp.async ring of that many rows (no registers)
+    "row_scan_min_blocks": 0,  # > 0: launch bounds of that many resident blocks per SM
     "row_scan_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
@@ -1159,7 +1160,8 @@ def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, 
         return None
     warps = 1 if SIMULATOR else TUNING["row_scan_warps"]  # the simulator: a block is one warp
     kernel = row_scan_kernel(ku, kd, int(hops), vec, block_len, D, warps,
-                             TUNING["row_scan_depth"], TUNING["row_scan_stages"])
+                             TUNING["row_scan_depth"], TUNING["row_scan_stages"],
+                             0 if SIMULATOR else TUNING["row_scan_min_blocks"])
     groups = B * H
     per_iter = 32 * vec // block_len - 1  # blocks an iteration writes
     sms = 1 if isinstance(u, np.ndarray) else _sm_count()  # NumPy: the simulator, or recorded

@@ -66,7 +66,7 @@ def row_scan_config(ku, kd, per_head, block_len, N, D, addresses, vec_bytes=16):
     return vec
 
 
-def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
+def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, min_blocks):
     span = 32 * vec
     lanes = block_len // vec
     levels = lanes.bit_length() - 1
@@ -89,7 +89,8 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
     store_da = make_vector_store(ku, vec)
     WT = WORD_TYPE
     # stages > 0: the rows' u and dy (and each iteration's a) come through a ring of `stages`
-    # rows per warp in shared memory, copied by cp.async `stages` rows ahead (no registers held)
+    # rows per warp in shared memory (a power of two), copied by cp.async `stages` rows ahead
+    # (no registers held)
     STAGED = stages > 0
     S = max(stages, 1)
     n_ring = warps_per_block * S * 32 * vec
@@ -109,11 +110,11 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
         it2 = k // rows
         q2 = k - it2 * rows
         tc2 = min(max(t_first + it2 * step + lane * vec, t_min), t_end - vec)
-        base = ((wslot * S + k % S) * 32 + lane) * vec
+        base = ((wslot * S + (k & (S - 1))) * 32 + lane) * vec
         copy_u(u, (row0 + q2) * N + tc2, sm_u, base)
         copy_d(dy, (row0 + q2) * N + tc2, sm_d, base)
         if q2 == 0:
-            copy_u(a, a_row + tc2, sm_a, ((wslot * 2 + it2 % 2) * 32 + lane) * vec)
+            copy_u(a, a_row + tc2, sm_a, ((wslot * 2 + (it2 & 1)) * 32 + lane) * vec)
 
     def swr_backward_row_scan(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len_,
                               chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
@@ -143,6 +144,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
         wslot = cuda.threadIdx.x // 32
         slot = wslot * rows
         total = n_iters * rows  # steps (iteration, row) of the ring
+        row_off = row0 * N
         if HOPS1 and lane == last:
             for q in range(rows):
                 sm_v[slot + q] = carry[row0 + q] if chunk == 0 else F0
@@ -184,7 +186,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
             writes = lane <= last and t0 >= t_lo and t0 < t_hi
             if STAGED:
                 wait_row()
-                load_su(sm_a, ((wslot * 2 + it % 2) * 32 + lane) * vec, af, 0)
+                load_su(sm_a, ((wslot * 2 + (it & 1)) * 32 + lane) * vec, af, 0)
             else:
                 load_a(a, a_row + tc, af, 0)
             if not valid:  # past the end: no dy, and nothing carried across
@@ -215,12 +217,13 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
                     p_after = p_down
             for e in range(vec):
                 dacc[e] = F0
+            d_off = row_off + t0  # row q's du at t0
             for q in range(rows):
                 row = row0 + q
                 k_now = it * rows + q
                 if STAGED:
                     wait_row()
-                    at = ((wslot * S + k_now % S) * 32 + lane) * vec
+                    at = ((wslot * S + (k_now & (S - 1))) * 32 + lane) * vec
                     load_su(sm_u, at, uf, 0)
                     load_sd(sm_d, at, df, 0)
                 else:
@@ -302,7 +305,8 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
                         z_e = zl[e] + pl[e] * psi
                         dacc[e] = dacc[e] + g_prev * (carrier * z_e)
                 if writes:
-                    store_du(du, row * N + t0, ov, 0)
+                    store_du(du, d_off, ov, 0)
+                d_off += N
                 if STAGED:  # uf and df are used: refill their slot, S steps ahead
                     if k_now + S < total:
                         issue(u, dy, a, sm_u, sm_d, sm_a, k_now + S, wslot, lane, t_first,
@@ -316,16 +320,23 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages):
     swr_backward_row_scan.__name__ = swr_backward_row_scan.__qualname__ = (
         f"swr_backward_row_scan_{ku}_dy_{kd}_per_head_hops{hops}_vec{vec}_l{block_len}"
         f"_rows{rows}_warps{warps_per_block}_"
-        + (f"stages{stages}" if STAGED else f"depth{depth}"))
+        + (f"stages{stages}" if STAGED else f"depth{depth}")
+        + (f"_min{min_blocks}" if min_blocks else ""))
+    if min_blocks:  # at least that many blocks resident per SM: caps the registers
+        return cuda.jit(swr_backward_row_scan, launch_bounds=(32 * warps_per_block, min_blocks))
     return cuda.jit(swr_backward_row_scan)
 
 
-def row_scan_kernel(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages=0):
-    """The compiled-on-demand dispatcher of one specialisation (``stages`` > 0: the loads go
-    through a shared-memory ring of that many rows, and ``depth`` is unused)."""
-    stages = min(stages, rows)
+def row_scan_kernel(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages=0,
+                    min_blocks=0):
+    """The compiled-on-demand dispatcher of one specialisation. ``stages`` > 0: the loads go
+    through a shared-memory ring of that many rows (a power of two, at most ``rows``: rounded
+    down) and ``depth`` is unused; ``min_blocks`` > 0: launch bounds of that many resident
+    blocks per SM."""
+    if stages > 0:
+        stages = 1 << (min(stages, rows).bit_length() - 1)
     key = (ku, kd, hops, vec, block_len, rows, warps_per_block,
-           1 if stages else min(depth, rows), stages)
+           1 if stages else min(depth, rows), stages, min_blocks)
     if key not in _CACHE:
         _CACHE[key] = _make(*key)
     return _CACHE[key]

@@ -94,6 +94,13 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
         grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs, blhd_unroll=un)
                 for ch, cs, un in ((4, 64, 8), (8, 64, 8), (4, 128, 8), (8, 64, 4))]
         grid += [dict(blhd_unroll=un) for un in (8,)]
+        if block_len >= 32:  # the plain walk's chunks (each re-walks a block), the shared walk
+            grid += [dict(blhd_chunk_steps=cs, blhd_unroll=un)
+                     for cs, un in ((128, 8), (256, 8), (512, 8), (256, 16))]
+            grid += [dict(blhd_share_lanes=ln, blhd_share_chunks=ch, blhd_share_chunk_steps=cs,
+                          blhd_share_max_bytes=200 * 1024)
+                     for ln, ch, cs in ((16, 4, 2 * block_len), (32, 4, 2 * block_len),
+                                        (16, 8, block_len))]
     else:
         # the lane scan, then the row scan (hops 0/1 per head) by rows, stages, threads
         grid = [dict(bhdl_row_scan=False, bhdl_stages=st, threads_per_sm=ts)
@@ -144,10 +151,13 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                       row_scan_warps=wp, row_scan_stages=0)
                  for dp, ts, wp in ((1, 1024, 2), (2, 1024, 2))]
         # ... with its loads through the cp.async ring
+        # (a power of two of rows), and launch bounds that cap its registers
         grid += [dict(row_scan=True, row_scan_stages=st, row_scan_threads_per_sm=ts,
-                      row_scan_warps=wp)
-                 for st, ts, wp in ((2, 1024, 2), (3, 1024, 2), (4, 1024, 2), (6, 1024, 2),
-                                    (8, 1024, 2), (4, 2048, 2), (4, 1024, 4), (8, 2048, 4))]
+                      row_scan_warps=wp, row_scan_min_blocks=mb)
+                 for st, ts, wp, mb in ((4, 1024, 2, 0), (4, 2048, 2, 0), (8, 2048, 2, 0),
+                                        (4, 4096, 2, 0), (8, 4096, 2, 0), (4, 2048, 4, 0),
+                                        (4, 2048, 2, 10), (8, 2048, 2, 10), (4, 2048, 2, 12),
+                                        (4, 4096, 2, 10))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 

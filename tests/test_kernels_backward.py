@@ -563,7 +563,7 @@ def row_scan_tuning():
     (np.dtype(ml_dtypes.bfloat16), 1, 8, 400, 31, 0),  # one lane per block
     (np.dtype(np.float32), 0, 64, 320, 0, 0),  # sixteen lanes per block
     # the cp.async ring: fewer slots than rows (it wraps within and across iterations), as many
-    (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0, 3),
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0, 2),
     (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15, 4),  # the walked-only iterations refill
     (np.dtype(np.float32), 0, 8, 264, 7, 2),
 ])
