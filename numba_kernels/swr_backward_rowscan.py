@@ -89,12 +89,12 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
     store_da = make_vector_store(ku, vec)
     WT = WORD_TYPE
     # stages > 0: the rows' u and dy (and each iteration's a) come through a ring of `stages`
-    # rows per warp in shared memory (a power of two), copied by cp.async `stages` rows ahead
-    # (no registers held)
+    # rows per warp in shared memory (a power of two dividing rows: a row's slot is q % S),
+    # copied by cp.async `stages` rows ahead (no registers held)
     STAGED = stages > 0
     S = max(stages, 1)
-    n_ring = warps_per_block * S * 32 * vec
-    n_aring = warps_per_block * 2 * 32 * vec
+    n_ring = warps_per_block * S * span
+    n_aring = warps_per_block * 2 * span
     SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
     copy_u = make_async_copy(ku, vec)
     copy_d = make_async_copy(kd, vec)
@@ -103,18 +103,27 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
     load_sd = make_shared_load(kd, vec)
 
     @cuda.jit(device=True, inline=True)
-    def issue(u, dy, a, sm_u, sm_d, sm_a, k, wslot, lane, t_first, t_min, t_end, row0, a_row,
-              N):
-        """Start the copies of step ``k`` (iteration ``k // rows``, row ``k % rows``; a with
-        the iteration's first row) into ring slot ``k % S``."""
-        it2 = k // rows
-        q2 = k - it2 * rows
-        tc2 = min(max(t_first + it2 * step + lane * vec, t_min), t_end - vec)
-        base = ((wslot * S + (k & (S - 1))) * 32 + lane) * vec
-        copy_u(u, (row0 + q2) * N + tc2, sm_u, base)
-        copy_d(dy, (row0 + q2) * N + tc2, sm_d, base)
-        if q2 == 0:
-            copy_u(a, a_row + tc2, sm_a, ((wslot * 2 + (it2 & 1)) * 32 + lane) * vec)
+    def issue(u, dy, a, sm_u, sm_d, sm_a, at, off, a_off, a_at):
+        """Start the copies of one row (u and dy at ``off``) into the ring at ``at``, and of the
+        iteration's a (at ``a_off`` >= 0) into ``a_at``."""
+        copy_u(u, off, sm_u, at)
+        copy_d(dy, off, sm_d, at)
+        if a_off >= 0:
+            copy_u(a, a_off, sm_a, a_at)
+
+    @cuda.jit(device=True, inline=True)
+    def refill(u, dy, a, sm_u, sm_d, sm_a, at, q, it, n_iters, row_off, N, tc, tc_next, a_row,
+               a_ring):
+        """After row ``q`` of iteration ``it`` is read from ``at``: copy the row S steps ahead
+        into it (this iteration's row q + S, else the next one's, with its a at row 0), as one
+        commit group (empty past the last iteration)."""
+        f = q + S
+        if f < rows:
+            issue(u, dy, a, sm_u, sm_d, sm_a, at, row_off + f * N + tc, -1, a_ring)
+        elif it + 1 < n_iters:
+            issue(u, dy, a, sm_u, sm_d, sm_a, at, row_off + (f - rows) * N + tc_next,
+                  a_row + tc_next if f == rows else -1, a_ring + ((it + 1) & 1) * span)
+        async_commit()
 
     def swr_backward_row_scan(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len_,
                               chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
@@ -143,7 +152,8 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
         sm_a = cuda.shared.array(n_aring if STAGED else 1, SU)
         wslot = cuda.threadIdx.x // 32
         slot = wslot * rows
-        total = n_iters * rows  # steps (iteration, row) of the ring
+        ring = (wslot * S * 32 + lane) * vec  # the lane's 16 bytes in the warp's first slot
+        a_ring = (wslot * 2 * 32 + lane) * vec
         row_off = row0 * N
         if HOPS1 and lane == last:
             for q in range(rows):
@@ -167,11 +177,10 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
         # the first `depth` rows' loads; later ones are issued `depth` rows ahead, across
         # iterations
         tc = min(max(t_first + lane * vec, t_min), t_end - vec)
-        if STAGED:
+        if STAGED:  # iteration 0's first S rows (S <= rows), with its a
             for k in range(S):
-                if k < total:
-                    issue(u, dy, a, sm_u, sm_d, sm_a, k, wslot, lane, t_first, t_min, t_end,
-                          row0, a_row, N)
+                issue(u, dy, a, sm_u, sm_d, sm_a, ring + k * span, row_off + k * N + tc,
+                      a_row + tc if k == 0 else -1, a_ring)
                 async_commit()
         else:
             for d in range(depth):
@@ -186,7 +195,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
             writes = lane <= last and t0 >= t_lo and t0 < t_hi
             if STAGED:
                 wait_row()
-                load_su(sm_a, ((wslot * 2 + (it & 1)) * 32 + lane) * vec, af, 0)
+                load_su(sm_a, a_ring + (it & 1) * span, af, 0)
             else:
                 load_a(a, a_row + tc, af, 0)
             if not valid:  # past the end: no dy, and nothing carried across
@@ -220,10 +229,9 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
             d_off = row_off + t0  # row q's du at t0
             for q in range(rows):
                 row = row0 + q
-                k_now = it * rows + q
+                at = ring + (q & (S - 1)) * span  # rows % S == 0: slot q % S
                 if STAGED:
                     wait_row()
-                    at = ((wslot * S + (k_now & (S - 1))) * 32 + lane) * vec
                     load_su(sm_u, at, uf, 0)
                     load_sd(sm_d, at, df, 0)
                 else:
@@ -255,10 +263,8 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
                         sm_v[slot + q] = big_w
                 if walk_only:
                     if STAGED:  # the slot is read: refill it, S steps ahead
-                        if k_now + S < total:
-                            issue(u, dy, a, sm_u, sm_d, sm_a, k_now + S, wslot, lane, t_first,
-                                  t_min, t_end, row0, a_row, N)
-                        async_commit()
+                        refill(u, dy, a, sm_u, sm_d, sm_a, at, q, it, n_iters, row_off, N, tc,
+                               tc_next, a_row, a_ring)
                     continue
                 # backward: z in the lane, then across the block's later lanes
                 if not valid:
@@ -308,10 +314,8 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
                     store_du(du, d_off, ov, 0)
                 d_off += N
                 if STAGED:  # uf and df are used: refill their slot, S steps ahead
-                    if k_now + S < total:
-                        issue(u, dy, a, sm_u, sm_d, sm_a, k_now + S, wslot, lane, t_first,
-                              t_min, t_end, row0, a_row, N)
-                    async_commit()
+                    refill(u, dy, a, sm_u, sm_d, sm_a, at, q, it, n_iters, row_off, N, tc, tc_next,
+                           a_row, a_ring)
                 if not HOPS1 and has_dcarry != 0 and chunk == 0 and it == 0 and lane == 0:
                     dcarry[row] = F0
             if writes and not walk_only:
@@ -330,11 +334,11 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
 def row_scan_kernel(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages=0,
                     min_blocks=0):
     """The compiled-on-demand dispatcher of one specialisation. ``stages`` > 0: the loads go
-    through a shared-memory ring of that many rows (a power of two, at most ``rows``: rounded
-    down) and ``depth`` is unused; ``min_blocks`` > 0: launch bounds of that many resident
+    through a shared-memory ring of that many rows (rounded down to a power of two that divides
+    ``rows``) and ``depth`` is unused; ``min_blocks`` > 0: launch bounds of that many resident
     blocks per SM."""
     if stages > 0:
-        stages = 1 << (min(stages, rows).bit_length() - 1)
+        stages = min(1 << (stages.bit_length() - 1), rows & -rows)
     key = (ku, kd, hops, vec, block_len, rows, warps_per_block,
            1 if stages else min(depth, rows), stages, min_blocks)
     if key not in _CACHE:
