@@ -63,6 +63,8 @@ Array conventions (the front's canonical forms, docs/internals.md): BHDL ``u`` `
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import cuda
@@ -117,6 +119,10 @@ TUNING = _Tuning({
     "row_scan_depth": 1,  # rows whose loads are in flight (2 or 3: more registers, slower)
     "row_scan_stages": 0,  # > 0: loads through a cp.async ring of that many rows (no registers)
     "row_scan_min_blocks": 0,  # > 0: launch bounds of that many resident blocks per SM
+    # > 0: chunks by waves of that many resident warps per SM (_row_scan_iters), each chunk
+    # costing row_scan_chunk_cost iterations more; 0: by row_scan_threads_per_sm, min_iters
+    "row_scan_resident_warps": 0,
+    "row_scan_chunk_cost": 0.5,
     "row_scan_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
@@ -1165,11 +1171,16 @@ def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, 
     groups = B * H
     per_iter = 32 * vec // block_len - 1  # blocks an iteration writes
     sms = 1 if isinstance(u, np.ndarray) else _sm_count()  # NumPy: the simulator, or recorded
-    target = sms * TUNING["row_scan_threads_per_sm"] // 32
-    want = max(1, -(-target // groups))
-    chunk_blocks = max(TUNING["row_scan_min_iters"] * per_iter, -(-nb // want))
-    chunk_blocks = min(-(-chunk_blocks // per_iter) * per_iter, nb)
-    chunk_blocks = TUNING["row_scan_chunk_blocks"] or chunk_blocks
+    if TUNING["row_scan_resident_warps"]:
+        chunk_blocks = per_iter * _row_scan_iters(-(-nb // per_iter), groups,
+                                                  sms * TUNING["row_scan_resident_warps"],
+                                                  TUNING["row_scan_chunk_cost"])  # fmt: skip
+    else:
+        target = sms * TUNING["row_scan_threads_per_sm"] // 32
+        want = max(1, -(-target // groups))
+        chunk_blocks = max(TUNING["row_scan_min_iters"] * per_iter, -(-nb // want))
+        chunk_blocks = -(-chunk_blocks // per_iter) * per_iter
+    chunk_blocks = min(TUNING["row_scan_chunk_blocks"] or chunk_blocks, nb)
     nchunks = -(-nb // chunk_blocks)
     nwork = groups * nchunks
     i64 = np.int64
@@ -1177,6 +1188,21 @@ def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, 
             _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(D), flag)
     return kernel, -(-nwork // warps), 32 * warps, args, 0
+
+
+@functools.lru_cache(maxsize=256)
+def _row_scan_iters(iters, groups, capacity, chunk_cost):
+    """Iterations per chunk of the BHDL row scan: ``groups`` heads of ``iters`` iterations each,
+    on ``capacity`` resident warps. Warps start as others end, so the time goes as the waves of
+    chunks, ``ceil(groups * chunks / capacity)``, times a chunk's length plus ``chunk_cost``
+    (its start: the block before it, the ring filling), in iterations. The shortest best."""
+    best, best_cost = 1, None
+    for c in range(1, iters + 1):
+        chunks = -(-iters // c)
+        cost = -(-(groups * chunks) // capacity) * (c + chunk_cost)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = c, cost
+    return best
 
 
 def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,

@@ -20,8 +20,12 @@ An iteration's last block only feeds ``q`` to the one before it: iterations step
 block_len``, so that block is the first of the next iteration (its bytes are read twice, the
 second time from L2). Lane ``31 - lanes`` ends the last block an iteration writes; it keeps that
 block's carrier (per row, in shared memory) and sends it to the next iteration's first block. A
-chunk after the first (hops=1) starts with an iteration that only walks forward, for the carrier
-of the block before it.
+chunk after the first (hops=1) first walks the block before it, for every row at once (``lanes``
+lanes a row, ``32 / lanes`` rows a pass), for that block's carriers.
+
+With ``stages`` > 0 the rows' ``u`` and ``dy`` and each iteration's ``a`` arrive through a ring
+of ``stages`` rows per warp in shared memory, copied by ``cp.async`` that many rows ahead, so
+the loads in flight hold no registers (H200: 0.18 -> 0.14 ms at 4 x 8192).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numba
 from numba import cuda
 
 from .swr_backward_channel import _ITEM
+from .swr_backward_staged import _warp_sync
 from .swr_forward import (
     _STORAGE_TYPE,
     WORD_TYPE,
@@ -73,6 +78,8 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
     lv = max(levels, 1)
     scan_g, scan_w = make_block_scan(lanes)
     step = span - block_len  # iterations overlap by one block
+    per_pass = 32 // lanes  # rows whose block before the chunk the warp walks at once
+    passes = -(-rows // per_pass)
     last = 31 - lanes  # the lane that ends the last block an iteration writes
     HOPS1 = hops == 1
     depth = min(depth, rows)
@@ -140,10 +147,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
         t_lo = chunk * chunk_blocks * block_len
         t_hi = min(t_lo + chunk_blocks * block_len, N)
         t_end = min(t_hi + block_len, N)  # loads: the block after the chunk gives its q
-        pre = HOPS1 and chunk > 0
-        t_first = t_lo - step if pre else t_lo
-        t_min = t_lo - block_len if pre else t_lo
-        n_iters = (t_hi - t_lo + step - 1) // step + (1 if pre else 0)
+        n_iters = (t_hi - t_lo + step - 1) // step
         a_row = head * N
         row0 = head * rows
         sm_v = cuda.shared.array(n_slots, numba.float32)
@@ -155,9 +159,6 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
         ring = (wslot * S * 32 + lane) * vec  # the lane's 16 bytes in the warp's first slot
         a_ring = (wslot * 2 * 32 + lane) * vec
         row_off = row0 * N
-        if HOPS1 and lane == last:
-            for q in range(rows):
-                sm_v[slot + q] = carry[row0 + q] if chunk == 0 else F0
 
         af = cuda.local.array(vec, f32)
         gl = cuda.local.array(vec, f32)  # a_0 ... a_e (the lane's steps)
@@ -176,7 +177,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
         cd = cuda.local.array(nw, WT)
         # the first `depth` rows' loads; later ones are issued `depth` rows ahead, across
         # iterations
-        tc = min(max(t_first + lane * vec, t_min), t_end - vec)
+        tc = min(t_lo + lane * vec, t_end - vec)
         if STAGED:  # iteration 0's first S rows (S <= rows), with its a
             for k in range(S):
                 issue(u, dy, a, sm_u, sm_d, sm_a, ring + k * span, row_off + k * N + tc,
@@ -186,13 +187,34 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
             for d in range(depth):
                 load_uw(u, (row0 + d) * N + tc, nu, d * nw)
                 load_dw(dy, (row0 + d) * N + tc, nd, d * nw)
+        if HOPS1:  # the carrier of the block before the chunk, per row, into sm_v
+            if chunk == 0:
+                if lane == last:
+                    for q in range(rows):
+                        sm_v[slot + q] = carry[row0 + q]
+            else:  # `lanes` lanes walk a row's block, 32 // lanes rows at a time
+                tb = t_lo - block_len + seg * vec
+                load_a(a, a_row + tb, af, 0)
+                g_acc = F1
+                for e in range(vec):
+                    g_acc = g_acc * af[e]
+                scan_g(g_acc, gk, seg)
+                for p in range(passes):
+                    r = p * per_pass + lane // lanes
+                    load_a(u, (row0 + min(r, rows - 1)) * N + tb, uf, 0)
+                    w_acc = F0
+                    for e in range(vec):
+                        w_acc = af[e] * w_acc + uf[e]
+                    big_w, _ = scan_w(w_acc, gk, seg)
+                    if seg == lanes - 1 and r < rows:
+                        sm_v[slot + r] = big_w
+            _warp_sync()  # lane `last` reads what the others wrote
         for it in range(n_iters):
-            walk_only = pre and it == 0
-            t0 = t_first + it * step + lane * vec
+            t0 = t_lo + it * step + lane * vec
             valid = t0 < t_end
-            tc = min(max(t0, t_min), t_end - vec)
-            tc_next = min(max(t0 + step, t_min), t_end - vec)
-            writes = lane <= last and t0 >= t_lo and t0 < t_hi
+            tc = min(t0, t_end - vec)
+            tc_next = min(t0 + step, t_end - vec)
+            writes = lane <= last and t0 < t_hi
             if STAGED:
                 wait_row()
                 load_su(sm_a, a_ring + (it & 1) * span, af, 0)
@@ -261,11 +283,6 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
                     carrier = shfl_idx(sm_v[slot + q] if lane == last else big_w, src)
                     if lane == last:
                         sm_v[slot + q] = big_w
-                if walk_only:
-                    if STAGED:  # the slot is read: refill it, S steps ahead
-                        refill(u, dy, a, sm_u, sm_d, sm_a, at, q, it, n_iters, row_off, N, tc,
-                               tc_next, a_row, a_ring)
-                    continue
                 # backward: z in the lane, then across the block's later lanes
                 if not valid:
                     for e in range(vec):
@@ -318,7 +335,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
                            a_row, a_ring)
                 if not HOPS1 and has_dcarry != 0 and chunk == 0 and it == 0 and lane == 0:
                     dcarry[row] = F0
-            if writes and not walk_only:
+            if writes:
                 store_da(da, a_row + t0, dacc, 0)
 
     swr_backward_row_scan.__name__ = swr_backward_row_scan.__qualname__ = (

@@ -95,8 +95,10 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                 for ch, cs, un in ((4, 64, 8), (8, 64, 8), (4, 128, 8), (8, 64, 4))]
         grid += [dict(blhd_unroll=un) for un in (8,)]
         if block_len >= 32:  # the plain walk's chunks (each re-walks a block), the shared walk
-            grid += [dict(blhd_chunk_steps=cs, blhd_unroll=un)
-                     for cs, un in ((128, 8), (256, 8), (512, 8), (256, 16))]
+            grid += [dict(blhd_chunk_steps=cs, blhd_unroll=un, blhd_threads_per_block=tp)
+                     for cs, un, tp in ((128, 8, 256), (256, 8, 256), (128, 16, 256),
+                                        (256, 16, 256), (256, 16, 128), (512, 16, 256),
+                                        (256, 32, 256))]
             grid += [dict(blhd_share_lanes=ln, blhd_share_chunks=ch, blhd_share_chunk_steps=cs,
                           blhd_share_max_bytes=200 * 1024)
                      for ln, ch, cs in ((16, 4, 2 * block_len), (32, 4, 2 * block_len),
@@ -151,13 +153,15 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                       row_scan_warps=wp, row_scan_stages=0)
                  for dp, ts, wp in ((1, 1024, 2), (2, 1024, 2))]
         # ... with its loads through the cp.async ring
-        # (a power of two of rows), and launch bounds that cap its registers
+        # (a power of two of rows), launch bounds that cap its registers, chunks by resident
+        # threads or by waves of resident warps (row_scan_resident_warps)
         grid += [dict(row_scan=True, row_scan_stages=st, row_scan_threads_per_sm=ts,
-                      row_scan_warps=wp, row_scan_min_blocks=mb)
-                 for st, ts, wp, mb in ((4, 1024, 2, 0), (4, 2048, 2, 0), (8, 2048, 2, 0),
-                                        (4, 4096, 2, 0), (8, 4096, 2, 0), (4, 2048, 4, 0),
-                                        (4, 2048, 2, 10), (8, 2048, 2, 10), (4, 2048, 2, 12),
-                                        (4, 4096, 2, 10))]
+                      row_scan_warps=2, row_scan_min_blocks=mb, row_scan_resident_warps=0)
+                 for st, ts, mb in ((4, 2048, 0), (4, 1024, 8), (4, 2048, 8), (8, 2048, 8))]
+        grid += [dict(row_scan=True, row_scan_stages=st, row_scan_resident_warps=rw,
+                      row_scan_chunk_cost=cc, row_scan_warps=2, row_scan_min_blocks=mb)
+                 for st, rw, cc, mb in ((4, 16, 0.5, 8), (8, 16, 0.5, 8), (4, 16, 2, 8),
+                                        (4, 14, 0.5, 0), (4, 32, 0.5, 8))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 

@@ -562,16 +562,17 @@ def row_scan_tuning():
     (np.dtype(np.float16), 1, 32, 520, 3, 0),  # four lanes per block
     (np.dtype(ml_dtypes.bfloat16), 1, 8, 400, 31, 0),  # one lane per block
     (np.dtype(np.float32), 0, 64, 320, 0, 0),  # sixteen lanes per block
+    (np.dtype(np.float32), 1, 64, 320, 2, 0),  # the block before a chunk: two rows a pass
     # the cp.async ring: fewer slots than rows (it wraps within and across iterations), as many
     (np.dtype(ml_dtypes.bfloat16), 1, 16, 800, 0, 2),
-    (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15, 4),  # the walked-only iterations refill
+    (np.dtype(ml_dtypes.bfloat16), 1, 16, 1000, 15, 4),
     (np.dtype(np.float32), 0, 8, 264, 7, 2),
 ])
 def test_row_scan_kernel(rng, row_scan_tuning, dtype, hops, block_len, N, chunk_blocks, stages):
     """The BHDL row scan against the reference: du, the per-head da summed over the warp's rows,
-    dcarry; chunks of whole and part iterations (the walked-only first iteration of each), a
-    partial last block, one to sixteen lanes per block; loads through registers or through the
-    shared-memory ring."""
+    dcarry; chunks of whole and part iterations (each after the first walks the block before
+    it), a partial last block, one to sixteen lanes per block; loads through registers or
+    through the shared-memory ring."""
     import importlib
 
     row_scan_tuning["row_scan_chunk_blocks"] = chunk_blocks
