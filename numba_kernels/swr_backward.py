@@ -29,8 +29,8 @@ Kernels
   from shared memory, as the row kernel does (0.190 against 0.219 ms).
 * ``row_scan`` (``swr_backward_rowscan.py``): BHDL per head, hops 0/1, taken first where it
   fits. Lanes along time as in the forward's row scan, a warp per (head, chunk), da summed over
-  the head's rows in registers (H200, bf16: 0.165-0.179 ms against the cooperative row kernel's
-  0.180-0.194 ms; float32, hops=0 and other block lengths faster too).
+  the head's rows in registers, the rows' u and dy (and a) through a 4-row ``cp.async`` ring in
+  shared memory (H200, bf16: 0.127-0.130 ms against the cooperative row kernel's 0.186 ms).
 * ``walk``: the fused hops 0/1 backward (the rest, where it fits).
   A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
   channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
@@ -62,8 +62,6 @@ Array conventions (the front's canonical forms, docs/internals.md): BHDL ``u`` `
 """
 
 from __future__ import annotations
-
-import functools
 
 import numba
 import numpy as np
@@ -114,15 +112,12 @@ TUNING = _Tuning({
     # shortest chunk in iterations
     "row_scan": True,
     "row_scan_warps": 2,
-    "row_scan_threads_per_sm": 1024,
+    "row_scan_threads_per_sm": 2048,
     "row_scan_min_iters": 2,
     "row_scan_depth": 1,  # rows whose loads are in flight (2 or 3: more registers, slower)
-    "row_scan_stages": 0,  # > 0: loads through a cp.async ring of that many rows (no registers)
+    # > 0: loads through a cp.async ring of that many rows (no registers held for them)
+    "row_scan_stages": 4,
     "row_scan_min_blocks": 0,  # > 0: launch bounds of that many resident blocks per SM
-    # > 0: chunks by waves of that many resident warps per SM (_row_scan_iters), each chunk
-    # costing row_scan_chunk_cost iterations more; 0: by row_scan_threads_per_sm, min_iters
-    "row_scan_resident_warps": 0,
-    "row_scan_chunk_cost": 0.5,
     "row_scan_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
 })
 """Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
@@ -130,7 +125,11 @@ x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 
 0.33-0.41 ms, 256- or 2048-step chunks 0.215-0.236 / 0.252 ms; BLHD: 8-step groups over 256-step
 chunks 0.173 ms; 4-step groups 0.219 ms; 128- or 512-step chunks 0.184 / 0.268 ms; 8-byte accesses
 0.278 ms; launch bounds of 2 blocks per SM 0.232 ms; the staged kernel: 256-step chunks 0.147-0.153
-ms, 192 / 384 / 512 steps 0.207 / 0.201 / 0.240 ms, 64-256 threads per block within 1%)."""
+ms, 192 / 384 / 512 steps 0.207 / 0.201 / 0.240 ms, 64-256 threads per block within 1%). BHDL
+row scan, 2026-12-01 (16x2048 / 4x8192 / 1x32768): loads through a 4-row cp.async ring and 2048
+threads per SM 0.130 / 0.127 / 0.128 ms; through registers 0.156-0.167 ms; 8-row ring within
+1-4%; launch bounds of 8 blocks per SM (136 -> 128 registers) 0.131 ms; chunks sized to whole
+waves of 16 resident warps 0.136-0.137 ms; 1024 threads per SM 0.132-0.138 ms)."""
 
 f32 = numba.float32
 i64 = numba.int64
@@ -1171,15 +1170,10 @@ def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, 
     groups = B * H
     per_iter = 32 * vec // block_len - 1  # blocks an iteration writes
     sms = 1 if isinstance(u, np.ndarray) else _sm_count()  # NumPy: the simulator, or recorded
-    if TUNING["row_scan_resident_warps"]:
-        chunk_blocks = per_iter * _row_scan_iters(-(-nb // per_iter), groups,
-                                                  sms * TUNING["row_scan_resident_warps"],
-                                                  TUNING["row_scan_chunk_cost"])  # fmt: skip
-    else:
-        target = sms * TUNING["row_scan_threads_per_sm"] // 32
-        want = max(1, -(-target // groups))
-        chunk_blocks = max(TUNING["row_scan_min_iters"] * per_iter, -(-nb // want))
-        chunk_blocks = -(-chunk_blocks // per_iter) * per_iter
+    target = sms * TUNING["row_scan_threads_per_sm"] // 32
+    want = max(1, -(-target // groups))
+    chunk_blocks = max(TUNING["row_scan_min_iters"] * per_iter, -(-nb // want))
+    chunk_blocks = -(-chunk_blocks // per_iter) * per_iter
     chunk_blocks = min(TUNING["row_scan_chunk_blocks"] or chunk_blocks, nb)
     nchunks = -(-nb // chunk_blocks)
     nwork = groups * nchunks
@@ -1188,21 +1182,6 @@ def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, 
             _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(D), flag)
     return kernel, -(-nwork // warps), 32 * warps, args, 0
-
-
-@functools.lru_cache(maxsize=256)
-def _row_scan_iters(iters, groups, capacity, chunk_cost):
-    """Iterations per chunk of the BHDL row scan: ``groups`` heads of ``iters`` iterations each,
-    on ``capacity`` resident warps. Warps start as others end, so the time goes as the waves of
-    chunks, ``ceil(groups * chunks / capacity)``, times a chunk's length plus ``chunk_cost``
-    (its start: the block before it, the ring filling), in iterations. The shortest best."""
-    best, best_cost = 1, None
-    for c in range(1, iters + 1):
-        chunks = -(-iters // c)
-        cost = -(-(groups * chunks) // capacity) * (c + chunk_cost)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = c, cost
-    return best
 
 
 def _general_args(kernel, a, u, dy, du, da, carry, dcarry, S, dv, dC, B, N, H, D, nb, flag,

@@ -153,15 +153,11 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                       row_scan_warps=wp, row_scan_stages=0)
                  for dp, ts, wp in ((1, 1024, 2), (2, 1024, 2))]
         # ... with its loads through the cp.async ring
-        # (a power of two of rows), launch bounds that cap its registers, chunks by resident
-        # threads or by waves of resident warps (row_scan_resident_warps)
+        # (a power of two of rows), and launch bounds that cap its registers
         grid += [dict(row_scan=True, row_scan_stages=st, row_scan_threads_per_sm=ts,
-                      row_scan_warps=2, row_scan_min_blocks=mb, row_scan_resident_warps=0)
-                 for st, ts, mb in ((4, 2048, 0), (4, 1024, 8), (4, 2048, 8), (8, 2048, 8))]
-        grid += [dict(row_scan=True, row_scan_stages=st, row_scan_resident_warps=rw,
-                      row_scan_chunk_cost=cc, row_scan_warps=2, row_scan_min_blocks=mb)
-                 for st, rw, cc, mb in ((4, 16, 0.5, 8), (8, 16, 0.5, 8), (4, 16, 2, 8),
-                                        (4, 14, 0.5, 0), (4, 32, 0.5, 8))]
+                      row_scan_warps=wp, row_scan_min_blocks=mb)
+                 for st, ts, wp, mb in ((4, 2048, 2, 0), (4, 1024, 2, 0), (8, 2048, 2, 0),
+                                        (4, 4096, 2, 0), (4, 2048, 4, 0), (4, 2048, 2, 8))]
     try_knobs("bwd", SB.TUNING, grid if grids else [], bwd, bwd_diff, floor_b)
 
 
