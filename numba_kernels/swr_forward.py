@@ -1139,6 +1139,12 @@ TUNING = _Tuning({
     "blhd_chunk_steps": 128,
     "blhd_chunk_steps_f32": 256,  # float32 inputs: half the channels per thread, twice the steps
     "blhd_threads_per_block": 256,
+    # ... hops=1, per head, 16-bit, block_len from blhd_long_block_len (the plain walk): H200
+    # 2026-12-01, 4 x 8192, l=64 / 32: 256-step chunks of 16-step batches 0.092 / 0.086 ms,
+    # 128-step chunks of 8 (the defaults above) 0.099 / 0.089 ms, 512 steps 0.128 / 0.124 ms
+    "blhd_long_block_len": 32,
+    "blhd_long_chunk_steps": 256,
+    "blhd_long_unroll": 16,
     # BLHD hops=1 over whole blocks: consecutive chunks per thread block whose carriers are handed
     # over in shared memory (1: off), channel groups per chunk, and the most shared memory a
     # thread block may take for it (above: the plain walk)
@@ -1331,9 +1337,16 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
                                        lanes, chunks, block_len)  # fmt: skip
             block = lanes * chunks
         else:
-            kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
-                                _unroll(mode, vec))  # fmt: skip
-            steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
+            # hops=1 with long blocks: longer chunks (each re-walks the block before it) and
+            # more steps of loads in flight
+            long = (mode == HOPS1 and per_head and in_kind != "f32" and vec > 1
+                    and block_len >= TUNING["blhd_long_block_len"])  # fmt: skip
+            unroll = TUNING["blhd_long_unroll"] if long else _unroll(mode, vec)
+            kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll)
+            if long:
+                steps = TUNING["blhd_long_chunk_steps"]
+            else:
+                steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
             chunk_blocks = max(1, min(nb, steps // block_len))
         nchunks = -(-nb // chunk_blocks)
         nwork = batch * groups * nchunks
@@ -1512,6 +1525,13 @@ def specialisations():
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
                                                 depth, *pipeline)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+    # the BLHD plain walk's hops=1 batches for long blocks (16-bit inputs, per head)
+    for in_kind in ("f16", "bf16"):
+        vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)
+        for out_kind in ("f32", "f16", "bf16"):
+            kernel = get_kernel("BLHD", in_kind, out_kind, True, HOPS1, vec,
+                                TUNING["blhd_long_unroll"])  # fmt: skip
+            yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
     # the BHDL row scan: block_len 16 for every input dtype in both modes and every output
     # dtype in hops=1 (the modes differ only in the carrier); the other block lengths only change
     # the segmented scan's depth, so one dtype pair stands for them

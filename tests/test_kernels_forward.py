@@ -183,6 +183,7 @@ def small_chunks(monkeypatch):
     def set_chunks(blhd_steps, bhdl_blocks=2):
         monkeypatch.setitem(F.TUNING, "blhd_chunk_steps", blhd_steps)
         monkeypatch.setitem(F.TUNING, "blhd_chunk_steps_f32", blhd_steps)
+        monkeypatch.setitem(F.TUNING, "blhd_long_chunk_steps", blhd_steps)
         monkeypatch.setitem(F.TUNING, "bhdl_chunk_blocks", bhdl_blocks)
 
     return set_chunks
