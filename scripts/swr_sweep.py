@@ -91,8 +91,11 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
     if not forward or not grids:
         grid = []
     elif layout == "BLHD":
-        grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs, blhd_unroll=un)
-                for ch, cs, un in ((4, 64, 8), (8, 64, 8), (4, 128, 8), (8, 64, 4))]
+        grid = [dict(blhd_share_chunks=ch, blhd_share_chunk_steps=cs, blhd_unroll=un,
+                     blhd_share_lanes=ln)
+                for ch, cs, un, ln in ((4, 64, 8, 32), (8, 64, 8, 32), (4, 128, 8, 32),
+                                       (8, 64, 4, 32), (4, 48, 8, 32), (4, 96, 8, 32),
+                                       (2, 64, 8, 64), (8, 32, 8, 16), (4, 64, 8, 64))]
         grid += [dict(blhd_unroll=un) for un in (8,)]
         if block_len >= 32:  # the plain walk's chunks (each re-walks a block), the shared walk
             grid += [dict(blhd_chunk_steps=cs, blhd_unroll=un, blhd_threads_per_block=tp)
