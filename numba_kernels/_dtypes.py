@@ -15,6 +15,9 @@ import numpy as np
 from numba import cuda
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+SHARED_ALIGN = None if SIMULATOR else 16
+"""Alignment of static shared arrays that take 16-byte ``cp.async`` copies and ``ld.shared.v4``
+(a kernel's static arrays are laid out one after the other; the simulator takes no alignment)."""
 
 KINDS = ("f32", "f16", "bf16")
 

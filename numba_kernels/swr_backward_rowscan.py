@@ -33,6 +33,7 @@ from __future__ import annotations
 import numba
 from numba import cuda
 
+from ._dtypes import SHARED_ALIGN
 from .swr_backward_channel import _ITEM
 from .swr_backward_staged import _warp_sync
 from .swr_forward import (
@@ -150,10 +151,10 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
         n_iters = (t_hi - t_lo + step - 1) // step
         a_row = head * N
         row0 = head * rows
-        sm_v = cuda.shared.array(n_slots, numba.float32)
-        sm_u = cuda.shared.array(n_ring if STAGED else 1, SU)
-        sm_d = cuda.shared.array(n_ring if STAGED else 1, SD)
-        sm_a = cuda.shared.array(n_aring if STAGED else 1, SU)
+        sm_v = cuda.shared.array(n_slots, numba.float32, alignment=SHARED_ALIGN)
+        sm_u = cuda.shared.array(n_ring if STAGED else 1, SU, alignment=SHARED_ALIGN)
+        sm_d = cuda.shared.array(n_ring if STAGED else 1, SD, alignment=SHARED_ALIGN)
+        sm_a = cuda.shared.array(n_aring if STAGED else 1, SU, alignment=SHARED_ALIGN)
         wslot = cuda.threadIdx.x // 32
         slot = wslot * rows
         ring = (wslot * S * 32 + lane) * vec  # the lane's 16 bytes in the warp's first slot

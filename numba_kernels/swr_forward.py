@@ -66,7 +66,7 @@ import numpy as np
 from llvmlite import ir
 from numba import cuda, types
 
-from ._dtypes import LOAD, SIMULATOR, STORE
+from ._dtypes import LOAD, SHARED_ALIGN, SIMULATOR, STORE
 from ._launch import (
     FlatArray,
     allow_shared_memory,
@@ -875,8 +875,8 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
         wl = cuda.local.array(vec, f32)
         gl = cuda.local.array(vec, f32)
         out = cuda.local.array(vec, f32)
-        sm_u = cuda.shared.array(smem_elems, storage)
-        sm_a = cuda.shared.array(smem_elems, storage)
+        sm_u = cuda.shared.array(smem_elems, storage, alignment=SHARED_ALIGN)
+        sm_a = cuda.shared.array(smem_elems, storage, alignment=SHARED_ALIGN)
         n_iters = (t_hi - t_walk + span - 1) // span
         warp_base = (cuda.threadIdx.x // 32) * stages * rows_per_warp * span + lane * vec
         if pipelined:
@@ -1063,7 +1063,7 @@ def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
         uf = cuda.local.array(vec, f32)
         out = cuda.local.array(vec, f32)
         gk = cuda.local.array(gk_size, f32)
-        sm = cuda.shared.array(smem_elems, storage)
+        sm = cuda.shared.array(smem_elems, storage, alignment=SHARED_ALIGN)
         warp_base = (cuda.threadIdx.x // 32) * stages * slot + lane * vec
         for it in range(prologue):
             if it < n_iters:

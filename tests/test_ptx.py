@@ -54,6 +54,9 @@ def _check(ptx: str, name: str) -> list[str]:
                 problems.append("pipelined path without cp.async copies and waits")
             if "ld.shared.v4.u32" not in ptx:
                 problems.append("pipelined path without 16-byte reads of its shared memory")
+            aligns = set(re.findall(r"\.shared \.align (\d+) ", ptx))
+            if aligns - {"16"}:
+                problems.append(f"static shared arrays aligned to {aligns}, not 16 bytes")
         elif "ld.global.v4.u32" not in ptx:
             problems.append("vector path without 16-byte loads")
         if "carriers" not in name and not re.search(r"st\.global\.v[24]\.u32", ptx):
