@@ -51,7 +51,9 @@ plain walk; a ptxas register cap on the shared walk for 5 blocks per SM instead 
 vs 0.079 ms at 96 registers); BHDL 0.104-0.116 ms with register loads, 0.096-0.102 ms with 4
 cp.async stages, 0.075-0.076 ms with the row scan (4 x 8192, 1 x 32768; 2 rows per warp, 4 stages;
 4 and 8 rows: 0.076-0.080). BLHD with 8 steps of loads in flight instead of 4: 0.0775 vs 0.0885 ms
-on 2026-11-30's H200, whose copy measured 4.08-4.18 TB/s.
+on 2026-11-30's H200, whose copy measured 4.08-4.18 TB/s. BLHD hops=1 at block_len 32 / 64 (the
+plain walk; per head, 16-bit): 256-step chunks of 16-step batches 0.086 / 0.092 ms against 128-step
+chunks of 8 at 0.089 / 0.099 ms (H200, 2026-12-01, 4 x 8192).
 Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
 software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
 slower), longer or shorter chunks (fewer threads, or more re-read).
