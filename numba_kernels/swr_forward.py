@@ -1266,7 +1266,10 @@ TUNING = _Tuning({
     "blhd_long_unroll": 16,
     # BLHD hops 0/1 on the 16-byte path: the walk with its loads `blhd_ring_stages` steps ahead
     # through a cp.async ring in shared memory (_make_channel_ring_kernel), chunk length in steps,
-    # threads per block
+    # threads per block. Off: H200 2026-12-01, bf16 4 x 8192, hops=1 l=16 0.085-0.091 ms against
+    # the shared walk's 0.079 (float32 0.160 against 0.155); better only at hops=0 (64-step
+    # chunks 0.079 against 0.083) and block_len 32 / 64 (256-step chunks 0.083 / 0.087 against
+    # 0.086 / 0.090)
     "blhd_ring": False,
     "blhd_ring_stages": 16,
     "blhd_ring_chunk_steps": 128,
@@ -1678,6 +1681,14 @@ def specialisations():
             kernel = get_kernel("BLHD", in_kind, out_kind, True, HOPS1, vec,
                                 TUNING["blhd_long_unroll"])  # fmt: skip
             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+    # the BLHD ring walk (off by default): per head 16-bit (a's 4-byte copies) and per channel
+    # float32 (16-byte copies of a)
+    for in_kind, out_kind, per_head, mode in (("bf16", "bf16", True, HOPS1),
+                                              ("f32", "f16", False, HOPS0)):
+        vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)
+        kernel = get_ring_kernel(in_kind, out_kind, per_head, mode, vec,
+                                 TUNING["blhd_ring_stages"], TUNING["blhd_ring_threads"])
+        yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
     # the BHDL row scan: block_len 16 for every input dtype in both modes and every output
     # dtype in hops=1 (the modes differ only in the carrier); the other block lengths only change
     # the segmented scan's depth, so one dtype pair stands for them
