@@ -25,7 +25,8 @@ lanes a row, ``32 / lanes`` rows a pass), for that block's carriers.
 
 With ``stages`` > 0 the rows' ``u`` and ``dy`` and each iteration's ``a`` arrive through a ring
 of ``stages`` rows per warp in shared memory, copied by ``cp.async`` that many rows ahead, so
-the loads in flight hold no registers (H200: 0.18 -> 0.14 ms at 4 x 8192).
+the loads in flight hold no registers (H200, bf16 at 128 x 16 with the block-before walk above:
+0.165-0.179 -> 0.127-0.130 ms).
 """
 
 from __future__ import annotations

@@ -342,8 +342,8 @@ _STORAGE_TYPE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint1
 
 
 def make_async_copy(kind, width):
-    """``copy(array, index, smem, sindex)``: start copying ``array[index:index + width]`` (4, 8 or
-    16 bytes, aligned) into the shared array ``smem[sindex:]`` (same storage type)."""
+    """``copy(array, index, smem, sindex)``: start copying ``array[index:index + width]`` (16
+    bytes, aligned) into the shared array ``smem[sindex:]`` (same storage type)."""
     if SIMULATOR:
 
         @cuda.jit(device=True, inline=True)
@@ -352,16 +352,14 @@ def make_async_copy(kind, width):
                 smem[sindex + k] = array[index + k]
 
         return copy_now
-    nbytes = width * _ITEMSIZE[kind]
-    assert nbytes in (4, 8, 16), (kind, width)
-    cache = "cg" if nbytes == 16 else "ca"  # .cg (L2 only) takes 16-byte copies only
+    assert width * _ITEMSIZE[kind] == 16, (kind, width)
 
     def body(context, builder, sig, args):
         src = _element_address(context, builder, sig.args[0], args[0], args[1])
         dst = _element_address(context, builder, sig.args[2], args[2], args[3])
         fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
         builder.asm(fn, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
-                        f"cp.async.{cache}.shared.global [s], [$1], {nbytes}; }}",
+                        "cp.async.cg.shared.global [s], [$1], 16; }",
                     "l,l,~{memory}", [dst, src], True)  # fmt: skip
 
     return _array_op(body)
@@ -637,121 +635,6 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_{MODE_NAMES[mode]}_blhd_channel_walk_{in_kind}_to_{out_kind}_"
         f"{'per_head' if per_head else 'per_channel'}_vec{vec}_unroll{unroll}"
-    )
-    return cuda.jit(kernel)
-
-
-def _make_channel_ring_kernel(in_kind, out_kind, per_head, mode, vec, stages, tpb):
-    """BLHD hops 0/1: the channel walk with its loads ``stages`` steps ahead as ``cp.async`` copies
-    into a ring in shared memory (no registers held for them), one step at a time.
-
-    A thread's slot of the ring is its 16 bytes of ``u`` per step (consecutive threads, consecutive
-    16 bytes) and its ``a``: per channel 16 bytes, per head the aligned 4 bytes that hold its
-    head's value (16-bit: a pair of heads, so the head count must be even). Each thread reads back
-    only what it copied, after ``cp.async.wait_group``, so no barrier is needed. ``stages`` is a
-    power of two; ``tpb`` the threads per block (the ring is static shared memory).
-    """
-    S = stages
-    assert S & (S - 1) == 0 and mode in (HOPS0, HOPS1), (stages, mode)
-    ST = _STORAGE_TYPE[in_kind]
-    a_el = 4 // _ITEMSIZE[in_kind] if per_head else vec  # elements of a copied per step
-    copy_u = make_async_copy(in_kind, vec)
-    copy_a = make_async_copy(in_kind, a_el)
-    wait = make_async_wait(S - 1)
-    load_su = make_shared_load(in_kind, vec)
-    load_sa = make_vector_load(in_kind, 1 if per_head else vec, space=".shared")
-    store_y = make_vector_store(out_kind, vec)
-    a_width = 1 if per_head else vec
-    advance_w, advance_g = _make_advance(vec, a_width)
-    n_u, n_a = S * tpb * vec, S * tpb * a_el
-    f32 = numba.float32
-
-    def kernel(
-        a, u, y, w0, g0, carry, block_carry, v_out, c_out,
-        n, channels, head_dim, block_len, offset, nb, chunk_blocks, groups, nchunks, nwork, nrows,
-    ):  # fmt: skip
-        sm_u = cuda.shared.array(n_u, ST, alignment=SHARED_ALIGN)
-        sm_a = cuda.shared.array(n_a, ST, alignment=SHARED_ALIGN)
-        tid = cuda.grid(1)
-        if tid >= nwork:
-            return
-        tx = cuda.threadIdx.x
-        c0 = (tid % groups) * vec
-        rest = tid // groups
-        jj0 = (rest % nchunks) * chunk_blocks
-        b = rest // nchunks
-        ch0 = b * channels + c0
-        if per_head:
-            a_stride = channels // head_dim
-            a_col = c0 // head_dim
-            a_sub = a_col & (a_el - 1)  # the head's place in its aligned copy
-        else:
-            a_stride = channels
-            a_col = c0
-            a_sub = 0
-        jj1 = min(jj0 + chunk_blocks, nb)
-        t_lo = max(jj0 * block_len - offset, 0)
-        t_hi = min(jj1 * block_len - offset, n)
-        mask = block_len - 1
-
-        w = cuda.local.array(vec, f32)
-        s = cuda.local.array(vec, f32)
-        g = cuda.local.array(a_width, f32)
-        if mode == HOPS1 and jj0 > 0:
-            t_walk = max((jj0 - 1) * block_len - offset, 0)  # the block before, for its carrier
-            first = jj0 == 1
-        else:
-            t_walk = t_lo
-            first = jj0 == 0
-        for k in range(vec):
-            w[k] = w0[ch0 + k] if first else f32(0.0)
-            s[k] = carry[ch0 + k] if mode == HOPS1 and jj0 == 0 else f32(0.0)
-        for q in range(a_width):
-            g[q] = g0[ch0 + q] if first else f32(1.0)
-
-        u_at = tx * vec  # the thread's 16 bytes in slot 0; a slot is tpb * vec elements
-        a_at = tx * a_el
-        for k in range(S):
-            if t_walk + k < t_hi:
-                row = b * n + t_walk + k
-                copy_u(u, row * channels + c0, sm_u, u_at + k * (tpb * vec))
-                copy_a(a, row * a_stride + a_col - a_sub, sm_a, a_at + k * (tpb * a_el))
-            async_commit()
-        ubuf = cuda.local.array(vec, f32)
-        abuf = cuda.local.array(a_width, f32)
-        out = cuda.local.array(vec, f32)
-        slot = 0
-        for t in range(t_walk, t_hi):
-            wait()
-            load_su(sm_u, u_at + slot * (tpb * vec), ubuf, 0)
-            load_sa(sm_a, a_at + slot * (tpb * a_el) + a_sub, abuf, 0)
-            if ((t + offset) & mask) == 0 and t > t_walk:
-                for k in range(vec):
-                    if mode == HOPS1:
-                        s[k] = w[k]
-                    w[k] = f32(0.0)
-                for q in range(a_width):
-                    g[q] = f32(1.0)
-            advance_w(w, abuf, ubuf, 0)
-            advance_g(g, abuf, 0)
-            if t >= t_lo:
-                for k in range(vec):
-                    if mode == HOPS0:
-                        out[k] = w[k]
-                    else:
-                        out[k] = w[k] + g[k % a_width] * s[k]
-                store_y(y, (b * n + t) * channels + c0, out, 0)
-            # the slot is used: refill it S steps ahead
-            if t + S < t_hi:
-                row = b * n + t + S
-                copy_u(u, row * channels + c0, sm_u, u_at + slot * (tpb * vec))
-                copy_a(a, row * a_stride + a_col - a_sub, sm_a, a_at + slot * (tpb * a_el))
-            async_commit()
-            slot = slot + 1 if slot + 1 < S else 0
-
-    kernel.__name__ = kernel.__qualname__ = (
-        f"swr_{MODE_NAMES[mode]}_blhd_channel_ring_{in_kind}_to_{out_kind}_"
-        f"{'per_head' if per_head else 'per_channel'}_vec{vec}_stages{S}_tpb{tpb}"
     )
     return cuda.jit(kernel)
 
@@ -1264,16 +1147,6 @@ TUNING = _Tuning({
     "blhd_long_block_len": 32,
     "blhd_long_chunk_steps": 256,
     "blhd_long_unroll": 16,
-    # BLHD hops 0/1 on the 16-byte path: the walk with its loads `blhd_ring_stages` steps ahead
-    # through a cp.async ring in shared memory (_make_channel_ring_kernel), chunk length in steps,
-    # threads per block. Off: H200 2026-12-01, bf16 4 x 8192, hops=1 l=16 0.085-0.091 ms against
-    # the shared walk's 0.079 (float32 0.160 against 0.155); better only at hops=0 (64-step
-    # chunks 0.079 against 0.083) and block_len 32 / 64 (256-step chunks 0.083 / 0.087 against
-    # 0.086 / 0.090)
-    "blhd_ring": False,
-    "blhd_ring_stages": 16,
-    "blhd_ring_chunk_steps": 128,
-    "blhd_ring_threads": 128,
     # BLHD hops=1 over whole blocks: consecutive chunks per thread block whose carriers are handed
     # over in shared memory (1: off), channel groups per chunk, and the most shared memory a
     # thread block may take for it (above: the plain walk)
@@ -1314,15 +1187,6 @@ def get_shared_kernel(in_kind, out_kind, per_head, vec, unroll, lanes, chunks, s
     kernel = _shared_kernels.get(key)
     if kernel is None:
         kernel = _shared_kernels[key] = _make_shared_walk_kernel(*key)
-    return kernel
-
-
-def get_ring_kernel(in_kind, out_kind, per_head, mode, vec, stages, tpb):
-    """The compiled-on-demand dispatcher of one BLHD ring-walk specialisation."""
-    key = ("ring", in_kind, out_kind, per_head, mode, vec, stages, tpb)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = _kernels[key] = _make_channel_ring_kernel(*key[1:])
     return kernel
 
 
@@ -1468,18 +1332,7 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
         vec = _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned)
         groups = channels // vec
         shared = _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb)
-        ring_block = 32 if SIMULATOR else TUNING["blhd_ring_threads"]
-        a_bytes = 4 if per_head else vec * _ITEMSIZE[in_kind]  # a's copy per step
-        ring = (TUNING["blhd_ring"] and mode in (HOPS0, HOPS1) and vec > 1
-                and (not per_head or in_kind == "f32" or heads % 2 == 0)
-                and TUNING["blhd_ring_stages"] * ring_block * (16 + a_bytes) <= 48 * 1024)
-        if ring:  # (static shared memory: at most 48 KiB a block)
-            shared = None
-            block = ring_block
-            kernel = get_ring_kernel(in_kind, out_kind, per_head, mode, vec,
-                                     TUNING["blhd_ring_stages"], block)  # fmt: skip
-            chunk_blocks = max(1, min(nb, TUNING["blhd_ring_chunk_steps"] // block_len))
-        elif shared:
+        if shared:
             lanes, chunks, shared_bytes, chunk_blocks = shared
             kernel = get_shared_kernel(in_kind, out_kind, per_head, vec,
                                        _unroll(mode, vec, block_len),
@@ -1681,14 +1534,6 @@ def specialisations():
             kernel = get_kernel("BLHD", in_kind, out_kind, True, HOPS1, vec,
                                 TUNING["blhd_long_unroll"])  # fmt: skip
             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
-    # the BLHD ring walk (off by default): per head 16-bit (a's 4-byte copies) and per channel
-    # float32 (16-byte copies of a)
-    for in_kind, out_kind, per_head, mode in (("bf16", "bf16", True, HOPS1),
-                                              ("f32", "f16", False, HOPS0)):
-        vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)
-        kernel = get_ring_kernel(in_kind, out_kind, per_head, mode, vec,
-                                 TUNING["blhd_ring_stages"], TUNING["blhd_ring_threads"])
-        yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
     # the BHDL row scan: block_len 16 for every input dtype in both modes and every output
     # dtype in hops=1 (the modes differ only in the carrier); the other block lengths only change
     # the segmented scan's depth, so one dtype pair stands for them

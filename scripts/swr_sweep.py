@@ -97,13 +97,6 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                                        (8, 64, 4, 32), (4, 48, 8, 32), (4, 96, 8, 32),
                                        (2, 64, 8, 64), (8, 32, 8, 16), (4, 64, 8, 64))]
         grid += [dict(blhd_unroll=un) for un in (8,)]
-        # the walk through a cp.async ring (_make_channel_ring_kernel)
-        grid += [dict(blhd_ring=True, blhd_ring_stages=st, blhd_ring_chunk_steps=cs,
-                      blhd_ring_threads=tp)
-                 for st, cs, tp in ((8, 128, 128), (16, 128, 128), (16, 64, 128),
-                                    (16, 256, 128), (32, 128, 64), (16, 128, 64),
-                                    (8, 64, 256), (32, 256, 64))
-                 if cs >= 2 * block_len]
         if block_len >= 32:  # the plain walk's chunks (each re-walks a block), the shared walk
             grid += [dict(blhd_chunk_steps=cs, blhd_unroll=un, blhd_threads_per_block=tp)
                      for cs, un, tp in ((128, 8, 256), (256, 8, 256), (128, 16, 256),

@@ -429,35 +429,3 @@ def test_non_finite_inputs_stay_in_their_window(rng, layout):
     assert not nan[..., 16:].any()
     finite = ~nan
     assert np.allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kinds,per_head,hops,block_len,n,split,chunk_steps,stages", [
-    (("bf16", "bf16"), True, 1, 16, 200, 0, 32, 4),  # several chunks, the ring wraps
-    (("bf16", "f32"), True, 1, 8, 101, 37, 16, 4),  # from an offset in a block, partial blocks
-    (("f16", "bf16"), False, 0, 16, 90, 0, 32, 8),  # per channel: 16 bytes of a a step
-    (("f32", "f32"), True, 1, 4, 77, 5, 8, 2),  # float32 per head: 4 bytes of a a step
-    (("f32", "f16"), False, 1, 32, 130, 0, 64, 4),
-])
-def test_blhd_ring_kernel(rng, monkeypatch, kinds, per_head, hops, block_len, n, split,
-                          chunk_steps, stages):  # fmt: skip
-    """The BLHD walk through the cp.async ring: the reference's numbers, and bit for bit the
-    walk's, over chunks, offsets and partial blocks, per head (a's aligned pair of heads) and
-    per channel."""
-    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
-    in_kind, out_kind = kinds
-    shape = (2, 2, 8, n)
-    monkeypatch.setitem(F.TUNING, "blhd_ring", True)
-    monkeypatch.setitem(F.TUNING, "blhd_ring_stages", stages)
-    monkeypatch.setitem(F.TUNING, "blhd_ring_chunk_steps", chunk_steps)
-    plan = F._make_plan("BLHD", (2, n - split, 2, 8), per_head, in_kind, out_kind, block_len,
-                        0, F.HOPS1 if hops else F.HOPS0, lambda *_: False)  # fmt: skip
-    assert "channel_ring" in plan.kernel.py_func.__name__
-    a, u = make_case(rng, "BLHD", shape, per_head, in_kind)
-    x0 = rng.standard_normal(shape[:3])
-    y, ref = run_forward(a, u, layout="BLHD", block_len=block_len, hops=hops, out_kind=out_kind,
-                         split=split, x0=x0)  # fmt: skip
-    assert rel_err(y, ref) < TOL[out_kind]
-    monkeypatch.setitem(F.TUNING, "blhd_ring", False)
-    y_walk, _ = run_forward(a, u, layout="BLHD", block_len=block_len, hops=hops,
-                            out_kind=out_kind, split=split, x0=x0)  # fmt: skip
-    assert np.array_equal(y, y_walk)
