@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import zlib
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng(request):
-    """A generator seeded from the test's name: fresh inputs per test, reproducible per test."""
-    seed = abs(hash(request.node.nodeid)) % (2**32)
+    """A generator seeded from the test's name: fresh inputs per test, reproducible per test
+    (crc32, not ``hash``: str hashes change from one process to the next)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
