@@ -103,6 +103,7 @@ TUNING = _Tuning({
     "staged_chunk_steps": 256,
     "staged_threads_per_block": 128,
     "staged_max_block_len": 16,
+    "staged_unroll": 8,  # steps per checkpointed group
     # BHDL cooperative row kernel (swr_backward_staged.rows_coop_kernel): on where it fits, warps
     # per thread block
     "rows_coop": True,
@@ -1097,13 +1098,14 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
     unroll = TUNING["channel_unroll"]
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     sim_tpb = lph if per_head else 32
+    s_unroll = min(TUNING["staged_unroll"], block_len)
     staged = TUNING["staged"] and block_len <= TUNING["staged_max_block_len"] and staged_config(
-        ku, kd, per_head, block_len, N, vec, unroll,
-        sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"])
+        ku, kd, per_head, block_len, N, vec, s_unroll,
+        sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"], _address(a))
     shared = 0
     if staged:
         tpb, shared = staged
-        kernel = staged_kernel(ku, kd, int(hops), vec, block_len, unroll)
+        kernel = staged_kernel(ku, kd, int(hops), vec, block_len, s_unroll)
         steps = TUNING["staged_chunk_steps"]
     else:
         full = N % block_len == 0 and block_len % unroll == 0

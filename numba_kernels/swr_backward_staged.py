@@ -44,7 +44,7 @@ from __future__ import annotations
 import numba
 from numba import cuda
 
-from ._dtypes import SIMULATOR, STORE
+from ._dtypes import LOAD, SIMULATOR, STORE
 from .phalanx_fused import _head_sum
 from .swr_backward_channel import (
     _ITEM,
@@ -81,7 +81,8 @@ _CACHE: dict = {}
 
 def staged_bytes(ku, kd, vec, block_len, threads):
     """(u, dy, a) offsets in bytes and the total bytes of the dynamic shared memory: two blocks
-    of ``u`` (the one reversed, the one walked), one of ``dy``, two of float32 ``a``."""
+    of ``u`` (the one reversed, the one walked), one of ``dy``, two blocks of ``a`` (4 bytes a
+    step: one 4-byte copy)."""
     u_block = block_len * threads * vec * _ITEM[ku]
     d_block = block_len * threads * vec * _ITEM[kd]
     d_at = 2 * u_block
@@ -89,13 +90,16 @@ def staged_bytes(ku, kd, vec, block_len, threads):
     return 0, d_at, a_at, a_at + 2 * block_len * threads * 4
 
 
-def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads):
+def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads, a_address=0):
     """``(threads, shared bytes)`` of the staged kernel, or None where it does not fit: per-head
     coefficients, ``block_len`` in :data:`BLOCK_LENS` and a multiple of ``unroll``, ``N`` a
     multiple of ``block_len``, one 16-byte access of ``u`` per step (``vec`` elements; the caller
-    checked the alignment) and whole 16-byte pieces of ``dy``. ``threads`` per block halve until
-    the shared memory fits (down to 32; the simulator passes a head's lanes)."""
+    checked the alignment), whole 16-byte pieces of ``dy`` and ``a`` at a 4-byte aligned address
+    (``a_address``: it comes by 4-byte copies). ``threads`` per block halve until the shared
+    memory fits (down to 32; the simulator passes a head's lanes)."""
     if not per_head or block_len not in BLOCK_LENS or block_len % unroll or N % block_len:
+        return None
+    if a_address % 4:
         return None
     if vec * _ITEM[ku] != 16 or vec * _ITEM[kd] % 16:
         return None
@@ -106,18 +110,38 @@ def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads):
 
 
 def _make(ku, kd, hops, vec, block_len, unroll):
+    """The staged kernel: the next iteration's copies are issued during this one's reverse sweep.
+
+    The reverse sweep of block j frees its shared memory a group of ``unroll`` steps at a time:
+    once a group's forward states are recomputed, the group's slots of u and a take block j-2's
+    (walked in the next iteration), and once its dy is consumed, its slots of dy take block j-1's
+    (reversed in the next iteration). One commit group per group of steps; the next iteration
+    waits for all of them. The walk and the reverse sweep never wait for a copy issued in the same
+    iteration, and the shared memory is that of the staged kernel (two blocks of u and a, one of
+    dy).
+
+    The reverse sweep frees the groups of u from the last to the first and the walk wants them from
+    the first: a block's groups are stored in reverse order every other pair of blocks (``flip``:
+    bit 1 of the block index), so block j-2's group k lands where block j's group ``NGB - 1 - k``
+    was. a comes by 4-byte copies into the staged kernel's space for it (16-bit: the aligned pair
+    that holds this head's value, so a's address must be 4-byte aligned; N is even here, so the
+    pair is inside the array); u and a of a group share their slot index.
+    """
     VEC, LB, U = vec, block_len, unroll
     NGB = LB // U  # groups per block
-    NU, ND = 2, 1  # blocks of u and dy in shared memory (see staged_bytes)
     HOPS1 = hops == 1
     DW = 16 // _ITEM[kd]  # dy elements per 16-byte copy
     DP = VEC // DW  # copies of dy per step
+    AE = 4 // _ITEM[ku]  # elements of a per 4-byte copy
+    AM = AE - 1
     copy_u = make_async_copy(ku, VEC)
     copy_d = make_async_copy(kd, DW)
+    copy_a = make_async_copy(ku, AE)
     wait_all = make_async_wait(0)
     wait_older = make_async_wait(1)
     load_su = make_shared_load(ku, VEC)
     load_sd = _split_load(kd, VEC, ".shared")
+    load_s = LOAD[ku]
     load_a = make_vector_load(ku, 1)
     load_d = _split_load(kd, VEC)
     store_v = make_vector_store(ku, VEC)
@@ -129,33 +153,39 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     next_q = make_next_q(VEC, 1, U, True, load_a, load_d)
 
     @cuda.jit(device=True, inline=True)
-    def issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, jb_u, jb_d, d_at, tpb, tx,
-              abuf):
-        """Start the copies of u (block jb_u >= 0) and dy (block jb_d >= 0) into their slots and
-        load a of block jb_u into ``abuf``; two commit groups, u then dy (either may be
-        empty)."""
-        if jb_u >= 0:
-            m0 = b * N + jb_u * LB
-            su = jb_u % NU
-            for i in range(LB):
-                copy_u(u, (m0 + i) * C + c0, sm_u, ((su * LB + i) * tpb + tx) * VEC)
-                load_a(a, (m0 + i) * a_stride + a_col, abuf, i)
-        async_commit()  # u: the older group, waited for before the walk
-        if jb_d >= 0:
-            m0 = b * N + jb_d * LB
-            sd = jb_d % ND
-            for i in range(LB):
-                for p in range(DP):
-                    copy_d(dy, (m0 + i) * C + c0 + p * DW, sm_d,
-                           d_at + ((sd * LB + i) * tpb + tx) * VEC + p * DW)
-        async_commit()
+    def slot_group(jb, k):
+        """Where block jb keeps its group k of u and a."""
+        return NGB - 1 - k if (jb >> 1) & 1 else k
 
     @cuda.jit(device=True, inline=True)
-    def walk(sm_u, sm_f, jb, a_at, tpb, tx, abuf, w, g, ckw, ckg, ub):
-        """Forward through block jb from shared memory (a from ``abuf``, parked for the reverse
-        sweep), checkpointing (w, g) before each group; w ends as the block's carrier."""
-        su = jb % NU
-        sa = jb % 2
+    def issue_ua(u, a, sm_u, b, N, C, c0, a_stride, a_col, jb, k, pk, a_at, tpb, tx):
+        """Start the copies of u and a of block jb's group k into slot group pk."""
+        m0 = b * N + jb * LB + k * U
+        base = ((jb & 1) * LB + pk * U) * tpb + tx
+        for i in range(U):
+            p = base + i * tpb
+            copy_u(u, (m0 + i) * C + c0, sm_u, p * VEC)
+            ai = (m0 + i) * a_stride + a_col
+            copy_a(a, ai - (ai & AM), sm_u, a_at + p * AE)
+
+    @cuda.jit(device=True, inline=True)
+    def issue_d(dy, sm_d, b, N, C, c0, jb, gi, d_at, tpb, tx):
+        """Start the copies of dy of block jb's group gi (into its own slots)."""
+        m0 = b * N + jb * LB + gi * U
+        for i in range(U):
+            for pp in range(DP):
+                copy_d(dy, (m0 + i) * C + c0 + pp * DW, sm_d,
+                       d_at + ((gi * U + i) * tpb + tx) * VEC + pp * DW)
+
+    @cuda.jit(device=True, inline=True)
+    def a_at_step(sm_u, a_at, p, m, a_stride, a_col):
+        """a of flat row m from slot p (16-bit: the half of the pair that is this head's)."""
+        return load_s(sm_u[a_at + p * AE + (((m & a_stride) ^ a_col) & AM)])
+
+    @cuda.jit(device=True, inline=True)
+    def walk(sm_u, b, N, jb, a_at, a_stride, a_col, tpb, tx, w, g, ckw, ckg, ub):
+        """Forward through block jb from shared memory, checkpointing (w, g) before each group;
+        w ends as the block's carrier."""
         for k in range(VEC):
             w[k] = F0
         g[0] = F1
@@ -163,13 +193,15 @@ def _make(ku, kd, hops, vec, block_len, unroll):
             for k in range(VEC):
                 ckw[gi * VEC + k] = w[k]
             ckg[gi] = g[0]
+            base = ((jb & 1) * LB + slot_group(jb, gi) * U) * tpb + tx
+            m0 = b * N + jb * LB + gi * U
             for i in range(U):
-                t = gi * U + i
-                load_su(sm_u, ((su * LB + t) * tpb + tx) * VEC, ub, 0)
-                sm_f[a_at + (sa * LB + t) * tpb + tx] = abuf[t]
+                p = base + i * tpb
+                load_su(sm_u, p * VEC, ub, 0)
+                av = a_at_step(sm_u, a_at, p, m0 + i, a_stride, a_col)
                 for k in range(VEC):
-                    w[k] = abuf[t] * w[k] + ub[k]
-                g[0] = g[0] * abuf[t]
+                    w[k] = av * w[k] + ub[k]
+                g[0] = g[0] * av
 
     def swr_backward_staged(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
                             chunk_blocks, groups, nchunks, nwork, lph, has_dcarry):
@@ -191,11 +223,10 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
         sm_u = cuda.shared.array(0, SU)
         sm_d = cuda.shared.array(0, SD)
-        sm_f = cuda.shared.array(0, f32)
-        # region offsets in each view's elements (see staged_bytes)
+        # region offsets in each view's elements (see staged_bytes): u, dy, a (u's kind)
         u_block = LB * tpb * VEC * ITU
-        d_at = NU * u_block // ITD
-        a_at = (NU * u_block + ND * LB * tpb * VEC * ITD) // 4
+        d_at = 2 * u_block // ITD
+        a_at = (2 * u_block + LB * tpb * VEC * ITD) // ITU
 
         q = cuda.local.array(VEC, f32)
         S = cuda.local.array(VEC, f32)
@@ -210,7 +241,6 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         ab = cuda.local.array(U, f32)
         gp = cuda.local.array(U, f32)
         wp = cuda.local.array(UV, f32)
-        a_walk = cuda.local.array(LB, f32)
         ckw = cuda.local.array(CKN, f32)  # checkpoints of the block being reversed
         ckg = cuda.local.array(NGB, f32)
         nkw = cuda.local.array(CKN, f32)  # ... and of the block walked
@@ -219,68 +249,91 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         dq = cuda.local.array(UV, f32)
         aq = cuda.local.array(U, f32)
 
+        j = jj1 - 1
+        # the chunk's last block (its checkpoints), then what the first iteration needs: the
+        # block before it (walked) and dy of the last block
+        for k in range(NGB):
+            issue_ua(u, a, sm_u, b, N, C, c0, a_stride, a_col, j, k, slot_group(j, k), a_at,
+                     tpb, tx)
+        async_commit()
+        if j > 0 and (HOPS1 or j > jj0):
+            for k in range(NGB):
+                issue_ua(u, a, sm_u, b, N, C, c0, a_stride, a_col, j - 1, k,
+                         slot_group(j - 1, k), a_at, tpb, tx)
+        for gi in range(NGB):
+            issue_d(dy, sm_d, b, N, C, c0, j, gi, d_at, tpb, tx)
+        async_commit()
+
         for k in range(VEC):
             q[k] = F0
         if HOPS1 and jj1 < nb:
             # q of the block after the chunk (plain loads, once per chunk)
             next_q(a, dy, b * N + jj1 * LB, LB, C, c0, a_stride, a_col, an, zz, aq, dq, q)
 
-        j = jj1 - 1
-        # the chunk's last block: its checkpoints
-        issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j, -1, d_at, tpb, tx, a_walk)
-        wait_all()
-        walk(sm_u, sm_f, j, a_at, tpb, tx, a_walk, w, g, ckw, ckg, ub)
+        wait_older()
+        walk(sm_u, b, N, j, a_at, a_stride, a_col, tpb, tx, w, g, ckw, ckg, ub)
         while j >= jj0:
             walking = j > 0 and (HOPS1 or j > jj0)
-            issue(u, dy, a, sm_u, sm_d, b, N, C, c0, a_stride, a_col, j - 1 if walking else -1, j,
-                  d_at, tpb, tx, a_walk)
-            wait_older()  # u; dy arrives during the walk
+            jn = j - 1  # the next iteration's block: walks block j-2 if it walks at all
+            ahead_u = jn >= jj0 and jn > 0 and (HOPS1 or jn > jj0)
+            ahead_d = jn >= jj0
+            wait_all()  # u and a of block j-1, dy of block j
             for k in range(VEC):
                 S[k] = F0
             if walking:
-                walk(sm_u, sm_f, j - 1, a_at, tpb, tx, a_walk, w, g, nkw, nkg, ub)
+                walk(sm_u, b, N, j - 1, a_at, a_stride, a_col, tpb, tx, w, g, nkw, nkg, ub)
                 if HOPS1:
                     for k in range(VEC):
                         S[k] = w[k]
             elif HOPS1 and j == 0:
                 for k in range(VEC):
                     S[k] = carry[ch0 + k]
-            wait_all()
             # reverse sweep of block j, a group of U steps at a time
-            su = j % NU
-            sd = j % ND
-            sa = j % 2
             for k in range(VEC):
                 lam[k] = q[k]
                 zz[k] = F0
             an[0] = F1
+            m0 = b * N + j * LB
             for gg in range(NGB):
                 gi = NGB - 1 - gg
-                t0 = gi * U
-                # the group's forward states w_{t-1}, g_{t-1}, from its checkpoint
+                pk = slot_group(j, gi)
+                base = ((j & 1) * LB + pk * U) * tpb + tx
+                # the group's forward states w_{t-1}, g_{t-1}, from its checkpoint: always the
+                # last one, the others shifted up after it is read (gi is a loop variable here,
+                # and an array indexed by it would live in local memory)
                 for k in range(VEC):
-                    w[k] = ckw[gi * VEC + k]
-                g[0] = ckg[gi]
+                    w[k] = ckw[(NGB - 1) * VEC + k]
+                g[0] = ckg[NGB - 1]
+                for c in range(NGB - 1, 0, -1):
+                    for k in range(VEC):
+                        ckw[c * VEC + k] = ckw[(c - 1) * VEC + k]
+                    ckg[c] = ckg[c - 1]
                 for i in range(U):
-                    t = t0 + i
-                    load_su(sm_u, ((su * LB + t) * tpb + tx) * VEC, ub, 0)
-                    ab[i] = sm_f[a_at + (sa * LB + t) * tpb + tx]
+                    p = base + i * tpb
+                    load_su(sm_u, p * VEC, ub, 0)
+                    ab[i] = a_at_step(sm_u, a_at, p, m0 + gi * U + i, a_stride, a_col)
                     gp[i] = g[0]
                     g[0] = g[0] * ab[i]
                     for k in range(VEC):
                         wp[i * VEC + k] = w[k]
                         w[k] = ab[i] * w[k] + ub[k]
+                if ahead_u:  # block j-2's group gg where this group was (see slot_group)
+                    issue_ua(u, a, sm_u, b, N, C, c0, a_stride, a_col, j - 2, gg, pk, a_at,
+                             tpb, tx)
                 for ii in range(U):
                     i = U - 1 - ii
-                    t = t0 + i
-                    m = b * N + j * LB + t
-                    load_sd(sm_d, d_at + ((sd * LB + t) * tpb + tx) * VEC, db, 0)
+                    t = gi * U + i
+                    m = m0 + t
+                    load_sd(sm_d, d_at + (t * tpb + tx) * VEC, db, 0)
                     pa = reverse_step(db, 0, an, lam, zz, S, wp, gp, i, ov, oa)
                     store_v(du, m * C + c0, ov, 0)
                     pa = _head_sum(pa, lph, mask)
                     if lead_lane:
                         da[m * a_stride + a_col] = store_s(pa)
                     an[0] = ab[i]
+                if ahead_d:
+                    issue_d(dy, sm_d, b, N, C, c0, j - 1, gi, d_at, tpb, tx)
+                async_commit()
             if HOPS1:
                 for k in range(VEC):
                     q[k] = an[0] * zz[k]  # q_j, for block j-1

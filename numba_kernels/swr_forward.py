@@ -342,8 +342,8 @@ _STORAGE_TYPE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint1
 
 
 def make_async_copy(kind, width):
-    """``copy(array, index, smem, sindex)``: start copying ``array[index:index + width]`` (16
-    bytes, aligned) into the shared array ``smem[sindex:]`` (same storage type)."""
+    """``copy(array, index, smem, sindex)``: start copying ``array[index:index + width]`` (4, 8
+    or 16 bytes, aligned) into the shared array ``smem[sindex:]`` (same storage type)."""
     if SIMULATOR:
 
         @cuda.jit(device=True, inline=True)
@@ -352,14 +352,16 @@ def make_async_copy(kind, width):
                 smem[sindex + k] = array[index + k]
 
         return copy_now
-    assert width * _ITEMSIZE[kind] == 16, (kind, width)
+    nbytes = width * _ITEMSIZE[kind]
+    assert nbytes in (4, 8, 16), (kind, width)
+    cache = "cg" if nbytes == 16 else "ca"  # .cg (L2 only) takes 16-byte copies only
 
     def body(context, builder, sig, args):
         src = _element_address(context, builder, sig.args[0], args[0], args[1])
         dst = _element_address(context, builder, sig.args[2], args[2], args[3])
         fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
         builder.asm(fn, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
-                        "cp.async.cg.shared.global [s], [$1], 16; }",
+                        f"cp.async.{cache}.shared.global [s], [$1], {nbytes}; }}",
                     "l,l,~{memory}", [dst, src], True)  # fmt: skip
 
     return _array_op(body)

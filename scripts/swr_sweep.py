@@ -143,8 +143,9 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                      channel_access_bytes=ab, staged=False)
                 for cs, tp, un, ab in ((256, 256, 8, 16), (128, 256, 8, 16))]
         # the staged kernel (swr_backward_staged)
-        grid += [dict(staged=True, staged_chunk_steps=cs, staged_threads_per_block=tp)
-                 for cs, tp in itertools.product((128, 256, 384), (64, 128, 256))]
+        grid += [dict(staged=True, staged_chunk_steps=cs, staged_threads_per_block=tp,
+                      staged_unroll=un)
+                 for cs, tp, un in ((256, 128, 8), (256, 64, 8), (192, 128, 8), (256, 128, 4))]
     else:
         grid = [dict(row_scan=False, rows_coop=False, rows_depth=2, rows_chunk_steps=cs)
                 for cs in (512,)]

@@ -255,13 +255,15 @@ def staged_name(a, u, dy, block_len, hops, x0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("hops", [0, 1])
 def test_staged_kernel(rng, channel_tuning, dtype, hops):
-    # block_len 16 with 8-step groups (two checkpoints per block), 32-step chunks: the carrier
-    # and q cross chunk ends; bitwise the numbers of the plain channel kernel (the same sums in
-    # the same order)
+    # block_len 16 with 8-step groups (two checkpoints per block), 64-step chunks: the carrier
+    # and q cross chunk ends, and the copies of blocks j-1 / j-2 land in the slots freed by
+    # block j's reverse sweep, through both slot orders; 3 heads (16-bit a: both halves of its
+    # 4-byte copies); bitwise the numbers of the plain channel kernel (the same sums in the
+    # same order)
     channel_tuning["staged"] = True
-    channel_tuning["staged_chunk_steps"] = 32
-    block_len, N = 16, 80
-    a, u, dy, x0 = make_case(rng, "BLHD", True, dtype, H=2, D=16, N=N)
+    channel_tuning["staged_chunk_steps"] = 64
+    block_len, N = 16, 112
+    a, u, dy, x0 = make_case(rng, "BLHD", True, dtype, H=3, D=16, N=N)
     name, shared = staged_name(a, u, dy, block_len, hops, x0)
     assert name.startswith("swr_backward_staged")
     assert shared > 0
@@ -328,6 +330,15 @@ def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
         a, u, dy, x0 = make_case(rng, "BLHD", per_head, BF16, D=16, N=N)
         name, shared = staged_name(a, u, dy, block_len, 1, x0)
         assert name.startswith("swr_backward_channel") and shared == 0, (per_head, N)
+    # 16-bit a two bytes off a 4-byte boundary (the staged kernel copies it 4 bytes at a time)
+    a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, D=16, N=32)
+    X = xp()
+    buf = X.zeros(a.size + 1, a.dtype)
+    shifted = buf[1:].reshape(a.shape)
+    shifted[...] = X.asarray(a)
+    assert staged_name(a, u, dy, 16, 1, x0)[0].startswith("swr_backward_staged")
+    name, shared = staged_name(shifted, u, dy, 16, 1, x0)
+    assert name.startswith("swr_backward_channel") and shared == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)

@@ -240,6 +240,9 @@ def test_compiles_to_ptx(spec):
         assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
         assert "ld.shared.v4.u32" in ptx  # 16 bytes of u (and dy) back from shared memory
         assert "shfl.sync" in ptx  # the head sum of da over 2 (16-bit) or 4 (float32) lanes
+        # a by 4-byte copies (.ca: .cg takes 16 bytes only)
+        assert re.search(r"cp\.async\.ca\.shared\.global \[s\], \[%rd\d+\], 4;", ptx)
+        assert "ld.local" not in ptx and "st.local" not in ptx
 
 
 def test_fused_kernel_is_chosen_for_the_benchmark_shapes():
