@@ -11,29 +11,34 @@ forward walk of block j-1 gives S for block j and checkpoints of block j-1; bloc
 sweep recomputes each group of ``unroll`` steps from its checkpoint; per-head ``da`` is summed by
 butterfly shuffles over the head's lanes). What changes is where the data comes from:
 
-- A block's ``u`` and ``dy`` are copied into shared memory with 16-byte ``cp.async`` copies, a
-  whole block at a time: one round trip to memory per block instead of one per group of each
-  pass, and no registers held by loads in flight. ``u`` of block j-1 and ``dy`` of block j are
-  two commit groups: the walk of block j-1 waits for the first only, and ``dy`` arrives during it.
-- ``u`` of block j-1 is read from DRAM once: the walk of block j-1 (while block j is reversed) and
-  the reverse sweep of block j-1 (next iteration) both read the copy in shared memory. The per-head
-  coefficients of the block are loaded into registers for the walk and parked in shared memory
-  (float32) for the reverse sweep. The plain channel kernel reads ``u`` and ``a`` twice (the
-  second time mostly from L2: Nsight Compute showed L2 at 80% of its throughput there).
+- A block's ``u``, ``a`` and ``dy`` are copied into shared memory with ``cp.async`` (16 bytes a
+  step of ``u`` and ``dy``; ``a`` 4 bytes a step, the aligned pair holding this head's 16-bit
+  value), so no registers are held by loads in flight.
+- The copies for the next iteration are issued during this one's reverse sweep, into the slots it
+  frees (:func:`_make`): the walk and the reverse sweep never wait for a copy issued in the same
+  iteration.
+- ``u`` and ``a`` of block j-1 are read from DRAM once: the walk of block j-1 (while block j is
+  reversed) and the reverse sweep of block j-1 (next iteration) both read the copy in shared
+  memory. The plain channel kernel reads ``u`` and ``a`` twice (the second time mostly from L2:
+  Nsight Compute showed L2 at 80% of its throughput there).
 - Shared memory is read back with ``ld.shared`` (an ``LDS``, short scoreboard).
 
 ``block_len`` is a constant of each specialisation (8, 16 or 32), so the checkpoints of a block
-live in registers. Each thread reads back only what it copied itself (after its own
-``cp.async.wait_group``), so no barrier is needed. Needs per-head coefficients, N a multiple of
-block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), and the shared memory of
-:func:`staged_bytes` per thread block.
+live in registers: the reverse sweep reads the last one and shifts the others up (indexed by the
+group, they were an 80-byte local-memory array; Nsight Compute on that version: DRAM 62%, L2
+78%, 0.44 warps issued per scheduler per cycle at 7.6 warps per SM, 240 registers). Each thread reads back only what it copied
+itself (after its own ``cp.async.wait_group``), so no barrier is needed. Needs per-head
+coefficients, N a multiple of block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), ``a``
+4-byte aligned, and the shared memory of :func:`staged_bytes` per thread block.
 
-Measured on an H200 (bf16, hops=1, l=16, 128 x 16, 4 x 8192, the kernel alone;
-scripts/swr_sweep.py): 0.147-0.153 ms against 0.173 ms for the channel kernel (one wait for both
-copies: 0.156 ms; generic instead of ``ld.shared`` reads: 0.154 ms); float32 0.259 against 0.327
-ms. Chunks of 256 steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM,
-243 registers: 8 warps). Tried and dropped: the next block's copies in flight during a block's
-compute (three blocks of ``u`` and two of ``dy`` in shared memory, so half the warps: 0.245-0.25
+Measured on an H200 (bf16, hops=1, l=16, 128 x 16, the kernel alone; scripts/swr_sweep.py):
+0.133-0.134 ms at 4 x 8192, 16 x 2048 and 1 x 32768 (2026-12-01), against 0.147-0.153 ms with
+each iteration's copies issued at its start and the checkpoints in local memory, 0.1466 ms with
+the copies ahead but the checkpoints still in local memory, and 0.173 ms for the channel kernel.
+Chunks of 256 steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM,
+about 235 registers: 8 warps; 64 threads within 1%; 192-step chunks 0.196 ms, 4-step groups
+0.138-0.140 ms; the thread count as a compile-time constant, within 1%). Tried and dropped
+earlier: three blocks of ``u`` and two of ``dy`` in shared memory, so half the warps (0.245-0.25
 ms); 8-byte accesses (4 channels per thread, 12 warps per SM but twice the shuffles and per-step
 work: 0.21-0.26 ms); block_len 32 (one block of 128 threads per SM: 0.240 against 0.187 ms for the
 channel kernel, so TUNING caps the staged kernel at block_len 16).
