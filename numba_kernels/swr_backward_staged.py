@@ -26,10 +26,11 @@ butterfly shuffles over the head's lanes). What changes is where the data comes 
 ``block_len`` is a constant of each specialisation (8, 16 or 32), so the checkpoints of a block
 live in registers: the reverse sweep reads the last one and shifts the others up (indexed by the
 group, they were an 80-byte local-memory array; Nsight Compute on that version: DRAM 62%, L2
-78%, 0.44 warps issued per scheduler per cycle at 7.6 warps per SM, 240 registers). Each thread reads back only what it copied
-itself (after its own ``cp.async.wait_group``), so no barrier is needed. Needs per-head
-coefficients, N a multiple of block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), ``a``
-4-byte aligned, and the shared memory of :func:`staged_bytes` per thread block.
+78%, 0.44 warps issued per scheduler per cycle at 7.6 warps per SM, 240 registers). Each
+thread reads back only what it copied itself (after its own ``cp.async.wait_group``), so no
+barrier is needed. Needs per-head coefficients, N a multiple of block_len, 16-byte accesses of
+``u`` and ``dy`` (aligned), ``a`` 4-byte aligned, and the shared memory of
+:func:`staged_bytes` per thread block.
 
 Measured on an H200 (bf16, hops=1, l=16, 128 x 16, the kernel alone; scripts/swr_sweep.py):
 0.133-0.134 ms at 4 x 8192, 16 x 2048 and 1 x 32768 (2026-12-01), against 0.147-0.153 ms with

@@ -13,7 +13,7 @@ run() {  # run NAME OPTIONS...
   local name=$1; shift
   (cd /tmp && timeout 150 python3 -m swr_array bench --peers none --host-calls 0 --no-plot \
     --no-progress --out "$OUT/$name" "$@") >"$OUT/$name.log" 2>&1
-  echo "=== $name: exit $?"; grep -E "^\|" "$OUT/$name.log" | head -40
+  echo "=== $name: exit $?"; grep -E "^\||^\*\*" "$OUT/$name.log"
 }
 run fp32 --dtypes fp32
 run per_channel --per-channel
