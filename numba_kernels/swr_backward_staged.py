@@ -186,7 +186,8 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     @cuda.jit(device=True, inline=True)
     def a_at_step(sm_u, a_at, p, m, a_stride, a_col):
         """a of flat row m from slot p (16-bit: the half of the pair that is this head's)."""
-        return load_s(sm_u[a_at + p * AE + (((m & a_stride) ^ a_col) & AM)])
+        # (an unsigned index: no wraparound code for negative ones)
+        return load_s(sm_u[numba.uint64(a_at + p * AE + (((m & a_stride) ^ a_col) & AM))])
 
     @cuda.jit(device=True, inline=True)
     def walk(sm_u, b, N, jb, a_at, a_stride, a_col, tpb, tx, w, g, ckw, ckg, ub):
@@ -335,7 +336,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
                     store_v(du, m * C + c0, ov, 0)
                     pa = _head_sum(pa, lph, mask)
                     if lead_lane:
-                        da[m * a_stride + a_col] = store_s(pa)
+                        da[numba.uint64(m * a_stride + a_col)] = store_s(pa)
                     an[0] = ab[i]
                 if ahead_d:
                     issue_d(dy, sm_d, b, N, C, c0, j - 1, gi, d_at, tpb, tx)

@@ -194,7 +194,9 @@ def _scalar_load_loop(kind, width):
     @cuda.jit(device=True, inline=True)
     def load_loop(array, index, dst, offset):
         for k in range(width):
-            dst[offset + k] = load(array[index + k])
+            # an unsigned index: Numba wraps negative signed ones around (3-4 more 64-bit
+            # instructions an access)
+            dst[offset + k] = load(array[numba.uint64(index + k)])
 
     return load_loop
 
@@ -205,7 +207,7 @@ def _scalar_store_loop(kind, width):
     @cuda.jit(device=True, inline=True)
     def store_loop(array, index, src, offset):
         for k in range(width):
-            array[index + k] = store(src[offset + k])
+            array[numba.uint64(index + k)] = store(src[offset + k])  # see _scalar_load_loop
 
     return store_loop
 
