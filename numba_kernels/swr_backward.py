@@ -128,7 +128,7 @@ chunks 0.173 ms; 4-step groups 0.219 ms; 128- or 512-step chunks 0.184 / 0.268 m
 0.278 ms; launch bounds of 2 blocks per SM 0.232 ms; the staged kernel: 256-step chunks 0.147-0.153
 ms, 192 / 384 / 512 steps 0.207 / 0.201 / 0.240 ms, 64-256 threads per block within 1%; with its
 copies ahead and register checkpoints, 2026-12-01: 0.133-0.134 ms, 192 steps 0.196 ms, 4-step
-groups 0.138-0.140 ms, 64 threads within 1%). BHDL
+groups 0.138-0.140 ms, 64 threads within 1%; with unsigned indices 0.1305 ms). BHDL
 row scan, 2026-12-01 (16x2048 / 4x8192 / 1x32768): loads through a 4-row cp.async ring and 2048
 threads per SM 0.130 / 0.127 / 0.128 ms; through registers 0.156-0.167 ms; 8-row ring within
 1-4%; launch bounds of 8 blocks per SM (136 -> 128 registers) 0.131 ms; chunks sized to whole

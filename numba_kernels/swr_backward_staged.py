@@ -33,12 +33,14 @@ barrier is needed. Needs per-head coefficients, N a multiple of block_len, 16-by
 :func:`staged_bytes` per thread block.
 
 Measured on an H200 (bf16, hops=1, l=16, 128 x 16, the kernel alone; scripts/swr_sweep.py):
-0.133-0.134 ms at 4 x 8192, 16 x 2048 and 1 x 32768 (2026-12-01), against 0.147-0.153 ms with
+0.1305 ms at 4 x 8192 and 16 x 2048 (2026-12-01; 0.133-0.134 ms at the three sizes before
+the scalar accesses took unsigned indices), against 0.147-0.153 ms with
 each iteration's copies issued at its start and the checkpoints in local memory, 0.1466 ms with
 the copies ahead but the checkpoints still in local memory, and 0.173 ms for the channel kernel.
 Chunks of 256 steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM,
-about 235 registers: 8 warps; 64 threads within 1%; 192-step chunks 0.196 ms, 4-step groups
-0.138-0.140 ms; the thread count as a compile-time constant, within 1%). Tried and dropped
+211 registers, 235 before the unsigned indices: 8 warps; 64 threads within 1%; 192-step
+chunks 0.196 ms, 4-step groups 0.138-0.140 ms; the thread count as a compile-time constant,
+within 1%). Tried and dropped
 earlier: three blocks of ``u`` and two of ``dy`` in shared memory, so half the warps (0.245-0.25
 ms); 8-byte accesses (4 channels per thread, 12 warps per SM but twice the shuffles and per-step
 work: 0.21-0.26 ms); block_len 32 (one block of 128 threads per SM: 0.240 against 0.187 ms for the

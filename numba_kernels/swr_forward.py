@@ -53,7 +53,10 @@ cp.async stages, 0.075-0.076 ms with the row scan (4 x 8192, 1 x 32768; 2 rows p
 4 and 8 rows: 0.076-0.080). BLHD with 8 steps of loads in flight instead of 4: 0.0775 vs 0.0885 ms
 on 2026-11-30's H200, whose copy measured 4.08-4.18 TB/s. BLHD hops=1 at block_len 32 / 64 (the
 plain walk; per head, 16-bit): 256-step chunks of 16-step batches 0.086 / 0.092 ms against 128-step
-chunks of 8 at 0.089 / 0.099 ms (H200, 2026-12-01, 4 x 8192).
+chunks of 8 at 0.089 / 0.099 ms (H200, 2026-12-01, 4 x 8192). Unsigned indices for the scalar
+loads and stores (no code for Numba's wraparound of negative indices): the shared walk 167 -> 127
+registers, 0.0795-0.0811 -> 0.0774-0.0775 ms (H200, 2026-12-01, 4 x 8192 and 16 x 2048); launch
+bounds of 4 blocks per SM before that (128 registers and spills): 0.086-0.087 ms.
 Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
 software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
 slower), longer or shorter chunks (fewer threads, or more re-read).
