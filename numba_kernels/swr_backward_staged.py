@@ -125,8 +125,8 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     (walked in the next iteration), and once its dy is consumed, its slots of dy take block j-1's
     (reversed in the next iteration). One commit group per group of steps; the next iteration
     waits for all of them. The walk and the reverse sweep never wait for a copy issued in the same
-    iteration, and the shared memory is that of the staged kernel (two blocks of u and a, one of
-    dy).
+    iteration, and the shared memory stays two blocks of u and a and one of dy
+    (:func:`staged_bytes`).
 
     The reverse sweep frees the groups of u from the last to the first and the walk wants them from
     the first: a block's groups are stored in reverse order every other pair of blocks (``flip``:

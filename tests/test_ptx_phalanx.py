@@ -6,6 +6,11 @@ bfloat16 word views really become 64-/32-bit loads.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
 import numba
 import pytest
 
@@ -13,7 +18,6 @@ pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
 
 if not numba.config.ENABLE_CUDASIM:
-    from numba import cuda
     from swr_array.numba_kernels import phalanx_fused as PF
 
     SPECS = PF.kernel_signatures()
@@ -36,11 +40,33 @@ def _id(i, spec):
     return f"{i}-{kernel.py_func.__name__}"
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[_id(i, s) for i, s in enumerate(SPECS)])
-def test_compiles_to_ptx(spec):
+def _compile(i):
+    """PTX of specialisation i, or the error it raised as text (runs in a worker process)."""
+    from numba import cuda
+    from swr_array.numba_kernels import phalanx_fused
+
+    kernel, sig = phalanx_fused.kernel_signatures()[i]
+    try:
+        return cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))[0]
+    except Exception as exc:  # noqa: BLE001 - reported by the test of this specialisation
+        return RuntimeError(f"{type(exc).__name__}: {str(exc)[:2000]}")
+
+
+@functools.lru_cache(maxsize=1)
+def all_ptx():
+    """Every specialisation's PTX, compiled in a process pool over the available cores."""
     _nvvm_or_skip()
-    kernel, sig = spec
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    workers = max(1, min(len(SPECS), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile, range(len(SPECS))))
+
+
+@pytest.mark.parametrize("i", range(len(SPECS)), ids=[_id(i, s) for i, s in enumerate(SPECS)])
+def test_compiles_to_ptx(i):
+    ptx = all_ptx()[i]
+    if isinstance(ptx, Exception):
+        raise ptx
+    kernel, sig = SPECS[i]
     assert ".entry" in ptx
     name = kernel.py_func.__name__
     if name.startswith("phalanx_mix_forward") or "_vector_" in name:
