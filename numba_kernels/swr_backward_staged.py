@@ -98,7 +98,7 @@ def staged_bytes(ku, kd, vec, block_len, threads):
     return 0, d_at, a_at, a_at + 2 * block_len * threads * 4
 
 
-def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads, a_address=0):
+def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads, a_address):
     """``(threads, shared bytes)`` of the staged kernel, or None where it does not fit: per-head
     coefficients, ``block_len`` in :data:`BLOCK_LENS` and a multiple of ``unroll``, ``N`` a
     multiple of ``block_len``, one 16-byte access of ``u`` per step (``vec`` elements; the caller
@@ -159,6 +159,12 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     CKN, UV = NGB * VEC, U * VEC  # local array sizes must be constants
     reverse_step = make_reverse_step(VEC, 1, hops)
     next_q = make_next_q(VEC, 1, U, True, load_a, load_d)
+
+    @cuda.jit(device=True, inline=True)
+    def walks_before(jb, jj0):
+        """Whether the iteration of block jb walks block jb-1: for S (hops=1, any block but the
+        sequence's first) or for its checkpoints (a block of the chunk)."""
+        return jb > 0 and (HOPS1 or jb > jj0)
 
     @cuda.jit(device=True, inline=True)
     def slot_group(jb, k):
@@ -265,7 +271,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
             issue_ua(u, a, sm_u, b, N, C, c0, a_stride, a_col, j, k, slot_group(j, k), a_at,
                      tpb, tx)
         async_commit()
-        if j > 0 and (HOPS1 or j > jj0):
+        if walks_before(j, jj0):
             for k in range(NGB):
                 issue_ua(u, a, sm_u, b, N, C, c0, a_stride, a_col, j - 1, k,
                          slot_group(j - 1, k), a_at, tpb, tx)
@@ -282,10 +288,9 @@ def _make(ku, kd, hops, vec, block_len, unroll):
         wait_older()
         walk(sm_u, b, N, j, a_at, a_stride, a_col, tpb, tx, w, g, ckw, ckg, ub)
         while j >= jj0:
-            walking = j > 0 and (HOPS1 or j > jj0)
-            jn = j - 1  # the next iteration's block: walks block j-2 if it walks at all
-            ahead_u = jn >= jj0 and jn > 0 and (HOPS1 or jn > jj0)
-            ahead_d = jn >= jj0
+            walking = walks_before(j, jj0)
+            ahead_d = j - 1 >= jj0  # a next iteration, on block j-1
+            ahead_u = ahead_d and walks_before(j - 1, jj0)  # ... that walks block j-2
             wait_all()  # u and a of block j-1, dy of block j
             for k in range(VEC):
                 S[k] = F0
