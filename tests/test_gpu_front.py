@@ -158,7 +158,8 @@ def test_out_and_streams(cp, rng):
 
 
 def test_host_overhead_report(cp, rng):
-    """Not a timed assertion: prints the median host cost of one tiny call (docs/benchmarks.md)."""
+    """The host cost of one tiny call is reported (docs/benchmarks.md) and the repeated call's
+    result still equals the reference (no timing assertion: it depends on the machine)."""
     a, u = draw(rng, "BLHD", True, 1, 1, 16, 16, BF16)
     ca, cu = cp.asarray(a), cp.asarray(u)
     for _ in range(50):
@@ -172,7 +173,9 @@ def test_host_overhead_report(cp, rng):
     cp.cuda.get_current_stream().synchronize()
     med = float(np.median(times) * 1e6)
     print(f"\nhost overhead of swr_array.swr (tiny bf16 input): median {med:.1f} us")
-    assert med > 0
+    y = cp.asnumpy(sa.swr(ca, cu, layout="BLHD")).astype(np.float64)
+    ref = sa.swr(a.astype(np.float64), u.astype(np.float64), layout="BLHD")
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import math
 import pathlib
+import zlib
 
 import numpy as np
 import pytest
@@ -118,7 +119,8 @@ def make_inputs(layout, per_head, *, B=2, N=37, H=3, D=4, seed=0, dtype=np.float
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_forward_matches_dense_operator(layout, per_head, hops):
     with x64():
-        a, u, x0 = make_inputs(layout, per_head, x0=True, seed=hash((layout, per_head)) % 100)
+        seed = zlib.crc32(f"{layout}-{per_head}".encode())
+        a, u, x0 = make_inputs(layout, per_head, x0=True, seed=seed)
         for x0_ in (None, x0):
             y = sj.swr(jnp.asarray(a), jnp.asarray(u), block_len=8, hops=hops, layout=layout,
                        x0=None if x0_ is None else jnp.asarray(x0_))

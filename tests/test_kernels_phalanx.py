@@ -6,6 +6,8 @@ arrays); skipped otherwise. Every output is poisoned with NaN before the launch.
 
 from __future__ import annotations
 
+import zlib
+
 import ml_dtypes
 import numba
 import numpy as np
@@ -104,6 +106,11 @@ CASES = [
 ]
 
 
+def _seed(case) -> int:
+    """A per-case seed that is the same in every process (crc32, not ``hash``)."""
+    return zlib.crc32(repr(case).encode())
+
+
 def check_forward(c):
     y = c.poisoned((c.B * c.L, c.H * c.D))
     PF.phalanx_forward(dev(c.z), *c.biases(), y, batch=c.B, length=c.L, **c.kw)
@@ -137,12 +144,12 @@ def check_backward(c):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_forward_matches_reference(case):
-    check_forward(Case(*case, seed=hash(case) % 2**32))
+    check_forward(Case(*case, seed=_seed(case)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_backward_matches_reference(case):
-    c = Case(*case, seed=hash(case) % 2**32 + 1)
+    c = Case(*case, seed=_seed(case) + 1)
     if not PF._pow2(c.D):  # not taken by the fused backward: the layer composes swr_vjp
         assert PF.backward_config(c.kind, c.H, c.D, c.block_len) is None
         return
@@ -174,7 +181,7 @@ TILED = [
 def test_chunks_match_reference(case, small_tiles):
     small_tiles(fwd_chunk_steps=2 * case[6], fwd_unroll=3, bwd_chunk_steps=2 * case[6],
                 bwd_unroll=3)
-    c = Case(*case, seed=hash(case) % 2**32)
+    c = Case(*case, seed=_seed(case))
     check_forward(c)
     check_backward(c)
 
