@@ -507,11 +507,12 @@ def swr(
     x0: Array | None = None,
     out_dtype=None,
 ) -> Array:
-    """Sliding window recurrence ``y = L_hops(a) u`` on JAX arrays (SPEC section 1), differentiable.
+    """Sliding window recurrence ``y = L_hops(a) u`` on JAX arrays (docs/spec.md#recurrence),
+    differentiable.
 
     Works eagerly and under ``jax.jit``, ``jax.grad`` / ``jax.vjp``, ``jax.vmap`` and
-    ``jax.checkpoint``. The gradient is the front's ``swr_vjp`` (SPEC section 4); forward-mode
-    (``jax.jvp``) is not defined.
+    ``jax.checkpoint``. The gradient is the front's ``swr_vjp``
+    (docs/spec.md#gradients); forward-mode (``jax.jvp``) is not defined.
 
     Args:
         a: coefficients, per head ``(B, L, H)`` / ``(B, H, L)`` or per channel (u's shape).
@@ -538,7 +539,7 @@ def swr(
 
 
 # ----------------------------------------------------------------------------------------------
-# Phalanx (SPEC section 5)
+# Phalanx (docs/spec.md#phalanx)
 # ----------------------------------------------------------------------------------------------
 
 _WEIGHTS = ("W_in", "b_a", "b_b", "b_c", "W_out")  # the trainable leaves, in the front's order
@@ -859,7 +860,7 @@ _phalanx_fused.defvjp(_phalanx_fused_fwd, _phalanx_fused_bwd)
 
 
 def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1) -> Array:
-    """The Phalanx layer (SPEC section 5), functional: ``(B, L, dim) -> (B, L, dim)``.
+    """The Phalanx layer (docs/spec.md#phalanx), functional: ``(B, L, dim) -> (B, L, dim)``.
 
     ``[V | Bg | C | A] = x W_in``; ``A = decay_max sigmoid(A + b_a)``, ``Bg = sigmoid(Bg + b_b)``,
     ``C = C + b_c``; ``Y = swr(A, Bg V, hops) C + V``; ``out = Y W_out``. Parameters are cast to

@@ -522,7 +522,7 @@ class _Launcher:
         p = self.p
         y = torch.empty(u.shape, dtype=self.y_dtype, device=u.device)
         _cupy().cuda.runtime.setDevice(self.index)  # a current context on this thread (see below)
-        nk.swr_forward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(y, self.np_out),
+        nk.swr_forward.swr_forward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(y, self.np_out),
                        layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
                        w0=self.zeros, g0=self.ones, carry=self.zeros,
                        stream=_raw_stream(self.index))  # fmt: skip
@@ -542,7 +542,7 @@ class _Launcher:
         # autograd may run this on its own thread for the device, where the driver API (the
         # launch) finds no current context until the runtime makes the device's one current
         _cupy().cuda.runtime.setDevice(self.index)
-        nk.swr_backward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(dy, kd),
+        nk.swr_backward.swr_backward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(dy, kd),
                         _Raw(du, self.np_in), _Raw(da, self.np_in), layout=p.layout,
                         block_len=p.block_len, hops=p.hops, carry=self.zeros, dcarry=None,
                         stream=_raw_stream(self.index))  # fmt: skip

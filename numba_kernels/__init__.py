@@ -1,21 +1,31 @@
 """Numba CUDA kernels of swr-array and their launch helpers (no argument checking: the front
-checks and normalises, see docs/internals.md)."""
+checks and normalises, see docs/internals.md).
 
+The SWR entry points live in their modules, ``swr_forward.swr_forward`` and
+``swr_backward.swr_backward`` (the package does not re-export them under the modules' names).
+Which kernel each launches is the table ``swr_forward.FORWARD`` / ``swr_backward.BACKWARD``.
+"""
+
+from . import phalanx_fused, swr_backward, swr_forward
 from ._launch import FlatArray, compile_for, launch
-from .swr_forward import block_carriers, swr_forward
+from .block_scan import linear_scan
+from .phalanx_fused import phalanx_backward, phalanx_decode, phalanx_forward
+from .swr_backward import block_grad_sums, swr_backward_blocks, walk_plan
+from .swr_forward import block_carriers
 
-__all__ = ["FlatArray", "block_carriers", "compile_for", "launch", "swr_forward"]
-
-# swr_backward.py exports are appended below by its author.
-
-# Phalanx layer: fused kernels (numba_kernels/phalanx_fused.py)
-from . import phalanx_fused  # noqa: E402
-from .phalanx_fused import phalanx_backward, phalanx_decode, phalanx_forward  # noqa: E402
-
-__all__ += ["phalanx_backward", "phalanx_decode", "phalanx_forward", "phalanx_fused"]
-
-# Backward pass (numba_kernels/swr_backward.py) and the row-wise linear scan (block_scan.py)
-from .block_scan import linear_scan  # noqa: E402
-from .swr_backward import block_grad_sums, swr_backward, swr_backward_blocks, walk_plan  # noqa: E402
-
-__all__ += ["block_grad_sums", "linear_scan", "swr_backward", "swr_backward_blocks", "walk_plan"]
+__all__ = [
+    "FlatArray",
+    "block_carriers",
+    "block_grad_sums",
+    "compile_for",
+    "launch",
+    "linear_scan",
+    "phalanx_backward",
+    "phalanx_decode",
+    "phalanx_forward",
+    "phalanx_fused",
+    "swr_backward",
+    "swr_backward_blocks",
+    "swr_forward",
+    "walk_plan",
+]

@@ -21,6 +21,9 @@ SHARED_ALIGN = None if SIMULATOR else 16
 
 KINDS = ("f32", "f16", "bf16")
 
+ITEM_SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+"""Bytes per element of each storage kind."""
+
 
 def storage_kind(dtype) -> str:
     """Map a NumPy/ml_dtypes dtype to a storage kind."""

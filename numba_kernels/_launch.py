@@ -6,12 +6,12 @@ dispatcher; ``args`` holds arrays (CuPy arrays, :class:`FlatArray`, or anything 
 (``np.int64``, ``np.int32``, ``np.float32``; a Python int is taken as int64). Scalar types are
 explicit so that one specialisation serves every call.
 
-Numba's own ``kernel[grid, block](*args)`` costs ~117 us of host time per call with CuPy arrays
-(type checks, ``__cuda_array_interface__`` conversions, a stream sync); a CuPy RawKernel launch
-costs ~8 us. Here each specialisation (kernel, argument types, device) is compiled once with
-``numba.cuda.compile_ptx`` for the device's compute capability, loaded as a CuPy module, and every
-later call only flattens the arguments into the Numba kernel ABI, packs them with one
-``struct.pack_into`` and calls ``cuLaunchKernel`` on the caller's stream.
+Numba's own ``kernel[grid, block](*args)`` type-checks and converts every argument and syncs a
+stream on each call, many times the cost of a CuPy RawKernel launch. Here each specialisation
+(kernel, argument types, device) is compiled once with ``numba.cuda.compile_ptx`` for the device's
+compute capability, loaded as a CuPy module, and every later call only flattens the arguments into
+the Numba kernel ABI, packs them with one ``struct.pack_into`` and calls ``cuLaunchKernel`` on the
+caller's stream.
 
 The Numba ABI passes an array of ``ndim`` dimensions as ``5 + 2 * ndim`` parameters: meminfo,
 parent (both unused on the device: 0), nitems, itemsize, data pointer, shape[ndim], strides[ndim]
@@ -527,3 +527,29 @@ def launch(kernel, grid, block, args, stream=None, shared_mem=0):
     entry, values = prepare(kernel, args)
     allow_shared_memory(entry, shared_mem)
     launch_prepared(entry, grid, block, values, stream, shared_mem)
+
+
+class Tuning(dict):
+    """A dict whose ``version`` changes with every assignment (launch plans depend on it)."""
+
+    version = 0
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.version += 1
+
+
+_sm_counts: dict = {}
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (1 in the simulator)."""
+    if SIMULATOR:
+        return 1
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    count = _sm_counts.get(dev)
+    if count is None:
+        count = _sm_counts[dev] = cupy.cuda.Device(dev).attributes["MultiProcessorCount"]
+    return count

@@ -42,6 +42,7 @@ import numpy as np
 from numba import cuda, types
 
 from ._dtypes import (
+    ITEM_SIZE,
     LOAD,
     SIMULATOR,
     STORE,
@@ -49,12 +50,12 @@ from ._dtypes import (
     storage_view,
 )
 from ._launch import launch as _launch
-from .swr_forward import (
-    _scalar_load_loop,
-    _scalar_store_loop,
+from ._ptx import (
+    head_sum,
     make_vector_load,
     make_vector_store,
-    shfl_idx,
+    scalar_load_loop,
+    scalar_store_loop,
 )
 
 __all__ = [
@@ -212,32 +213,10 @@ def _make_forward(kind: str, vec: int, unroll: int):
 BUF = 128
 """block_len * VEC <= BUF in the backward (bounds its registers and checkpoints)."""
 
-if SIMULATOR:  # no warp shuffles there: the launch makes a thread block of one head's lanes
-
-    def _sim_head_sum(x, lph, mask):
-        total = F0
-        for k in range(lph):
-            total += shfl_idx(x, k)
-        return total
-
-    _head_sum = cuda.jit(device=True)(_sim_head_sum)
-
-else:
-
-    @cuda.jit(device=True, inline=True)
-    def _head_sum(x, lph, mask):
-        """Sum of x over the lph (a power of two) lanes of this lane's head, on all of them."""
-        off = lph >> 1
-        while off > 0:
-            x += cuda.shfl_xor_sync(mask, x, off)
-            off >>= 1
-        return x
-
-
 def _accessors(kind: str, vec: int, vector: bool):
     if vector:
         return make_vector_load(kind, vec), make_vector_store(kind, vec)
-    return _scalar_load_loop(kind, vec), _scalar_store_loop(kind, vec)
+    return scalar_load_loop(kind, vec), scalar_store_loop(kind, vec)
 
 
 def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
@@ -446,7 +425,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
                                 cuda.atomic.add(acc_b, m * KD + kc0 + k, ob[k])
                                 cuda.atomic.add(acc_c, m * KD + kc0 + k, oc[k])
                         sg = sgs[i]
-                        pa = _head_sum(pa * (F1 - sg), lph, mask)
+                        pa = head_sum(pa * (F1 - sg), lph, mask)
                         if lead:
                             dz[m * W + col_a] = store(pa)
                         pah += pa
@@ -538,10 +517,9 @@ TUNING = {
     "bwd_chunk_steps": 256,
     "bwd_threads_per_block": 256,
 }
-"""Launch tuning of the fused kernels, chosen by scripts/phalanx_dev.py on an H200."""
+"""Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
 
 _CACHE: dict = {}
-_ITEM = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 def forward_kernel(kind: str, vec: int, unroll: int):
@@ -566,7 +544,7 @@ def decode_kernel(kind: str):
 
 
 def _widths(kind: str, access_bytes: int):
-    return [v for v in (8, 4, 2, 1) if v * _ITEM[kind] <= access_bytes]
+    return [v for v in (8, 4, 2, 1) if v * ITEM_SIZE[kind] <= access_bytes]
 
 
 def vector_width(kind: str, heads: int, head_dim: int, access_bytes: int, aligned=True) -> int:

@@ -1,4 +1,4 @@
-"""Backward pass of the sliding window recurrence (SPEC section 4, docs/internals.md).
+"""Backward pass of the sliding window recurrence (docs/spec.md#gradients, docs/internals.md).
 
 Per block j (notation of ``swr_array.reference``): the forward local scan ``w``, ``g``; the incoming
 carry ``S_{j-1}``; the adjoint of the carrier ``dv_j`` and of the compound attenuation ``dC_j``.
@@ -12,48 +12,29 @@ summed over the D channels of a head for per-head coefficients. For hops=1 (offs
 ``S_{j-1} = v_{j-1}`` (``carry`` for j = 0), ``dv_j = q_{j+1} = sum_{t in j+1} g_t dy_t``,
 ``dC_j = 0`` and ``d carry = q_0``; for hops=0 everything but the local scans vanishes.
 
-Kernels
--------
-* ``channel`` (``swr_backward_channel.py``): the BLHD hops 0/1 backward where a vector of 2-8
-  channels fits: a thread owns the vector and walks its chunk's blocks from the last to the
-  first, no shuffles inside a block (H200, bf16, 128 x 16: 0.173 ms, 58% of the copy bandwidth,
-  against 0.28 ms for the walk kernel below); in BHDL its row variant (a thread per channel row,
-  16-byte vectors along time; 0.21-0.22 ms against 0.23-0.24 ms). ``auto`` takes them first
-  only where they measured faster (:func:`_channel_preferred`: hops=1, and BLHD hops=0 from
-  block_len 32; in BHDL only 16-bit, per head, two vectors per group).
-* ``staged`` (``swr_backward_staged.py``): the BLHD channel kernel's walk with each block's u and
-  dy copied into shared memory by ``cp.async`` (u read from memory once, one round trip per
-  block), where it fits: per head, whole blocks, block_len up to 16 (TUNING); bitwise the same
-  numbers (H200: 0.147-0.153 ms against 0.173 ms). Its BHDL counterpart ``rows_coop`` has a
-  warp copy 64-step spans of its 32 rows together (coalesced) and each lane walk its own row
-  from shared memory, as the row kernel does (0.190 against 0.219 ms).
-* ``row_scan`` (``swr_backward_rowscan.py``): BHDL per head, hops 0/1, taken first where it
-  fits. Lanes along time as in the forward's row scan, a warp per (head, chunk), da summed over
-  the head's rows in registers, the rows' u and dy (and a) through a 4-row ``cp.async`` ring in
-  shared memory (H200, bf16: 0.127-0.130 ms against the cooperative row kernel's 0.186 ms).
-* ``walk``: the fused hops 0/1 backward (the rest, where it fits).
-  A group of ``lanes`` consecutive threads holds one block of a *unit* (BLHD: one 64-bit word of
-  channels at every time step; BHDL: one channel, its time steps packed into 64-bit words), each
-  lane ``block_len / lanes`` consecutive time steps in registers. The lanes combine their partial
-  scans with warp shuffles, and the group walks a chunk of ``blocks_per_chunk`` blocks forward in
-  time: ``v_j`` becomes the next block's carry in registers, and block j+1's coefficients and
-  ``dy``, loaded one step ahead to form ``q_{j+1}``, are kept for the next step. Only the block
-  before a chunk (its carrier) is read twice. Per-head ``da`` is reduced over the head's lanes
-  with a shuffle reduce-scatter in float32 and rounded once.
+Which kernel runs for hops 0/1 is the table :data:`BACKWARD` (one ordered list per layout):
+
+* ``row_scan`` (``swr_backward_rowscan.py``, BHDL): lanes along time as in the forward's row
+  scan, a warp per (head, chunk), da summed over the head's rows in registers, the rows' u and dy
+  (and a) through a ``cp.async`` ring in shared memory.
+* ``rows`` (``swr_backward_channel.py``, BHDL): a thread per channel row, 16-byte vectors along
+  time, walking its chunk's blocks from the last to the first.
+* ``staged`` (``swr_backward_staged.py``, BLHD): the channel walk with each block's u, a and dy
+  copied into shared memory by ``cp.async``; bitwise the channel kernel's numbers.
+* ``channel`` (``swr_backward_channel.py``, BLHD): a thread owns a vector of 2-8 channels and walks
+  its chunk's blocks from the last to the first, no shuffles inside a block.
+* ``walk`` (this module): a group of ``lanes`` consecutive threads holds one block of a *unit*
+  (BLHD: one 64-bit word of channels at every time step; BHDL: one channel, its time steps packed
+  into 64-bit words), each lane ``block_len / lanes`` consecutive time steps in registers. The
+  lanes combine their partial scans with warp shuffles, and the group walks a chunk of blocks
+  forward in time: ``v_j`` becomes the next block's carry in registers, and block j+1's
+  coefficients and ``dy``, loaded one step ahead to form ``q_{j+1}``, are kept for the next step.
+  Per-head ``da`` is reduced over the head's lanes with a shuffle reduce-scatter in float32 and
+  rounded once.
 * ``general``: one thread per (batch, head or channel, block), any shape, any block length,
   bfloat16 / float16 / float32 element loads; also the local backward of general hops from
   per-block ``S``, ``dv``, ``dC`` (``swr_backward_blocks``).
 * ``grad_sums``: ``q_j`` per (channel, block) for the block-level adjoint of general hops.
-
-Measured (H100 80GB HBM3, bf16, hops=1, block_len=16, 128 heads of 16, per-head coefficients,
-B x L in 16 x 2048 / 4 x 8192 / 1 x 32768; events around 20 back-to-back calls,
-scripts/kbwd_dev.py): BHDL 0.255-0.269 ms, BLHD 0.299-0.302 ms, i.e. 52-55% and 46-47% of the
-copy bandwidth (the floor:
-a, u, dy read and du, da written, 0.14 ms at 3.0 TB/s). The walk kernel holds 128 (BHDL) / 168
-(BLHD) registers per thread, so 12-16 warps per SM, and spends about a third of its instructions
-on shuffles: fewer lanes per block (more registers) and more lanes (more shuffles) both measured
-slower. The next steps are sharing the prefix-product scan between ``grad_sum`` and the next
-block's ``forward``, and reloading block j+1's dy from L1 instead of holding it.
 
 Array conventions (the front's canonical forms, docs/internals.md): BHDL ``u`` ``(B, H, D, N)``,
 ``a`` ``(B, H, N)`` or ``(B, H, D, N)``; BLHD ``u`` ``(B, N, H, D)``, ``a`` ``(B, N, H)`` or
@@ -63,6 +44,8 @@ Array conventions (the front's canonical forms, docs/internals.md): BHDL ``u`` `
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from numba import cuda
@@ -70,21 +53,22 @@ from numba import cuda
 from ._dtypes import LOAD, SIMULATOR, STORE, f32_to_bf16, storage_kind
 from ._launch import (
     FlatArray,
+    Tuning,
     allow_shared_memory,
     data_pointer,
     launch,
     launch_with_pointers,
     prepare,
+    sm_count,
 )
 from .block_scan import scratch_shape, warp_exchange
 from .swr_backward_channel import channel_config, channel_kernel, rows_config, rows_kernel
 from .swr_backward_rowscan import row_scan_config, row_scan_kernel
-from .swr_backward_staged import rows_coop_config, rows_coop_kernel, staged_config, staged_kernel
-from .swr_forward import _Tuning
+from .swr_backward_staged import staged_config, staged_kernel
 
 __all__ = ["swr_backward", "block_grad_sums", "swr_backward_blocks", "walk_plan", "TUNING"]
 
-TUNING = _Tuning({
+TUNING = Tuning({
     # BLHD channel kernel (swr_backward_channel): bytes of u one thread moves per step, steps whose
     # loads are in flight together, chunk length in steps, threads per block
     "channel_access_bytes": 16,
@@ -97,17 +81,11 @@ TUNING = _Tuning({
     "rows_chunk_steps": 512,
     "rows_threads_per_block": 128,
     # BLHD staged kernel (swr_backward_staged): on where it fits (else the channel kernel), chunk
-    # length in steps, threads per block (fewer where the shared memory does not fit), largest
-    # block_len
+    # length in steps, threads per block (fewer where the shared memory does not fit)
     "staged": True,
     "staged_chunk_steps": 256,
     "staged_threads_per_block": 128,
-    "staged_max_block_len": 16,
     "staged_unroll": 8,  # steps per checkpointed group
-    # BHDL cooperative row kernel (swr_backward_staged.rows_coop_kernel): on where it fits, warps
-    # per thread block
-    "rows_coop": True,
-    "rows_coop_warps": 2,
     # BHDL row scan (swr_backward_rowscan): lanes along time, a warp per (head, chunk); on where
     # it fits (hops 0/1, per head), warps per thread block, resident threads to aim for per SM,
     # shortest chunk in iterations
@@ -121,18 +99,8 @@ TUNING = _Tuning({
     "row_scan_min_blocks": 0,  # > 0: launch bounds of that many resident blocks per SM
     "row_scan_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
 })
-"""Launch tuning of the channel kernels, chosen by scripts/swr_sweep.py on an H200 (bf16, l=16, 128
-x 16; BHDL rows: two 16-byte vectors per group over 512-step chunks 0.212-0.223 ms, one vector
-0.33-0.41 ms, 256- or 2048-step chunks 0.215-0.236 / 0.252 ms; BLHD: 8-step groups over 256-step
-chunks 0.173 ms; 4-step groups 0.219 ms; 128- or 512-step chunks 0.184 / 0.268 ms; 8-byte accesses
-0.278 ms; launch bounds of 2 blocks per SM 0.232 ms; the staged kernel: 256-step chunks 0.147-0.153
-ms, 192 / 384 / 512 steps 0.207 / 0.201 / 0.240 ms, 64-256 threads per block within 1%; with its
-copies ahead and register checkpoints, 2026-12-01: 0.133-0.134 ms, 192 steps 0.196 ms, 4-step
-groups 0.138-0.140 ms, 64 threads within 1%; with unsigned indices 0.1305 ms). BHDL
-row scan, 2026-12-01 (16x2048 / 4x8192 / 1x32768): loads through a 4-row cp.async ring and 2048
-threads per SM 0.130 / 0.127 / 0.128 ms; through registers 0.156-0.167 ms; 8-row ring within
-1-4%; launch bounds of 8 blocks per SM (136 -> 128 registers) 0.131 ms; chunks sized to whole
-waves of 16 resident warps 0.136-0.137 ms; 1024 threads per SM 0.132-0.138 ms)."""
+"""Launch tuning of the backward kernels (swept by scripts/swr_sweep.py; the figures are in
+docs/benchmarks.md)."""
 
 f32 = numba.float32
 i64 = numba.int64
@@ -866,6 +834,9 @@ def _words(x, kind):
 
 
 def _address(x) -> int:
+    """The data address of an array (an int is taken as an address already)."""
+    if isinstance(x, (int, np.integer)):
+        return int(x)
     if hasattr(x, "__cuda_array_interface__"):
         return x.__cuda_array_interface__["data"][0]
     return x.__array_interface__["data"][0]
@@ -882,8 +853,8 @@ def _dims(u, a, layout):
 def walk_plan(layout, per_head, ku, kd, block_len, N, H, D, arrays=()):
     """Lane layout of the fused kernel for a shape, or None where only the general kernel fits.
 
-    Returns ``(lanes, uph)``: lanes per block and units (lane groups) per head. ``arrays`` are
-    checked for 8-byte alignment (the kernel reads them as 64-bit words).
+    Returns ``(lanes, uph)``: lanes per block and units (lane groups) per head. ``arrays`` (or
+    their addresses) are checked for 8-byte alignment (the kernel reads them as 64-bit words).
     """
     E = max(ELEMS_PER_WORD[ku], ELEMS_PER_WORD[kd])
     C = H * D
@@ -927,17 +898,15 @@ def walk_plan(layout, per_head, ku, kd, block_len, N, H, D, arrays=()):
 
 def swr_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=None, stream=None,
                  variant="auto", blocks_per_chunk=None, threads=128, lanes=None):
-    """Fused backward of hops 0/1 from offset 0 (SPEC section 4); writes du, da (and dcarry).
+    """Fused backward of hops 0/1 from offset 0 (docs/spec.md#gradients); writes du, da (and
+    dcarry).
 
     a: BHDL ``(B, H, N)`` / ``(B, H, D, N)``, BLHD ``(B, N, H)`` / ``(B, N, H, D)``; u, du: BHDL
     ``(B, H, D, N)``, BLHD ``(B, N, H, D)``; dy like u (any of the three dtypes); da like a.
     ``carry``: ``(B, H, D)`` float32, the initial carry (x0, or zeros). ``dcarry``: ``(B, H, D)``
     float32 receiving d carry (zeros for hops=0), or None.
-    ``variant``: "auto" (in BHDL the row scan of swr_backward_rowscan first where it fits and
-    ``TUNING["row_scan"]``; then the channel kernels of swr_backward_channel first where
-    :func:`_channel_preferred` says they are faster and they fit, then the fused walk kernel
-    where :func:`walk_plan` allows, then the channel kernels where they fit, else "general"),
-    "channel" (BLHD channel or BHDL row kernel), "row_scan" (BHDL), "walk" or "general".
+    ``variant``: "auto" (the first row of :data:`BACKWARD` that fits), "channel" (BLHD staged or
+    channel kernel, BHDL row kernel), "row_scan" (BHDL), "walk" or "general".
     ``blocks_per_chunk``: blocks each lane group of the walk kernel walks (default: 32 for BHDL,
     8 for BLHD).
     ``threads``: threads per CTA of the walk kernel (a multiple of 32). ``lanes``: lanes per
@@ -985,6 +954,119 @@ def _run_cached(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, stream
     launch_with_pointers(entry, grid, block, values, ptrs, stream, shared)
 
 
+class Case(NamedTuple):
+    """What the choice of a backward kernel depends on (no arrays: a test can enumerate it).
+    ``addresses``: the data addresses of a, u, dy, du, da."""
+
+    layout: str
+    per_head: bool
+    ku: str
+    kd: str
+    hops: int
+    block_len: int
+    N: int
+    H: int
+    D: int
+    addresses: tuple = (0, 0, 0, 0, 0)
+
+
+def _fit_row_scan(c):
+    return TUNING["row_scan"] and row_scan_config(c.ku, c.kd, c.per_head, c.block_len, c.N, c.D,
+                                                  c.addresses)
+
+
+def _fit_rows(c):
+    return rows_config(c.ku, c.kd, c.per_head, c.block_len, c.N, c.D, TUNING["rows_depth"],
+                       c.addresses)
+
+
+def _fit_rows_first(c):
+    if c.hops != 1 or not c.per_head or c.ku == "f32":
+        return None
+    cfg = _fit_rows(c)
+    return cfg if cfg is not None and cfg[0] == TUNING["rows_depth"] else None
+
+
+def _fit_walk(c):
+    return walk_plan(c.layout, c.per_head, c.ku, c.kd, c.block_len, c.N, c.H, c.D, c.addresses)
+
+
+def _fit_channel(c):
+    a, u, dy, du, da = c.addresses
+    return channel_config(c.ku, c.kd, c.per_head, c.block_len, c.H, c.D,
+                          TUNING["channel_access_bytes"], (u, du) if c.per_head else (u, du, a, da),
+                          dy)
+
+
+def _fit_staged(c):
+    cfg = _fit_channel(c) if TUNING["staged"] else None
+    if cfg is None:
+        return None
+    vec, lph = cfg
+    # the simulator has no warp shuffles: there a thread block is one head's lanes
+    threads = lph if SIMULATOR else TUNING["staged_threads_per_block"]
+    staged = staged_config(c.ku, c.kd, c.per_head, c.block_len, c.N, vec,
+                           min(TUNING["staged_unroll"], c.block_len), threads, c.addresses[0])
+    return None if not staged else (vec, lph) + staged
+
+
+def _channel_first(c):
+    return c.hops == 1 or c.block_len >= 32
+
+
+def _fit_general(c):
+    return True
+
+
+BACKWARD = {
+    "BHDL": (
+        ("row_scan", _fit_row_scan,
+         "per head, u and dy of one item size, 16-byte aligned, block_len 8-128 (16-bit): lanes "
+         "along time, a warp per (head, chunk), da summed in registers"),
+        ("rows", _fit_rows_first,
+         "hops=1, per head, 16-bit u, two 16-byte vectors per group: a thread per channel row "
+         "beats the lane walk there"),
+        ("walk", _fit_walk,
+         "8-byte aligned, N a multiple of a word's elements: lane groups walk blocks forward"),
+        ("rows", _fit_rows, "16-byte aligned rows that the lane walk does not take"),
+        ("general", _fit_general, "anything else: a thread per (batch, head or channel, block)"),
+    ),
+    "BLHD": (
+        ("staged", lambda c: _channel_first(c) and _fit_staged(c),
+         "hops=1 or block_len >= 32, per head, whole blocks, block_len in BLOCK_LENS: the "
+         "channel walk with u, a, dy staged in shared memory"),
+        ("channel", lambda c: _channel_first(c) and _fit_channel(c),
+         "hops=1 or block_len >= 32, vectors of 2-8 channels: a thread walks its channels' "
+         "blocks backwards"),
+        ("walk", _fit_walk, "8-byte aligned words of channels: lane groups walk blocks forward"),
+        ("staged", _fit_staged, "where the lane walk does not fit, as above"),
+        ("channel", _fit_channel, "where the lane walk does not fit, as above"),
+        ("general", _fit_general, "anything else: a thread per (batch, head or channel, block)"),
+    ),
+}
+"""The backward's choice, per layout: the first row whose fits-check passes is launched (under
+``variant="auto"``). Each fits-check returns the launch configuration, or a false value."""
+
+_VARIANTS = {"channel": ("staged", "channel", "rows"), "row_scan": ("row_scan",),
+             "walk": ("walk",), "general": ("general",)}
+
+
+def choose(c: Case, variant: str = "auto"):
+    """``(kernel name, configuration)`` of the backward for ``c``: the first row of
+    :data:`BACKWARD` that fits (``variant="auto"``), or the first row of the named variant that
+    fits (ValueError where none does)."""
+    rows = BACKWARD[c.layout]
+    if variant != "auto":
+        # a named variant: the last row of each of its kernels (the row without a preference)
+        rows = list({r[0]: r for r in rows if r[0] in _VARIANTS[variant]}.values())
+    for name, fits, _ in rows:
+        cfg = fits(c)
+        if cfg:
+            return name, cfg
+    raise ValueError(f"the {variant} kernel does not fit layout={c.layout}, D={c.D}, N={c.N}, "
+                     f"block_len={c.block_len}, dtypes {c.ku}/{c.kd} with these arrays")
+
+
 def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, variant,
                  blocks_per_chunk, threads, lanes):  # fmt: skip
     """(kernel, grid, block, args, dynamic shared memory bytes) of the backward launch, or None
@@ -999,66 +1081,22 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
             dcarry[...] = 0
         return None
     ku, kd = _kind(u), _kind(dy)
+    c = Case(layout, per_head, ku, kd, int(hops), block_len, N, H, D,
+             tuple(_address(x) for x in (a, u, dy, du, da)))
+    name, cfg = choose(c, variant)
     # absent optional arrays are replaced by carry: the kernels never touch them then
     dc = _flat(dcarry, "f32") if has_dcarry else _flat(carry, "f32")
     flag = np.int64(1 if has_dcarry else 0)
-
-    def channel_call():
-        args_of = _channel_args if layout == "BLHD" else _rows_args
-        return args_of(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
-                       block_len, hops)
-
-    if layout == "BHDL" and (variant == "row_scan" or (variant == "auto" and TUNING["row_scan"])):
-        call = _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku,
-                              kd, block_len, hops)  # fmt: skip
-        if call is not None:
-            return call
-        if variant == "row_scan":
-            raise ValueError(f"the row scan does not fit {layout}, D={D}, N={N}, "
-                             f"block_len={block_len}, dtypes {ku}/{kd} with these arrays")
-    preferred = variant == "channel" or (
-        variant == "auto" and _channel_preferred(layout, ku, kd, hops, per_head, N, D, block_len))
-    if preferred:
-        call = channel_call()
-        if call is not None:
-            return call
-        if variant == "channel":
-            raise ValueError(f"the channel kernel does not fit {layout}, D={D}, N={N}, "
-                             f"block_len={block_len}, dtypes {ku}/{kd} with these arrays")
-    plan = None
-    if variant in ("auto", "walk"):
-        plan = walk_plan(layout, per_head, ku, kd, block_len, N, H, D, (a, u, dy, du, da))
-        if plan is None and variant == "walk":
-            raise ValueError(f"the walk kernel does not fit layout={layout}, D={D}, N={N}, "
-                             f"block_len={block_len}, dtypes {ku}/{kd}")
-        if plan is not None and lanes is not None:
-            E = max(ELEMS_PER_WORD[ku], ELEMS_PER_WORD[kd])
-            fits = (lanes & (lanes - 1) == 0 and block_len % lanes == 0
-                    and lanes * plan[1] <= 32
-                    and (layout == "BLHD" or (block_len // lanes) % E == 0))
-            if not fits:
-                raise ValueError(f"lanes={lanes} does not fit block_len={block_len} here")
-            plan = (lanes, plan[1])
-    if plan is not None:
-        lanes, uph = plan
-        kernel = _walk_kernel(ku, kd, layout, per_head, block_len, lanes, int(hops), uph, threads)
-        # measured on an H200 (bf16, D=16): BHDL 2-3% faster with 32 blocks per chunk than with
-        # 16 (on an H100 16 beat 8 by 1-2%), BLHD best at 8
-        K = (32 if layout == "BHDL" else 8) if blocks_per_chunk is None else int(blocks_per_chunk)
-        E = max(ELEMS_PER_WORD[ku], ELEMS_PER_WORD[kd])
-        units = H * D // (E if layout == "BLHD" else 1)
-        upc = threads // lanes
-        grid = (-(-units // upc)) * (-(-nb // K)) * B
-        a_arg = _flat(a, ku) if (per_head and layout == "BLHD") else _words(a, ku)
-        da_arg = _flat(da, ku) if per_head else _words(da, ku)
-        args = (a_arg, _words(u, ku), _words(dy, kd), _words(du, ku), da_arg,
-                _flat(carry, "f32"), dc, np.int64(N), np.int64(H), np.int64(D), np.int64(nb),
-                np.int64(K), flag)
-        return kernel, grid, threads, args, 0
-    if variant == "auto" and not preferred:
-        call = channel_call()
-        if call is not None:
-            return call
+    common = (a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd, block_len,
+              int(hops))
+    if name == "row_scan":
+        return _row_scan_args(*common, cfg)
+    if name == "rows":
+        return _rows_args(*common, cfg)
+    if name in ("staged", "channel"):
+        return _channel_args(*common, cfg, name == "staged")
+    if name == "walk":
+        return _walk_args(*common, cfg, blocks_per_chunk, threads, lanes, layout)
     mode = MODE_HOPS1 if hops == 1 else MODE_HOPS0
     kernel = _general_kernel(ku, kd, layout, per_head, block_len, mode)
     dummy = _flat(carry, "f32")
@@ -1066,52 +1104,48 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, varia
                          B, N, H, D, nb, flag, per_head, ku, kd)
 
 
-def _channel_preferred(layout, ku, kd, hops, per_head, N, D, block_len):
-    """Whether ``auto`` tries the channel kernels before the lane-walk kernel: where they
-    measured faster (H200, bf16, 4 x 8192, H=128 x D=16; ms, channel kernel vs lane walk).
-    BLHD: hops=1 (l=16 0.173 vs 0.281, l=8 0.159 vs 0.251, l=64 0.202 vs 0.458, float32 0.328
-    vs 0.353, per channel 0.270 vs 0.275) and hops=0 from block_len 32 (forward+backward through
-    the API: l=32 0.250 vs 0.294, l=64 0.253 vs 0.286); hops=0 at block_len 16 and below went to
-    the lane walk (0.160 vs 0.167 alone; forward+backward l=8 0.212 vs 0.230). BHDL
-    (the row kernel): 16-bit u, hops=1, per head, groups of two vectors (l=16 0.216 vs 0.232,
-    l=32 0.221 vs 0.240); the lane walk won for hops=0 (0.191 vs 0.330), float32 (0.381 vs
-    0.547), per channel (0.271 vs 0.673) and block_len 8 (one vector per group: 0.369 vs 0.482).
-    Where the lane walk does not fit, the channel kernels are tried after it all the same."""
-    if layout == "BLHD":
-        return hops == 1 or block_len >= 32
-    if hops != 1 or not per_head or ku == "f32":
-        return False
-    depth = TUNING["rows_depth"]
-    cfg = rows_config(ku, kd, per_head, block_len, N, D, depth)
-    return cfg is not None and cfg[0] == depth  # not the one-vector fallback
+def _walk_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd, block_len,
+               hops, plan, blocks_per_chunk, threads, lanes, layout):  # fmt: skip
+    """(kernel, grid, block, args, 0) of the lane-walk kernel (``lanes``: a tuning override)."""
+    E = max(ELEMS_PER_WORD[ku], ELEMS_PER_WORD[kd])
+    if lanes is not None:
+        fits = (lanes & (lanes - 1) == 0 and block_len % lanes == 0 and lanes * plan[1] <= 32
+                and (layout == "BLHD" or (block_len // lanes) % E == 0))
+        if not fits:
+            raise ValueError(f"lanes={lanes} does not fit block_len={block_len} here")
+        plan = (lanes, plan[1])
+    lanes, uph = plan
+    kernel = _walk_kernel(ku, kd, layout, per_head, block_len, lanes, hops, uph, threads)
+    # blocks each lane group walks, per layout
+    K = (32 if layout == "BHDL" else 8) if blocks_per_chunk is None else int(blocks_per_chunk)
+    units = H * D // (E if layout == "BLHD" else 1)
+    upc = threads // lanes
+    grid = (-(-units // upc)) * (-(-nb // K)) * B
+    a_arg = _flat(a, ku) if (per_head and layout == "BLHD") else _words(a, ku)
+    da_arg = _flat(da, ku) if per_head else _words(da, ku)
+    args = (a_arg, _words(u, ku), _words(dy, kd), _words(du, ku), da_arg,
+            _flat(carry, "f32"), dc, np.int64(N), np.int64(H), np.int64(D), np.int64(nb),
+            np.int64(K), flag)
+    return kernel, grid, threads, args, 0
 
 
 def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
-                  block_len, hops):  # fmt: skip
-    """(kernel, grid, block, args, shared bytes) of the BLHD channel kernel (or, where
-    ``TUNING["staged"]`` asks for it and it fits, the staged kernel), or None where neither
-    fits."""
-    vec_arrays = (u, du) if per_head else (u, du, a, da)
-    cfg = channel_config(ku, kd, per_head, block_len, H, D, TUNING["channel_access_bytes"],
-                         [_address(x) for x in vec_arrays], _address(dy))
-    if cfg is None:
-        return None
-    vec, lph = cfg
+                  block_len, hops, cfg, staged):  # fmt: skip
+    """(kernel, grid, block, args, shared bytes) of the BLHD channel kernel or its staged twin
+    (``cfg``: ``(vec, lph)``, staged ``(vec, lph, threads, shared bytes)``)."""
+    vec, lph = cfg[:2]
     unroll = TUNING["channel_unroll"]
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     sim_tpb = lph if per_head else 32
-    s_unroll = min(TUNING["staged_unroll"], block_len)
-    staged = TUNING["staged"] and block_len <= TUNING["staged_max_block_len"] and staged_config(
-        ku, kd, per_head, block_len, N, vec, s_unroll,
-        sim_tpb if SIMULATOR else TUNING["staged_threads_per_block"], _address(a))
     shared = 0
     if staged:
-        tpb, shared = staged
-        kernel = staged_kernel(ku, kd, int(hops), vec, block_len, s_unroll)
+        tpb, shared = cfg[2:]
+        kernel = staged_kernel(ku, kd, hops, vec, block_len, min(TUNING["staged_unroll"],
+                                                                  block_len))
         steps = TUNING["staged_chunk_steps"]
     else:
         full = N % block_len == 0 and block_len % unroll == 0
-        kernel = channel_kernel(ku, kd, per_head, int(hops), vec, unroll, full)
+        kernel = channel_kernel(ku, kd, per_head, hops, vec, unroll, full)
         tpb = sim_tpb if SIMULATOR else TUNING["channel_threads_per_block"]
         steps = TUNING["channel_chunk_steps"]
     groups = H * D // vec
@@ -1126,54 +1160,33 @@ def _channel_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, k
 
 
 def _rows_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd, block_len,
-               hops):  # fmt: skip
-    """(kernel, grid, block, args, shared bytes) of the BHDL row kernel (or, where
-    ``TUNING["rows_coop"]`` asks for it and it fits, its cooperative variant), or None where
-    neither fits."""
-    addresses = [_address(x) for x in (a, u, dy, du, da)]
+               hops, cfg):  # fmt: skip
+    """(kernel, grid, block, args, 0) of the BHDL row kernel (``cfg``: ``rows_config``'s)."""
     C = H * D
     chunk_blocks = max(1, min(nb, TUNING["rows_chunk_steps"] // block_len))
-    coop = TUNING["rows_coop"] and rows_coop_config(
-        ku, kd, per_head, block_len, N, D, C, chunk_blocks, addresses,
-        1 if SIMULATOR else TUNING["rows_coop_warps"])  # the simulator: a block is one warp
-    shared = 0
-    if coop:
-        tpb, shared = coop
-        lph = D
-        kernel = rows_coop_kernel(ku, int(hops), lph)
-    else:
-        cfg = rows_config(ku, kd, per_head, block_len, N, D, TUNING["rows_depth"], addresses)
-        if cfg is None:
-            return None
-        depth, _, lph = cfg
-        kernel = rows_kernel(ku, kd, per_head, int(hops), depth, lph)
-        # (the simulator has no warp shuffles: there a thread block is one head's lanes)
-        tpb = (lph if per_head else 32) if SIMULATOR else TUNING["rows_threads_per_block"]
+    depth, _, lph = cfg
+    kernel = rows_kernel(ku, kd, per_head, hops, depth, lph)
+    # (the simulator has no warp shuffles: there a thread block is one head's lanes)
+    tpb = (lph if per_head else 32) if SIMULATOR else TUNING["rows_threads_per_block"]
     nchunks = -(-nb // chunk_blocks)
     nwork = B * nchunks * C
     i64 = np.int64
     args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
             _flat(carry, "f32"), dc, i64(N), i64(C), i64(D), i64(nb), i64(block_len),
             i64(chunk_blocks), i64(C), i64(nchunks), i64(nwork), i64(lph), flag)
-    return kernel, -(-nwork // tpb), tpb, args, shared
+    return kernel, -(-nwork // tpb), tpb, args, 0
 
 
 def _row_scan_args(a, u, dy, du, da, carry, dc, flag, B, N, H, D, nb, per_head, ku, kd,
-                   block_len, hops):  # fmt: skip
-    """(kernel, grid, block, args, 0) of the BHDL row scan, or None where it does not fit."""
-    from .swr_forward import _sm_count
-
-    vec = row_scan_config(ku, kd, per_head, block_len, N, D,
-                          [_address(x) for x in (a, u, dy, du, da)])  # fmt: skip
-    if vec is None:
-        return None
+                   block_len, hops, vec):  # fmt: skip
+    """(kernel, grid, block, args, 0) of the BHDL row scan (``vec``: row_scan_config's)."""
     warps = 1 if SIMULATOR else TUNING["row_scan_warps"]  # the simulator: a block is one warp
-    kernel = row_scan_kernel(ku, kd, int(hops), vec, block_len, D, warps,
+    kernel = row_scan_kernel(ku, kd, hops, vec, block_len, D, warps,
                              TUNING["row_scan_depth"], TUNING["row_scan_stages"],
                              0 if SIMULATOR else TUNING["row_scan_min_blocks"])
     groups = B * H
     per_iter = 32 * vec // block_len - 1  # blocks an iteration writes
-    sms = 1 if isinstance(u, np.ndarray) else _sm_count()  # NumPy: the simulator, or recorded
+    sms = 1 if isinstance(u, np.ndarray) else sm_count()  # NumPy: the simulator, or recorded
     target = sms * TUNING["row_scan_threads_per_sm"] // 32
     want = max(1, -(-target // groups))
     chunk_blocks = max(TUNING["row_scan_min_iters"] * per_iter, -(-nb // want))

@@ -1,8 +1,8 @@
 """Backward of hops 0/1 with one thread per channel vector (BLHD) or channel row (BHDL).
 
-The math is that of ``swr_backward`` (SPEC section 4): per block j, with S the carry entering it
-(hops=1: the previous block's carrier ``v_{j-1}``, ``carry`` for j = 0) and ``q_{j+1}`` the next
-block's sum of ``g_t dy_t``, a reverse sweep
+The math is that of ``swr_backward`` (docs/spec.md#gradients): per block j, with S the carry
+entering it (hops=1: the previous block's carrier ``v_{j-1}``, ``carry`` for j = 0) and ``q_{j+1}``
+the next block's sum of ``g_t dy_t``, a reverse sweep
 
     lam_t = dy_t + a_{t+1} lam_{t+1},  lam_end = dy_end + q_{j+1}      (du_t = lam_t)
     z_t   = dy_t + a_{t+1} z_{t+1},    z_end = dy_end,   q_j = a_first z_first
@@ -25,15 +25,11 @@ thread block of one head's lanes).
 BHDL (``rows_kernel``): the same walk with one channel row per thread; a group is one or two
 16-byte vectors of consecutive steps of each array (so block_len and N must be multiples of its
 8 or 16 steps for 16-bit data), and per-head ``da`` of a group is summed over the head's D lanes
-with a shuffle reduce-scatter (one shuffle per step and lane). H200, bf16, 128 x 16: 0.212-0.223
-ms against 0.232-0.242 ms for the lane-walk kernel.
+with a shuffle reduce-scatter (one shuffle per step and lane).
 
 Launch knobs are in ``swr_backward.TUNING`` (scripts/swr_sweep.py sweeps them). Where N is a
 multiple of block_len (and block_len of the group length) a specialisation without any clamping
-of steps runs: on an H200 (bf16, l=16, 128 x 16) 0.173 ms against 0.255 ms clamped, 8-step
-groups. Tried and dropped: L2 prefetch of the blocks 1-3 ahead (``prefetch.global.L2``; 15%
-slower, as it was in the forward kernels), launch bounds of 2 blocks per SM with 128-step chunks
-(more warps, spills: 0.208 vs 0.219 ms with 4-step groups, 0.232 vs 0.173 ms with 8).
+of steps runs.
 """
 
 from __future__ import annotations
@@ -42,9 +38,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._dtypes import SIMULATOR, STORE
-from .phalanx_fused import _head_sum
-from .swr_forward import make_vector_load, make_vector_store, shfl_idx
+from ._dtypes import ITEM_SIZE, SIMULATOR, STORE
+from ._ptx import head_sum, make_vector_load, make_vector_store, shfl_idx
 
 __all__ = ["LMAX", "channel_kernel", "channel_config", "rows_kernel", "rows_config"]
 
@@ -54,14 +49,13 @@ LMAX = 64
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 f32 = numba.float32
-_ITEM = {"f32": 4, "f16": 2, "bf16": 2}
 _CACHE: dict = {}
 
 
-def _split_load(kind, vec, space=".global"):
+def split_load(kind, vec, space=".global"):
     """``load(array, index, dst, offset)`` of ``vec`` elements in accesses of at most 16 bytes
     (``space`` as make_vector_load's: ".shared" reads a shared array)."""
-    width = min(vec, 16 // _ITEM[kind])
+    width = min(vec, 16 // ITEM_SIZE[kind])
     pieces = vec // width
     one = make_vector_load(kind, width, space)
 
@@ -165,7 +159,7 @@ def make_row_group(steps, hops):
 def _make(ku, kd, per_head, hops, vec, unroll, full=False):
     load_u = make_vector_load(ku, vec)
     load_a = make_vector_load(ku, 1 if per_head else vec)
-    load_d = _split_load(kd, vec)
+    load_d = split_load(kd, vec)
     store_v = make_vector_store(ku, vec)
     store_s = STORE[ku]
     VEC, U = vec, unroll
@@ -311,7 +305,7 @@ def _make(ku, kd, per_head, hops, vec, unroll, full=False):
                         pa = reverse_step(db, i * VEC, an, lam, zz, S, wp, gp, i, ov, oa)
                         store_v(du, m * C + c0, ov, 0)
                         if per_head:
-                            pa = _head_sum(pa, lph, mask)
+                            pa = head_sum(pa, lph, mask)
                             if lead:
                                 da[m * a_stride + a_col] = store_s(pa)
                         else:
@@ -392,8 +386,8 @@ def _make_rows(ku, kd, per_head, hops, depth, lph):
     steps of each array (U = depth * 16 / itemsize steps, block_len and N multiples of U, so
     nothing is clamped). Per head, da of a group is summed over the head's ``lph`` (= D) lanes
     with a shuffle reduce-scatter: log2(lph) rounds, U shuffles per lane in all."""
-    V = 16 // _ITEM[ku]
-    VD = 16 // _ITEM[kd]
+    V = 16 // ITEM_SIZE[ku]
+    VD = 16 // ITEM_SIZE[kd]
     U = depth * V
     load_u = make_vector_load(ku, V)
     load_d = make_vector_load(kd, VD)
@@ -535,8 +529,8 @@ def rows_config(ku, kd, per_head, block_len, N, D, depth, addresses=()):
         return None
     lph = D if per_head else 1
     for dp in sorted({depth, 1}, reverse=True):
-        steps = dp * 16 // _ITEM[ku]
-        whole_dy = steps * _ITEM[kd] % 16 == 0  # dy of a group: whole 16-byte vectors
+        steps = dp * 16 // ITEM_SIZE[ku]
+        whole_dy = steps * ITEM_SIZE[kd] % 16 == 0  # dy of a group: whole 16-byte vectors
         if whole_dy and block_len % steps == 0 and N % steps == 0:
             return dp, steps, lph
     return None
@@ -562,11 +556,11 @@ def channel_config(ku, kd, per_head, block_len, H, D, access_bytes, u_addresses=
         return None
     C = H * D
     for vec in (8, 4, 2):
-        if vec * _ITEM[ku] > access_bytes:
+        if vec * ITEM_SIZE[ku] > access_bytes:
             continue
-        if any(x % (vec * _ITEM[ku]) for x in u_addresses):
+        if any(x % (vec * ITEM_SIZE[ku]) for x in u_addresses):
             continue
-        if dy_address % min(16, vec * _ITEM[kd]):
+        if dy_address % min(16, vec * ITEM_SIZE[kd]):
             continue
         if per_head:
             lph = D // vec

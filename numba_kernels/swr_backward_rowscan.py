@@ -1,11 +1,11 @@
 """BHDL backward with the lanes along time: the forward row scan's layout, run both ways.
 
-SPEC section 4 (hops 0/1, per-head ``a``, offset 0). A warp owns one head (all its ``D`` rows) and
-a chunk of time. Each lane holds ``vec`` consecutive steps of a row (one 16-byte load), so every
-load and store of a warp is 512 contiguous bytes. Per iteration of ``32 * vec`` steps, what
+docs/spec.md#gradients (hops 0/1, per-head ``a``, offset 0). A warp owns one head (all its ``D``
+rows) and a chunk of time. Each lane holds ``vec`` consecutive steps of a row (one 16-byte load), so
+every load and store of a warp is 512 contiguous bytes. Per iteration of ``32 * vec`` steps, what
 depends on ``a`` alone is computed once for the head's rows: the lane's running products forward
-(``g``) and backward (``a_{t+1} ... a_end``), and their segmented products across the block's
-lanes. Per row the lane then
+(``g``) and backward (``a_{t+1} ... a_end``), and their segmented products across the block's lanes.
+Per row the lane then
 
 - scans forward (``w``) and combines with the block's earlier lanes (``log2(lanes)`` shuffles);
   the carrier of the block before (hops=1) comes from the lane that ended it;
@@ -25,8 +25,7 @@ lanes a row, ``32 / lanes`` rows a pass), for that block's carriers.
 
 With ``stages`` > 0 the rows' ``u`` and ``dy`` and each iteration's ``a`` arrive through a ring
 of ``stages`` rows per warp in shared memory, copied by ``cp.async`` that many rows ahead, so
-the loads in flight hold no registers (H200, bf16 at 128 x 16 with the block-before walk above:
-0.165-0.179 -> 0.127-0.130 ms).
+the loads in flight hold no registers.
 """
 
 from __future__ import annotations
@@ -34,11 +33,9 @@ from __future__ import annotations
 import numba
 from numba import cuda
 
-from ._dtypes import SHARED_ALIGN
-from .swr_backward_channel import _ITEM
-from .swr_backward_staged import _warp_sync
-from .swr_forward import (
-    _STORAGE_TYPE,
+from ._dtypes import ITEM_SIZE, SHARED_ALIGN
+from ._ptx import (
+    STORAGE_TYPE,
     WORD_TYPE,
     async_commit,
     make_async_copy,
@@ -50,6 +47,7 @@ from .swr_forward import (
     make_word_load,
     make_word_unpack,
     shfl_idx,
+    warp_sync,
     words_per_access,
 )
 
@@ -63,9 +61,9 @@ def row_scan_config(ku, kd, per_head, block_len, N, D, addresses, vec_bytes=16):
     """``vec`` of the BHDL backward row scan, or None where it does not fit: per head, u and dy
     of one item size, ``vec | N``, ``vec <= block_len <= 16 vec`` (at least two blocks per
     iteration), D up to 64, 16-byte aligned arrays."""
-    if not per_head or _ITEM[ku] != _ITEM[kd]:
+    if not per_head or ITEM_SIZE[ku] != ITEM_SIZE[kd]:
         return None
-    vec = vec_bytes // _ITEM[ku]
+    vec = vec_bytes // ITEM_SIZE[ku]
     if N % vec or not vec <= block_len <= 16 * vec or D > 64:
         return None
     if any(x % vec_bytes for x in addresses):
@@ -104,7 +102,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
     S = max(stages, 1)
     n_ring = warps_per_block * S * span
     n_aring = warps_per_block * 2 * span
-    SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
+    SU, SD = STORAGE_TYPE[ku], STORAGE_TYPE[kd]
     copy_u = make_async_copy(ku, vec)
     copy_d = make_async_copy(kd, vec)
     wait_row = make_async_wait(S - 1)
@@ -210,7 +208,7 @@ def _make(ku, kd, hops, vec, block_len, rows, warps_per_block, depth, stages, mi
                     big_w, _ = scan_w(w_acc, gk, seg)
                     if seg == lanes - 1 and r < rows:
                         sm_v[slot + r] = big_w
-            _warp_sync()  # lane `last` reads what the others wrote
+            warp_sync()  # lane `last` reads what the others wrote
         for it in range(n_iters):
             t0 = t_lo + it * step + lane * vec
             valid = t0 < t_end

@@ -1,9 +1,5 @@
-"""Backward of hops 0/1 with the data staged in shared memory by ``cp.async``: BLHD
-(:func:`staged_kernel`) and BHDL (:func:`rows_coop_kernel`, described at its factory; H200, bf16,
-4 x 8192, 128 x 16, the kernel alone: 0.190 ms against 0.219 ms for the row kernel; each lane
-copying its own row instead measured 0.228-0.235 ms).
-
-BLHD:
+"""BLHD backward of hops 0/1 with the data staged in shared memory by ``cp.async``
+(:func:`staged_kernel`).
 
 The math and the work split are those of ``swr_backward_channel`` (a thread owns ``vec`` adjacent
 channels of one head-sharing group and walks its chunk's blocks from the last to the first; one
@@ -19,32 +15,16 @@ butterfly shuffles over the head's lanes). What changes is where the data comes 
   iteration.
 - ``u`` and ``a`` of block j-1 are read from DRAM once: the walk of block j-1 (while block j is
   reversed) and the reverse sweep of block j-1 (next iteration) both read the copy in shared
-  memory. The plain channel kernel reads ``u`` and ``a`` twice (the second time mostly from L2:
-  Nsight Compute showed L2 at 80% of its throughput there).
-- Shared memory is read back with ``ld.shared`` (an ``LDS``, short scoreboard).
+  memory, where the plain channel kernel reads them twice.
+- Shared memory is read back with ``ld.shared``.
 
-``block_len`` is a constant of each specialisation (8, 16 or 32), so the checkpoints of a block
-live in registers: the reverse sweep reads the last one and shifts the others up (indexed by the
-group, they were an 80-byte local-memory array; Nsight Compute on that version: DRAM 62%, L2
-78%, 0.44 warps issued per scheduler per cycle at 7.6 warps per SM, 240 registers). Each
-thread reads back only what it copied itself (after its own ``cp.async.wait_group``), so no
-barrier is needed. Needs per-head coefficients, N a multiple of block_len, 16-byte accesses of
-``u`` and ``dy`` (aligned), ``a`` 4-byte aligned, and the shared memory of
-:func:`staged_bytes` per thread block.
-
-Measured on an H200 (bf16, hops=1, l=16, 128 x 16, the kernel alone; scripts/swr_sweep.py):
-0.1305 ms at 4 x 8192 and 16 x 2048 (2026-12-01; 0.133-0.134 ms at the three sizes before
-the scalar accesses took unsigned indices), against 0.147-0.153 ms with
-each iteration's copies issued at its start and the checkpoints in local memory, 0.1466 ms with
-the copies ahead but the checkpoints still in local memory, and 0.173 ms for the channel kernel.
-Chunks of 256 steps and 128 threads per block (two blocks of 112 KiB of shared memory per SM,
-211 registers, 235 before the unsigned indices: 8 warps; 64 threads within 1%; 192-step
-chunks 0.196 ms, 4-step groups 0.138-0.140 ms; the thread count as a compile-time constant,
-within 1%). Tried and dropped
-earlier: three blocks of ``u`` and two of ``dy`` in shared memory, so half the warps (0.245-0.25
-ms); 8-byte accesses (4 channels per thread, 12 warps per SM but twice the shuffles and per-step
-work: 0.21-0.26 ms); block_len 32 (one block of 128 threads per SM: 0.240 against 0.187 ms for the
-channel kernel, so TUNING caps the staged kernel at block_len 16).
+``block_len`` is a constant of each specialisation (:data:`BLOCK_LENS`), so the checkpoints of a
+block live in registers: the reverse sweep reads the last one and shifts the others up (no local
+memory). Each thread reads back only what it copied itself (after its own
+``cp.async.wait_group``), so no barrier is needed. Needs per-head coefficients, N a multiple of
+block_len, 16-byte accesses of ``u`` and ``dy`` (aligned), ``a`` 4-byte aligned, and the shared
+memory of :func:`staged_bytes` per thread block. Its numbers are bitwise those of the channel
+kernel.
 """
 
 from __future__ import annotations
@@ -52,33 +32,30 @@ from __future__ import annotations
 import numba
 from numba import cuda
 
-from ._dtypes import LOAD, SIMULATOR, STORE
-from .phalanx_fused import _head_sum
-from .swr_backward_channel import (
-    _ITEM,
-    F0,
-    F1,
-    _split_load,
-    make_head_scatter,
-    make_next_q,
-    make_reverse_step,
-    make_row_group,
-)
-from .swr_forward import (
-    _STORAGE_TYPE,
+from ._dtypes import ITEM_SIZE, LOAD, STORE
+from ._ptx import (
+    STORAGE_TYPE,
     async_commit,
+    head_sum,
     make_async_copy,
     make_async_wait,
     make_shared_load,
     make_vector_load,
     make_vector_store,
 )
+from .swr_backward_channel import (
+    F0,
+    F1,
+    make_next_q,
+    make_reverse_step,
+    split_load,
+)
 
-__all__ = ["BLOCK_LENS", "rows_coop_config", "rows_coop_kernel", "staged_bytes",
-           "staged_config", "staged_kernel"]
+__all__ = ["BLOCK_LENS", "staged_bytes", "staged_config", "staged_kernel"]
 
-BLOCK_LENS = (8, 16, 32)
-"""block_len values with a staged specialisation."""
+BLOCK_LENS = (8, 16)
+"""block_len values with a staged specialisation (longer blocks go to the channel kernel: one
+thread block of 128 threads per SM fits the shared memory of block_len 32)."""
 
 SHARED_LIMIT = 227 * 1024
 """Dynamic shared memory one thread block may opt in to on sm_90 (H100, H200)."""
@@ -91,8 +68,8 @@ def staged_bytes(ku, kd, vec, block_len, threads):
     """(u, dy, a) offsets in bytes and the total bytes of the dynamic shared memory: two blocks
     of ``u`` (the one reversed, the one walked), one of ``dy``, two blocks of ``a`` (4 bytes a
     step: one 4-byte copy)."""
-    u_block = block_len * threads * vec * _ITEM[ku]
-    d_block = block_len * threads * vec * _ITEM[kd]
+    u_block = block_len * threads * vec * ITEM_SIZE[ku]
+    d_block = block_len * threads * vec * ITEM_SIZE[kd]
     d_at = 2 * u_block
     a_at = d_at + d_block
     return 0, d_at, a_at, a_at + 2 * block_len * threads * 4
@@ -109,7 +86,7 @@ def staged_config(ku, kd, per_head, block_len, N, vec, unroll, threads, a_addres
         return None
     if a_address % 4:
         return None
-    if vec * _ITEM[ku] != 16 or vec * _ITEM[kd] % 16:
+    if vec * ITEM_SIZE[ku] != 16 or vec * ITEM_SIZE[kd] % 16:
         return None
     while threads > 32 and staged_bytes(ku, kd, vec, block_len, threads)[3] > SHARED_LIMIT:
         threads //= 2
@@ -138,9 +115,9 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     VEC, LB, U = vec, block_len, unroll
     NGB = LB // U  # groups per block
     HOPS1 = hops == 1
-    DW = 16 // _ITEM[kd]  # dy elements per 16-byte copy
+    DW = 16 // ITEM_SIZE[kd]  # dy elements per 16-byte copy
     DP = VEC // DW  # copies of dy per step
-    AE = 4 // _ITEM[ku]  # elements of a per 4-byte copy
+    AE = 4 // ITEM_SIZE[ku]  # elements of a per 4-byte copy
     AM = AE - 1
     copy_u = make_async_copy(ku, VEC)
     copy_d = make_async_copy(kd, DW)
@@ -148,14 +125,14 @@ def _make(ku, kd, hops, vec, block_len, unroll):
     wait_all = make_async_wait(0)
     wait_older = make_async_wait(1)
     load_su = make_shared_load(ku, VEC)
-    load_sd = _split_load(kd, VEC, ".shared")
+    load_sd = split_load(kd, VEC, ".shared")
     load_s = LOAD[ku]
     load_a = make_vector_load(ku, 1)
-    load_d = _split_load(kd, VEC)
+    load_d = split_load(kd, VEC)
     store_v = make_vector_store(ku, VEC)
     store_s = STORE[ku]
-    SU, SD = _STORAGE_TYPE[ku], _STORAGE_TYPE[kd]
-    ITU, ITD = _ITEM[ku], _ITEM[kd]
+    SU, SD = STORAGE_TYPE[ku], STORAGE_TYPE[kd]
+    ITU, ITD = ITEM_SIZE[ku], ITEM_SIZE[kd]
     CKN, UV = NGB * VEC, U * VEC  # local array sizes must be constants
     reverse_step = make_reverse_step(VEC, 1, hops)
     next_q = make_next_q(VEC, 1, U, True, load_a, load_d)
@@ -341,7 +318,7 @@ def _make(ku, kd, hops, vec, block_len, unroll):
                     load_sd(sm_d, d_at + (t * tpb + tx) * VEC, db, 0)
                     pa = reverse_step(db, 0, an, lam, zz, S, wp, gp, i, ov, oa)
                     store_v(du, m * C + c0, ov, 0)
-                    pa = _head_sum(pa, lph, mask)
+                    pa = head_sum(pa, lph, mask)
                     if lead_lane:
                         da[numba.uint64(m * a_stride + a_col)] = store_s(pa)
                     an[0] = ab[i]
@@ -371,216 +348,4 @@ def staged_kernel(ku, kd, hops, vec, block_len, unroll):
     key = (ku, kd, hops, vec, block_len, unroll)
     if key not in _CACHE:
         _CACHE[key] = _make(ku, kd, hops, vec, block_len, unroll)
-    return _CACHE[key]
-
-
-# ----------------------------------------------------------------------------------------------
-# BHDL: the row kernel's walk with a warp's rows staged together (coalesced copies)
-# ----------------------------------------------------------------------------------------------
-
-SPAN_BLOCKS = 4
-"""Blocks of 16 steps a BHDL warp copies at a time: 64 steps, 128 bytes of a 16-bit row."""
-
-if SIMULATOR:  # a thread block is one warp there (see _rows_coop_args)
-
-    @cuda.jit(device=True)
-    def _warp_sync():
-        cuda.syncthreads()
-
-else:
-
-    @cuda.jit(device=True, inline=True)
-    def _warp_sync():
-        cuda.syncwarp()
-
-
-def _coop_layout(kind, lph):
-    """(row stride, u, dy, a offsets, elements) of one warp's shared memory, in elements: two
-    spans of its 32 rows of u and of dy, two of its heads' rows of a; rows padded by 16 bytes
-    so that 16-byte reads of 32 different rows do not conflict."""
-    v = 16 // _ITEM[kind]
-    pad = SPAN_BLOCKS * 16 + v
-    d_at = 2 * 32 * pad
-    a_at = 2 * d_at
-    return pad, 0, d_at, a_at, a_at + 2 * (32 // lph) * pad
-
-
-def rows_coop_config(ku, kd, per_head, block_len, N, D, C, chunk_blocks, addresses, warps):
-    """``(threads, shared bytes)`` of the cooperative BHDL kernel, or None where it does not
-    fit: per head, 16-bit u and dy of one kind, block_len 16, N and the chunks whole spans of
-    64 steps, D a power of two up to 32, whole warps of rows (C % 32), aligned arrays."""
-    if not per_head or ku != kd or _ITEM[ku] != 2 or block_len != 16:
-        return None
-    if N % (16 * SPAN_BLOCKS) or chunk_blocks % SPAN_BLOCKS or C % 32:
-        return None
-    if D & (D - 1) or D > 32 or any(x % 16 for x in addresses):
-        return None
-    return 32 * warps, warps * _coop_layout(ku, D)[4] * _ITEM[ku]
-
-
-def _make_rows_coop(ku, hops, lph):
-    """A warp owns 32 consecutive channel rows of one chunk, each lane one row, and walks the
-    chunk's blocks from the last to the first as the row kernel does (groups of 16 steps, per-head
-    da by a shuffle reduce-scatter over the head's ``lph`` lanes). The warp copies u, dy and a
-    into shared memory a span of four blocks at a time with ``cp.async``: each instruction moves
-    four rows x 128 bytes (the row kernel's loads touch 32 lines each), u and a are read from
-    memory once, and the next span is in flight while one computes. A lane reads its own row
-    back; other lanes' copies become visible after ``cp.async.wait_group`` and ``__syncwarp``."""
-    V = 16 // _ITEM[ku]
-    LB = 16
-    U = LB  # one group of 16 steps per block
-    SB = SPAN_BLOCKS
-    SP = SB * LB
-    PR = SP // V  # 16-byte pieces of a row's span
-    HPW = 32 // lph  # heads per warp
-    PAD, U_AT, D_AT, A_AT, WARP = _coop_layout(ku, lph)
-    HOPS1 = hops == 1
-    head_scatter = make_head_scatter(U, lph, STORE[ku])
-    row_group = make_row_group(U, hops)
-    copy = make_async_copy(ku, V)
-    wait_all = make_async_wait(0)
-    wait_older = make_async_wait(1)
-    load_s = make_shared_load(ku, V)
-    load_g = make_vector_load(ku, V)
-    store_v = make_vector_store(ku, V)
-    ST = _STORAGE_TYPE[ku]
-
-    @cuda.jit(device=True, inline=True)
-    def issue(u, dy, a, sm, base, r0, h0, N, s, lane, with_u, with_d):
-        """Copies of span s of the warp's rows (u and its heads' a, and/or dy) into slot s % 2;
-        one commit group (empty when neither)."""
-        z = s % 2
-        t0 = s * SP
-        for k in range(PR):
-            p = k * 32 + lane
-            rr = p // PR
-            pc = p - rr * PR
-            src = (r0 + rr) * N + t0 + pc * V
-            dst = (z * 32 + rr) * PAD + pc * V
-            if with_u:
-                copy(u, src, sm, base + U_AT + dst)
-            if with_d:
-                copy(dy, src, sm, base + D_AT + dst)
-        if with_u and lane < HPW * PR:
-            hh = lane // PR
-            pc = lane - hh * PR
-            copy(a, (h0 + hh) * N + t0 + pc * V, sm, base + A_AT + (z * HPW + hh) * PAD + pc * V)
-        async_commit()
-
-    @cuda.jit(device=True, inline=True)
-    def read(sm, at, dst):
-        for p in range(U // V):
-            load_s(sm, at + p * V, dst, p * V)
-
-    def swr_backward_rows_coop(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len,
-                               chunk_blocks, groups, nchunks, nwork, lph_arg, has_dcarry):
-        tx = numba.int64(cuda.threadIdx.x)
-        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + tx
-        if tid >= nwork:
-            return  # whole warps (nwork is a multiple of 32)
-        rest = tid // C
-        c = tid - rest * C
-        b = rest // nchunks
-        jj0 = (rest - b * nchunks) * chunk_blocks
-        jj1 = min(jj0 + chunk_blocks, nb)
-        row = b * C + c
-        ru = row * N
-        ra = (b * (C // D) + c // D) * N
-        lane = tx % 32
-        r0 = row - lane
-        h0 = b * (C // D) + (c - lane) // D
-        hw = lane // lph  # the lane's head in the warp
-        base = (tx // 32) * WARP
-        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
-        sm = cuda.shared.array(0, ST)
-
-        ab = cuda.local.array(U, f32)
-        ub = cuda.local.array(U, f32)
-        db = cuda.local.array(U, f32)
-        wp = cuda.local.array(U, f32)
-        gp = cuda.local.array(U, f32)
-        ov = cuda.local.array(U, f32)
-        red = cuda.local.array(U, f32)
-
-        s_hi = (jj1 - 1) // SB
-        s_lo = jj0 // SB
-        prev = HOPS1 and jj0 > 0  # the walk of block jj0 - 1 (span s_lo - 1) gives the carrier
-        issue(u, dy, a, sm, base, r0, h0, N, s_hi, lane, True, True)
-        if s_hi - 1 >= s_lo:
-            issue(u, dy, a, sm, base, r0, h0, N, s_hi - 1, lane, True, True)
-        else:
-            issue(u, dy, a, sm, base, r0, h0, N, s_hi - 1, lane, prev, False)
-
-        q = F0
-        if HOPS1 and jj1 < nb:
-            # q of the block after the chunk, in the reverse sweep's order; plain loads
-            t0 = jj1 * LB
-            for p in range(U // V):
-                load_g(a, ra + t0 + p * V, ab, p * V)
-                load_g(dy, ru + t0 + p * V, db, p * V)
-            an = F1
-            zz = F0
-            for ii in range(U):
-                i = U - 1 - ii
-                zz = db[i] + an * zz
-                an = ab[i]
-            q = an * zz
-        wait_older()
-        _warp_sync()
-
-        j = jj1 - 1
-        while j >= jj0:
-            s = j // SB
-            walking = j > 0 and (HOPS1 or j > jj0)
-            if j % SB == 0 and walking:
-                wait_all()  # span s - 1: the walk below reads its last block
-                _warp_sync()
-            S = F0
-            if walking and HOPS1:
-                jb = j - 1
-                zb = (jb // SB) % 2
-                o = (jb % SB) * LB
-                read(sm, base + U_AT + (zb * 32 + lane) * PAD + o, ub)
-                read(sm, base + A_AT + (zb * HPW + hw) * PAD + o, ab)
-                w = F0
-                for i in range(U):
-                    w = ab[i] * w + ub[i]
-                S = w
-            elif HOPS1 and j == 0:
-                S = carry[row]
-            # reverse sweep of block j (one group: its forward states from w = 0, g = 1)
-            z = s % 2
-            o = (j % SB) * LB
-            read(sm, base + U_AT + (z * 32 + lane) * PAD + o, ub)
-            read(sm, base + A_AT + (z * HPW + hw) * PAD + o, ab)
-            read(sm, base + D_AT + (z * 32 + lane) * PAD + o, db)
-            _, zz, an = row_group(ab, ub, db, F0, F1, S, q, F0, F1, wp, gp, ov, red)
-            t0 = j * LB
-            for p in range(U // V):
-                store_v(du, ru + t0 + p * V, ov, p * V)
-            head_scatter(red, lane, mask, da, ra + t0)
-            if HOPS1:
-                q = an * zz
-            if j == 0 and has_dcarry != 0:
-                dcarry[row] = q
-            if j % SB == 0 and j > jj0:
-                # span s is done: its slot takes span s - 2
-                _warp_sync()
-                if s - 2 >= s_lo:
-                    issue(u, dy, a, sm, base, r0, h0, N, s - 2, lane, True, True)
-                else:  # the span before the chunk: u and a of its last block's walk
-                    issue(u, dy, a, sm, base, r0, h0, N, s - 2, lane,
-                          prev and s - 2 == s_lo - 1, False)
-            j -= 1
-
-    swr_backward_rows_coop.__name__ = swr_backward_rows_coop.__qualname__ = (
-        f"swr_backward_rows_coop_{ku}_per_head_hops{hops}_lph{lph}")
-    return cuda.jit(swr_backward_rows_coop)
-
-
-def rows_coop_kernel(ku, hops, lph):
-    """The compiled-on-demand dispatcher of one specialisation."""
-    key = ("coop", ku, hops, lph)
-    if key not in _CACHE:
-        _CACHE[key] = _make_rows_coop(ku, hops, lph)
     return _CACHE[key]

@@ -1,8 +1,8 @@
 """SWR forward: the fused sliding-window pass (hops 0/1), the block-carry pass and block carriers.
 
-Notation as in SPEC.md: per block of ``block_len`` (``l``) steps the local scan ``w`` (from 0), the
-attenuation ``g`` (from 1), the carrier ``v`` (``w`` at the block's last index) and the carry ``S``
-entering a block; the output is ``y_t = w_t + g_t * S``.
+Notation of docs/spec.md#recurrence: per block of ``block_len`` (``l``) steps the local scan ``w``
+(from 0), the attenuation ``g`` (from 1), the carrier ``v`` (``w`` at the block's last index) and
+the carry ``S`` entering a block; the output is ``y_t = w_t + g_t * S``.
 
 The forward is memory bound (a few flops per element), so both kernels are shaped around the
 bytes: every element of ``a`` and ``u`` is read once from DRAM and ``y`` written once, with wide
@@ -18,8 +18,7 @@ coalesced accesses and several loads in flight per thread.
   For hops 0/1 with per-head ``a`` from offset 0, :func:`_make_row_scan_kernel` does the same
   with what depends on ``a`` alone (its copy, unpack and products) once per iteration for the
   warp's rows of one head, one shuffle per row for the carrier, and no 64-bit division in
-  its loop: Nsight Compute found the lane scan issue bound (0.78 warps
-  issued per scheduler per cycle, SM 74%, DRAM 53%).
+  its loop.
 - ``BLHD`` (channel contiguous): :func:`_make_channel_walk_kernel`. A thread owns ``vec`` adjacent
   channels (one 16-byte load per step, coalesced across the warp) and walks a chunk of blocks in
   time, ``unroll`` steps of loads in flight at a time. Within the chunk the carrier is handed on in
@@ -32,53 +31,48 @@ Both run the same source in the CUDA simulator, with scalar twins of the vector 
 warp shuffles. A ``vec == 1`` specialisation of each is the general kernel: any head dim, any
 alignment, any ``offset``.
 
-Entry points :func:`swr_forward` and :func:`block_carriers` follow docs/internals.md. They take the
+Which kernel runs is the table :data:`FORWARD` (one ordered list per layout). Entry points
+:func:`swr_forward` and :func:`block_carriers` follow docs/internals.md. They take the
 front's canonical arrays (CuPy on a GPU, NumPy in the simulator); bfloat16 arrives as uint16 bits.
 The vector paths need 16-byte aligned ``a``, ``u`` (and ``y`` for its access width) and, BLHD,
 ``vec | H*D`` (per head also ``vec | D``); BHDL ``vec | N``, ``vec | block_len``, ``vec | offset``,
 with ``vec`` = 8 for 16-bit inputs, 4 for float32. Anything else takes the ``vec == 1`` kernels.
-
-Measured on an H100 80GB HBM3 (scripts/kfwd_bench.py; device-to-device copy 2.98 TB/s), bf16,
-hops=1, block_len=16, H=128 x D=16, per-head a, through ``swr_forward``, median of CUDA events
-around 20 back-to-back calls: BLHD 109-112 us (1.18-1.21 x the 93 us memory floor) and BHDL
-114-120 us (1.23-1.29 x) at B x L = 16x2048, 4x8192, 1x32768. BLHD is limited by the few threads
-its chunking leaves (32768: ~8 warps per SM) against the re-read per chunk; BHDL by the serial
-shuffle chain of each warp iteration at 80 registers (24 warps per SM).
-On an H200 (2026-11-30, copy 4.1-4.2 TB/s, swr_forward alone, scripts/swr_sweep.py): BLHD
-0.083 ms with the plain walk, 0.080 ms with the shared walk (4 chunks of 64 steps per thread block;
-at block_len 32 and 64 its shared memory costs more occupancy than the re-read, so those keep the
-plain walk; a ptxas register cap on the shared walk for 5 blocks per SM instead of 4: 0.093
-vs 0.079 ms at 96 registers); BHDL 0.104-0.116 ms with register loads, 0.096-0.102 ms with 4
-cp.async stages, 0.075-0.076 ms with the row scan (4 x 8192, 1 x 32768; 2 rows per warp, 4 stages;
-4 and 8 rows: 0.076-0.080). BLHD with 8 steps of loads in flight instead of 4: 0.0775 vs 0.0885 ms
-on 2026-11-30's H200, whose copy measured 4.08-4.18 TB/s. BLHD hops=1 at block_len 32 / 64 (the
-plain walk; per head, 16-bit): 256-step chunks of 16-step batches 0.086 / 0.092 ms against 128-step
-chunks of 8 at 0.089 / 0.099 ms (H200, 2026-12-01, 4 x 8192). Unsigned indices for the scalar
-loads and stores (no code for Numba's wraparound of negative indices): the shared walk 167 -> 127
-registers, 0.0795-0.0811 -> 0.0774-0.0775 ms (H200, 2026-12-01, 4 x 8192 and 16 x 2048); launch
-bounds of 4 blocks per SM before that (128 registers and spills): 0.086-0.087 ms.
-Tried and dropped: narrower accesses (8/4 bytes: 8-40% slower), longer batches (unroll 16) and
-software prefetch of the next batch/iteration (registers 110 -> 205 BLHD, 80 -> 117 BHDL; 5-20%
-slower), longer or shorter chunks (fewer threads, or more re-read).
 """
 
 from __future__ import annotations
 
-import threading
+from typing import NamedTuple
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import cuda, types
 
-from ._dtypes import LOAD, SHARED_ALIGN, SIMULATOR, STORE
+from ._dtypes import ITEM_SIZE, SHARED_ALIGN, SIMULATOR
 from ._launch import (
     FlatArray,
+    Tuning,
     allow_shared_memory,
     data_pointer,
     launch,
     launch_with_pointers,
     prepare,
+    sm_count,
+)
+from ._ptx import (
+    STORAGE_TYPE,
+    WORD_TYPE,
+    async_commit,
+    make_async_copy,
+    make_async_wait,
+    make_block_scan,
+    make_shared_load,
+    make_vector_load,
+    make_vector_store,
+    make_word_load,
+    make_word_unpack,
+    shfl_idx,
+    shfl_up,
+    words_per_access,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -90,423 +84,6 @@ BLOCK_CARRY = 2  # S_j = block_carry[..., j], computed outside (any hops, hops=N
 CARRIERS = 3  # write v_j, C_j per touched block instead of y
 
 MODE_NAMES = {HOPS0: "hops0", HOPS1: "hops1", BLOCK_CARRY: "block_carry", CARRIERS: "carriers"}
-
-_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
-
-# --------------------------------------------------------------------------------------------
-# Wide loads and stores.
-#
-# Numba has no 128-bit scalar type and LLVM splits a vector load of halves into 8-byte pieces, so
-# the 4/8/16-byte accesses are written as inline PTX (`ld.global.v4.u32` ...) and unpacked to
-# float32 in registers; the float32 -> 16-bit packing uses one `cvt.rn.{bf16,f16}x2.f32` per pair
-# (round to nearest even, as _dtypes.STORE). Width-1 accesses use _dtypes.LOAD/STORE directly.
-# The helpers move values between a global array and a local float32 array at a flat offset, so a
-# kernel's unrolled loops index registers with constants only.
-
-_WORD_ASM_LOAD = {
-    16: ("ld.global.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l"),
-    8: ("ld.global.v2.u32 {$0, $1}, [$2];", "=r,=r,l"),
-    4: ("ld.global.u32 $0, [$1];", "=r,l"),
-}
-_WORD_ASM_STORE = {
-    16: ("st.global.v4.u32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r"),
-    8: ("st.global.v2.u32 [$0], {$1, $2};", "l,r,r"),
-    4: ("st.global.u32 [$0], $1;", "l,r"),
-}
-
-
-def _element_address(context, builder, array_type, array_value, index):
-    """i64 address of element ``index`` (flat, elements) of a C-contiguous array."""
-    ary = context.make_array(array_type)(context, builder, value=array_value)
-    ptr = builder.gep(ary.data, [index])
-    return builder.ptrtoint(ptr, ir.IntType(64))
-
-
-def _local_pointer(context, builder, array_type, array_value, offset, k):
-    ary = context.make_array(array_type)(context, builder, value=array_value)
-    idx = builder.add(offset, ir.Constant(offset.type, k))
-    return builder.gep(ary.data, [idx])
-
-
-def _load_words(builder, address, nbytes, space=".global"):
-    """``space`` ".shared": ``address`` is a generic address of shared memory, converted in the
-    asm (``cvta.to.shared``) so that the load is an ``LDS``, not a generic ``LD`` (which waits on
-    the long scoreboard as a global load does); "" a generic load. Both are volatile, so kept
-    in order with the other volatile asm (a load from shared memory must stay after the
-    ``cp.async.wait_group`` that makes its data ready)."""
-    i32 = ir.IntType(32)
-    nwords = nbytes // 4
-    text, constraints = _WORD_ASM_LOAD[nbytes]
-    text = text.replace("ld.global", "ld" + space)
-    if space == ".shared":
-        text = (f"{{ .reg .u64 sa; cvta.to.shared.u64 sa, ${nwords}; "
-                + text.replace(f"[${nwords}]", "[sa]") + " }")
-    volatile = space != ".global"
-    if nwords == 1:
-        fn = ir.FunctionType(i32, [ir.IntType(64)])
-        return [builder.asm(fn, text, constraints, [address], volatile)]
-    fn = ir.FunctionType(ir.LiteralStructType([i32] * nwords), [ir.IntType(64)])
-    packed = builder.asm(fn, text, constraints, [address], volatile)
-    return [builder.extract_value(packed, k) for k in range(nwords)]
-
-
-def _store_words(builder, address, words):
-    i32 = ir.IntType(32)
-    nbytes = 4 * len(words)
-    text, constraints = _WORD_ASM_STORE[nbytes]
-    fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] + [i32] * len(words))
-    builder.asm(fn, text, constraints, [address] + list(words), True)
-
-
-def _words_to_f32(builder, kind, words):
-    """Unpack 32-bit words into float32 values, element order as in memory (little endian)."""
-    f32, i32, i16 = ir.FloatType(), ir.IntType(32), ir.IntType(16)
-    out = []
-    for word in words:
-        if kind == "f32":
-            out.append(builder.bitcast(word, f32))
-        elif kind == "bf16":
-            lo = builder.shl(word, ir.Constant(i32, 16))
-            hi = builder.and_(word, ir.Constant(i32, 0xFFFF0000))
-            out += [builder.bitcast(lo, f32), builder.bitcast(hi, f32)]
-        else:  # f16
-            lo = builder.trunc(word, i16)
-            hi = builder.trunc(builder.lshr(word, ir.Constant(i32, 16)), i16)
-            for half in (lo, hi):
-                out.append(builder.fpext(builder.bitcast(half, ir.HalfType()), f32))
-    return out
-
-
-def _f32_to_words(builder, kind, values):
-    """Pack float32 values into 32-bit words of the storage kind (round to nearest even)."""
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    if kind == "f32":
-        return [builder.bitcast(v, i32) for v in values]
-    op = "cvt.rn.bf16x2.f32" if kind == "bf16" else "cvt.rn.f16x2.f32"
-    fn = ir.FunctionType(i32, [f32, f32])
-    # the first operand lands in the upper half: the higher address
-    return [
-        builder.asm(fn, f"{op} $0, $1, $2;", "=r,f,f", [values[k + 1], values[k]], False)
-        for k in range(0, len(values), 2)
-    ]
-
-
-def _scalar_load_loop(kind, width):
-    load = LOAD[kind]
-
-    @cuda.jit(device=True, inline=True)
-    def load_loop(array, index, dst, offset):
-        for k in range(width):
-            # an unsigned index: Numba wraps negative signed ones around (3-4 more 64-bit
-            # instructions an access)
-            dst[offset + k] = load(array[numba.uint64(index + k)])
-
-    return load_loop
-
-
-def _scalar_store_loop(kind, width):
-    store = STORE[kind]
-
-    @cuda.jit(device=True, inline=True)
-    def store_loop(array, index, src, offset):
-        for k in range(width):
-            array[numba.uint64(index + k)] = store(src[offset + k])  # see _scalar_load_loop
-
-    return store_loop
-
-
-def _array_op(body):
-    """A device function ``op(x, i, y, j)`` over two arrays and two element indices, whose code
-    is ``body(context, builder, sig, args)`` (LLVM IR; the indices arrive as int64). The wide
-    accesses below are all of this shape."""
-
-    @numba.cuda.extending.intrinsic
-    def op_intrinsic(typingctx, x, i, y, j):
-        sig = types.void(x, types.int64, y, types.int64)
-
-        def codegen(context, builder, sig, args):
-            body(context, builder, sig, args)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @cuda.jit(device=True, inline=True)
-    def op(x, i, y, j):
-        op_intrinsic(x, numba.int64(i), y, numba.int64(j))
-
-    return op
-
-
-def make_vector_load(kind, width, space=".global"):
-    """``load(array, index, dst, offset)``: ``dst[offset + k] = float32(array[index + k])``.
-
-    ``array`` is a 1-D storage array (uint16 bits for bf16), ``dst`` a local float32 array. For
-    width > 1 one access of ``width * itemsize`` bytes: the address must be aligned to that.
-    ``space`` ".shared" reads a shared array (kept in order with the cp.async waits).
-    """
-    nbytes = width * _ITEMSIZE[kind]
-    if SIMULATOR or width == 1:
-        return _scalar_load_loop(kind, width)
-    assert nbytes in (4, 8, 16), (kind, width)
-
-    def body(context, builder, sig, args):
-        address = _element_address(context, builder, sig.args[0], args[0], args[1])
-        values = _words_to_f32(builder, kind, _load_words(builder, address, nbytes, space))
-        for k, value in enumerate(values):
-            builder.store(value, _local_pointer(context, builder, sig.args[2], args[2], args[3], k))
-
-    return _array_op(body)
-
-
-def make_vector_store(kind, width):
-    """``store(array, index, src, offset)``: ``array[index + k] = src[offset + k]``, k < width.
-
-    Converts float32 to the storage kind; stores of more than 16 bytes are split into 16-byte
-    pieces, so the address must be aligned to ``min(16, width * itemsize)``.
-    """
-    nbytes = width * _ITEMSIZE[kind]
-    if SIMULATOR or width == 1:
-        return _scalar_store_loop(kind, width)
-    piece = min(16, nbytes)
-    per_piece = piece // _ITEMSIZE[kind]
-
-    def body(context, builder, sig, args):
-        f32 = ir.FloatType()
-        values = [
-            builder.load(_local_pointer(context, builder, sig.args[2], args[2], args[3], k))
-            for k in range(width)
-        ]
-        for p in range(0, width, per_piece):
-            first = builder.add(args[1], ir.Constant(ir.IntType(64), p))
-            address = _element_address(context, builder, sig.args[0], args[0], first)
-            chunk = [builder.bitcast(v, f32) for v in values[p : p + per_piece]]
-            _store_words(builder, address, _f32_to_words(builder, kind, chunk))
-
-    return _array_op(body)
-
-
-# Raw words: a 16-byte access kept packed (4 uint32 words), so it can be parked in shared memory
-# at its storage size and unpacked to float32 later. In the simulator a "word" is simply the
-# float32 value (WORD_TYPE float32, one per element).
-
-WORD_TYPE = numba.float32 if SIMULATOR else numba.uint32
-
-
-def words_per_access(kind, width, simulated=SIMULATOR):
-    """Words :func:`make_word_load` fills for ``width`` elements of ``kind``."""
-    return width if simulated else width * _ITEMSIZE[kind] // 4
-
-
-def make_word_load(kind, width):
-    """``load_words(array, index, dst, offset)``: ``width`` elements from ``array[index:]`` into
-    ``dst[offset:]`` as packed words (one 4/8/16-byte access; aligned as make_vector_load)."""
-    if SIMULATOR or width == 1:
-        return _scalar_load_loop(kind, width)
-    nbytes = width * _ITEMSIZE[kind]
-
-    def body(context, builder, sig, args):
-        address = _element_address(context, builder, sig.args[0], args[0], args[1])
-        for k, word in enumerate(_load_words(builder, address, nbytes)):
-            builder.store(word, _local_pointer(context, builder, sig.args[2], args[2], args[3], k))
-
-    return _array_op(body)
-
-
-def make_word_unpack(kind, width, stride=1):
-    """``unpack(src, offset, dst, doffset)``: the words of one access at ``src[offset + j *
-    stride]`` (j < words) as ``width`` float32 values in ``dst[doffset:]``; ``src`` in registers or
-    shared memory (``stride``: its layout, e.g. interleaved across threads)."""
-    nwords = words_per_access(kind, width)
-    if SIMULATOR or width == 1:
-
-        @cuda.jit(device=True, inline=True)
-        def copy(src, offset, dst, doffset):
-            for k in range(width):
-                dst[doffset + k] = src[offset + k * stride]
-
-        return copy
-
-    def body(context, builder, sig, args):
-        words = [
-            builder.load(_local_pointer(context, builder, sig.args[0], args[0], args[1],
-                                        j * stride))
-            for j in range(nwords)
-        ]
-        for k, value in enumerate(_words_to_f32(builder, kind, words)):
-            builder.store(value, _local_pointer(context, builder, sig.args[2], args[2], args[3], k))
-
-    return _array_op(body)
-
-
-# Asynchronous copies (sm_80+ `cp.async`): 16 bytes from global to shared memory without passing
-# through registers, so a thread can have several iterations of loads in flight at no register
-# cost. Each thread later reads back only what it copied itself, after `cp.async.wait_group`, so no
-# barrier is needed. In the simulator the copy is immediate and commit/wait do nothing.
-
-_STORAGE_TYPE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
-
-
-def make_async_copy(kind, width):
-    """``copy(array, index, smem, sindex)``: start copying ``array[index:index + width]`` (4, 8
-    or 16 bytes, aligned) into the shared array ``smem[sindex:]`` (same storage type)."""
-    if SIMULATOR:
-
-        @cuda.jit(device=True, inline=True)
-        def copy_now(array, index, smem, sindex):
-            for k in range(width):
-                smem[sindex + k] = array[index + k]
-
-        return copy_now
-    nbytes = width * _ITEMSIZE[kind]
-    assert nbytes in (4, 8, 16), (kind, width)
-    cache = "cg" if nbytes == 16 else "ca"  # .cg (L2 only) takes 16-byte copies only
-
-    def body(context, builder, sig, args):
-        src = _element_address(context, builder, sig.args[0], args[0], args[1])
-        dst = _element_address(context, builder, sig.args[2], args[2], args[3])
-        fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64)])
-        builder.asm(fn, "{ .reg .u64 s; cvta.to.shared.u64 s, $0; "
-                        f"cp.async.{cache}.shared.global [s], [$1], {nbytes}; }}",
-                    "l,l,~{memory}", [dst, src], True)  # fmt: skip
-
-    return _array_op(body)
-
-
-def _asm_statement(text):
-    @numba.cuda.extending.intrinsic
-    def statement(typingctx):
-        sig = types.void()
-
-        def codegen(context, builder, sig, args):
-            builder.asm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", [], True)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return statement
-
-
-def make_async_wait(pending):
-    """``wait()``: this thread's copies are done except for the ``pending`` newest groups."""
-    if SIMULATOR:
-        return cuda.jit(device=True)(lambda: None)
-    wait_group = _asm_statement(f"cp.async.wait_group {int(pending)};")
-
-    @cuda.jit(device=True, inline=True)
-    def wait():
-        wait_group()
-
-    return wait
-
-
-if SIMULATOR:
-    async_commit = cuda.jit(device=True)(lambda: None)
-else:
-    _commit_group = _asm_statement("cp.async.commit_group;")
-
-    @cuda.jit(device=True, inline=True)
-    def async_commit():
-        """Close the group of copies started since the last commit."""
-        _commit_group()
-
-
-def make_shared_load(kind, width):
-    """``load(smem, index, dst, offset)``: make_vector_load for a shared array (one 16-byte
-    ``ld.shared``)."""
-    return make_vector_load(kind, width, space=".shared")
-
-
-# --------------------------------------------------------------------------------------------
-# Warp shuffles (float32 / int32). The simulator has none: its twins exchange values through a
-# per-block dictionary between two barriers, which is a warp exchange when a block is one warp
-# (the simulator launches the lane-scan kernel with 32-thread blocks).
-
-_FULL_MASK = 0xFFFFFFFF
-
-if SIMULATOR:
-
-    def _sim_exchange(value, source_lane):
-        # two alternating mailboxes: a thread rewrites a box only after the next barrier, which
-        # every reader of its previous contents has passed, so one barrier per exchange suffices
-        thread = threading.current_thread()
-        phase = getattr(thread, "_swr_phase", 0)
-        thread._swr_phase = phase ^ 1
-        boxes = thread._manager.__dict__.setdefault("_swr_lanes", ({}, {}))
-        lane = thread.thread_id % 32
-        boxes[phase][thread.thread_id] = value
-        thread.syncthreads()
-        if 0 <= source_lane < 32:
-            return boxes[phase].get(thread.thread_id - lane + source_lane, value)
-        return value
-
-    def _sim_shfl_up(value, delta):
-        lane = threading.current_thread().thread_id % 32
-        return _sim_exchange(value, lane - delta if lane >= delta else lane)
-
-    def _sim_shfl_idx(value, source_lane):
-        return _sim_exchange(value, source_lane)
-
-    shfl_up = cuda.jit(device=True)(_sim_shfl_up)
-    shfl_idx = cuda.jit(device=True)(_sim_shfl_idx)
-
-else:
-
-    @cuda.jit(device=True, inline=True)
-    def shfl_up(value, delta):
-        return cuda.shfl_up_sync(_FULL_MASK, value, delta)
-
-    @cuda.jit(device=True, inline=True)
-    def shfl_idx(value, source_lane):
-        return cuda.shfl_sync(_FULL_MASK, value, source_lane)
-
-
-def make_block_scan(lanes):
-    """Segmented scans across the ``lanes`` lanes of a block (``lanes`` a power of two up to 32;
-    blocks start at lanes ``seg == 0``), for kernels whose blocks are whole lanes:
-
-    - ``scan_g(g, gk, seg) -> (inclusive, exclusive)``: products of the lanes' ``g``; ``gk[i]``
-      receives this lane's product before level ``i`` (what :func:`scan_w` needs);
-    - ``scan_w(w, gk, seg) -> (inclusive, exclusive)``: the running ``w`` (``w <- w + g w_before``).
-
-    The exclusive value entering a block's first lane is the identity (1 or 0). With two lanes a
-    block the first level's shuffle already holds it (the first lane's inclusive value is its
-    own), so it costs no extra shuffle.
-    """
-    levels = lanes.bit_length() - 1
-
-    @cuda.jit(device=True, inline=True)
-    def scan_g(g, gk, seg):
-        g_in = numba.float32(1.0)
-        for i in range(levels):
-            gk[i] = g
-            up = shfl_up(g, 1 << i)
-            if seg >= (1 << i):
-                g = g * up
-            if lanes == 2 and seg > 0:
-                g_in = up
-        if lanes > 2:
-            up = shfl_up(g, 1)
-            if seg > 0:
-                g_in = up
-        return g, g_in
-
-    @cuda.jit(device=True, inline=True)
-    def scan_w(w, gk, seg):
-        w_in = numba.float32(0.0)
-        for i in range(levels):
-            up = shfl_up(w, 1 << i)
-            if seg >= (1 << i):
-                w = w + gk[i] * up
-            if lanes == 2 and seg > 0:
-                w_in = up
-        if lanes > 2:
-            up = shfl_up(w, 1)
-            if seg > 0:
-                w_in = up
-        return w, w_in
-
-    return scan_g, scan_w
-
 
 # --------------------------------------------------------------------------------------------
 # Kernel arguments (the same list for both layouts and every mode; unused arrays are 1-element
@@ -840,7 +417,7 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
     copy = make_async_copy(in_kind, vec) if pipelined else None
     wait = make_async_wait(stages - 1) if pipelined else None
     load_shared = make_shared_load(in_kind, vec) if pipelined else None
-    storage = _STORAGE_TYPE[in_kind]
+    storage = STORAGE_TYPE[in_kind]
     smem_elems = max(1, warps_per_block * stages * rows_per_warp * span) if pipelined else 1
     prologue = max(stages - 1, 0)
 
@@ -1037,7 +614,7 @@ def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
     wait = make_async_wait(stages - 1)
     load_shared = make_shared_load(in_kind, vec)
     store_y = make_vector_store(out_kind, vec)
-    storage = _STORAGE_TYPE[in_kind]
+    storage = STORAGE_TYPE[in_kind]
     slot = (rows + 1) * span  # one ring slot of a warp: a, then the rows' u
     smem_elems = warps_per_block * stages * slot
     hops1 = mode == HOPS1
@@ -1129,28 +706,16 @@ def _make_row_scan_kernel(in_kind, out_kind, mode, vec, rows, block_len, stages,
 # --------------------------------------------------------------------------------------------
 # Specialisations and launch plans
 
-class _Tuning(dict):
-    """A dict whose ``version`` changes with every assignment (launch plans depend on it)."""
-
-    version = 0
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.version += 1
-
-
-TUNING = _Tuning({
+TUNING = Tuning({
     # BLHD: bytes one thread moves per step (16: one 16-byte access), steps whose loads are in
-    # flight together (H200 2026-11-30, shared walk, bf16 4 x 8192: 8 steps 0.0775 ms, 4 steps
-    # 0.0885 ms), chunk length in steps (longer: fewer re-read blocks but fewer threads)
+    # flight together, chunk length in steps (longer: fewer re-read blocks but fewer threads)
     "blhd_access_bytes": 16,
     "blhd_unroll": 8,
     "blhd_chunk_steps": 128,
     "blhd_chunk_steps_f32": 256,  # float32 inputs: half the channels per thread, twice the steps
     "blhd_threads_per_block": 256,
-    # ... hops=1, per head, 16-bit, block_len from blhd_long_block_len (the plain walk): H200
-    # 2026-12-01, 4 x 8192, l=64 / 32: 256-step chunks of 16-step batches 0.092 / 0.086 ms,
-    # 128-step chunks of 8 (the defaults above) 0.099 / 0.089 ms, 512 steps 0.128 / 0.124 ms
+    # ... hops=1, per head, 16-bit, block_len from blhd_long_block_len (the plain walk): chunk
+    # length and steps in flight
     "blhd_long_block_len": 32,
     "blhd_long_chunk_steps": 256,
     "blhd_long_unroll": 16,
@@ -1167,22 +732,20 @@ TUNING = _Tuning({
     "bhdl_access_bytes": 16,
     "bhdl_rows_per_warp": 2,
     "threads_per_sm": 2048,
-    "threads_per_sm_f32": 4096,  # float32: more, shorter chunks (H200: 0.169 vs 0.175 ms)
+    "threads_per_sm_f32": 4096,  # float32: more, shorter chunks
     "bhdl_min_chunk_iters": 8,
     "bhdl_chunk_blocks": 0,  # fixed blocks per chunk (0: chosen per launch; tests set it)
     "bhdl_threads_per_block": 128,
     # BHDL 16-byte path: iterations whose loads are in flight (cp.async into shared memory; 1: plain
-    # loads into registers). Shared memory per block: stages x 8 KiB at 128 threads. H200, bf16,
-    # 2 rows per warp: 4 stages 0.096-0.102 ms, 2: 0.098-0.103, 3: 0.102-0.109, 1: 0.104-0.116.
+    # loads into registers). Shared memory per block: stages x 8 KiB at 128 threads.
     "bhdl_stages": 4,
     # BHDL hops 0/1, per head, offset 0, 16-byte path: the row scan (a's work once per iteration
     # for `bhdl_scan_rows` rows of one head; False: the lane scan)
     "bhdl_row_scan": True,
     "bhdl_scan_rows": 2,
 })
-"""Launch tuning, chosen by scripts/kfwd_bench.py on an H100 and retuned with scripts/swr_sweep.py
-on an H200 (BLHD unroll 4 over 128-step chunks: 0.083 vs 0.090 ms at 16 x 2048; float32 over
-256-step chunks: 0.152 vs 0.172 ms at 4 x 8192)."""
+"""Launch tuning of the forward kernels (swept by scripts/swr_sweep.py; the figures are in
+docs/benchmarks.md)."""
 
 _kernels: dict = {}
 _shared_kernels: dict = {}
@@ -1238,7 +801,7 @@ _KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.
 
 
 def _vec_for(access_bytes, kind):
-    return max(1, access_bytes // _ITEMSIZE[kind])
+    return max(1, access_bytes // ITEM_SIZE[kind])
 
 
 def _unroll(mode, vec, block_len=None):
@@ -1264,7 +827,7 @@ def _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned):
     """BLHD: the widest channel vector if these shapes and pointers allow it, else 1 (general)."""
     vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)
     ok = channels % vec == 0 and (not per_head or head_dim % vec == 0)
-    ok = ok and not misaligned(vec * _ITEMSIZE[in_kind], min(16, vec * _ITEMSIZE[out_kind]))
+    ok = ok and not misaligned(vec * ITEM_SIZE[in_kind], min(16, vec * ITEM_SIZE[out_kind]))
     return vec if ok else 1
 
 
@@ -1272,23 +835,8 @@ def _time_vec(in_kind, out_kind, n, block_len, offset, misaligned):
     """BHDL: the widest time vector if every lane's steps stay in one block and aligned, else 1."""
     vec = _vec_for(TUNING["bhdl_access_bytes"], in_kind)
     ok = n % vec == 0 and block_len % vec == 0 and offset % vec == 0
-    ok = ok and not misaligned(vec * _ITEMSIZE[in_kind], min(16, vec * _ITEMSIZE[out_kind]))
+    ok = ok and not misaligned(vec * ITEM_SIZE[in_kind], min(16, vec * ITEM_SIZE[out_kind]))
     return vec if ok else 1
-
-
-_sm_counts: dict = {}
-
-
-def _sm_count() -> int:
-    if SIMULATOR:
-        return 1
-    import cupy
-
-    dev = cupy.cuda.runtime.getDevice()
-    count = _sm_counts.get(dev)
-    if count is None:
-        count = _sm_counts[dev] = cupy.cuda.Device(dev).attributes["MultiProcessorCount"]
-    return count
 
 
 class _Plan:
@@ -1323,24 +871,109 @@ def _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb):
                                                 lanes * chunks)[3], chunk_blocks
 
 
-def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mode, misaligned):
+class Case(NamedTuple):
+    """What the choice of a forward kernel depends on (no arrays: a test can enumerate it).
+    ``align``: the data addresses modulo 16 of the inputs (a | u) and of the output."""
+
+    layout: str
+    per_head: bool
+    in_kind: str
+    out_kind: str
+    mode: int
+    block_len: int
+    offset: int
+    n: int
+    head_dim: int
+    channels: int
+    align: tuple = (0, 0)
+
+    def misaligned(self, in_bytes, out_bytes):
+        return self.align[0] % in_bytes != 0 or self.align[1] % out_bytes != 0
+
+    @property
+    def nb(self):
+        return -(-(self.offset + self.n) // self.block_len)
+
+    @property
+    def vec(self):
+        """Elements per access: 16 bytes where shapes and alignment allow it, else 1."""
+        if self.layout == "BLHD":
+            return _channel_vec(self.in_kind, self.out_kind, self.per_head, self.channels,
+                                self.head_dim, self.misaligned)
+        return _time_vec(self.in_kind, self.out_kind, self.n, self.block_len, self.offset,
+                         self.misaligned)
+
+
+def _fit_shared_walk(c):
+    return _shared_walk(c.in_kind, c.per_head, c.mode, c.vec, c.n, c.block_len, c.offset, c.nb)
+
+
+def _fit_long_walk(c):
+    return (c.mode == HOPS1 and c.per_head and c.in_kind != "f32" and c.vec > 1
+            and c.block_len >= TUNING["blhd_long_block_len"])
+
+
+def _fit_row_scan(c):
+    block = 32 if SIMULATOR else TUNING["bhdl_threads_per_block"]
+    return _row_scan(c.in_kind, c.per_head, c.mode, c.vec, c.block_len, c.offset, c.head_dim,
+                     block)
+
+
+FORWARD = {
+    "BLHD": (
+        ("shared_walk", _fit_shared_walk,
+         "hops=1 over whole blocks from offset 0, 16-byte vectors, two or more chunks: chunks of "
+         "one thread block hand their carriers on in shared memory, one chunk in "
+         "blhd_share_chunks re-reads the block before it"),
+        ("long_walk", _fit_long_walk,
+         "hops=1, per head, 16-bit, 16-byte vectors, block_len >= blhd_long_block_len: the "
+         "channel walk over longer chunks with more loads in flight"),
+        ("channel_walk", lambda c: c.vec > 1,
+         "16-byte vectors of channels (aligned, dividing the channels and the head): a thread "
+         "walks its channels' blocks in time"),
+        ("channel_walk_general", lambda c: True, "anything else: one channel a thread"),
+    ),
+    "BHDL": (
+        ("row_scan", _fit_row_scan,
+         "hops 0/1, per head, offset 0, 16-byte vectors through cp.async stages: a's work once "
+         "per iteration for a warp's rows of one head"),
+        ("lane_scan", lambda c: c.vec > 1,
+         "16-byte vectors along time (aligned, dividing N, block_len and offset): lanes scan "
+         "their steps and combine by warp shuffles"),
+        ("lane_scan_general", lambda c: True, "anything else: one step a lane"),
+    ),
+}
+"""The forward's choice, per layout: the first row whose fits-check passes is launched."""
+
+
+def choose(c: Case):
+    """``(kernel name, configuration)``: the first row of :data:`FORWARD` that fits ``c``."""
+    for name, fits, _ in FORWARD[c.layout]:
+        cfg = fits(c)
+        if cfg:
+            return name, cfg
+    raise AssertionError("the last row of each table fits every case")
+
+
+def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mode, align):
     if layout == "BHDL":
         batch, heads, head_dim, n = shape
     else:
         batch, n, heads, head_dim = shape
     channels = heads * head_dim
     nrows = batch * channels
-    nb = -(-(offset + n) // block_len)
-    target = _sm_count() * TUNING["threads_per_sm_f32" if in_kind == "f32" else "threads_per_sm"]
+    case = Case(layout, per_head, in_kind, out_kind, mode, block_len, offset, n, head_dim,
+                channels, align)
+    name, cfg = choose(case)
+    vec, nb = case.vec, case.nb
+    target = sm_count() * TUNING["threads_per_sm_f32" if in_kind == "f32" else "threads_per_sm"]
     # the simulator's warp shuffles exchange values across a whole block: keep blocks one warp
     block = 32 if SIMULATOR else TUNING[f"{layout.lower()}_threads_per_block"]
     shared_bytes = 0  # dynamic shared memory (the shared walk)
     if layout == "BLHD":
-        vec = _channel_vec(in_kind, out_kind, per_head, channels, head_dim, misaligned)
         groups = channels // vec
-        shared = _shared_walk(in_kind, per_head, mode, vec, n, block_len, offset, nb)
-        if shared:
-            lanes, chunks, shared_bytes, chunk_blocks = shared
+        if name == "shared_walk":
+            lanes, chunks, shared_bytes, chunk_blocks = cfg
             kernel = get_shared_kernel(in_kind, out_kind, per_head, vec,
                                        _unroll(mode, vec, block_len),
                                        lanes, chunks, block_len)  # fmt: skip
@@ -1348,8 +981,7 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
         else:
             # hops=1 with long blocks: longer chunks (each re-walks the block before it) and
             # more steps of loads in flight
-            long = (mode == HOPS1 and per_head and in_kind != "f32" and vec > 1
-                    and block_len >= TUNING["blhd_long_block_len"])  # fmt: skip
+            long = name == "long_walk"
             unroll = TUNING["blhd_long_unroll"] if long else _unroll(mode, vec)
             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll)
             if long:
@@ -1359,15 +991,13 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
             chunk_blocks = max(1, min(nb, steps // block_len))
         nchunks = -(-nb // chunk_blocks)
         nwork = batch * groups * nchunks
-        if shared:  # a thread block: `chunks` consecutive chunks of `lanes` channel groups
+        if name == "shared_walk":  # a thread block: `chunks` consecutive chunks of `lanes` groups
             grid = batch * -(-groups // lanes) * -(-nchunks // chunks)
         else:
             grid = -(-nwork // block)
     else:
-        vec = _time_vec(in_kind, out_kind, n, block_len, offset, misaligned)
-        rows_per_warp = _row_scan(in_kind, per_head, mode, vec, block_len, offset, head_dim,
-                                  block)  # fmt: skip
-        if rows_per_warp:
+        if name == "row_scan":
+            rows_per_warp = cfg
             kernel = get_row_scan_kernel(in_kind, out_kind, mode, vec, rows_per_warp, block_len,
                                          *_bhdl_pipeline(vec, block))  # fmt: skip
         else:
@@ -1418,7 +1048,7 @@ def _run_simulated(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, 
     args = [_host_flat(x) for x in arrays]
     in_kind, out_kind = _kinds(args[1].dtype, args[2].dtype, mode)
     plan = _make_plan(layout, u.shape, a.ndim == 3, in_kind, out_kind, block_len, offset, mode,
-                      lambda in_bytes, out_bytes: False)  # fmt: skip
+                      (0, 0))  # fmt: skip
     launch(plan.kernel, plan.grid, plan.block, args + plan.scalars, stream=stream,
            shared_mem=plan.shared)  # fmt: skip
 
@@ -1463,13 +1093,9 @@ def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, blo
            align, TUNING.version)  # fmt: skip
     plan = _plans.get(key)
     if plan is None:
-
-        def misaligned(in_bytes, out_bytes):
-            return align[0] % in_bytes != 0 or align[1] % out_bytes != 0
-
         in_kind, out_kind = _kinds(u.dtype, y.dtype if y is not None else np.float32, mode)
         plan = _make_plan(layout, shape, len(a.shape) == 3, in_kind, out_kind, block_len, offset,
-                          mode, misaligned)  # fmt: skip
+                          mode, align)  # fmt: skip
         plan.entry, plan.values = prepare(plan.kernel, [FlatArray.of(x) for x in arrays]
                                           + plan.scalars)  # fmt: skip
         allow_shared_memory(plan.entry, plan.shared)

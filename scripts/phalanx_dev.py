@@ -30,7 +30,7 @@ def load_old(path):
     text = open(path).read()
     text = text.replace("from ._dtypes", "from swr_array.numba_kernels._dtypes")
     text = text.replace("from ._launch", "from swr_array.numba_kernels._launch")
-    text = text.replace("from .swr_forward", "from swr_array.numba_kernels.swr_forward")
+    text = text.replace("from ._ptx", "from swr_array.numba_kernels._ptx")
     spec = importlib.util.spec_from_loader("phalanx_fused_old", loader=None)
     mod = importlib.util.module_from_spec(spec)
     exec(compile(text, path, "exec"), mod.__dict__)

@@ -147,11 +147,7 @@ def sweep(layout, B, L, bw, dtype="bf16", block_len=16, backward=True, forward=T
                       staged_unroll=un)
                  for cs, tp, un in ((256, 128, 8), (256, 64, 8), (192, 128, 8), (256, 128, 4))]
     else:
-        grid = [dict(row_scan=False, rows_coop=False, rows_depth=2, rows_chunk_steps=cs)
-                for cs in (512,)]
-        # the cooperative row kernel (swr_backward_staged.rows_coop_kernel)
-        grid += [dict(row_scan=False, rows_coop=True, rows_chunk_steps=cs, rows_coop_warps=wp)
-                 for cs, wp in ((512, 2),)]
+        grid = [dict(row_scan=False, rows_depth=2, rows_chunk_steps=cs) for cs in (512,)]
         # the row scan (swr_backward_rowscan)
         grid += [dict(row_scan=True, row_scan_depth=dp, row_scan_threads_per_sm=ts,
                       row_scan_warps=wp, row_scan_stages=0)

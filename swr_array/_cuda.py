@@ -117,8 +117,8 @@ def swr_forward_plain(a, u, p, out=None):
     if p.N == 0:
         return y
     zeros, ones = _plain_zeros(cp, p)
-    _nk().swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
-                      w0=zeros, g0=ones, carry=zeros)
+    _nk().swr_forward.swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops,
+                                  offset=0, w0=zeros, g0=ones, carry=zeros)
     return y
 
 
@@ -149,8 +149,8 @@ def swr_backward_plain(a, u, dy, p, out=None):
         da[...] = 0
         return da, du, None
     zeros, _ = _plain_zeros(cp, p)
-    _nk().swr_backward(a, u, dy, du, da, layout=p.layout, block_len=p.block_len, hops=p.hops,
-                       carry=zeros, dcarry=None)  # fmt: skip
+    _nk().swr_backward.swr_backward(a, u, dy, du, da, layout=p.layout, block_len=p.block_len,
+                                    hops=p.hops, carry=zeros, dcarry=None)  # fmt: skip
     return da, du, None
 
 
@@ -194,7 +194,7 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
             carry = _constant(cp, shape, 0.0) if x0 is None else cp_ascontig(x0)
         else:
             carry = cp_ascontig(state.carry_v[..., 0])
-        nk.swr_forward(av, uv, _view(y), hops=p.hops, carry=carry, **kw)
+        nk.swr_forward.swr_forward(av, uv, _view(y), hops=p.hops, carry=carry, **kw)
         if not return_state:
             return y
         return y, _advance_from_tail(a, u, p, state)
@@ -203,7 +203,8 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     C = cp.empty(shape + (nb,), F32)
     nk.block_carriers(av, uv, v, C, **kw)
     S = cp.ascontiguousarray(_block_carry(v, C, p.hops, state), dtype=F32)
-    nk.swr_forward(av, uv, _view(y), hops=p.hops, carry=S[..., 0].copy(), block_carry=S, **kw)
+    nk.swr_forward.swr_forward(av, uv, _view(y), hops=p.hops, carry=S[..., 0].copy(),
+                               block_carry=S, **kw)
     if not return_state:
         return y
     return y, state.advanced(p.N, v, C, S, cp)
@@ -258,7 +259,7 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     if hops in (0, 1):
         if dcarry is None and x0 is not None:
             dcarry = cp.empty(shape, F32)
-        nk.swr_backward(
+        nk.swr_backward.swr_backward(
             av, uv, dyv, _view(du), _view(da), hops=hops, carry=carry, dcarry=dcarry, **kw
         )
         return da, du, (dcarry if x0 is not None else None)

@@ -262,9 +262,8 @@ def floor_bytes(case: Case, direction: str) -> int:
 
     forward (``swr``): a and u read, y written. forward+backward: that, then the gradient call
     (``swr_vjp``), which reads a, u and dy and writes du and da: a and u are read by both calls.
-    This is the floor issue #3 states (about 0.30 ms = 1.3 x 0.23 ms on the H100 at 3.0 TB/s;
-    ../shared/GPU.md counts 703 MB at 4 x 8192): bf16, per-head, 5 u + 3 a bytes. A single pass
-    reading a and u once (4 u + 2 a) is not possible through two calls.
+    Per element of u (bf16, per-head a): 5 bytes of u-sized arrays and 3 of a-sized ones. A single
+    pass reading a and u once (4 u + 2 a) is not possible through two calls.
     """
     item = ITEMSIZE[case.dtype]
     u = case.B * case.L * case.H * case.D * item

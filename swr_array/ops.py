@@ -55,7 +55,7 @@ def swr(
     out_dtype=None,
     out: Array | None = None,
 ):
-    """Sliding window recurrence y = L_hops(a) u (SPEC section 1).
+    """Sliding window recurrence y = L_hops(a) u (docs/spec.md#recurrence).
 
     Args:
         a: coefficients, per head ``(B, H, L)`` / ``(B, L, H)`` or per channel (u's shape), any
@@ -204,7 +204,7 @@ def swr_vjp(
     x0: Array | None = None,
     out: tuple | None = None,
 ):
-    """Gradients of ``sum(dy * swr(a, u, x0=x0))`` (SPEC section 4).
+    """Gradients of ``sum(dy * swr(a, u, x0=x0))`` (docs/spec.md#gradients).
 
     Returns ``(da, du, dx0)``: ``da`` with a's shape and dtype (per-head coefficients get the sum
     over the head's channels), ``du`` with u's shape and dtype, ``dx0`` ``(B, H, D)`` float32

@@ -1,4 +1,4 @@
-"""The Phalanx layer (SPEC section 5) as functions over a dict of parameter arrays.
+"""The Phalanx layer (docs/spec.md#phalanx) as functions over a dict of parameter arrays.
 
     Z   = x W_in                          one GEMM, columns [V | Bg | C | A]
     Y   = swr(A, sigmoid(Bg) * V, hops) * C + V,   A = decay_max * sigmoid(Z_a + b_a)

@@ -490,7 +490,7 @@ def step(a_t, u_t, w, g, carry, position, block_len, hops, xp=np):
 
 
 # ==============================================================================================
-# Phalanx layer (SPEC section 5; spear's SigmoidA parametrisation)
+# Phalanx layer (docs/spec.md#phalanx; spear's SigmoidA parametrisation)
 # ==============================================================================================
 #
 # Parameters (a dict of arrays, see swr_array.phalanx): one fused input projection W_in

@@ -12,7 +12,7 @@ from . import reference
 
 @dataclass(frozen=True)
 class SWRState:
-    """What a later ``swr``/``swr_step`` call needs to continue exactly (SPEC section 3).
+    """What a later ``swr``/``swr_step`` call needs to continue exactly (docs/spec.md#state).
 
     All arrays share the backend of the inputs (NumPy or CuPy) and have the canonical channel
     shape ``(B, H, D)``; float64 on the NumPy reference, float32 on the GPU.

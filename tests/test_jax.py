@@ -1,8 +1,9 @@
 """The JAX adapter on the CPU: numbers against the float64 reference, transformations, errors.
 
 Oracles: the dense truncated transfer operator of ``swr_array.reference`` (forward), finite
-differences in float64 (``jax.test_util.check_grads``, gradients) and, for Phalanx (SPEC section
-5), ``reference.phalanx_reference`` / ``phalanx_vjp_reference`` and the front's NumPy ``phalanx``.
+differences in float64 (``jax.test_util.check_grads``, gradients) and, for Phalanx
+(docs/spec.md#phalanx), ``reference.phalanx_reference`` / ``phalanx_vjp_reference`` and the
+front's NumPy ``phalanx``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def front_dict(params):
 
 
 def phalanx_oracle(params, x, *, block_len=16, hops=1):
-    """SPEC section 5 in float64: reference.phalanx_reference on the front's dict."""
+    """docs/spec.md#phalanx in float64: reference.phalanx_reference on the front's dict."""
     return reference.phalanx_reference(np.asarray(x, np.float64), front_dict(params),
                                        block_len=block_len, hops=hops)
 
@@ -102,7 +103,7 @@ def make_inputs(layout, per_head, *, B=2, N=37, H=3, D=4, seed=0, dtype=np.float
         ashape = (B, N, H) if layout == "BLHD" else (B, H, N)
     else:
         ashape = ushape
-    # coefficients of both signs, a few above 1 (SPEC: any real a_t)
+    # coefficients of both signs, a few above 1 (docs/spec.md#recurrence: any real a_t)
     a = rng.uniform(-1.15, 1.15, ashape).astype(dtype)
     u = rng.standard_normal(ushape).astype(dtype)
     x0v = rng.standard_normal((B, H, D)).astype(dtype) if x0 else None

@@ -7,6 +7,7 @@ threads per case), or with CuPy on a GPU. Inputs are drawn per test, coefficient
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import ml_dtypes
@@ -115,8 +116,8 @@ def run_backward(a, u, dy, layout, block_len, hops, x0, *, want_dcarry=True, **o
     da = poisoned(a.shape, a.dtype)
     carry = X.asarray(np.zeros((B, H, D), np.float32) if x0 is None else x0)
     dcarry = poisoned((B, H, D), np.float32) if want_dcarry else None
-    kernels().swr_backward(aX, uX, dyX, du, da, layout=layout, block_len=block_len, hops=hops,
-                           carry=carry, dcarry=dcarry, **options)
+    kernels().swr_backward.swr_backward(aX, uX, dyX, du, da, layout=layout, block_len=block_len,
+                                        hops=hops, carry=carry, dcarry=dcarry, **options)
     return to_np(da), to_np(du), (to_np(dcarry) if want_dcarry else None)
 
 
@@ -202,7 +203,6 @@ def channel_tuning():
     saved = dict(mod.TUNING)
     mod.TUNING["channel_chunk_steps"] = 16
     mod.TUNING["staged"] = False  # the staged kernels' tests ask for them
-    mod.TUNING["rows_coop"] = False
     yield mod.TUNING
     for k, v in saved.items():
         mod.TUNING[k] = v
@@ -278,14 +278,13 @@ def test_staged_kernel(rng, channel_tuning, dtype, hops):
         np.testing.assert_array_equal(g.view(np.uint8), p.view(np.uint8), err_msg=what)
 
 
-@pytest.mark.parametrize("block_len,D", [(8, 64), (32, 16), (32, 32)])
+@pytest.mark.parametrize("block_len,D", [(8, 64), (16, 16), (16, 32)])
 def test_staged_kernel_shapes(rng, channel_tuning, block_len, D):
-    # one group per block (l=8) or four (l=32); 8, 2 or 4 threads per head; dy float32 with
+    # one group per block (l=8) or two (l=16); 8, 2 or 4 threads per head; dy float32 with
     # bfloat16 a, u (two 16-byte copies of dy per step); two batches, no dcarry
     channel_tuning["staged"] = True
     channel_tuning["staged_chunk_steps"] = 2 * block_len
-    channel_tuning["staged_max_block_len"] = 32
-    dy_dtype = np.float32 if block_len != 32 or D == 32 else None
+    dy_dtype = np.float32 if block_len != 16 or D == 32 else None
     a, u, dy, x0 = make_case(rng, "BLHD", True, BF16, B=2, H=1, D=D, N=5 * block_len,
                              dy_dtype=dy_dtype)
     assert staged_name(a, u, dy, block_len, 1, x0)[0].startswith("swr_backward_staged")
@@ -293,37 +292,9 @@ def test_staged_kernel_shapes(rng, channel_tuning, block_len, D):
                    N=5 * block_len, dy_dtype=dy_dtype, want_dcarry=False, variant="channel")
 
 
-@pytest.mark.parametrize("hops,D,B,N,chunk", [(1, 16, 1, 256, 128), (0, 16, 2, 128, 64),
-                                               (1, 32, 2, 192, 64), (1, 8, 1, 320, 128)],
-                         ids=["hops1", "hops0", "D32", "D8"])
-def test_rows_coop_kernel(rng, channel_tuning, hops, D, B, N, chunk):
-    # BHDL cooperative: 32 rows per warp (one thread block of 32 in the simulator), spans of 64
-    # steps, chunks of one or two spans (carrier and q across chunk ends; refills of a span's
-    # slot), 1 to 4 heads per warp; bitwise the row kernel's numbers
-    import importlib
-
-    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
-    channel_tuning["rows_coop"] = True
-    channel_tuning["rows_chunk_steps"] = chunk
-    H = 32 // D
-    a, u, dy, x0 = make_case(rng, "BHDL", True, BF16, B=B, H=H, D=D, N=N)
-    call = mod._launch_args(a, u, dy, u.copy(), a.copy(), "BHDL", 16, hops, x0, None,
-                            "channel", None, 128, None)
-    assert call[0].py_func.__name__.startswith("swr_backward_rows_coop") and call[4] > 0
-    got = run_backward(a, u, dy, "BHDL", 16, hops, x0, variant="channel")
-    da_r, du_r, dx0_r = expected(a, u, dy, "BHDL", True, 16, hops, x0)
-    assert_close(time_last(got[1], "BHDL"), du_r, BF16, "du")
-    assert_close(time_last(got[0], "BHDL"), da_r, BF16, "da")
-    assert_close(got[2], dx0_r if hops else np.zeros_like(dx0_r), np.float32, "dcarry")
-    channel_tuning["rows_coop"] = False
-    plain = run_backward(a, u, dy, "BHDL", 16, hops, x0, variant="channel")
-    for g, p, what in zip(got, plain, ("da", "du", "dcarry")):
-        np.testing.assert_array_equal(g.view(np.uint8), p.view(np.uint8), err_msg=what)
-
-
 def test_staged_kernel_where_it_does_not_fit(rng, channel_tuning):
-    # per-channel coefficients, a partial last block, block_len 64, block_len 32 over the
-    # default staged_max_block_len: the plain channel kernel
+    # per-channel coefficients, a partial last block, block_len 64, block_len 32 (not in the
+    # staged kernel's BLOCK_LENS): the plain channel kernel
     channel_tuning["staged"] = True
     for per_head, N, block_len in ((False, 32, 16), (True, 36, 16), (True, 128, 64),
                                    (True, 64, 32)):
@@ -466,7 +437,7 @@ def test_unaligned_arrays_use_the_general_kernel(rng):
     assert kernels().walk_plan("BLHD", False, "f32", "f32", 8, 19, 2, 4, (u_off,)) is None
     du = poisoned(u.shape, u.dtype)
     da = poisoned(a.shape, a.dtype)
-    kernels().swr_backward(X.asarray(a), u_off, X.asarray(dy), du, da, layout="BLHD",
+    kernels().swr_backward.swr_backward(X.asarray(a), u_off, X.asarray(dy), du, da, layout="BLHD",
                            block_len=8, hops=1, carry=X.asarray(x0))
     da_r, du_r, _ = expected(a, u, dy, "BLHD", False, 8, 1, x0)
     assert_close(time_last(to_np(du), "BLHD"), du_r, np.float32, "du")
@@ -483,7 +454,7 @@ def test_empty_sequence(layout, variant):
     du = X.zeros(shape, np.float32)
     da = X.zeros(a.shape, np.float32)
     dcarry = poisoned((1, 2, 4), np.float32)
-    kernels().swr_backward(a, u, u, du, da, layout=layout, block_len=16, hops=1,
+    kernels().swr_backward.swr_backward(a, u, u, du, da, layout=layout, block_len=16, hops=1,
                            carry=X.zeros((1, 2, 4), np.float32), dcarry=dcarry, variant=variant)
     assert (to_np(dcarry) == 0).all()
 
@@ -595,3 +566,32 @@ def test_row_scan_kernel(rng, row_scan_tuning, dtype, hops, block_len, N, chunk_
                             None)[0].py_func.__name__  # fmt: skip
     assert "row_scan" in name and ("stages" in name) == (stages > 0), name
     check_backward(rng, "BHDL", True, dtype, hops, block_len=block_len, D=4, N=N)
+
+
+def _table_cases(layout):
+    """Backward cases over the axes the choice reads (dtypes, coefficients, hops, block
+    lengths, lengths, head dims, alignment)."""
+    import itertools
+
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    kinds = (("bf16", "bf16"), ("f32", "f32"), ("bf16", "f32"))
+    for (ku, kd), per_head, hops, block_len, N, D, shift in itertools.product(
+            kinds, (True, False), (0, 1), (8, 16, 32, 64), (64, 60, 1024), (2, 3, 16, 32, 256),
+            (0, 2, 4, 8)):
+        yield mod.Case(layout, per_head, ku, kd, hops, block_len, N, 4, D,
+                       (0, shift, 0, 0, 0))
+
+
+@pytest.mark.parametrize("layout", ["BHDL", "BLHD"])
+def test_every_backward_table_row_is_chosen(layout):
+    """Under the default TUNING every row of the backward's table is the first that fits for
+    some case (a row no input reaches would be dead code)."""
+    mod = importlib.import_module("swr_array.numba_kernels.swr_backward")
+    rows = mod.BACKWARD[layout]
+    chosen = set()
+    for c in _table_cases(layout):
+        first = next(i for i, (_, fits, _) in enumerate(rows) if fits(c))
+        chosen.add(first)
+        assert mod.choose(c)[0] == rows[first][0]
+    missing = [rows[i][0] for i in range(len(rows)) if i not in chosen]
+    assert not missing, f"{layout}: rows chosen by no case: {missing}"

@@ -119,7 +119,7 @@ def run_forward(a, u, *, layout, block_len, hops, out_kind, split=0, x0=None, mo
                 stream=None):  # fmt: skip
     """Run swr_forward on u[split:] (continuing from the reference's state at the split) and
     return (kernel y as float64 time-last, expected float64 time-last)."""
-    from swr_array.numba_kernels import swr_forward
+    from swr_array.numba_kernels.swr_forward import swr_forward
 
     xp = backend()
     per_head = a.ndim == 3
@@ -267,7 +267,7 @@ def test_shared_walk_kernel(rng, shared_walk, kinds, per_head, geometry):
     shape = (2, heads, 8, 7 * block_len)
     a, u = make_case(rng, "BLHD", shape, per_head, in_kind)
     plan = F._make_plan("BLHD", u.shape, per_head, in_kind, out_kind, block_len, 0, F.HOPS1,
-                        lambda in_bytes, out_bytes: False)  # fmt: skip
+                        (0, 0))  # fmt: skip
     assert "shared_walk" in plan.kernel.py_func.__name__
     x0 = rng.standard_normal(shape[:3])
     y, ref = run_forward(a, u, layout="BLHD", block_len=block_len, hops=1, out_kind=out_kind,
@@ -319,7 +319,7 @@ def test_bhdl_row_scan_kernel(rng, monkeypatch, kinds, hops, block_len, rows, ch
     monkeypatch.setitem(F.TUNING, "bhdl_chunk_blocks", chunk_blocks)
     monkeypatch.setitem(F.TUNING, "bhdl_scan_rows", rows)
     plan = F._make_plan("BHDL", shape, True, in_kind, out_kind, block_len, 0,
-                        F.HOPS1 if hops else F.HOPS0, lambda *_: False)  # fmt: skip
+                        F.HOPS1 if hops else F.HOPS0, (0, 0))  # fmt: skip
     assert "row_scan" in plan.kernel.py_func.__name__
     a, u = make_case(rng, "BHDL", shape, True, in_kind)
     x0 = rng.standard_normal(shape[:3])
@@ -340,7 +340,7 @@ def test_shared_walk_is_chosen_where_it_fits():
 
     def kernel_name(shape, per_head=True, kind="bf16", block_len=16, offset=0, mode=F.HOPS1):
         plan = F._make_plan("BLHD", shape, per_head, kind, kind, block_len, offset, mode,
-                            lambda in_bytes, out_bytes: False)  # fmt: skip
+                            (0, 0))  # fmt: skip
         assert SIM or plan.shared <= 48 * 1024
         return plan.kernel.py_func.__name__
 
@@ -402,7 +402,7 @@ def test_block_carriers(rng, small_chunks, layout, split, kinds):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_empty_sequence_writes_nothing(layout):
-    from swr_array.numba_kernels import block_carriers, swr_forward
+    from swr_array.numba_kernels.swr_forward import block_carriers, swr_forward
 
     xp = backend()
     shape = (1, 2, 4, 0) if layout == "BHDL" else (1, 0, 2, 4)
@@ -429,3 +429,23 @@ def test_non_finite_inputs_stay_in_their_window(rng, layout):
     assert not nan[..., 16:].any()
     finite = ~nan
     assert np.allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["BHDL", "BLHD"])
+def test_every_forward_table_row_is_chosen(layout):
+    """Under the default TUNING every row of the forward's table is the first that fits for
+    some case (a row no input reaches would be dead code)."""
+    import itertools
+
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+    rows = F.FORWARD[layout]
+    chosen = set()
+    for kind, per_head, mode, block_len, n, D, offset, align in itertools.product(
+            ("bf16", "f32"), (True, False), (F.HOPS0, F.HOPS1, F.BLOCK_CARRY), (8, 16, 64),
+            (64, 60, 4096), (16, 3), (0, 4), ((0, 0), (8, 0))):
+        c = F.Case(layout, per_head, kind, kind, mode, block_len, offset, n, D, 8 * D, align)
+        first = next(i for i, (_, fits, _) in enumerate(rows) if fits(c))
+        chosen.add(first)
+        assert F.choose(c)[0] == rows[first][0]
+    missing = [rows[i][0] for i in range(len(rows)) if i not in chosen]
+    assert not missing, f"{layout}: rows chosen by no case: {missing}"

@@ -57,15 +57,12 @@ def _spec_list():
             specs.append(("channel", "BHDL", kind, kind, per_head, 1, 16))
     specs.append(("channel", "BHDL", "bf16", "bf16", True, 0, 16))
     specs.append(("channel", "BHDL", "bf16", "f32", True, 1, 16))
-    # the BLHD staged kernel (per head, whole blocks): each dtype, block_len 8 / 32
+    # the BLHD staged kernel (per head, whole blocks): each dtype, block_len 8 / 16
     for hops in (0, 1):
         specs.append(("staged", "BLHD", "bf16", "bf16", True, hops, 16))
     specs.append(("staged", "BLHD", "f32", "f32", True, 1, 16))
     specs.append(("staged", "BLHD", "f16", "f16", True, 1, 8))
-    specs.append(("staged", "BLHD", "bf16", "f32", True, 1, 32))
-    for kind in ("bf16", "f16"):  # the cooperative BHDL row kernel
-        for hops in (0, 1):
-            specs.append(("coop", "BHDL", kind, kind, True, hops, 16))
+    specs.append(("staged", "BLHD", "bf16", "f32", True, 1, 16))
     for kind in DTYPES:  # the BHDL row scan
         for hops in (0, 1):
             specs.append(("row_scan", "BHDL", kind, kind, True, hops, 16))
@@ -119,21 +116,15 @@ def recorded_launch(spec, **options):
     what, layout, ku, kd, per_head, hops, block_len = spec
     saved = mod.launch, scan.launch
     mod.launch = scan.launch = record
-    staged = (mod.TUNING["staged"], mod.TUNING["staged_max_block_len"], mod.TUNING["rows_coop"],
-              mod.TUNING["row_scan_stages"])
+    staged = (mod.TUNING["staged"], mod.TUNING["row_scan_stages"])
     if what == "row_scan_regs":
         mod.TUNING["row_scan_stages"] = 0
         what = "row_scan"
     elif what.startswith("staged"):
         mod.TUNING["staged"] = True
-        mod.TUNING["staged_max_block_len"] = 32
-        what = "channel"
-    elif what == "coop":
-        mod.TUNING["rows_coop"] = True
         what = "channel"
     elif what.startswith("channel"):
         mod.TUNING["staged"] = False  # the plain channel kernel
-        mod.TUNING["rows_coop"] = False
     try:
         if what == "scan":
             x = np.zeros((3, 5), np.float32)
@@ -156,8 +147,7 @@ def recorded_launch(spec, **options):
                                  variant=what.replace("_partial", ""), **options)
     finally:
         mod.launch, scan.launch = saved
-        (mod.TUNING["staged"], mod.TUNING["staged_max_block_len"], mod.TUNING["rows_coop"],
-         mod.TUNING["row_scan_stages"]) = staged
+        mod.TUNING["staged"], mod.TUNING["row_scan_stages"] = staged
     assert len(seen) == 1, seen
     return seen[0]
 
@@ -212,11 +202,6 @@ def test_compiles_to_ptx(spec):
             assert name.endswith("_full") == (what == "channel")
         else:
             assert name.startswith("swr_backward_rows") and "_depth2_" in name
-    if what == "coop":
-        name = recorded_launch(spec)[0].py_func.__name__
-        assert name.startswith("swr_backward_rows_coop"), name
-        assert "cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx
-        assert "ld.shared.v4.u32" in ptx and "bar.warp.sync" in ptx
     if what.startswith("row_scan"):
         name = recorded_launch(spec)[0].py_func.__name__
         assert name.startswith("swr_backward_row_scan"), name

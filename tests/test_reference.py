@@ -1,6 +1,6 @@
 """The reference against itself: dense operator == decomposition == two-pass == tokenwise, and
-the SPEC's reference equalities (sequential, the authors' two-pass semantics), gradients by
-finite differences."""
+the reference equalities of docs/spec.md#recurrence (sequential, the authors' two-pass
+semantics), gradients by finite differences."""
 
 from __future__ import annotations
 
@@ -151,8 +151,8 @@ def test_vjp_finite_differences(rng, hops, with_x0):
 
 
 def test_vjp_hops1_matches_spec_formulas(rng):
-    """SPEC section 4 written out: du is the reverse jagged scan seeded with q_{j+1}; da from
-    w, g, v and z."""
+    """docs/spec.md#gradients written out: du is the reverse jagged scan seeded with q_{j+1};
+    da from w, g, v and z."""
     l, n = 8, 40
     a, u = draw(rng, (1, n), (1, n))
     dy = rng.standard_normal((1, n))

@@ -1,4 +1,4 @@
-"""The split-anywhere state contract and one-token decoding (SPEC section 3)."""
+"""The split-anywhere state contract and one-token decoding (docs/spec.md#state)."""
 
 from __future__ import annotations
 

@@ -449,7 +449,7 @@ def test_phalanx_input_errors():
 
 
 def phalanx_numpy(x, layer, *, block_len, hops):
-    """SPEC section 5 in NumPy float64 from the module's documented parameter layout."""
+    """docs/spec.md#phalanx in NumPy float64 from the module's documented parameter layout."""
     c = layer.config
     W = layer.in_proj_weight.detach().to(F64).numpy()
     bias = layer.in_proj_bias.detach().to(F64).numpy()
