@@ -144,10 +144,7 @@ def load_spear_layer(build_dir, wait_s):
     """spear's Phalanx module class (spear.nn.phalanx.swr.Phalanx) from build_spear.sh's build,
     or the reason it is unavailable."""
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        if here not in sys.path:
-            sys.path.insert(0, here)
-        import peers
+        from swr_array import bench_peers as peers
 
         if build_dir and (os.path.isdir(build_dir) or wait_s > 0):
             peers._load_spear_from_build(build_dir, wait_s)

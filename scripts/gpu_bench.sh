@@ -64,7 +64,6 @@ fi
 stamp "running ${BENCH[*]}"
 (cd /tmp && timeout -k 10 "${BENCH_TIMEOUT:-300}" "${BENCH[@]}" \
   --out "$OUT" --markdown "$OUT/benchmarks.md" \
-  --peers-file "$ROOT/benchmarks/peers.py" \
   --spear-build "$SPEAR_DIR" --spear-wait 240 \
   --time-budget "${BENCH_BUDGET:-250}" "$@")
 rc=$?

@@ -9,9 +9,10 @@ whose bytes add up to more than twice the L2 cache, so that no call finds its in
 - the floor: the bytes the calls must move (forward: a and u read, y written; forward+backward:
   that, then a, u and dy read and du, da written by the gradient call) over the device-to-device
   copy bandwidth measured here (bytes read + bytes written per second);
-- peers (``benchmarks/peers.py``): spear's BTP kernel, accelerated-scan, flash-linear-attention's
-  ``chunk_hgrn``, torch SDPA (flash, causal) and flex_attention sliding windows, each in its own
-  natural layout and dtype, skipped with a reason when it does not import or run here;
+- peers (``swr_array/bench_peers.py``): spear's BTP kernel, accelerated-scan,
+  flash-linear-attention's ``chunk_hgrn``, torch SDPA (flash, causal) and flex_attention sliding
+  windows, each in its own natural layout and dtype, skipped with a reason when it does not
+  import or run here;
 - the host overhead of one call on a tiny input (median over ``--host-calls`` calls).
 
 Writes ``bench.json`` and ``bench.png`` into ``--out`` and, with ``--markdown PATH``, the page PATH
@@ -185,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-head-dim", type=_positive_int, default=128,
                    help="attention head dim: H*D channels = heads x this (default: 128)")
     p.add_argument("--peers-file", default=None, metavar="PATH",
-                   help="benchmarks/peers.py (default: found from the current folder or the repo)")
+                   help="a replacement for swr_array/bench_peers.py (default: that module)")
     p.add_argument("--spear-build", default=".peers/build/spear", metavar="DIR",
                    help="where benchmarks/build_spear.sh builds spear "
                         "(default: .peers/build/spear)")
@@ -792,18 +793,20 @@ def _cupy_device():
 
 
 def _load_peers_module(path: str | None):
-    candidates = [Path(path)] if path else [
-        Path.cwd() / "benchmarks" / "peers.py",
-        Path(__file__).resolve().parent.parent / "benchmarks" / "peers.py",
-    ]
-    for p in candidates:
-        if p.is_file():
-            spec = importlib.util.spec_from_file_location("swr_bench_peers", p)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules["swr_bench_peers"] = mod
-            spec.loader.exec_module(mod)
-            return mod
-    return None
+    """The peer harness: ``swr_array.bench_peers`` (installed with the package), or the module
+    at ``path`` (a replacement with the same functions, as the tests use)."""
+    if not path:
+        from . import bench_peers
+
+        return bench_peers
+    p = Path(path)
+    if not p.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("swr_bench_peers", p)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["swr_bench_peers"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1171,7 +1174,7 @@ def run(args, argv: Sequence[str] | None = None) -> int:
     names = peer_names(args)
     peers_mod = _load_peers_module(args.peers_file) if names else None
     if names and peers_mod is None:
-        payload["unavailable"]["peers"] = "benchmarks/peers.py not found (use --peers-file)"
+        payload["unavailable"]["peers"] = "--peers-file not found"
         names = ()
     problems = list({c.problem: c for c in cases}.values())
     ordered = [n for n in MEASURE_ORDER if n in names] + [n for n in names
