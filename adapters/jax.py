@@ -44,7 +44,7 @@ except ImportError:  # a JAX without buffer_callback
     _bc = None
 
 import swr_array
-from swr_array import _checks
+from swr_array import _checks, _plans
 
 __all__ = [
     "Phalanx",  # noqa: F822 - built on first access by __getattr__ (keeps Flax optional)
@@ -327,11 +327,11 @@ def _out_slot(view, dtype):
     return _xp_of(view).empty(view.shape, dtype), True
 
 
-# Checked problems of the GPU path, per call signature. The first call of a signature goes through
-# the front's public swr / swr_vjp (all of its checks); later ones, whose arguments can only differ
-# in their data (XLA's buffers: same shapes, dtypes, device, C-contiguous), go straight to the
-# CuPy backend that those functions call, with the problem checked then.
-_PROBLEMS: dict = {}
+# Checked problems of the GPU path, per call signature, in the front's one cache of checked calls
+# (swr_array._plans.PLANS). The first call of a signature goes through the front's public swr /
+# swr_vjp (all of its checks); later ones, whose arguments can only differ in their data (XLA's
+# buffers: same shapes, dtypes, device, C-contiguous), go straight to the CuPy backend that those
+# functions call, with the problem checked then.
 
 
 def _sig(x):
@@ -345,9 +345,7 @@ def _cuda_backend():
 
 
 def _remember(key, p):
-    if len(_PROBLEMS) > 256:
-        _PROBLEMS.clear()
-    _PROBLEMS[key] = p
+    _plans.PLANS.put(key, p)
 
 
 def _plain(p, x0, *arrays) -> bool:
@@ -359,8 +357,8 @@ def _plain(p, x0, *arrays) -> bool:
 def _device_swr(cfg, a, u, x0, out):
     """swr(a, u, x0=x0, out=out) on CuPy views (vmapped axes folded into B)."""
     a, u, x0, out = _fold(a, _a_ndim(cfg)), _fold(u, 4), _fold(x0, 3), _fold(out, 4)
-    key = ("swr", cfg, _sig(a), _sig(u), _sig(x0), _sig(out), u.data.device_id)
-    hit = _PROBLEMS.get(key)
+    key = ("jax-swr", cfg, _sig(a), _sig(u), _sig(x0), _sig(out), u.data.device_id)
+    hit = _plans.PLANS.get(key)
     if hit is not None:
         p, plain = hit
         if plain:
@@ -379,9 +377,9 @@ def _device_swr_vjp(cfg, a, u, x0, dy, out):
     """swr_vjp(a, u, dy, x0=x0, out=out) on CuPy views (vmapped axes folded into B)."""
     a, u, x0, dy = _fold(a, _a_ndim(cfg)), _fold(u, 4), _fold(x0, 3), _fold(dy, 4)
     out = (_fold(out[0], _a_ndim(cfg)), _fold(out[1], 4), _fold(out[2], 3))
-    key = ("vjp", cfg, _sig(a), _sig(u), _sig(x0), _sig(dy), tuple(_sig(o) for o in out),
+    key = ("jax-vjp", cfg, _sig(a), _sig(u), _sig(x0), _sig(dy), tuple(_sig(o) for o in out),
            u.data.device_id)
-    hit = _PROBLEMS.get(key)
+    hit = _plans.PLANS.get(key)
     if hit is not None:
         p, plain = hit
         if plain:

@@ -1099,6 +1099,8 @@ def _run(layout, a, u, y, v_out, c_out, *, block_len, offset, w0, g0, carry, blo
         plan.entry, plan.values = prepare(plan.kernel, [FlatArray.of(x) for x in arrays]
                                           + plan.scalars)  # fmt: skip
         allow_shared_memory(plan.entry, plan.shared)
+        if len(_plans) > 256:
+            _plans.clear()
         _plans[key] = plan
     launch_with_pointers(plan.entry, plan.grid, plan.block, plan.values, ptrs, stream,
                          plan.shared)  # fmt: skip

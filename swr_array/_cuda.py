@@ -107,18 +107,19 @@ def cp_ascontig(x):
 _PLAIN_CONSTANTS: dict = {}
 
 
-def swr_forward_plain(a, u, p, out=None):
-    """The hot path: a checked, C-contiguous CuPy call with no x0 or state, hops 0 or 1."""
+def swr_forward_plain(a, u, p, out=None, stream=None):
+    """The hot path: a checked, C-contiguous CuPy call with no x0 or state, hops 0 or 1
+    (``stream``: a CUDA stream handle, or None for CuPy's current stream)."""
     cp = _xp_of(u)
     if cp.cuda.runtime.getDevice() != p.device:
         with cp.cuda.Device(p.device):
-            return swr_forward_plain(a, u, p, out)
+            return swr_forward_plain(a, u, p, out, stream)
     y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     if p.N == 0:
         return y
     zeros, ones = _plain_zeros(cp, p)
     _nk().swr_forward.swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops,
-                                  offset=0, w0=zeros, g0=ones, carry=zeros)
+                                  offset=0, w0=zeros, g0=ones, carry=zeros, stream=stream)
     return y
 
 
@@ -133,13 +134,13 @@ def _plain_zeros(cp, p):
     return consts
 
 
-def swr_backward_plain(a, u, dy, p, out=None):
+def swr_backward_plain(a, u, dy, p, out=None, stream=None):
     """The hot path of the gradient: a checked, C-contiguous CuPy call with no x0, hops 0 or 1;
-    ``out`` is None or ``(da, du, None)``."""
+    ``out`` is None or ``(da, du, None)``; ``stream`` as in :func:`swr_forward_plain`."""
     cp = _xp_of(u)
     if cp.cuda.runtime.getDevice() != p.device:
         with cp.cuda.Device(p.device):
-            return swr_backward_plain(a, u, dy, p, out)
+            return swr_backward_plain(a, u, dy, p, out, stream)
     if out is None:
         da = cp.empty(a.shape, dtype=a.dtype)
         du = cp.empty(u.shape, dtype=u.dtype)
@@ -150,7 +151,8 @@ def swr_backward_plain(a, u, dy, p, out=None):
         return da, du, None
     zeros, _ = _plain_zeros(cp, p)
     _nk().swr_backward.swr_backward(a, u, dy, du, da, layout=p.layout, block_len=p.block_len,
-                                    hops=p.hops, carry=zeros, dcarry=None)  # fmt: skip
+                                    hops=p.hops, carry=zeros, dcarry=None,
+                                    stream=stream)  # fmt: skip
     return da, du, None
 
 

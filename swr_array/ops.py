@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, reference
+from . import _checks, _plans, reference
 from ._backend import get_xp
 from .state import SWRState
 
@@ -78,7 +78,7 @@ def swr(
     if plain:
         # Repeated plain calls on CuPy skip the checks: everything they depend on is in the key.
         key = _plain_key(a, u, block_len, hops, layout, out_dtype, out)
-        p = _CHECKED.get(key)
+        p = _plans.PLANS.get(key)
         if p is not None:
             from . import _cuda
 
@@ -97,8 +97,8 @@ def swr(
 
         if plain and key is not None and p.hops in (0, 1):
             contiguous = a.flags.c_contiguous and u.flags.c_contiguous
-            if contiguous and len(_CHECKED) < 1024:
-                _CHECKED[key] = p
+            if contiguous:
+                _plans.PLANS.put(key, p)
         with cupy.cuda.Device(p.device):
             return _cuda.swr_forward(
                 a, u, p, x0=x0, state=state, return_state=return_state, out=out
@@ -110,8 +110,6 @@ def swr(
     np.copyto(out, y)
     return (out, res[1]) if return_state else out
 
-
-_CHECKED: dict = {}
 
 
 def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
@@ -126,6 +124,7 @@ def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
         else:
             return None
         return (
+            "swr",
             out_key,
             out_dtype if isinstance(out_dtype, str | type(None)) else np.dtype(out_dtype),
             type(a),
@@ -215,7 +214,7 @@ def swr_vjp(
     if plain:
         # as in swr: repeated plain CuPy calls skip the checks (all they depend on is in the key)
         key = _vjp_key(a, u, dy, block_len, hops, layout, out)
-        p = _CHECKED.get(key)
+        p = _plans.PLANS.get(key)
         if p is not None:
             from . import _cuda
 
@@ -243,8 +242,8 @@ def swr_vjp(
 
         if plain and key is not None and p.hops in (0, 1):
             contiguous = a.flags.c_contiguous and u.flags.c_contiguous and dy.flags.c_contiguous
-            if contiguous and len(_CHECKED) < 1024:
-                _CHECKED[key] = p
+            if contiguous:
+                _plans.PLANS.put(key, p)
         with cupy.cuda.Device(p.device):
             return _cuda.swr_backward(a, u, dy, p, x0=x0, out=out)
     at = to_time_last(a, p.layout, p.per_head)

@@ -199,3 +199,29 @@ def test_repeated_numpy_calls_all_dtypes(rng):
         a, u = make(rng, "BLHD", True, dtype=dtype)
         first = sa.swr(a, u, layout="BLHD")
         np.testing.assert_array_equal(sa.swr(a, u, layout="BLHD"), first)
+
+
+def test_plan_cache_is_bounded_and_least_recently_used():
+    from swr_array._plans import BoundedCache
+
+    c = BoundedCache(3)
+    for k in range(5):
+        c.put(k, str(k))
+    assert len(c) == 3 and c.get(0) is None and c.get(1) is None
+    assert c.get(2) == "2"  # 2 is now the most recent: 3 goes first
+    c.put(5, "5")
+    assert c.get(3) is None and [c.get(k) for k in (2, 4, 5)] == ["2", "4", "5"]
+    c.put([1], "unhashable")  # never cached, no error
+    assert c.get([1]) is None and len(c) == 3
+
+
+def test_launch_plan_checks_and_declines_numpy():
+    from swr_array._plans import launch_plan
+
+    a = np.zeros((1, 2, 8), np.float32)
+    u = np.zeros((1, 2, 4, 8), np.float32)
+    assert launch_plan(a, u, block_len=4, hops=1, layout="BHDL") is None  # NumPy: the reference
+    with pytest.raises(ValueError, match="block_len"):
+        launch_plan(a, u, block_len=3, hops=1, layout="BHDL")
+    with pytest.raises(ValueError, match="dy"):
+        launch_plan(a, u, block_len=4, hops=1, layout="BHDL", dy=u[..., :4])

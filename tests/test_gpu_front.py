@@ -200,3 +200,27 @@ def test_backward_beyond_2_31_elements(cp, layout):
         eda, edu, _ = sa.reference.swr_vjp(at, tl(pick(u))[:, None], tl(pick(dy))[:, None])
         assert rel(tl(pick(du)), edu[:, 0]) < 1e-2
         assert rel(pick(da), eda.sum(axis=2)[:, 0]) < 2e-2
+
+
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_launch_plan_matches_the_front_bitwise(cp, rng, layout):
+    """swr_array._plans.launch_plan: the adapters' hot path gives the front's numbers bit for bit,
+    on a stream of the caller's, into poisoned outputs."""
+    from swr_array._plans import launch_plan
+
+    a, u = draw(rng, layout, True, 2, 4, 16, 96, BF16)
+    ca, cu = cp.asarray(a), cp.asarray(u)
+    dy = cp.asarray(rng.standard_normal(u.shape).astype(BF16))
+    plan = launch_plan(ca, cu, block_len=16, hops=1, layout=layout, dy=dy)
+    assert plan is launch_plan(ca, cu, block_len=16, hops=1, layout=layout, dy=dy)
+    stream = cp.cuda.Stream(non_blocking=True)
+    y, da, du = cp.empty(u.shape, u.dtype), cp.empty(a.shape, a.dtype), cp.empty(u.shape, u.dtype)
+    for x in (y, da, du):
+        x.view(cp.uint16).fill(0x7FC0)  # NaN until a kernel writes it
+    plan.forward(ca, cu, y, stream=stream.ptr)
+    plan.backward(ca, cu, dy, da, du, stream=stream.ptr)
+    stream.synchronize()
+    want_y = sa.swr(ca, cu, layout=layout, block_len=16, hops=1)
+    want_da, want_du, _ = sa.swr_vjp(ca, cu, dy, layout=layout, block_len=16, hops=1)
+    for got, want in ((y, want_y), (da, want_da), (du, want_du)):
+        assert bool((got.view(cp.uint16) == want.view(cp.uint16)).all())

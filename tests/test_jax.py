@@ -723,7 +723,9 @@ def test_device_path_checks_once_per_signature(monkeypatch):
         swr_backward_plain=lambda a, u, dy, p, out: calls.append(("plain bwd", p.B, len(out))),
     )
     monkeypatch.setattr(sj, "_cuda_backend", lambda: backend)
-    monkeypatch.setattr(sj, "_PROBLEMS", {})
+    from swr_array import _plans
+
+    monkeypatch.setattr(_plans, "PLANS", _plans.BoundedCache(8))
     a, u, _ = make_inputs("BLHD", True, N=7, dtype=np.float32)
     cfg = sj._check_swr(jnp.asarray(a), jnp.asarray(u), None, block_len=4, hops=1,
                         layout="BLHD", out_dtype=None)
