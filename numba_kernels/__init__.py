@@ -4,6 +4,8 @@ checks and normalises, see docs/internals.md).
 The SWR entry points live in their modules, ``swr_forward.swr_forward`` and
 ``swr_backward.swr_backward`` (the package does not re-export them under the modules' names).
 Which kernel each launches is the table ``swr_forward.FORWARD`` / ``swr_backward.BACKWARD``.
+Shared pieces: ``_ptx`` (inline PTX/LLVM helpers), ``_dtypes`` (storage kinds, item sizes,
+conversions), ``_launch`` (compilation, launches on data pointers, ``Tuning``).
 """
 
 from . import phalanx_fused, swr_backward, swr_forward
