@@ -125,6 +125,15 @@ def test_torch_phalanx_on_empty_inputs():
         assert out.shape == shape and state.position == shape[1]
 
 
+def test_torch_state_dict_holds_only_the_weights():
+    """docs/guide_torch.md and docs/api.md say so: hops, block_len, decay_max are not saved."""
+    pytest.importorskip("torch")
+    from swr_array.adapters.torch import Phalanx
+
+    sd = Phalanx(32, heads=2, hops=3, block_len=8, decay_max=0.5).state_dict()
+    assert set(sd) == {"in_proj_weight", "in_proj_bias", "out_proj_weight"}
+
+
 def test_torch_phalanx_dtype_must_be_float():
     torch = pytest.importorskip("torch")
     from swr_array.adapters.torch import Phalanx
