@@ -66,9 +66,8 @@ def info() -> int:
     if desc is None:
         print(f"GPU: none found; the CUDA kernels need {_MIN} or later")
     else:
-        cc = desc.rsplit("capability ", 1)[1].rstrip(")")
-        verdict = "supported" if "is not supported" not in reason else "NOT supported"
-        print(f"GPU: {desc}: compute capability {cc} {verdict} (the kernels need {_MIN} or later)")
+        verdict = "NOT supported" if "is not supported" in reason else "supported"
+        print(f"GPU: {desc}: {verdict} (the kernels need {_MIN} or later)")
     for fw in ("torch", "jax"):
         ver, err = _version(fw)
         print(f"adapter {fw}: {'available' if ver else 'unavailable: ' + err}")

@@ -219,3 +219,25 @@ def test_cpu_demo_passes(capsys):
 
     assert demo(force_cpu=True) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("major,minor,supported", [(7, 5, False), (8, 0, True), (9, 0, True)])
+def test_info_reports_the_gpu_capability(monkeypatch, capsys, major, minor, supported):
+    import sys
+    import types
+
+    from swr_array import cli
+
+    props = {"name": b"Some GPU", "major": major, "minor": minor}
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: props)
+    fake_cuda = types.SimpleNamespace(is_available=lambda: True, runtime=runtime,
+                                      Device=lambda: types.SimpleNamespace(id=0))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=fake_cuda))
+    ok, reason, desc = cli.gpu_status()
+    assert desc == f"Some GPU (compute capability {major}.{minor})"
+    if not supported:
+        assert not ok and "is not supported" in reason and "8.0 (sm_80" in reason
+    assert cli.info() == 0
+    out = capsys.readouterr().out
+    verdict = "supported" if supported else "NOT supported"
+    assert f"GPU: Some GPU (compute capability {major}.{minor}): {verdict} (" in out
