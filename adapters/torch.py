@@ -249,6 +249,7 @@ def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
     elif tuple(a.shape) == channel_shape:
         per_head = False
     else:
+        _checks.refuse_other_layout(a.shape, u.shape, layout)
         raise ValueError(
             f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
             f"for u of shape {channel_shape} in layout {layout!r}, got {tuple(a.shape)}"

@@ -161,12 +161,7 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     elif tuple(a.shape) == channel_shape:
         per_head = False
     else:
-        other = "BLHD" if layout == "BHDL" else "BHDL"
-        if tuple(a.shape) in _a_shapes(u.shape, other):
-            raise ValueError(
-                f"a {tuple(a.shape)} and {name_u} {tuple(u.shape)} fit layout {other!r}, not "
-                f"layout={layout!r}: pass layout={other!r} if that is how your arrays are laid out"
-            )
+        refuse_other_layout(a.shape, u.shape, layout, name_u)
         raise ValueError(
             f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
             f"for {name_u} of shape {tuple(u.shape)} in layout {layout!r}, got {tuple(a.shape)}"
@@ -180,6 +175,20 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     if backend == "cupy":
         check_gpu(device)
     return Problem(backend, layout, B, H, D, N, per_head, dtype, out, block_len, hops, device)
+
+
+def refuse_other_layout(a_shape, u_shape, layout, name_u="u"):
+    """a that does not fit u in ``layout`` but fits in the other one: the wrong-layout trap, named.
+
+    (Arrays that fit both layouts, per-channel a or per-head a with H == D, cannot be told apart.)
+    """
+    other = "BLHD" if layout == "BHDL" else "BHDL"
+    a_shape, u_shape = tuple(a_shape), tuple(u_shape)
+    if len(u_shape) == 4 and a_shape in _a_shapes(u_shape, other):
+        raise ValueError(
+            f"a {a_shape} and {name_u} {u_shape} fit layout {other!r}, not "
+            f"layout={layout!r}: pass layout={other!r} if that is how your arrays are laid out"
+        )
 
 
 def _bhdn(shape, layout):

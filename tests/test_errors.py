@@ -67,6 +67,16 @@ def test_arrays_of_the_other_layout_name_layout(rng, given):
         sa.swr(a, u, layout=given)
     with pytest.raises(ValueError, match="layout="):
         sa.swr_vjp(a, u, u, layout=given)
+    torch = pytest.importorskip("torch")
+    from swr_array.adapters import torch as st
+
+    with pytest.raises(ValueError, match=f"fit layout '{other}', not layout='{given}'"):
+        st.swr(torch.from_numpy(a), torch.from_numpy(u), layout=given)
+    jnp = pytest.importorskip("jax.numpy")
+    from swr_array.adapters import jax as sj
+
+    with pytest.raises(ValueError, match=f"fit layout '{other}', not layout='{given}'"):
+        sj.swr(jnp.asarray(a, jnp.float32), jnp.asarray(u, jnp.float32), layout=given)
 
 
 # ---- hops at or beyond the number of blocks: the exact path ----------------------------------
