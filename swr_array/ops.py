@@ -286,12 +286,16 @@ def swr_vjp(
 
 
 def _empty_vjp(a, u, x0, p, out):
+    """swr_vjp without channels (B, H or D is 0): zero gradients (per-head da sums no channels)."""
     xp = get_xp(p.backend)
     f = np.float32 if p.backend == "cupy" else np.float64
     res = (xp.zeros(a.shape, a.dtype), xp.zeros(u.shape, u.dtype),
            None if x0 is None else xp.zeros((p.B, p.H, p.D), f))
     if out is None:
         return res
+    for dst in out:
+        if dst is not None:
+            dst[...] = 0
     return tuple(src if dst is None else dst for dst, src in zip(out, res))
 
 

@@ -117,6 +117,12 @@ def test_empty_inputs(shape):
         assert (da.shape, du.shape, dx0.shape) == (a.shape, u.shape, x0.shape)
         if shape[1] == 0:  # no tokens: x0 reaches nothing, its gradient is 0
             np.testing.assert_array_equal(dx0, 0.0)
+        if shape[3] == 0:  # no channels per head: a per-head da sums nothing
+            np.testing.assert_array_equal(da, 0.0)
+            out = (np.full(a.shape, np.nan), np.full(u.shape, np.nan), np.full(x0.shape, np.nan))
+            got = sa.swr_vjp(a, u, u, layout="BLHD", x0=x0, out=out)
+            assert all(g is o for g, o in zip(got, out))
+            np.testing.assert_array_equal(out[0], 0.0)
 
 
 def test_torch_phalanx_on_empty_inputs():
