@@ -257,3 +257,27 @@ def test_info_reports_the_gpu_capability(monkeypatch, capsys, major, minor, supp
     out = capsys.readouterr().out
     verdict = "supported" if supported else "NOT supported"
     assert f"GPU: Some GPU (compute capability {major}.{minor}): {verdict} (" in out
+
+
+@pytest.mark.gpu
+def test_the_real_gpu_is_checked_and_reported(rng, capsys):
+    """On the GPU machine: the capability the check reads is CuPy's, info reports it, and a
+    supported GPU runs swr (output poisoned first) to the reference's numbers."""
+    import cupy as cp
+
+    from swr_array import cli
+
+    dev = cp.cuda.Device()
+    cc = _checks.device_capability(dev.id)
+    assert "{}{}".format(*cc) == dev.compute_capability
+    assert _checks.capability_supported(cc)  # the tested hardware is sm_90
+    assert cli.info() == 0
+    assert f"compute capability {cc[0]}.{cc[1]}): supported" in capsys.readouterr().out
+    a, u = blhd(rng, L=40)
+    out = cp.full(u.shape, cp.nan, cp.float32)
+    got = sa.swr(cp.asarray(a, cp.float32), cp.asarray(u, cp.float32), layout="BLHD", hops=10**9,
+                 out=out)
+    want = sa.swr(a.astype(np.float32).astype(np.float64),
+                  u.astype(np.float32).astype(np.float64), layout="BLHD", hops=None)
+    assert got is out
+    np.testing.assert_allclose(out.get(), want, rtol=1e-4, atol=1e-4)
