@@ -643,11 +643,7 @@ def _check_int(name, x, minimum=1) -> int:
 
 
 def _check_decay_max(decay_max) -> float:
-    if isinstance(decay_max, bool) or not isinstance(decay_max, numbers.Real):
-        raise TypeError(f"decay_max must be a real number, got {type(decay_max).__name__}")
-    if not math.isfinite(decay_max):
-        raise ValueError(f"decay_max must be finite, got {decay_max}")
-    return float(decay_max)
+    return _checks.check_decay_max(decay_max)
 
 
 def _head_config(dim, heads, head_dim, kv_heads):

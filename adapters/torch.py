@@ -249,6 +249,7 @@ def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
     elif tuple(a.shape) == channel_shape:
         per_head = False
     else:
+        _checks.refuse_other_layout(a.shape, u.shape, layout)
         raise ValueError(
             f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
             f"for u of shape {channel_shape} in layout {layout!r}, got {tuple(a.shape)}"
@@ -731,9 +732,8 @@ def _gates(z: Tensor, cfg: _PhalanxConfig):
 
 
 def _readout(y: Tensor, c5: Tensor, v5: Tensor, w_out: Tensor) -> Tensor:
-    lead = v5.shape[:-3]
     Y = y.view(v5.shape) * c5 + v5
-    return F.linear(Y.reshape(*lead, -1), w_out)
+    return F.linear(Y.flatten(-3), w_out)  # flatten, not reshape(-1): L or B may be 0
 
 
 def _input_bias(b_in: Tensor, cfg: _PhalanxConfig) -> Tensor:
@@ -1048,6 +1048,8 @@ class Phalanx(nn.Module):
         fast_path: bool = True,
     ):
         super().__init__()
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch dtype or None, got {dtype}")
         dim = _positive_int("dim", dim)
         if heads is None:
             head_dim = 16 if head_dim is None else _positive_int("head_dim", head_dim)
@@ -1078,10 +1080,7 @@ class Phalanx(nn.Module):
             block_len if block_len is not None else (16 if block_size is None else block_size)
         )
         hops = _checks.check_hops(hops)
-        if isinstance(decay_max, bool) or not isinstance(decay_max, numbers.Real):
-            raise TypeError(f"decay_max must be a real number, got {type(decay_max).__name__}")
-        if not (math.isfinite(decay_max) and decay_max > 0):
-            raise ValueError(f"decay_max must be finite and > 0, got {decay_max}")
+        decay_max = _checks.check_decay_max(decay_max)
         self.config = _PhalanxConfig(
             dim, heads, head_dim, kv_heads, float(decay_max), block_len, hops
         )

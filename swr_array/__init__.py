@@ -5,10 +5,9 @@ kernels. PyTorch and JAX users go through :mod:`swr_array.adapters`.
 """
 
 from . import reference
+from ._version import __version__ as __version__
 from .ops import horizon, swr, swr_init_state, swr_step, swr_vjp
 from .state import SWRState
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SWRState",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +13,8 @@ import numpy as np
 from ._backend import array_backend, bfloat16, dtype_name
 
 LAYOUTS = ("BHDL", "BLHD")
+DEFAULT_LAYOUT = "BLHD"  # channels contiguous: what a projection produces (adapters too)
+MIN_COMPUTE_CAPABILITY = (8, 0)  # the kernels copy with cp.async (sm_80 and later)
 BLOCK_LENS = tuple(2**i for i in range(9))  # 1 .. 256
 GPU_DTYPES = ("float32", "float16", "bfloat16")
 CPU_DTYPES = GPU_DTYPES + ("float64",)
@@ -79,6 +83,54 @@ def check_out_dtype(out_dtype, default, backend) -> np.dtype:
     return check_float_dtype("out_dtype", dt, backend)
 
 
+def check_decay_max(decay_max, name="decay_max") -> float:
+    """decay_max bounds the Phalanx decay A = decay_max * sigmoid(...): a finite real > 0.
+
+    The one check behind init_phalanx, the front's phalanx parameters and both adapters' Phalanx.
+    """
+    if isinstance(decay_max, bool) or not isinstance(decay_max, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(decay_max).__name__}")
+    if not (math.isfinite(decay_max) and decay_max > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {decay_max}")
+    return float(decay_max)
+
+
+def device_capability(device_id: int) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, as CuPy reports it."""
+    return _device_capability(int(device_id))
+
+
+@functools.cache
+def _device_capability(device_id: int) -> tuple[int, int]:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return int(props["major"]), int(props["minor"])
+
+
+def capability_supported(cc) -> bool:
+    return tuple(cc) >= MIN_COMPUTE_CAPABILITY
+
+
+def check_gpu(device_id: int) -> None:
+    """An unsupported GPU is refused before any kernel is compiled or launched."""
+    cc = device_capability(device_id)
+    if not capability_supported(cc):
+        need = "sm_{}{}".format(*MIN_COMPUTE_CAPABILITY)
+        raise RuntimeError(
+            f"GPU {device_id} has compute capability {cc[0]}.{cc[1]} (sm_{cc[0]}{cc[1]}); the "
+            f"swr-array CUDA kernels need {need} or later (they copy with cp.async). Use NumPy "
+            "arrays for the CPU reference."
+        )
+
+
+def check_array(name, x, backend, device=None):
+    """A required array argument: not None, on the inputs' framework (and GPU)."""
+    if x is None:
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got None")
+    same_backend([(name, x)], backend, device)
+
+
 def same_backend(named_arrays, backend, device=None):
     """Every array must live on the same framework (and GPU) as the first input."""
     for name, x in named_arrays:
@@ -95,33 +147,64 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     layout = check_layout(layout)
     block_len = check_block_len(block_len)
     hops = check_hops(hops)
+    if u is None:
+        raise TypeError(f"{name_u} must be a NumPy or CuPy array, got None")
     backend = array_backend(u, name=name_u)
     device = u.device.id if backend == "cupy" else None
-    same_backend([("a", a)], backend, device)
+    check_array("a", a, backend, device)
     if u.ndim != 4:
         dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
         raise ValueError(f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u.shape}")
-    if layout == "BHDL":
-        B, H, D, N = u.shape
-        per_head_shape, channel_shape = (B, H, N), (B, H, D, N)
-    else:
-        B, N, H, D = u.shape
-        per_head_shape, channel_shape = (B, N, H), (B, N, H, D)
+    per_head_shape, channel_shape = _a_shapes(u.shape, layout)
     if tuple(a.shape) == per_head_shape:
         per_head = True
     elif tuple(a.shape) == channel_shape:
         per_head = False
     else:
+        refuse_other_layout(a.shape, u.shape, layout, name_u)
         raise ValueError(
             f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
             f"for {name_u} of shape {tuple(u.shape)} in layout {layout!r}, got {tuple(a.shape)}"
         )
+    B, H, D, N = _bhdn(u.shape, layout)
     dtype = check_float_dtype(name_u, u.dtype, backend)
     check_float_dtype("a", a.dtype, backend)
     if np.dtype(a.dtype) != dtype:
         raise TypeError(f"a and {name_u} must share one dtype, got {a.dtype} and {u.dtype}")
     out = check_out_dtype(out_dtype, dtype, backend)
+    if backend == "cupy":
+        check_gpu(device)
     return Problem(backend, layout, B, H, D, N, per_head, dtype, out, block_len, hops, device)
+
+
+def refuse_other_layout(a_shape, u_shape, layout, name_u="u"):
+    """a that does not fit u in ``layout`` but fits in the other one: the wrong-layout trap, named.
+
+    (Arrays that fit both layouts, per-channel a or per-head a with H == D, cannot be told apart.)
+    """
+    other = "BLHD" if layout == "BHDL" else "BHDL"
+    a_shape, u_shape = tuple(a_shape), tuple(u_shape)
+    if len(u_shape) == 4 and a_shape in _a_shapes(u_shape, other):
+        raise ValueError(
+            f"a {a_shape} and {name_u} {u_shape} fit layout {other!r}, not "
+            f"layout={layout!r}: pass layout={other!r} if that is how your arrays are laid out"
+        )
+
+
+def _bhdn(shape, layout):
+    if layout == "BHDL":
+        B, H, D, N = shape
+    else:
+        B, N, H, D = shape
+    return B, H, D, N
+
+
+def _a_shapes(shape, layout):
+    """(per head, per channel) shapes of a for u of this shape in this layout."""
+    B, H, D, N = _bhdn(shape, layout)
+    if layout == "BHDL":
+        return (B, H, N), (B, H, D, N)
+    return (B, N, H), (B, N, H, D)
 
 
 def check_channel_array(name, x, p: Problem):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -48,7 +49,7 @@ def swr(
     *,
     block_len: int = 16,
     hops: int | None = 1,
-    layout: str = "BHDL",
+    layout: str = _checks.DEFAULT_LAYOUT,
     x0: Array | None = None,
     state: SWRState | None = None,
     return_state: bool = False,
@@ -60,10 +61,15 @@ def swr(
     Args:
         a: coefficients, per head ``(B, H, L)`` / ``(B, L, H)`` or per channel (u's shape), any
             real values.
-        u: inputs ``(B, H, D, L)`` for ``layout="BHDL"`` or ``(B, L, H, D)`` for ``"BLHD"``.
+        u: inputs ``(B, L, H, D)`` for ``layout="BLHD"`` (the default) or ``(B, H, D, L)`` for
+            ``"BHDL"``.
         block_len: block length l, a power of two in 1..256.
-        hops: carrier hops k (0: block diagonal, 1: SWR default, None: exact recurrence).
-        layout: ``"BHDL"`` (time contiguous) or ``"BLHD"`` (channels contiguous).
+        hops: carrier hops k (0: block diagonal, 1: SWR default, None: exact recurrence). Without
+            ``state``/``return_state``, hops at or beyond the number of blocks runs the exact path
+            (the same result, no per-hop memory).
+        layout: ``"BLHD"`` (channels contiguous, the default) or ``"BHDL"`` (time contiguous).
+            Shapes that fit only the other layout are refused; per-channel ``a`` (and per-head
+            ``a`` when H == D) fits both, so the layout of such arrays cannot be checked.
         x0: initial carry ``(B, H, D)`` (default 0). Not combined with ``state``.
         state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from.
         return_state: also return the state after the last token.
@@ -90,6 +96,8 @@ def swr(
     if x0 is not None and state is not None:
         raise ValueError("pass either x0 or state, not both: a state already holds its carry")
     _checks.check_out("out", out, tuple(u.shape), p.out_dtype, p)
+    if state is None and not return_state:
+        p = _exact_beyond_blocks(p)
     if p.backend == "cupy":
         import cupy
 
@@ -110,6 +118,15 @@ def swr(
     np.copyto(out, y)
     return (out, res[1]) if return_state else out
 
+
+
+def _exact_beyond_blocks(p):
+    """hops >= the number of blocks reaches back to the first block (and x0): that is the exact
+    recurrence, computed without one carrier per hop. Only for calls that neither take nor return
+    a state (a state keeps the configuration it was made with)."""
+    if p.hops is not None and p.hops > 1 and p.hops >= -(-p.N // p.block_len):
+        return dataclasses.replace(p, hops=None)
+    return p
 
 
 def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
@@ -199,7 +216,7 @@ def swr_vjp(
     *,
     block_len: int = 16,
     hops: int | None = 1,
-    layout: str = "BHDL",
+    layout: str = _checks.DEFAULT_LAYOUT,
     x0: Array | None = None,
     out: tuple | None = None,
 ):
@@ -220,7 +237,7 @@ def swr_vjp(
 
             return _cuda.swr_backward_plain(a, u, dy, p, out)
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout)
-    _checks.same_backend([("dy", dy)], p.backend, u.device.id if p.backend == "cupy" else None)
+    _checks.check_array("dy", dy, p.backend, p.device)
     if tuple(dy.shape) != tuple(u.shape):
         raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
     _checks.check_float_dtype("dy", dy.dtype, p.backend)
@@ -235,6 +252,9 @@ def swr_vjp(
         if x0 is not None:
             f = np.float32 if p.backend == "cupy" else np.float64
             _checks.check_out("out[2] (dx0)", out[2], (p.B, p.H, p.D), f, p)
+    p = _exact_beyond_blocks(p)
+    if p.B * p.H * p.D == 0:  # no channels: nothing to launch, every gradient is empty
+        return _empty_vjp(a, u, x0, p, out)
     if p.backend == "cupy":
         import cupy
 
@@ -264,6 +284,20 @@ def swr_vjp(
     return da, du, dx0
 
 
+def _empty_vjp(a, u, x0, p, out):
+    """swr_vjp without channels (B, H or D is 0): zero gradients (per-head da sums no channels)."""
+    xp = get_xp(p.backend)
+    f = np.float32 if p.backend == "cupy" else np.float64
+    res = (xp.zeros(a.shape, a.dtype), xp.zeros(u.shape, u.dtype),
+           None if x0 is None else xp.zeros((p.B, p.H, p.D), f))
+    if out is None:
+        return res
+    for dst in out:
+        if dst is not None:
+            dst[...] = 0
+    return tuple(src if dst is None else dst for dst, src in zip(out, res))
+
+
 def swr_init_state(
     shape, *, block_len: int = 16, hops: int | None = 1, x0: Array | None = None, like=None
 ) -> SWRState:
@@ -290,8 +324,10 @@ def swr_step(a_t: Array, u_t: Array, state: SWRState, *, out_dtype=None):
     """
     if not isinstance(state, SWRState):
         raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    if u_t is None:
+        raise TypeError("u_t must be a NumPy or CuPy array, got None")
     backend = _checks.array_backend(u_t, name="u_t")
-    _checks.same_backend([("a_t", a_t)], backend)
+    _checks.check_array("a_t", a_t, backend)
     if u_t.ndim != 3 or tuple(u_t.shape) != tuple(state.w.shape):
         raise ValueError(f"u_t must have shape (B, H, D) = {tuple(state.w.shape)}, got {u_t.shape}")
     B, H, D = u_t.shape

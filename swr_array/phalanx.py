@@ -102,10 +102,7 @@ def init_phalanx(
     kv_heads = heads if kv_heads is None else _positive_int("kv_heads", kv_heads)
     if heads % kv_heads:
         raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
-    if isinstance(decay_max, bool) or not isinstance(decay_max, numbers.Real):
-        raise TypeError(f"decay_max must be a real number, got {type(decay_max).__name__}")
-    if not math.isfinite(decay_max):
-        raise ValueError(f"decay_max must be finite, got {decay_max}")
+    decay_max = _checks.check_decay_max(decay_max)
     if isinstance(dtype, str) and dtype == "bfloat16":
         dtype = bfloat16
     try:
@@ -207,8 +204,7 @@ def _check_params(params) -> _Config:
         dm = float(dm)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"params['decay_max'] must be a real number, got {dm!r}") from exc
-    if not math.isfinite(dm):
-        raise ValueError(f"params['decay_max'] must be finite, got {dm}")
+    dm = _checks.check_decay_max(dm, name="params['decay_max']")
     cfg.decay_max = dm
     return cfg
 

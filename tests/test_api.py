@@ -61,9 +61,9 @@ def test_low_precision_dtypes(rng, dtype, out_dtype):
 
 def test_empty_and_bf16_gradients(rng):
     a, u = make(rng, "BHDL", True, N=0)
-    assert sa.swr(a, u).shape == u.shape
+    assert sa.swr(a, u, layout="BHDL").shape == u.shape
     a, u = make(rng, "BHDL", False, N=19, dtype=BF16)
-    da, du, dx0 = sa.swr_vjp(a, u, u)
+    da, du, dx0 = sa.swr_vjp(a, u, u, layout="BHDL")
     assert da.dtype == BF16 and du.dtype == BF16 and dx0 is None
 
 
@@ -92,7 +92,7 @@ BAD_SWR = [
     ((A3[..., :7], U4), {}, ValueError, "a must have shape"),
     ((U4[..., :2, :], U4), {}, ValueError, "a must have shape"),
     ((A3[None], U4), {}, ValueError, "a must have shape"),
-    ((A3, U4), {"layout": "BLHD"}, ValueError, "a must have shape"),
+    ((A3, U4), {"layout": "BLHD"}, ValueError, "fit layout 'BHDL', not layout='BLHD'"),
     ((A3, U4), {"layout": "BDHL"}, ValueError, "layout must be one of"),
     ((A3, U4), {"layout": 3}, TypeError, "layout must be a string"),
     ((A3, U4), {"block_len": 12}, ValueError, "block_len must be a power of two"),
@@ -121,6 +121,7 @@ BAD_SWR = [
 
 @pytest.mark.parametrize("args,kwargs,exc,msg", BAD_SWR)
 def test_bad_swr_calls(args, kwargs, exc, msg):
+    kwargs = {"layout": "BHDL", **kwargs}  # A3, U4 are BHDL arrays
     if exc is AttributeError:  # a plain list for u: rejected by name too
         with pytest.raises(TypeError, match="u must be a NumPy or CuPy array"):
             sa.swr(*args, **kwargs)
@@ -130,21 +131,21 @@ def test_bad_swr_calls(args, kwargs, exc, msg):
 
 
 def test_bad_state_and_vjp_calls():
-    _, st = sa.swr(A3, U4, return_state=True)
+    _, st = sa.swr(A3, U4, return_state=True, layout="BHDL")
     with pytest.raises(ValueError, match="either x0 or state"):
-        sa.swr(A3, U4, x0=X0, state=st)
+        sa.swr(A3, U4, x0=X0, state=st, layout="BHDL")
     with pytest.raises(ValueError, match="block_len=16, hops=1"):
-        sa.swr(A3, U4, state=st, hops=2)
+        sa.swr(A3, U4, state=st, hops=2, layout="BHDL")
     with pytest.raises(ValueError, match="block_len=16, hops=1"):
-        sa.swr(A3, U4, state=st, block_len=8)
+        sa.swr(A3, U4, state=st, block_len=8, layout="BHDL")
     with pytest.raises(ValueError, match="state is for channels"):
-        sa.swr(A3[:1], U4[:1], state=st)
+        sa.swr(A3[:1], U4[:1], state=st, layout="BHDL")
     with pytest.raises(ValueError, match="dy must have u's shape"):
-        sa.swr_vjp(A3, U4, U4[..., :3])
+        sa.swr_vjp(A3, U4, U4[..., :3], layout="BHDL")
     with pytest.raises(TypeError, match="dy has dtype int32"):
-        sa.swr_vjp(A3, U4, U4.astype(np.int32))
+        sa.swr_vjp(A3, U4, U4.astype(np.int32), layout="BHDL")
     with pytest.raises(TypeError, match="dy must be a NumPy or CuPy array"):
-        sa.swr_vjp(A3, U4, U4.tolist())
+        sa.swr_vjp(A3, U4, U4.tolist(), layout="BHDL")
     with pytest.raises(ValueError, match="u_t must have shape"):
         sa.swr_step(A3[..., 0], U4[..., :2, 0], st)
     with pytest.raises(ValueError, match="a_t must have shape"):

@@ -148,11 +148,11 @@ def test_vjp_cached_path_matches_reference(cp, rng, layout, hops):
 def test_out_and_streams(cp, rng):
     a, u = draw(rng, "BHDL", False, 2, 3, 8, 300, np.float32)
     ca, cu = cp.asarray(a), cp.asarray(u)
-    want = sa.swr(a.astype(np.float64), u.astype(np.float64))
+    want = sa.swr(a.astype(np.float64), u.astype(np.float64), layout="BHDL")
     s = cp.cuda.Stream(non_blocking=True)
     with s:
         out = cp.full(u.shape, cp.nan, cp.float32)
-        got = sa.swr(ca, cu, out=out)
+        got = sa.swr(ca, cu, out=out, layout="BHDL")
     s.synchronize()
     assert got is out and rel(out.get(), want) < 1e-5
 

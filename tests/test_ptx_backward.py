@@ -1,4 +1,4 @@
-"""Every specialisation of the backward kernels compiles to PTX for sm_90 (no GPU needed).
+"""Every specialisation of the backward kernels compiles to PTX for sm_80 and sm_90 (no GPU).
 
 Catches typing and lowering errors that the CUDA simulator never sees. The kernels and their
 argument types are taken from the wrappers themselves (``launch`` replaced by a recorder), so the
@@ -22,6 +22,7 @@ import ml_dtypes
 import numba
 import numpy as np
 import pytest
+from ptx_arches import ARCHES, compile_arches
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -155,11 +156,9 @@ def recorded_launch(spec, **options):
 def compile_spec(spec):
     """PTX text of one spec, or the error it raised (runs in a worker process)."""
     try:
-        from numba import cuda
 
         kernel, sig = recorded_launch(spec)
-        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
-        return ptx
+        return compile_arches(kernel.py_func, sig)
     except Exception as exc:  # noqa: BLE001 - reported by the test of this spec
         return exc
 
@@ -179,9 +178,18 @@ def all_ptx():
 
 @pytest.mark.parametrize("spec", SPECS, ids=[_spec_id(s) for s in SPECS])
 def test_compiles_to_ptx(spec):
-    ptx = all_ptx()[spec]
-    if isinstance(ptx, Exception):
-        raise ptx
+    ptxs = all_ptx()[spec]
+    if isinstance(ptxs, Exception):
+        raise ptxs
+    assert set(ptxs) == set(ARCHES)
+    for cc, ptx in ptxs.items():  # the same checks on every architecture
+        try:
+            _check_ptx(spec, ptx)
+        except AssertionError as exc:
+            raise AssertionError(f"sm_{cc[0]}{cc[1]}: {exc}") from exc
+
+
+def _check_ptx(spec, ptx):
     assert ".entry" in ptx
     what, layout, ku, kd, per_head, hops, block_len = spec
     if what == "walk":

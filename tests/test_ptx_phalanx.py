@@ -1,4 +1,4 @@
-"""Every specialisation of the fused Phalanx kernels compiles to PTX for sm_90 (no GPU needed).
+"""Every specialisation of the fused Phalanx kernels compiles to PTX for sm_80 and sm_90.
 
 Catches typing and lowering errors that the CUDA simulator never sees, and checks that the
 bfloat16 word views really become 64-/32-bit loads.
@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
+from ptx_arches import ARCHES, compile_arches
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -42,12 +43,11 @@ def _id(i, spec):
 
 def _compile(i):
     """PTX of specialisation i, or the error it raised as text (runs in a worker process)."""
-    from numba import cuda
     from swr_array.numba_kernels import phalanx_fused
 
     kernel, sig = phalanx_fused.kernel_signatures()[i]
     try:
-        return cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))[0]
+        return compile_arches(kernel.py_func, sig)
     except Exception as exc:  # noqa: BLE001 - reported by the test of this specialisation
         return RuntimeError(f"{type(exc).__name__}: {str(exc)[:2000]}")
 
@@ -63,9 +63,18 @@ def all_ptx():
 
 @pytest.mark.parametrize("i", range(len(SPECS)), ids=[_id(i, s) for i, s in enumerate(SPECS)])
 def test_compiles_to_ptx(i):
-    ptx = all_ptx()[i]
-    if isinstance(ptx, Exception):
-        raise ptx
+    ptxs = all_ptx()[i]
+    if isinstance(ptxs, Exception):
+        raise ptxs
+    assert set(ptxs) == set(ARCHES)
+    for cc, ptx in ptxs.items():  # the same checks on every architecture
+        try:
+            _check_ptx(i, ptx)
+        except AssertionError as exc:
+            raise AssertionError(f"sm_{cc[0]}{cc[1]}: {exc}") from exc
+
+
+def _check_ptx(i, ptx):
     kernel, sig = SPECS[i]
     assert ".entry" in ptx
     name = kernel.py_func.__name__

@@ -58,9 +58,9 @@ def test_split_anywhere(splits, hops, block_len, layout, per_head, seed, with_x0
 def test_prefill_then_decode(hops, per_head, prompt):
     n, l = 30, 4
     a, u, x0 = inputs(prompt * 7 + (hops or 9), "BHDL", per_head, n)
-    full = sa.swr(a, u, block_len=l, hops=hops, x0=x0)
+    full = sa.swr(a, u, block_len=l, hops=hops, x0=x0, layout="BHDL")
     y, state = sa.swr(a[..., :prompt], u[..., :prompt], block_len=l, hops=hops, x0=x0,
-                      return_state=True)
+                      return_state=True, layout="BHDL")
     ys = [y]
     for t in range(prompt, n):
         at = a[..., t]
@@ -73,7 +73,7 @@ def test_prefill_then_decode(hops, per_head, prompt):
 def test_decode_from_scratch(hops):
     n, l = 19, 4
     a, u, x0 = inputs(3, "BHDL", False, n)
-    full = sa.swr(a, u, block_len=l, hops=hops, x0=x0)
+    full = sa.swr(a, u, block_len=l, hops=hops, x0=x0, layout="BHDL")
     state = sa.swr_init_state((2, 2, 2), block_len=l, hops=hops, x0=x0)
     out = []
     for t in range(n):
