@@ -38,6 +38,9 @@ from swr_array import ops as _front
 from swr_array._backend import bfloat16 as _np_bfloat16
 from swr_array.state import SWRState
 
+# the module (the package's ``swr_array.phalanx`` attribute is the function of that name)
+_front_phalanx = importlib.import_module("swr_array.phalanx")
+
 __all__ = [
     "Phalanx",
     "SWRState",
@@ -120,13 +123,31 @@ def _cupy_stream(device: torch.device):
     return stream
 
 
+def _torch_malloc(nbytes: int):
+    """CuPy's allocator inside the adapter's front calls: the memory is a torch tensor on CuPy's
+    current device, from torch's caching allocator on torch's current stream (the stream the
+    front runs on), so inside a CUDA graph capture it comes from the graph's pool and results
+    handed back to torch are torch allocations, never CuPy pool blocks."""
+    cupy = _cupy()
+    index = cupy.cuda.runtime.getDevice()
+    t = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=torch.device("cuda", index))
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel(), t, index)
+    return cupy.cuda.MemoryPointer(mem, 0)
+
+
 @contextlib.contextmanager
 def _front_context(device: torch.device):
-    """Make the tensor's GPU and torch's current stream CuPy's current ones (no-op on the CPU)."""
+    """On CUDA: the tensor's GPU, torch's current stream and torch's allocator become CuPy's
+    current ones for the front call (no-op on the CPU)."""
     if device.type != "cuda":
         yield
         return
-    with _cupy().cuda.Device(device.index), _cupy_stream(device):
+    cupy = _cupy()
+    with (
+        cupy.cuda.Device(device.index),
+        _cupy_stream(device),
+        cupy.cuda.using_allocator(_torch_malloc),
+    ):
         yield
 
 
@@ -221,7 +242,8 @@ def _autocast(*tensors: Tensor | None) -> list:
 
 
 def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
-    """Validate an SWR call; returns (block_len, hops, layout, per_head)."""
+    """Validate an SWR call with the front's checks (layout, block_len, hops, shapes) and torch's
+    dtype/device rules; returns (block_len, hops, layout)."""
     layout = _checks.check_layout(layout)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
@@ -234,31 +256,13 @@ def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
     _check_dtype("a", a.dtype, device)
     if a.dtype != u.dtype:
         raise TypeError(f"a and u must share one dtype, got {a.dtype} and {u.dtype}")
-    if u.dim() != 4:
-        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
-        raise ValueError(f"u must be 4-D {dims} for layout {layout!r}, got shape {tuple(u.shape)}")
-    if layout == "BHDL":
-        B, H, D, N = u.shape
-        per_head_shape = (B, H, N)
-    else:
-        B, N, H, D = u.shape
-        per_head_shape = (B, N, H)
-    channel_shape = tuple(u.shape)
-    if tuple(a.shape) == per_head_shape:
-        per_head = True
-    elif tuple(a.shape) == channel_shape:
-        per_head = False
-    else:
-        raise ValueError(
-            f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
-            f"for u of shape {channel_shape} in layout {layout!r}, got {tuple(a.shape)}"
-        )
+    B, H, D, _, _ = _checks.swr_dims(tuple(a.shape), tuple(u.shape), layout)
     if x0 is not None:
         if tuple(x0.shape) != (B, H, D):
             raise ValueError(f"x0 must have shape (B, H, D) = {(B, H, D)}, got {tuple(x0.shape)}")
         _check_dtype("x0", x0.dtype, device)
     _check_out_dtype(out_dtype, device)
-    return block_len, hops, layout, per_head
+    return block_len, hops, layout
 
 
 def _forbid_grad(what: str, *tensors: Tensor | None) -> None:
@@ -285,39 +289,20 @@ def _swr_op(
     layout: str,
     out_dtype: torch.dtype | None,
 ) -> Tensor:
-    if u.device.type == "cuda":
-        return _swr_cuda(a, u, x0, block_len, hops, layout, out_dtype)
+    """y from torch's allocator; the front writes into a zero-copy view of it (``out=``)."""
+    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=u.device)
     with _front_context(u.device):
-        y = _front.swr(
+        yf = _to_front(y)
+        _front.swr(
             _to_front(a),
             _to_front(u),
             block_len=block_len,
             hops=hops,
             layout=layout,
             x0=_to_front(x0),
-            out_dtype=_np_dtype(out_dtype),
-        )
-        return _from_front(y, u.device)
-
-
-def _swr_cuda(a, u, x0, block_len, hops, layout, out_dtype) -> Tensor:
-    """The forward on CUDA: y comes from torch's allocator (on torch's current stream) and the
-    front writes into a CuPy view of it (``out=``); nothing is copied or converted afterwards."""
-    device = u.device
-    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=device)
-    cupy = _cupy()
-    with cupy.cuda.Device(device.index), _cupy_stream(device):
-        yc = _cuda_view(y)
-        _front.swr(
-            _cuda_view(a),
-            _cuda_view(u),
-            block_len=block_len,
-            hops=hops,
-            layout=layout,
-            x0=None if x0 is None else _cuda_view(x0),
-            # y's own (CuPy) dtype, so the front's check of out= compares like with like
-            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yc.dtype,
-            out=yc,
+            # y's own front dtype, so the front's check of out= compares like with like
+            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yf.dtype,
+            out=yf,
         )
     return y
 
@@ -337,11 +322,16 @@ def _swr_vjp_op(
     hops: int | None,
     layout: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(da, du, dx0); dx0 is an empty tensor when x0 is None (custom ops return no None)."""
-    if u.device.type == "cuda":
-        return _swr_vjp_cuda(a, u, dy, x0, block_len, hops, layout)
-    with _front_context(u.device):
-        da, du, dx0 = _front.swr_vjp(
+    """(da, du, dx0) from torch's allocator, written by one front ``swr_vjp`` call (``out=``);
+    dx0 (the front's float32 on CUDA, float64 on the CPU) is cast to x0's dtype, and is an empty
+    tensor when x0 is None (custom ops return no None)."""
+    device = u.device
+    da = torch.empty(a.shape, dtype=a.dtype, device=device)
+    du = torch.empty(u.shape, dtype=u.dtype, device=device)
+    acc = torch.float32 if device.type == "cuda" else torch.float64
+    dx0 = None if x0 is None else torch.empty(x0.shape, dtype=acc, device=device)
+    with _front_context(device):
+        _front.swr_vjp(
             _to_front(a),
             _to_front(u),
             _to_front(dy),
@@ -349,32 +339,7 @@ def _swr_vjp_op(
             hops=hops,
             layout=layout,
             x0=_to_front(x0),
-        )
-        da = _from_front(da, u.device).to(a.dtype)
-        du = _from_front(du, u.device).to(u.dtype)
-        if x0 is None:
-            return da, du, u.new_empty(0)
-        return da, du, _from_front(dx0, u.device).to(x0.dtype)
-
-
-def _swr_vjp_cuda(a, u, dy, x0, block_len, hops, layout):
-    """The backward on CUDA: one ``swr_vjp`` call writing into torch-allocated gradients
-    (``out=``); only dx0 ((B, H, D), float32 from the front) may need a cast to x0's dtype."""
-    device = u.device
-    da = torch.empty(a.shape, dtype=a.dtype, device=device)
-    du = torch.empty(u.shape, dtype=u.dtype, device=device)
-    dx0 = None if x0 is None else torch.empty(x0.shape, dtype=torch.float32, device=device)
-    cupy = _cupy()
-    with cupy.cuda.Device(device.index), _cupy_stream(device):
-        _front.swr_vjp(
-            _cuda_view(a),
-            _cuda_view(u),
-            _cuda_view(dy),
-            block_len=block_len,
-            hops=hops,
-            layout=layout,
-            x0=None if x0 is None else _cuda_view(x0),
-            out=(_cuda_view(da), _cuda_view(du), None if dx0 is None else _cuda_view(dx0)),
+            out=(_to_front(da), _to_front(du), _to_front(dx0)),
         )
     if x0 is None:
         return da, du, u.new_empty(0)
@@ -443,7 +408,7 @@ def swr(
     _check_tensor("u", u)
     _check_tensor("x0", x0, optional=True)
     a, u = _autocast(a, u)
-    block_len, hops, layout, _ = _check_swr(
+    block_len, hops, layout = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
     return_state = _checks.check_bool("return_state", return_state)
@@ -451,159 +416,7 @@ def swr(
         if state is not None and x0 is not None:
             raise ValueError("pass either x0 or state, not both: a state already holds its carry")
         return _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_state)
-    if x0 is None and u.device.type == "cuda":
-        launch = _eager_launcher(a, u, block_len, hops, layout, out_dtype)
-        if launch is not None:
-            if torch.is_grad_enabled() and (a.requires_grad or u.requires_grad):
-                return _EagerSWR.apply(a, u, launch)
-            return launch.forward(a, u)
     return _swr_op(a, u, x0, block_len, hops, layout, out_dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# the eager CUDA fast path
-#
-# Outside torch.compile, tracing, torch.func transforms and dispatch modes, a plain CUDA call
-# (contiguous tensors on the current device, no x0) skips the custom op's dispatch and the DLPack
-# views: the checks of its first call through the custom op are remembered per shape/dtype/
-# options, and later calls hand the tensors' data pointers and torch's current stream straight to
-# the kernels' cached launch plans (swr_array.numba_kernels). Same kernels, same numbers; the
-# custom op stays what torch.compile sees.
-# ----------------------------------------------------------------------------------------------
-
-
-class _Ptr:
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-
-class _Raw:
-    """What the kernels' launchers read of an array: shape, dtype, size, data pointer."""
-
-    __slots__ = ("shape", "dtype", "size", "data")
-
-    def __init__(self, t: Tensor, dtype):
-        self.shape = tuple(t.shape)
-        self.dtype = dtype
-        self.size = t.numel()
-        self.data = _Ptr(t.data_ptr())
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False),
-                "strides": None, "version": 3}  # fmt: skip
-
-
-class _Launcher:
-    """A checked plain call's configuration: runs its forward and backward on raw pointers."""
-
-    __slots__ = ("p", "np_in", "np_out", "y_dtype", "zeros", "ones", "index")
-
-    def __init__(self, p, u_dtype, y_dtype, index):
-        from swr_array import _cuda
-
-        self.p = p
-        self.np_in = _NP_DTYPES[u_dtype]
-        self.np_out = _NP_DTYPES[y_dtype]
-        self.y_dtype = y_dtype
-        self.index = index
-        with _cupy().cuda.Device(index):
-            self.zeros, self.ones = _cuda._plain_zeros(_cupy(), p)
-
-    def forward(self, a: Tensor, u: Tensor) -> Tensor:
-        from swr_array import numba_kernels as nk
-
-        p = self.p
-        y = torch.empty(u.shape, dtype=self.y_dtype, device=u.device)
-        _cupy().cuda.runtime.setDevice(self.index)  # a current context on this thread (see below)
-        nk.swr_forward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(y, self.np_out),
-                       layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
-                       w0=self.zeros, g0=self.ones, carry=self.zeros,
-                       stream=_raw_stream(self.index))  # fmt: skip
-        return y
-
-    def backward(self, a: Tensor, u: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
-        from swr_array import numba_kernels as nk
-
-        p = self.p
-        dy = dy.contiguous()
-        kd = _NP_DTYPES.get(dy.dtype)
-        if kd is None or kd == np.dtype(np.float64) or dy.device != u.device:
-            # not what autograd hands back for this op; let the custom op check and run it
-            return _swr_vjp_op(a, u, dy, None, p.block_len, p.hops, p.layout)[:2]
-        da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        # autograd may run this on its own thread for the device, where the driver API (the
-        # launch) finds no current context until the runtime makes the device's one current
-        _cupy().cuda.runtime.setDevice(self.index)
-        nk.swr_backward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(dy, kd),
-                        _Raw(du, self.np_in), _Raw(da, self.np_in), layout=p.layout,
-                        block_len=p.block_len, hops=p.hops, carry=self.zeros, dcarry=None,
-                        stream=_raw_stream(self.index))  # fmt: skip
-        return da, du
-
-
-class _EagerSWR(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, u, launch):
-        ctx.save_for_backward(a, u)
-        ctx.launch = launch
-        return launch.forward(a, u)
-
-    @staticmethod
-    def backward(ctx, dy):
-        a, u = ctx.saved_tensors
-        da, du = ctx.launch.backward(a, u, dy)
-        return da, du, None
-
-
-def _modes_active() -> bool:
-    """A dispatch mode or a torch.func transform is active (or torch cannot tell us)."""
-    try:
-        return bool(torch._C._len_torch_dispatch_stack()) or (
-            torch._C._functorch.peek_interpreter_stack() is not None
-        )
-    except AttributeError:  # private hooks of another torch version: always the custom op
-        return True
-
-
-_LAUNCHERS: dict = {}
-_PLAIN_TENSORS = (Tensor, nn.Parameter)
-
-
-def _eager_launcher(a, u, block_len, hops, layout, out_dtype):
-    """The cached :class:`_Launcher` of a plain eager CUDA call, or None (use the custom op)."""
-    if (
-        type(u) not in _PLAIN_TENSORS
-        or type(a) not in _PLAIN_TENSORS
-        or torch.compiler.is_compiling()
-        or _modes_active()
-        or hops not in (0, 1)
-        or not (u.is_contiguous() and a.is_contiguous())
-    ):
-        return None
-    index = u.device.index
-    key = (index, tuple(a.shape), tuple(u.shape), a.dtype, u.dtype, a.device, block_len, hops,
-           layout, out_dtype)  # fmt: skip
-    launch = _LAUNCHERS.get(key)
-    if launch is None:
-        if 0 in u.shape or len(_LAUNCHERS) > 256:
-            return None
-        # the first call of a configuration: the front's full checks, then remember them
-        cupy = _cupy()
-        with cupy.cuda.Device(index):
-            p = _checks.check_swr(_cuda_view(a), _cuda_view(u), block_len=block_len, hops=hops,
-                                  layout=layout, out_dtype=_np_dtype(out_dtype))  # fmt: skip
-        launch = _LAUNCHERS[key] = _Launcher(p, u.dtype, out_dtype or u.dtype, index)
-    if _cupy().cuda.runtime.getDevice() != index:
-        return None
-    return launch
 
 
 @torch.compiler.disable
@@ -761,10 +574,9 @@ def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, retu
 # Phalanx: the fused front path (swr_array.phalanx / phalanx_vjp) when the front provides it
 # ----------------------------------------------------------------------------------------------
 
-# Device types on which Phalanx takes the fused front path when it is available. Tests add "cpu"
-# to exercise the plumbing against a stand-in front.
-_FAST_PATH_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-_FRONT_PHALANX_MODULE = "swr_array.phalanx"
+# Device types on which Phalanx.forward runs the fused custom op (the front's CuPy kernels). The
+# CPU runs the composition; the custom op also runs there, through the front's NumPy reference.
+_FUSED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
 def _front_params(w_in, b_in, w_out, cfg: _PhalanxConfig) -> dict:
@@ -782,61 +594,33 @@ def _front_params(w_in, b_in, w_out, cfg: _PhalanxConfig) -> dict:
     }
 
 
-def _module_grads(dparams: dict, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The front's ``dparams`` -> (d in_proj_weight, d in_proj_bias, d out_proj_weight)."""
+def _own(x, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A front result as a ``dtype`` tensor in torch's memory; call inside ``_front_context``.
 
-    def get(key):
-        return _from_front(dparams[key], device)
-
-    db_in = torch.cat([get("b_b"), get("b_c"), get("b_a")])
-    return get("W_in").T.contiguous(), db_in, get("W_out").T.contiguous()
-
-
-def _probe(mod) -> None:
-    """Check, on a small float64 problem on the CPU, that the front's phalanx and phalanx_vjp
-    (with residuals, as the custom ops call them) compute what the torch composition computes:
-    the output and every gradient."""
-    cfg = _PhalanxConfig(
-        dim=6, heads=2, head_dim=3, kv_heads=1, decay_max=0.75, block_len=2, hops=1
-    )
-    gen = torch.Generator().manual_seed(0)
-    f64 = dict(dtype=torch.float64, device="cpu", generator=gen)
-    w_in = (0.5 * torch.randn(sum(cfg.sizes), cfg.dim, **f64)).requires_grad_()
-    b_in = (0.5 * torch.randn(sum(cfg.sizes[1:]), **f64)).requires_grad_()
-    w_out = (0.5 * torch.randn(cfg.dim, cfg.heads * cfg.head_dim, **f64)).requires_grad_()
-    x = torch.randn(2, 7, cfg.dim, **f64).requires_grad_()
-    dout = torch.randn(2, 7, cfg.dim, **f64)
-    ref = _phalanx_generic(x, w_in, b_in, w_out, cfg)
-    ref_grads = torch.autograd.grad(ref, (x, w_in, b_in, w_out), dout)
-    out, dx, dw_in, db_in, dw_out = _fused_calls(mod, x, w_in, b_in, w_out, dout, cfg)
-    got = {
-        "out": out,
-        "dx": dx,
-        "d in_proj_weight": dw_in,
-        "d in_proj_bias": db_in,
-        "d out_proj_weight": dw_out,
-    }
-    for (name, t), r in zip(got.items(), (ref.detach(), *ref_grads)):
-        if tuple(t.shape) != tuple(r.shape) or not torch.allclose(t, r, rtol=1e-9, atol=1e-9):
-            raise LookupError(f"{name} differs from the torch composition")
+    On CUDA the front's arrays already come from torch's allocator (see :func:`_torch_malloc`);
+    on the CPU the NumPy result is copied into a ``torch.empty`` (the cast is torch's)."""
+    if device.type == "cuda":
+        return torch.from_dlpack(x).to(dtype)
+    t = _from_front(x, device)
+    return torch.empty(t.shape, dtype=dtype).copy_(t)
 
 
-def _fused_forward(mod, x, w_in, b_in, w_out, cfg) -> tuple[Tensor, Tensor]:
+def _fused_forward(x, w_in, b_in, w_out, cfg) -> tuple[Tensor, Tensor]:
     """``(out, z)`` from the front's phalanx; z = x W_in is kept for the backward."""
     with _front_context(x.device):
         params = _front_params(_to_front(w_in), _to_front(b_in), _to_front(w_out), cfg)
-        out, residuals = mod.phalanx(
+        out, residuals = _front_phalanx.phalanx(
             _to_front(x), params, block_len=cfg.block_len, hops=cfg.hops, return_residuals=True
         )
-        out = _from_front(out, x.device).to(x.dtype)
-        return out, _from_front(residuals["z"], x.device).to(x.dtype)
+        return _own(out, x.device, x.dtype), _own(residuals["z"], x.device, x.dtype)
 
 
-def _fused_backward(mod, x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ...]:
+def _fused_backward(x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ...]:
     """``(dx, d in_proj_weight, d in_proj_bias, d out_proj_weight)`` from the front."""
-    with _front_context(x.device):
+    dev = x.device
+    with _front_context(dev):
         params = _front_params(_to_front(w_in), _to_front(b_in), _to_front(w_out), cfg)
-        dx, dparams = mod.phalanx_vjp(
+        dx, dp = _front_phalanx.phalanx_vjp(
             _to_front(x),
             params,
             _to_front(dout),
@@ -844,55 +628,13 @@ def _fused_backward(mod, x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ..
             hops=cfg.hops,
             residuals={"z": _to_front(z)},
         )
-        dw_in, db_in, dw_out = _module_grads(dparams, x.device)
+        db_in = torch.cat([_own(dp[k], dev, b_in.dtype) for k in ("b_b", "b_c", "b_a")])
         return (
-            _from_front(dx, x.device).to(x.dtype),
-            dw_in.to(w_in.dtype),
-            db_in.to(b_in.dtype),
-            dw_out.to(w_out.dtype),
+            _own(dx, dev, x.dtype),
+            _own(dp["W_in"], dev, w_in.dtype).T.contiguous(),
+            db_in,
+            _own(dp["W_out"], dev, w_out.dtype).T.contiguous(),
         )
-
-
-def _fused_calls(mod, x, w_in, b_in, w_out, dout, cfg):
-    out, z = _fused_forward(mod, x, w_in, b_in, w_out, cfg)
-    return (out, *_fused_backward(mod, x, w_in, b_in, w_out, dout, z, cfg))
-
-
-@functools.lru_cache(maxsize=1)
-def _front_phalanx():
-    """``(module, reason)``: the front's fused Phalanx API when it exists and agrees with the
-    torch composition, else ``(None, why not)``. Checked once per process."""
-    try:
-        mod = importlib.import_module(_FRONT_PHALANX_MODULE)
-    except Exception as exc:  # noqa: BLE001 - not there, or its GPU stack fails to import
-        return None, f"{_FRONT_PHALANX_MODULE} is not importable ({exc})"
-    missing = [n for n in ("phalanx", "phalanx_vjp") if not callable(getattr(mod, n, None))]
-    if missing:
-        return None, f"{_FRONT_PHALANX_MODULE} has no {', '.join(missing)}"
-    try:
-        # independent of the caller's grad mode, autocast and default device
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autocast("cpu", enabled=False),
-        ):
-            _probe(mod)
-    except Exception as exc:  # noqa: BLE001 - any disagreement disables the fast path
-        return None, f"{_FRONT_PHALANX_MODULE} does not match the torch layer: {exc}"
-    return mod, "available"
-
-
-def _fast_path_possible() -> bool:
-    return any(
-        d == "cpu" or (d == "cuda" and torch.cuda.is_available()) for d in _FAST_PATH_DEVICE_TYPES
-    )
-
-
-def _fused_api():
-    mod, reason = _front_phalanx()
-    if mod is None:
-        raise RuntimeError(f"the fused Phalanx path is unavailable: {reason}")
-    return mod
 
 
 @torch.library.custom_op("swr_array::phalanx", mutates_args=())
@@ -911,7 +653,7 @@ def _phalanx_op(
     """``(out, z)``: the layer's output and the input projection ``z = x W_in`` (B, L, W), a
     residual for the backward (not differentiable)."""
     cfg = _PhalanxConfig(x.shape[-1], heads, head_dim, kv_heads, decay_max, block_len, hops)
-    return _fused_forward(_fused_api(), x, w_in, b_in, w_out, cfg)
+    return _fused_forward(x, w_in, b_in, w_out, cfg)
 
 
 @_phalanx_op.register_fake
@@ -935,7 +677,7 @@ def _phalanx_vjp_op(
     hops: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = _PhalanxConfig(x.shape[-1], heads, head_dim, kv_heads, decay_max, block_len, hops)
-    return _fused_backward(_fused_api(), x, w_in, b_in, w_out, dout, z, cfg)
+    return _fused_backward(x, w_in, b_in, w_out, dout, z, cfg)
 
 
 @_phalanx_vjp_op.register_fake
@@ -1021,9 +763,9 @@ class Phalanx(nn.Module):
         decay_max: upper bound of the decay A (spear: 1.0).
         head_dim: channels per head (default 16, or ``dim // heads`` when heads is given).
         block_len: block length of the recurrence (default 16).
-        fast_path: on CUDA, run the fused ``swr_array.phalanx`` kernels when the front provides
-            them (checked once per process against this module's composition; see
-            :attr:`fast_path_status`). The CPU always runs the composition.
+        fast_path: on CUDA, run the forward and backward as the fused custom ops over
+            ``swr_array.phalanx`` (the same math as the composition). The CPU always runs the
+            composition.
 
     Parameters (nn.Linear's orientation and initialisation, the front's column order):
     ``in_proj_weight (H*head_dim + 2*kv_heads*head_dim + H, dim)``, rows ``V | Bg | C | A``;
@@ -1092,10 +834,6 @@ class Phalanx(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(nb + nc + na, **factory))
         self.out_proj_weight = nn.Parameter(torch.empty(dim, heads * head_dim, **factory))
         self.fast_path = bool(fast_path)
-        # decided here, outside any torch.compile trace; forward only reads the flag
-        self._fast = bool(
-            self.fast_path and _fast_path_possible() and _front_phalanx()[0] is not None
-        )
         self.reset_parameters()
 
     # -- configuration -------------------------------------------------------------------------
@@ -1130,12 +868,12 @@ class Phalanx(nn.Module):
 
     @property
     def fast_path_status(self) -> str:
-        """Whether the fused path is used on CUDA: ``"available"`` or the reason it is not."""
+        """Whether forward runs the fused kernels on CUDA: ``"available"`` or why not."""
         if not self.fast_path:
             return "disabled by fast_path=False"
-        if not _fast_path_possible():
+        if not torch.cuda.is_available():
             return "no CUDA device"
-        return _front_phalanx()[1]
+        return "available"
 
     def extra_repr(self) -> str:
         c = self.config
@@ -1186,10 +924,10 @@ class Phalanx(nn.Module):
         self._check_input("x", x, 3)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
         if (
-            self._fast
+            self.fast_path
             and state is None
             and not return_state
-            and x.device.type in _FAST_PATH_DEVICE_TYPES
+            and x.device.type in _FUSED_DEVICE_TYPES
         ):
             x, *params = _autocast(x, *params)
             c = self.config

@@ -98,30 +98,37 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     backend = array_backend(u, name=name_u)
     device = u.device.id if backend == "cupy" else None
     same_backend([("a", a)], backend, device)
-    if u.ndim != 4:
-        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
-        raise ValueError(f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u.shape}")
-    if layout == "BHDL":
-        B, H, D, N = u.shape
-        per_head_shape, channel_shape = (B, H, N), (B, H, D, N)
-    else:
-        B, N, H, D = u.shape
-        per_head_shape, channel_shape = (B, N, H), (B, N, H, D)
-    if tuple(a.shape) == per_head_shape:
-        per_head = True
-    elif tuple(a.shape) == channel_shape:
-        per_head = False
-    else:
-        raise ValueError(
-            f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
-            f"for {name_u} of shape {tuple(u.shape)} in layout {layout!r}, got {tuple(a.shape)}"
-        )
+    B, H, D, N, per_head = swr_dims(tuple(a.shape), tuple(u.shape), layout, name_u)
     dtype = check_float_dtype(name_u, u.dtype, backend)
     check_float_dtype("a", a.dtype, backend)
     if np.dtype(a.dtype) != dtype:
         raise TypeError(f"a and {name_u} must share one dtype, got {a.dtype} and {u.dtype}")
     out = check_out_dtype(out_dtype, dtype, backend)
     return Problem(backend, layout, B, H, D, N, per_head, dtype, out, block_len, hops, device)
+
+
+def swr_dims(a_shape, u_shape, layout, name_u="u"):
+    """(B, H, D, N, per_head) of an SWR call from the shapes of a and u in ``layout``
+    (the array front's and the torch adapter's shape check)."""
+    if len(u_shape) != 4:
+        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
+        raise ValueError(
+            f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u_shape}"
+        )
+    if layout == "BHDL":
+        B, H, D, N = u_shape
+        per_head_shape = (B, H, N)
+    else:
+        B, N, H, D = u_shape
+        per_head_shape = (B, N, H)
+    if a_shape == per_head_shape:
+        return B, H, D, N, True
+    if a_shape == u_shape:
+        return B, H, D, N, False
+    raise ValueError(
+        f"a must have shape {per_head_shape} (per head) or {u_shape} (per channel) "
+        f"for {name_u} of shape {u_shape} in layout {layout!r}, got {a_shape}"
+    )
 
 
 def check_channel_array(name, x, p: Problem):

@@ -178,10 +178,7 @@ def test_second_gpu_placement():
     )
     assert_close(y, ry, 2e-5)
     assert_close(du, rdu, 2e-5)
-    # the eager fast path (cached raw launches) with cuda:1 current, gradients included; with
-    # cuda:0 current the same call takes the custom op
-    import swr_array.adapters.torch as st
-
+    # hops=1 (the front's cached plain launches) with cuda:1 or cuda:0 current, gradients too
     ones = torch.ones_like(u)
     ry1, rda1, rdu1, _ = reference_fwd_vjp(
         a, u, ones, None, layout="BLHD", per_head=True, block_len=16, hops=1
@@ -189,8 +186,6 @@ def test_second_gpu_placement():
     for current in (1, 1, 0):
         with torch.cuda.device(current):
             ag, ug = a.clone().requires_grad_(), u.detach().clone().requires_grad_()
-            fast = st._eager_launcher(ag, ug, 16, 1, "BLHD", None) is not None
-            assert fast == (current == 1)
             y1 = swr(ag, ug)
             da1, du1 = torch.autograd.grad(y1, (ag, ug), ones)
         assert y1.device == da1.device == du1.device == torch.device("cuda:1")
@@ -329,57 +324,3 @@ def test_host_overhead_report():
 if __name__ == "__main__":
     for name, us in bench_host_overhead().items():
         print(f"{name:<30s} {us:9.1f} us/call")
-
-
-# ----------------------------------------------------------------------------------------------
-# the eager fast path (cached launches on raw pointers) against the custom op and the reference
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
-@pytest.mark.parametrize("per_head", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eager_fast_path_matches_custom_op(layout, per_head, dtype):
-    import swr_array.adapters.torch as st
-
-    a, u, _ = make_inputs(layout=layout, per_head=per_head, N=333, dtype=dtype, device="cuda",
-                          seed=11)
-    dy = torch.randn(u.shape, device="cuda", dtype=dtype)
-    results = []
-    for _ in range(3):  # the first call checks and caches, later ones take the raw launch
-        ag, ug = a.clone().requires_grad_(), u.clone().requires_grad_()
-        y = swr(ag, ug, layout=layout)
-        assert st._eager_launcher(a, u, 16, 1, layout, None) is not None
-        da, du = torch.autograd.grad(y, (ag, ug), dy)
-        results.append((y, da, du))
-    ag, ug = a.clone().requires_grad_(), u.clone().requires_grad_()
-    y_op = st._swr_op(ag, ug, None, 16, 1, layout, None)
-    da_op, du_op = torch.autograd.grad(y_op, (ag, ug), dy)
-    for y, da, du in results:
-        assert torch.equal(y, y_op) and torch.equal(du, du_op)
-        torch.testing.assert_close(da, da_op, rtol=0, atol=0)
-    # and the numbers are the reference's
-    at, ut = time_last(a, layout, per_head), time_last(u, layout)
-    want = reference.swr(at, ut)
-    got = time_last(results[-1][0], layout)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
-    with torch.no_grad():  # no autograd node: the launch alone, still the same numbers
-        assert torch.equal(swr(a, u, layout=layout), y_op.detach())
-
-
-def test_eager_fast_path_stays_off_where_it_must():
-    import swr_array.adapters.torch as st
-
-    a, u, x0 = make_inputs(N=64, dtype=torch.float32, device="cuda", x0=True)
-    swr(a, u)
-    assert st._eager_launcher(a, u, 16, 1, "BLHD", None) is not None
-    assert st._eager_launcher(a, u, 16, 2, "BLHD", None) is None  # hops >= 2: custom op
-    assert st._eager_launcher(a[:, ::2], u[:, ::2], 16, 1, "BLHD", None) is None
-    with torch.autocast("cuda", dtype=torch.bfloat16):  # autocast casts first, then fast path
-        y = swr(a, u)
-    assert y.dtype == torch.bfloat16
-    # x0 goes through the custom op, gradients for x0 included
-    x0g = x0.clone().requires_grad_()
-    (gx0,) = torch.autograd.grad(swr(a, u, x0=x0g).sum(), x0g)
-    assert gx0.shape == x0.shape and torch.isfinite(gx0).all()
