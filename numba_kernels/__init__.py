@@ -19,3 +19,8 @@ from .block_scan import linear_scan  # noqa: E402
 from .swr_backward import block_grad_sums, swr_backward, swr_backward_blocks, walk_plan  # noqa: E402
 
 __all__ += ["block_grad_sums", "linear_scan", "swr_backward", "swr_backward_blocks", "walk_plan"]
+
+# One-token decoding kernels that update a state in place (numba_kernels/swr_step.py)
+from . import swr_step  # noqa: E402
+
+__all__ += ["swr_step"]

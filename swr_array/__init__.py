@@ -19,6 +19,12 @@ __all__ = [
     "swr_step",
     "swr_vjp",
 ]
-from .phalanx import init_phalanx, phalanx, phalanx_step, phalanx_vjp  # noqa: E402
+from .phalanx import (  # noqa: E402
+    init_phalanx,
+    phalanx,
+    phalanx_step,
+    phalanx_step_mix,
+    phalanx_vjp,
+)
 
-__all__ += ["init_phalanx", "phalanx", "phalanx_step", "phalanx_vjp"]
+__all__ += ["init_phalanx", "phalanx", "phalanx_step", "phalanx_step_mix", "phalanx_vjp"]

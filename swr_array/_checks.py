@@ -142,7 +142,12 @@ def check_channel_array(name, x, p: Problem):
     return x
 
 
-def check_state(state, p: Problem):
+def check_state(state, p: Problem, *, layer=None, common=True):
+    """A state for this problem: configuration, shapes, dtype, backend and device; ``layer`` is
+    the configuration of the layer that uses it: a state made by another layer is refused (a
+    state of the plain recurrence, ``state.layer`` None, goes with any layer, and a call of the
+    plain recurrence, ``layer`` None, takes any state). ``common``: the call consumes several tokens
+    from one position, so every row must be at the same position (a host read)."""
     from .state import SWRState
 
     if state is None:
@@ -154,11 +159,21 @@ def check_state(state, p: Problem):
             f"state was made with block_len={state.block_len}, hops={state.hops}; "
             f"this call has block_len={p.block_len}, hops={p.hops}"
         )
+    if layer is not None and state.layer is not None and state.layer != layer:
+        raise ValueError(f"state was made by the layer {state.layer!r}, not by {layer!r}")
     if tuple(state.w.shape) != (p.B, p.H, p.D):
         raise ValueError(f"state is for channels {tuple(state.w.shape)}, not {(p.B, p.H, p.D)}")
     b = array_backend(state.w, name="state")
     if b != p.backend:
         raise TypeError(f"state holds {b} arrays but the inputs are {p.backend} arrays")
+    if b == "cupy" and p.device is not None and state.w.device.id != p.device:
+        raise ValueError(f"state is on GPU {state.w.device.id} but the inputs are on GPU "
+                         f"{p.device}")
+    want = np.float64 if b == "numpy" else np.float32
+    if state.w.dtype != want:
+        raise TypeError(f"state has dtype {state.w.dtype}, expected {np.dtype(want)}")
+    if common:
+        state.common_position()
     return state
 
 

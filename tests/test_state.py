@@ -47,7 +47,7 @@ def test_split_anywhere(splits, hops, block_len, layout, per_head, seed, with_x0
         y, state = sa.swr(tslice(a, layout, slice(lo, hi)), tslice(u, layout, slice(lo, hi)),
                           x0=x0 if i == 0 else None, state=state, return_state=True, **kw)
         parts.append(y)
-    assert state.position == n
+    assert state.common_position() == n
     joined = np.concatenate(parts, axis=-1 if layout == "BHDL" else 1)
     np.testing.assert_array_equal(joined, full)
 
