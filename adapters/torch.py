@@ -36,7 +36,7 @@ from torch.utils.dlpack import to_dlpack as _to_dlpack
 from swr_array import _checks
 from swr_array import ops as _front
 from swr_array._backend import bfloat16 as _np_bfloat16
-from swr_array.state import SWRState
+from swr_array.state import SWRState as _FrontState
 
 # the module (the package's ``swr_array.phalanx`` attribute is the function of that name)
 _front_phalanx = importlib.import_module("swr_array.phalanx")
@@ -382,7 +382,7 @@ def swr(
     layout: str = "BLHD",
     x0: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-    state: SWRState | None = None,
+    state: "SWRState | None" = None,
     return_state: bool = False,
 ):
     """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (SPEC section 1).
@@ -419,12 +419,109 @@ def swr(
     return _swr_op(a, u, x0, block_len, hops, layout, out_dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# the decoding state: torch tensors, updated in place through the front's views of them
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensor_of(x, device: torch.device) -> Tensor:
+    """The tensor sharing a front array's memory (on CUDA, memory from torch's allocator)."""
+    if device.type == "cuda":
+        return torch.from_dlpack(x)
+    return torch.from_numpy(x)
+
+
+class SWRState:
+    """A torch decoding state: what ``swr(state=...)``, :func:`swr_step` and
+    :meth:`Phalanx.step` continue from, for every batch row.
+
+    Tensors (float64 on the CPU, float32 on CUDA; ``position`` int64), on one device, whose
+    storage stays the same for the state's whole life: prefill continuations, steps and row
+    changes write into them, so a decode loop can be captured in a CUDA graph:
+
+    - ``position`` ``(B,)``: tokens consumed by each row (rows may be at different positions);
+    - ``w``, ``g`` ``(B, H, D)``: the current partial block's local solve and attenuation;
+    - ``carry_v``, ``carry_C`` ``(B, H, D, K)``: the carriers of the latest complete blocks.
+
+    ``front`` is the array front's :class:`swr_array.SWRState` over zero-copy views of these
+    tensors (NumPy on the CPU, CuPy on CUDA): the front's in-place updates are the tensors'.
+    Build one with :func:`swr_init_state`, :meth:`Phalanx.init_state` or a prefill
+    (``return_state=True``).
+    """
+
+    __slots__ = ("front", "device", "position", "w", "g", "carry_v", "carry_C", "__weakref__")
+
+    def __init__(self, front: _FrontState, device: torch.device):
+        self.front = front
+        self.device = device
+        for name, x in zip(("position", "w", "g", "carry_v", "carry_C"), front.arrays()):
+            setattr(self, name, _tensor_of(x, device))
+
+    @property
+    def block_len(self) -> int:
+        return self.front.block_len
+
+    @property
+    def hops(self) -> int | None:
+        return self.front.hops
+
+    @property
+    def layer(self):
+        """None (the plain recurrence) or the configuration of the layer the state belongs to."""
+        return self.front.layer
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, H, D)``."""
+        return tuple(self.w.shape)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """``(position, w, g, carry_v, carry_C)``."""
+        return self.position, self.w, self.g, self.carry_v, self.carry_C
+
+    def __repr__(self) -> str:
+        return (f"SWRState(shape={self.shape}, block_len={self.block_len}, hops={self.hops}, "
+                f"layer={self.layer!r}, device={self.device})")
+
+    def reset_rows(self, rows, x0: Tensor | None = None) -> "SWRState":
+        """Put ``rows`` (an int or a sequence of row indices) back before their first token, with
+        the initial carry ``x0`` ``(len(rows), H, D)`` (default 0); other rows are untouched.
+        Returns self."""
+        _check_tensor("x0", x0, optional=True)
+        _check_device("x0", x0, self.device, ref="the state")
+        with _front_context(self.device):
+            self.front.reset_rows(rows, x0=None if x0 is None else _to_front(x0.to(self.w.dtype)))
+        return self
+
+    def load_rows(self, rows, other: "SWRState", src_rows=None) -> "SWRState":
+        """Copy rows ``src_rows`` of ``other`` (default: all, in order) into ``rows`` of this state,
+        e.g. a new prompt's prefill state into a free slot; other rows are untouched. ``other``
+        needs this state's configuration and device (its batch may differ). Returns self."""
+        if not isinstance(other, SWRState):
+            raise TypeError(f"other must be an SWRState, got {type(other).__name__}")
+        _check_device("other", other.w, self.device, ref="the state")
+        with _front_context(self.device):
+            self.front.load_rows(rows, other.front, src_rows)
+        return self
+
+
+def _check_state_arg(state, device: torch.device, ref: str) -> None:
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState (swr_init_state, init_state or "
+                        f"return_state=True), got {type(state).__name__}")
+    _check_device("state", state.w, device, ref=ref)
+
+
 @torch.compiler.disable
 def _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_state):
     _forbid_grad("swr with state or return_state", a, u, x0)
     if u.device.type == "meta":
         raise ValueError("state and return_state need CPU or CUDA tensors, not meta tensors")
+    if state is not None:
+        _check_state_arg(state, u.device, "u")
+    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=u.device)
     with _front_context(u.device):
+        yf = _to_front(y)
         res = _front.swr(
             _to_front(a),
             _to_front(u),
@@ -432,46 +529,134 @@ def _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_st
             hops=hops,
             layout=layout,
             x0=_to_front(x0),
-            state=state,
+            state=None if state is None else state.front,
             return_state=return_state,
-            out_dtype=_np_dtype(out_dtype),
+            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yf.dtype,
+            out=yf,
         )
-        if return_state:
-            y, new_state = res
-            return _from_front(y, u.device), new_state
-        return _from_front(res, u.device)
+        if not return_state:
+            return y
+        if state is not None:  # advanced in place
+            return y, state
+        return y, SWRState(res[1], u.device)
 
 
-@torch.compiler.disable
-def swr_step(
-    a_t: Tensor, u_t: Tensor, state: SWRState, *, out_dtype: torch.dtype | None = None
-) -> tuple[Tensor, SWRState]:
-    """One decoding step: ``(y_t, next_state)``, equal to :func:`swr` at that position.
-
-    Args:
-        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel.
-        u_t: ``(B, H, D)``, same dtype and device as ``a_t``.
-        state: the state after the previous token (from :func:`swr_init_state` or a prefill with
-            ``return_state=True``) on the same device.
-    """
+def _check_step(a_t, u_t, state, out_dtype, out):
+    """The torch-side checks of a step (the front checks shapes and the state's arrays)."""
     _check_tensor("a_t", a_t)
     _check_tensor("u_t", u_t)
-    a_t, u_t = _autocast(a_t, u_t)
+    _check_tensor("out", out, optional=True)
     if u_t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"u_t is on {u_t.device}; swr_step runs on CPU and CUDA tensors")
     _check_device("a_t", a_t, u_t.device, ref="u_t")
+    _check_device("out", out, u_t.device, ref="u_t")
     _check_dtype("u_t", u_t.dtype, u_t.device)
     if a_t.dtype != u_t.dtype:
         raise TypeError(f"a_t and u_t must share one dtype, got {a_t.dtype} and {u_t.dtype}")
     _check_out_dtype(out_dtype, u_t.device)
-    if not isinstance(state, SWRState):
-        raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    _check_state_arg(state, u_t.device, "u_t")
     _forbid_grad("swr_step", a_t, u_t)
+
+
+def swr_step(
+    a_t: Tensor,
+    u_t: Tensor,
+    state: SWRState,
+    *,
+    out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, SWRState]:
+    """One decoding step for every row: ``(y_t, state)``, equal to :func:`swr` at each row's
+    position; ``state`` is advanced in place and returned (the same object).
+
+    Args:
+        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel.
+        u_t: ``(B, H, D)``, same dtype and device as ``a_t``.
+        state: the state after each row's previous token (:func:`swr_init_state` or a prefill
+            with ``return_state=True``) on the same device.
+        out_dtype: dtype of y_t (default: u_t's).
+        out: optional preallocated C-contiguous y_t ``(B, H, D)`` of that dtype.
+
+    On CUDA the step is one kernel on torch's current stream that reads each row's position on
+    the device; with ``out`` nothing is allocated, so after a first (warm-up) call steps can be
+    captured with ``torch.cuda.graph``. Under ``torch.compile`` the step is the custom op
+    ``swr_array::swr_step``, which mutates the state's tensors. Not differentiable.
+    """
+    a_t, u_t = _autocast(a_t, u_t)
+    _check_step(a_t, u_t, state, out_dtype, out)
+    if torch.compiler.is_compiling():
+        y = _swr_step_op(a_t, u_t, *state.tensors(), state.block_len, state.hops, out_dtype)
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y, state
+    if out is None:
+        dt = u_t.dtype if out_dtype is None else out_dtype
+        out = torch.empty(u_t.shape, dtype=dt, device=u_t.device)
     with _front_context(u_t.device):
-        y, new_state = _front.swr_step(
-            _to_front(a_t), _to_front(u_t), state, out_dtype=_np_dtype(out_dtype)
+        yf = _to_front(out)
+        _front.swr_step(
+            _to_front(a_t),
+            _to_front(u_t),
+            state.front,
+            out_dtype=None if out_dtype is None or out_dtype == u_t.dtype else yf.dtype,
+            out=yf,
         )
-        return _from_front(y, u_t.device), new_state
+    return out, state
+
+
+_FRONT_STATES: dict = {}
+
+
+def _front_state_of(tensors, block_len, hops) -> _FrontState:
+    """The front's state over views of ``tensors`` (cached by their data pointers and shapes, so
+    a compiled step reuses the front's prepared launches); call inside ``_front_context``."""
+    key = (block_len, hops, *((t.device, t.data_ptr(), tuple(t.shape)) for t in tensors))
+    fs = _FRONT_STATES.get(key)
+    if fs is None:
+        if len(_FRONT_STATES) >= 64:
+            _FRONT_STATES.clear()
+        pos, w, g, cv, cC = (_to_front(t) for t in tensors)
+        fs = _FRONT_STATES[key] = _FrontState(
+            block_len=block_len, hops=hops, position=pos, w=w, g=g, carry_v=cv, carry_C=cC
+        )
+    return fs
+
+
+@torch.library.custom_op(
+    "swr_array::swr_step", mutates_args=("position", "w", "g", "carry_v", "carry_C")
+)
+def _swr_step_op(
+    a_t: Tensor,
+    u_t: Tensor,
+    position: Tensor,
+    w: Tensor,
+    g: Tensor,
+    carry_v: Tensor,
+    carry_C: Tensor,
+    block_len: int,
+    hops: int | None,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    """y_t from torch's allocator; the state's tensors advanced in place by the front's step."""
+    y = torch.empty(u_t.shape, dtype=u_t.dtype if out_dtype is None else out_dtype,
+                    device=u_t.device)  # fmt: skip
+    with _front_context(u_t.device):
+        yf = _to_front(y)
+        fs = _front_state_of((position, w, g, carry_v, carry_C), block_len, hops)
+        _front.swr_step(
+            _to_front(a_t),
+            _to_front(u_t),
+            fs,
+            out_dtype=None if out_dtype is None or out_dtype == u_t.dtype else yf.dtype,
+            out=yf,
+        )
+    return y
+
+
+@_swr_step_op.register_fake
+def _swr_step_fake(a_t, u_t, position, w, g, carry_v, carry_C, block_len, hops, out_dtype):
+    return torch.empty(u_t.shape, dtype=out_dtype or u_t.dtype, device=u_t.device)
 
 
 def swr_init_state(
@@ -482,10 +667,10 @@ def swr_init_state(
     x0: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> SWRState:
-    """The state before the first token, for decoding from scratch with :func:`swr_step`.
+    """The state before the first token of every row, for decoding with :func:`swr_step`.
 
-    ``shape`` is ``(B, H, D)``. The state lives with the front: NumPy float64 for CPU tensors,
-    CuPy float32 on the GPU of ``device`` (default: x0's device, else the CPU).
+    ``shape`` is ``(B, H, D)``; the tensors are float64 on the CPU and float32 on CUDA, on
+    ``device`` (default: x0's device, else the CPU), positions 0.
     """
     _check_tensor("x0", x0, optional=True)
     if device is None:
@@ -498,9 +683,10 @@ def swr_init_state(
     _check_device("x0", x0, device, ref="device")
     with _front_context(device):
         like = None if device.type == "cpu" else _cupy().empty(0, dtype=np.float32)
-        return _front.swr_init_state(
+        front = _front.swr_init_state(
             tuple(shape), block_len=block_len, hops=hops, x0=_to_front(x0), like=like
         )
+        return SWRState(front, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,6 +894,62 @@ def _phalanx_backward(ctx, dout, _dz):
 
 
 _phalanx_op.register_autograd(_phalanx_backward, setup_context=_phalanx_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phalanx decoding on CUDA: the front's fused step kernel between torch's two GEMMs
+# ----------------------------------------------------------------------------------------------
+
+
+def _bias_parts(b_in: Tensor, cfg: _PhalanxConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """``(b_a, b_b, b_c)``: contiguous views of the fused bias ``Bg | C | A``."""
+    kv = cfg.kv_heads * cfg.head_dim
+    return b_in[2 * kv :], b_in[:kv], b_in[kv : 2 * kv]
+
+
+def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) -> None:
+    """``y = swr_step(A, Bg * V) * C + V`` from ``z = x_t W_in``, ONE kernel launch on torch's
+    current stream; the front state (views of the torch state's tensors) advances in place."""
+    index = z.device.index
+    _cupy().cuda.runtime.setDevice(index)  # a current context for the launch on this thread
+    b_a, b_b, b_c = _bias_parts(b_in, cfg)
+    _front_phalanx.phalanx_step_mix(
+        z, y, b_a, b_b, b_c, front, kv_heads=cfg.kv_heads, decay_max=cfg.decay_max,
+        stream=_raw_stream(index),
+    )  # fmt: skip
+
+
+@torch.library.custom_op(
+    "swr_array::phalanx_step_mix", mutates_args=("position", "w", "g", "carry_v", "carry_C")
+)
+def _phalanx_mix_op(
+    z: Tensor,
+    b_in: Tensor,
+    position: Tensor,
+    w: Tensor,
+    g: Tensor,
+    carry_v: Tensor,
+    carry_C: Tensor,
+    heads: int,
+    head_dim: int,
+    kv_heads: int,
+    decay_max: float,
+    block_len: int,
+    hops: int | None,
+) -> Tensor:
+    """The fused middle of a compiled Phalanx step: y ``(B, heads*head_dim)`` from torch's
+    allocator, the state's tensors advanced in place."""
+    cfg = _PhalanxConfig(0, heads, head_dim, kv_heads, decay_max, block_len, hops)
+    y = torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
+    with _front_context(z.device):
+        front = _front_state_of((position, w, g, carry_v, carry_C), block_len, hops)
+    _phalanx_mix(z.contiguous(), y, b_in, front, cfg)
+    return y
+
+
+@_phalanx_mix_op.register_fake
+def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim, *config):
+    return torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,6 +1165,8 @@ class Phalanx(nn.Module):
         """
         self._check_input("x", x, 3)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
+        if state is not None:
+            self._check_state(state, x.shape[0], x.device)
         if (
             self.fast_path
             and state is None
@@ -935,31 +1179,86 @@ class Phalanx(nn.Module):
                 x, *params, c.heads, c.head_dim, c.kv_heads, c.decay_max, c.block_len, c.hops
             )
             return out
-        return _phalanx_generic(x, *params, self.config, state=state, return_state=return_state)
+        res = _phalanx_generic(x, *params, self.config, state=state, return_state=return_state)
+        if return_state and state is None:
+            res[1].front.layer = self._layer
+        return res
+
+    @property
+    def _layer(self) -> tuple:
+        """The ``layer`` tag of this configuration's states (the front's Phalanx tag)."""
+        c = self.config
+        return ("phalanx", c.dim, c.heads, c.head_dim, c.kv_heads, c.decay_max)
+
+    def _check_state(self, state, batch: int, device: torch.device) -> None:
+        """A state of this layer's configuration, batch and device (before any launch)."""
+        _check_state_arg(state, device, "the input")
+        if state.block_len != self.block_len or state.hops != self.hops:
+            raise ValueError(
+                f"state was made with block_len={state.block_len}, hops={state.hops}; this layer "
+                f"has block_len={self.block_len}, hops={self.hops}"
+            )
+        if state.layer is not None and state.layer != self._layer:
+            raise ValueError(f"state was made by the layer {state.layer!r}, not {self._layer!r}")
+        want = (batch, self.heads, self.head_dim)
+        if state.shape != want:
+            raise ValueError(f"state has shape {state.shape}; this call needs (B, H, D) = {want}")
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> SWRState:
-        """The decoding state before the first token (default device: the parameters')."""
+        """The decoding state before the first token of ``batch_size`` rows (default device: the
+        parameters'), tagged with this layer's configuration."""
         batch_size = _positive_int("batch_size", batch_size)
         device = self.in_proj_weight.device if device is None else device
-        return swr_init_state(
+        state = swr_init_state(
             (batch_size, self.heads, self.head_dim),
             block_len=self.block_len,
             hops=self.hops,
             device=device,
         )
+        state.front.layer = self._layer
+        return state
 
-    def step(self, x_t: Tensor, state: SWRState) -> tuple[Tensor, SWRState]:
-        """One decoding step: ``x_t (B, dim)`` (or ``(B, 1, dim)``) -> ``(out_t, next_state)``,
-        equal to the full forward at that position. Not differentiable."""
+    def step(
+        self, x_t: Tensor, state: SWRState, *, out: Tensor | None = None
+    ) -> tuple[Tensor, SWRState]:
+        """One decoding step for every row: ``x_t (B, dim)`` (or ``(B, 1, dim)``) ->
+        ``(out_t, state)``, equal to the full forward at each row's position; ``state`` is
+        advanced in place and returned (the same object). Not differentiable.
+
+        On CUDA (``fast_path``): torch's input GEMM ``z = x_t W_in``, ONE fused front kernel
+        (``swr_array.phalanx.phalanx_step_mix``: gates, state update, read-out gate) and torch's
+        output GEMM, all on torch's current stream; after a first (warm-up) call the step can be
+        captured with ``torch.cuda.graph``. ``out`` (``(B, dim)``, x_t's dtype) receives out_t.
+        The CPU composes torch ops with :func:`swr_step`.
+        """
         if isinstance(x_t, Tensor) and x_t.dim() == 3 and x_t.shape[1] == 1:
-            out, state = self.step(x_t[:, 0], state)
-            return out[:, None], state
+            res, state = self.step(x_t[:, 0], state, out=None if out is None else out[:, 0])
+            return (res[:, None] if out is None else out), state
         self._check_input("x_t", x_t, 2)
+        _check_tensor("out", out, optional=True)
+        self._check_state(state, x_t.shape[0], x_t.device)
+        _forbid_grad("Phalanx.step", x_t)
         cfg = self.config
-        z = F.linear(x_t, self.in_proj_weight, _input_bias(self.in_proj_bias, cfg))
-        A, U, c5, v5 = _gates(z, cfg)
-        y, state = swr_step(A, U, state)
-        return _readout(y, c5, v5, self.out_proj_weight), state
+        w_in, b_in, w_out = self.in_proj_weight, self.in_proj_bias, self.out_proj_weight
+        if self.fast_path and x_t.device.type in _FUSED_DEVICE_TYPES:
+            x_t, w_in, b_in, w_out = _autocast(x_t, w_in, b_in, w_out)
+            z = F.linear(x_t, w_in)
+            if torch.compiler.is_compiling():
+                y = _phalanx_mix_op(z, b_in, *state.tensors(), cfg.heads, cfg.head_dim,
+                                    cfg.kv_heads, cfg.decay_max, state.block_len, state.hops)
+            else:
+                y = torch.empty((z.shape[0], cfg.heads * cfg.head_dim), dtype=z.dtype,
+                                device=z.device)  # fmt: skip
+                _phalanx_mix(z, y, b_in, state.front, cfg)
+        else:
+            z = F.linear(x_t, w_in, _input_bias(b_in, cfg))
+            A, U, c5, v5 = _gates(z, cfg)
+            u_t, state = swr_step(A, U, state)
+            y = (u_t.view(v5.shape) * c5 + v5).reshape(x_t.shape[0], -1)
+        if out is None:
+            return F.linear(y, w_out), state
+        torch.mm(y, w_out.T, out=out)
+        return out, state
 
     # -- spear interoperability -----------------------------------------------------------------
 

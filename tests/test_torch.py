@@ -252,7 +252,7 @@ def test_state_calls_refuse_gradients(gen):
         swr_step(a[:, 0], u[:, 0], state)
     with torch.no_grad():
         y, state = swr(a, u, return_state=True)
-    assert state.position == u.shape[1]
+    assert state.position.tolist() == [u.shape[1]] * u.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,6 +774,84 @@ def test_custom_ops_opcheck(gen):
             torch.library.opcheck(op, args)
         else:  # the backward ops have no gradient of their own
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the decoding state: in place, per-row positions, rows reset/loaded, compiled steps
+# ----------------------------------------------------------------------------------------------
+
+
+def test_steps_keep_the_state_storage_and_equal_the_forward(gen):
+    a, u, _ = make_inputs(gen, B=3, N=21)
+    want = swr(a, u, block_len=4, layout="BLHD")
+    with torch.no_grad():
+        state = swr_init_state((3, 3, 4), block_len=4)
+        ptrs = [t.data_ptr() for t in state.tensors()]
+        out = torch.empty(3, 3, 4, dtype=F64)
+        for t in range(9):
+            y, same = swr_step(a[:, t], u[:, t], state, out=out)
+            assert same is state and y is out
+            np.testing.assert_array_equal(y.numpy(), want[:, t].numpy())
+        # a chunked prefill continues the same object in place
+        y2, same = swr(a[:, 9:], u[:, 9:], block_len=4, layout="BLHD", state=state,
+                       return_state=True)  # fmt: skip
+    assert same is state and ptrs == [t.data_ptr() for t in state.tensors()]
+    assert state.position.tolist() == [21] * 3
+    assert_close(y2, want[:, 9:].numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_rows_at_different_positions_reset_and_load(gen):
+    torch.manual_seed(3)
+    layer = Phalanx(16, head_dim=4, kv_heads=2, block_len=4, dtype=F64)
+    x = torch.randn(3, 13, 16, generator=gen, dtype=F64)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.init_state(3)
+        for t in range(6):
+            layer.step(x[:, t], state)
+        state.reset_rows(1)  # row 1 restarts its sequence; rows 0 and 2 go on at position 6
+        for t in range(7):
+            out, _ = layer.step(torch.stack([x[0, 6 + t], x[1, t], x[2, 6 + t]]), state)
+            assert_close(out[0], full[0, 6 + t].numpy(), rtol=1e-12, atol=1e-12)
+            assert_close(out[1], full[1, t].numpy(), rtol=1e-12, atol=1e-12)
+        assert state.position.tolist() == [13, 7, 13]
+        # a new prompt's prefill state loaded into row 2 (continuous batching)
+        _, prefill = layer(x[2:, :5], return_state=True)
+        state.load_rows([2], prefill)
+        out, _ = layer.step(torch.stack([x[0, 0], x[1, 7], x[2, 5]]), state)
+        assert_close(out[1:], torch.stack([full[1, 7], full[2, 5]]).numpy(), rtol=1e-12,
+                     atol=1e-12)  # fmt: skip
+        with pytest.raises(ValueError, match="made by the layer"):
+            Phalanx(16, head_dim=4, kv_heads=4, block_len=4, dtype=F64).step(x[:, 0], state)
+        with pytest.raises(ValueError, match="needs \\(B, H, D\\)"):
+            layer.step(x[:2, 0], state)
+        before = [t.clone() for t in state.tensors()]
+        with pytest.raises(TypeError):
+            layer.step(x[:, 0].float(), state)
+        assert all(torch.equal(b, t) for b, t in zip(before, state.tensors()))
+
+
+def test_compile_fullgraph_inductor_steps(gen):
+    """torch.compile (default mode, fullgraph) of swr_step and Phalanx.step: the custom step
+    op mutates the state's tensors; the steps equal the full forward."""
+    torch.manual_seed(4)
+    layer = Phalanx(16, head_dim=4, block_len=4)
+    x = torch.randn(2, 6, 16, generator=gen)
+    a, u, _ = make_inputs(gen, B=2, H=2, D=3, N=6, dtype=torch.float32)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.init_state(2)
+        step = torch.compile(layer.step, fullgraph=True)
+        for t in range(6):
+            out, same = step(x[:, t], state)
+            assert same is state
+            torch.testing.assert_close(out, full[:, t], rtol=1e-5, atol=1e-5)
+        want = swr(a, u, block_len=4, layout="BLHD")
+        st = swr_init_state((2, 2, 3), block_len=4)
+        f = torch.compile(lambda a_t, u_t, s: swr_step(a_t, u_t, s)[0], fullgraph=True)
+        for t in range(6):
+            torch.testing.assert_close(f(a[:, t], u[:, t], st), want[:, t], rtol=0, atol=0)
+    assert state.position.tolist() == [6, 6] and st.position.tolist() == [6, 6]
 
 
 # ----------------------------------------------------------------------------------------------
