@@ -912,9 +912,10 @@ def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) ->
     current stream; the front state (views of the torch state's tensors) advances in place."""
     index = z.device.index
     _cupy().cuda.runtime.setDevice(index)  # a current context for the launch on this thread
-    b_a, b_b, b_c = _bias_parts(b_in, cfg)
+    # CuPy views (DLPack): the kernels' launchers read dtypes NumPy knows, bfloat16 included
+    zc, yc, *biases = (_cuda_view(t) for t in (z, y, *_bias_parts(b_in, cfg)))
     _front_phalanx.phalanx_step_mix(
-        z, y, b_a, b_b, b_c, front, kv_heads=cfg.kv_heads, decay_max=cfg.decay_max,
+        zc, yc, *biases, front, kv_heads=cfg.kv_heads, decay_max=cfg.decay_max,
         stream=_raw_stream(index),
     )  # fmt: skip
 
