@@ -255,7 +255,7 @@ def test_state_calls_refuse_gradients(gen):
         swr_step(a[:, 0], u[:, 0], state)
     with torch.no_grad():
         y, state = swr(a, u, return_state=True)
-    assert state.position == u.shape[1]
+    assert state.common_position() == u.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
