@@ -9,8 +9,9 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-import swr_array as sa  # noqa: E402
 from swr_array.adapters import jax as sj  # noqa: E402
+
+import swr_array as sa  # noqa: E402
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 

@@ -162,3 +162,30 @@ def test_phalanx_step_mix_checks_before_launching():
                             kv_heads=KV, decay_max=1.0)
     for new, old in zip(state.arrays(), before):
         np.testing.assert_array_equal(host(new), old)
+
+
+def test_swr_step_into_equals_swr_step_and_checks_first(rng):
+    """The framework-neutral launch (what the torch adapter calls) gives swr_step's numbers;
+    bad arrays are refused before the launch, leaving the state as it was."""
+    B, H, D = 2, 2, 3
+    ref = sa.swr_init_state((B, H, D), block_len=2, hops=2)
+    state = device_state(ref)
+    for _ in range(5):
+        a = rng.uniform(0.2, 1.0, (B, H))
+        u = rng.standard_normal((B, H, D))
+        y = dev(np.full((B, H, D), np.nan, np.float32))
+        sa.swr_step_into(dev(a.astype(np.float32)), dev(u.astype(np.float32)), y, state)
+        want, _ = sa.swr_step(a.astype(np.float32).astype(np.float64),
+                              u.astype(np.float32).astype(np.float64), ref, layout="BLHD")
+        np.testing.assert_allclose(host(y), want, rtol=1e-5, atol=1e-5)
+    before = [host(x).copy() for x in state.arrays()]
+    a32, u32 = dev(np.ones((B, H), np.float32)), dev(np.ones((B, H, D), np.float32))
+    with pytest.raises(ValueError, match="state's shape"):
+        sa.swr_step_into(a32, u32[:1], dev(np.empty((1, H, D), np.float32)), state)
+    with pytest.raises(TypeError, match="one dtype"):
+        sa.swr_step_into(dev(np.ones((B, H), np.float16)), u32, dev(np.empty((B, H, D),
+                                                                             np.float32)), state)
+    with pytest.raises(ValueError, match="a_t must have shape"):
+        sa.swr_step_into(a32[:, :1], u32, dev(np.empty((B, H, D), np.float32)), state)
+    for new, old in zip(state.arrays(), before):
+        np.testing.assert_array_equal(host(new), old)
