@@ -189,3 +189,11 @@ def test_swr_step_into_equals_swr_step_and_checks_first(rng):
         sa.swr_step_into(a32[:, :1], u32, dev(np.empty((B, H, D), np.float32)), state)
     for new, old in zip(state.arrays(), before):
         np.testing.assert_array_equal(host(new), old)
+
+
+def test_empty_batch_launches_nothing():
+    state = device_state(sa.swr_init_state((0, 2, 3), block_len=4, hops=1))
+    y = dev(np.empty((0, 2, 3), np.float32))
+    sa.swr_step_into(dev(np.empty((0, 2), np.float32)), dev(np.empty((0, 2, 3), np.float32)), y,
+                     state)
+    assert host(state.position).shape == (0,)
