@@ -10,9 +10,9 @@ __all__ = ["FlatArray", "block_carriers", "compile_for", "launch", "swr_forward"
 
 # Phalanx layer: fused kernels (numba_kernels/phalanx_fused.py)
 from . import phalanx_fused  # noqa: E402
-from .phalanx_fused import phalanx_backward, phalanx_decode, phalanx_forward  # noqa: E402
+from .phalanx_fused import phalanx_backward, phalanx_forward  # noqa: E402
 
-__all__ += ["phalanx_backward", "phalanx_decode", "phalanx_forward", "phalanx_fused"]
+__all__ += ["phalanx_backward", "phalanx_forward", "phalanx_fused"]
 
 # Backward pass (numba_kernels/swr_backward.py) and the row-wise linear scan (block_scan.py)
 from .block_scan import linear_scan  # noqa: E402

@@ -224,13 +224,17 @@ class StepLaunch:
     def __init__(self, kernel, grid, block, args, nvar):
         self.kernel, self.grid, self.block, self.nvar = kernel, grid, block, nvar
         self.fixed = tuple(args[nvar:])
-        if SIMULATOR:
+        if grid[0] == 0 or block[0] == 0:  # no rows or no channels: nothing to launch
+            self.kernel = self.entry = self.values = None
+        elif SIMULATOR:
             self.entry = self.values = None
         else:
             self.entry, self.values = prepare(kernel, tuple(_flat(x) for x in args[:nvar])
                                               + self.fixed)
 
     def run(self, *arrays, stream=None):
+        if self.kernel is None:
+            return
         if SIMULATOR:
             from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
@@ -286,6 +290,8 @@ def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, *, heads, head_dim, k
 
 
 def _tpb(hd):
+    if hd == 0:
+        return 0
     if SIMULATOR:
         return min(hd, 8)  # several strides per thread, few simulated threads
     return min(TPB, 32 * -(-hd // 32))

@@ -5,7 +5,7 @@ kernels. PyTorch and JAX users go through :mod:`swr_array.adapters`.
 """
 
 from . import reference
-from .ops import horizon, swr, swr_init_state, swr_step, swr_vjp
+from .ops import horizon, swr, swr_init_state, swr_step, swr_step_into, swr_vjp
 from .state import SWRState
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "swr",
     "swr_init_state",
     "swr_step",
+    "swr_step_into",
     "swr_vjp",
 ]
 from .phalanx import (  # noqa: E402

@@ -300,11 +300,11 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     return da, du, dcarry
 
 
-def swr_step(a, u, y, state, per_channel):
+def swr_step(a, u, y, state, per_channel, stream=None):
     """One token for every row (checked arrays on one device, a and u C-contiguous, y
     C-contiguous): one launch of numba_kernels.swr_step's kernel, the state updated in place.
     The launch is prepared once per state and dtypes and kept on the state."""
-    key = ("swr", a.dtype, per_channel, u.dtype, y.dtype)
+    key = ("swr", _dt(a.dtype), per_channel, _dt(u.dtype), _dt(y.dtype))
     run = state._launch_cache.get(key)
     if run is None:
         from .numba_kernels import swr_step as ks
@@ -312,4 +312,10 @@ def swr_step(a, u, y, state, per_channel):
         run = state._launch_cache[key] = ks.swr_step_launch(
             a, u, y, state.arrays(), hops=state.hops, block_len=state.block_len,
             per_channel=per_channel)
-    run.run(a, u, y)
+    run.run(a, u, y, stream=stream)
+
+
+def _dt(dtype):
+    from .phalanx import _np_dtype
+
+    return _np_dtype(dtype)

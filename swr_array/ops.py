@@ -391,6 +391,59 @@ def swr_step(
     return out, state
 
 
+def swr_step_into(a_t, u_t, y, state: SWRState, *, stream=None) -> None:
+    """The GPU step as one kernel launch on arrays of any framework: writes y_t into ``y`` and
+    advances ``state`` in place (what :func:`swr_step` does on CuPy, without its full checks).
+
+    Args:
+        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel, C-contiguous.
+        u_t: ``(B, H, D)`` C-contiguous, a_t's dtype (float32, float16 or bfloat16).
+        y: ``(B, H, D)`` C-contiguous, any of those dtypes: receives y_t.
+        state: a GPU :class:`SWRState` ``(B, H, D)`` (float32 arrays) on the arrays' device.
+        stream: a ``cupy.cuda.Stream``, a raw ``cudaStream_t`` as an int (e.g.
+            ``torch.cuda.current_stream().cuda_stream``), or None for CuPy's current stream.
+
+    Arrays may be CuPy arrays or anything exposing ``__cuda_array_interface__`` (torch CUDA
+    tensors; NumPy arrays under the CUDA simulator). Shapes, dtypes and contiguity are checked
+    (not the device: the caller keeps everything on the state's device) before the launch. No
+    allocation, no host synchronisation, no host-side change: the call can be captured in a CUDA
+    graph once it has run eagerly (the first call with given dtypes prepares the launch and keeps
+    it on the state).
+    """
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    shape = tuple(state.w.shape)
+    if tuple(u_t.shape) != shape or tuple(y.shape) != shape:
+        raise ValueError(f"u_t and y must have the state's shape {shape}, got "
+                         f"{tuple(u_t.shape)} and {tuple(y.shape)}")
+    if tuple(a_t.shape) == shape:
+        per_channel = True
+    elif tuple(a_t.shape) == shape[:2]:
+        per_channel = False
+    else:
+        raise ValueError(f"a_t must have shape {shape[:2]} or {shape}, got {tuple(a_t.shape)}")
+    from .phalanx import _c_contiguous, _np_dtype
+
+    da, du, dy = _np_dtype(a_t.dtype), _np_dtype(u_t.dtype), _np_dtype(y.dtype)
+    if da != du:
+        raise TypeError(f"a_t and u_t must share one dtype, got {da} and {du}")
+    for name, d in (("u_t", du), ("y", dy)):
+        if d.name not in ("float32", "float16", "bfloat16"):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {d}")
+    if state.w.dtype != np.float32:
+        raise TypeError(f"state must hold float32 arrays (a GPU state), got {state.w.dtype}")
+    key = ("swr", da, per_channel, du, dy)
+    run = state._launch_cache.get(key)
+    if not (_c_contiguous(a_t) and _c_contiguous(u_t) and _c_contiguous(y)):
+        raise ValueError("a_t, u_t and y must be C-contiguous")
+    if run is None:
+        from . import _cuda
+
+        _cuda.swr_step(a_t, u_t, y, state, per_channel, stream=stream)
+        return
+    run.run(a_t, u_t, y, stream=stream)
+
+
 def _step_numpy(a_c, u_t, state):
     """The reference step, rows grouped by position; writes the state in place."""
     B, H, D = state.shape

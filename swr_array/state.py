@@ -12,7 +12,6 @@ different positions decode together (continuous batching); :meth:`SWRState.reset
 from __future__ import annotations
 
 import numbers
-from typing import Any
 
 import numpy as np
 
