@@ -7,9 +7,17 @@ Thin by design (STYLE.md): tensors go to the framework-agnostic front (:func:`sw
 - CUDA tensors go zero-copy through DLPack to CuPy and the Numba kernels, on torch's current stream
   and the tensor's device, so no synchronisation is added.
 
-``swr`` is registered as the ``torch.library`` custom op ``swr_array::swr`` (with a fake
-implementation and autograd through ``swr_array::swr_vjp``), so ``torch.compile(fullgraph=True)``
-traces models that use it without graph breaks.
+One route per call: ``swr`` is the ``torch.library`` custom op ``swr_array::swr`` (autograd
+through ``swr_array::swr_vjp``), eager and compiled alike; the Phalanx layer on CUDA is
+``swr_array::phalanx`` / ``swr_array::phalanx_vjp`` over :mod:`swr_array.phalanx`. Every op
+allocates its outputs with torch (the front writes into ``out=`` views, or allocates through
+torch's caching allocator, see :func:`_torch_malloc`) and has a fake implementation of the same
+shapes, dtypes and strides, so ``torch.compile(fullgraph=True)`` traces them, in the default mode
+and with CUDA graphs (``mode="reduce-overhead"``). Argument checks are the front's
+(:mod:`swr_array._checks`) plus torch's dtype and device rules.
+
+Decoding: :class:`SWRState` holds torch tensors that keep their storage; :func:`swr_step` and
+:meth:`Phalanx.step` advance it in place (custom ops that mutate it under ``torch.compile``).
 
 Layout: the torch adapter defaults to ``layout="BLHD"`` (what a projection produces,
 ``(B, L, H, D)``), unlike the array front whose default is ``"BHDL"``.
@@ -361,7 +369,7 @@ def _swr_setup_context(ctx, inputs, output):
 def _swr_backward(ctx, dy):
     a, u, x0 = ctx.saved_tensors
     # a gradient may arrive expanded (stride 0, e.g. from a sum): hand the front plain memory
-    da, du, dx0 = _swr_vjp_op(a, u, dy.contiguous(), x0, *ctx.config)
+    da, du, dx0 = torch.ops.swr_array.swr_vjp.default(a, u, dy.contiguous(), x0, *ctx.config)
     return da, du, (dx0 if x0 is not None else None), None, None, None, None
 
 
@@ -416,7 +424,8 @@ def swr(
         if state is not None and x0 is not None:
             raise ValueError("pass either x0 or state, not both: a state already holds its carry")
         return _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_state)
-    return _swr_op(a, u, x0, block_len, hops, layout, out_dtype)
+    # the op's overload itself: the same dispatch as calling _swr_op, minus a Python layer
+    return torch.ops.swr_array.swr.default(a, u, x0, block_len, hops, layout, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,7 +898,8 @@ def _phalanx_backward(ctx, dout, _dz):
     x, w_in, b_in, w_out, z = ctx.saved_tensors
     if dout is None:
         return (None,) * 10
-    grads = _phalanx_vjp_op(x, w_in, b_in, w_out, dout.contiguous(), z, *ctx.config)
+    grads = torch.ops.swr_array.phalanx_vjp.default(x, w_in, b_in, w_out, dout.contiguous(), z,
+                                                    *ctx.config)
     return (*grads, None, None, None, None, None, None)
 
 
@@ -1176,7 +1186,7 @@ class Phalanx(nn.Module):
         ):
             x, *params = _autocast(x, *params)
             c = self.config
-            out, _ = _phalanx_op(
+            out, _ = torch.ops.swr_array.phalanx.default(
                 x, *params, c.heads, c.head_dim, c.kv_heads, c.decay_max, c.block_len, c.hops
             )
             return out
