@@ -917,15 +917,26 @@ def _bias_parts(b_in: Tensor, cfg: _PhalanxConfig) -> tuple[Tensor, Tensor, Tens
     return b_in[2 * kv :], b_in[:kv], b_in[kv : 2 * kv]
 
 
+_BIAS_VIEWS: dict = {}
+
+
 def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) -> None:
     """``y = swr_step(A, Bg * V) * C + V`` from ``z = x_t W_in``, ONE kernel launch on torch's
     current stream; the front state (views of the torch state's tensors) advances in place."""
     index = z.device.index
     _cupy().cuda.runtime.setDevice(index)  # a current context for the launch on this thread
-    # CuPy views (DLPack): the kernels' launchers read dtypes NumPy knows, bfloat16 included
-    zc, yc, *biases = (_cuda_view(t) for t in (z, y, *_bias_parts(b_in, cfg)))
+    # CuPy views (DLPack): the kernels' launchers read dtypes NumPy knows, bfloat16 included.
+    # The biases' views are kept per address (a view holds its tensor, so no other tensor can
+    # take that address while it is cached).
+    key = (index, b_in.data_ptr(), b_in.dtype, cfg.kv_heads, cfg.head_dim)
+    biases = _BIAS_VIEWS.get(key)
+    if biases is None:
+        if len(_BIAS_VIEWS) >= 64:
+            _BIAS_VIEWS.clear()
+        biases = _BIAS_VIEWS[key] = tuple(_cuda_view(t) for t in _bias_parts(b_in, cfg))
     _front_phalanx.phalanx_step_mix(
-        zc, yc, *biases, front, kv_heads=cfg.kv_heads, decay_max=cfg.decay_max,
+        _cuda_view(z), _cuda_view(y), *biases, front, kv_heads=cfg.kv_heads,
+        decay_max=cfg.decay_max,
         stream=_raw_stream(index),
     )  # fmt: skip
 
