@@ -50,7 +50,7 @@ __all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "TPB", "hops_mode", "swr_st
            "phalanx_step_launch"]
 
 MODE_NONE, MODE_WINDOW, MODE_EXACT = 0, 1, 2
-TPB = 256
+TPB = 512
 """Threads per block (one block per batch row)."""
 
 F0 = np.float32(0.0)
