@@ -202,11 +202,34 @@ def kernel_signatures():
 
 
 def _flat(x):
-    """A 1-D view of a C-contiguous array (bfloat16 as uint16 bits); FlatArray on the GPU."""
+    """A 1-D view of a C-contiguous array (bfloat16 as uint16 bits); FlatArray on the GPU.
+    torch tensors are read through ``data_ptr()`` (their ``__cuda_array_interface__`` refuses
+    bfloat16)."""
     if isinstance(x, np.ndarray):
         v = x.reshape(-1)
         return v.view(np.uint16) if v.dtype.name == "bfloat16" else v
+    if hasattr(x, "data_ptr") and hasattr(x, "numel"):
+        name = str(x.dtype).replace("torch.", "")
+        return FlatArray(x.data_ptr(), x.numel(), np.uint16 if name == "bfloat16" else name)
     return FlatArray.of(x)
+
+
+def _kind(dtype) -> str:
+    """Storage kind of a NumPy/CuPy dtype or a torch dtype."""
+    try:
+        return storage_kind(dtype)
+    except TypeError:
+        name = str(dtype).replace("torch.", "")
+        return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[name]
+
+
+def _pointer(x):
+    if type(x) is int:
+        return x
+    f = getattr(x, "data_ptr", None)
+    if f is not None:
+        return f()
+    return data_pointer(x)
 
 
 class StepLaunch:
@@ -242,7 +265,7 @@ class StepLaunch:
             args = tuple(FakeCUDAArray(x) if isinstance(x, np.ndarray) else x for x in args)
             self.kernel[self.grid, self.block](*args)
             return
-        ptrs = [x if type(x) is int else data_pointer(x) for x in arrays]
+        ptrs = [_pointer(x) for x in arrays]
         launch_with_pointers(self.entry, self.grid, self.block, self.values, ptrs, stream)
 
 
@@ -267,7 +290,7 @@ def swr_step_launch(a, u, y, state_arrays, *, hops, block_len, per_channel) -> S
     (``(B, H)``/``(B, H, D)``, ``(B, H, D)``, ``(B, H, D)``) over ``state_arrays`` =
     ``(position, w, g, carry_v, carry_C)``; run it as ``.run(a, u, y)``."""
     B, H, D = u.shape
-    kernel = swr_step_kernel(storage_kind(u.dtype), storage_kind(y.dtype))
+    kernel = swr_step_kernel(_kind(u.dtype), _kind(y.dtype))
     st, mode, K = _state_args(state_arrays, hops)
     i64 = np.int64
     args = (a, u, y) + st + (i64(H * D), i64(D), i64(per_channel), i64(block_len), i64(mode),
@@ -280,7 +303,7 @@ def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, *, heads, head_dim, k
     """A :class:`StepLaunch` of ``phalanx_step_kernel``: ``.run(z, y)`` with z ``(B, W)`` and
     y ``(B, H*D)`` of the biases' dtype."""
     B = z.shape[0]
-    kernel = phalanx_step_kernel(storage_kind(z.dtype))
+    kernel = phalanx_step_kernel(_kind(z.dtype))
     st, mode, K = _state_args(state_arrays, hops)
     i64 = np.int64
     args = ((z, y, _flat(b_a), _flat(b_b), _flat(b_c)) + st
