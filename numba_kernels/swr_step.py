@@ -18,15 +18,18 @@ and when the token closes its block (off == block_len - 1) the block becomes the
 (window: shift the K carriers, (w, g) first; exact: cv_0 = s) and w, g restart at 0, 1.
 Carriers a row does not have yet are 0 in the state, so the window sum needs no per-row count.
 
-Work split: one thread block per batch row, its threads striding over the row's H*D channels;
-after a barrier thread 0 advances the row's position (no other block reads it, so the read of
-every thread precedes the write).
+Work split: one thread per channel; a row's H*D channels span ``nchunks`` thread blocks, all of
+which read the row's position first. The position advances once every block of the row has read
+it: after a barrier each block adds itself to the row's ``arrivals`` counter (int32, (B,), kept
+with the state, 0 between launches), and the block that arrives last writes ``position + 1`` and
+resets the counter.
 
-- ``swr_step_kernel(a, u, y, position, w, g, cv, cC, HD, D, a_per_channel, block_len, mode, K)``:
+- ``swr_step_kernel(a, u, y, position, w, g, cv, cC, arrivals, HD, D, a_per_channel, block_len,
+  mode, K, nchunks)``:
   a (B*H) per head or (B*H*D) per channel, u (B*H*D), y (B*H*D); a and u of one storage kind,
   y of its own.
-- ``phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, H, D, G, decay_max,
-  block_len, mode, K)``: z (B*W) the input GEMM's output row per token, columns
+- ``phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, arrivals, H, D, G,
+  decay_max, block_len, mode, K, nchunks)``: z (B*W) the input GEMM's output row per token, columns
   ``[V | Bg | C | A]``, y (B*H*D) = ``s * C + V`` with ``A = decay_max * sigmoid(z_a + b_a)``,
   ``Bg = sigmoid(z_b + b_b)``, ``C = z_c + b_c`` (head h reads kv head h // G), u = Bg * V.
 
@@ -51,7 +54,8 @@ __all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "TPB", "hops_mode", "swr_st
 
 MODE_NONE, MODE_WINDOW, MODE_EXACT = 0, 1, 2
 TPB = 256
-"""Threads per block (one block per batch row)."""
+"""Threads per block: one thread per channel, a row's H*D channels over ceil(H*D / TPB)
+blocks."""
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
@@ -109,24 +113,35 @@ def _sigmoid(x):
     return F1 / (F1 + math.exp(-x))
 
 
+@cuda.jit(device=True, inline=True)
+def _advance_position(position, arrivals, b, pos, nchunks):
+    """Row b's position advances once all its thread blocks have read it: each block counts
+    itself in ``arrivals[b]`` after a barrier, and the last one writes the position and resets
+    the count (so it is 0 again for the next launch)."""
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        cuda.threadfence()
+        if cuda.atomic.add(arrivals, b, numba.int32(1)) == nchunks - 1:
+            arrivals[b] = numba.int32(0)
+            position[b] = pos + 1
+
+
 def _make_swr_step(kind: str, out_kind: str):
     load = LOAD[kind]
     store = STORE[out_kind]
 
-    def swr_step_kernel(a, u, y, position, w, g, cv, cC, HD, D, a_per_channel, block_len, mode,
-                        K):
-        b = numba.int64(cuda.blockIdx.x)
+    def swr_step_kernel(a, u, y, position, w, g, cv, cC, arrivals, HD, D, a_per_channel,
+                        block_len, mode, K, nchunks):
+        blk = numba.int64(cuda.blockIdx.x)
+        b = blk // nchunks
         pos = position[b]
-        row = b * HD
-        arow = b * (HD // D)
-        for c in range(cuda.threadIdx.x, HD, cuda.blockDim.x):
-            i = row + c
-            ai = i if a_per_channel != 0 else arow + c // D
+        c = (blk - b * nchunks) * cuda.blockDim.x + cuda.threadIdx.x
+        if c < HD:
+            i = b * HD + c
+            ai = i if a_per_channel != 0 else b * (HD // D) + c // D
             s = step_channel(load(a[ai]), load(u[i]), pos, block_len, mode, K, i, w, g, cv, cC)
             y[i] = store(s)
-        cuda.syncthreads()
-        if cuda.threadIdx.x == 0:
-            position[b] = pos + 1
+        _advance_position(position, arrivals, b, pos, nchunks)
 
     return cuda.jit(swr_step_kernel)
 
@@ -135,14 +150,16 @@ def _make_phalanx_step(kind: str):
     load = LOAD[kind]
     store = STORE[kind]
 
-    def phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, H, D, G, decay_max,
-                            block_len, mode, K):
-        b = numba.int64(cuda.blockIdx.x)
+    def phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, arrivals, H, D, G,
+                            decay_max, block_len, mode, K, nchunks):
+        blk = numba.int64(cuda.blockIdx.x)
+        b = blk // nchunks
         pos = position[b]
+        c = (blk - b * nchunks) * cuda.blockDim.x + cuda.threadIdx.x
         HD = H * D
-        KD = (H // G) * D
-        zr = b * (HD + 2 * KD + H)
-        for c in range(cuda.threadIdx.x, HD, cuda.blockDim.x):
+        if c < HD:
+            KD = (H // G) * D
+            zr = b * (HD + 2 * KD + H)
             h = c // D
             d = c - h * D
             kc = (h // G) * D + d
@@ -153,9 +170,7 @@ def _make_phalanx_step(kind: str):
             i = b * HD + c
             s = step_channel(a, u, pos, block_len, mode, K, i, w, g, cv, cC)
             y[i] = store(s * cc + v)
-        cuda.syncthreads()
-        if cuda.threadIdx.x == 0:
-            position[b] = pos + 1
+        _advance_position(position, arrivals, b, pos, nchunks)
 
     return cuda.jit(phalanx_step_kernel)
 
@@ -184,14 +199,15 @@ def kernel_signatures():
     """Every specialisation the launch helpers use: (kernel, signature) pairs."""
     i64, f4 = types.int64, types.float32
     f1, p1 = types.Array(f4, 1, "C"), types.Array(i64, 1, "C")
+    n1 = types.Array(types.int32, 1, "C")
     out = []
     for kind in KINDS:
         v1 = types.Array(_STORAGE[kind], 1, "C")
         for out_kind in KINDS:
             o1 = types.Array(_STORAGE[out_kind], 1, "C")
-            sig = (v1, v1, o1, p1) + (f1,) * 4 + (i64,) * 6
+            sig = (v1, v1, o1, p1) + (f1,) * 4 + (n1,) + (i64,) * 7
             out.append((swr_step_kernel(kind, out_kind), sig))
-        sig = (v1,) * 5 + (p1,) + (f1,) * 4 + (i64,) * 3 + (f4,) + (i64,) * 3
+        sig = (v1,) * 5 + (p1,) + (f1,) * 4 + (n1,) + (i64,) * 3 + (f4,) + (i64,) * 4
         out.append((phalanx_step_kernel(kind), sig))
     return out
 
@@ -202,11 +218,34 @@ def kernel_signatures():
 
 
 def _flat(x):
-    """A 1-D view of a C-contiguous array (bfloat16 as uint16 bits); FlatArray on the GPU."""
+    """A 1-D view of a C-contiguous array (bfloat16 as uint16 bits); FlatArray on the GPU.
+    torch tensors are read through ``data_ptr()`` (their ``__cuda_array_interface__`` refuses
+    bfloat16)."""
     if isinstance(x, np.ndarray):
         v = x.reshape(-1)
         return v.view(np.uint16) if v.dtype.name == "bfloat16" else v
+    if hasattr(x, "data_ptr") and hasattr(x, "numel"):
+        name = str(x.dtype).replace("torch.", "")
+        return FlatArray(x.data_ptr(), x.numel(), np.uint16 if name == "bfloat16" else name)
     return FlatArray.of(x)
+
+
+def _kind(dtype) -> str:
+    """Storage kind of a NumPy/CuPy dtype or a torch dtype."""
+    try:
+        return storage_kind(dtype)
+    except TypeError:
+        name = str(dtype).replace("torch.", "")
+        return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[name]
+
+
+def _pointer(x):
+    if type(x) is int:
+        return x
+    f = getattr(x, "data_ptr", None)
+    if f is not None:
+        return f()
+    return data_pointer(x)
 
 
 class StepLaunch:
@@ -242,7 +281,7 @@ class StepLaunch:
             args = tuple(FakeCUDAArray(x) if isinstance(x, np.ndarray) else x for x in args)
             self.kernel[self.grid, self.block](*args)
             return
-        ptrs = [x if type(x) is int else data_pointer(x) for x in arrays]
+        ptrs = [_pointer(x) for x in arrays]
         launch_with_pointers(self.entry, self.grid, self.block, self.values, ptrs, stream)
 
 
@@ -254,44 +293,55 @@ def _dummy(like):
     return cupy.zeros(1, np.float32)
 
 
-def _state_args(state_arrays, hops):
+def _state_args(state_arrays, arrivals, hops):
     position, w, g, cv, cC = state_arrays
     mode, K = hops_mode(hops)
     if K == 0:
         cv = cC = _dummy(w)
-    return (_flat(position), _flat(w), _flat(g), _flat(cv), _flat(cC)), mode, K
+    return (_flat(position), _flat(w), _flat(g), _flat(cv), _flat(cC), _flat(arrivals)), mode, K
 
 
-def swr_step_launch(a, u, y, state_arrays, *, hops, block_len, per_channel) -> StepLaunch:
+def _split(B, hd):
+    """(grid, block, chunks per row): one thread per channel, a row over ``chunks`` blocks."""
+    tpb = _tpb(hd)
+    nchunks = -(-hd // tpb) if tpb else 0
+    return (B * nchunks,), (tpb,), nchunks
+
+
+def swr_step_launch(a, u, y, state_arrays, arrivals, *, hops, block_len,
+                    per_channel) -> StepLaunch:
     """A :class:`StepLaunch` of ``swr_step_kernel`` for tokens like ``a``, ``u``, ``y``
     (``(B, H)``/``(B, H, D)``, ``(B, H, D)``, ``(B, H, D)``) over ``state_arrays`` =
-    ``(position, w, g, carry_v, carry_C)``; run it as ``.run(a, u, y)``."""
+    ``(position, w, g, carry_v, carry_C)`` and ``arrivals`` ``(B,)`` int32 zeros (kept with the
+    state: the kernel leaves them 0); run it as ``.run(a, u, y)``."""
     B, H, D = u.shape
-    kernel = swr_step_kernel(storage_kind(u.dtype), storage_kind(y.dtype))
-    st, mode, K = _state_args(state_arrays, hops)
+    kernel = swr_step_kernel(_kind(u.dtype), _kind(y.dtype))
+    st, mode, K = _state_args(state_arrays, arrivals, hops)
+    grid, block, nchunks = _split(B, H * D)
     i64 = np.int64
     args = (a, u, y) + st + (i64(H * D), i64(D), i64(per_channel), i64(block_len), i64(mode),
-                             i64(K))
-    return StepLaunch(kernel, (B,), (_tpb(H * D),), args, 3)
+                             i64(K), i64(nchunks))
+    return StepLaunch(kernel, grid, block, args, 3)
 
 
-def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, *, heads, head_dim, kv_heads,
-                        decay_max, hops, block_len) -> StepLaunch:
+def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, arrivals, *, heads, head_dim,
+                        kv_heads, decay_max, hops, block_len) -> StepLaunch:
     """A :class:`StepLaunch` of ``phalanx_step_kernel``: ``.run(z, y)`` with z ``(B, W)`` and
-    y ``(B, H*D)`` of the biases' dtype."""
+    y ``(B, H*D)`` of the biases' dtype (``arrivals`` as in :func:`swr_step_launch`)."""
     B = z.shape[0]
-    kernel = phalanx_step_kernel(storage_kind(z.dtype))
-    st, mode, K = _state_args(state_arrays, hops)
+    kernel = phalanx_step_kernel(_kind(z.dtype))
+    st, mode, K = _state_args(state_arrays, arrivals, hops)
+    grid, block, nchunks = _split(B, heads * head_dim)
     i64 = np.int64
     args = ((z, y, _flat(b_a), _flat(b_b), _flat(b_c)) + st
             + (i64(heads), i64(head_dim), i64(heads // kv_heads), np.float32(decay_max),
-               i64(block_len), i64(mode), i64(K)))
-    return StepLaunch(kernel, (B,), (_tpb(heads * head_dim),), args, 2)
+               i64(block_len), i64(mode), i64(K), i64(nchunks)))
+    return StepLaunch(kernel, grid, block, args, 2)
 
 
 def _tpb(hd):
     if hd == 0:
         return 0
     if SIMULATOR:
-        return min(hd, 8)  # several strides per thread, few simulated threads
+        return min(hd, 4)  # several blocks per row, few simulated threads
     return min(TPB, 32 * -(-hd // 32))

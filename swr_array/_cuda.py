@@ -310,7 +310,8 @@ def swr_step(a, u, y, state, per_channel, stream=None):
         from .numba_kernels import swr_step as ks
 
         run = state._launch_cache[key] = ks.swr_step_launch(
-            a, u, y, state.arrays(), hops=state.hops, block_len=state.block_len,
+            a, u, y, state.arrays(), state._arrivals(), hops=state.hops,
+            block_len=state.block_len,
             per_channel=per_channel)
     run.run(a, u, y, stream=stream)
 

@@ -453,7 +453,8 @@ def phalanx_step_mix(z, y, b_a, b_b, b_c, state: SWRState, *, kv_heads: int, dec
             if not _c_contiguous(x):
                 raise ValueError(f"{name} must be C-contiguous")
         run = ks.phalanx_step_launch(
-            z, y, b_a, b_b, b_c, state.arrays(), heads=H, head_dim=D, kv_heads=int(kv_heads),
+            z, y, b_a, b_b, b_c, state.arrays(), state._arrivals(), heads=H, head_dim=D,
+            kv_heads=int(kv_heads),
             decay_max=float(decay_max), hops=state.hops, block_len=state.block_len)
         state._launch_cache[key] = run
     elif not (_c_contiguous(z) and _c_contiguous(y)):

@@ -117,6 +117,20 @@ class SWRState:
         """``(position, w, g, carry_v, carry_C)``."""
         return self.position, self.w, self.g, self.carry_v, self.carry_C
 
+    def _arrivals(self):
+        """The step kernels' per-row arrival counters ``(B,)`` int32 (0 between steps),
+        allocated on the first step."""
+        arr = self._launch_cache.get("arrivals")
+        if arr is None:
+            xp = _xp_of(self.w)
+            if xp is np:
+                arr = np.zeros(self.shape[:1], np.int32)
+            else:
+                with xp.cuda.Device(self.w.device.id):
+                    arr = xp.zeros(self.shape[:1], np.int32)
+            self._launch_cache["arrivals"] = arr
+        return arr
+
     def __repr__(self) -> str:
         return (f"SWRState(shape={self.shape}, block_len={self.block_len}, hops={self.hops}, "
                 f"layer={self.layer!r}, backend={self.backend}, dtype={self.dtype})")

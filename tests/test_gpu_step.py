@@ -136,3 +136,44 @@ def test_refused_gpu_step_leaves_the_state_unchanged():
         sa.swr_step(a, u, s, layout="BLHD", out=cp.empty((2, 2, 5), np.float32))
     for new, old in zip(s.arrays(), before):
         np.testing.assert_array_equal(new.get(), old)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_launches_take_torch_tensors(dtype):
+    """swr_step_into and phalanx_step_mix on torch CUDA tensors (data_ptr, torch dtypes, torch's
+    stream) give the CuPy path's numbers."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    import cupy as cp
+
+    tdt = getattr(torch, dtype)
+    B, H, D = 3, 4, 8
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.rand((B, H), device="cuda", generator=gen).to(tdt)
+    u = torch.randn((B, H, D), device="cuda", generator=gen).to(tdt)
+    s_t = sa.swr_init_state((B, H, D), block_len=4, hops=1, like=cp.zeros(1))
+    s_c = sa.swr_init_state((B, H, D), block_len=4, hops=1, like=cp.zeros(1))
+    stream = torch.cuda.current_stream().cuda_stream
+    for _ in range(6):
+        y = torch.full((B, H, D), float("nan"), device="cuda", dtype=tdt)
+        sa.swr_step_into(a, u, y, s_t, stream=stream)
+        torch.cuda.synchronize()
+        want, _ = sa.swr_step(cp.from_dlpack(a.float()), cp.from_dlpack(u.float()), s_c,
+                              layout="BLHD")
+        np.testing.assert_allclose(y.float().cpu().numpy(), want.get(), rtol=2e-2, atol=2e-2)
+    # the fused Phalanx middle
+    KV, W = 2, H * D + 2 * 2 * D + H
+    z = torch.randn((B, W), device="cuda", generator=gen).to(tdt)
+    b_a, b_b, b_c = (torch.randn(n, device="cuda", generator=gen).to(tdt)
+                     for n in (H, KV * D, KV * D))
+    st = sa.swr_init_state((B, H, D), block_len=4, hops=1, like=cp.zeros(1))
+    y = torch.full((B, H * D), float("nan"), device="cuda", dtype=tdt)
+    sa.phalanx_step_mix(z, y, b_a, b_b, b_c, st, kv_heads=KV, decay_max=0.9, stream=stream)
+    torch.cuda.synchronize()
+    f64 = [t.double().cpu().numpy() for t in (z, b_a, b_b, b_c)]
+    want = R.phalanx_mix(f64[0][:, None], *f64[1:], heads=H, head_dim=D, kv_heads=KV,
+                         decay_max=0.9, block_len=4, hops=1)
+    np.testing.assert_allclose(y.float().cpu().numpy(), want.reshape(B, H * D), rtol=2e-2,
+                               atol=2e-2)
+    np.testing.assert_array_equal(st.position.get(), [1, 1, 1])

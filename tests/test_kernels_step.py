@@ -103,6 +103,7 @@ def test_swr_step_kernel_equals_the_forward(rng, kind, out_kind, per_head, hops,
         assert np.abs(got - want).max() <= TOL[kind] * max(1.0, np.abs(want).max()) * 4
     assert [id(x) for x in state.arrays()] == ids
     np.testing.assert_array_equal(host(state.position), np.array(prompts) + steps)
+    np.testing.assert_array_equal(host(state._arrivals()), 0)  # ready for the next launch
     for k in ("w", "g", "carry_v", "carry_C"):
         np.testing.assert_allclose(host(getattr(state, k)), getattr(ref, k), rtol=TOL[kind] * 8,
                                    atol=TOL[kind] * 8)

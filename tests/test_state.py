@@ -217,3 +217,23 @@ def test_row_arguments_are_checked():
         s.load_rows([0], sa.swr_init_state((1, 2, 1), block_len=4, hops=1))
     with pytest.raises(ValueError, match="one length"):
         s.load_rows([0, 1], sa.swr_init_state((1, 1, 1), block_len=4, hops=1))
+
+
+def test_a_state_of_another_layer_configuration_is_refused():
+    """Phalanx states carry their layer's configuration; another layer with the same state
+    shape refuses them before computing anything, and the state is left as it was."""
+    p1 = sa.init_phalanx(16, head_dim=4, dtype=np.float64, seed=1)
+    p2 = sa.init_phalanx(16, head_dim=4, dtype=np.float64, decay_max=0.9, seed=1)
+    x = np.random.default_rng(2).standard_normal((2, 5, 16))
+    _, s = sa.phalanx(x, p1, block_len=4, return_state=True)
+    assert s.layer == ("phalanx", 16, 4, 4, 4, 1.0)
+    before = [v.copy() for v in s.arrays()]
+    with pytest.raises(ValueError, match="made by the layer"):
+        sa.phalanx_step(x[:, 0], p2, s, block_len=4)
+    with pytest.raises(ValueError, match="made by the layer"):
+        sa.phalanx(x, p2, state=s, block_len=4)
+    for new, old in zip(s.arrays(), before):
+        np.testing.assert_array_equal(new, old)
+    out, same = sa.phalanx_step(x[:, 0], p1, s, block_len=4)
+    assert same is s
+    np.testing.assert_array_equal(s.position, [6, 6])
