@@ -55,6 +55,21 @@ __all__ = [
     "swr",
 ]
 
+# decoding: the state as a pytree, a jittable step with donated buffers (adapters/_jax_decode.py)
+from ._jax_decode import (  # noqa: E402
+    JaxSWRState,
+    phalanx_step,
+    state_from_front,
+    state_to_front,
+    swr_decode_step,
+    swr_init_state,
+    swr_scan,
+    swr_step,
+)
+
+__all__ += ["JaxSWRState", "phalanx_step", "state_from_front", "state_to_front",
+            "swr_decode_step", "swr_init_state", "swr_scan", "swr_step"]
+
 Array = jax.Array
 
 _DLPACK_CPU = 1  # DLDeviceType kDLCPU (kDLCUDA is 2)

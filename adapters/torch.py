@@ -7,9 +7,17 @@ Thin by design (STYLE.md): tensors go to the framework-agnostic front (:func:`sw
 - CUDA tensors go zero-copy through DLPack to CuPy and the Numba kernels, on torch's current stream
   and the tensor's device, so no synchronisation is added.
 
-``swr`` is registered as the ``torch.library`` custom op ``swr_array::swr`` (with a fake
-implementation and autograd through ``swr_array::swr_vjp``), so ``torch.compile(fullgraph=True)``
-traces models that use it without graph breaks.
+One route per call: ``swr`` is the ``torch.library`` custom op ``swr_array::swr`` (autograd
+through ``swr_array::swr_vjp``), eager and compiled alike; the Phalanx layer on CUDA is
+``swr_array::phalanx`` / ``swr_array::phalanx_vjp`` over :mod:`swr_array.phalanx`. Every op
+allocates its outputs with torch (the front writes into ``out=`` views, or allocates through
+torch's caching allocator, see :func:`_torch_malloc`) and has a fake implementation of the same
+shapes, dtypes and strides, so ``torch.compile(fullgraph=True)`` traces them, in the default mode
+and with CUDA graphs (``mode="reduce-overhead"``). Argument checks are the front's
+(:mod:`swr_array._checks`) plus torch's dtype and device rules.
+
+Decoding: :class:`SWRState` holds torch tensors that keep their storage; :func:`swr_step` and
+:meth:`Phalanx.step` advance it in place (custom ops that mutate it under ``torch.compile``).
 
 Layout: the torch adapter defaults to ``layout="BLHD"`` (what a projection produces,
 ``(B, L, H, D)``), unlike the array front whose default is ``"BHDL"``.
@@ -36,7 +44,10 @@ from torch.utils.dlpack import to_dlpack as _to_dlpack
 from swr_array import _checks
 from swr_array import ops as _front
 from swr_array._backend import bfloat16 as _np_bfloat16
-from swr_array.state import SWRState
+from swr_array.state import SWRState as _FrontState
+
+# the module (the package's ``swr_array.phalanx`` attribute is the function of that name)
+_front_phalanx = importlib.import_module("swr_array.phalanx")
 
 __all__ = [
     "Phalanx",
@@ -120,13 +131,31 @@ def _cupy_stream(device: torch.device):
     return stream
 
 
+def _torch_malloc(nbytes: int):
+    """CuPy's allocator inside the adapter's front calls: the memory is a torch tensor on CuPy's
+    current device, from torch's caching allocator on torch's current stream (the stream the
+    front runs on), so inside a CUDA graph capture it comes from the graph's pool and results
+    handed back to torch are torch allocations, never CuPy pool blocks."""
+    cupy = _cupy()
+    index = cupy.cuda.runtime.getDevice()
+    t = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=torch.device("cuda", index))
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel(), t, index)
+    return cupy.cuda.MemoryPointer(mem, 0)
+
+
 @contextlib.contextmanager
 def _front_context(device: torch.device):
-    """Make the tensor's GPU and torch's current stream CuPy's current ones (no-op on the CPU)."""
+    """On CUDA: the tensor's GPU, torch's current stream and torch's allocator become CuPy's
+    current ones for the front call (no-op on the CPU)."""
     if device.type != "cuda":
         yield
         return
-    with _cupy().cuda.Device(device.index), _cupy_stream(device):
+    cupy = _cupy()
+    with (
+        cupy.cuda.Device(device.index),
+        _cupy_stream(device),
+        cupy.cuda.using_allocator(_torch_malloc),
+    ):
         yield
 
 
@@ -221,7 +250,8 @@ def _autocast(*tensors: Tensor | None) -> list:
 
 
 def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
-    """Validate an SWR call; returns (block_len, hops, layout, per_head)."""
+    """Validate an SWR call with the front's checks (layout, block_len, hops, shapes) and torch's
+    dtype/device rules; returns (block_len, hops, layout)."""
     layout = _checks.check_layout(layout)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
@@ -234,32 +264,13 @@ def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
     _check_dtype("a", a.dtype, device)
     if a.dtype != u.dtype:
         raise TypeError(f"a and u must share one dtype, got {a.dtype} and {u.dtype}")
-    if u.dim() != 4:
-        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
-        raise ValueError(f"u must be 4-D {dims} for layout {layout!r}, got shape {tuple(u.shape)}")
-    if layout == "BHDL":
-        B, H, D, N = u.shape
-        per_head_shape = (B, H, N)
-    else:
-        B, N, H, D = u.shape
-        per_head_shape = (B, N, H)
-    channel_shape = tuple(u.shape)
-    if tuple(a.shape) == per_head_shape:
-        per_head = True
-    elif tuple(a.shape) == channel_shape:
-        per_head = False
-    else:
-        _checks.refuse_other_layout(a.shape, u.shape, layout)
-        raise ValueError(
-            f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
-            f"for u of shape {channel_shape} in layout {layout!r}, got {tuple(a.shape)}"
-        )
+    B, H, D, _, _ = _checks.swr_dims(tuple(a.shape), tuple(u.shape), layout)
     if x0 is not None:
         if tuple(x0.shape) != (B, H, D):
             raise ValueError(f"x0 must have shape (B, H, D) = {(B, H, D)}, got {tuple(x0.shape)}")
         _check_dtype("x0", x0.dtype, device)
     _check_out_dtype(out_dtype, device)
-    return block_len, hops, layout, per_head
+    return block_len, hops, layout
 
 
 def _forbid_grad(what: str, *tensors: Tensor | None) -> None:
@@ -286,39 +297,20 @@ def _swr_op(
     layout: str,
     out_dtype: torch.dtype | None,
 ) -> Tensor:
-    if u.device.type == "cuda":
-        return _swr_cuda(a, u, x0, block_len, hops, layout, out_dtype)
+    """y from torch's allocator; the front writes into a zero-copy view of it (``out=``)."""
+    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=u.device)
     with _front_context(u.device):
-        y = _front.swr(
+        yf = _to_front(y)
+        _front.swr(
             _to_front(a),
             _to_front(u),
             block_len=block_len,
             hops=hops,
             layout=layout,
             x0=_to_front(x0),
-            out_dtype=_np_dtype(out_dtype),
-        )
-        return _from_front(y, u.device)
-
-
-def _swr_cuda(a, u, x0, block_len, hops, layout, out_dtype) -> Tensor:
-    """The forward on CUDA: y comes from torch's allocator (on torch's current stream) and the
-    front writes into a CuPy view of it (``out=``); nothing is copied or converted afterwards."""
-    device = u.device
-    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=device)
-    cupy = _cupy()
-    with cupy.cuda.Device(device.index), _cupy_stream(device):
-        yc = _cuda_view(y)
-        _front.swr(
-            _cuda_view(a),
-            _cuda_view(u),
-            block_len=block_len,
-            hops=hops,
-            layout=layout,
-            x0=None if x0 is None else _cuda_view(x0),
-            # y's own (CuPy) dtype, so the front's check of out= compares like with like
-            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yc.dtype,
-            out=yc,
+            # y's own front dtype, so the front's check of out= compares like with like
+            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yf.dtype,
+            out=yf,
         )
     return y
 
@@ -338,11 +330,16 @@ def _swr_vjp_op(
     hops: int | None,
     layout: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(da, du, dx0); dx0 is an empty tensor when x0 is None (custom ops return no None)."""
-    if u.device.type == "cuda":
-        return _swr_vjp_cuda(a, u, dy, x0, block_len, hops, layout)
-    with _front_context(u.device):
-        da, du, dx0 = _front.swr_vjp(
+    """(da, du, dx0) from torch's allocator, written by one front ``swr_vjp`` call (``out=``);
+    dx0 (the front's float32 on CUDA, float64 on the CPU) is cast to x0's dtype, and is an empty
+    tensor when x0 is None (custom ops return no None)."""
+    device = u.device
+    da = torch.empty(a.shape, dtype=a.dtype, device=device)
+    du = torch.empty(u.shape, dtype=u.dtype, device=device)
+    acc = torch.float32 if device.type == "cuda" else torch.float64
+    dx0 = None if x0 is None else torch.empty(x0.shape, dtype=acc, device=device)
+    with _front_context(device):
+        _front.swr_vjp(
             _to_front(a),
             _to_front(u),
             _to_front(dy),
@@ -350,32 +347,7 @@ def _swr_vjp_op(
             hops=hops,
             layout=layout,
             x0=_to_front(x0),
-        )
-        da = _from_front(da, u.device).to(a.dtype)
-        du = _from_front(du, u.device).to(u.dtype)
-        if x0 is None:
-            return da, du, u.new_empty(0)
-        return da, du, _from_front(dx0, u.device).to(x0.dtype)
-
-
-def _swr_vjp_cuda(a, u, dy, x0, block_len, hops, layout):
-    """The backward on CUDA: one ``swr_vjp`` call writing into torch-allocated gradients
-    (``out=``); only dx0 ((B, H, D), float32 from the front) may need a cast to x0's dtype."""
-    device = u.device
-    da = torch.empty(a.shape, dtype=a.dtype, device=device)
-    du = torch.empty(u.shape, dtype=u.dtype, device=device)
-    dx0 = None if x0 is None else torch.empty(x0.shape, dtype=torch.float32, device=device)
-    cupy = _cupy()
-    with cupy.cuda.Device(device.index), _cupy_stream(device):
-        _front.swr_vjp(
-            _cuda_view(a),
-            _cuda_view(u),
-            _cuda_view(dy),
-            block_len=block_len,
-            hops=hops,
-            layout=layout,
-            x0=None if x0 is None else _cuda_view(x0),
-            out=(_cuda_view(da), _cuda_view(du), None if dx0 is None else _cuda_view(dx0)),
+            out=(_to_front(da), _to_front(du), _to_front(dx0)),
         )
     if x0 is None:
         return da, du, u.new_empty(0)
@@ -397,7 +369,7 @@ def _swr_setup_context(ctx, inputs, output):
 def _swr_backward(ctx, dy):
     a, u, x0 = ctx.saved_tensors
     # a gradient may arrive expanded (stride 0, e.g. from a sum): hand the front plain memory
-    da, du, dx0 = _swr_vjp_op(a, u, dy.contiguous(), x0, *ctx.config)
+    da, du, dx0 = torch.ops.swr_array.swr_vjp.default(a, u, dy.contiguous(), x0, *ctx.config)
     return da, du, (dx0 if x0 is not None else None), None, None, None, None
 
 
@@ -418,7 +390,7 @@ def swr(
     layout: str = "BLHD",
     x0: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-    state: SWRState | None = None,
+    state: "SWRState | None" = None,
     return_state: bool = False,
 ):
     """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (SPEC section 1).
@@ -444,7 +416,7 @@ def swr(
     _check_tensor("u", u)
     _check_tensor("x0", x0, optional=True)
     a, u = _autocast(a, u)
-    block_len, hops, layout, _ = _check_swr(
+    block_len, hops, layout = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
     return_state = _checks.check_bool("return_state", return_state)
@@ -452,159 +424,101 @@ def swr(
         if state is not None and x0 is not None:
             raise ValueError("pass either x0 or state, not both: a state already holds its carry")
         return _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_state)
-    if x0 is None and u.device.type == "cuda":
-        launch = _eager_launcher(a, u, block_len, hops, layout, out_dtype)
-        if launch is not None:
-            if torch.is_grad_enabled() and (a.requires_grad or u.requires_grad):
-                return _EagerSWR.apply(a, u, launch)
-            return launch.forward(a, u)
-    return _swr_op(a, u, x0, block_len, hops, layout, out_dtype)
+    # the op's overload itself: the same dispatch as calling _swr_op, minus a Python layer
+    return torch.ops.swr_array.swr.default(a, u, x0, block_len, hops, layout, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# the eager CUDA fast path
-#
-# Outside torch.compile, tracing, torch.func transforms and dispatch modes, a plain CUDA call
-# (contiguous tensors on the current device, no x0) skips the custom op's dispatch and the DLPack
-# views: the checks of its first call through the custom op are remembered per shape/dtype/
-# options, and later calls hand the tensors' data pointers and torch's current stream straight to
-# the kernels' cached launch plans (swr_array.numba_kernels). Same kernels, same numbers; the
-# custom op stays what torch.compile sees.
+# the decoding state: torch tensors, updated in place through the front's views of them
 # ----------------------------------------------------------------------------------------------
 
 
-class _Ptr:
-    __slots__ = ("ptr",)
+def _tensor_of(x, device: torch.device) -> Tensor:
+    """The tensor sharing a front array's memory (on CUDA, memory from torch's allocator)."""
+    if device.type == "cuda":
+        return torch.from_dlpack(x)
+    return torch.from_numpy(x)
 
-    def __init__(self, ptr: int):
-        self.ptr = ptr
 
+class SWRState:
+    """A torch decoding state: what ``swr(state=...)``, :func:`swr_step` and
+    :meth:`Phalanx.step` continue from, for every batch row.
 
-class _Raw:
-    """What the kernels' launchers read of an array: shape, dtype, size, data pointer."""
+    Tensors (float64 on the CPU, float32 on CUDA; ``position`` int64), on one device, whose
+    storage stays the same for the state's whole life: prefill continuations, steps and row
+    changes write into them, so a decode loop can be captured in a CUDA graph:
 
-    __slots__ = ("shape", "dtype", "size", "data")
+    - ``position`` ``(B,)``: tokens consumed by each row (rows may be at different positions);
+    - ``w``, ``g`` ``(B, H, D)``: the current partial block's local solve and attenuation;
+    - ``carry_v``, ``carry_C`` ``(B, H, D, K)``: the carriers of the latest complete blocks.
 
-    def __init__(self, t: Tensor, dtype):
-        self.shape = tuple(t.shape)
-        self.dtype = dtype
-        self.size = t.numel()
-        self.data = _Ptr(t.data_ptr())
+    ``front`` is the array front's :class:`swr_array.SWRState` over zero-copy views of these
+    tensors (NumPy on the CPU, CuPy on CUDA): the front's in-place updates are the tensors'.
+    Build one with :func:`swr_init_state`, :meth:`Phalanx.init_state` or a prefill
+    (``return_state=True``).
+    """
+
+    __slots__ = ("front", "device", "position", "w", "g", "carry_v", "carry_C", "__weakref__")
+
+    def __init__(self, front: _FrontState, device: torch.device):
+        self.front = front
+        self.device = device
+        for name, x in zip(("position", "w", "g", "carry_v", "carry_C"), front.arrays()):
+            setattr(self, name, _tensor_of(x, device))
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
+    def block_len(self) -> int:
+        return self.front.block_len
 
     @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False),
-                "strides": None, "version": 3}  # fmt: skip
+    def hops(self) -> int | None:
+        return self.front.hops
+
+    @property
+    def layer(self):
+        """None (the plain recurrence) or the configuration of the layer the state belongs to."""
+        return self.front.layer
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, H, D)``."""
+        return tuple(self.w.shape)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """``(position, w, g, carry_v, carry_C)``."""
+        return self.position, self.w, self.g, self.carry_v, self.carry_C
+
+    def __repr__(self) -> str:
+        return (f"SWRState(shape={self.shape}, block_len={self.block_len}, hops={self.hops}, "
+                f"layer={self.layer!r}, device={self.device})")
+
+    def reset_rows(self, rows, x0: Tensor | None = None) -> "SWRState":
+        """Put ``rows`` (an int or a sequence of row indices) back before their first token, with
+        the initial carry ``x0`` ``(len(rows), H, D)`` (default 0); other rows are untouched.
+        Returns self."""
+        _check_tensor("x0", x0, optional=True)
+        _check_device("x0", x0, self.device, ref="the state")
+        with _front_context(self.device):
+            self.front.reset_rows(rows, x0=None if x0 is None else _to_front(x0.to(self.w.dtype)))
+        return self
+
+    def load_rows(self, rows, other: "SWRState", src_rows=None) -> "SWRState":
+        """Copy rows ``src_rows`` of ``other`` (default: all, in order) into ``rows`` of this state,
+        e.g. a new prompt's prefill state into a free slot; other rows are untouched. ``other``
+        needs this state's configuration and device (its batch may differ). Returns self."""
+        if not isinstance(other, SWRState):
+            raise TypeError(f"other must be an SWRState, got {type(other).__name__}")
+        _check_device("other", other.w, self.device, ref="the state")
+        with _front_context(self.device):
+            self.front.load_rows(rows, other.front, src_rows)
+        return self
 
 
-class _Launcher:
-    """A checked plain call's configuration: runs its forward and backward on raw pointers."""
-
-    __slots__ = ("p", "np_in", "np_out", "y_dtype", "zeros", "ones", "index")
-
-    def __init__(self, p, u_dtype, y_dtype, index):
-        from swr_array import _cuda
-
-        self.p = p
-        self.np_in = _NP_DTYPES[u_dtype]
-        self.np_out = _NP_DTYPES[y_dtype]
-        self.y_dtype = y_dtype
-        self.index = index
-        with _cupy().cuda.Device(index):
-            self.zeros, self.ones = _cuda._plain_zeros(_cupy(), p)
-
-    def forward(self, a: Tensor, u: Tensor) -> Tensor:
-        from swr_array import numba_kernels as nk
-
-        p = self.p
-        y = torch.empty(u.shape, dtype=self.y_dtype, device=u.device)
-        _cupy().cuda.runtime.setDevice(self.index)  # a current context on this thread (see below)
-        nk.swr_forward.swr_forward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(y, self.np_out),
-                       layout=p.layout, block_len=p.block_len, hops=p.hops, offset=0,
-                       w0=self.zeros, g0=self.ones, carry=self.zeros,
-                       stream=_raw_stream(self.index))  # fmt: skip
-        return y
-
-    def backward(self, a: Tensor, u: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
-        from swr_array import numba_kernels as nk
-
-        p = self.p
-        dy = dy.contiguous()
-        kd = _NP_DTYPES.get(dy.dtype)
-        if kd is None or kd == np.dtype(np.float64) or dy.device != u.device:
-            # not what autograd hands back for this op; let the custom op check and run it
-            return _swr_vjp_op(a, u, dy, None, p.block_len, p.hops, p.layout)[:2]
-        da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        # autograd may run this on its own thread for the device, where the driver API (the
-        # launch) finds no current context until the runtime makes the device's one current
-        _cupy().cuda.runtime.setDevice(self.index)
-        nk.swr_backward.swr_backward(_Raw(a, self.np_in), _Raw(u, self.np_in), _Raw(dy, kd),
-                        _Raw(du, self.np_in), _Raw(da, self.np_in), layout=p.layout,
-                        block_len=p.block_len, hops=p.hops, carry=self.zeros, dcarry=None,
-                        stream=_raw_stream(self.index))  # fmt: skip
-        return da, du
-
-
-class _EagerSWR(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, u, launch):
-        ctx.save_for_backward(a, u)
-        ctx.launch = launch
-        return launch.forward(a, u)
-
-    @staticmethod
-    def backward(ctx, dy):
-        a, u = ctx.saved_tensors
-        da, du = ctx.launch.backward(a, u, dy)
-        return da, du, None
-
-
-def _modes_active() -> bool:
-    """A dispatch mode or a torch.func transform is active (or torch cannot tell us)."""
-    try:
-        return bool(torch._C._len_torch_dispatch_stack()) or (
-            torch._C._functorch.peek_interpreter_stack() is not None
-        )
-    except AttributeError:  # private hooks of another torch version: always the custom op
-        return True
-
-
-_LAUNCHERS: dict = {}
-_PLAIN_TENSORS = (Tensor, nn.Parameter)
-
-
-def _eager_launcher(a, u, block_len, hops, layout, out_dtype):
-    """The cached :class:`_Launcher` of a plain eager CUDA call, or None (use the custom op)."""
-    if (
-        type(u) not in _PLAIN_TENSORS
-        or type(a) not in _PLAIN_TENSORS
-        or torch.compiler.is_compiling()
-        or _modes_active()
-        or hops not in (0, 1)
-        or not (u.is_contiguous() and a.is_contiguous())
-    ):
-        return None
-    index = u.device.index
-    key = (index, tuple(a.shape), tuple(u.shape), a.dtype, u.dtype, a.device, block_len, hops,
-           layout, out_dtype)  # fmt: skip
-    launch = _LAUNCHERS.get(key)
-    if launch is None:
-        if 0 in u.shape or len(_LAUNCHERS) > 256:
-            return None
-        # the first call of a configuration: the front's full checks, then remember them
-        cupy = _cupy()
-        with cupy.cuda.Device(index):
-            p = _checks.check_swr(_cuda_view(a), _cuda_view(u), block_len=block_len, hops=hops,
-                                  layout=layout, out_dtype=_np_dtype(out_dtype))  # fmt: skip
-        launch = _LAUNCHERS[key] = _Launcher(p, u.dtype, out_dtype or u.dtype, index)
-    if _cupy().cuda.runtime.getDevice() != index:
-        return None
-    return launch
+def _check_state_arg(state, device: torch.device, ref: str) -> None:
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState (swr_init_state, init_state or "
+                        f"return_state=True), got {type(state).__name__}")
+    _check_device("state", state.w, device, ref=ref)
 
 
 @torch.compiler.disable
@@ -612,7 +526,11 @@ def _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_st
     _forbid_grad("swr with state or return_state", a, u, x0)
     if u.device.type == "meta":
         raise ValueError("state and return_state need CPU or CUDA tensors, not meta tensors")
+    if state is not None:
+        _check_state_arg(state, u.device, "u")
+    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=u.device)
     with _front_context(u.device):
+        yf = _to_front(y)
         res = _front.swr(
             _to_front(a),
             _to_front(u),
@@ -620,46 +538,134 @@ def _swr_stateful(a, u, x0, block_len, hops, layout, out_dtype, state, return_st
             hops=hops,
             layout=layout,
             x0=_to_front(x0),
-            state=state,
+            state=None if state is None else state.front,
             return_state=return_state,
-            out_dtype=_np_dtype(out_dtype),
+            out_dtype=None if out_dtype is None or out_dtype == u.dtype else yf.dtype,
+            out=yf,
         )
-        if return_state:
-            y, new_state = res
-            return _from_front(y, u.device), new_state
-        return _from_front(res, u.device)
+        if not return_state:
+            return y
+        if state is not None:  # advanced in place
+            return y, state
+        return y, SWRState(res[1], u.device)
 
 
-@torch.compiler.disable
-def swr_step(
-    a_t: Tensor, u_t: Tensor, state: SWRState, *, out_dtype: torch.dtype | None = None
-) -> tuple[Tensor, SWRState]:
-    """One decoding step: ``(y_t, next_state)``, equal to :func:`swr` at that position.
-
-    Args:
-        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel.
-        u_t: ``(B, H, D)``, same dtype and device as ``a_t``.
-        state: the state after the previous token (from :func:`swr_init_state` or a prefill with
-            ``return_state=True``) on the same device.
-    """
+def _check_step(a_t, u_t, state, out_dtype, out):
+    """The torch-side checks of a step (the front checks shapes and the state's arrays)."""
     _check_tensor("a_t", a_t)
     _check_tensor("u_t", u_t)
-    a_t, u_t = _autocast(a_t, u_t)
+    _check_tensor("out", out, optional=True)
     if u_t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"u_t is on {u_t.device}; swr_step runs on CPU and CUDA tensors")
     _check_device("a_t", a_t, u_t.device, ref="u_t")
+    _check_device("out", out, u_t.device, ref="u_t")
     _check_dtype("u_t", u_t.dtype, u_t.device)
     if a_t.dtype != u_t.dtype:
         raise TypeError(f"a_t and u_t must share one dtype, got {a_t.dtype} and {u_t.dtype}")
     _check_out_dtype(out_dtype, u_t.device)
-    if not isinstance(state, SWRState):
-        raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    _check_state_arg(state, u_t.device, "u_t")
     _forbid_grad("swr_step", a_t, u_t)
+
+
+def swr_step(
+    a_t: Tensor,
+    u_t: Tensor,
+    state: SWRState,
+    *,
+    out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, SWRState]:
+    """One decoding step for every row: ``(y_t, state)``, equal to :func:`swr` at each row's
+    position; ``state`` is advanced in place and returned (the same object).
+
+    Args:
+        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel.
+        u_t: ``(B, H, D)``, same dtype and device as ``a_t``.
+        state: the state after each row's previous token (:func:`swr_init_state` or a prefill
+            with ``return_state=True``) on the same device.
+        out_dtype: dtype of y_t (default: u_t's).
+        out: optional preallocated C-contiguous y_t ``(B, H, D)`` of that dtype.
+
+    On CUDA the step is one kernel on torch's current stream that reads each row's position on
+    the device; with ``out`` nothing is allocated, so after a first (warm-up) call steps can be
+    captured with ``torch.cuda.graph``. Under ``torch.compile`` the step is the custom op
+    ``swr_array::swr_step``, which mutates the state's tensors. Not differentiable.
+    """
+    a_t, u_t = _autocast(a_t, u_t)
+    _check_step(a_t, u_t, state, out_dtype, out)
+    if torch.compiler.is_compiling():
+        y = _swr_step_op(a_t, u_t, *state.tensors(), state.block_len, state.hops, out_dtype)
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y, state
+    if out is None:
+        dt = u_t.dtype if out_dtype is None else out_dtype
+        out = torch.empty(u_t.shape, dtype=dt, device=u_t.device)
     with _front_context(u_t.device):
-        y, new_state = _front.swr_step(
-            _to_front(a_t), _to_front(u_t), state, out_dtype=_np_dtype(out_dtype)
+        yf = _to_front(out)
+        _front.swr_step(
+            _to_front(a_t),
+            _to_front(u_t),
+            state.front,
+            out_dtype=None if out_dtype is None or out_dtype == u_t.dtype else yf.dtype,
+            out=yf,
         )
-        return _from_front(y, u_t.device), new_state
+    return out, state
+
+
+_FRONT_STATES: dict = {}
+
+
+def _front_state_of(tensors, block_len, hops) -> _FrontState:
+    """The front's state over views of ``tensors`` (cached by their data pointers and shapes, so
+    a compiled step reuses the front's prepared launches); call inside ``_front_context``."""
+    key = (block_len, hops, *((t.device, t.data_ptr(), tuple(t.shape)) for t in tensors))
+    fs = _FRONT_STATES.get(key)
+    if fs is None:
+        if len(_FRONT_STATES) >= 64:
+            _FRONT_STATES.clear()
+        pos, w, g, cv, cC = (_to_front(t) for t in tensors)
+        fs = _FRONT_STATES[key] = _FrontState(
+            block_len=block_len, hops=hops, position=pos, w=w, g=g, carry_v=cv, carry_C=cC
+        )
+    return fs
+
+
+@torch.library.custom_op(
+    "swr_array::swr_step", mutates_args=("position", "w", "g", "carry_v", "carry_C")
+)
+def _swr_step_op(
+    a_t: Tensor,
+    u_t: Tensor,
+    position: Tensor,
+    w: Tensor,
+    g: Tensor,
+    carry_v: Tensor,
+    carry_C: Tensor,
+    block_len: int,
+    hops: int | None,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    """y_t from torch's allocator; the state's tensors advanced in place by the front's step."""
+    y = torch.empty(u_t.shape, dtype=u_t.dtype if out_dtype is None else out_dtype,
+                    device=u_t.device)  # fmt: skip
+    with _front_context(u_t.device):
+        yf = _to_front(y)
+        fs = _front_state_of((position, w, g, carry_v, carry_C), block_len, hops)
+        _front.swr_step(
+            _to_front(a_t),
+            _to_front(u_t),
+            fs,
+            out_dtype=None if out_dtype is None or out_dtype == u_t.dtype else yf.dtype,
+            out=yf,
+        )
+    return y
+
+
+@_swr_step_op.register_fake
+def _swr_step_fake(a_t, u_t, position, w, g, carry_v, carry_C, block_len, hops, out_dtype):
+    return torch.empty(u_t.shape, dtype=out_dtype or u_t.dtype, device=u_t.device)
 
 
 def swr_init_state(
@@ -670,10 +676,10 @@ def swr_init_state(
     x0: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> SWRState:
-    """The state before the first token, for decoding from scratch with :func:`swr_step`.
+    """The state before the first token of every row, for decoding with :func:`swr_step`.
 
-    ``shape`` is ``(B, H, D)``. The state lives with the front: NumPy float64 for CPU tensors,
-    CuPy float32 on the GPU of ``device`` (default: x0's device, else the CPU).
+    ``shape`` is ``(B, H, D)``; the tensors are float64 on the CPU and float32 on CUDA, on
+    ``device`` (default: x0's device, else the CPU), positions 0.
     """
     _check_tensor("x0", x0, optional=True)
     if device is None:
@@ -686,9 +692,10 @@ def swr_init_state(
     _check_device("x0", x0, device, ref="device")
     with _front_context(device):
         like = None if device.type == "cpu" else _cupy().empty(0, dtype=np.float32)
-        return _front.swr_init_state(
+        front = _front.swr_init_state(
             tuple(shape), block_len=block_len, hops=hops, x0=_to_front(x0), like=like
         )
+        return SWRState(front, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -761,10 +768,9 @@ def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, retu
 # Phalanx: the fused front path (swr_array.phalanx / phalanx_vjp) when the front provides it
 # ----------------------------------------------------------------------------------------------
 
-# Device types on which Phalanx takes the fused front path when it is available. Tests add "cpu"
-# to exercise the plumbing against a stand-in front.
-_FAST_PATH_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
-_FRONT_PHALANX_MODULE = "swr_array.phalanx"
+# Device types on which Phalanx.forward runs the fused custom op (the front's CuPy kernels). The
+# CPU runs the composition; the custom op also runs there, through the front's NumPy reference.
+_FUSED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
 def _front_params(w_in, b_in, w_out, cfg: _PhalanxConfig) -> dict:
@@ -782,61 +788,33 @@ def _front_params(w_in, b_in, w_out, cfg: _PhalanxConfig) -> dict:
     }
 
 
-def _module_grads(dparams: dict, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The front's ``dparams`` -> (d in_proj_weight, d in_proj_bias, d out_proj_weight)."""
+def _own(x, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A front result as a ``dtype`` tensor in torch's memory; call inside ``_front_context``.
 
-    def get(key):
-        return _from_front(dparams[key], device)
-
-    db_in = torch.cat([get("b_b"), get("b_c"), get("b_a")])
-    return get("W_in").T.contiguous(), db_in, get("W_out").T.contiguous()
-
-
-def _probe(mod) -> None:
-    """Check, on a small float64 problem on the CPU, that the front's phalanx and phalanx_vjp
-    (with residuals, as the custom ops call them) compute what the torch composition computes:
-    the output and every gradient."""
-    cfg = _PhalanxConfig(
-        dim=6, heads=2, head_dim=3, kv_heads=1, decay_max=0.75, block_len=2, hops=1
-    )
-    gen = torch.Generator().manual_seed(0)
-    f64 = dict(dtype=torch.float64, device="cpu", generator=gen)
-    w_in = (0.5 * torch.randn(sum(cfg.sizes), cfg.dim, **f64)).requires_grad_()
-    b_in = (0.5 * torch.randn(sum(cfg.sizes[1:]), **f64)).requires_grad_()
-    w_out = (0.5 * torch.randn(cfg.dim, cfg.heads * cfg.head_dim, **f64)).requires_grad_()
-    x = torch.randn(2, 7, cfg.dim, **f64).requires_grad_()
-    dout = torch.randn(2, 7, cfg.dim, **f64)
-    ref = _phalanx_generic(x, w_in, b_in, w_out, cfg)
-    ref_grads = torch.autograd.grad(ref, (x, w_in, b_in, w_out), dout)
-    out, dx, dw_in, db_in, dw_out = _fused_calls(mod, x, w_in, b_in, w_out, dout, cfg)
-    got = {
-        "out": out,
-        "dx": dx,
-        "d in_proj_weight": dw_in,
-        "d in_proj_bias": db_in,
-        "d out_proj_weight": dw_out,
-    }
-    for (name, t), r in zip(got.items(), (ref.detach(), *ref_grads)):
-        if tuple(t.shape) != tuple(r.shape) or not torch.allclose(t, r, rtol=1e-9, atol=1e-9):
-            raise LookupError(f"{name} differs from the torch composition")
+    On CUDA the front's arrays already come from torch's allocator (see :func:`_torch_malloc`);
+    on the CPU the NumPy result is copied into a ``torch.empty`` (the cast is torch's)."""
+    if device.type == "cuda":
+        return torch.from_dlpack(x).to(dtype)
+    t = _from_front(x, device)
+    return torch.empty(t.shape, dtype=dtype).copy_(t)
 
 
-def _fused_forward(mod, x, w_in, b_in, w_out, cfg) -> tuple[Tensor, Tensor]:
+def _fused_forward(x, w_in, b_in, w_out, cfg) -> tuple[Tensor, Tensor]:
     """``(out, z)`` from the front's phalanx; z = x W_in is kept for the backward."""
     with _front_context(x.device):
         params = _front_params(_to_front(w_in), _to_front(b_in), _to_front(w_out), cfg)
-        out, residuals = mod.phalanx(
+        out, residuals = _front_phalanx.phalanx(
             _to_front(x), params, block_len=cfg.block_len, hops=cfg.hops, return_residuals=True
         )
-        out = _from_front(out, x.device).to(x.dtype)
-        return out, _from_front(residuals["z"], x.device).to(x.dtype)
+        return _own(out, x.device, x.dtype), _own(residuals["z"], x.device, x.dtype)
 
 
-def _fused_backward(mod, x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ...]:
+def _fused_backward(x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ...]:
     """``(dx, d in_proj_weight, d in_proj_bias, d out_proj_weight)`` from the front."""
-    with _front_context(x.device):
+    dev = x.device
+    with _front_context(dev):
         params = _front_params(_to_front(w_in), _to_front(b_in), _to_front(w_out), cfg)
-        dx, dparams = mod.phalanx_vjp(
+        dx, dp = _front_phalanx.phalanx_vjp(
             _to_front(x),
             params,
             _to_front(dout),
@@ -844,55 +822,13 @@ def _fused_backward(mod, x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ..
             hops=cfg.hops,
             residuals={"z": _to_front(z)},
         )
-        dw_in, db_in, dw_out = _module_grads(dparams, x.device)
+        db_in = torch.cat([_own(dp[k], dev, b_in.dtype) for k in ("b_b", "b_c", "b_a")])
         return (
-            _from_front(dx, x.device).to(x.dtype),
-            dw_in.to(w_in.dtype),
-            db_in.to(b_in.dtype),
-            dw_out.to(w_out.dtype),
+            _own(dx, dev, x.dtype),
+            _own(dp["W_in"], dev, w_in.dtype).T.contiguous(),
+            db_in,
+            _own(dp["W_out"], dev, w_out.dtype).T.contiguous(),
         )
-
-
-def _fused_calls(mod, x, w_in, b_in, w_out, dout, cfg):
-    out, z = _fused_forward(mod, x, w_in, b_in, w_out, cfg)
-    return (out, *_fused_backward(mod, x, w_in, b_in, w_out, dout, z, cfg))
-
-
-@functools.lru_cache(maxsize=1)
-def _front_phalanx():
-    """``(module, reason)``: the front's fused Phalanx API when it exists and agrees with the
-    torch composition, else ``(None, why not)``. Checked once per process."""
-    try:
-        mod = importlib.import_module(_FRONT_PHALANX_MODULE)
-    except Exception as exc:  # noqa: BLE001 - not there, or its GPU stack fails to import
-        return None, f"{_FRONT_PHALANX_MODULE} is not importable ({exc})"
-    missing = [n for n in ("phalanx", "phalanx_vjp") if not callable(getattr(mod, n, None))]
-    if missing:
-        return None, f"{_FRONT_PHALANX_MODULE} has no {', '.join(missing)}"
-    try:
-        # independent of the caller's grad mode, autocast and default device
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autocast("cpu", enabled=False),
-        ):
-            _probe(mod)
-    except Exception as exc:  # noqa: BLE001 - any disagreement disables the fast path
-        return None, f"{_FRONT_PHALANX_MODULE} does not match the torch layer: {exc}"
-    return mod, "available"
-
-
-def _fast_path_possible() -> bool:
-    return any(
-        d == "cpu" or (d == "cuda" and torch.cuda.is_available()) for d in _FAST_PATH_DEVICE_TYPES
-    )
-
-
-def _fused_api():
-    mod, reason = _front_phalanx()
-    if mod is None:
-        raise RuntimeError(f"the fused Phalanx path is unavailable: {reason}")
-    return mod
 
 
 @torch.library.custom_op("swr_array::phalanx", mutates_args=())
@@ -911,7 +847,7 @@ def _phalanx_op(
     """``(out, z)``: the layer's output and the input projection ``z = x W_in`` (B, L, W), a
     residual for the backward (not differentiable)."""
     cfg = _PhalanxConfig(x.shape[-1], heads, head_dim, kv_heads, decay_max, block_len, hops)
-    return _fused_forward(_fused_api(), x, w_in, b_in, w_out, cfg)
+    return _fused_forward(x, w_in, b_in, w_out, cfg)
 
 
 @_phalanx_op.register_fake
@@ -935,7 +871,7 @@ def _phalanx_vjp_op(
     hops: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = _PhalanxConfig(x.shape[-1], heads, head_dim, kv_heads, decay_max, block_len, hops)
-    return _fused_backward(_fused_api(), x, w_in, b_in, w_out, dout, z, cfg)
+    return _fused_backward(x, w_in, b_in, w_out, dout, z, cfg)
 
 
 @_phalanx_vjp_op.register_fake
@@ -961,11 +897,80 @@ def _phalanx_backward(ctx, dout, _dz):
     x, w_in, b_in, w_out, z = ctx.saved_tensors
     if dout is None:
         return (None,) * 10
-    grads = _phalanx_vjp_op(x, w_in, b_in, w_out, dout.contiguous(), z, *ctx.config)
+    grads = torch.ops.swr_array.phalanx_vjp.default(x, w_in, b_in, w_out, dout.contiguous(), z,
+                                                    *ctx.config)
     return (*grads, None, None, None, None, None, None)
 
 
 _phalanx_op.register_autograd(_phalanx_backward, setup_context=_phalanx_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phalanx decoding on CUDA: the front's fused step kernel between torch's two GEMMs
+# ----------------------------------------------------------------------------------------------
+
+
+def _bias_parts(b_in: Tensor, cfg: _PhalanxConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """``(b_a, b_b, b_c)``: contiguous views of the fused bias ``Bg | C | A``."""
+    kv = cfg.kv_heads * cfg.head_dim
+    return b_in[2 * kv :], b_in[:kv], b_in[kv : 2 * kv]
+
+
+_BIAS_VIEWS: dict = {}
+
+
+def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) -> None:
+    """``y = swr_step(A, Bg * V) * C + V`` from ``z = x_t W_in``, ONE kernel launch on torch's
+    current stream; the front state (views of the torch state's tensors) advances in place."""
+    index = z.device.index
+    _cupy().cuda.runtime.setDevice(index)  # a current context for the launch on this thread
+    # CuPy views (DLPack): the kernels' launchers read dtypes NumPy knows, bfloat16 included.
+    # The biases' views are kept per address (a view holds its tensor, so no other tensor can
+    # take that address while it is cached).
+    key = (index, b_in.data_ptr(), b_in.dtype, cfg.kv_heads, cfg.head_dim)
+    biases = _BIAS_VIEWS.get(key)
+    if biases is None:
+        if len(_BIAS_VIEWS) >= 64:
+            _BIAS_VIEWS.clear()
+        biases = _BIAS_VIEWS[key] = tuple(_cuda_view(t) for t in _bias_parts(b_in, cfg))
+    _front_phalanx.phalanx_step_mix(
+        _cuda_view(z), _cuda_view(y), *biases, front, kv_heads=cfg.kv_heads,
+        decay_max=cfg.decay_max,
+        stream=_raw_stream(index),
+    )  # fmt: skip
+
+
+@torch.library.custom_op(
+    "swr_array::phalanx_step_mix", mutates_args=("position", "w", "g", "carry_v", "carry_C")
+)
+def _phalanx_mix_op(
+    z: Tensor,
+    b_in: Tensor,
+    position: Tensor,
+    w: Tensor,
+    g: Tensor,
+    carry_v: Tensor,
+    carry_C: Tensor,
+    heads: int,
+    head_dim: int,
+    kv_heads: int,
+    decay_max: float,
+    block_len: int,
+    hops: int | None,
+) -> Tensor:
+    """The fused middle of a compiled Phalanx step: y ``(B, heads*head_dim)`` from torch's
+    allocator, the state's tensors advanced in place."""
+    cfg = _PhalanxConfig(0, heads, head_dim, kv_heads, decay_max, block_len, hops)
+    y = torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
+    with _front_context(z.device):
+        front = _front_state_of((position, w, g, carry_v, carry_C), block_len, hops)
+    _phalanx_mix(z.contiguous(), y, b_in, front, cfg)
+    return y
+
+
+@_phalanx_mix_op.register_fake
+def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim, *config):
+    return torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1021,9 +1026,9 @@ class Phalanx(nn.Module):
         decay_max: upper bound of the decay A (spear: 1.0).
         head_dim: channels per head (default 16, or ``dim // heads`` when heads is given).
         block_len: block length of the recurrence (default 16).
-        fast_path: on CUDA, run the fused ``swr_array.phalanx`` kernels when the front provides
-            them (checked once per process against this module's composition; see
-            :attr:`fast_path_status`). The CPU always runs the composition.
+        fast_path: on CUDA, run the forward and backward as the fused custom ops over
+            ``swr_array.phalanx`` (the same math as the composition). The CPU always runs the
+            composition.
 
     Parameters (nn.Linear's orientation and initialisation, the front's column order):
     ``in_proj_weight (H*head_dim + 2*kv_heads*head_dim + H, dim)``, rows ``V | Bg | C | A``;
@@ -1091,10 +1096,6 @@ class Phalanx(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(nb + nc + na, **factory))
         self.out_proj_weight = nn.Parameter(torch.empty(dim, heads * head_dim, **factory))
         self.fast_path = bool(fast_path)
-        # decided here, outside any torch.compile trace; forward only reads the flag
-        self._fast = bool(
-            self.fast_path and _fast_path_possible() and _front_phalanx()[0] is not None
-        )
         self.reset_parameters()
 
     # -- configuration -------------------------------------------------------------------------
@@ -1129,12 +1130,12 @@ class Phalanx(nn.Module):
 
     @property
     def fast_path_status(self) -> str:
-        """Whether the fused path is used on CUDA: ``"available"`` or the reason it is not."""
+        """Whether forward runs the fused kernels on CUDA: ``"available"`` or why not."""
         if not self.fast_path:
             return "disabled by fast_path=False"
-        if not _fast_path_possible():
+        if not torch.cuda.is_available():
             return "no CUDA device"
-        return _front_phalanx()[1]
+        return "available"
 
     def extra_repr(self) -> str:
         c = self.config
@@ -1184,43 +1185,100 @@ class Phalanx(nn.Module):
         """
         self._check_input("x", x, 3)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
+        if state is not None:
+            self._check_state(state, x.shape[0], x.device)
         if (
-            self._fast
+            self.fast_path
             and state is None
             and not return_state
-            and x.device.type in _FAST_PATH_DEVICE_TYPES
+            and x.device.type in _FUSED_DEVICE_TYPES
         ):
             x, *params = _autocast(x, *params)
             c = self.config
-            out, _ = _phalanx_op(
+            out, _ = torch.ops.swr_array.phalanx.default(
                 x, *params, c.heads, c.head_dim, c.kv_heads, c.decay_max, c.block_len, c.hops
             )
             return out
-        return _phalanx_generic(x, *params, self.config, state=state, return_state=return_state)
+        res = _phalanx_generic(x, *params, self.config, state=state, return_state=return_state)
+        if return_state and state is None:
+            res[1].front.layer = self._layer
+        return res
+
+    @property
+    def _layer(self) -> tuple:
+        """The ``layer`` tag of this configuration's states (the front's Phalanx tag)."""
+        c = self.config
+        return ("phalanx", c.dim, c.heads, c.head_dim, c.kv_heads, c.decay_max)
+
+    def _check_state(self, state, batch: int, device: torch.device) -> None:
+        """A state of this layer's configuration, batch and device (before any launch)."""
+        _check_state_arg(state, device, "the input")
+        if state.block_len != self.block_len or state.hops != self.hops:
+            raise ValueError(
+                f"state was made with block_len={state.block_len}, hops={state.hops}; this layer "
+                f"has block_len={self.block_len}, hops={self.hops}"
+            )
+        if state.layer is not None and state.layer != self._layer:
+            raise ValueError(f"state was made by the layer {state.layer!r}, not {self._layer!r}")
+        want = (batch, self.heads, self.head_dim)
+        if state.shape != want:
+            raise ValueError(f"state has shape {state.shape}; this call needs (B, H, D) = {want}")
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> SWRState:
-        """The decoding state before the first token (default device: the parameters')."""
+        """The decoding state before the first token of ``batch_size`` rows (default device: the
+        parameters'), tagged with this layer's configuration."""
         batch_size = _positive_int("batch_size", batch_size)
         device = self.in_proj_weight.device if device is None else device
-        return swr_init_state(
+        state = swr_init_state(
             (batch_size, self.heads, self.head_dim),
             block_len=self.block_len,
             hops=self.hops,
             device=device,
         )
+        state.front.layer = self._layer
+        return state
 
-    def step(self, x_t: Tensor, state: SWRState) -> tuple[Tensor, SWRState]:
-        """One decoding step: ``x_t (B, dim)`` (or ``(B, 1, dim)``) -> ``(out_t, next_state)``,
-        equal to the full forward at that position. Not differentiable."""
+    def step(
+        self, x_t: Tensor, state: SWRState, *, out: Tensor | None = None
+    ) -> tuple[Tensor, SWRState]:
+        """One decoding step for every row: ``x_t (B, dim)`` (or ``(B, 1, dim)``) ->
+        ``(out_t, state)``, equal to the full forward at each row's position; ``state`` is
+        advanced in place and returned (the same object). Not differentiable.
+
+        On CUDA (``fast_path``): torch's input GEMM ``z = x_t W_in``, ONE fused front kernel
+        (``swr_array.phalanx.phalanx_step_mix``: gates, state update, read-out gate) and torch's
+        output GEMM, all on torch's current stream; after a first (warm-up) call the step can be
+        captured with ``torch.cuda.graph``. ``out`` (``(B, dim)``, x_t's dtype) receives out_t.
+        The CPU composes torch ops with :func:`swr_step`.
+        """
         if isinstance(x_t, Tensor) and x_t.dim() == 3 and x_t.shape[1] == 1:
-            out, state = self.step(x_t[:, 0], state)
-            return out[:, None], state
+            res, state = self.step(x_t[:, 0], state, out=None if out is None else out[:, 0])
+            return (res[:, None] if out is None else out), state
         self._check_input("x_t", x_t, 2)
+        _check_tensor("out", out, optional=True)
+        self._check_state(state, x_t.shape[0], x_t.device)
+        _forbid_grad("Phalanx.step", x_t)
         cfg = self.config
-        z = F.linear(x_t, self.in_proj_weight, _input_bias(self.in_proj_bias, cfg))
-        A, U, c5, v5 = _gates(z, cfg)
-        y, state = swr_step(A, U, state)
-        return _readout(y, c5, v5, self.out_proj_weight), state
+        w_in, b_in, w_out = self.in_proj_weight, self.in_proj_bias, self.out_proj_weight
+        if self.fast_path and x_t.device.type in _FUSED_DEVICE_TYPES:
+            x_t, w_in, b_in, w_out = _autocast(x_t, w_in, b_in, w_out)
+            z = F.linear(x_t, w_in)
+            if torch.compiler.is_compiling():
+                y = _phalanx_mix_op(z, b_in, *state.tensors(), cfg.heads, cfg.head_dim,
+                                    cfg.kv_heads, cfg.decay_max, state.block_len, state.hops)
+            else:
+                y = torch.empty((z.shape[0], cfg.heads * cfg.head_dim), dtype=z.dtype,
+                                device=z.device)  # fmt: skip
+                _phalanx_mix(z, y, b_in, state.front, cfg)
+        else:
+            z = F.linear(x_t, w_in, _input_bias(b_in, cfg))
+            A, U, c5, v5 = _gates(z, cfg)
+            u_t, state = swr_step(A, U, state)
+            y = (u_t.view(v5.shape) * c5 + v5).reshape(x_t.shape[0], -1)
+        if out is None:
+            return F.linear(y, w_out), state
+        torch.mm(y, w_out.T, out=out)
+        return out, state
 
     # -- spear interoperability -----------------------------------------------------------------
 

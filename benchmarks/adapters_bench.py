@@ -64,16 +64,9 @@ def measure(B, L):
         y = swr_torch.swr(at, ut, layout="BLHD")
         torch.autograd.grad(y, (at, ut), dy)
 
-    def torch_fb_direct():
-        # the same launches without torch's autograd engine: where a gap to the front comes from
-        with torch.no_grad():
-            swr_torch.swr(a, u, layout="BLHD")
-            swr_torch._eager_launcher(a, u, 16, 1, "BLHD", None).backward(a, u, dy)
-
     rows = (
         ("front (CuPy)", front_fwd, front_fb),
         ("torch adapter", torch_fwd, torch_fb),
-        ("torch, backward without autograd", torch_fwd, torch_fb_direct),
     )
     for name, f, fb in rows:
         print(f"| {B} x {L} | {name} | {timed(f):.3f} | {timed(fb):.3f} |")

@@ -8,10 +8,10 @@ Shared pieces: ``_ptx`` (inline PTX/LLVM helpers), ``_dtypes`` (storage kinds, i
 conversions), ``_launch`` (compilation, launches on data pointers, ``Tuning``).
 """
 
-from . import phalanx_fused, swr_backward, swr_forward
+from . import phalanx_fused, swr_backward, swr_forward, swr_step
 from ._launch import FlatArray, compile_for, launch
 from .block_scan import linear_scan
-from .phalanx_fused import phalanx_backward, phalanx_decode, phalanx_forward
+from .phalanx_fused import phalanx_backward, phalanx_forward
 from .swr_backward import block_grad_sums, swr_backward_blocks, walk_plan
 from .swr_forward import block_carriers
 
@@ -23,11 +23,11 @@ __all__ = [
     "launch",
     "linear_scan",
     "phalanx_backward",
-    "phalanx_decode",
     "phalanx_forward",
     "phalanx_fused",
     "swr_backward",
     "swr_backward_blocks",
     "swr_forward",
+    "swr_step",
     "walk_plan",
 ]

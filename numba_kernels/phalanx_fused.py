@@ -11,7 +11,8 @@ read it as it is, with no transposes:
 - ``phalanx_mix_backward``: recomputes the gates and the recurrence and writes ``dz`` (the
   gradient of the GEMM output), ``Y`` (needed for the output GEMM's weight gradient) and per-block
   partial sums of the bias gradients, so the layer's backward is four GEMMs and this kernel.
-- ``phalanx_decode_step``: one token for a batch, the state updated out of place.
+
+One-token decoding is ``numba_kernels/swr_step.py`` (the state updated in place).
 
 Work split (forward and backward): one thread owns ``VEC`` adjacent channels of one head (up to
 16 bytes of each array per access) over a chunk of consecutive blocks of one batch row; a row's
@@ -62,10 +63,8 @@ __all__ = [
     "LMAX",
     "phalanx_forward",
     "phalanx_backward",
-    "phalanx_decode",
     "forward_kernel",
     "backward_kernel",
-    "decode_kernel",
     "forward_config",
     "backward_config",
     "kernel_signatures",
@@ -73,9 +72,6 @@ __all__ = [
 
 LMAX = 64
 """Largest block_len the fused kernels take (the backward's checkpoint buffers are sized by it)."""
-
-TPB = 128
-"""Threads per block of the decode kernel."""
 
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
@@ -450,57 +446,6 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode: one token
-# ----------------------------------------------------------------------------------------------
-
-
-def _make_decode(kind: str):
-    load = LOAD[kind]
-    store = STORE[kind]
-
-    def phalanx_decode_step(z, b_a, b_b, b_c, y, w_in, g_in, cv_in, cC_in, w_out, g_out, cv_out,
-                            cC_out, H, D, G, decay_max, offset, block_len, hops, total):
-        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        if tid >= total:
-            return
-        HD = H * D
-        KD = (H // G) * D
-        b = tid // HD
-        c = tid - b * HD
-        h = c // D
-        d = c - h * D
-        kc = (h // G) * D + d
-        a = decay_max * _sigmoid(load(z[b, HD + 2 * KD + h]) + load(b_a[h]))
-        v = load(z[b, c])
-        u = _sigmoid(load(z[b, HD + kc]) + load(b_b[kc])) * v
-        cc = load(z[b, HD + KD + kc]) + load(b_c[kc])
-        if offset == 0:
-            w = u
-            g = a
-        else:
-            w = a * w_in[b, h, d] + u
-            g = a * g_in[b, h, d]
-        S = F0
-        if hops == 1:
-            S = cv_in[b, h, d]
-        y[b, c] = store((w + g * S) * cc + v)
-        if offset == block_len - 1:  # this token closes its block
-            w_out[b, h, d] = F0
-            g_out[b, h, d] = F1
-            if hops == 1:
-                cv_out[b, h, d] = w
-                cC_out[b, h, d] = g
-        else:
-            w_out[b, h, d] = w
-            g_out[b, h, d] = g
-            if hops == 1:
-                cv_out[b, h, d] = cv_in[b, h, d]
-                cC_out[b, h, d] = cC_in[b, h, d]
-
-    return cuda.jit(phalanx_decode_step)
-
-
-# ----------------------------------------------------------------------------------------------
 # Specialisations, signatures and launch helpers
 # ----------------------------------------------------------------------------------------------
 
@@ -533,13 +478,6 @@ def backward_kernel(kind: str, vec: int, vector: bool, unroll: int):
     key = ("bwd", kind, vec, vector, unroll)
     if key not in _CACHE:
         _CACHE[key] = _make_backward(kind, vec, vector, unroll)
-    return _CACHE[key]
-
-
-def decode_kernel(kind: str):
-    key = ("dec", kind)
-    if key not in _CACHE:
-        _CACHE[key] = _make_decode(kind)
     return _CACHE[key]
 
 
@@ -606,7 +544,7 @@ def kernel_signatures():
     f1 = types.Array(fl, 1, "C")
     out = []
     for kind, el in _STORAGE.items():
-        v1, m2 = types.Array(el, 1, "C"), types.Array(el, 2, "C")
+        v1 = types.Array(el, 1, "C")
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
             out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"]), sig))
@@ -616,9 +554,6 @@ def kernel_signatures():
             if vec > 1:
                 out.append((backward_kernel(kind, vec, True, un), bsig))
         out.append((backward_kernel(kind, 1, False, un), bsig))
-        st3 = types.Array(fl, 3, "C")
-        sig = (m2, v1, v1, v1, m2) + (st3,) * 8 + (i64,) * 3 + (fl,) + (i64,) * 4
-        out.append((decode_kernel(kind), sig))
     return out
 
 
@@ -729,20 +664,3 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
     launch(backward_kernel(kind, vec, vector, unroll), (-(-total // tpb),), (tpb,), args, stream)
-
-
-def phalanx_decode(z, b_a, b_b, b_c, y, state_in, state_out, *, heads, head_dim, kv_heads,
-                   decay_max, offset, block_len, hops, stream=None):
-    """Launch ``phalanx_decode_step``: z (B, W) -> y (B, H*D) for the token at in-block position
-    ``offset``; ``state_in``/``state_out`` = (w, g, cv, cC) (B, H, D) float32 (cv, cC: the newest
-    carrier, hops=1; any (B, H, D) arrays for hops=0)."""
-    kind = storage_kind(z.dtype)
-    total = z.shape[0] * heads * head_dim
-    if total == 0:
-        return
-    i64 = np.int64
-    args = (storage_view(z, kind), storage_view(b_a, kind), storage_view(b_b, kind),
-            storage_view(b_c, kind), storage_view(y, kind), *state_in, *state_out, i64(heads),
-            i64(head_dim), i64(heads // kv_heads), np.float32(decay_max), i64(offset),
-            i64(block_len), i64(hops), i64(total))
-    launch(decode_kernel(kind), (-(-total // TPB),), (TPB,), args, stream)

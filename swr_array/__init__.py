@@ -6,7 +6,7 @@ kernels. PyTorch and JAX users go through :mod:`swr_array.adapters`.
 
 from . import reference
 from ._version import __version__ as __version__
-from .ops import horizon, swr, swr_init_state, swr_step, swr_vjp
+from .ops import horizon, swr, swr_init_state, swr_step, swr_step_into, swr_vjp
 from .state import SWRState
 
 __all__ = [
@@ -16,8 +16,15 @@ __all__ = [
     "swr",
     "swr_init_state",
     "swr_step",
+    "swr_step_into",
     "swr_vjp",
 ]
-from .phalanx import init_phalanx, phalanx, phalanx_step, phalanx_vjp  # noqa: E402
+from .phalanx import (  # noqa: E402
+    init_phalanx,
+    phalanx,
+    phalanx_step,
+    phalanx_step_mix,
+    phalanx_vjp,
+)
 
-__all__ += ["init_phalanx", "phalanx", "phalanx_step", "phalanx_vjp"]
+__all__ += ["init_phalanx", "phalanx", "phalanx_step", "phalanx_step_mix", "phalanx_vjp"]

@@ -152,21 +152,7 @@ def check_swr(a, u, *, block_len, hops, layout, out_dtype=None, name_u="u") -> P
     backend = array_backend(u, name=name_u)
     device = u.device.id if backend == "cupy" else None
     check_array("a", a, backend, device)
-    if u.ndim != 4:
-        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
-        raise ValueError(f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u.shape}")
-    per_head_shape, channel_shape = _a_shapes(u.shape, layout)
-    if tuple(a.shape) == per_head_shape:
-        per_head = True
-    elif tuple(a.shape) == channel_shape:
-        per_head = False
-    else:
-        refuse_other_layout(a.shape, u.shape, layout, name_u)
-        raise ValueError(
-            f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
-            f"for {name_u} of shape {tuple(u.shape)} in layout {layout!r}, got {tuple(a.shape)}"
-        )
-    B, H, D, N = _bhdn(u.shape, layout)
+    B, H, D, N, per_head = swr_dims(tuple(a.shape), tuple(u.shape), layout, name_u)
     dtype = check_float_dtype(name_u, u.dtype, backend)
     check_float_dtype("a", a.dtype, backend)
     if np.dtype(a.dtype) != dtype:
@@ -207,6 +193,27 @@ def _a_shapes(shape, layout):
     return (B, N, H), (B, N, H, D)
 
 
+def swr_dims(a_shape, u_shape, layout, name_u="u"):
+    """(B, H, D, N, per_head) of an SWR call from the shapes of a and u in ``layout`` (the array
+    front's and the torch adapter's shape check); arrays that fit only the other layout are
+    refused with a message that names it."""
+    a_shape, u_shape = tuple(a_shape), tuple(u_shape)
+    if len(u_shape) != 4:
+        dims = "(B, H, D, L)" if layout == "BHDL" else "(B, L, H, D)"
+        raise ValueError(f"{name_u} must be 4-D {dims} for layout {layout!r}, got shape {u_shape}")
+    per_head_shape, channel_shape = _a_shapes(u_shape, layout)
+    B, H, D, N = _bhdn(u_shape, layout)
+    if a_shape == per_head_shape:
+        return B, H, D, N, True
+    if a_shape == channel_shape:
+        return B, H, D, N, False
+    refuse_other_layout(a_shape, u_shape, layout, name_u)
+    raise ValueError(
+        f"a must have shape {per_head_shape} (per head) or {channel_shape} (per channel) "
+        f"for {name_u} of shape {u_shape} in layout {layout!r}, got {a_shape}"
+    )
+
+
 def check_channel_array(name, x, p: Problem):
     """x0-like arrays: (B, H, D), float, same backend and device."""
     if x is None:
@@ -218,7 +225,12 @@ def check_channel_array(name, x, p: Problem):
     return x
 
 
-def check_state(state, p: Problem):
+def check_state(state, p: Problem, *, layer=None, common=True):
+    """A state for this problem: configuration, shapes, dtype, backend and device; ``layer`` is
+    the configuration of the layer that uses it: a state made by another layer is refused (a
+    state of the plain recurrence, ``state.layer`` None, goes with any layer, and a call of the
+    plain recurrence, ``layer`` None, takes any state). ``common``: the call consumes several tokens
+    from one position, so every row must be at the same position (a host read)."""
     from .state import SWRState
 
     if state is None:
@@ -230,11 +242,21 @@ def check_state(state, p: Problem):
             f"state was made with block_len={state.block_len}, hops={state.hops}; "
             f"this call has block_len={p.block_len}, hops={p.hops}"
         )
+    if layer is not None and state.layer is not None and state.layer != layer:
+        raise ValueError(f"state was made by the layer {state.layer!r}, not by {layer!r}")
     if tuple(state.w.shape) != (p.B, p.H, p.D):
         raise ValueError(f"state is for channels {tuple(state.w.shape)}, not {(p.B, p.H, p.D)}")
     b = array_backend(state.w, name="state")
     if b != p.backend:
         raise TypeError(f"state holds {b} arrays but the inputs are {p.backend} arrays")
+    if b == "cupy" and p.device is not None and state.w.device.id != p.device:
+        raise ValueError(f"state is on GPU {state.w.device.id} but the inputs are on GPU "
+                         f"{p.device}")
+    want = np.float64 if b == "numpy" else np.float32
+    if state.w.dtype != want:
+        raise TypeError(f"state has dtype {state.w.dtype}, expected {np.dtype(want)}")
+    if common:
+        state.common_position()
     return state
 
 

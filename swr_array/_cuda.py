@@ -76,8 +76,8 @@ def _exact_block_adjoints(C, q, S, x0_given):
     return r, r * S, dx0
 
 
-def _block_carry(v, C, hops, state):
-    valid = reference._valid_carriers(state.position, state.block_len, hops)
+def _block_carry(v, C, hops, state, position):
+    valid = reference._valid_carriers(position, state.block_len, hops)
     if hops is None:
         return _exact_block_carry(v, C, cp_ascontig(state.carry_v[..., 0]))
     return reference.block_carry(
@@ -163,6 +163,7 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     u = cp.ascontiguousarray(u)
     y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     shape = (p.B, p.H, p.D)
+    position = 0 if state is None else state.common_position()
     fresh = state is None
     if fresh and (return_state or p.hops not in (0, 1)):
         x0f = None if x0 is None else cp_ascontig(x0)
@@ -185,7 +186,7 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
         kw = dict(
             layout=p.layout,
             block_len=p.block_len,
-            offset=state.offset,
+            offset=position % p.block_len,
             w0=cp_ascontig(state.w),
             g0=cp_ascontig(state.g),
         )
@@ -199,31 +200,31 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
         nk.swr_forward.swr_forward(av, uv, _view(y), hops=p.hops, carry=carry, **kw)
         if not return_state:
             return y
-        return y, _advance_from_tail(a, u, p, state)
-    nb = -(-(state.offset + p.N) // p.block_len)
+        return y, _advance_from_tail(a, u, p, state, position)
+    nb = -(-(position % p.block_len + p.N) // p.block_len)
     v = cp.empty(shape + (nb,), F32)
     C = cp.empty(shape + (nb,), F32)
     nk.block_carriers(av, uv, v, C, **kw)
-    S = cp.ascontiguousarray(_block_carry(v, C, p.hops, state), dtype=F32)
+    S = cp.ascontiguousarray(_block_carry(v, C, p.hops, state, position), dtype=F32)
     nk.swr_forward.swr_forward(av, uv, _view(y), hops=p.hops, carry=S[..., 0].copy(),
                                block_carry=S, **kw)
     if not return_state:
         return y
-    return y, state.advanced(p.N, v, C, S, cp)
+    return y, state.advanced(p.N, v, C, S, cp, position)
 
 
-def _advance_from_tail(a, u, p, state):
+def _advance_from_tail(a, u, p, state, position):
     """The next state for hops 0/1: only the trailing partial block and the K complete blocks
     before it matter, so their carriers are recomputed from a short tail of the inputs."""
     cp = _xp_of(u)
     l, K = p.block_len, p.hops
-    start_abs = state.position
+    start_abs = position
     end = start_abs + p.N
     tail_abs = max(start_abs, ((end - 1) // l - K) * l)
     ts = tail_abs - start_abs
     if ts == 0:
         at, ut = a, u
-        kw = dict(offset=state.offset, w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
+        kw = dict(offset=position % l, w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
     else:
         at = _time_slice(a, ts, p.layout)
         ut = _time_slice(u, ts, p.layout)
@@ -233,7 +234,7 @@ def _advance_from_tail(a, u, p, state):
     v = cp.empty((p.B, p.H, p.D, nb), F32)
     C = cp.empty_like(v)
     _nk().block_carriers(_view(at), _view(ut), v, C, layout=p.layout, block_len=l, **kw)
-    return state.advanced(p.N, v, C, cp.zeros_like(v), cp)
+    return state.advanced(p.N, v, C, cp.zeros_like(v), cp, position)
 
 
 def swr_backward(a, u, dy, p, *, x0, out=None):
@@ -278,7 +279,7 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
         state = SWRState.initial(
             shape, block_len=p.block_len, hops=hops, x0=carry, xp=cp, dtype=F32
         )
-        S = _block_carry(v, C, hops, state)
+        S = _block_carry(v, C, hops, state, 0)
         dv, dC, dx0 = reference.block_adjoints(
             v, C, q, hops, carry if x0 is not None else None, xp=cp
         )
@@ -300,3 +301,25 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
         return da, du, c(dx0, dtype=F32)
     dcarry[...] = dx0
     return da, du, dcarry
+
+
+def swr_step(a, u, y, state, per_channel, stream=None):
+    """One token for every row (checked arrays on one device, a and u C-contiguous, y
+    C-contiguous): one launch of numba_kernels.swr_step's kernel, the state updated in place.
+    The launch is prepared once per state and dtypes and kept on the state."""
+    key = ("swr", _dt(a.dtype), per_channel, _dt(u.dtype), _dt(y.dtype))
+    run = state._launch_cache.get(key)
+    if run is None:
+        from .numba_kernels import swr_step as ks
+
+        run = state._launch_cache[key] = ks.swr_step_launch(
+            a, u, y, state.arrays(), state._arrivals(), hops=state.hops,
+            block_len=state.block_len,
+            per_channel=per_channel)
+    run.run(a, u, y, stream=stream)
+
+
+def _dt(dtype):
+    from .phalanx import _np_dtype
+
+    return _np_dtype(dtype)

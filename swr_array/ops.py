@@ -71,8 +71,11 @@ def swr(
             Shapes that fit only the other layout are refused; per-channel ``a`` (and per-head
             ``a`` when H == D) fits both, so the layout of such arrays cannot be checked.
         x0: initial carry ``(B, H, D)`` (default 0). Not combined with ``state``.
-        state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from.
-        return_state: also return the state after the last token.
+        state: an :class:`SWRState` from an earlier ``return_state=True`` call (or steps) to
+            continue from; all its rows must be at one position (else ValueError).
+        return_state: also return the state after the last token: a new state, or with
+            ``state`` that same object advanced in place (without ``return_state`` a given state
+            is only read).
         out_dtype: dtype of y (default: the input dtype).
         out: optional preallocated C-contiguous y (u's shape, ``out_dtype``) to write into.
 
@@ -108,16 +111,17 @@ def swr(
             if contiguous:
                 _plans.PLANS.put(key, p)
         with cupy.cuda.Device(p.device):
-            return _cuda.swr_forward(
+            res = _cuda.swr_forward(
                 a, u, p, x0=x0, state=state, return_state=return_state, out=out
             )
-    res = _swr_numpy(a, u, p, x0=x0, state=state, return_state=return_state)
+        return _filled(res, state, return_state)
+    res = _filled(_swr_numpy(a, u, p, x0=x0, state=state, return_state=return_state), state,
+                  return_state)
     if out is None:
         return res
     y = res[0] if return_state else res
     np.copyto(out, y)
     return (out, res[1]) if return_state else out
-
 
 
 def _exact_beyond_blocks(p):
@@ -127,6 +131,13 @@ def _exact_beyond_blocks(p):
     if p.hops is not None and p.hops > 1 and p.hops >= -(-p.N // p.block_len):
         return dataclasses.replace(p, hops=None)
     return p
+
+
+def _filled(res, state, return_state):
+    """A continued state is advanced in place: its arrays keep their storage."""
+    if not return_state or state is None or res[1] is state:
+        return res
+    return res[0], state.assign(res[1])
 
 
 def _plain_key(a, u, block_len, hops, layout, out_dtype, out):
@@ -197,7 +208,7 @@ def _swr_numpy(a, u, p, *, x0, state, return_state):
         ut,
         block_len=p.block_len,
         hops=p.hops,
-        position=state.position,
+        position=state.common_position(),
         w0=state.w if state.offset else None,
         g0=state.g if state.offset else None,
         carry=state.carry(),
@@ -303,62 +314,185 @@ def swr_init_state(
 ) -> SWRState:
     """The state before the first token, for decoding from scratch with :func:`swr_step`.
 
-    ``shape`` is ``(B, H, D)``; ``like`` (an array) picks the backend (NumPy by default).
+    ``shape`` is ``(B, H, D)``; ``like`` (an array) picks the backend and device (NumPy by
+    default): float64 arrays on NumPy, float32 on CuPy, ``position`` int64 zeros. ``x0``
+    ``(B, H, D)`` is an initial carry on that backend.
     """
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
-    if len(tuple(shape)) != 3:
-        raise ValueError(f"shape must be (B, H, D), got {shape}")
-    xp = np if like is None else get_xp(_checks.array_backend(like, name="like"))
+    shape = tuple(shape)
+    if len(shape) != 3 or not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape):
+        raise ValueError(f"shape must be (B, H, D) of non-negative ints, got {shape}")
+    backend = "numpy" if like is None else _checks.array_backend(like, name="like")
+    xp = get_xp(backend)
     dtype = np.float64 if xp is np else np.float32
+    if x0 is not None:
+        if _checks.array_backend(x0, name="x0") != backend:
+            raise TypeError(f"x0 must be a {backend} array")
+        if tuple(x0.shape) != shape:
+            raise ValueError(f"x0 must have shape {shape}, got {tuple(x0.shape)}")
+    if backend == "cupy":
+        with xp.cuda.Device(like.device.id):
+            return SWRState.initial(shape, block_len=block_len, hops=hops, x0=x0, xp=xp,
+                                    dtype=dtype)
     return SWRState.initial(shape, block_len=block_len, hops=hops, x0=x0, xp=xp, dtype=dtype)
 
 
-def swr_step(a_t: Array, u_t: Array, state: SWRState, *, out_dtype=None):
-    """One decoding step: y_t and the next state, equal to the parallel form at that position.
+def swr_step(
+    a_t: Array,
+    u_t: Array,
+    state: SWRState,
+    *,
+    layout: str = "BLHD",
+    out_dtype=None,
+    out: Array | None = None,
+):
+    """One decoding step for every batch row: writes y_t and advances ``state`` in place.
+
+    Each row continues from its own position (``state.position``), so rows at different
+    positions step together; y_t equals the parallel form :func:`swr` at that row's position.
 
     Args:
-        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel.
-        u_t: ``(B, H, D)``.
-        state: the state after the previous token.
+        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel, u_t's dtype.
+        u_t: ``(B, H, D)``: one token of either layout (``layout`` is checked for a uniform
+            signature; a token has the same shape in both).
+        state: the state after each row's previous token (from :func:`swr_init_state` or a
+            prefill with ``return_state=True``); updated in place.
+        out_dtype: dtype of y_t (default: u_t's dtype).
+        out: optional preallocated C-contiguous y_t ``(B, H, D)`` of ``out_dtype`` to write.
+
+    Returns:
+        ``(y_t, state)``: y_t ``(B, H, D)`` and the same state object, advanced by one token.
+
+    On CuPy the step is one kernel launch on the current stream (numba_kernels/swr_step.py)
+    that reads each row's position on the device: with ``out`` given nothing is allocated and
+    nothing synchronises, so steps can be captured in a CUDA graph (the kernel launch is
+    prepared on the first call with these dtypes; capture after it). All checks run before the
+    launch; a refused call leaves the state unchanged.
     """
     if not isinstance(state, SWRState):
         raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    _checks.check_layout(layout)
     if u_t is None:
         raise TypeError("u_t must be a NumPy or CuPy array, got None")
     backend = _checks.array_backend(u_t, name="u_t")
-    _checks.check_array("a_t", a_t, backend)
-    if u_t.ndim != 3 or tuple(u_t.shape) != tuple(state.w.shape):
-        raise ValueError(f"u_t must have shape (B, H, D) = {tuple(state.w.shape)}, got {u_t.shape}")
-    B, H, D = u_t.shape
+    device = u_t.device.id if backend == "cupy" else None
+    _checks.check_array("a_t", a_t, backend, device)
+    shape = tuple(state.w.shape)
+    if u_t.ndim != 3 or tuple(u_t.shape) != shape:
+        raise ValueError(f"u_t must have shape (B, H, D) = {shape} (the state's), got "
+                         f"{tuple(u_t.shape)}")
+    B, H, D = shape
     if tuple(a_t.shape) == (B, H):
-        a_c = a_t[:, :, None]
+        per_channel = False
     elif tuple(a_t.shape) == (B, H, D):
-        a_c = a_t
+        per_channel = True
     else:
-        raise ValueError(f"a_t must have shape (B, H) or (B, H, D) = {(B, H, D)}, got {a_t.shape}")
+        raise ValueError(f"a_t must have shape (B, H) or (B, H, D) = {(B, H, D)}, got "
+                         f"{tuple(a_t.shape)}")
     dtype = _checks.check_float_dtype("u_t", u_t.dtype, backend)
     if np.dtype(a_t.dtype) != dtype:
         raise TypeError(f"a_t and u_t must share one dtype, got {a_t.dtype} and {u_t.dtype}")
-    out = _checks.check_out_dtype(out_dtype, dtype, backend)
-    if _checks.array_backend(state.w, name="state") != backend:
-        raise TypeError("state and u_t live on different frameworks")
-    xp = get_xp(backend)
-    f = state.w.dtype
-    a_c = xp.broadcast_to(a_c.astype(f), (B, H, D))
-    w, g, carry, y = reference.step(
-        a_c,
-        u_t.astype(f),
-        state.w,
-        state.g,
-        state.carry(),
-        state.position,
-        state.block_len,
-        state.hops,
-        xp=xp,
-    )
-    new = SWRState(state.position + 1, state.block_len, state.hops, w, g, carry[0], carry[1])
-    return y.astype(out), new
+    odt = _checks.check_out_dtype(out_dtype, dtype, backend)
+    sb = _checks.array_backend(state.w, name="state")
+    if sb != backend:
+        raise TypeError(f"state holds {sb} arrays but u_t is a {backend} array")
+    if backend == "cupy" and state.w.device.id != device:
+        raise ValueError(f"state is on GPU {state.w.device.id} but u_t is on GPU {device}")
+    want = np.float64 if backend == "numpy" else np.float32
+    if state.w.dtype != want:
+        raise TypeError(f"state has dtype {state.w.dtype}, expected {np.dtype(want)}")
+    if out is not None:
+        p = _checks.Problem(backend, "BHDL", B, H, D, 1, not per_channel, dtype, odt,
+                            state.block_len, state.hops, device)
+        _checks.check_out("out", out, shape, odt, p)
+    if backend == "cupy":
+        import cupy
+
+        from . import _cuda
+
+        if not (a_t.flags.c_contiguous and u_t.flags.c_contiguous):
+            a_t, u_t = cupy.ascontiguousarray(a_t), cupy.ascontiguousarray(u_t)
+        with cupy.cuda.Device(device):
+            y = cupy.empty(shape, odt) if out is None else out
+            _cuda.swr_step(a_t, u_t, y, state, per_channel)
+        return y, state
+    y = _step_numpy(a_t if per_channel else a_t[:, :, None], u_t, state)
+    y = y.astype(odt, copy=False)
+    if out is None:
+        return y, state
+    np.copyto(out, y)
+    return out, state
+
+
+def swr_step_into(a_t, u_t, y, state: SWRState, *, stream=None) -> None:
+    """The GPU step as one kernel launch on arrays of any framework: writes y_t into ``y`` and
+    advances ``state`` in place (what :func:`swr_step` does on CuPy, without its full checks).
+
+    Args:
+        a_t: ``(B, H)`` per head or ``(B, H, D)`` per channel, C-contiguous.
+        u_t: ``(B, H, D)`` C-contiguous, a_t's dtype (float32, float16 or bfloat16).
+        y: ``(B, H, D)`` C-contiguous, any of those dtypes: receives y_t.
+        state: a GPU :class:`SWRState` ``(B, H, D)`` (float32 arrays) on the arrays' device.
+        stream: a ``cupy.cuda.Stream``, a raw ``cudaStream_t`` as an int (e.g.
+            ``torch.cuda.current_stream().cuda_stream``), or None for CuPy's current stream.
+
+    Arrays may be CuPy arrays or anything exposing ``__cuda_array_interface__`` (torch CUDA
+    tensors; NumPy arrays under the CUDA simulator). Shapes, dtypes and contiguity are checked
+    (not the device: the caller keeps everything on the state's device) before the launch. No
+    allocation, no host synchronisation, no host-side change: the call can be captured in a CUDA
+    graph once it has run eagerly (the first call with given dtypes prepares the launch and keeps
+    it on the state).
+    """
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    shape = tuple(state.w.shape)
+    if tuple(u_t.shape) != shape or tuple(y.shape) != shape:
+        raise ValueError(f"u_t and y must have the state's shape {shape}, got "
+                         f"{tuple(u_t.shape)} and {tuple(y.shape)}")
+    if tuple(a_t.shape) == shape:
+        per_channel = True
+    elif tuple(a_t.shape) == shape[:2]:
+        per_channel = False
+    else:
+        raise ValueError(f"a_t must have shape {shape[:2]} or {shape}, got {tuple(a_t.shape)}")
+    from .phalanx import _c_contiguous, _np_dtype
+
+    da, du, dy = _np_dtype(a_t.dtype), _np_dtype(u_t.dtype), _np_dtype(y.dtype)
+    if da != du:
+        raise TypeError(f"a_t and u_t must share one dtype, got {da} and {du}")
+    for name, d in (("u_t", du), ("y", dy)):
+        if d.name not in ("float32", "float16", "bfloat16"):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {d}")
+    if state.w.dtype != np.float32:
+        raise TypeError(f"state must hold float32 arrays (a GPU state), got {state.w.dtype}")
+    key = ("swr", da, per_channel, du, dy)
+    run = state._launch_cache.get(key)
+    if not (_c_contiguous(a_t) and _c_contiguous(u_t) and _c_contiguous(y)):
+        raise ValueError("a_t, u_t and y must be C-contiguous")
+    if run is None:
+        from . import _cuda
+
+        _cuda.swr_step(a_t, u_t, y, state, per_channel, stream=stream)
+        return
+    run.run(a_t, u_t, y, stream=stream)
+
+
+def _step_numpy(a_c, u_t, state):
+    """The reference step, rows grouped by position; writes the state in place."""
+    B, H, D = state.shape
+    y = np.empty((B, H, D), np.float64)
+    a_c = np.broadcast_to(np.asarray(a_c, np.float64), (B, H, D))
+    u_t = np.asarray(u_t, np.float64)
+    for pos in np.unique(state.position):
+        rows = np.flatnonzero(state.position == pos)
+        w, g, (cv, cC), y[rows] = reference.step(
+            a_c[rows], u_t[rows], state.w[rows], state.g[rows],
+            (state.carry_v[rows], state.carry_C[rows]), int(pos), state.block_len, state.hops)
+        state.w[rows], state.g[rows] = w, g
+        state.carry_v[rows], state.carry_C[rows] = cv, cC
+    state.position += 1
+    return y
 
 
 def horizon(rho: float, eps: float) -> int:

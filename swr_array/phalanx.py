@@ -41,7 +41,7 @@ from .state import SWRState
 
 Array = Any
 
-__all__ = ["init_phalanx", "phalanx", "phalanx_step", "phalanx_vjp"]
+__all__ = ["init_phalanx", "phalanx", "phalanx_step", "phalanx_step_mix", "phalanx_vjp"]
 
 PARAM_KEYS = ("W_in", "b_a", "b_b", "b_c", "W_out", "decay_max")
 GRAD_KEYS = ("W_in", "b_a", "b_b", "b_c", "W_out")
@@ -240,9 +240,15 @@ def _check_x_dev(name, x, dev):
         raise ValueError(f"{name} is on GPU {x.device.id} but params are on GPU {dev}")
 
 
-def _problem(cfg: _Config, B: int, N: int, block_len, hops):
+def _problem(cfg: _Config, B: int, N: int, block_len, hops, params=None):
+    dev = params["W_in"].device.id if cfg.backend == "cupy" and params is not None else None
     return _checks.Problem(cfg.backend, "BLHD", B, cfg.heads, cfg.head_dim, N, True, cfg.dtype,
-                           cfg.dtype, block_len, hops)
+                           cfg.dtype, block_len, hops, dev)
+
+
+def _layer(cfg: _Config):
+    """The ``SWRState.layer`` tag of states this layer configuration makes."""
+    return ("phalanx", cfg.dim, cfg.heads, cfg.head_dim, cfg.kv_heads, cfg.decay_max)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +273,10 @@ def phalanx(
         params: the dict of :func:`init_phalanx`.
         block_len, hops: of the inner sliding window recurrence (hops=1: Phalanx's SWR).
         state: an :class:`SWRState` (B, H, D) from an earlier ``return_state=True`` call or
-            :func:`phalanx_step`, to continue a sequence (chunked prefill).
-        return_state: also return the state after the last token.
+            :func:`phalanx_step`, to continue a sequence (chunked prefill); all its rows must be
+            at one position.
+        return_state: also return the state after the last token: a new state tagged with
+            this layer's configuration, or with ``state`` that same object advanced in place.
         return_residuals: also return ``{"z": x W_in}`` (B, L, W) for :func:`phalanx_vjp`,
             which then skips recomputing the input GEMM.
 
@@ -282,11 +290,16 @@ def phalanx(
     return_state = _checks.check_bool("return_state", return_state)
     return_residuals = _checks.check_bool("return_residuals", return_residuals)
     B, L, _ = x.shape
-    _checks.check_state(state, _problem(cfg, B, L, block_len, hops))
+    _checks.check_state(state, _problem(cfg, B, L, block_len, hops, params), layer=_layer(cfg))
     if cfg.backend == "cupy":
         out, new, z = _forward_cupy(x, params, cfg, block_len, hops, state, return_state)
     else:
         out, new, z = _forward_numpy(x, params, cfg, block_len, hops, state, return_state)
+    if new is not None:
+        if state is not None and new is not state:
+            new = state.assign(new)  # a continued state advances in place
+        elif state is None:
+            new.layer = _layer(cfg)
     res = (out,)
     if return_state:
         res += (new,)
@@ -345,35 +358,135 @@ def phalanx_step(
     block_len: int = 16,
     hops: int | None = 1,
 ):
-    """One decoding step: ``(out_t, state)`` for x_t ``(B, dim)``, equal to :func:`phalanx` at
-    that position.
+    """One decoding step for every batch row: ``(out_t, state)`` for x_t ``(B, dim)``, equal to
+    :func:`phalanx` at each row's position.
 
-    ``state`` is the state after the previous token (from ``phalanx(..., return_state=True)`` or
-    an earlier step); None starts a sequence. ``block_len`` and ``hops`` must match the state's.
+    ``state`` is the state after each row's previous token (from ``phalanx(...,
+    return_state=True)``, :func:`swr_array.swr_init_state` or earlier steps); it is advanced in
+    place and returned (the same object). None starts every row at position 0 (a new state).
+    ``block_len`` and ``hops`` must match the state's, and a state made by another layer
+    configuration is refused; all checks run before any launch.
+
+    On CuPy the step is the input GEMM, one fused kernel (:func:`phalanx_step_mix`: gates, the
+    state update of any hops, the read-out gate) and the output GEMM.
     """
     cfg = _checked(params, x_t, "x_t", 2)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
     B = x_t.shape[0]
-    p = _problem(cfg, B, 1, block_len, hops)
-    _checks.check_state(state, p)
+    p = _problem(cfg, B, 1, block_len, hops, params)
+    _checks.check_state(state, p, layer=_layer(cfg), common=False)
     if state is None:
         xp = _xp(cfg)
         dtype = np.float64 if cfg.backend == "numpy" else F32
         state = SWRState.initial((B, cfg.heads, cfg.head_dim), block_len=block_len, hops=hops,
-                                 xp=xp, dtype=dtype)
+                                 xp=xp, dtype=dtype, layer=_layer(cfg))
     if cfg.backend == "cupy":
-        return _step_cupy(x_t, params, cfg, state)
-    from .ops import swr_step
+        return _step_cupy(x_t, params, cfg, state), state
+    from .ops import _step_numpy
 
     z = np.asarray(x_t, np.float64) @ np.asarray(params["W_in"], np.float64)
     sig_a, A, Bg, C, V = reference._phalanx_gates(
         z[:, None], params["b_a"], params["b_b"], params["b_c"], cfg.heads, cfg.head_dim,
         cfg.kv_heads, cfg.decay_max)
-    y, new = swr_step(A[:, 0], (Bg * V)[:, 0], state)
+    y = _step_numpy(A[:, 0, :, None], (Bg * V)[:, 0], state)
     Y = (y * C[:, 0] + V[:, 0]).reshape(B, cfg.hd)
     out = Y @ np.asarray(params["W_out"], np.float64)
-    return out.astype(x_t.dtype), new
+    return out.astype(x_t.dtype), state
+
+
+def phalanx_step_mix(z, y, b_a, b_b, b_c, state: SWRState, *, kv_heads: int, decay_max: float,
+                     stream=None) -> None:
+    """The fused middle of a Phalanx decoding step: ``y = swr_step(A, Bg * V) * C + V`` from the
+    input GEMM's output ``z``, written into ``y``, with ``state`` advanced in place.
+
+    Args:
+        z: ``(B, W)`` C-contiguous, ``W = H*D + 2*KV*D + H``, columns ``[V | Bg | C | A]``
+            (``z = x_t W_in``); float32, float16 or bfloat16.
+        y: ``(B, H*D)`` C-contiguous, z's dtype: receives ``Y`` (feed it to the output GEMM).
+        b_a ``(H,)``, b_b ``(KV*D,)``, b_c ``(KV*D,)``: the layer's biases, z's dtype,
+            C-contiguous.
+        state: a GPU :class:`SWRState` ``(B, H, D)`` float32 (any hops, block_len); its rows may
+            be at different positions.
+        kv_heads: KV (dividing H); decay_max: the layer's ``decay_max``.
+        stream: the CUDA stream to launch on: a ``cupy.cuda.Stream``, a raw ``cudaStream_t`` as
+            an int (e.g. ``torch.cuda.current_stream().cuda_stream``), or None for CuPy's current
+            stream.
+
+    Arrays may be CuPy arrays or anything exposing ``__cuda_array_interface__`` (torch CUDA
+    tensors; NumPy arrays under the CUDA simulator), on the state's device. This checks shapes,
+    dtypes and contiguity (not the device: the caller keeps everything on one), then makes ONE
+    kernel launch: no allocation, no host synchronisation, no host-side change, so it can be
+    captured in a CUDA graph. The launch is prepared on the first call for a given set of biases
+    and z dtype (kept on the state, keyed by the biases' data pointers); later calls only pass
+    z's and y's data pointers.
+    """
+    if not isinstance(state, SWRState):
+        raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
+    B, H, D = state.shape
+    kd = int(b_b.shape[0])
+    if (not isinstance(kv_heads, numbers.Integral) or kv_heads < 1 or H % kv_heads
+            or kd != kv_heads * D):
+        raise ValueError(f"kv_heads must divide H={H} with b_b of shape (KV*D,), got "
+                         f"kv_heads={kv_heads}, b_b {tuple(b_b.shape)}")
+    W = H * D + 2 * kd + H
+    for name, x, shape in (("z", z, (B, W)), ("y", y, (B, H * D)), ("b_a", b_a, (H,)),
+                           ("b_b", b_b, (kd,)), ("b_c", b_c, (kd,))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    dtypes = {_np_dtype(x.dtype) for x in (z, y, b_a, b_b, b_c)}
+    if len(dtypes) != 1:
+        raise TypeError(f"z, y and the biases must share one dtype, got {sorted(map(str, dtypes))}")
+    if state.w.dtype != F32:
+        raise TypeError(f"state must hold float32 arrays (a GPU state), got {state.w.dtype}")
+    key = ("phalanx", _np_dtype(z.dtype), _ptr(b_a), _ptr(b_b), _ptr(b_c), kv_heads,
+           float(decay_max))
+    run = state._launch_cache.get(key)
+    if run is None:
+        from .numba_kernels import swr_step as ks
+
+        for name, x in (("z", z), ("y", y), ("b_a", b_a), ("b_b", b_b), ("b_c", b_c)):
+            if not _c_contiguous(x):
+                raise ValueError(f"{name} must be C-contiguous")
+        run = ks.phalanx_step_launch(
+            z, y, b_a, b_b, b_c, state.arrays(), state._arrivals(), heads=H, head_dim=D,
+            kv_heads=int(kv_heads),
+            decay_max=float(decay_max), hops=state.hops, block_len=state.block_len)
+        state._launch_cache[key] = run
+    elif not (_c_contiguous(z) and _c_contiguous(y)):
+        raise ValueError("z and y must be C-contiguous")
+    run.run(z, y, stream=stream)
+
+
+def _np_dtype(dtype):
+    """NumPy dtype of an array's dtype (torch dtypes by name)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        name = str(dtype).replace("torch.", "")
+        return bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def _ptr(x):
+    if isinstance(x, np.ndarray):
+        return x.ctypes.data
+    data = getattr(x, "data", None)
+    if hasattr(data, "ptr"):
+        return data.ptr
+    if hasattr(x, "data_ptr"):
+        return x.data_ptr()
+    return x.__cuda_array_interface__["data"][0]
+
+
+def _c_contiguous(x):
+    flags = getattr(x, "flags", None)
+    if flags is not None:
+        return bool(flags.c_contiguous)
+    f = getattr(x, "is_contiguous", None)
+    if f is not None:
+        return bool(f())
+    iface = x.__cuda_array_interface__
+    return iface.get("strides") is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +507,7 @@ def _forward_numpy(x, params, cfg, block_len, hops, state, return_state):
     if state is None:
         state = SWRState.initial((B, cfg.heads, cfg.head_dim), block_len=block_len, hops=hops)
     out, v, C, S = reference.phalanx_reference(
-        x, params, block_len=block_len, hops=hops, position=state.position,
+        x, params, block_len=block_len, hops=hops, position=state.common_position(),
         w0=state.w if state.offset else None, g0=state.g if state.offset else None,
         carry=state.carry(), return_parts=True)
     z = np.asarray(x, np.float64) @ np.asarray(params["W_in"], np.float64)
@@ -470,8 +583,9 @@ def _fused_forward(z, params, cfg, B, L, y, block_len, hops, state, return_state
     kw = {}
     if state is not None:
         c = cp.ascontiguousarray
-        if state.offset:
-            kw.update(offset=state.offset, w0=c(state.w, dtype=F32), g0=c(state.g, dtype=F32))
+        offset = state.offset
+        if offset:
+            kw.update(offset=offset, w0=c(state.w, dtype=F32), g0=c(state.g, dtype=F32))
         if hops == 1:
             kw.update(carry_v=c(state.carry_v[..., 0], dtype=F32),
                       carry_C=c(state.carry_C[..., 0], dtype=F32))
@@ -486,12 +600,13 @@ def _fused_forward(z, params, cfg, B, L, y, block_len, hops, state, return_state
         block_len=block_len, hops=hops, state_out=outs, **kw)
     if not return_state:
         return None
-    position = (0 if state is None else state.position) + L
+    position = cp.full((B,), (0 if state is None else state.common_position()) + L, np.int64)
     if hops == 0:
         empty = cp.zeros(shape + (0,), F32)
-        return SWRState(position, block_len, hops, outs[0], outs[1], empty, empty)
-    return SWRState(position, block_len, hops, outs[0], outs[1], outs[2][..., None],
-                    outs[3][..., None])
+        return SWRState(block_len=block_len, hops=hops, position=position, w=outs[0], g=outs[1],
+                        carry_v=empty, carry_C=empty)
+    return SWRState(block_len=block_len, hops=hops, position=position, w=outs[0], g=outs[1],
+                    carry_v=outs[2][..., None], carry_C=outs[3][..., None])
 
 
 def _gates_cupy(z, params, cfg, B, L):
@@ -612,35 +727,12 @@ def _kind(dtype):
 
 
 def _step_cupy(x_t, params, cfg, state):
+    """Input GEMM, one fused kernel (phalanx_step_mix), output GEMM; the state in place."""
     import cupy as cp
 
-    B = x_t.shape[0]
-    z = _mm(cp.ascontiguousarray(x_t), params["W_in"])
-    hops, block_len = state.hops, state.block_len
-    if hops in (0, 1):
-        y = cp.empty((B, cfg.hd), cfg.dtype)
-        shape = (B, cfg.heads, cfg.head_dim)
-        c = cp.ascontiguousarray
-        w, g = c(state.w, dtype=F32), c(state.g, dtype=F32)
-        if hops == 1:
-            cv, cC = c(state.carry_v[..., 0], dtype=F32), c(state.carry_C[..., 0], dtype=F32)
-            outs = tuple(cp.empty(shape, F32) for _ in range(4))
-        else:
-            cv = cC = cp.empty((1, 1, 1), F32)
-            outs = (cp.empty(shape, F32), cp.empty(shape, F32), cv, cC)
-        _nk().phalanx_decode(
-            z, params["b_a"], params["b_b"], params["b_c"], y, (w, g, cv, cC), outs,
-            heads=cfg.heads, head_dim=cfg.head_dim, kv_heads=cfg.kv_heads,
-            decay_max=cfg.decay_max, offset=state.offset, block_len=block_len, hops=hops)
-        if hops == 1:
-            carry_v, carry_C = outs[2][..., None], outs[3][..., None]
-        else:
-            carry_v, carry_C = state.carry_v, state.carry_C
-        new = SWRState(state.position + 1, block_len, hops, outs[0], outs[1], carry_v, carry_C)
-    else:
-        from .ops import swr_step
-
-        _, A, Bg, C, V = _gates_cupy(z, params, cfg, B, 1)
-        s, new = swr_step(A[:, 0], (Bg * V)[:, 0], state)
-        y = (s * C[:, 0] + V[:, 0]).astype(cfg.dtype).reshape(B, cfg.hd)
-    return _mm(y, params["W_out"]), new
+    with cp.cuda.Device(params["W_in"].device.id):
+        z = _mm(cp.ascontiguousarray(x_t), params["W_in"])
+        y = cp.empty((x_t.shape[0], cfg.hd), cfg.dtype)
+        phalanx_step_mix(z, y, params["b_a"], params["b_b"], params["b_c"], state,
+                         kv_heads=cfg.kv_heads, decay_max=cfg.decay_max)
+        return _mm(y, params["W_out"])

@@ -529,3 +529,28 @@ def test_sigterm_still_writes(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["terminated"] and [r for r in res["results"] if r["method"] == "swr"]
     assert "| 1 x 32 | BLHD |" in (tmp_path / "p.md").read_text()
+
+
+def test_decode_bench_renders_a_saved_run(tmp_path):
+    """benchmarks/decode_bench.py --from-json renders the table without a GPU (ratios from the
+    saved times)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "decode_bench.py"
+    spec = importlib.util.spec_from_file_location("decode_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = {"device": "GPU X", "dim": 2048, "dtype": "bfloat16", "contexts": [4096, 32768],
+           "copy_bandwidth_gbs": 4000.0,
+           "batches": [{"batch": 64, "graph_us": 20.0, "eager_us": 70.0, "gemms_graph_us": 16.0,
+                        "torch_ops_graph_us": 44.0, "floor_us": 8.0, "floor_bytes": 1,
+                        "attention_4096_graph_us": 50.0, "attention_32768_graph_us": None}]}
+    saved = tmp_path / "decode_bench.json"
+    saved.write_text(json.dumps(run))
+    page = tmp_path / "page.md"
+    assert mod.main(["--from-json", str(saved), "--markdown", str(page)]) == 0
+    row = page.read_text().splitlines()[-1]
+    assert row == "| 64 | 20.0 | 70.0 | 16.0 | 1.25x | 44.0 | 8.0 | 2.50x | 50.0 | - |"
+    assert "GPU X" in page.read_text()

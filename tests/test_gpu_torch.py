@@ -178,10 +178,7 @@ def test_second_gpu_placement():
     )
     assert_close(y, ry, 2e-5)
     assert_close(du, rdu, 2e-5)
-    # the eager fast path (cached raw launches) with cuda:1 current, gradients included; with
-    # cuda:0 current the same call takes the custom op
-    import swr_array.adapters.torch as st
-
+    # hops=1 (the front's cached plain launches) with cuda:1 or cuda:0 current, gradients too
     ones = torch.ones_like(u)
     ry1, rda1, rdu1, _ = reference_fwd_vjp(
         a, u, ones, None, layout="BLHD", per_head=True, block_len=16, hops=1
@@ -189,8 +186,6 @@ def test_second_gpu_placement():
     for current in (1, 1, 0):
         with torch.cuda.device(current):
             ag, ug = a.clone().requires_grad_(), u.detach().clone().requires_grad_()
-            fast = st._eager_launcher(ag, ug, 16, 1, "BLHD", None) is not None
-            assert fast == (current == 1)
             y1 = swr(ag, ug)
             da1, du1 = torch.autograd.grad(y1, (ag, ug), ones)
         assert y1.device == da1.device == du1.device == torch.device("cuda:1")
@@ -332,54 +327,107 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------------------------
-# the eager fast path (cached launches on raw pointers) against the custom op and the reference
+# decoding: in-place state, CUDA graphs, torch.compile "reduce-overhead"
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
-@pytest.mark.parametrize("per_head", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eager_fast_path_matches_custom_op(layout, per_head, dtype):
-    import swr_array.adapters.torch as st
-
-    a, u, _ = make_inputs(layout=layout, per_head=per_head, N=333, dtype=dtype, device="cuda",
-                          seed=11)
-    dy = torch.randn(u.shape, device="cuda", dtype=dtype)
-    results = []
-    for _ in range(3):  # the first call checks and caches, later ones take the raw launch
-        ag, ug = a.clone().requires_grad_(), u.clone().requires_grad_()
-        y = swr(ag, ug, layout=layout)
-        assert st._eager_launcher(a, u, 16, 1, layout, None) is not None
-        da, du = torch.autograd.grad(y, (ag, ug), dy)
-        results.append((y, da, du))
-    ag, ug = a.clone().requires_grad_(), u.clone().requires_grad_()
-    y_op = st._swr_op(ag, ug, None, 16, 1, layout, None)
-    da_op, du_op = torch.autograd.grad(y_op, (ag, ug), dy)
-    for y, da, du in results:
-        assert torch.equal(y, y_op) and torch.equal(du, du_op)
-        torch.testing.assert_close(da, da_op, rtol=0, atol=0)
-    # and the numbers are the reference's
-    at, ut = time_last(a, layout, per_head), time_last(u, layout)
-    want = reference.swr(at, ut)
-    got = time_last(results[-1][0], layout)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
-    with torch.no_grad():  # no autograd node: the launch alone, still the same numbers
-        assert torch.equal(swr(a, u, layout=layout), y_op.detach())
+@pytest.mark.parametrize("hops", [1, 2])
+def test_phalanx_step_fused_equals_forward_mixed_positions(hops):
+    torch.manual_seed(21)
+    layer = Phalanx(128, kv_heads=2, decay_max=0.95, hops=hops, block_len=16, device="cuda")
+    x = torch.randn(3, 40, 128, device="cuda")
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.init_state(3)
+        for t in range(20):
+            layer.step(x[:, t], state)
+        state.reset_rows(1)
+        for t in range(20):
+            out, same = layer.step(torch.stack([x[0, 20 + t], x[1, t], x[2, 20 + t]]), state)
+            assert same is state
+            want = torch.stack([full[0, 20 + t], full[1, t], full[2, 20 + t]])
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert state.position.tolist() == [40, 20, 40]
 
 
-def test_eager_fast_path_stays_off_where_it_must():
-    import swr_array.adapters.torch as st
+def test_cuda_graph_swr_step_and_phalanx_step_replay():
+    """torch.cuda.graph captures one swr_step and one Phalanx.step (after a warm-up step); the
+    replays advance the same state tensors and equal the full forward at every position."""
+    torch.manual_seed(22)
+    B, L = 4, 48
+    layer = Phalanx(256, kv_heads=4, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(B, L, 256, device="cuda", dtype=torch.bfloat16)
+    a, u, _ = make_inputs(B=B, H=8, D=16, N=L, dtype=torch.float32, device="cuda", seed=5)
+    with torch.no_grad():
+        full = layer(x)
+        want_y = swr(a, u)
+        state = layer.init_state(B)
+        st = swr_init_state((B, 8, 16), device="cuda")
+        x_buf = x[:, 0].clone()
+        a_buf, u_buf = a[:, 0].clone(), u[:, 0].clone()
+        out = torch.full((B, 256), float("nan"), device="cuda", dtype=torch.bfloat16)
+        y = torch.full((B, 8, 16), float("nan"), device="cuda")
+        layer.step(x_buf, state, out=out)  # warm-up: prepares the launches (position 0)
+        swr_step(a_buf, u_buf, st, out=y)
+        torch.testing.assert_close(out, full[:, 0], rtol=2e-2, atol=2e-2)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side), torch.cuda.graph(graph):
+            layer.step(x_buf, state, out=out)
+            swr_step(a_buf, u_buf, st, out=y)
+        torch.cuda.current_stream().wait_stream(side)
+        # capture recorded the step without running it: the state is still at position 1
+        assert state.position.tolist() == [1] * B and st.position.tolist() == [1] * B
+        for t in range(1, L):
+            x_buf.copy_(x[:, t])
+            a_buf.copy_(a[:, t])
+            u_buf.copy_(u[:, t])
+            out.fill_(float("nan"))
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.testing.assert_close(out, full[:, t], rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(y, want_y[:, t], rtol=1e-5, atol=1e-5)
+    assert state.position.tolist() == [L] * B and st.position.tolist() == [L] * B
 
-    a, u, x0 = make_inputs(N=64, dtype=torch.float32, device="cuda", x0=True)
-    swr(a, u)
-    assert st._eager_launcher(a, u, 16, 1, "BLHD", None) is not None
-    assert st._eager_launcher(a, u, 16, 2, "BLHD", None) is None  # hops >= 2: custom op
-    assert st._eager_launcher(a[:, ::2], u[:, ::2], 16, 1, "BLHD", None) is None
-    with torch.autocast("cuda", dtype=torch.bfloat16):  # autocast casts first, then fast path
-        y = swr(a, u)
-    assert y.dtype == torch.bfloat16
-    # x0 goes through the custom op, gradients for x0 included
-    x0g = x0.clone().requires_grad_()
-    (gx0,) = torch.autograd.grad(swr(a, u, x0=x0g).sum(), x0g)
-    assert gx0.shape == x0.shape and torch.isfinite(gx0).all()
+
+def test_compile_reduce_overhead_forward_backward_and_step():
+    """mode="reduce-overhead" (CUDA graphs through torch.compile), fullgraph: swr and Phalanx
+    forward+backward, and Phalanx.step, equal the eager calls."""
+    torch.manual_seed(23)
+    layer = Phalanx(128, kv_heads=2, device="cuda")
+    x = torch.randn(2, 64, 128, device="cuda", requires_grad=True)
+    want = layer(x)
+    g_want = torch.autograd.grad(want.square().sum(), [x, *layer.parameters()])
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, recording, replay
+        got = compiled(x)
+        g_got = torch.autograd.grad(got.square().sum(), [x, *layer.parameters()])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for g, w in zip(g_got, g_want):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
+    a, u, _ = make_inputs(N=128, dtype=torch.float32, device="cuda", seed=6)
+    a.requires_grad_()
+    u.requires_grad_()
+
+    def loss(a, u):
+        return swr(a, u).square().sum()
+
+    l_want = loss(a, u)
+    ga_want, gu_want = torch.autograd.grad(l_want, (a, u))
+    c_loss = torch.compile(loss, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        l_got = c_loss(a, u)
+        ga, gu = torch.autograd.grad(l_got, (a, u))
+        torch.testing.assert_close(l_got, l_want, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(ga, ga_want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gu, gu_want, rtol=1e-5, atol=1e-5)
+    xs = torch.randn(2, 8, 128, device="cuda")
+    with torch.no_grad():
+        full = layer(xs)
+        state = layer.init_state(2)
+        step = torch.compile(layer.step, mode="reduce-overhead", fullgraph=True)
+        for t in range(8):
+            out, _ = step(xs[:, t].clone(), state)
+            torch.testing.assert_close(out.clone(), full[:, t], rtol=1e-4, atol=1e-4)
+    assert state.position.tolist() == [8, 8]

@@ -233,22 +233,3 @@ def test_forward_continues_a_state(hops, split):
                        g0=st[1], **carry, **c.kw)
     y = np.concatenate([host(y1).reshape(B, split, H * D), host(y2).reshape(B, L2, H * D)], 1)
     assert rel(y.reshape(B * L, H * D), full) < 1e-5
-
-
-@pytest.mark.parametrize("kind,hops,KV", [("f32", 1, 2), ("f32", 0, 1), ("bf16", 1, 1)])
-def test_decode_steps_equal_the_forward(kind, hops, KV):
-    c = Case(kind, 3, 11, 2, 4, KV, 4, hops, seed=7)
-    B, H, D = c.B, c.H, c.D
-    full = c.ref_forward().reshape(B, c.L, -1)
-    z = c.z.reshape(B, c.L, c.W)
-    shape = (B, H, D)
-    state = [dev(np.zeros(shape, np.float32)), dev(np.ones(shape, np.float32)),
-             dev(np.zeros(shape, np.float32)), dev(np.zeros(shape, np.float32))]
-    for t in range(c.L):
-        y = c.poisoned((B, H * D))
-        new = [c.poisoned(shape, np.float32) for _ in range(4)]
-        PF.phalanx_decode(dev(np.ascontiguousarray(z[:, t])), *c.biases(), y, tuple(state),
-                          tuple(new), heads=H, head_dim=D, kv_heads=KV, decay_max=c.decay_max,
-                          offset=t % 4, block_len=4, hops=hops)
-        assert rel(y, full[:, t]) < TOL[kind]
-        state = new if hops == 1 else new[:2] + state[2:]

@@ -117,7 +117,7 @@ def test_kv_groups_equal_repeated_full_heads():
 def test_empty_sequence():
     params = _params()
     out, state = swr_array.phalanx(np.zeros((2, 0, 12)), params, return_state=True)
-    assert out.shape == (2, 0, 12) and state.position == 0
+    assert out.shape == (2, 0, 12) and state.common_position() == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_prefill_then_decode_equals_full_sequence(prompt, hops, block_len):
         o, state = swr_array.phalanx_step(x[:, t], params, state, **kw)
         outs.append(o[:, None])
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-11, atol=1e-12)
-    assert state.position == 21
+    assert state.common_position() == 21
 
 
 @settings(max_examples=20, deadline=None)

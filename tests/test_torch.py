@@ -3,13 +3,10 @@ torch.compile, autocast, the Phalanx module (state, spear weights) and argument 
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import io
 import math
 import pathlib
-import sys
-import types
 import zlib
 
 import numpy as np
@@ -256,7 +253,7 @@ def test_state_calls_refuse_gradients(gen):
         swr_step(a[:, 0], u[:, 0], state)
     with torch.no_grad():
         y, state = swr(a, u, return_state=True)
-    assert state.position == u.shape[1]
+    assert state.position.tolist() == [u.shape[1]] * u.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,160 +689,167 @@ def test_spear_state_dict_prefix_and_errors():
 
 
 # ----------------------------------------------------------------------------------------------
-# the fused front path, through a stand-in front on the CPU
+# the fused custom ops, through the front's NumPy reference on the CPU
 # ----------------------------------------------------------------------------------------------
 
 
-def _torch_phalanx(x, W_in, b_a, b_b, b_c, W_out, decay_max, block_len):
-    """The front's params layout (W_in columns V|Bg|C|A), in torch with the sequential loop."""
-    B, L, _ = x.shape
-    H = b_a.shape[0]
-    D = W_out.shape[0] // H
-    KV = b_b.shape[0] // D
-    V, Bl, Cl, Al = (x @ W_in).split([H * D, KV * D, KV * D, H], dim=-1)
-    A = decay_max * torch.sigmoid(Al + b_a)
-    Bg = torch.sigmoid(Bl + b_b).view(B, L, KV, D).repeat_interleave(H // KV, dim=2)
-    C = (Cl + b_c).view(B, L, KV, D).repeat_interleave(H // KV, dim=2)
-    V = V.reshape(B, L, H, D)
-    y = swr_hops1_loop(A.transpose(1, 2), (Bg * V).permute(0, 2, 3, 1), block_len)
-    return (y.permute(0, 3, 1, 2) * C + V).reshape(B, L, H * D) @ W_out
-
-
-def make_stand_in_front(*, ignore_decay_max=False):
-    keys = ("W_in", "b_a", "b_b", "b_c", "W_out")
-    calls = {"phalanx": 0, "phalanx_vjp": 0}
-
-    def run(x, params, block_len, hops, grad_out=None):
-        if hops != 1:
-            raise NotImplementedError("the stand-in front covers hops=1")
-        ts = [
-            torch.tensor(np.asarray(params[k], dtype=np.float64), requires_grad=True) for k in keys
-        ]
-        xt = torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
-        dm = 1.0 if ignore_decay_max else float(params["decay_max"])
-        out = _torch_phalanx(xt, *ts, dm, block_len)
-        if grad_out is None:
-            return out.detach().numpy()
-        grads = torch.autograd.grad(out, [xt, *ts], torch.as_tensor(np.asarray(grad_out)))
-        return grads[0].numpy(), {k: g.numpy() for k, g in zip(keys, grads[1:])}
-
-    def isolated(*args):
-        # a custom op's implementation runs below torch's autograd dispatch (thread-local), so
-        # the stand-in takes its own gradients in a fresh thread
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(run, *args).result()
-
-    def phalanx(x, params, *, block_len=16, hops=1, return_residuals=False, **unused):
-        calls["phalanx"] += 1
-        out = isolated(x, params, block_len, hops)
-        return (out, {"z": np.asarray(x) @ np.asarray(params["W_in"])}) if return_residuals else out
-
-    def phalanx_vjp(x, params, dout, *, block_len=16, hops=1, residuals=None):
-        calls["phalanx_vjp"] += 1
-        assert residuals is not None and residuals["z"].shape[-1] == params["W_in"].shape[1]
-        return isolated(x, params, block_len, hops, dout)
-
-    mod = types.ModuleType("swr_array_stand_in_front")
-    mod.phalanx, mod.phalanx_vjp, mod.calls = phalanx, phalanx_vjp, calls
-    return mod
-
-
 @pytest.fixture
-def stand_in_front(monkeypatch):
-    def install(module):
-        name = "swr_array_stand_in_front"
-        if module is None:
-            monkeypatch.delitem(sys.modules, name, raising=False)
-        else:
-            monkeypatch.setitem(sys.modules, name, module)
-        monkeypatch.setattr(T, "_FRONT_PHALANX_MODULE", name)
-        monkeypatch.setattr(T, "_FAST_PATH_DEVICE_TYPES", ("cuda", "cpu"))
-        T._front_phalanx.cache_clear()
-        return module
+def fused_on_cpu(monkeypatch):
+    """Phalanx.forward takes the fused custom ops on the CPU too, and counts the front's calls."""
+    monkeypatch.setattr(T, "_FUSED_DEVICE_TYPES", ("cuda", "cpu"))
+    calls = {"phalanx": 0, "phalanx_vjp": 0}
+    for name in calls:
+        real = getattr(T._front_phalanx, name)
 
-    yield install
-    T._front_phalanx.cache_clear()
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(T._front_phalanx, name, counted)
+    return calls
 
 
-def test_fused_path_plumbing(gen, stand_in_front):
-    front = stand_in_front(make_stand_in_front())
-    torch.manual_seed(10)
-    fused = Phalanx(32, head_dim=8, kv_heads=2, decay_max=0.9, block_len=4, dtype=F64)
-    assert fused.fast_path_status == "available" and fused._fast
-    plain = Phalanx(
-        32, head_dim=8, kv_heads=2, decay_max=0.9, block_len=4, dtype=F64, fast_path=False
-    )
+def test_fused_ops_equal_the_composition(gen, fused_on_cpu):
+    torch.manual_seed(11)
+    kw = dict(head_dim=4, kv_heads=3, decay_max=0.8, block_len=4, hops=1, dtype=F64)
+    fused = Phalanx(24, **kw)
+    plain = Phalanx(24, fast_path=False, **kw)
     plain.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 20, 32, generator=gen, dtype=F64, requires_grad=True)
-    dout = torch.randn(2, 20, 32, generator=gen, dtype=F64)
-    calls = dict(front.calls)
+    x = torch.randn(2, 19, 24, generator=gen, dtype=F64, requires_grad=True)
+    dout = torch.randn(2, 19, 24, generator=gen, dtype=F64)
     got = fused(x)
     g_got = torch.autograd.grad(got, [x, *fused.parameters()], dout)
-    assert front.calls["phalanx"] == calls["phalanx"] + 1
-    assert front.calls["phalanx_vjp"] == calls["phalanx_vjp"] + 1
+    assert fused_on_cpu == {"phalanx": 1, "phalanx_vjp": 1}
     want = plain(x)
     g_want = torch.autograd.grad(want, [x, *plain.parameters()], dout)
     assert_close(got, want.detach().numpy())
     for g, w in zip(g_got, g_want):
+        assert g.shape == w.shape
         assert_close(g, w.numpy())
-
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    got_c = compiled(x)
-    g_c = torch.autograd.grad(got_c, [x, *fused.parameters()], dout)
-    assert_close(got_c, want.detach().numpy())
-    for g, w in zip(g_c, g_want):
-        assert_close(g, w.numpy())
-
-    with torch.no_grad():  # stateful calls take the composition, whatever the front offers
-        n = front.calls["phalanx"]
+    with torch.no_grad():  # stateful calls take the composition
         out, _ = fused(x, return_state=True)
-        assert front.calls["phalanx"] == n
-        assert_close(out, want.detach().numpy())
+    assert fused_on_cpu["phalanx"] == 1
+    assert_close(out, want.detach().numpy())
 
 
-def test_fused_path_with_the_real_front_on_the_cpu(gen, stand_in_front):
-    """swr_array.phalanx's NumPy reference through the fused custom ops equals the composition."""
-    try:
-        real = importlib.import_module("swr_array.phalanx")
-    except Exception as exc:  # noqa: BLE001 - its GPU stack may fail to import here
-        pytest.skip(f"swr_array.phalanx is not importable: {exc}")
-    stand_in_front(real)
-    torch.manual_seed(11)
-    fused = Phalanx(24, head_dim=4, kv_heads=3, decay_max=0.8, block_len=4, hops=1, dtype=F64)
-    assert fused.fast_path_status == "available", fused.fast_path_status
-    x = torch.randn(2, 19, 24, generator=gen, dtype=F64, requires_grad=True)
-    got = fused(x)
-    g_got = torch.autograd.grad(got.square().sum(), [x, *fused.parameters()])
-    fused.fast_path = False
-    fused._fast = False
-    want = fused(x)
-    g_want = torch.autograd.grad(want.square().sum(), [x, *fused.parameters()])
+def test_fused_ops_compile_fullgraph_inductor(gen, fused_on_cpu):
+    """torch.compile's default mode (inductor), fullgraph, over the fused ops: forward+backward."""
+    torch.manual_seed(12)
+    layer = Phalanx(16, head_dim=4, kv_heads=2, decay_max=0.9, block_len=4, dtype=F64)
+    x = torch.randn(2, 9, 16, generator=gen, dtype=F64, requires_grad=True)
+    want = layer(x)
+    g_want = torch.autograd.grad(want.square().sum(), [x, *layer.parameters()])
+    n = dict(fused_on_cpu)
+    got = torch.compile(layer, fullgraph=True)(x)
+    g_got = torch.autograd.grad(got.square().sum(), [x, *layer.parameters()])
+    assert fused_on_cpu["phalanx"] > n["phalanx"] and fused_on_cpu["phalanx_vjp"] > n["phalanx_vjp"]
     assert_close(got, want.detach().numpy())
     for g, w in zip(g_got, g_want):
         assert_close(g, w.numpy())
 
 
-def test_fused_path_probe_ignores_the_callers_modes(stand_in_front):
-    stand_in_front(make_stand_in_front())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        layer = Phalanx(16, head_dim=4, dtype=F64)
-    assert layer._fast and layer.fast_path_status == "available"
+def _opcheck_cases(gen):
+    a, u, x0 = make_inputs(gen, B=1, H=2, D=2, N=5, x0=True)
+    dy = torch.randn(u.shape, generator=gen, dtype=F64)
+    x = torch.randn(1, 5, 8, generator=gen, dtype=F64)
+    w_in = 0.3 * torch.randn(4 + 4 + 4 + 2, 8, generator=gen, dtype=F64)
+    b_in = 0.3 * torch.randn(4 + 4 + 2, generator=gen, dtype=F64)
+    w_out = 0.3 * torch.randn(8, 4, generator=gen, dtype=F64)
+    cfg = (2, 2, 2, 0.9, 2, 1)  # heads, head_dim, kv_heads, decay_max, block_len, hops
+    z = x @ w_in.T
+    return [  # swr and swr_vjp without x0: test_opcheck_custom_ops
+        (T._swr_vjp_op, (a, u, dy, x0, 2, 1, "BLHD")),
+        (T._phalanx_op, (x, w_in, b_in, w_out, *cfg)),
+        (T._phalanx_vjp_op, (x, w_in, b_in, w_out, torch.randn_like(x), z, *cfg)),
+    ]
 
 
-def test_fused_path_disabled_when_front_disagrees(gen, stand_in_front):
-    stand_in_front(make_stand_in_front(ignore_decay_max=True))
-    layer = Phalanx(16, head_dim=4, decay_max=0.5, dtype=F64)
-    assert not layer._fast
-    assert "does not match the torch layer" in layer.fast_path_status
-    x = torch.randn(1, 9, 16, generator=gen, dtype=F64)
-    assert_close(layer(x), phalanx_numpy(x, layer, block_len=16, hops=1))
+def test_fused_custom_ops_opcheck(gen):
+    """Each custom op's schema, fake implementation (shapes, dtypes, strides, no aliasing of its
+    inputs) and autograd registration agree with what it computes (torch.library.opcheck)."""
+    for op, args in _opcheck_cases(gen):
+        if op is T._phalanx_op:
+            torch.library.opcheck(op, args)
+        else:  # the backward ops have no gradient of their own
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_fused_path_disabled_without_front(stand_in_front):
-    stand_in_front(None)
-    layer = Phalanx(16, head_dim=4)
-    assert not layer._fast and "not importable" in layer.fast_path_status
-    assert Phalanx(16, head_dim=4, fast_path=False).fast_path_status.startswith("disabled")
+# ----------------------------------------------------------------------------------------------
+# the decoding state: in place, per-row positions, rows reset/loaded, compiled steps
+# ----------------------------------------------------------------------------------------------
+
+
+def test_steps_keep_the_state_storage_and_equal_the_forward(gen):
+    a, u, _ = make_inputs(gen, B=3, N=21)
+    want = swr(a, u, block_len=4, layout="BLHD")
+    with torch.no_grad():
+        state = swr_init_state((3, 3, 4), block_len=4)
+        ptrs = [t.data_ptr() for t in state.tensors()]
+        out = torch.empty(3, 3, 4, dtype=F64)
+        for t in range(9):
+            y, same = swr_step(a[:, t], u[:, t], state, out=out)
+            assert same is state and y is out
+            np.testing.assert_array_equal(y.numpy(), want[:, t].numpy())
+        # a chunked prefill continues the same object in place
+        y2, same = swr(a[:, 9:], u[:, 9:], block_len=4, layout="BLHD", state=state,
+                       return_state=True)  # fmt: skip
+    assert same is state and ptrs == [t.data_ptr() for t in state.tensors()]
+    assert state.position.tolist() == [21] * 3
+    assert_close(y2, want[:, 9:].numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_rows_at_different_positions_reset_and_load(gen):
+    torch.manual_seed(3)
+    layer = Phalanx(16, head_dim=4, kv_heads=2, block_len=4, dtype=F64)
+    x = torch.randn(3, 13, 16, generator=gen, dtype=F64)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.init_state(3)
+        for t in range(6):
+            layer.step(x[:, t], state)
+        state.reset_rows(1)  # row 1 restarts its sequence; rows 0 and 2 go on at position 6
+        for t in range(7):
+            out, _ = layer.step(torch.stack([x[0, 6 + t], x[1, t], x[2, 6 + t]]), state)
+            assert_close(out[0], full[0, 6 + t].numpy(), rtol=1e-12, atol=1e-12)
+            assert_close(out[1], full[1, t].numpy(), rtol=1e-12, atol=1e-12)
+        assert state.position.tolist() == [13, 7, 13]
+        # a new prompt's prefill state loaded into row 2 (continuous batching)
+        _, prefill = layer(x[2:, :5], return_state=True)
+        state.load_rows([2], prefill)
+        out, _ = layer.step(torch.stack([x[0, 0], x[1, 7], x[2, 5]]), state)
+        assert_close(out[1:], torch.stack([full[1, 7], full[2, 5]]).numpy(), rtol=1e-12,
+                     atol=1e-12)  # fmt: skip
+        with pytest.raises(ValueError, match="made by the layer"):
+            Phalanx(16, head_dim=4, kv_heads=4, block_len=4, dtype=F64).step(x[:, 0], state)
+        with pytest.raises(ValueError, match="needs \\(B, H, D\\)"):
+            layer.step(x[:2, 0], state)
+        before = [t.clone() for t in state.tensors()]
+        with pytest.raises(TypeError):
+            layer.step(x[:, 0].float(), state)
+        assert all(torch.equal(b, t) for b, t in zip(before, state.tensors()))
+
+
+def test_compile_fullgraph_inductor_steps(gen):
+    """torch.compile (default mode, fullgraph) of swr_step and Phalanx.step: the custom step
+    op mutates the state's tensors; the steps equal the full forward."""
+    torch.manual_seed(4)
+    layer = Phalanx(16, head_dim=4, block_len=4)
+    x = torch.randn(2, 6, 16, generator=gen)
+    a, u, _ = make_inputs(gen, B=2, H=2, D=3, N=6, dtype=torch.float32)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.init_state(2)
+        step = torch.compile(layer.step, fullgraph=True)
+        for t in range(6):
+            out, same = step(x[:, t], state)
+            assert same is state
+            torch.testing.assert_close(out, full[:, t], rtol=1e-5, atol=1e-5)
+        want = swr(a, u, block_len=4, layout="BLHD")
+        st = swr_init_state((2, 2, 3), block_len=4)
+        f = torch.compile(lambda a_t, u_t, s: swr_step(a_t, u_t, s)[0], fullgraph=True)
+        for t in range(6):
+            torch.testing.assert_close(f(a[:, t], u[:, t], st), want[:, t], rtol=0, atol=0)
+    assert state.position.tolist() == [6, 6] and st.position.tolist() == [6, 6]
 
 
 # ----------------------------------------------------------------------------------------------
