@@ -419,6 +419,7 @@ def swr(
     out_dtype: torch.dtype | None = None,
     state: SWRState | None = None,
     return_state: bool = False,
+    cp_group=None,
 ):
     """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (SPEC section 1).
 
@@ -434,6 +435,9 @@ def swr(
         state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from
             (not differentiable).
         return_state: also return the state after the last token (not differentiable).
+        cp_group: a ``torch.distributed`` process group for context parallelism: each rank
+            passes its contiguous shard along L (group-rank order, any lengths) and gets its
+            shard of the full-sequence result (see docs/context_parallel.md).
 
     Returns:
         y with u's shape, or ``(y, state)`` with ``return_state``. Differentiable in a, u and x0
@@ -443,10 +447,16 @@ def swr(
     _check_tensor("u", u)
     _check_tensor("x0", x0, optional=True)
     a, u = _autocast(a, u)
-    block_len, hops, layout, _ = _check_swr(
+    block_len, hops, layout, per_head = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
     return_state = _checks.check_bool("return_state", return_state)
+    if cp_group is not None:
+        if state is not None or return_state:
+            raise ValueError("cp_group does not combine with state or return_state")
+        from swr_array.adapters import torch_cp
+
+        return torch_cp.swr(a, u, x0, block_len, hops, layout, out_dtype, per_head, cp_group)
     if state is not None or return_state:
         if state is not None and x0 is not None:
             raise ValueError("pass either x0 or state, not both: a state already holds its carry")
@@ -1176,14 +1186,26 @@ class Phalanx(nn.Module):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {w.dtype}")
 
-    def forward(self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False):
+    def forward(
+        self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False,
+        cp_group=None,
+    ):
         """``x (B, L, dim) -> out (B, L, dim)``.
+
+        With ``cp_group`` (a ``torch.distributed`` group) x is this rank's shard of the sequence
+        and the output its shard of the full-sequence output (docs/context_parallel.md).
 
         With ``return_state`` also the state after the last token (prefill); with ``state`` the
         call continues from it (chunked prefill). Stateful calls are not differentiable: run them
         under ``torch.no_grad()``.
         """
         self._check_input("x", x, 3)
+        if cp_group is not None:
+            if state is not None or return_state:
+                raise ValueError("cp_group does not combine with state or return_state")
+            from swr_array.adapters import torch_cp
+
+            return torch_cp.phalanx(self, x, cp_group)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
         if (
             self._fast
