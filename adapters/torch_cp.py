@@ -91,7 +91,9 @@ def _lengths(n: int, has_x0: bool, device, group) -> list[int]:
     info = _gather(torch.tensor([n, int(has_x0)], dtype=torch.int64, device=dev), group).tolist()
     flags = {f for _, f in info}
     if len(flags) > 1:
-        raise ValueError("x0 must be passed on every rank of cp_group or on none (it is replicated)")
+        raise ValueError(
+            "x0 must be passed on every rank of cp_group or on none (it is replicated)"
+        )
     return [m for m, _ in info]
 
 

@@ -56,7 +56,6 @@ def torch_worker(rank: int, world: int, port: int, backend: str = "gloo") -> Non
     os.environ["MASTER_PORT"] = str(port)
     import torch
     import torch.distributed as dist
-
     from swr_array.adapters import torch as st
 
     torch.set_num_threads(1)
@@ -97,7 +96,7 @@ def torch_worker(rank: int, world: int, port: int, backend: str = "gloo") -> Non
                         tdim = 1 if layout == "BLHD" else 3
                         adim = tdim if not per_head else (1 if layout == "BLHD" else 2)
 
-                        def shard(t, dim):
+                        def shard(t, dim, p=p, n=n):
                             return t.detach().narrow(dim, p, n).clone()
 
                         sa = shard(a, adim).requires_grad_()
@@ -176,8 +175,8 @@ def jax_main(devices: int, full: bool = False) -> None:
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    from jax.sharding import Mesh, PartitionSpec as P
-
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
     from swr_array.adapters import jax as sj
 
     try:
@@ -237,7 +236,7 @@ def jax_main(devices: int, full: bool = False) -> None:
 
         smp = shard_map(part, mesh=mesh, in_specs=(P(), P(None, "cp")), out_specs=P(None, "cp"))
 
-        def sharded(params, x):
+        def sharded(params, x, smp=smp):
             return jnp.sum(jnp.sin(smp(params, x)))
 
         want = jax.grad(full, argnums=(0, 1))(params, x)
