@@ -208,10 +208,14 @@ def _output(at, ut, x0, gathered, local, cfg: _Cfg) -> Tensor:
         pu = pu[0].index_copy(-1, idx, torch.stack(cvs, -1))
     else:
         pa, pu = pa[0], pu[0]
-    a = _from_canon(torch.cat([pa, at], -1), cfg.layout, cfg.per_head, True)
-    u = _from_canon(torch.cat([pu, ut], -1), cfg.layout, False, False)
-    y = _t.swr(a, u, block_len=l, hops=k, layout=cfg.layout)
-    return _to_canon(y, cfg.layout, False, False)[..., virtual + o:]
+    # concatenated along the layout's own time axis: the padded arrays come out contiguous
+    lay, ph = cfg.layout, cfg.per_head
+    a = torch.cat([_from_canon(pa, lay, ph, True), _from_canon(at, lay, ph, True)],
+                  dim=_time_dim(lay, ph, True))
+    u = torch.cat([_from_canon(pu, lay, False, False), _from_canon(ut, lay, False, False)],
+                  dim=_time_dim(lay, ph, False))
+    y = _t.swr(a, u, block_len=l, hops=k, layout=lay)
+    return _to_canon(y, lay, False, False)[..., virtual + o:]
 
 
 # ----------------------------------------------------------------------------------------------
