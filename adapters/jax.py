@@ -492,7 +492,9 @@ def _dispatch(cfg: _Config, host, device, *args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _swr_op(cfg, a, u, x0):
-    return _dispatch(cfg, _fwd_host, _fwd_buffer, a, u, x0)
+    from swr_array.adapters.jax_cp import vary_like  # inside shard_map
+
+    return vary_like(_dispatch(cfg, _fwd_host, _fwd_buffer, a, u, x0), a, u, x0)
 
 
 def _swr_op_fwd(cfg, a, u, x0):
@@ -502,7 +504,10 @@ def _swr_op_fwd(cfg, a, u, x0):
 def _swr_op_bwd(cfg, res, dy):
     a, u, x0 = res
     grads = _dispatch(cfg, _bwd_host, _bwd_buffer, a, u, x0, dy)
-    return tuple(grads) if x0 is not None else (grads[0], grads[1], None)
+    grads = tuple(grads) if x0 is not None else (grads[0], grads[1], None)
+    from swr_array.adapters.jax_cp import match_cotangents  # inside shard_map
+
+    return match_cotangents(grads, (a, u, x0), (a, u, x0, dy))
 
 
 _swr_op.defvjp(_swr_op_fwd, _swr_op_bwd)
@@ -519,6 +524,7 @@ def swr(
     layout: str = "BLHD",
     x0: Array | None = None,
     out_dtype=None,
+    cp_axis=None,
 ) -> Array:
     """Sliding window recurrence ``y = L_hops(a) u`` on JAX arrays (docs/spec.md#recurrence),
     differentiable.
@@ -536,6 +542,9 @@ def swr(
         layout: ``"BLHD"`` or ``"BHDL"``.
         x0: initial carry ``(B, H, D)`` (default 0), differentiable.
         out_dtype: dtype of y (default: the input dtype).
+        cp_axis: inside :func:`jax.shard_map`, the mesh axis the sequence axis is sharded over
+            (context parallelism): a and u are this device's shard, y its shard of the
+            full-sequence result (see docs/context_parallel.md).
 
     Returns:
         y with u's shape and dtype ``out_dtype``. a and u share one dtype among float32, float16,
@@ -548,6 +557,12 @@ def swr(
     cfg = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
+    if cp_axis is not None:
+        from swr_array.adapters import jax_cp
+
+        return jax_cp.swr(swr, a, u, x0, block_len=cfg.block_len, hops=cfg.hops,
+                          layout=cfg.layout, per_head=cfg.per_head, out_dtype=cfg.out_dtype,
+                          axis=cp_axis)
     return _swr_jit(cfg, a, u, x0)
 
 
@@ -745,7 +760,7 @@ def _check_phalanx(params, x):
     return x
 
 
-def _phalanx_composite(params: PhalanxParams, x, block_len, hops):
+def _phalanx_composite(params: PhalanxParams, x, block_len, hops, cp_axis=None):
     """GEMMs and gates in jnp, the recurrence through :func:`swr`."""
     H, D, KV = params.heads, params.head_dim, params.kv_heads
     Bsz, L, _ = x.shape
@@ -762,7 +777,8 @@ def _phalanx_composite(params: PhalanxParams, x, block_len, hops):
         Bg = jnp.repeat(Bg, group, axis=2)
         Cg = jnp.repeat(Cg, group, axis=2)
     V = zv.reshape(Bsz, L, H, D)
-    y = swr(A.astype(cd), (Bg * V).astype(cd), block_len=block_len, hops=hops, layout="BLHD")
+    y = swr(A.astype(cd), (Bg * V).astype(cd), block_len=block_len, hops=hops, layout="BLHD",
+            cp_axis=cp_axis)
     Y = (y.astype(gd) * Cg + V).astype(cd).reshape(Bsz, L, hd)
     return Y @ params.W_out.astype(cd)
 
@@ -868,7 +884,9 @@ def _phalanx_fused_bwd(cfg, res, dout):
 _phalanx_fused.defvjp(_phalanx_fused_fwd, _phalanx_fused_bwd)
 
 
-def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1) -> Array:
+def phalanx(
+    params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1, cp_axis=None
+) -> Array:
     """The Phalanx layer (docs/spec.md#phalanx), functional: ``(B, L, dim) -> (B, L, dim)``.
 
     ``[V | Bg | C | A] = x W_in``; ``A = decay_max sigmoid(A + b_a)``, ``Bg = sigmoid(Bg + b_b)``,
@@ -880,10 +898,15 @@ def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int |
     layer runs as ``swr_array.phalanx`` (one GEMM, one fused kernel, one GEMM) and its gradient as
     ``swr_array.phalanx_vjp`` fed with the forward's ``x W_in``; elsewhere (and always on the CPU)
     the GEMMs and gates run in jnp and the recurrence through :func:`swr`.
+
+    With ``cp_axis`` (inside :func:`jax.shard_map`, x sharded along L over that mesh axis) the
+    composition runs with the context-parallel :func:`swr` (docs/context_parallel.md).
     """
     x = _check_phalanx(params, x)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
+    if cp_axis is not None:
+        return _phalanx_composite(params, x, block_len, hops, cp_axis)
     composite = functools.partial(_phalanx_composite, block_len=block_len, hops=hops)
     on_cpu_test_path = _CPU_CALLBACK == "buffer_callback"
     if _bc is None or not fused_phalanx_available() or not (

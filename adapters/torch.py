@@ -251,7 +251,7 @@ def _autocast(*tensors: Tensor | None) -> list:
 
 def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
     """Validate an SWR call with the front's checks (layout, block_len, hops, shapes) and torch's
-    dtype/device rules; returns (block_len, hops, layout)."""
+    dtype/device rules; returns (block_len, hops, layout, per_head)."""
     layout = _checks.check_layout(layout)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
@@ -264,13 +264,13 @@ def _check_swr(a, u, x0, *, block_len, hops, layout, out_dtype):
     _check_dtype("a", a.dtype, device)
     if a.dtype != u.dtype:
         raise TypeError(f"a and u must share one dtype, got {a.dtype} and {u.dtype}")
-    B, H, D, _, _ = _checks.swr_dims(tuple(a.shape), tuple(u.shape), layout)
+    B, H, D, _, per_head = _checks.swr_dims(tuple(a.shape), tuple(u.shape), layout)
     if x0 is not None:
         if tuple(x0.shape) != (B, H, D):
             raise ValueError(f"x0 must have shape (B, H, D) = {(B, H, D)}, got {tuple(x0.shape)}")
         _check_dtype("x0", x0.dtype, device)
     _check_out_dtype(out_dtype, device)
-    return block_len, hops, layout
+    return block_len, hops, layout, per_head
 
 
 def _forbid_grad(what: str, *tensors: Tensor | None) -> None:
@@ -392,8 +392,9 @@ def swr(
     out_dtype: torch.dtype | None = None,
     state: "SWRState | None" = None,
     return_state: bool = False,
+    cp_group=None,
 ):
-    """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (SPEC section 1).
+    """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (docs/spec.md#recurrence).
 
     Args:
         a: coefficients, per head ``(B, L, H)`` / ``(B, H, L)`` or per channel (u's shape).
@@ -407,6 +408,9 @@ def swr(
         state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from
             (not differentiable).
         return_state: also return the state after the last token (not differentiable).
+        cp_group: a ``torch.distributed`` process group for context parallelism: each rank
+            passes its contiguous shard along L (group-rank order, any lengths) and gets its
+            shard of the full-sequence result (see docs/context_parallel.md).
 
     Returns:
         y with u's shape, or ``(y, state)`` with ``return_state``. Differentiable in a, u and x0
@@ -416,10 +420,16 @@ def swr(
     _check_tensor("u", u)
     _check_tensor("x0", x0, optional=True)
     a, u = _autocast(a, u)
-    block_len, hops, layout = _check_swr(
+    block_len, hops, layout, per_head = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
     return_state = _checks.check_bool("return_state", return_state)
+    if cp_group is not None:
+        if state is not None or return_state:
+            raise ValueError("cp_group does not combine with state or return_state")
+        from swr_array.adapters import torch_cp
+
+        return torch_cp.swr(a, u, x0, block_len, hops, layout, out_dtype, per_head, cp_group)
     if state is not None or return_state:
         if state is not None and x0 is not None:
             raise ValueError("pass either x0 or state, not both: a state already holds its carry")
@@ -998,7 +1008,7 @@ _SPEAR_KEYS = {
 
 
 class Phalanx(nn.Module):
-    """The Phalanx mixer (SPEC section 5): a gated sliding window recurrence between two GEMMs.
+    """The Phalanx mixer (docs/spec.md#phalanx): a gated sliding window recurrence between two GEMMs.
 
     ``x (B, L, dim) -> out (B, L, dim)``::
 
@@ -1176,14 +1186,26 @@ class Phalanx(nn.Module):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {w.dtype}")
 
-    def forward(self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False):
+    def forward(
+        self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False,
+        cp_group=None,
+    ):
         """``x (B, L, dim) -> out (B, L, dim)``.
+
+        With ``cp_group`` (a ``torch.distributed`` group) x is this rank's shard of the sequence
+        and the output its shard of the full-sequence output (docs/context_parallel.md).
 
         With ``return_state`` also the state after the last token (prefill); with ``state`` the
         call continues from it (chunked prefill). Stateful calls are not differentiable: run them
         under ``torch.no_grad()``.
         """
         self._check_input("x", x, 3)
+        if cp_group is not None:
+            if state is not None or return_state:
+                raise ValueError("cp_group does not combine with state or return_state")
+            from swr_array.adapters import torch_cp
+
+            return torch_cp.phalanx(self, x, cp_group)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
         if state is not None:
             self._check_state(state, x.shape[0], x.device)
