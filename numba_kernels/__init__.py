@@ -19,3 +19,8 @@ from .block_scan import linear_scan  # noqa: E402
 from .swr_backward import block_grad_sums, swr_backward, swr_backward_blocks, walk_plan  # noqa: E402
 
 __all__ += ["block_grad_sums", "linear_scan", "swr_backward", "swr_backward_blocks", "walk_plan"]
+
+# Packed sequences: token moves into and out of the padded image (numba_kernels/packing.py)
+from . import packing  # noqa: E402
+
+__all__ += ["packing"]
