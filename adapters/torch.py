@@ -419,6 +419,7 @@ def swr(
     out_dtype: torch.dtype | None = None,
     state: SWRState | None = None,
     return_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ):
     """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (SPEC section 1).
 
@@ -434,6 +435,9 @@ def swr(
         state: an :class:`SWRState` from an earlier ``return_state=True`` call to continue from
             (not differentiable).
         return_state: also return the state after the last token (not differentiable).
+        cu_seqlens: packed sequences (B == 1): int32/int64 ``[0, n_1, ..., T]`` on u's device;
+            each sequence runs alone, x0 is ``(S, H, D)``; never synchronises with the host
+            (see docs/guide_torch.md, packing documents).
 
     Returns:
         y with u's shape, or ``(y, state)`` with ``return_state``. Differentiable in a, u and x0
@@ -443,6 +447,20 @@ def swr(
     _check_tensor("u", u)
     _check_tensor("x0", x0, optional=True)
     a, u = _autocast(a, u)
+    if cu_seqlens is not None:
+        from . import _torch_packed
+
+        if state is not None:
+            raise ValueError("state cannot be combined with cu_seqlens: give each sequence its "
+                             "initial carry with x0 of shape (S, H, D)")
+        if _checks.check_bool("return_state", return_state):
+            _forbid_grad("swr with return_state", a, u, x0)
+            return _torch_packed.swr_packed_state(
+                _front_context, _to_front, _from_front, a, u, cu_seqlens, block_len=block_len,
+                hops=hops, layout=layout, x0=x0, out_dtype=out_dtype, np_dtype=_np_dtype)
+        return _torch_packed.swr_packed(
+            swr, a, u, cu_seqlens, block_len=block_len, hops=hops, layout=layout, x0=x0,
+            out_dtype=out_dtype, check_swr=_check_swr)
     block_len, hops, layout, _ = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
