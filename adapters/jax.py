@@ -506,6 +506,7 @@ def swr(
     layout: str = "BLHD",
     x0: Array | None = None,
     out_dtype=None,
+    cu_seqlens: Array | None = None,
 ) -> Array:
     """Sliding window recurrence ``y = L_hops(a) u`` on JAX arrays (SPEC section 1), differentiable.
 
@@ -522,6 +523,8 @@ def swr(
         layout: ``"BLHD"`` or ``"BHDL"``.
         x0: initial carry ``(B, H, D)`` (default 0), differentiable.
         out_dtype: dtype of y (default: the input dtype).
+        cu_seqlens: packed sequences (B == 1): int32/int64 ``[0, n_1, ..., T]``, may be traced;
+            each sequence runs alone and x0 is ``(S, H, D)`` (see swr_array/packed.py).
 
     Returns:
         y with u's shape and dtype ``out_dtype``. a and u share one dtype among float32, float16,
@@ -531,6 +534,12 @@ def swr(
     a = _as_jax("a", a)
     u = _as_jax("u", u)
     x0 = None if x0 is None else _as_jax("x0", x0)
+    if cu_seqlens is not None:
+        from . import _jax_packed
+
+        return _jax_packed.swr_packed(
+            swr, a, u, cu_seqlens, block_len=block_len, hops=hops, layout=layout, x0=x0,
+            out_dtype=out_dtype, check_swr=_check_swr)
     cfg = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
