@@ -744,7 +744,7 @@ def _check_phalanx(params, x):
     return x
 
 
-def _phalanx_composite(params: PhalanxParams, x, block_len, hops):
+def _phalanx_composite(params: PhalanxParams, x, block_len, hops, cu_seqlens=None):
     """GEMMs and gates in jnp, the recurrence through :func:`swr`."""
     H, D, KV = params.heads, params.head_dim, params.kv_heads
     Bsz, L, _ = x.shape
@@ -761,7 +761,8 @@ def _phalanx_composite(params: PhalanxParams, x, block_len, hops):
         Bg = jnp.repeat(Bg, group, axis=2)
         Cg = jnp.repeat(Cg, group, axis=2)
     V = zv.reshape(Bsz, L, H, D)
-    y = swr(A.astype(cd), (Bg * V).astype(cd), block_len=block_len, hops=hops, layout="BLHD")
+    y = swr(A.astype(cd), (Bg * V).astype(cd), block_len=block_len, hops=hops, layout="BLHD",
+            cu_seqlens=cu_seqlens)
     Y = (y.astype(gd) * Cg + V).astype(cd).reshape(Bsz, L, hd)
     return Y @ params.W_out.astype(cd)
 
@@ -867,7 +868,8 @@ def _phalanx_fused_bwd(cfg, res, dout):
 _phalanx_fused.defvjp(_phalanx_fused_fwd, _phalanx_fused_bwd)
 
 
-def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1) -> Array:
+def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1,
+            cu_seqlens: Array | None = None) -> Array:
     """The Phalanx layer (SPEC section 5), functional: ``(B, L, dim) -> (B, L, dim)``.
 
     ``[V | Bg | C | A] = x W_in``; ``A = decay_max sigmoid(A + b_a)``, ``Bg = sigmoid(Bg + b_b)``,
@@ -879,10 +881,15 @@ def phalanx(params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int |
     layer runs as ``swr_array.phalanx`` (one GEMM, one fused kernel, one GEMM) and its gradient as
     ``swr_array.phalanx_vjp`` fed with the forward's ``x W_in``; elsewhere (and always on the CPU)
     the GEMMs and gates run in jnp and the recurrence through :func:`swr`.
+
+    ``cu_seqlens`` (B == 1): packed documents, each its own sequence (see :func:`swr`); always
+    the jnp composition (not the fused kernel).
     """
     x = _check_phalanx(params, x)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
+    if cu_seqlens is not None:
+        return _phalanx_composite(params, x, block_len, hops, cu_seqlens)
     composite = functools.partial(_phalanx_composite, block_len=block_len, hops=hops)
     on_cpu_test_path = _CPU_CALLBACK == "buffer_callback"
     if _bc is None or not fused_phalanx_available() or not (
@@ -980,8 +987,9 @@ def _phalanx_module():
             return PhalanxParams(*(getattr(self, k)[...] for k in _WEIGHTS), self.heads,
                                  self.head_dim, self.kv_heads, self.decay_max)
 
-        def __call__(self, x: Array) -> Array:
-            return phalanx(self.params, x, block_len=self.block_len, hops=self.hops)
+        def __call__(self, x: Array, *, cu_seqlens: Array | None = None) -> Array:
+            return phalanx(self.params, x, block_len=self.block_len, hops=self.hops,
+                           cu_seqlens=cu_seqlens)
 
     Phalanx.__module__, Phalanx.__qualname__ = __name__, "Phalanx"
     return Phalanx

@@ -758,7 +758,8 @@ def _input_bias(b_in: Tensor, cfg: _PhalanxConfig) -> Tensor:
     return F.pad(b_in, (cfg.heads * cfg.head_dim, 0))  # V has no bias
 
 
-def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, return_state=False):
+def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, return_state=False,
+                     cu_seqlens=None):
     z = F.linear(x, w_in, _input_bias(b_in, cfg))
     A, U, c5, v5 = _gates(z, cfg)
     res = swr(
@@ -769,6 +770,7 @@ def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, retu
         layout="BLHD",
         state=state,
         return_state=return_state,
+        cu_seqlens=cu_seqlens,
     )
     y, new_state = res if return_state else (res, None)
     out = _readout(y, c5, v5, w_out)
@@ -1194,15 +1196,20 @@ class Phalanx(nn.Module):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {w.dtype}")
 
-    def forward(self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False):
+    def forward(self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False,
+                cu_seqlens: Tensor | None = None):
         """``x (B, L, dim) -> out (B, L, dim)``.
 
         With ``return_state`` also the state after the last token (prefill); with ``state`` the
         call continues from it (chunked prefill). Stateful calls are not differentiable: run them
-        under ``torch.no_grad()``.
+        under ``torch.no_grad()``. ``cu_seqlens`` (B == 1): packed documents, each its own
+        sequence (see :func:`swr`; the generic path, not the fused kernel).
         """
         self._check_input("x", x, 3)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
+        if cu_seqlens is not None:
+            return _phalanx_generic(x, *params, self.config, state=state,
+                                    return_state=return_state, cu_seqlens=cu_seqlens)
         if (
             self._fast
             and state is None
