@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swr_array as sa
@@ -93,7 +93,7 @@ def test_numpy_front_equals_separate_calls_and_reference(rng, layout, per_head, 
                 np.testing.assert_array_equal(dx0, 0.0)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None)
 @given(lens=st.lists(st.integers(0, 19), min_size=0, max_size=12),
        bl=st.sampled_from([1, 2, 4, 8]), hops=st.sampled_from(HOPS),
        layout=st.sampled_from(["BLHD", "BHDL"]), per_head=st.booleans(), with_x0=st.booleans())
@@ -290,7 +290,6 @@ def test_torch_phalanx_forward_packed(rng):
 def test_jax_swr_packed_under_jit(rng, layout, hops):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
-
     from swr_array.adapters import jax as sj
 
     per_head = layout == "BHDL"
@@ -320,7 +319,6 @@ def test_jax_swr_packed_under_jit(rng, layout, hops):
 def test_jax_phalanx_packed(rng):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
-
     from swr_array.adapters import jax as sj
 
     p = sj.PhalanxParams.from_dict(sa.init_phalanx(16, head_dim=4))

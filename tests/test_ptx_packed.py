@@ -26,7 +26,6 @@ def _nvvm_or_skip():
 def test_packing_kernels_compile(cc, gather):
     _nvvm_or_skip()
     from numba import types
-
     from swr_array.numba_kernels import compile_for, packing
     from swr_array.numba_kernels._launch import entry_and_params
 
