@@ -89,7 +89,7 @@ def main(argv=None):
         ca, cu_, cdy = cp.asarray(a), cp.asarray(u), cp.asarray(dy)
         kw = dict(block_len=16, hops=1, layout=layout)
 
-        def dense():
+        def dense(ca=ca, cu_=cu_, cdy=cdy, kw=kw):
             sa.swr(ca, cu_, **kw)
             sa.swr_vjp(ca, cu_, cdy, **kw)
 
@@ -101,12 +101,12 @@ def main(argv=None):
             x0 = rng.standard_normal((n_docs, H, D)).astype(np.float32)
             cx0 = cp.asarray(x0)
 
-            def packed(x0=None):
+            def packed(x0=None, ca=ca, cu_=cu_, cdy=cdy, ccu=ccu, kw=kw):
                 sa.swr(ca, cu_, cu_seqlens=ccu, x0=x0, **kw)
                 sa.swr_vjp(ca, cu_, cdy, cu_seqlens=ccu, x0=x0, **kw)
 
             t_packed = gpu_time(packed, runs=args.runs, calls=args.calls, warmup=args.warmup)
-            t_x0 = gpu_time(lambda: packed(cx0), runs=args.runs, calls=args.calls,
+            t_x0 = gpu_time(lambda p=packed, x=cx0: p(x), runs=args.runs, calls=args.calls,
                             warmup=args.warmup)
             y = sa.swr(ca, cu_, cu_seqlens=ccu, x0=cx0, **kw).get().astype(np.float64)
             want = from_time_last(reference.swr_packed(
