@@ -93,7 +93,7 @@ def test_numpy_front_equals_separate_calls_and_reference(rng, layout, per_head, 
                 np.testing.assert_array_equal(dx0, 0.0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(lens=st.lists(st.integers(0, 19), min_size=0, max_size=12),
        bl=st.sampled_from([1, 2, 4, 8]), hops=st.sampled_from(HOPS),
        layout=st.sampled_from(["BLHD", "BHDL"]), per_head=st.booleans(), with_x0=st.booleans())
@@ -184,9 +184,12 @@ def test_bad_batch_and_x0(rng):
 # ----------------------------------------------------------------------------------------------
 
 
-def _phalanx_params():
-    p = sa.init_phalanx(16, head_dim=4)
+def _phalanx_params_from(p):
     return {k: (np.asarray(v, np.float64) if hasattr(v, "shape") else v) for k, v in p.items()}
+
+
+def _phalanx_params():
+    return _phalanx_params_from(sa.init_phalanx(16, head_dim=4))
 
 
 def test_phalanx_packed_equals_separate_calls(rng):
@@ -285,8 +288,7 @@ def test_torch_phalanx_forward_packed(rng):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
-@pytest.mark.parametrize("hops", [1, None])
+@pytest.mark.parametrize("layout, hops", [("BLHD", 1), ("BHDL", None)])
 def test_jax_swr_packed_under_jit(rng, layout, hops):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
@@ -317,16 +319,16 @@ def test_jax_swr_packed_under_jit(rng, layout, hops):
 
 
 def test_jax_phalanx_packed(rng):
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     import jax.numpy as jnp
     from swr_array.adapters import jax as sj
 
-    p = sj.PhalanxParams.from_dict(sa.init_phalanx(16, head_dim=4))
+    params = sa.init_phalanx(16, head_dim=4)
+    p = sj.PhalanxParams.from_dict(params)
     cu = np.array([0, 3, 3, 12, 13], np.int32)
-    x = jnp.asarray(rng.standard_normal((1, 13, 16)).astype(np.float32))
-    out = jax.jit(lambda x, cu: sj.phalanx(p, x, block_len=4, cu_seqlens=cu))(x, cu)
-    for lo, hi in zip(cu[:-1], cu[1:]):
-        if hi > lo:
-            np.testing.assert_allclose(np.asarray(out[:, lo:hi]),
-                                       np.asarray(sj.phalanx(p, x[:, lo:hi], block_len=4)),
-                                       rtol=1e-5, atol=1e-5)
+    x = rng.standard_normal((1, 13, 16)).astype(np.float32)
+    out = sj.phalanx(p, jnp.asarray(x), block_len=4, cu_seqlens=jnp.asarray(cu))
+    # the NumPy front's packed layer is checked against the per-sequence reference above
+    want = sa.phalanx(x.astype(np.float64), _phalanx_params_from(params), block_len=4,
+                      cu_seqlens=cu)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
