@@ -238,8 +238,9 @@ def swr_vjp(
     if tuple(dy.shape) != tuple(u.shape):
         raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
     _checks.check_float_dtype("dy", dy.dtype, p.backend)
-    if cu_seqlens is None:
-        _checks.check_channel_array("x0", x0, p)
+    if cu_seqlens is not None:
+        return packed.swr_vjp(a, u, dy, p, cu_seqlens, x0=x0, out=out)
+    _checks.check_channel_array("x0", x0, p)
     if out is not None:
         if not isinstance(out, tuple | list) or len(out) != 3:
             raise TypeError("out must be a tuple (da, du, dx0)")
@@ -249,10 +250,7 @@ def swr_vjp(
             raise ValueError("out[2] (dx0) must be None when x0 is None")
         if x0 is not None:
             f = np.float32 if p.backend == "cupy" else np.float64
-            nx = p.B if cu_seqlens is None else tuple(x0.shape)[0]
-            _checks.check_out("out[2] (dx0)", out[2], (nx, p.H, p.D), f, p)
-    if cu_seqlens is not None:
-        return packed.swr_vjp(a, u, dy, p, cu_seqlens, x0=x0, out=out)
+            _checks.check_out("out[2] (dx0)", out[2], (p.B, p.H, p.D), f, p)
     if p.backend == "cupy":
         import cupy
 

@@ -332,3 +332,20 @@ def test_jax_phalanx_packed(rng):
     want = sa.phalanx(x.astype(np.float64), _phalanx_params_from(params), block_len=4,
                       cu_seqlens=cu)
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+
+
+def test_out_arguments_with_cu_seqlens(rng):
+    cu, a, u = draw(rng, "BHDL", False, [4, 0, 7])
+    x0 = rng.standard_normal((3, 2, 3))
+    dy = rng.standard_normal(u.shape)
+    kw = dict(block_len=4, hops=2, layout="BHDL", x0=x0, cu_seqlens=cu)
+    y = np.full(u.shape, np.nan)
+    assert sa.swr(a, u, out=y, **kw) is y
+    np.testing.assert_allclose(y, ref_fwd(a, u, cu, "BHDL", False, 4, 2, x0), atol=1e-12)
+    out = (np.full(a.shape, np.nan), np.full(u.shape, np.nan), np.full((3, 2, 3), np.nan))
+    res = sa.swr_vjp(a, u, dy, out=out, **kw)
+    assert all(r is o for r, o in zip(res, out))
+    for got, want in zip(res, ref_vjp(a, u, dy, cu, "BHDL", False, 4, 2, x0)):
+        np.testing.assert_allclose(got, want, atol=1e-10)
+    with pytest.raises(ValueError, match=r"out\[2\] \(dx0\) must have shape \(3, 2, 3\)"):
+        sa.swr_vjp(a, u, dy, out=(out[0], out[1], np.zeros((1, 2, 3))), **kw)
