@@ -16,8 +16,11 @@ gradient of the image: ``dy`` moved in (zeros elsewhere), ``da``/``du`` moved ba
 ``dx0[s]`` is ``du`` at the carry slot of s. The carry slots hold u's dtype, so when ``x0`` is
 given with a 16-bit dtype the image is float32 (x0 is not rounded).
 
-Non-finite values of one sequence reach the next only through ``0 * inf`` at its carry slot
-(the exact recurrence, hops=None, or a non-finite value in the block holding the slot).
+Finite inputs are isolated exactly (the carry slot's ``a = 0`` multiplies what came before).
+A non-finite value (inf/NaN) of one sequence can reach the start of the next through
+``0 * inf = NaN`` there: when it lies in the block holding the next carry slot, or (hops >= 2,
+hops=None) in a carrier the window of the next sequence's first block multiplies by that 0.
+Separate calls would keep it inside its own sequence.
 
 The positions are computed from ``cu`` with array operations on its own device (no host copy);
 ``Lp`` depends only on T, S and block_len. On the NumPy backend the values of ``cu`` are
