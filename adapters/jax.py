@@ -525,6 +525,7 @@ def swr(
     x0: Array | None = None,
     out_dtype=None,
     cp_axis=None,
+    cu_seqlens: Array | None = None,
 ) -> Array:
     """Sliding window recurrence ``y = L_hops(a) u`` on JAX arrays (docs/spec.md#recurrence),
     differentiable.
@@ -545,6 +546,8 @@ def swr(
         cp_axis: inside :func:`jax.shard_map`, the mesh axis the sequence axis is sharded over
             (context parallelism): a and u are this device's shard, y its shard of the
             full-sequence result (see docs/context_parallel.md).
+        cu_seqlens: packed sequences (B == 1): int32/int64 ``[0, n_1, ..., T]``, may be traced;
+            each sequence runs alone and x0 is ``(S, H, D)`` (see swr_array/packed.py).
 
     Returns:
         y with u's shape and dtype ``out_dtype``. a and u share one dtype among float32, float16,
@@ -554,6 +557,16 @@ def swr(
     a = _as_jax("a", a)
     u = _as_jax("u", u)
     x0 = None if x0 is None else _as_jax("x0", x0)
+    if cp_axis is not None and cu_seqlens is not None:
+        raise ValueError(
+            "cp_axis and cu_seqlens do not combine (shard packed documents by document)"
+        )
+    if cu_seqlens is not None:
+        from . import _jax_packed
+
+        return _jax_packed.swr_packed(
+            swr, a, u, cu_seqlens, block_len=block_len, hops=hops, layout=layout, x0=x0,
+            out_dtype=out_dtype, check_swr=_check_swr)
     cfg = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
@@ -760,7 +773,8 @@ def _check_phalanx(params, x):
     return x
 
 
-def _phalanx_composite(params: PhalanxParams, x, block_len, hops, cp_axis=None):
+def _phalanx_composite(params: PhalanxParams, x, block_len, hops, cp_axis=None,
+                       cu_seqlens=None):
     """GEMMs and gates in jnp, the recurrence through :func:`swr`."""
     H, D, KV = params.heads, params.head_dim, params.kv_heads
     Bsz, L, _ = x.shape
@@ -778,7 +792,7 @@ def _phalanx_composite(params: PhalanxParams, x, block_len, hops, cp_axis=None):
         Cg = jnp.repeat(Cg, group, axis=2)
     V = zv.reshape(Bsz, L, H, D)
     y = swr(A.astype(cd), (Bg * V).astype(cd), block_len=block_len, hops=hops, layout="BLHD",
-            cp_axis=cp_axis)
+            cp_axis=cp_axis, cu_seqlens=cu_seqlens)
     Y = (y.astype(gd) * Cg + V).astype(cd).reshape(Bsz, L, hd)
     return Y @ params.W_out.astype(cd)
 
@@ -885,7 +899,13 @@ _phalanx_fused.defvjp(_phalanx_fused_fwd, _phalanx_fused_bwd)
 
 
 def phalanx(
-    params: PhalanxParams, x: Array, *, block_len: int = 16, hops: int | None = 1, cp_axis=None
+    params: PhalanxParams,
+    x: Array,
+    *,
+    block_len: int = 16,
+    hops: int | None = 1,
+    cp_axis=None,
+    cu_seqlens: Array | None = None,
 ) -> Array:
     """The Phalanx layer (docs/spec.md#phalanx), functional: ``(B, L, dim) -> (B, L, dim)``.
 
@@ -901,12 +921,18 @@ def phalanx(
 
     With ``cp_axis`` (inside :func:`jax.shard_map`, x sharded along L over that mesh axis) the
     composition runs with the context-parallel :func:`swr` (docs/context_parallel.md).
+    ``cu_seqlens`` (B == 1): packed documents, each its own sequence (see :func:`swr`); always
+    the jnp composition (not the fused kernel).
     """
     x = _check_phalanx(params, x)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
-    if cp_axis is not None:
-        return _phalanx_composite(params, x, block_len, hops, cp_axis)
+    if cp_axis is not None and cu_seqlens is not None:
+        raise ValueError(
+            "cp_axis and cu_seqlens do not combine (shard packed documents by document)"
+        )
+    if cp_axis is not None or cu_seqlens is not None:
+        return _phalanx_composite(params, x, block_len, hops, cp_axis, cu_seqlens)
     composite = functools.partial(_phalanx_composite, block_len=block_len, hops=hops)
     on_cpu_test_path = _CPU_CALLBACK == "buffer_callback"
     if _bc is None or not fused_phalanx_available() or not (
@@ -1004,8 +1030,9 @@ def _phalanx_module():
             return PhalanxParams(*(getattr(self, k)[...] for k in _WEIGHTS), self.heads,
                                  self.head_dim, self.kv_heads, self.decay_max)
 
-        def __call__(self, x: Array) -> Array:
-            return phalanx(self.params, x, block_len=self.block_len, hops=self.hops)
+        def __call__(self, x: Array, *, cu_seqlens: Array | None = None) -> Array:
+            return phalanx(self.params, x, block_len=self.block_len, hops=self.hops,
+                           cu_seqlens=cu_seqlens)
 
     Phalanx.__module__, Phalanx.__qualname__ = __name__, "Phalanx"
     return Phalanx

@@ -393,6 +393,7 @@ def swr(
     state: "SWRState | None" = None,
     return_state: bool = False,
     cp_group=None,
+    cu_seqlens: Tensor | None = None,
 ):
     """Sliding window recurrence ``y = L_hops(a) u`` on torch tensors (docs/spec.md#recurrence).
 
@@ -411,6 +412,9 @@ def swr(
         cp_group: a ``torch.distributed`` process group for context parallelism: each rank
             passes its contiguous shard along L (group-rank order, any lengths) and gets its
             shard of the full-sequence result (see docs/context_parallel.md).
+        cu_seqlens: packed sequences (B == 1): int32/int64 ``[0, n_1, ..., T]`` on u's device;
+            each sequence runs alone, x0 is ``(S, H, D)``; never synchronises with the host
+            (see docs/guide_torch.md, packing documents).
 
     Returns:
         y with u's shape, or ``(y, state)`` with ``return_state``. Differentiable in a, u and x0
@@ -420,6 +424,23 @@ def swr(
     _check_tensor("u", u)
     _check_tensor("x0", x0, optional=True)
     a, u = _autocast(a, u)
+    if cu_seqlens is not None and cp_group is not None:
+        raise ValueError("cp_group and cu_seqlens do not combine (shard packed documents by "
+                         "document)")
+    if cu_seqlens is not None:
+        from . import _torch_packed
+
+        if state is not None:
+            raise ValueError("state cannot be combined with cu_seqlens: give each sequence its "
+                             "initial carry with x0 of shape (S, H, D)")
+        if _checks.check_bool("return_state", return_state):
+            _forbid_grad("swr with return_state", a, u, x0)
+            return _torch_packed.swr_packed_state(
+                _front_context, _to_front, _from_front, a, u, cu_seqlens, block_len=block_len,
+                hops=hops, layout=layout, x0=x0, out_dtype=out_dtype, np_dtype=_np_dtype)
+        return _torch_packed.swr_packed(
+            swr, a, u, cu_seqlens, block_len=block_len, hops=hops, layout=layout, x0=x0,
+            out_dtype=out_dtype, check_swr=_check_swr)
     block_len, hops, layout, per_head = _check_swr(
         a, u, x0, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype
     )
@@ -757,7 +778,8 @@ def _input_bias(b_in: Tensor, cfg: _PhalanxConfig) -> Tensor:
     return F.pad(b_in, (cfg.heads * cfg.head_dim, 0))  # V has no bias
 
 
-def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, return_state=False):
+def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, return_state=False,
+                     cu_seqlens=None):
     z = F.linear(x, w_in, _input_bias(b_in, cfg))
     A, U, c5, v5 = _gates(z, cfg)
     res = swr(
@@ -768,6 +790,7 @@ def _phalanx_generic(x, w_in, b_in, w_out, cfg: _PhalanxConfig, state=None, retu
         layout="BLHD",
         state=state,
         return_state=return_state,
+        cu_seqlens=cu_seqlens,
     )
     y, new_state = res if return_state else (res, None)
     out = _readout(y, c5, v5, w_out)
@@ -1008,7 +1031,8 @@ _SPEAR_KEYS = {
 
 
 class Phalanx(nn.Module):
-    """The Phalanx mixer (docs/spec.md#phalanx): a gated sliding window recurrence between two GEMMs.
+    """The Phalanx mixer (docs/spec.md#phalanx): a gated sliding window recurrence between two
+    GEMMs.
 
     ``x (B, L, dim) -> out (B, L, dim)``::
 
@@ -1187,8 +1211,13 @@ class Phalanx(nn.Module):
             raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {w.dtype}")
 
     def forward(
-        self, x: Tensor, *, state: SWRState | None = None, return_state: bool = False,
+        self,
+        x: Tensor,
+        *,
+        state: SWRState | None = None,
+        return_state: bool = False,
         cp_group=None,
+        cu_seqlens: Tensor | None = None,
     ):
         """``x (B, L, dim) -> out (B, L, dim)``.
 
@@ -1197,9 +1226,13 @@ class Phalanx(nn.Module):
 
         With ``return_state`` also the state after the last token (prefill); with ``state`` the
         call continues from it (chunked prefill). Stateful calls are not differentiable: run them
-        under ``torch.no_grad()``.
+        under ``torch.no_grad()``. ``cu_seqlens`` (B == 1): packed documents, each its own
+        sequence (see :func:`swr`; the generic path, not the fused kernel).
         """
         self._check_input("x", x, 3)
+        if cu_seqlens is not None and cp_group is not None:
+            raise ValueError("cp_group and cu_seqlens do not combine (shard packed documents by "
+                             "document)")
         if cp_group is not None:
             if state is not None or return_state:
                 raise ValueError("cp_group does not combine with state or return_state")
@@ -1207,6 +1240,9 @@ class Phalanx(nn.Module):
 
             return torch_cp.phalanx(self, x, cp_group)
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj_weight)
+        if cu_seqlens is not None:
+            return _phalanx_generic(x, *params, self.config, state=state,
+                                    return_state=return_state, cu_seqlens=cu_seqlens)
         if state is not None:
             self._check_state(state, x.shape[0], x.device)
         if (

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _plans, reference
+from . import _checks, _plans, packed, reference
 from ._backend import get_xp
 from .state import SWRState
 
@@ -55,6 +55,7 @@ def swr(
     return_state: bool = False,
     out_dtype=None,
     out: Array | None = None,
+    cu_seqlens: Array | None = None,
 ):
     """Sliding window recurrence y = L_hops(a) u (docs/spec.md#recurrence).
 
@@ -78,12 +79,16 @@ def swr(
             is only read).
         out_dtype: dtype of y (default: the input dtype).
         out: optional preallocated C-contiguous y (u's shape, ``out_dtype``) to write into.
+        cu_seqlens: packed sequences (B == 1): int32/int64 ``[0, n_1, n_1 + n_2, ..., T]``;
+            sequence s (tokens ``cu[s]:cu[s+1]``) runs alone, blocks aligned at its first token,
+            with initial carry ``x0[s]`` (x0 ``(S, H, D)``); ``return_state`` returns a state
+            of batch S. See swr_array/packed.py (GPU: values of cu are not read by the host).
 
     Returns:
         y with u's shape (and the new state with ``return_state``). NumPy inputs run the float64
         reference; CuPy inputs run the Numba CUDA kernels on the current device and stream.
     """
-    plain = x0 is None and state is None and return_state is False
+    plain = x0 is None and state is None and return_state is False and cu_seqlens is None
     if plain:
         # Repeated plain calls on CuPy skip the checks: everything they depend on is in the key.
         key = _plain_key(a, u, block_len, hops, layout, out_dtype, out)
@@ -93,6 +98,12 @@ def swr(
 
             return _cuda.swr_forward_plain(a, u, p, out)
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype)
+    if cu_seqlens is not None:
+        _checks.check_state(state, p)
+        return_state = _checks.check_bool("return_state", return_state)
+        _checks.check_out("out", out, tuple(u.shape), p.out_dtype, p)
+        return packed.swr(a, u, p, cu_seqlens, x0=x0, state=state, return_state=return_state,
+                          out=out)
     _checks.check_channel_array("x0", x0, p)
     _checks.check_state(state, p)
     return_state = _checks.check_bool("return_state", return_state)
@@ -230,6 +241,7 @@ def swr_vjp(
     layout: str = _checks.DEFAULT_LAYOUT,
     x0: Array | None = None,
     out: tuple | None = None,
+    cu_seqlens: Array | None = None,
 ):
     """Gradients of ``sum(dy * swr(a, u, x0=x0))`` (docs/spec.md#gradients).
 
@@ -237,8 +249,9 @@ def swr_vjp(
     over the head's channels), ``du`` with u's shape and dtype, ``dx0`` ``(B, H, D)`` float32
     (float64 on NumPy), or None when x0 is None. ``out=(da, du, dx0)`` writes into preallocated
     C-contiguous arrays of those shapes and dtypes (``dx0`` None when x0 is None).
+    ``cu_seqlens``: packed sequences as in :func:`swr`; ``x0`` and ``dx0`` are ``(S, H, D)``.
     """
-    plain = x0 is None
+    plain = x0 is None and cu_seqlens is None
     if plain:
         # as in swr: repeated plain CuPy calls skip the checks (all they depend on is in the key)
         key = _vjp_key(a, u, dy, block_len, hops, layout, out)
@@ -252,6 +265,8 @@ def swr_vjp(
     if tuple(dy.shape) != tuple(u.shape):
         raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
     _checks.check_float_dtype("dy", dy.dtype, p.backend)
+    if cu_seqlens is not None:
+        return packed.swr_vjp(a, u, dy, p, cu_seqlens, x0=x0, out=out)
     _checks.check_channel_array("x0", x0, p)
     if out is not None:
         if not isinstance(out, tuple | list) or len(out) != 3:

@@ -28,6 +28,7 @@ shape (B, H, D).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks, reference
+from . import packed as _packed
 from ._backend import array_backend, bfloat16, dtype_name
 from .state import SWRState
 
@@ -240,6 +242,14 @@ def _check_x_dev(name, x, dev):
         raise ValueError(f"{name} is on GPU {x.device.id} but params are on GPU {dev}")
 
 
+def _packed_problem(cfg: _Config, x, B: int, N: int, block_len, hops):
+    """_problem with x's CUDA device (for the device check of cu_seqlens)."""
+    p = _problem(cfg, B, N, block_len, hops)
+    if cfg.backend != "cupy":
+        return p
+    return dataclasses.replace(p, device=x.device.id)
+
+
 def _problem(cfg: _Config, B: int, N: int, block_len, hops, params=None):
     dev = params["W_in"].device.id if cfg.backend == "cupy" and params is not None else None
     return _checks.Problem(cfg.backend, "BLHD", B, cfg.heads, cfg.head_dim, N, True, cfg.dtype,
@@ -265,6 +275,7 @@ def phalanx(
     state: SWRState | None = None,
     return_state: bool = False,
     return_residuals: bool = False,
+    cu_seqlens: Array | None = None,
 ):
     """The Phalanx layer, ``out = (swr(A, Bg*V, hops) * C + V) W_out`` with ``[V|Bg|C|A] = x W_in``.
 
@@ -279,6 +290,9 @@ def phalanx(
             this layer's configuration, or with ``state`` that same object advanced in place.
         return_residuals: also return ``{"z": x W_in}`` (B, L, W) for :func:`phalanx_vjp`,
             which then skips recomputing the input GEMM.
+        cu_seqlens: packed sequences (B == 1), as in :func:`swr_array.swr`: each sequence's
+            inner recurrence runs alone (on the GPU through the composed path, not the fused
+            kernel). Not combined with ``state`` or ``return_state``.
 
     Returns:
         out ``(B, L, dim)`` in x's dtype; with ``return_state`` / ``return_residuals`` a tuple
@@ -291,6 +305,12 @@ def phalanx(
     return_residuals = _checks.check_bool("return_residuals", return_residuals)
     B, L, _ = x.shape
     _checks.check_state(state, _problem(cfg, B, L, block_len, hops, params), layer=_layer(cfg))
+    if cu_seqlens is not None:
+        if state is not None or return_state:
+            raise ValueError("phalanx with cu_seqlens takes no state and returns none")
+        _packed.check_cu_seqlens(cu_seqlens, _packed_problem(cfg, x, B, L, block_len, hops))
+        out, z = _forward_packed(x, params, cfg, block_len, hops, cu_seqlens)
+        return (out, {"z": z}) if return_residuals else out
     if cfg.backend == "cupy":
         out, new, z = _forward_cupy(x, params, cfg, block_len, hops, state, return_state)
     else:
@@ -316,12 +336,14 @@ def phalanx_vjp(
     block_len: int = 16,
     hops: int | None = 1,
     residuals: Mapping | None = None,
+    cu_seqlens: Array | None = None,
 ):
     """Gradients of ``sum(dout * phalanx(x, params))`` (from position 0): ``(dx, dparams)``.
 
     ``dx`` has x's shape and dtype; ``dparams`` holds ``W_in``, ``b_a``, ``b_b``, ``b_c``,
     ``W_out`` in the params' dtype (decay_max is not trained). ``residuals`` from
     ``phalanx(..., return_residuals=True)`` on the same x and params saves the input GEMM.
+    ``cu_seqlens``: packed sequences, as in :func:`phalanx`.
     """
     cfg = _checked(params, x, "x", 3)
     block_len = _checks.check_block_len(block_len)
@@ -344,6 +366,10 @@ def phalanx_vjp(
         if tuple(z.shape) != (B, L, cfg.width):
             raise ValueError(f"residuals['z'] must have shape {(B, L, cfg.width)}, got "
                              f"{tuple(z.shape)}")
+    if cu_seqlens is not None:
+        B, L, _ = x.shape
+        _packed.check_cu_seqlens(cu_seqlens, _packed_problem(cfg, x, B, L, block_len, hops))
+        return _vjp_packed(x, params, dout, cfg, block_len, hops, z, cu_seqlens)
     if cfg.backend == "cupy":
         return _vjp_cupy(x, params, dout, cfg, block_len, hops, z)
     dx, dp = reference.phalanx_vjp_reference(x, params, dout, block_len=block_len, hops=hops)
@@ -502,6 +528,42 @@ def _xp(cfg):
     return cupy
 
 
+def _forward_packed(x, params, cfg, block_len, hops, cu):
+    """Packed sequences: NumPy runs each sequence alone (the definition); CuPy the composed
+    path with the packed inner recurrence (one evaluation for all the sequences)."""
+    if cfg.backend == "cupy":
+        import cupy as cp
+
+        B, L, dim = x.shape
+        x2 = cp.ascontiguousarray(x).reshape(L, dim)
+        z = _mm(x2, params["W_in"])
+        y, _ = _composed_forward(z, params, cfg, B, L, block_len, hops, None, False, cu=cu)
+        return _mm(y, params["W_out"]).reshape(B, L, dim), z.reshape(B, L, cfg.width)
+    c = [int(v) for v in np.asarray(cu)]
+    out = np.empty(x.shape, x.dtype)
+    for lo, hi in zip(c[:-1], c[1:]):
+        out[:, lo:hi] = phalanx(x[:, lo:hi], params, block_len=block_len, hops=hops)
+    z = np.asarray(x, np.float64) @ np.asarray(params["W_in"], np.float64)
+    return out, z
+
+
+def _vjp_packed(x, params, dout, cfg, block_len, hops, z, cu):
+    if cfg.backend == "cupy":
+        return _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=cu)
+    c = [int(v) for v in np.asarray(cu)]
+    dx = np.zeros(x.shape, x.dtype)
+    acc = {k: np.zeros(np.shape(params[k]), np.float64) for k in GRAD_KEYS}
+    for lo, hi in zip(c[:-1], c[1:]):
+        if hi == lo:
+            continue
+        dxs, dps = reference.phalanx_vjp_reference(x[:, lo:hi], params, dout[:, lo:hi],
+                                                   block_len=block_len, hops=hops)
+        dx[:, lo:hi] = dxs
+        for k in GRAD_KEYS:
+            acc[k] += np.asarray(dps[k], np.float64)
+    return dx, {k: acc[k].astype(cfg.dtype) for k in GRAD_KEYS}
+
+
 def _forward_numpy(x, params, cfg, block_len, hops, state, return_state):
     B, L, _ = x.shape
     if state is None:
@@ -633,18 +695,18 @@ def _gates_cupy(z, params, cfg, B, L):
     return sig_a, F32(cfg.decay_max) * sig_a, Bg, C, V
 
 
-def _composed_forward(z, params, cfg, B, L, block_len, hops, state, return_state):
+def _composed_forward(z, params, cfg, B, L, block_len, hops, state, return_state, cu=None):
     from .ops import swr
 
     _, A, Bg, C, V = _gates_cupy(z, params, cfg, B, L)
     res = swr(A, Bg * V, block_len=block_len, hops=hops, layout="BLHD", state=state,
-              return_state=return_state)
+              return_state=return_state, cu_seqlens=cu)
     s, new = res if return_state else (res, None)
     y = (s * C + V).astype(cfg.dtype).reshape(B * L, cfg.hd)
     return y, new
 
 
-def _vjp_cupy(x, params, dout, cfg, block_len, hops, z):
+def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None):
     import cupy as cp
 
     B, L, dim = x.shape
@@ -655,7 +717,7 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z):
     dy = _mm(dout2, params["W_out"].T)
     col = reference.phalanx_columns(cfg.heads, cfg.head_dim, cfg.kv_heads)
     cfg_b = None
-    if hops in (0, 1):
+    if hops in (0, 1) and cu is None:
         pf = _nk().phalanx_fused
         cfg_b = pf.backward_config(_kind(cfg.dtype), cfg.heads, cfg.head_dim, block_len,
                                    pf.aligned(z, dy))
@@ -681,7 +743,7 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z):
             dz[:, col["c"][0]:col["c"][1]] = acc_c.astype(cfg.dtype)
         dbias = (cp.ones((1, B * nb), F32) @ parts)[0]
     else:
-        dzf, yf = _composed_backward(z, dy, params, cfg, B, L, block_len, hops)
+        dzf, yf = _composed_backward(z, dy, params, cfg, B, L, block_len, hops, cu)
         dbias = dzf[:, cfg.hd:].sum(axis=0)
         dz, y = dzf.astype(cfg.dtype), yf.astype(cfg.dtype)
     off = cfg.hd
@@ -696,7 +758,7 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z):
     return dx, dparams
 
 
-def _composed_backward(z, dy, params, cfg, B, L, block_len, hops):
+def _composed_backward(z, dy, params, cfg, B, L, block_len, hops, cu=None):
     """float32 dz (B*L, W) and Y (B*L, H*D) through swr / swr_vjp (any hops, any block_len)."""
     import cupy as cp
 
@@ -704,9 +766,10 @@ def _composed_backward(z, dy, params, cfg, B, L, block_len, hops):
 
     sig_a, A, Bg, C, V = _gates_cupy(z, params, cfg, B, L)
     u = Bg * V
-    s = swr(A, u, block_len=block_len, hops=hops, layout="BLHD")
+    s = swr(A, u, block_len=block_len, hops=hops, layout="BLHD", cu_seqlens=cu)
     dY = dy.astype(F32).reshape(B, L, cfg.heads, cfg.head_dim)
-    da, du, _ = swr_vjp(A, u, dY * C, block_len=block_len, hops=hops, layout="BLHD")
+    da, du, _ = swr_vjp(A, u, dY * C, block_len=block_len, hops=hops, layout="BLHD",
+                        cu_seqlens=cu)
 
     def to_kv(t):
         return t.reshape(B, L, cfg.kv_heads, cfg.group, cfg.head_dim).sum(axis=3).reshape(B * L, -1)

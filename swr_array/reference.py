@@ -449,6 +449,44 @@ def swr_vjp(a, u, dy, *, block_len: int = 16, hops: int | None = 1, x0=None):
     return da, du, (dx0 if x0 is not None else None)
 
 
+def swr_packed(a, u, cu_seqlens, *, block_len: int = 16, hops: int | None = 1, x0=None):
+    """Packed sequences, time-last ``(..., T)``: each segment ``cu[s]:cu[s+1]`` run alone.
+
+    The definition of ``cu_seqlens`` (docs/spec.md, packed sequences): sequence s is its own
+    recurrence, blocks aligned at its first token, no carry from the sequence before, initial
+    carry ``x0[s]`` (``x0``: ``(S, ...)`` with the leading dimension indexing sequences, the rest
+    u's leading dims without the batch; None: 0). ``a`` and ``u`` have batch 1.
+    """
+    a, u = _f64(a, u)
+    a, u = np.broadcast_arrays(a, u)
+    cu = [int(c) for c in np.asarray(cu_seqlens)]
+    y = np.empty(u.shape)
+    for s in range(len(cu) - 1):
+        lo, hi = cu[s], cu[s + 1]
+        xs = None if x0 is None else np.asarray(x0, dtype=np.float64)[s][None]
+        y[..., lo:hi] = swr(a[..., lo:hi], u[..., lo:hi], block_len=block_len, hops=hops, x0=xs)
+    return y
+
+
+def swr_vjp_packed(a, u, dy, cu_seqlens, *, block_len: int = 16, hops: int | None = 1, x0=None):
+    """Vector-Jacobian product of :func:`swr_packed`: (da, du, dx0), dx0 ``(S, ...)`` or None."""
+    a, u, dy = _f64(a, u, dy)
+    a, u, dy = np.broadcast_arrays(a, u, dy)
+    cu = [int(c) for c in np.asarray(cu_seqlens)]
+    da, du = np.empty(u.shape), np.empty(u.shape)
+    dx0 = None if x0 is None else np.empty(np.shape(x0))
+    for s in range(len(cu) - 1):
+        lo, hi = cu[s], cu[s + 1]
+        xs = None if x0 is None else np.asarray(x0, dtype=np.float64)[s][None]
+        da_s, du_s, dx_s = swr_vjp(
+            a[..., lo:hi], u[..., lo:hi], dy[..., lo:hi], block_len=block_len, hops=hops, x0=xs
+        )
+        da[..., lo:hi], du[..., lo:hi] = da_s, du_s
+        if dx0 is not None:
+            dx0[s] = dx_s[0]
+    return da, du, dx0
+
+
 def swr_tokenwise(a, u, *, block_len: int = 16, hops: int | None = 1, x0=None):
     """The per-token (decode) form: one step per token, the state carried in between."""
     a, u = _f64(a, u)
