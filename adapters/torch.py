@@ -435,9 +435,10 @@ def swr(
                              "initial carry with x0 of shape (S, H, D)")
         if _checks.check_bool("return_state", return_state):
             _forbid_grad("swr with return_state", a, u, x0)
-            return _torch_packed.swr_packed_state(
+            y, st = _torch_packed.swr_packed_state(
                 _front_context, _to_front, _from_front, a, u, cu_seqlens, block_len=block_len,
                 hops=hops, layout=layout, x0=x0, out_dtype=out_dtype, np_dtype=_np_dtype)
+            return y, SWRState(st, u.device)
         return _torch_packed.swr_packed(
             swr, a, u, cu_seqlens, block_len=block_len, hops=hops, layout=layout, x0=x0,
             out_dtype=out_dtype, check_swr=_check_swr)

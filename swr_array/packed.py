@@ -288,24 +288,14 @@ def _dense_vjp_numpy(a, u, dy, p):
 
 
 def packed_state(states, xp):
-    """Stack per-sequence end states (each of batch 1) into one state of batch S.
-
-    The state carries one position for all rows, so this needs every sequence to end at the
-    same position; otherwise a ValueError. (One function, so that per-row positions can
-    replace the restriction in one place.)
-    """
+    """Stack per-sequence end states (each of batch 1) into one state of batch S: row s is
+    sequence s at its own position (rows of different lengths decode together)."""
     from .state import SWRState
 
-    positions = {s.position for s in states}
-    if len(positions) > 1:
-        raise ValueError(
-            "return_state with cu_seqlens needs sequences of one length: a state holds one "
-            f"position for all its rows, the sequences end at positions {sorted(positions)}"
-        )
     s0 = states[0]
     cat = xp.concatenate
     return SWRState(
-        position=s0.position,
+        position=cat([s.position for s in states]),
         block_len=s0.block_len,
         hops=s0.hops,
         w=cat([s.w for s in states]),

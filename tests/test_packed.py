@@ -132,7 +132,7 @@ def test_return_state_batch_of_sequences(rng):
     lens = [5, 5, 5]
     cu, a, u = draw(rng, "BLHD", True, lens)
     y, st = sa.swr(a, u, block_len=4, hops=1, layout="BLHD", cu_seqlens=cu, return_state=True)
-    assert st.shape == (3, 2, 3) and st.position == 5
+    assert st.shape == (3, 2, 3) and st.position.tolist() == [5, 5, 5]
     # continue every sequence with 3 more tokens, against the whole sequences run alone
     a2, u2 = rng.uniform(-1, 1, (3, 3, 2)), rng.standard_normal((3, 3, 2, 3))
     y2 = sa.swr(a2, u2, block_len=4, hops=1, layout="BLHD", state=st)
@@ -142,9 +142,25 @@ def test_return_state_batch_of_sequences(rng):
                       np.concatenate([u[:, lo:hi], u2[s:s + 1]], 1),
                       block_len=4, hops=1, layout="BLHD")
         np.testing.assert_allclose(y2[s], full[0, 5:], atol=1e-12)
-    with pytest.raises(ValueError, match="one length"):
-        cu2, a3, u3 = draw(rng, "BLHD", True, [2, 3])
-        sa.swr(a3, u3, block_len=4, layout="BLHD", cu_seqlens=cu2, return_state=True)
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2, None])
+def test_return_state_rows_at_their_own_positions(rng, hops):
+    # sequences of different lengths: each row of the state continues its sequence by steps
+    lens = [2, 7, 0, 5]
+    cu, a, u = draw(rng, "BLHD", True, lens)
+    _, st = sa.swr(a, u, block_len=4, hops=hops, layout="BLHD", cu_seqlens=cu,
+                   return_state=True)
+    assert st.position.tolist() == lens
+    a2, u2 = rng.uniform(-1, 1, (4, 3, 2)), rng.standard_normal((4, 3, 2, 3))
+    ys = [sa.swr_step(a2[:, i], u2[:, i], st)[0] for i in range(3)]
+    for s in range(4):
+        lo, hi = cu[s], cu[s + 1]
+        full = sa.swr(np.concatenate([a[:, lo:hi], a2[s:s + 1]], 1),
+                      np.concatenate([u[:, lo:hi], u2[s:s + 1]], 1),
+                      block_len=4, hops=hops, layout="BLHD")
+        for i in range(3):
+            np.testing.assert_allclose(ys[i][s], full[0, lens[s] + i], atol=1e-12)
 
 
 @pytest.mark.parametrize(
