@@ -25,10 +25,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 if [ "$mode" = tests ] || [ "$mode" = all ]; then
   step info 60 python3 -m swr_array info
   step tests "${TEST_LIMIT:-480}" python3 -m pytest -q -p no:cacheprovider -n 12 \
-    tests/test_kernels_forward.py tests/test_kernels_backward.py tests/test_kernels_front.py \
-    tests/test_kernels_phalanx.py tests/test_gpu_front.py tests/test_gpu_forward.py \
-    tests/test_gpu_backward.py tests/test_gpu_phalanx.py tests/test_gpu_torch.py \
-    tests/test_gpu_jax.py
+    tests/test_kernels_*.py tests/test_gpu_*.py tests/test_errors.py tests/test_generate.py
 fi
 if [ "$mode" = tools ] || [ "$mode" = all ]; then
   step memcheck 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
