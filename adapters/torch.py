@@ -155,8 +155,14 @@ def _front_context(device: torch.device):
         cupy.cuda.Device(device.index),
         _cupy_stream(device),
         cupy.cuda.using_allocator(_torch_malloc),
+        _front_phalanx.gemm_with(_torch_matmul),
     ):
         yield
+
+
+def _torch_matmul(a, b):
+    """The front's Phalanx GEMMs through torch (capturable in torch's CUDA graphs)."""
+    return _cupy().from_dlpack(torch.from_dlpack(a) @ torch.from_dlpack(b))
 
 
 def _cuda_view(t: Tensor):

@@ -28,6 +28,8 @@ shape (B, H, D).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -590,10 +592,31 @@ def _nk():
 _GEMM_FALLBACK: set = set()
 
 
+# A caller's GEMM for the CuPy path (see gemm_with); None: CuPy's cuBLAS.
+_GEMM: contextvars.ContextVar = contextvars.ContextVar("swr_array_phalanx_gemm", default=None)
+
+
+@contextlib.contextmanager
+def gemm_with(matmul):
+    """Within the block, the CuPy path's GEMMs call ``matmul(a, b)`` (2-D CuPy arrays in, a CuPy
+    array out) instead of CuPy's cuBLAS. The torch adapter passes torch's matmul, so its GEMMs
+    can be captured in a CUDA graph (CuPy refuses cuBLAS calls during stream capture) and use
+    torch's cuBLAS handle and workspace."""
+    token = _GEMM.set(matmul)
+    try:
+        yield
+    finally:
+        _GEMM.reset(token)
+
+
 def _mm(a, b):
     """a @ b for 2-D CuPy arrays (cuBLAS; CuPy 14 sends 2-D float16/bfloat16 products to
-    cublasGemmEx with float32 accumulation). Should a CuPy build refuse a dtype, the product is
-    done in float32 and rounded back, with a warning: correct, slower."""
+    cublasGemmEx with float32 accumulation), or the GEMM set by :func:`gemm_with`. Should a CuPy
+    build refuse a dtype, the product is done in float32 and rounded back, with a warning:
+    correct, slower."""
+    custom = _GEMM.get()
+    if custom is not None:
+        return custom(a, b)
     key = a.dtype.name
     if key == "float32":
         return a @ b
