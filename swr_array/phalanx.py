@@ -764,7 +764,7 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None):
         if grouped:
             dz[:, col["b"][0]:col["b"][1]] = acc_b.astype(cfg.dtype)
             dz[:, col["c"][0]:col["c"][1]] = acc_c.astype(cfg.dtype)
-        dbias = (cp.ones((1, B * nb), F32) @ parts)[0]
+        dbias = _mm(cp.ones((1, B * nb), F32), parts)[0]
     else:
         dzf, yf = _composed_backward(z, dy, params, cfg, B, L, block_len, hops, cu)
         dbias = dzf[:, cfg.hd:].sum(axis=0)
