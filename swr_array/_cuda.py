@@ -6,6 +6,8 @@ are copied to contiguous arrays on the same device first (kernels index contiguo
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import reference
@@ -88,6 +90,16 @@ def _block_carry(v, C, hops, state, position):
 _CONSTANTS: dict = {}
 
 
+def cupy_pool(cp):
+    """Allocations in the block come from CuPy's own memory pool, whatever allocator the caller
+    set: for arrays the front caches across calls, which must not live in a framework's pool
+    (torch's CUDA-graph pools track every allocation made while they are active). NumPy (the
+    kernels under the CUDA simulator): nothing to do."""
+    if cp is np:
+        return contextlib.nullcontext()
+    return cp.cuda.using_allocator(cp.get_default_memory_pool().malloc)
+
+
 def _constant(xp, shape, value):
     """A cached read-only float32 array of ``value`` (kernels only read start values)."""
     dev = None if xp is np else xp.cuda.Device().id
@@ -96,7 +108,12 @@ def _constant(xp, shape, value):
     if arr is None:
         if len(_CONSTANTS) > 64:
             _CONSTANTS.clear()
-        arr = _CONSTANTS[key] = xp.full(shape, value, dtype=F32)
+        if xp is np:
+            arr = np.full(shape, value, dtype=F32)
+        else:
+            with cupy_pool(xp):
+                arr = xp.full(shape, value, dtype=F32)
+        _CONSTANTS[key] = arr
     return arr
 
 
@@ -130,7 +147,8 @@ def _plain_zeros(cp, p):
     if consts is None:
         if len(_PLAIN_CONSTANTS) > 64:
             _PLAIN_CONSTANTS.clear()
-        consts = _PLAIN_CONSTANTS[key] = (cp.zeros(shape, F32), cp.ones(shape, F32))
+        with cupy_pool(cp):
+            consts = _PLAIN_CONSTANTS[key] = (cp.zeros(shape, F32), cp.ones(shape, F32))
     return consts
 
 

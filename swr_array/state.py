@@ -126,7 +126,9 @@ class SWRState:
             if xp is np:
                 arr = np.zeros(self.shape[:1], np.int32)
             else:
-                with xp.cuda.Device(self.w.device.id):
+                from ._cuda import cupy_pool
+
+                with xp.cuda.Device(self.w.device.id), cupy_pool(xp):
                     arr = xp.zeros(self.shape[:1], np.int32)
             self._launch_cache["arrivals"] = arr
         return arr
