@@ -861,13 +861,14 @@ def _fused_backward(x, w_in, b_in, w_out, dout, z, cfg) -> tuple[Tensor, ...]:
             block_len=cfg.block_len,
             hops=cfg.hops,
             residuals={"z": _to_front(z)},
+            linear_layout=True,
         )
         db_in = torch.cat([_own(dp[k], dev, b_in.dtype) for k in ("b_b", "b_c", "b_a")])
         return (
             _own(dx, dev, x.dtype),
-            _own(dp["W_in"], dev, w_in.dtype).T.contiguous(),
+            _own(dp["W_in"], dev, w_in.dtype),
             db_in,
-            _own(dp["W_out"], dev, w_out.dtype).T.contiguous(),
+            _own(dp["W_out"], dev, w_out.dtype),
         )
 
 

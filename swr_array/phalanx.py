@@ -339,15 +339,19 @@ def phalanx_vjp(
     hops: int | None = 1,
     residuals: Mapping | None = None,
     cu_seqlens: Array | None = None,
+    linear_layout: bool = False,
 ):
     """Gradients of ``sum(dout * phalanx(x, params))`` (from position 0): ``(dx, dparams)``.
 
     ``dx`` has x's shape and dtype; ``dparams`` holds ``W_in``, ``b_a``, ``b_b``, ``b_c``,
     ``W_out`` in the params' dtype (decay_max is not trained). ``residuals`` from
     ``phalanx(..., return_residuals=True)`` on the same x and params saves the input GEMM.
-    ``cu_seqlens``: packed sequences, as in :func:`phalanx`.
+    ``cu_seqlens``: packed sequences, as in :func:`phalanx`. ``linear_layout=True`` returns
+    ``dparams["W_in"]`` ``(W, dim)`` and ``dparams["W_out"]`` ``(dim, H*D)``, the transposes, as
+    ``nn.Linear`` stores weights (on CuPy the GEMMs produce them directly: no transpose copy).
     """
     cfg = _checked(params, x, "x", 3)
+    linear_layout = _checks.check_bool("linear_layout", linear_layout)
     block_len = _checks.check_block_len(block_len)
     hops = _checks.check_hops(hops)
     if array_backend(dout, name="dout") != cfg.backend:
@@ -371,11 +375,18 @@ def phalanx_vjp(
     if cu_seqlens is not None:
         B, L, _ = x.shape
         _packed.check_cu_seqlens(cu_seqlens, _packed_problem(cfg, x, B, L, block_len, hops))
-        return _vjp_packed(x, params, dout, cfg, block_len, hops, z, cu_seqlens)
-    if cfg.backend == "cupy":
-        return _vjp_cupy(x, params, dout, cfg, block_len, hops, z)
-    dx, dp = reference.phalanx_vjp_reference(x, params, dout, block_len=block_len, hops=hops)
-    return dx.astype(x.dtype), {k: np.asarray(dp[k]).astype(cfg.dtype) for k in GRAD_KEYS}
+        dx, dp = _vjp_packed(x, params, dout, cfg, block_len, hops, z, cu_seqlens)
+    elif cfg.backend == "cupy":
+        return _vjp_cupy(x, params, dout, cfg, block_len, hops, z, linear_layout=linear_layout)
+    else:
+        dx, dp = reference.phalanx_vjp_reference(x, params, dout, block_len=block_len,
+                                                 hops=hops)
+        dx, dp = dx.astype(x.dtype), {k: np.asarray(dp[k]).astype(cfg.dtype) for k in GRAD_KEYS}
+    if linear_layout:
+        xp = _xp(cfg)
+        dp = dict(dp, W_in=xp.ascontiguousarray(dp["W_in"].T),
+                  W_out=xp.ascontiguousarray(dp["W_out"].T))
+    return dx, dp
 
 
 def phalanx_step(
@@ -729,7 +740,7 @@ def _composed_forward(z, params, cfg, B, L, block_len, hops, state, return_state
     return y, new
 
 
-def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None):
+def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None, linear_layout=False):
     import cupy as cp
 
     B, L, dim = x.shape
@@ -771,11 +782,11 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None):
         dz, y = dzf.astype(cfg.dtype), yf.astype(cfg.dtype)
     off = cfg.hd
     dparams = {
-        "W_in": _mm(x2.T, dz),
+        "W_in": _mm(dz.T, x2) if linear_layout else _mm(x2.T, dz),
         "b_a": dbias[col["a"][0] - off:col["a"][1] - off].astype(cfg.dtype),
         "b_b": dbias[col["b"][0] - off:col["b"][1] - off].astype(cfg.dtype),
         "b_c": dbias[col["c"][0] - off:col["c"][1] - off].astype(cfg.dtype),
-        "W_out": _mm(y.T, dout2),
+        "W_out": _mm(dout2.T, y) if linear_layout else _mm(y.T, dout2),
     }
     dx = _mm(dz, params["W_in"].T).reshape(B, L, dim)
     return dx, dparams

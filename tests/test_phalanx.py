@@ -167,6 +167,20 @@ def test_vjp_residuals_give_the_same_gradients():
         np.testing.assert_array_equal(dp[k], dp2[k])
 
 
+
+def test_vjp_linear_layout_gives_the_transposed_weight_gradients():
+    params = _params()
+    x, dout = _x((2, 9, 12)), _x((2, 9, 12), seed=2)
+    dx, dp = swr_array.phalanx_vjp(x, params, dout)
+    dx2, dp2 = swr_array.phalanx_vjp(x, params, dout, linear_layout=True)
+    np.testing.assert_array_equal(dx, dx2)
+    np.testing.assert_array_equal(dp2["W_in"], dp["W_in"].T)
+    np.testing.assert_array_equal(dp2["W_out"], dp["W_out"].T)
+    for k in ("b_a", "b_b", "b_c"):
+        np.testing.assert_array_equal(dp2[k], dp[k])
+    with pytest.raises(TypeError, match="linear_layout"):
+        swr_array.phalanx_vjp(x, params, dout, linear_layout="yes")
+
 # ----------------------------------------------------------------------------------------------
 # state: chunked prefill and decoding
 # ----------------------------------------------------------------------------------------------
