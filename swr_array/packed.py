@@ -31,6 +31,7 @@ or does not end at T makes every output NaN (a device-side check poisons the pos
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -208,6 +209,30 @@ def _image_dtype(p, x0, device):
 # ----------------------------------------------------------------------------------------------
 
 
+class _Image(NamedTuple):
+    S: int
+    Lp: int
+    pos: Any
+    starts: Any
+    dtype: Any
+    a: Any
+    u: Any
+
+
+def _padded_inputs(a, u, p, cu, x0, device: bool) -> _Image:
+    """The padded problem of a packed call: token positions, a and u moved into their padded
+    rows, x0 in the carry slots."""
+    S = cu.shape[0] - 1
+    Lp = padded_length(p.N, S, p.block_len)
+    pos, starts = plan(cu, p.N, p.block_len, _xp(u, device))
+    dt = _image_dtype(p, x0, device)
+    ap = _scatter(a, pos, p, p.per_head, Lp, dt, device)
+    up = _scatter(u, pos, p, False, Lp, dt, device)
+    if x0 is not None and S:
+        _set_carry_slots(up, starts, x0, p)
+    return _Image(S, Lp, pos, starts, dt, ap, up)
+
+
 def forward(a, u, p, cu, *, x0, out=None, device: bool | None = None):
     """y of a checked packed call (``check_cu_seqlens``/``check_packed_x0`` done).
 
@@ -216,17 +241,9 @@ def forward(a, u, p, cu, *, x0, out=None, device: bool | None = None):
     arrays (tests).
     """
     device = p.backend == "cupy" if device is None else device
-    xp = _xp(u, device)
-    l = p.block_len
-    S = cu.shape[0] - 1
-    Lp = padded_length(p.N, S, l)
-    pos, starts = plan(cu, p.N, l, xp)
-    dt = _image_dtype(p, x0, device)
-    ap = _scatter(a, pos, p, p.per_head, Lp, dt, device)
-    up = _scatter(u, pos, p, False, Lp, dt, device)
-    if x0 is not None and S:
-        _set_carry_slots(up, starts, x0, p)
-    pp = dataclasses.replace(p, N=Lp, dtype=dt)
+    img = _padded_inputs(a, u, p, cu, x0, device)
+    pos, ap, up = img.pos, img.a, img.u
+    pp = dataclasses.replace(p, N=img.Lp, dtype=img.dtype)
     if device:
         from . import _cuda
 
@@ -243,15 +260,8 @@ def backward(a, u, dy, p, cu, *, x0, device: bool | None = None):
     (float64 on NumPy), None without x0."""
     device = p.backend == "cupy" if device is None else device
     xp = _xp(u, device)
-    l = p.block_len
-    S = cu.shape[0] - 1
-    Lp = padded_length(p.N, S, l)
-    pos, starts = plan(cu, p.N, l, xp)
-    dt = _image_dtype(p, x0, device)
-    ap = _scatter(a, pos, p, p.per_head, Lp, dt, device)
-    up = _scatter(u, pos, p, False, Lp, dt, device)
-    if x0 is not None and S:
-        _set_carry_slots(up, starts, x0, p)
+    img = _padded_inputs(a, u, p, cu, x0, device)
+    S, Lp, pos, starts, dt, ap, up = img.S, img.Lp, img.pos, img.starts, img.dtype, img.a, img.u
     dyp = _scatter(dy, pos, p, False, Lp, dy.dtype if x0 is None else dt, device)
     pp = dataclasses.replace(p, N=Lp, dtype=dt, out_dtype=dt)
     if device:
