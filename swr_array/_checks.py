@@ -56,6 +56,22 @@ def check_hops(hops) -> int | None:
     return int(hops)
 
 
+# A state keeps one carrier per hop for every channel; beyond this many carrier values a state
+# with finite hops is refused (hops=None keeps one).
+MAX_STATE_CARRIERS = 1 << 28
+
+
+def check_state_hops(hops, B, H, D) -> None:
+    """A state of ``hops`` carriers per channel must fit: ``hops * B * H * D`` at most
+    :data:`MAX_STATE_CARRIERS` (stateless calls take the exact path for such hops instead)."""
+    if hops is not None and hops * max(B * H * D, 1) > MAX_STATE_CARRIERS:
+        raise ValueError(
+            f"hops={hops} with a state keeps {hops} carriers per channel "
+            f"({hops * B * H * D} values for {B * H * D} channels), more than "
+            f"{MAX_STATE_CARRIERS}: use hops=None for the exact recurrence (its state keeps one)"
+        )
+
+
 def check_layout(layout) -> str:
     if not isinstance(layout, str):
         raise TypeError(f"layout must be a string, one of {LAYOUTS}, got {type(layout).__name__}")

@@ -102,11 +102,15 @@ def swr(
         _checks.check_state(state, p)
         return_state = _checks.check_bool("return_state", return_state)
         _checks.check_out("out", out, tuple(u.shape), p.out_dtype, p)
+        if return_state:
+            _checks.check_state_hops(p.hops, cu_seqlens.shape[0] - 1, p.H, p.D)
         return packed.swr(a, u, p, cu_seqlens, x0=x0, state=state, return_state=return_state,
                           out=out)
     _checks.check_channel_array("x0", x0, p)
     _checks.check_state(state, p)
     return_state = _checks.check_bool("return_state", return_state)
+    if return_state and state is None:
+        _checks.check_state_hops(p.hops, p.B, p.H, p.D)
     if x0 is not None and state is not None:
         raise ValueError("pass either x0 or state, not both: a state already holds its carry")
     _checks.check_out("out", out, tuple(u.shape), p.out_dtype, p)
@@ -338,6 +342,7 @@ def swr_init_state(
     shape = tuple(shape)
     if len(shape) != 3 or not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape):
         raise ValueError(f"shape must be (B, H, D) of non-negative ints, got {shape}")
+    _checks.check_state_hops(hops, *shape)
     backend = "numpy" if like is None else _checks.array_backend(like, name="like")
     xp = get_xp(backend)
     dtype = np.float64 if xp is np else np.float32

@@ -230,6 +230,7 @@ def _checked(params, x, name, ndim):
     cfg = _check_params(params)
     if cfg.backend == "cupy":
         dev = params["W_in"].device.id
+        _checks.check_gpu(dev)
         for k in GRAD_KEYS:
             if params[k].device.id != dev:
                 raise ValueError(f"params[{k!r}] is on GPU {params[k].device.id} but "
@@ -307,6 +308,8 @@ def phalanx(
     return_residuals = _checks.check_bool("return_residuals", return_residuals)
     B, L, _ = x.shape
     _checks.check_state(state, _problem(cfg, B, L, block_len, hops, params), layer=_layer(cfg))
+    if return_state and state is None:
+        _checks.check_state_hops(hops, B, cfg.heads, cfg.head_dim)
     if cu_seqlens is not None:
         if state is not None or return_state:
             raise ValueError("phalanx with cu_seqlens takes no state and returns none")

@@ -281,3 +281,17 @@ def test_the_real_gpu_is_checked_and_reported(rng, capsys):
                   u.astype(np.float32).astype(np.float64), layout="BLHD", hops=None)
     assert got is out
     np.testing.assert_allclose(out.get(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_huge_hops_with_a_state_is_refused_before_allocating():
+    a, u = np.full((1, 40, 2), 0.5), np.ones((1, 40, 2, 3))
+    with pytest.raises(ValueError, match="hops=None"):
+        sa.swr(a, u, hops=10**9, layout="BLHD", return_state=True)
+    with pytest.raises(ValueError, match="hops=None"):
+        sa.swr_init_state((1, 2, 3), hops=10**9)
+    params = sa.init_phalanx(32)
+    with pytest.raises(ValueError, match="hops=None"):
+        sa.phalanx(np.ones((1, 4, 32), np.float32), params, hops=10**9, return_state=True)
+    # the same hops without a state is the exact recurrence
+    np.testing.assert_array_equal(sa.swr(a, u, hops=10**9, layout="BLHD"),
+                                  sa.swr(a, u, hops=None, layout="BLHD"))
