@@ -1,5 +1,5 @@
-"""Host cost per call on a tiny input (GPU machine): the front on CuPy, the torch adapter's eager
-fast path and its custom op, then a cProfile of the torch forward+backward (what is left).
+"""Host cost per call on a tiny input (GPU machine): the front on CuPy, the torch adapter's `swr`
+and its custom op called directly, then a cProfile of the torch forward+backward (what is left).
 
     python scripts/host_profile.py        # medians of 1000 single calls, perf_counter
 """
