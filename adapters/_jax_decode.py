@@ -110,17 +110,8 @@ def _check_step(a_t, u_t, state):
     if not isinstance(state, JaxSWRState):
         raise TypeError(f"state must be a JaxSWRState, got {type(state).__name__}")
     shape = state.shape
-    if tuple(u_t.shape) != shape:
-        raise ValueError(f"u_t must have shape (B, H, D) = {shape} (the state's), got "
-                         f"{tuple(u_t.shape)}")
-    B, H, D = shape
-    if tuple(a_t.shape) == (B, H):
-        per_head = True
-    elif tuple(a_t.shape) == (B, H, D):
-        per_head = False
-    else:
-        raise ValueError(f"a_t must have shape (B, H) or (B, H, D) = {shape}, got "
-                         f"{tuple(a_t.shape)}")
+    per_head = not _checks.step_shapes(a_t.shape, u_t.shape, shape)
+    B = shape[0]
     dtype = _checks.check_float_dtype("u_t", np.dtype(u_t.dtype), "numpy")
     if np.dtype(a_t.dtype) != dtype:
         raise TypeError(f"a_t and u_t must share one dtype, got {a_t.dtype} and {u_t.dtype}")

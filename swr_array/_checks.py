@@ -230,6 +230,37 @@ def swr_dims(a_shape, u_shape, layout, name_u="u"):
     )
 
 
+def check_vjp_out(out, a, u, x0, p: Problem, batch: int) -> None:
+    """``out=(da, du, dx0)`` of a gradient call: preallocated C-contiguous arrays of a's and u's
+    shapes and dtypes, and dx0 ``(batch, H, D)`` float32 (float64 on NumPy), None without x0."""
+    if out is None:
+        return
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        raise TypeError("out must be a tuple (da, du, dx0)")
+    check_out("out[0] (da)", out[0], tuple(a.shape), a.dtype, p)
+    check_out("out[1] (du)", out[1], tuple(u.shape), u.dtype, p)
+    if x0 is None and out[2] is not None:
+        raise ValueError("out[2] (dx0) must be None when x0 is None")
+    if x0 is not None:
+        f = np.float32 if p.backend == "cupy" else np.float64
+        check_out("out[2] (dx0)", out[2], (batch, p.H, p.D), f, p)
+
+
+def step_shapes(a_shape, u_shape, state_shape) -> bool:
+    """Whether one token's a is per channel: u ``(B, H, D)`` must match the state's shape, a is
+    ``(B, H)`` (per head) or ``(B, H, D)``."""
+    shape = tuple(state_shape)
+    if tuple(u_shape) != shape:
+        raise ValueError(f"u_t must have shape (B, H, D) = {shape} (the state's), got "
+                         f"{tuple(u_shape)}")
+    B, H, D = shape
+    if tuple(a_shape) == (B, H):
+        return False
+    if tuple(a_shape) == shape:
+        return True
+    raise ValueError(f"a_t must have shape (B, H) or (B, H, D) = {shape}, got {tuple(a_shape)}")
+
+
 def check_channel_array(name, x, p: Problem):
     """x0-like arrays: (B, H, D), float, same backend and device."""
     if x is None:

@@ -272,16 +272,7 @@ def swr_vjp(
     if cu_seqlens is not None:
         return packed.swr_vjp(a, u, dy, p, cu_seqlens, x0=x0, out=out)
     _checks.check_channel_array("x0", x0, p)
-    if out is not None:
-        if not isinstance(out, tuple | list) or len(out) != 3:
-            raise TypeError("out must be a tuple (da, du, dx0)")
-        _checks.check_out("out[0] (da)", out[0], tuple(a.shape), a.dtype, p)
-        _checks.check_out("out[1] (du)", out[1], tuple(u.shape), u.dtype, p)
-        if x0 is None and out[2] is not None:
-            raise ValueError("out[2] (dx0) must be None when x0 is None")
-        if x0 is not None:
-            f = np.float32 if p.backend == "cupy" else np.float64
-            _checks.check_out("out[2] (dx0)", out[2], (p.B, p.H, p.D), f, p)
+    _checks.check_vjp_out(out, a, u, x0, p, p.B)
     p = _exact_beyond_blocks(p)
     if p.B * p.H * p.D == 0:  # no channels: nothing to launch, every gradient is empty
         return _empty_vjp(a, u, x0, p, out)
@@ -398,18 +389,9 @@ def swr_step(
     backend = _checks.array_backend(u_t, name="u_t")
     device = u_t.device.id if backend == "cupy" else None
     _checks.check_array("a_t", a_t, backend, device)
+    per_channel = _checks.step_shapes(a_t.shape, u_t.shape, state.w.shape)
     shape = tuple(state.w.shape)
-    if u_t.ndim != 3 or tuple(u_t.shape) != shape:
-        raise ValueError(f"u_t must have shape (B, H, D) = {shape} (the state's), got "
-                         f"{tuple(u_t.shape)}")
     B, H, D = shape
-    if tuple(a_t.shape) == (B, H):
-        per_channel = False
-    elif tuple(a_t.shape) == (B, H, D):
-        per_channel = True
-    else:
-        raise ValueError(f"a_t must have shape (B, H) or (B, H, D) = {(B, H, D)}, got "
-                         f"{tuple(a_t.shape)}")
     dtype = _checks.check_float_dtype("u_t", u_t.dtype, backend)
     if np.dtype(a_t.dtype) != dtype:
         raise TypeError(f"a_t and u_t must share one dtype, got {a_t.dtype} and {u_t.dtype}")

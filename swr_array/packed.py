@@ -366,16 +366,7 @@ def swr_vjp(a, u, dy, p, cu, *, x0, out):
 
     S = check_cu_seqlens(cu, p)
     check_packed_x0(x0, p, S)
-    if out is not None:
-        if not isinstance(out, tuple | list) or len(out) != 3:
-            raise TypeError("out must be a tuple (da, du, dx0)")
-        _checks.check_out("out[0] (da)", out[0], tuple(a.shape), a.dtype, p)
-        _checks.check_out("out[1] (du)", out[1], tuple(u.shape), u.dtype, p)
-        if x0 is None and out[2] is not None:
-            raise ValueError("out[2] (dx0) must be None when x0 is None")
-        if x0 is not None:
-            f = np.float32 if p.backend == "cupy" else np.float64
-            _checks.check_out("out[2] (dx0)", out[2], (S, p.H, p.D), f, p)
+    _checks.check_vjp_out(out, a, u, x0, p, S)
     if p.backend == "cupy":
         import cupy
 
