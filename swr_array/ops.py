@@ -449,15 +449,9 @@ def swr_step_into(a_t, u_t, y, state: SWRState, *, stream=None) -> None:
     if not isinstance(state, SWRState):
         raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
     shape = tuple(state.w.shape)
-    if tuple(u_t.shape) != shape or tuple(y.shape) != shape:
-        raise ValueError(f"u_t and y must have the state's shape {shape}, got "
-                         f"{tuple(u_t.shape)} and {tuple(y.shape)}")
-    if tuple(a_t.shape) == shape:
-        per_channel = True
-    elif tuple(a_t.shape) == shape[:2]:
-        per_channel = False
-    else:
-        raise ValueError(f"a_t must have shape {shape[:2]} or {shape}, got {tuple(a_t.shape)}")
+    if tuple(y.shape) != shape:
+        raise ValueError(f"y must have the state's shape {shape}, got {tuple(y.shape)}")
+    per_channel = _checks.step_shapes(a_t.shape, u_t.shape, shape)
     from .phalanx import _c_contiguous, _np_dtype
 
     da, du, dy = _np_dtype(a_t.dtype), _np_dtype(u_t.dtype), _np_dtype(y.dtype)
