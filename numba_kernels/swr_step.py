@@ -18,20 +18,26 @@ and when the token closes its block (off == block_len - 1) the block becomes the
 (window: shift the K carriers, (w, g) first; exact: cv_0 = s) and w, g restart at 0, 1.
 Carriers a row does not have yet are 0 in the state, so the window sum needs no per-row count.
 
-Work split: one thread per channel; a row's H*D channels span ``nchunks`` thread blocks, all of
-which read the row's position first. The position advances once every block of the row has read
-it: after a barrier each block adds itself to the row's ``arrivals`` counter (int32, (B,), kept
-with the state, 0 between launches), and the block that arrives last writes ``position + 1`` and
-resets the counter.
+Work split (a launch *plan*, fixed per state and shapes): ``tpb`` threads per block, each thread
+``cpt`` channels (``c = chunk*tpb*cpt + j*tpb + t``, so every load of a warp is coalesced), and a
+row's H*D channels over ``nchunks`` blocks (1 unless the row is wider than 1024 threads of
+``cpt`` channels). A thread first issues every load of its ``cpt`` channels (z columns, biases,
+w, g, carriers) into registers and only then computes and stores, so the loads are in flight
+together rather than one channel's latency after another. Shapes, heads per kv head, hops, block
+length and the plan are compile-time constants of each specialisation (no run-time integer
+division). The position advances once every block of the row has read it: with one block per
+row, thread 0 writes ``position + 1`` after a barrier; with several, each block adds itself to the
+row's ``arrivals`` counter (int32, (B,), kept with the state, 0 between launches) after a barrier,
+and the block that arrives last writes the position and resets the counter.
 
-- ``swr_step_kernel(a, u, y, position, w, g, cv, cC, arrivals, HD, D, a_per_channel, block_len,
-  mode, K, nchunks)``:
-  a (B*H) per head or (B*H*D) per channel, u (B*H*D), y (B*H*D); a and u of one storage kind,
-  y of its own.
-- ``phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, arrivals, H, D, G,
-  decay_max, block_len, mode, K, nchunks)``: z (B*W) the input GEMM's output row per token, columns
-  ``[V | Bg | C | A]``, y (B*H*D) = ``s * C + V`` with ``A = decay_max * sigmoid(z_a + b_a)``,
-  ``Bg = sigmoid(z_b + b_b)``, ``C = z_c + b_c`` (head h reads kv head h // G), u = Bg * V.
+- ``swr_step_kernel(kind, out_kind, HD, D, per_channel, mode, K, block_len, tpb, cpt, nchunks)``
+  -> kernel ``(a, u, y, position, w, g, cv, cC, arrivals)``: a (B*H) per head or (B*H*D) per
+  channel, u (B*H*D), y (B*H*D); a and u of one storage kind, y of its own.
+- ``phalanx_step_kernel(kind, H, D, G, mode, K, block_len, tpb, cpt, nchunks)`` -> kernel
+  ``(z, y, b_a, b_b, b_c, position, w, g, cv, cC, arrivals, decay_max)``: z (B*W) the input
+  GEMM's output row per token, columns ``[V | Bg | C | A]``, y (B*H*D) = ``s * C + V`` with
+  ``A = decay_max * sigmoid(z_a + b_a)``, ``Bg = sigmoid(z_b + b_b)``, ``C = z_c + b_c`` (head h
+  reads kv head h // G), u = Bg * V.
 
 bfloat16 arrays arrive as uint16 views. ``mode``: 0 (hops=0), 1 (window, K = hops >= 1),
 2 (exact, hops=None, K = 1).
@@ -48,15 +54,11 @@ from numba import cuda, types
 from ._dtypes import KINDS, LOAD, SIMULATOR, STORE, storage_kind
 from ._launch import FlatArray, data_pointer, launch_with_pointers, prepare
 
-__all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "TPB", "hops_mode", "swr_step_kernel",
+__all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "hops_mode", "plan", "swr_step_kernel",
            "phalanx_step_kernel", "kernel_signatures", "StepLaunch", "swr_step_launch",
            "phalanx_step_launch"]
 
 MODE_NONE, MODE_WINDOW, MODE_EXACT = 0, 1, 2
-TPB = 256
-"""Threads per block: one thread per channel, a row's H*D channels over ceil(H*D / TPB)
-blocks."""
-
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 
@@ -71,105 +73,184 @@ def hops_mode(hops) -> tuple[int, int]:
 
 
 @cuda.jit(device=True, inline=True)
-def step_channel(a, u, pos, block_len, mode, K, i, w, g, cv, cC):
-    """One token of channel ``i`` (flat (b, h, d)) at absolute position ``pos``: updates the
-    state arrays in place and returns s_t."""
-    off = pos % block_len
-    if off == 0:
-        wn = u
-        gn = a
-    else:
-        wn = a * w[i] + u
-        gn = a * g[i]
-    S = F0
-    base = i * K
-    if mode == MODE_EXACT:
-        S = cv[base]
-    elif mode == MODE_WINDOW:
-        R = F1
-        for m in range(K):
-            S += R * cv[base + m]
-            R *= cC[base + m]
-    s = wn + gn * S
-    if off == block_len - 1:  # the token closes its block: it becomes the newest carrier
-        w[i] = F0
-        g[i] = F1
-        if mode == MODE_EXACT:
-            cv[base] = s
-        elif mode == MODE_WINDOW:
-            for m in range(K - 1, 0, -1):
-                cv[base + m] = cv[base + m - 1]
-                cC[base + m] = cC[base + m - 1]
-            cv[base] = wn
-            cC[base] = gn
-    else:
-        w[i] = wn
-        g[i] = gn
-    return s
-
-
-@cuda.jit(device=True, inline=True)
 def _sigmoid(x):
     return F1 / (F1 + math.exp(-x))
 
 
+def _make_channel_step(mode, K, block_len):
+    """Device function ``(a, u, off, j, rw, rg, rcv, rcC, i, w, g, cv, cC) -> s``: one token of
+    channel ``i`` (flat (b, h, d)) at in-block offset ``off``, whose state the thread has loaded
+    into its registers ``rw[j]``, ``rg[j]``, ``rcv[j*K + m]``, ``rcC[j*K + m]``; writes the new
+    state to ``w``, ``g``, ``cv``, ``cC`` (the device form of ``swr_array.reference.step``)."""
+    KK = max(K, 1)
+
+    @cuda.jit(device=True, inline=True)
+    def channel_step(a, u, off, j, rw, rg, rcv, rcC, i, w, g, cv, cC):
+        if off == 0:
+            wn = u
+            gn = a
+        else:
+            wn = a * rw[j] + u
+            gn = a * rg[j]
+        S = F0
+        if mode == MODE_EXACT:
+            S = rcv[j]
+        elif mode == MODE_WINDOW:
+            R = F1
+            for m in range(K):
+                S += R * rcv[j * KK + m]
+                if m < K - 1:
+                    R *= rcC[j * KK + m]
+        s = wn + gn * S
+        if off == block_len - 1:  # the token closes its block: it becomes the newest carrier
+            w[i] = F0
+            g[i] = F1
+            if mode == MODE_EXACT:
+                cv[i] = s
+            elif mode == MODE_WINDOW:
+                base = i * K
+                for m in range(K - 1, 0, -1):
+                    cv[base + m] = rcv[j * KK + m - 1]
+                    cC[base + m] = rcC[j * KK + m - 1]
+                cv[base] = wn
+                cC[base] = gn
+        else:
+            w[i] = wn
+            g[i] = gn
+        return s
+
+    return channel_step
+
+
+def _make_load_state(mode, K):
+    """Device function ``(off, j, i, w, g, cv, cC, rw, rg, rcv, rcC)``: loads channel ``i``'s
+    state into the registers ``channel_step`` reads (w, g only off a block boundary; the
+    carriers the window sum and the shift read)."""
+    KK = max(K, 1)
+
+    @cuda.jit(device=True, inline=True)
+    def load_state(off, j, i, w, g, cv, cC, rw, rg, rcv, rcC):
+        if off != 0:
+            rw[j] = w[i]
+            rg[j] = g[i]
+        if mode == MODE_EXACT:
+            rcv[j] = cv[i]
+        elif mode == MODE_WINDOW:
+            base = i * K
+            for m in range(K):
+                rcv[j * KK + m] = cv[base + m]
+                if m < K - 1:
+                    rcC[j * KK + m] = cC[base + m]
+
+    return load_state
+
+
 @cuda.jit(device=True, inline=True)
 def _advance_position(position, arrivals, b, pos, nchunks):
-    """Row b's position advances once all its thread blocks have read it: each block counts
-    itself in ``arrivals[b]`` after a barrier, and the last one writes the position and resets
-    the count (so it is 0 again for the next launch)."""
+    """Row b's position advances once all its thread blocks have read it. One block: thread 0
+    writes it after a barrier. Several: each block counts itself in ``arrivals[b]`` after a
+    barrier, and the last one writes the position and resets the count (so it is 0 again for
+    the next launch)."""
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
-        cuda.threadfence()
-        if cuda.atomic.add(arrivals, b, numba.int32(1)) == nchunks - 1:
-            arrivals[b] = numba.int32(0)
+        if nchunks == 1:
             position[b] = pos + 1
+        else:
+            cuda.threadfence()
+            if cuda.atomic.add(arrivals, b, numba.int32(1)) == nchunks - 1:
+                arrivals[b] = numba.int32(0)
+                position[b] = pos + 1
 
 
-def _make_swr_step(kind: str, out_kind: str):
+def _make_swr_step(kind, out_kind, HD, D, per_channel, mode, K, block_len, tpb, cpt, nchunks):
     load = LOAD[kind]
     store = STORE[out_kind]
+    H = HD // D
+    KK = max(K, 1)
+    span = tpb * cpt
+    NRK = cpt * KK
+    channel_step = _make_channel_step(mode, K, block_len)
+    load_state = _make_load_state(mode, K)
+    f4 = numba.float32
 
-    def swr_step_kernel(a, u, y, position, w, g, cv, cC, arrivals, HD, D, a_per_channel,
-                        block_len, mode, K, nchunks):
+    def swr_step_kernel(a, u, y, position, w, g, cv, cC, arrivals):
         blk = numba.int64(cuda.blockIdx.x)
         b = blk // nchunks
+        c0 = (blk - b * nchunks) * span + cuda.threadIdx.x
         pos = position[b]
-        c = (blk - b * nchunks) * cuda.blockDim.x + cuda.threadIdx.x
-        if c < HD:
-            i = b * HD + c
-            ai = i if a_per_channel != 0 else b * (HD // D) + c // D
-            s = step_channel(load(a[ai]), load(u[i]), pos, block_len, mode, K, i, w, g, cv, cC)
-            y[i] = store(s)
+        off = pos % block_len
+        ra = cuda.local.array(cpt, f4)
+        ru = cuda.local.array(cpt, f4)
+        rw = cuda.local.array(cpt, f4)
+        rg = cuda.local.array(cpt, f4)
+        rcv = cuda.local.array(NRK, f4)
+        rcC = cuda.local.array(NRK, f4)
+        for j in range(cpt):  # every load first ...
+            c = c0 + j * tpb
+            if c < HD:
+                i = b * HD + c
+                ai = i if per_channel else b * H + c // D
+                ra[j] = load(a[ai])
+                ru[j] = load(u[i])
+                load_state(off, j, i, w, g, cv, cC, rw, rg, rcv, rcC)
+        for j in range(cpt):  # ... then the arithmetic and the stores
+            c = c0 + j * tpb
+            if c < HD:
+                i = b * HD + c
+                s = channel_step(ra[j], ru[j], off, j, rw, rg, rcv, rcC, i, w, g, cv, cC)
+                y[i] = store(s)
         _advance_position(position, arrivals, b, pos, nchunks)
 
     return cuda.jit(swr_step_kernel)
 
 
-def _make_phalanx_step(kind: str):
+def _make_phalanx_step(kind, H, D, G, mode, K, block_len, tpb, cpt, nchunks):
     load = LOAD[kind]
     store = STORE[kind]
+    HD = H * D
+    KD = (H // G) * D
+    W = HD + 2 * KD + H
+    KK = max(K, 1)
+    span = tpb * cpt
+    NRK = cpt * KK
+    channel_step = _make_channel_step(mode, K, block_len)
+    load_state = _make_load_state(mode, K)
+    f4 = numba.float32
 
-    def phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, arrivals, H, D, G,
-                            decay_max, block_len, mode, K, nchunks):
+    def phalanx_step_kernel(z, y, b_a, b_b, b_c, position, w, g, cv, cC, arrivals, decay_max):
         blk = numba.int64(cuda.blockIdx.x)
         b = blk // nchunks
+        c0 = (blk - b * nchunks) * span + cuda.threadIdx.x
         pos = position[b]
-        c = (blk - b * nchunks) * cuda.blockDim.x + cuda.threadIdx.x
-        HD = H * D
-        if c < HD:
-            KD = (H // G) * D
-            zr = b * (HD + 2 * KD + H)
-            h = c // D
-            d = c - h * D
-            kc = (h // G) * D + d
-            a = decay_max * _sigmoid(load(z[zr + HD + 2 * KD + h]) + load(b_a[h]))
-            v = load(z[zr + c])
-            u = _sigmoid(load(z[zr + HD + kc]) + load(b_b[kc])) * v
-            cc = load(z[zr + HD + KD + kc]) + load(b_c[kc])
-            i = b * HD + c
-            s = step_channel(a, u, pos, block_len, mode, K, i, w, g, cv, cC)
-            y[i] = store(s * cc + v)
+        off = pos % block_len
+        zr = b * W
+        ra = cuda.local.array(cpt, f4)
+        rv = cuda.local.array(cpt, f4)
+        rb = cuda.local.array(cpt, f4)
+        rc = cuda.local.array(cpt, f4)
+        rw = cuda.local.array(cpt, f4)
+        rg = cuda.local.array(cpt, f4)
+        rcv = cuda.local.array(NRK, f4)
+        rcC = cuda.local.array(NRK, f4)
+        for j in range(cpt):  # every load first ...
+            c = c0 + j * tpb
+            if c < HD:
+                h = c // D
+                kc = (h // G) * D + (c - h * D)
+                ra[j] = load(z[zr + HD + 2 * KD + h]) + load(b_a[h])
+                rv[j] = load(z[zr + c])
+                rb[j] = load(z[zr + HD + kc]) + load(b_b[kc])
+                rc[j] = load(z[zr + HD + KD + kc]) + load(b_c[kc])
+                load_state(off, j, b * HD + c, w, g, cv, cC, rw, rg, rcv, rcC)
+        for j in range(cpt):  # ... then the gates, the recurrence and the stores
+            c = c0 + j * tpb
+            if c < HD:
+                i = b * HD + c
+                a = decay_max * _sigmoid(ra[j])
+                v = rv[j]
+                s = channel_step(a, _sigmoid(rb[j]) * v, off, j, rw, rg, rcv, rcC, i, w, g, cv,
+                                 cC)
+                y[i] = store(s * rc[j] + v)
         _advance_position(position, arrivals, b, pos, nchunks)
 
     return cuda.jit(phalanx_step_kernel)
@@ -178,37 +259,79 @@ def _make_phalanx_step(kind: str):
 _CACHE: dict = {}
 
 
-def swr_step_kernel(kind: str, out_kind: str):
-    key = ("swr", kind, out_kind)
+def swr_step_kernel(kind: str, out_kind: str, HD: int, D: int, per_channel: bool, mode: int,
+                    K: int, block_len: int, tpb: int, cpt: int, nchunks: int):
+    """The ``swr_step`` kernel specialised on its storage kinds, shapes, hops and plan
+    (compiled once per distinct key)."""
+    key = ("swr", kind, out_kind, int(HD), int(D), bool(per_channel), int(mode), int(K),
+           int(block_len), int(tpb), int(cpt), int(nchunks))
     if key not in _CACHE:
-        _CACHE[key] = _make_swr_step(kind, out_kind)
+        _CACHE[key] = _make_swr_step(*key[1:])
     return _CACHE[key]
 
 
-def phalanx_step_kernel(kind: str):
-    key = ("phalanx", kind)
+def phalanx_step_kernel(kind: str, H: int, D: int, G: int, mode: int, K: int, block_len: int,
+                        tpb: int, cpt: int, nchunks: int):
+    """The Phalanx step kernel specialised on its storage kind, heads, head_dim, heads per kv
+    head ``G``, hops, block length and plan (compiled once per distinct key)."""
+    key = ("phalanx", kind, int(H), int(D), int(G), int(mode), int(K), int(block_len),
+           int(tpb), int(cpt), int(nchunks))
     if key not in _CACHE:
-        _CACHE[key] = _make_phalanx_step(kind)
+        _CACHE[key] = _make_phalanx_step(*key[1:])
     return _CACHE[key]
 
 
 _STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
 
 
+def _device_plan(hd, K):
+    cpt = max(1, min(8 // max(K, 1), -(-hd // 512)))
+    threads = -(-hd // cpt)
+    return min(1024, 32 * -(-threads // 32)), cpt
+
+
+def plan(hd: int, K: int) -> tuple[int, int, int]:
+    """``(tpb, cpt, nchunks)`` of a row of ``hd`` channels with ``K`` carriers per channel.
+
+    A thread takes ``cpt`` channels (fewer when carriers are many: at most 8 register sets of
+    carriers per thread), aiming at about 512 threads per block; a row goes to one block
+    unless that would need more than 1024 threads. The CUDA simulator takes 2 threads of 2
+    channels, so small test shapes exercise several channels per thread and several blocks per
+    row."""
+    if hd == 0:
+        return 0, 0, 0
+    tpb, cpt = (2, 2) if SIMULATOR else _device_plan(hd, K)
+    return tpb, cpt, -(-hd // (tpb * cpt))
+
+
 def kernel_signatures():
-    """Every specialisation the launch helpers use: (kernel, signature) pairs."""
-    i64, f4 = types.int64, types.float32
-    f1, p1 = types.Array(f4, 1, "C"), types.Array(i64, 1, "C")
+    """Representative specialisations for compile tests: (kernel, signature) pairs covering
+    every storage kind (and pair), per-head and per-channel coefficients, every hops mode,
+    grouped kv heads, one and several blocks per row, one and several channels per thread."""
+    f1, p1 = types.Array(types.float32, 1, "C"), types.Array(types.int64, 1, "C")
     n1 = types.Array(types.int32, 1, "C")
+    st = (p1,) + (f1,) * 4 + (n1,)
     out = []
+
+    def plan_of(hd, K, n):  # the device plan, or (every other one) 32 threads of 1 channel
+        tpb, cpt = _device_plan(hd, K) if n % 2 == 0 else (32, 1)
+        return tpb, cpt, -(-hd // (tpb * cpt))
+
+    n = 0
     for kind in KINDS:
         v1 = types.Array(_STORAGE[kind], 1, "C")
-        for out_kind in KINDS:
+        for j, out_kind in enumerate(KINDS):
             o1 = types.Array(_STORAGE[out_kind], 1, "C")
-            sig = (v1, v1, o1, p1) + (f1,) * 4 + (n1,) + (i64,) * 7
-            out.append((swr_step_kernel(kind, out_kind), sig))
-        sig = (v1,) * 5 + (p1,) + (f1,) * 4 + (n1,) + (i64,) * 3 + (f4,) + (i64,) * 4
-        out.append((phalanx_step_kernel(kind), sig))
+            per_channel, (mode, K) = j % 2 == 1, hops_mode((1, None, 2)[j])
+            out.append((swr_step_kernel(kind, out_kind, 2048, 16, per_channel, mode, K, 16,
+                                        *plan_of(2048, K, n)), (v1, v1, o1) + st))
+            n += 1
+        sig = (v1,) * 5 + st + (types.float32,)
+        for G, hops in ((1, 1), (2, 0), (1, None), (4, 3)):
+            mode, K = hops_mode(hops)
+            out.append((phalanx_step_kernel(kind, 128, 16, G, mode, K, 16, *plan_of(2048, K, n)),
+                        sig))
+            n += 1
     return out
 
 
@@ -301,47 +424,43 @@ def _state_args(state_arrays, arrivals, hops):
     return (_flat(position), _flat(w), _flat(g), _flat(cv), _flat(cC), _flat(arrivals)), mode, K
 
 
-def _split(B, hd):
-    """(grid, block, chunks per row): one thread per channel, a row over ``chunks`` blocks."""
-    tpb = _tpb(hd)
-    nchunks = -(-hd // tpb) if tpb else 0
-    return (B * nchunks,), (tpb,), nchunks
+def _grid(B, hd, K, tpb_cpt):
+    if tpb_cpt is None:
+        tpb, cpt, nchunks = plan(hd, K)
+    else:
+        tpb, cpt = tpb_cpt
+        nchunks = -(-hd // (tpb * cpt))
+    return (B * nchunks,), (tpb,), tpb, cpt, nchunks
 
 
-def swr_step_launch(a, u, y, state_arrays, arrivals, *, hops, block_len,
-                    per_channel) -> StepLaunch:
-    """A :class:`StepLaunch` of ``swr_step_kernel`` for tokens like ``a``, ``u``, ``y``
+def swr_step_launch(a, u, y, state_arrays, arrivals, *, hops, block_len, per_channel,
+                    tpb_cpt=None) -> StepLaunch:
+    """A :class:`StepLaunch` of the ``swr_step`` kernel for tokens like ``a``, ``u``, ``y``
     (``(B, H)``/``(B, H, D)``, ``(B, H, D)``, ``(B, H, D)``) over ``state_arrays`` =
     ``(position, w, g, carry_v, carry_C)`` and ``arrivals`` ``(B,)`` int32 zeros (kept with the
-    state: the kernel leaves them 0); run it as ``.run(a, u, y)``."""
+    state: the kernel leaves them 0); run it as ``.run(a, u, y)``. ``tpb_cpt`` overrides the
+    plan's (threads per block, channels per thread) (tests)."""
     B, H, D = u.shape
-    kernel = swr_step_kernel(_kind(u.dtype), _kind(y.dtype))
     st, mode, K = _state_args(state_arrays, arrivals, hops)
-    grid, block, nchunks = _split(B, H * D)
-    i64 = np.int64
-    args = (a, u, y) + st + (i64(H * D), i64(D), i64(per_channel), i64(block_len), i64(mode),
-                             i64(K), i64(nchunks))
-    return StepLaunch(kernel, grid, block, args, 3)
+    grid, block, tpb, cpt, nchunks = _grid(B, H * D, K, tpb_cpt)
+    kernel = None
+    if grid[0] and block[0]:
+        kernel = swr_step_kernel(_kind(u.dtype), _kind(y.dtype), H * D, D, per_channel, mode,
+                                 K, block_len, tpb, cpt, nchunks)
+    return StepLaunch(kernel, grid, block, (a, u, y) + st, 3)
 
 
 def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, arrivals, *, heads, head_dim,
-                        kv_heads, decay_max, hops, block_len) -> StepLaunch:
-    """A :class:`StepLaunch` of ``phalanx_step_kernel``: ``.run(z, y)`` with z ``(B, W)`` and
-    y ``(B, H*D)`` of the biases' dtype (``arrivals`` as in :func:`swr_step_launch`)."""
+                        kv_heads, decay_max, hops, block_len, tpb_cpt=None) -> StepLaunch:
+    """A :class:`StepLaunch` of the Phalanx step kernel: ``.run(z, y)`` with z ``(B, W)`` and
+    y ``(B, H*D)`` of the biases' dtype (``arrivals`` and ``tpb_cpt`` as in
+    :func:`swr_step_launch`)."""
     B = z.shape[0]
-    kernel = phalanx_step_kernel(_kind(z.dtype))
     st, mode, K = _state_args(state_arrays, arrivals, hops)
-    grid, block, nchunks = _split(B, heads * head_dim)
-    i64 = np.int64
-    args = ((z, y, _flat(b_a), _flat(b_b), _flat(b_c)) + st
-            + (i64(heads), i64(head_dim), i64(heads // kv_heads), np.float32(decay_max),
-               i64(block_len), i64(mode), i64(K), i64(nchunks)))
+    grid, block, tpb, cpt, nchunks = _grid(B, heads * head_dim, K, tpb_cpt)
+    args = (z, y, _flat(b_a), _flat(b_b), _flat(b_c)) + st + (np.float32(decay_max),)
+    kernel = None
+    if grid[0] and block[0]:
+        kernel = phalanx_step_kernel(_kind(z.dtype), heads, head_dim, heads // kv_heads, mode,
+                                     K, block_len, tpb, cpt, nchunks)
     return StepLaunch(kernel, grid, block, args, 2)
-
-
-def _tpb(hd):
-    if hd == 0:
-        return 0
-    if SIMULATOR:
-        return min(hd, 4)  # several blocks per row, few simulated threads
-    return min(TPB, 32 * -(-hd // 32))

@@ -56,6 +56,18 @@ def device_state(ref: SWRState) -> SWRState:
                        for k in ("w", "g", "carry_v", "carry_C")})
 
 
+@pytest.fixture(params=["rows_over_blocks", "row_per_block"])
+def split(request, monkeypatch):
+    """The kernels' work split: the default plan (simulator: 2 threads of 2 channels, so a row of
+    H*D = 6 channels spans 2 blocks, the last thread masked), or one block per row (4 threads of 2
+    channels; the position advances after a barrier, no arrival counter)."""
+    if request.param == "row_per_block":
+        from swr_array.numba_kernels import swr_step as ks
+
+        monkeypatch.setattr(ks, "plan", lambda hd, K: (4, 2, -(-hd // 8)))
+    return request.param
+
+
 def mixed_reference_state(a, u, x0, prompts, block_len, hops):
     """Reference state (BHDL inputs) whose row b consumed prompts[b] tokens."""
     B, H, D, _ = u.shape
@@ -75,7 +87,7 @@ def mixed_reference_state(a, u, x0, prompts, block_len, hops):
     ("f16", "f32", False, 1, 4),
     ("bf16", "bf16", True, 3, 1),
 ])
-def test_swr_step_kernel_equals_the_forward(rng, kind, out_kind, per_head, hops, block_len):
+def test_swr_step_kernel_equals_the_forward(rng, split, kind, out_kind, per_head, hops, block_len):
     from swr_array import _cuda
 
     B, H, D, n, steps = 3, 2, 3, 16, 5
@@ -111,7 +123,7 @@ def test_swr_step_kernel_equals_the_forward(rng, kind, out_kind, per_head, hops,
 
 @pytest.mark.parametrize("kind,hops,KV", [("f32", 1, 2), ("f32", 0, 1), ("f32", None, 1),
                                           ("f32", 2, 2), ("bf16", 1, 1), ("f16", 1, 2)])
-def test_phalanx_step_mix_equals_the_forward(rng, kind, hops, KV):
+def test_phalanx_step_mix_equals_the_forward(rng, split, kind, hops, KV):
     B, L, H, D, block_len, decay_max = 3, 12, 2, 3, 4, 0.97
     prompts = [0, 3, 6]
     steps = L - max(prompts)

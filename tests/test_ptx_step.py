@@ -1,8 +1,10 @@
 """Every specialisation of the in-place decoding kernels (numba_kernels/swr_step.py) compiles to
 PTX for sm_80 and sm_90 (no GPU needed); the kernels keep nothing in local memory.
 
-The hops mode (0, window K >= 1, exact) and per-head/per-channel coefficients are kernel
-arguments, so the storage dtypes are the whole set of specialisations.
+Kernels are specialised on shapes, hops and the launch plan, so the compiled set is
+``kernel_signatures()``: every storage kind and pair, every hops mode, grouped kv heads, the
+device plan of dim 2048 (one block per row, several channels per thread) and a row over several
+blocks of one channel per thread.
 """
 
 from __future__ import annotations
@@ -73,13 +75,19 @@ def test_compiles_to_ptx(j):
     assert "ld.local" not in ptx and "st.local" not in ptx
 
 
-def test_every_launch_has_a_specialisation():
-    """The kernels the launch helpers pick, for every dtype pair, are in kernel_signatures()."""
-    have = {id(k) for k, _ in KS.kernel_signatures()}
-    for kind in ("f32", "f16", "bf16"):
-        assert id(KS.phalanx_step_kernel(kind)) in have
-        for out_kind in ("f32", "f16", "bf16"):
-            assert id(KS.swr_step_kernel(kind, out_kind)) in have
+def test_the_plan_covers_every_channel_once():
+    """The device plan puts a row in one block where 1024 threads suffice, at most 8 carrier
+    sets per thread, and covers the row's channels with fewer than one block of slack."""
+    for hd, K in ((2048, 1), (2048, 0), (2048, 2), (2048, 4), (2048, 8), (6, 1), (16384, 1),
+                  (100, 3)):
+        tpb, cpt = KS._device_plan(hd, K)
+        nchunks = -(-hd // (tpb * cpt))
+        assert tpb % 32 == 0 and 32 <= tpb <= 1024
+        assert cpt * max(K, 1) <= 8
+        assert tpb * cpt * nchunks >= hd > tpb * cpt * (nchunks - 1) - tpb * cpt
+        if -(-hd // cpt) <= 1024:
+            assert nchunks == 1
+    assert KS._device_plan(2048, 1) == (512, 4)
     assert KS.hops_mode(0) == (KS.MODE_NONE, 0)
     assert KS.hops_mode(None) == (KS.MODE_EXACT, 1)
     assert KS.hops_mode(3) == (KS.MODE_WINDOW, 3)
