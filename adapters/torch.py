@@ -637,6 +637,8 @@ def swr_step(
             out.copy_(y)
             y = out
         return y, state
+    if u_t.device.type == "cuda":
+        return _cuda_step(a_t, u_t, state, out_dtype, out), state
     if out is None:
         dt = u_t.dtype if out_dtype is None else out_dtype
         out = torch.empty(u_t.shape, dtype=dt, device=u_t.device)
@@ -650,6 +652,41 @@ def swr_step(
             out=yf,
         )
     return out, state
+
+
+def _cuda_step(a_t, u_t, state, out_dtype, out) -> Tensor:
+    """The eager CUDA step (torch-side checks done): shapes and ``out`` checked, then ONE launch
+    of the state's prepared plan (``swr_array.ops.step_plan``, made on the first call with
+    these dtypes and kept on the state) on torch's current stream, with the tensors' data
+    pointers; no DLPack view and no CuPy context."""
+    shape = state.shape
+    per_channel = _checks.step_shapes(a_t.shape, u_t.shape, shape)
+    dt = u_t.dtype if out_dtype is None else out_dtype
+    if out is None:
+        out = torch.empty(shape, dtype=dt, device=u_t.device)
+    else:
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+        if out.dtype != dt:
+            raise TypeError(f"out must have dtype {dt}, got {out.dtype}")
+        if not out.is_contiguous():
+            raise ValueError("out must be C-contiguous")
+    a_t, u_t = a_t.contiguous(), u_t.contiguous()
+    index = u_t.device.index
+    _cupy().cuda.runtime.setDevice(index)  # a current context for the launch on this thread
+    cache = state.front._launch_cache
+    key = ("torch", a_t.dtype, per_channel, u_t.dtype, out.dtype)
+    run = cache.get(key)
+    if run is None:
+        run = _front.step_plan(a_t, u_t, out, state.front)
+        if run is None:  # first launch with these dtypes: prepares the plan
+            _front.swr_step_into(a_t, u_t, out, state.front, stream=_raw_stream(index))
+            run = _front.step_plan(a_t, u_t, out, state.front)
+            cache[key] = run
+            return out
+        cache[key] = run
+    run.run(a_t, u_t, out, stream=_raw_stream(index))
+    return out
 
 
 _FRONT_STATES: dict = {}
@@ -957,28 +994,30 @@ def _bias_parts(b_in: Tensor, cfg: _PhalanxConfig) -> tuple[Tensor, Tensor, Tens
     return b_in[2 * kv :], b_in[:kv], b_in[kv : 2 * kv]
 
 
-_BIAS_VIEWS: dict = {}
-
-
 def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) -> None:
-    """``y = swr_step(A, Bg * V) * C + V`` from ``z = x_t W_in``, ONE kernel launch on torch's
-    current stream; the front state (views of the torch state's tensors) advances in place."""
+    """``y = swr_step(A, Bg * V) * C + V`` from ``z = x_t W_in`` (made by the caller: ``(B, W)``
+    C-contiguous) into ``y`` (``(B, H*D)``, made by the caller), ONE kernel launch on torch's
+    current stream; the front state (views of the torch state's tensors) advances in place.
+
+    The launch plan (``swr_array.phalanx.phalanx_step_plan``, which checks the arrays) is made
+    on the first call per biases and kept on the front state with views of the biases (a view
+    holds its tensor, so no other tensor can take that address while it is cached); later calls
+    pass z's and y's data pointers to it, with no DLPack view and no CuPy context."""
     index = z.device.index
     _cupy().cuda.runtime.setDevice(index)  # a current context for the launch on this thread
-    # CuPy views (DLPack): the kernels' launchers read dtypes NumPy knows, bfloat16 included.
-    # The biases' views are kept per address (a view holds its tensor, so no other tensor can
-    # take that address while it is cached).
-    key = (index, b_in.data_ptr(), b_in.dtype, cfg.kv_heads, cfg.head_dim)
-    biases = _BIAS_VIEWS.get(key)
-    if biases is None:
-        if len(_BIAS_VIEWS) >= 64:
-            _BIAS_VIEWS.clear()
-        biases = _BIAS_VIEWS[key] = tuple(_cuda_view(t) for t in _bias_parts(b_in, cfg))
-    _front_phalanx.phalanx_step_mix(
-        _cuda_view(z), _cuda_view(y), *biases, front, kv_heads=cfg.kv_heads,
-        decay_max=cfg.decay_max,
-        stream=_raw_stream(index),
-    )  # fmt: skip
+    plans = front._launch_cache.get("torch-phalanx")
+    if plans is None:
+        plans = front._launch_cache["torch-phalanx"] = {}
+    key = (index, z.dtype, b_in.data_ptr(), b_in.dtype, cfg)
+    entry = plans.get(key)
+    if entry is None:
+        if len(plans) >= 16:  # e.g. biases cast anew by autocast at every call: start over
+            plans.clear()
+        biases = _bias_parts(b_in, cfg)
+        run = _front_phalanx.phalanx_step_plan(z, y, *biases, front, kv_heads=cfg.kv_heads,
+                                               decay_max=cfg.decay_max)
+        entry = plans[key] = (run, biases)
+    entry[0].run(z, y, stream=_raw_stream(index))
 
 
 @torch.library.custom_op(

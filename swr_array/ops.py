@@ -446,6 +446,22 @@ def swr_step_into(a_t, u_t, y, state: SWRState, *, stream=None) -> None:
     graph once it has run eagerly (the first call with given dtypes prepares the launch and keeps
     it on the state).
     """
+    run = step_plan(a_t, u_t, y, state)
+    if run is None:  # the first call with these dtypes: prepared and launched together
+        from . import _cuda
+
+        _cuda.swr_step(a_t, u_t, y, state, _checks.step_shapes(a_t.shape, u_t.shape,
+                                                               state.w.shape), stream=stream)
+        return
+    run.run(a_t, u_t, y, stream=stream)
+
+
+def step_plan(a_t, u_t, y, state: SWRState):
+    """The checks of :func:`swr_step_into` (shapes, dtypes, contiguity of these arrays), then the
+    launch it keeps on the state for these dtypes (a ``numba_kernels.swr_step.StepLaunch`` to
+    ``.run(a_t, u_t, y, stream=...)``), or None before the first launch with them. A caller that
+    checks and makes its arrays itself (the torch adapter's step) keeps the plan and relaunches
+    it without checking them again."""
     if not isinstance(state, SWRState):
         raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
     shape = tuple(state.w.shape)
@@ -462,16 +478,9 @@ def swr_step_into(a_t, u_t, y, state: SWRState, *, stream=None) -> None:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {d}")
     if state.w.dtype != np.float32:
         raise TypeError(f"state must hold float32 arrays (a GPU state), got {state.w.dtype}")
-    key = ("swr", da, per_channel, du, dy)
-    run = state._launch_cache.get(key)
     if not (_c_contiguous(a_t) and _c_contiguous(u_t) and _c_contiguous(y)):
         raise ValueError("a_t, u_t and y must be C-contiguous")
-    if run is None:
-        from . import _cuda
-
-        _cuda.swr_step(a_t, u_t, y, state, per_channel, stream=stream)
-        return
-    run.run(a_t, u_t, y, stream=stream)
+    return state._launch_cache.get(("swr", da, per_channel, du, dy))
 
 
 def _step_numpy(a_c, u_t, state):

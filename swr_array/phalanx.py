@@ -463,6 +463,17 @@ def phalanx_step_mix(z, y, b_a, b_b, b_c, state: SWRState, *, kv_heads: int, dec
     and z dtype (kept on the state, keyed by the biases' data pointers); later calls only pass
     z's and y's data pointers.
     """
+    phalanx_step_plan(z, y, b_a, b_b, b_c, state, kv_heads=kv_heads,
+                      decay_max=decay_max).run(z, y, stream=stream)
+
+
+def phalanx_step_plan(z, y, b_a, b_b, b_c, state: SWRState, *, kv_heads: int,
+                      decay_max: float):
+    """The checks of :func:`phalanx_step_mix` (shapes, dtypes, contiguity of these arrays), then
+    its prepared launch: a ``numba_kernels.swr_step.StepLaunch`` to ``.run(z, y, stream=...)``
+    with z and y of these shapes and dtype (kept on the state, keyed by the biases' data
+    pointers). A caller that makes z and y itself (the torch layer's step) keeps the plan and
+    relaunches it without checking them again."""
     if not isinstance(state, SWRState):
         raise TypeError(f"state must be an SWRState, got {type(state).__name__}")
     B, H, D = state.shape
@@ -497,7 +508,7 @@ def phalanx_step_mix(z, y, b_a, b_b, b_c, state: SWRState, *, kv_heads: int, dec
         state._launch_cache[key] = run
     elif not (_c_contiguous(z) and _c_contiguous(y)):
         raise ValueError("z and y must be C-contiguous")
-    run.run(z, y, stream=stream)
+    return run
 
 
 def _np_dtype(dtype):
