@@ -7,7 +7,11 @@
 For each batch (dim 2048 = 128 heads x 16, bfloat16, hops=1, block_len=16), in one process:
 
 - ``Phalanx.step`` captured in a CUDA graph (``torch.cuda.graph``) and eager (host included);
-- the step's two GEMMs alone (``x_t W_in^T``, ``Y W_out^T``), captured in a graph;
+- the host cost of one eager ``Phalanx.step`` and of one eager torch ``swr_step`` (the step's
+  shapes, ``out=`` given): the median wall time of single calls (``--host-calls`` of them, no
+  synchronisation inside);
+- the step's two GEMMs alone (``x_t W_in^T``, ``Y W_out^T``), captured in a graph, and its
+  fused middle kernel alone (gates, state update, read-out), captured in a graph;
 - the same step written as plain torch ops (GEMM, gates, the hops=1 state update with the
   position on the device, read-out, GEMM), captured in a graph;
 - the floor: bytes of the weights, the state (read and written) and the step's input and output,
@@ -53,6 +57,24 @@ def timed(fn, *, runs, calls, warmup=3):
         end.synchronize()
         times.append(start.elapsed_time(end) / calls * 1e3)
     return statistics.median(times)
+
+
+def host_us(fn, calls):
+    """Median wall time of one call, in us (single calls, no synchronisation inside)."""
+    import time
+
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
 
 
 def graphed(fn):
@@ -150,6 +172,7 @@ def attention_step(B, dim, context, dtype, heads=16):
 
 def bench_batch(B, args, bandwidth, log):
     import torch
+    from swr_array.adapters import torch as swr_torch
     from swr_array.adapters.torch import Phalanx
 
     dtype = getattr(torch, args.dtype)
@@ -176,6 +199,21 @@ def bench_batch(B, args, bandwidth, log):
             torch.mm(y, w_out.T, out=out)
 
         r["gemms_graph_us"] = timed(graphed(gemms), runs=args.runs, calls=args.calls)
+        r["host_step_us"] = host_us(step, args.host_calls)
+        mstate = layer.init_state(B)
+        ym = torch.empty(B, c.heads * c.head_dim, device="cuda", dtype=dtype)
+        z.copy_(torch.randn_like(z))
+
+        def mix():
+            swr_torch._phalanx_mix(z, ym, layer.in_proj_bias, mstate.front, c)
+
+        r["mix_graph_us"] = timed(graphed(mix), runs=args.runs, calls=args.calls)
+        sstate = swr_torch.swr_init_state((B, c.heads, c.head_dim), device="cuda")
+        a_t = torch.rand(B, c.heads, device="cuda", dtype=dtype)
+        u_t = torch.randn(B, c.heads, c.head_dim, device="cuda", dtype=dtype)
+        y_t = torch.empty_like(u_t)
+        r["swr_step_host_us"] = host_us(lambda: swr_torch.swr_step(a_t, u_t, sstate, out=y_t),
+                                        args.host_calls)
         r["torch_ops_graph_us"] = timed(graphed(plain_torch_step(layer, B)), runs=args.runs,
                                         calls=args.calls)  # fmt: skip
         item = torch.finfo(dtype).bits // 8
@@ -184,8 +222,9 @@ def bench_batch(B, args, bandwidth, log):
         r["floor_bytes"] = weights + 2 * st + 2 * B * args.dim * item
         r["floor_us"] = r["floor_bytes"] / bandwidth * 1e6
         log(f"B={B}: graph {r['graph_us']:.1f} us, eager {r['eager_us']:.1f} us, GEMMs "
-            f"{r['gemms_graph_us']:.1f} us, torch ops {r['torch_ops_graph_us']:.1f} us, floor "
-            f"{r['floor_us']:.1f} us")  # fmt: skip
+            f"{r['gemms_graph_us']:.1f} us, fused middle {r['mix_graph_us']:.1f} us, torch ops "
+            f"{r['torch_ops_graph_us']:.1f} us, floor {r['floor_us']:.1f} us; host: "
+            f"Phalanx.step {r['host_step_us']:.1f} us, swr_step {r['swr_step_host_us']:.1f} us")
         for ctx in args.contexts:
             cache_gb = 2 * B * ctx * args.dim * item / 1e9
             key = f"attention_{ctx}_graph_us"
@@ -199,19 +238,26 @@ def bench_batch(B, args, bandwidth, log):
     return r
 
 
+def _us(t) -> str:
+    return "-" if t is None else f"{t:.1f}"
+
+
 def table(results) -> str:
     ctxs = results["contexts"]
     head = ("| batch | Phalanx step, graph (us) | eager (us) | two GEMMs, graph (us) | "
-            "step / GEMMs | torch ops step, graph (us) | floor (us) | step / floor | "
+            "step / GEMMs | fused middle, graph (us) | host: Phalanx.step (us) | "
+            "host: swr_step (us) | torch ops step, graph (us) | floor (us) | step / floor | "
             + " | ".join(f"attention {c // 1024}K, graph (us)" for c in ctxs) + " |")
     lines = [f"Decode, one layer per token: {results['device']}, dim {results['dim']}, "
              f"{results['dtype']}, hops=1, block_len=16 (copy bandwidth "
              f"{results['copy_bandwidth_gbs']:.0f} GB/s)", "", head,
-             "|" + "---|" * (8 + len(ctxs))]
+             "|" + "---|" * (11 + len(ctxs))]
     for r in results["batches"]:
         att = [r.get(f"attention_{c}_graph_us") for c in ctxs]
         cells = [str(r["batch"]), f"{r['graph_us']:.1f}", f"{r['eager_us']:.1f}",
                  f"{r['gemms_graph_us']:.1f}", f"{r['graph_us'] / r['gemms_graph_us']:.2f}x",
+                 _us(r.get("mix_graph_us")), _us(r.get("host_step_us")),
+                 _us(r.get("swr_step_host_us")),
                  f"{r['torch_ops_graph_us']:.1f}", f"{r['floor_us']:.1f}",
                  f"{r['graph_us'] / r['floor_us']:.2f}x"]
         cells += ["-" if t is None else f"{t:.1f}" for t in att]
@@ -230,6 +276,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--host-calls", type=int, default=500)
     ap.add_argument("--max-cache-gb", type=float, default=40.0)
     args = ap.parse_args(argv)
     if args.from_json:
