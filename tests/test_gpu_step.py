@@ -175,3 +175,90 @@ def test_step_launches_take_torch_tensors(dtype):
     np.testing.assert_allclose(y.float().cpu().numpy(), want.reshape(B, H * D), rtol=2e-2,
                                atol=2e-2)
     np.testing.assert_array_equal(st.position.get(), [1, 1, 1])
+
+
+@pytest.mark.parametrize("hops,KV", [(1, 128), (2, 64), (8, 128), (None, 32), (0, 128)])
+def test_phalanx_step_mix_at_the_decoding_width(rng, hops, KV):
+    """The fused middle at dim 2048 (128 heads of 16): the device plan's one block per row of
+    several channels per thread (hops 0, 1, 2, None) and a row over two blocks with the arrival
+    counter (hops=8: one channel per thread), rows at mixed positions, against the reference."""
+    import cupy as cp
+
+    from swr_array.numba_kernels import swr_step as ks
+
+    B, L, H, D, block_len, dm = 3, 40, 128, 16, 16, 0.97
+    prompts = [0, 9, 21]
+    mode, K = ks.hops_mode(hops)
+    tpb, cpt, nchunks = ks.plan(H * D, K)
+    assert (nchunks > 1) == (hops == 8) and (cpt > 1) == (hops in (0, 1, 2, None))
+    W = H * D + 2 * KV * D + H
+    z = rng.normal(size=(B, L, W)).astype(np.float32)
+    z[..., -H:] += 2.0
+    b_a, b_b, b_c = (rng.normal(scale=0.5, size=n).astype(np.float32) for n in (H, KV * D, KV * D))
+    kw = dict(heads=H, head_dim=D, kv_heads=KV, decay_max=dm, block_len=block_len, hops=hops)
+    full = R.phalanx_mix(z.astype(np.float64), b_a, b_b, b_c, **kw).reshape(B, L, H * D)
+    _, A, Bg, C, V = R._phalanx_gates(z.astype(np.float64), b_a, b_b, b_c, H, D, KV, dm)
+    a_t = cp.asarray(np.ascontiguousarray(A.transpose(0, 2, 1)), np.float32)
+    u_t = cp.asarray(np.ascontiguousarray((Bg * V).transpose(0, 2, 3, 1)), np.float32)
+    state = mixed_state(a_t, u_t, prompts, block_len, hops, u_t)
+    biases = [cp.asarray(b) for b in (b_a, b_b, b_c)]
+    rows = np.arange(B)
+    for t in range(L - max(prompts)):
+        idx = np.array(prompts) + t
+        y = cp.full((B, H * D), np.nan, np.float32)
+        sa.phalanx_step_mix(cp.asarray(np.ascontiguousarray(z[rows, idx])), y, *biases, state,
+                            kv_heads=KV, decay_max=dm)
+        want = full[rows, idx]
+        np.testing.assert_allclose(y.get(), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    np.testing.assert_array_equal(state.position.get(), np.array(prompts) + L - max(prompts))
+    np.testing.assert_array_equal(state._arrivals().get(), 0)
+
+
+def test_torch_eager_steps_reuse_their_plan_and_refuse_first():
+    """torch swr_step and Phalanx.step on CUDA (the plan kept on the state, relaunched with data
+    pointers) equal the CPU composition step after step, and a refused step leaves the state
+    as it was."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    from swr_array.adapters import torch as st
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, D = 3, 128, 16
+    s_gpu = st.swr_init_state((B, H, D), block_len=4, hops=2, device="cuda")
+    s_cpu = st.swr_init_state((B, H, D), block_len=4, hops=2)
+    out = torch.full((B, H, D), float("nan"), device="cuda")
+    for _ in range(9):
+        a = torch.rand((B, H), generator=gen)
+        u = torch.randn((B, H, D), generator=gen)
+        y, same = st.swr_step(a.cuda(), u.cuda(), s_gpu, out=out)
+        want, _ = st.swr_step(a.double(), u.double(), s_cpu)
+        assert same is s_gpu and y is out
+        np.testing.assert_allclose(y.cpu().numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    before = [t.clone() for t in s_gpu.tensors()]
+    a, u = torch.rand((B, H), device="cuda"), torch.randn((B, H, D), device="cuda")
+    for bad in (lambda: st.swr_step(a[:2], u[:2], s_gpu),
+                lambda: st.swr_step(a, u, s_gpu, out=torch.empty((B, H, D), device="cuda",
+                                                                 dtype=torch.float16)),
+                lambda: st.swr_step(a, u, s_gpu, out=torch.empty((B, D, H), device="cuda").mT),
+                lambda: st.swr_step(a.half(), u, s_gpu)):
+        with pytest.raises((ValueError, TypeError)):
+            bad()
+    for new, old in zip(s_gpu.tensors(), before):
+        assert torch.equal(new, old)
+    torch.manual_seed(0)
+    layer = st.Phalanx(256, head_dim=16, hops=1, block_len=4).cuda()
+    ref = st.Phalanx(256, head_dim=16, hops=1, block_len=4, fast_path=False).cuda()
+    ref.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        s1, s2 = layer.init_state(B), ref.init_state(B)
+        for _ in range(9):
+            x = torch.randn((B, 256), device="cuda")
+            o1, _ = layer.step(x, s1)
+            o2, _ = ref.step(x, s2)
+            torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-4)
+        before = [t.clone() for t in s1.tensors()]
+        with pytest.raises(ValueError):
+            layer.step(torch.randn((B + 1, 256), device="cuda"), s1)
+        for new, old in zip(s1.tensors(), before):
+            assert torch.equal(new, old)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Decoding at the hardware limit (issue #23), on the GPU machine, within ~150 s:
+#   source scripts/device_env.sh && bash scripts/gpu_decode2.sh
+# 1. the step kernels' GPU tests (tests/test_gpu_step.py, tests/test_kernels_step.py);
+# 2. benchmarks/decode_bench.py --runs 7 at batch 1, 64, 256 (graph-captured Phalanx.step, its
+#    two GEMMs, its fused middle kernel alone, the host cost of eager Phalanx.step and torch
+#    swr_step; no attention rows), JSON + Markdown;
+# 3. scripts/decode_step_bench.py: the CuPy front's steps (host and GPU microseconds).
+# Writes $OUT/decode2/log.txt (everything printed, the Markdown table included) and
+# $OUT/decode2/decode_bench.json.
+set -u
+export PYTHONUNBUFFERED=1
+dir="${OUT:-$PWD/gpu_logs}/decode2"
+mkdir -p "$dir"
+log="$dir/log.txt"
+{
+  python3 -c "import torch; print('device:', torch.cuda.get_device_name())"
+  echo "=== tests $(date -u +%T)"
+  timeout 75 python3 -m pytest -q -p no:cacheprovider -n 4 \
+    tests/test_gpu_step.py tests/test_kernels_step.py
+  echo "=== tests rc=$? $(date -u +%T)"
+  timeout 55 python3 benchmarks/decode_bench.py --out "$dir" --batches 1,64,256 --contexts "" \
+    --runs 7 --calls 20 --host-calls 300
+  echo "=== decode_bench rc=$? $(date -u +%T)"
+  timeout 25 python3 scripts/decode_step_bench.py --batches 1,64,256 --steps 200
+  echo "=== decode_step_bench rc=$? $(date -u +%T)"
+} 2>&1 | tee "$log"
