@@ -1,7 +1,10 @@
 """Host cost per call on a tiny input (GPU machine): the front on CuPy, the torch adapter's `swr`
 and its custom op called directly, then a cProfile of the torch forward+backward (what is left).
 
-    python scripts/host_profile.py        # medians of 1000 single calls, perf_counter
+    python scripts/host_profile.py            # medians of 1000 single calls, perf_counter
+    python scripts/host_profile.py --decode   # eager decoding steps (batch 1, dim 2048, bf16):
+                                              # torch Phalanx.step, torch swr_step, the CuPy
+                                              # front's swr_step / swr_step_into, + cProfile
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import statistics
+import sys
 import time
 
 import cupy as cp
@@ -31,7 +35,44 @@ def median_us(fn, n=1000, warm=50):
     return statistics.median(times) * 1e6
 
 
+def decode():
+    """Eager decoding steps at batch 1, dim 2048 (128 heads of 16), bfloat16, ``out=`` given."""
+    print(f"device: {torch.cuda.get_device_name()}")
+    B, H, D = 1, 128, 16
+    dt = torch.bfloat16
+    layer = swr_torch.Phalanx(H * D, head_dim=D, device="cuda", dtype=dt)
+    with torch.no_grad():
+        state = layer.init_state(B)
+        x = torch.randn(B, H * D, device="cuda", dtype=dt)
+        out = torch.empty(B, H * D, device="cuda", dtype=dt)
+        s = swr_torch.swr_init_state((B, H, D), device="cuda")
+        a = torch.rand(B, H, device="cuda", dtype=dt)
+        u = torch.randn(B, H, D, device="cuda", dtype=dt)
+        y = torch.empty_like(u)
+        cs = sa.swr_init_state((B, H, D), like=cp.zeros(1))
+        ca, cu, cy = cp.from_dlpack(a), cp.from_dlpack(u), cp.from_dlpack(y)
+        rows = {
+            "torch Phalanx.step (out=)": lambda: layer.step(x, state, out=out),
+            "torch swr_step (out=)": lambda: swr_torch.swr_step(a, u, s, out=y),
+            "front swr_step (CuPy, out=)": lambda: sa.swr_step(ca, cu, cs, layout="BLHD", out=cy),
+            "front swr_step_into (CuPy)": lambda: sa.swr_step_into(ca, cu, cy, cs),
+            "torch F.linear alone": lambda: torch.nn.functional.linear(x, layer.in_proj_weight),
+        }
+        for name, fn in rows.items():
+            print(f"{name:<36s} {median_us(fn):8.1f} us")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            layer.step(x, state, out=out)
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
 def main():
+    if "--decode" in sys.argv[1:]:
+        decode()
+        return
     print(f"device: {torch.cuda.get_device_name()}")
     B, N, H, D = 1, 64, 4, 16
     u = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
