@@ -5,7 +5,8 @@
 # 2. benchmarks/decode_bench.py --runs 7 at batch 1, 64, 256 (graph-captured Phalanx.step, its
 #    two GEMMs, its fused middle kernel alone, the host cost of eager Phalanx.step and torch
 #    swr_step; no attention rows), JSON + Markdown;
-# 3. scripts/decode_step_bench.py: the CuPy front's steps (host and GPU microseconds).
+# 3. scripts/decode_step_bench.py: the CuPy front's steps (host and GPU microseconds);
+# 4. scripts/host_profile.py --decode: eager steps' host cost at batch 1 and a cProfile.
 # Writes $OUT/decode2/log.txt (everything printed, the Markdown table included) and
 # $OUT/decode2/decode_bench.json.
 set -u
@@ -24,4 +25,6 @@ log="$dir/log.txt"
   echo "=== decode_bench rc=$? $(date -u +%T)"
   timeout 25 python3 scripts/decode_step_bench.py --batches 1,64,256 --steps 200
   echo "=== decode_step_bench rc=$? $(date -u +%T)"
+  timeout 20 python3 scripts/host_profile.py --decode
+  echo "=== host_profile rc=$? $(date -u +%T)"
 } 2>&1 | tee "$log"
