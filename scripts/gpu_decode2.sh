@@ -17,14 +17,14 @@ log="$dir/log.txt"
 {
   python3 -c "import torch; print('device:', torch.cuda.get_device_name())"
   echo "=== tests $(date -u +%T)"
-  timeout 75 python3 -m pytest -q -p no:cacheprovider -n 4 \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -n 4 \
     tests/test_gpu_step.py tests/test_kernels_step.py
   echo "=== tests rc=$? $(date -u +%T)"
-  timeout 55 python3 benchmarks/decode_bench.py --out "$dir" --batches 1,64,256 --contexts "" \
+  timeout 50 python3 benchmarks/decode_bench.py --out "$dir" --batches 1,64,256 --contexts "" \
     --runs 7 --calls 20 --host-calls 300
   echo "=== decode_bench rc=$? $(date -u +%T)"
-  timeout 25 python3 scripts/decode_step_bench.py --batches 1,64,256 --steps 200
+  timeout 20 python3 scripts/decode_step_bench.py --batches 1,64,256 --steps 200
   echo "=== decode_step_bench rc=$? $(date -u +%T)"
-  timeout 20 python3 scripts/host_profile.py --decode
+  timeout 15 python3 scripts/host_profile.py --decode
   echo "=== host_profile rc=$? $(date -u +%T)"
 } 2>&1 | tee "$log"
