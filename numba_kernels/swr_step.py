@@ -123,16 +123,16 @@ def _make_channel_step(mode, K, block_len):
 
 
 def _make_load_state(mode, K):
-    """Device function ``(off, j, i, w, g, cv, cC, rw, rg, rcv, rcC)``: loads channel ``i``'s
-    state into the registers ``channel_step`` reads (w, g only off a block boundary; the
-    carriers the window sum and the shift read)."""
+    """Device function ``(j, i, w, g, cv, cC, rw, rg, rcv, rcC)``: loads channel ``i``'s state
+    into the registers ``channel_step`` reads (w, g, and the carriers the window sum and the
+    shift read). Nothing here waits for the row's position, so these loads are in flight
+    together with its load."""
     KK = max(K, 1)
 
     @cuda.jit(device=True, inline=True)
-    def load_state(off, j, i, w, g, cv, cC, rw, rg, rcv, rcC):
-        if off != 0:
-            rw[j] = w[i]
-            rg[j] = g[i]
+    def load_state(j, i, w, g, cv, cC, rw, rg, rcv, rcC):
+        rw[j] = w[i]
+        rg[j] = g[i]
         if mode == MODE_EXACT:
             rcv[j] = cv[i]
         elif mode == MODE_WINDOW:
@@ -192,7 +192,7 @@ def _make_swr_step(kind, out_kind, HD, D, per_channel, mode, K, block_len, tpb, 
                 ai = i if per_channel else b * H + c // D
                 ra[j] = load(a[ai])
                 ru[j] = load(u[i])
-                load_state(off, j, i, w, g, cv, cC, rw, rg, rcv, rcC)
+                load_state(j, i, w, g, cv, cC, rw, rg, rcv, rcC)
         for j in range(cpt):  # ... then the arithmetic and the stores
             c = c0 + j * tpb
             if c < HD:
@@ -241,7 +241,7 @@ def _make_phalanx_step(kind, H, D, G, mode, K, block_len, tpb, cpt, nchunks):
                 rv[j] = load(z[zr + c])
                 rb[j] = load(z[zr + HD + kc]) + load(b_b[kc])
                 rc[j] = load(z[zr + HD + KD + kc]) + load(b_c[kc])
-                load_state(off, j, b * HD + c, w, g, cv, cC, rw, rg, rcv, rcC)
+                load_state(j, b * HD + c, w, g, cv, cC, rw, rg, rcv, rcC)
         for j in range(cpt):  # ... then the gates, the recurrence and the stores
             c = c0 + j * tpb
             if c < HD:
