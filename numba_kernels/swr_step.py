@@ -318,7 +318,7 @@ def kernel_signatures():
         return tpb, cpt, -(-hd // (tpb * cpt))
 
     n = 0
-    for kind in KINDS:
+    for k, kind in enumerate(KINDS):
         v1 = types.Array(_STORAGE[kind], 1, "C")
         for j, out_kind in enumerate(KINDS):
             o1 = types.Array(_STORAGE[out_kind], 1, "C")
@@ -327,7 +327,8 @@ def kernel_signatures():
                                         *plan_of(2048, K, n)), (v1, v1, o1) + st))
             n += 1
         sig = (v1,) * 5 + st + (types.float32,)
-        for G, hops in ((1, 1), (2, 0), (1, None), (4, 3)):
+        configs = ((1, 1), (2, 0), (1, None), (4, 3))
+        for G, hops in (configs[k % 4], configs[(k + 2) % 4]):
             mode, K = hops_mode(hops)
             out.append((phalanx_step_kernel(kind, 128, 16, G, mode, K, 16, *plan_of(2048, K, n)),
                         sig))
