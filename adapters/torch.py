@@ -1053,6 +1053,19 @@ def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim
     return torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
 
 
+def _check_step_out(out: Tensor | None, z: Tensor, dim: int) -> None:
+    """``out`` of a Phalanx step, before the state advances: ``(B, dim)`` on z's device, of the
+    step's output dtype (z's: x_t's, or autocast's)."""
+    if out is None:
+        return
+    want = (z.shape[0], dim)
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape (B, dim) = {want}, got {tuple(out.shape)}")
+    _check_device("out", out, z.device, ref="x_t")
+    if out.dtype != z.dtype:
+        raise TypeError(f"out must have dtype {z.dtype} (the step's output), got {out.dtype}")
+
+
 # ----------------------------------------------------------------------------------------------
 # the module
 # ----------------------------------------------------------------------------------------------
@@ -1368,6 +1381,7 @@ class Phalanx(nn.Module):
         if self.fast_path and x_t.device.type in _FUSED_DEVICE_TYPES:
             x_t, w_in, b_in, w_out = _autocast(x_t, w_in, b_in, w_out)
             z = F.linear(x_t, w_in)
+            _check_step_out(out, z, self.dim)
             if torch.compiler.is_compiling():
                 y = _phalanx_mix_op(z, b_in, *state.tensors(), cfg.heads, cfg.head_dim,
                                     cfg.kv_heads, cfg.decay_max, state.block_len, state.hops)
@@ -1377,6 +1391,7 @@ class Phalanx(nn.Module):
                 _phalanx_mix(z, y, b_in, state.front, cfg)
         else:
             z = F.linear(x_t, w_in, _input_bias(b_in, cfg))
+            _check_step_out(out, z, self.dim)
             A, U, c5, v5 = _gates(z, cfg)
             u_t, state = swr_step(A, U, state)
             y = (u_t.view(v5.shape) * c5 + v5).reshape(x_t.shape[0], -1)

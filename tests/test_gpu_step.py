@@ -183,7 +183,6 @@ def test_phalanx_step_mix_at_the_decoding_width(rng, hops, KV):
     several channels per thread (hops 0, 1, 2, None) and a row over two blocks with the arrival
     counter (hops=8: one channel per thread), rows at mixed positions, against the reference."""
     import cupy as cp
-
     from swr_array.numba_kernels import swr_step as ks
 
     B, L, H, D, block_len, dm = 3, 40, 128, 16, 16, 0.97
@@ -262,3 +261,91 @@ def test_torch_eager_steps_reuse_their_plan_and_refuse_first():
             layer.step(torch.randn((B + 1, 256), device="cuda"), s1)
         for new, old in zip(s1.tensors(), before):
             assert torch.equal(new, old)
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2, None])
+@pytest.mark.parametrize("per_head", [True, False])
+def test_torch_eager_steps_equal_the_reference(rng, hops, per_head):
+    """The torch adapter's eager CUDA swr_step (its prepared launch on the front state, one per
+    dtype combination) over non-contiguous token slices, bfloat16 in, bfloat16 and float32 out,
+    equals the float64 forward at every token across block boundaries."""
+    torch = _torch_cuda()
+    from swr_array.adapters.torch import swr_init_state, swr_step
+
+    B, N, H, D, block_len = 3, 11, 2, 8, 4
+    a = rng.uniform(0.5, 1.0, (B, N, H) if per_head else (B, N, H, D))
+    u = rng.standard_normal((B, N, H, D))
+    a_t = torch.tensor(a, device="cuda").to(torch.bfloat16)
+    u_t = torch.tensor(u, device="cuda").to(torch.bfloat16)
+    a64, u64 = (x.double().cpu().numpy() for x in (a_t, u_t))
+    want = sa.swr(a64, u64, block_len=block_len, hops=hops, layout="BLHD")
+    state = swr_init_state((B, H, D), block_len=block_len, hops=hops, device="cuda")
+    with torch.no_grad():
+        for t in range(N):
+            assert not a_t[:, t].is_contiguous()
+            out_dtype = torch.float32 if t % 2 else None
+            y = torch.full((B, H, D), float("nan"), device="cuda",
+                           dtype=out_dtype or torch.bfloat16)
+            got, same = swr_step(a_t[:, t], u_t[:, t], state, out_dtype=out_dtype, out=y)
+            assert got is y and same is state
+            np.testing.assert_allclose(y.float().cpu().numpy(), want[:, t], rtol=2e-2,
+                                       atol=2e-2)
+    np.testing.assert_array_equal(state.position.cpu().numpy(), [N] * B)
+
+
+def test_refused_torch_steps_leave_the_state_unchanged():
+    """Every refused torch step (swr_step and Phalanx.step on CUDA, ``out`` of Phalanx.step
+    included) raises before its launch: the state's tensors keep their values."""
+    torch = _torch_cuda()
+    from swr_array.adapters.torch import Phalanx, swr_init_state, swr_step
+
+    B, H, D = 2, 2, 4
+    s = swr_init_state((B, H, D), block_len=4, hops=1, device="cuda")
+    a, u = torch.rand(B, H, device="cuda"), torch.randn(B, H, D, device="cuda")
+    with torch.no_grad():
+        swr_step(a, u, s)  # prepares the launch
+        before = [t.clone() for t in s.tensors()]
+        bad = [
+            dict(a_t=a[:1], u_t=u[:1]),  # another batch than the state's
+            dict(a_t=a, u_t=u[:, :1]),  # other heads
+            dict(a_t=a[..., None], u_t=u),  # a_t neither (B, H) nor (B, H, D)
+            dict(a_t=a.half(), u_t=u),  # mixed dtypes
+            dict(a_t=a.double(), u_t=u.double()),  # float64 on CUDA
+            dict(a_t=a.cpu(), u_t=u),  # another device
+            dict(a_t=a, u_t=u, out=torch.empty(B, H, D + 1, device="cuda")),
+            dict(a_t=a, u_t=u, out=torch.empty(B, H, D, device="cuda").half()),
+            dict(a_t=a, u_t=u, out=torch.empty(B, H, 2 * D, device="cuda")[..., ::2]),
+            dict(a_t=a, u_t=u, out_dtype=torch.float16,
+                 out=torch.empty(B, H, D, device="cuda")),
+            dict(a_t=a, u_t=u, state=swr_init_state((B, H, D), block_len=4, hops=1)),
+        ]
+        for kw in bad:
+            kw.setdefault("state", s)
+            with pytest.raises((ValueError, TypeError)):
+                swr_step(**kw)
+        for new, old in zip(s.tensors(), before):
+            torch.testing.assert_close(new, old, rtol=0, atol=0)
+        layer = Phalanx(32, head_dim=4, device="cuda")
+        other = Phalanx(32, head_dim=4, kv_heads=2, device="cuda")
+        ps = layer.init_state(B)
+        x = torch.randn(B, 32, device="cuda")
+        layer.step(x, ps)  # prepares the launch
+        before = [t.clone() for t in ps.tensors()]
+        for call in (lambda: layer.step(x[:1], ps),  # another batch
+                     lambda: other.step(x, ps),  # another layer's state
+                     lambda: layer.step(x.half(), ps),  # another dtype
+                     lambda: layer.step(x, ps, out=torch.empty(B, 31, device="cuda")),
+                     lambda: layer.step(x, ps, out=torch.empty(B, 32, device="cuda").half()),
+                     lambda: layer.step(x, ps, out=torch.empty(B, 32)),  # on the CPU
+                     lambda: layer.step(x, s)):  # a state of other heads
+            with pytest.raises((ValueError, TypeError, RuntimeError)):
+                call()
+        for new, old in zip(ps.tensors(), before):
+            torch.testing.assert_close(new, old, rtol=0, atol=0)

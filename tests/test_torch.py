@@ -826,6 +826,11 @@ def test_rows_at_different_positions_reset_and_load(gen):
         before = [t.clone() for t in state.tensors()]
         with pytest.raises(TypeError):
             layer.step(x[:, 0].float(), state)
+        # out is checked before the state advances
+        with pytest.raises(ValueError, match="out must have shape"):
+            layer.step(x[:, 0], state, out=torch.empty(3, 15, dtype=F64))
+        with pytest.raises(TypeError, match="out must have dtype"):
+            layer.step(x[:, 0], state, out=torch.empty(3, 16))
         assert all(torch.equal(b, t) for b, t in zip(before, state.tensors()))
 
 
