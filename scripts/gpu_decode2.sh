@@ -6,7 +6,9 @@
 #    two GEMMs, its fused middle kernel alone, the host cost of eager Phalanx.step and torch
 #    swr_step; no attention rows), JSON + Markdown;
 # 3. scripts/decode_step_bench.py: the CuPy front's steps (host and GPU microseconds);
-# 4. scripts/host_profile.py --decode: eager steps' host cost at batch 1 and a cProfile.
+# 4. scripts/host_profile.py --decode: eager steps' host cost at batch 1 and a cProfile;
+# 5. with NCU=1 only: Nsight Compute on the step kernels (swr_step, phalanx_step_mix) alone at
+#    batch 1, 64, 256 (every launch: the first of each batch compiles, the second is warm).
 # Writes $OUT/decode2/log.txt (everything printed, the Markdown table included) and
 # $OUT/decode2/decode_bench.json.
 set -u
@@ -27,4 +29,10 @@ log="$dir/log.txt"
   echo "=== decode_step_bench rc=$? $(date -u +%T)"
   timeout 15 python3 scripts/host_profile.py --decode
   echo "=== host_profile rc=$? $(date -u +%T)"
+  if [ "${NCU:-0}" = 1 ]; then  # hardware counters of the step kernels alone (adds ~60 s)
+    timeout 90 ncu --clock-control none -k regex:step_kernel --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section WarpStateStats python3 scripts/decode_step_bench.py --ncu --batches 1,64,256
+    echo "=== ncu rc=$? $(date -u +%T)"
+  fi
 } 2>&1 | tee "$log"
