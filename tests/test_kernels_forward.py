@@ -478,3 +478,12 @@ def test_halo_walk_refuses_what_it_does_not_run():
         with pytest.raises(ValueError, match="hops"):
             swr_forward(a, a, a.copy(), layout=layout, block_len=4, hops=hops, offset=0, w0=z,
                         g0=z, carry=z)
+
+
+def test_front_one_pass_hops_are_the_kernels():
+    """The front (swr_array/_cuda.py, no Numba import) names the halo walk's hops itself."""
+    from swr_array.numba_kernels.swr_forward import HALO_HOPS
+
+    from swr_array import _cuda
+
+    assert _cuda.FUSED_HOPS == HALO_HOPS
