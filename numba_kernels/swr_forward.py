@@ -769,6 +769,9 @@ TUNING = Tuning({
     "blhd_threads_per_block": 256,
     # ... hops=1, per head, 16-bit, block_len from blhd_long_block_len (the plain walk): chunk
     # length and steps in flight
+    # the halo walk (BLHD hops k >= 2): chunks of at least this many blocks per hop, so that
+    # re-walking the k blocks before a chunk reads at most 1/this more
+    "blhd_halo_chunk_blocks_per_hop": 8,
     "blhd_long_block_len": 32,
     "blhd_long_chunk_steps": 256,
     "blhd_long_unroll": 16,
@@ -1041,7 +1044,11 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
                 steps = TUNING["blhd_long_chunk_steps"]
             else:
                 steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
-            chunk_blocks = max(1, min(nb, steps // block_len))
+            chunk_blocks = max(1, steps // block_len)
+            if _mode_hops(mode):
+                chunk_blocks = max(chunk_blocks,
+                                   TUNING["blhd_halo_chunk_blocks_per_hop"] * _mode_hops(mode))
+            chunk_blocks = min(nb, chunk_blocks)
         nchunks = -(-nb // chunk_blocks)
         nwork = batch * groups * nchunks
         if name == "shared_walk":  # a thread block: `chunks` consecutive chunks of `lanes` groups

@@ -2,9 +2,11 @@
 # Every recurrence mode against the memory floor (issue #19), on the GPU machine, within ~200 s:
 #   source scripts/device_env.sh && bash scripts/gpu_hops.sh
 # 1. the forward kernels' GPU tests (tests/test_gpu_forward.py: the halo walk for BLHD hops 2..8
-#    included; tests/test_kernels_forward.py: the simulator cases, on the GPU);
+#    included; the halo and fused simulator cases of tests/test_kernels_forward.py, on the GPU;
+#    tests/test_gpu_front.py's forward/backward/state case, hops 2 and 5 through the front);
 # 2. `python -m swr_array bench --peers none --dtypes bf16 --hops 0,1,2,4,none` at 16x2048,
-#    4x8192 and 1x32768, both layouts, forward and forward+backward, ratios to the floor.
+#    4x8192 and 1x32768, both layouts, forward and forward+backward, ratios to the floor;
+# 3. scripts/hops_sweep.py: the halo walk's forward per chunk length (run before 2, ~30 s).
 # Writes $OUT/hops/log.txt (everything printed, the Markdown tables included) and
 # $OUT/hops/bench.json.
 set -u
@@ -15,9 +17,12 @@ log="$dir/log.txt"
 scratch=$(mktemp -d)
 {
   echo "=== tests $(date -u +%T)"
-  timeout 80 python3 -m pytest -q -p no:cacheprovider -n 4 -x \
-    tests/test_gpu_forward.py tests/test_kernels_forward.py
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -n 4 \
+    tests/test_gpu_forward.py tests/test_kernels_forward.py tests/test_gpu_front.py \
+    -k "halo or 4x8192 or forward_backward_state or fused_matches"
   echo "=== tests rc=$? $(date -u +%T)"
+  timeout 30 python3 scripts/hops_sweep.py
+  echo "=== hops_sweep rc=$? $(date -u +%T)"
   # from a scratch folder: bench writes bench.json there, then only that file is kept
   (cd "$scratch" && timeout 110 python3 -m swr_array bench --peers none --dtypes bf16 \
     --hops 0,1,2,4,none --sizes 16x2048,4x8192,1x32768 --runs 5 --calls 10 --host-calls 0 \

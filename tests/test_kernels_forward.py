@@ -185,6 +185,7 @@ def small_chunks(monkeypatch):
         monkeypatch.setitem(F.TUNING, "blhd_chunk_steps_f32", blhd_steps)
         monkeypatch.setitem(F.TUNING, "blhd_long_chunk_steps", blhd_steps)
         monkeypatch.setitem(F.TUNING, "bhdl_chunk_blocks", bhdl_blocks)
+        monkeypatch.setitem(F.TUNING, "blhd_halo_chunk_blocks_per_hop", 0)  # halos over chunks
 
     return set_chunks
 
@@ -487,3 +488,14 @@ def test_front_one_pass_hops_are_the_kernels():
     from swr_array import _cuda
 
     assert _cuda.FUSED_HOPS == HALO_HOPS
+
+
+def test_halo_chunks_grow_with_hops():
+    """The halo walk's chunks hold at least blhd_halo_chunk_blocks_per_hop blocks per hop."""
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+    per_hop = F.TUNING["blhd_halo_chunk_blocks_per_hop"]
+    for hops in (2, 4, 8):
+        plan = F._make_plan("BLHD", (1, 1 << 14, 2, 8), True, "bf16", "bf16", 16, 0,
+                            F.halo_mode(hops), (0, 0))  # fmt: skip
+        chunk_blocks = int(plan.scalars[6])
+        assert chunk_blocks == max(per_hop * hops, F.TUNING["blhd_chunk_steps"] // 16)
