@@ -1186,11 +1186,11 @@ def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, bloc
         mode = BLOCK_CARRY
     elif hops in (0, 1):
         mode = HOPS0 if hops == 0 else HOPS1
-    elif hops in HALO_HOPS and layout == "BLHD":
+    elif hops in HALO_HOPS and layout == "BLHD" and offset == 0:
         mode = halo_mode(hops)
     else:
         raise ValueError(f"hops={hops!r} needs block_carry (the fused walk takes hops 0/1, and "
-                         f"BLHD hops {HALO_HOPS[0]}..{HALO_HOPS[-1]})")
+                         f"BLHD hops {HALO_HOPS[0]}..{HALO_HOPS[-1]} from offset 0)")
     _run(layout, a, u, y, None, None, block_len=block_len, offset=offset, w0=w0, g0=g0,
          carry=carry, block_carry=block_carry, mode=mode, stream=stream)  # fmt: skip
 

@@ -475,10 +475,10 @@ def test_halo_walk_refuses_what_it_does_not_run():
 
     z = np.zeros((1, 1, 1), np.float32)
     a = np.zeros((1, 4, 1, 1), np.float32)
-    for layout, hops in (("BHDL", 2), ("BLHD", 9)):
+    for layout, hops, offset in (("BHDL", 2, 0), ("BLHD", 9, 0), ("BLHD", 2, 1)):
         with pytest.raises(ValueError, match="hops"):
-            swr_forward(a, a, a.copy(), layout=layout, block_len=4, hops=hops, offset=0, w0=z,
-                        g0=z, carry=z)
+            swr_forward(a, a, a.copy(), layout=layout, block_len=4, hops=hops, offset=offset,
+                        w0=z, g0=z, carry=z)
 
 
 def test_front_one_pass_hops_are_the_kernels():
