@@ -83,7 +83,23 @@ HOPS1 = 1  # S_j = v_{j-1}; the first touched block takes `carry`
 BLOCK_CARRY = 2  # S_j = block_carry[..., j], computed outside (any hops, hops=None)
 CARRIERS = 3  # write v_j, C_j per touched block instead of y
 
+HALO_HOPS = range(2, 9)  # finite hops the BLHD channel walk runs in one pass (halo recompute)
+
+
+def halo_mode(hops):
+    """The mode of the single-pass BLHD walk for ``hops`` k in :data:`HALO_HOPS`: S of every block
+    from a shift register of the k previous carriers, each chunk re-walking the k blocks before
+    it (writing nothing there); the first block's ``v_{-1}`` is ``carry``."""
+    return 4 + hops
+
+
+def _mode_hops(mode):
+    """k of a halo mode, else 0."""
+    return mode - 4 if mode >= 4 + HALO_HOPS[0] else 0
+
+
 MODE_NAMES = {HOPS0: "hops0", HOPS1: "hops1", BLOCK_CARRY: "block_carry", CARRIERS: "carriers"}
+MODE_NAMES.update({halo_mode(k): f"hops{k}_halo" for k in HALO_HOPS})
 
 # --------------------------------------------------------------------------------------------
 # Kernel arguments (the same list for both layouts and every mode; unused arrays are 1-element
@@ -133,6 +149,17 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
     advance_w, advance_g = _make_advance(vec, a_width)
     u_buffer, a_buffer = unroll * vec, unroll * a_width  # local array sizes must be constants
     f32 = numba.float32
+    hops = _mode_hops(mode)
+    ring_v, ring_c = max(1, hops) * vec, max(1, hops) * a_width
+
+    @cuda.jit(device=True, inline=True)
+    def _carry_sum(s, rv, rc):
+        # S = v_{j-1} + C_{j-1} (v_{j-2} + C_{j-2} (... v_{j-hops})), docs/spec.md#recurrence
+        for k in range(vec):
+            acc = rv[k]
+            for m in range(1, hops):
+                acc = rv[m * vec + k] + rc[m * a_width + k % a_width] * acc
+            s[k] = acc
 
     def kernel(
         a, u, y, w0, g0, carry, block_carry, v_out, c_out,
@@ -160,7 +187,21 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
         w = cuda.local.array(vec, f32)
         s = cuda.local.array(vec, f32)
         g = cuda.local.array(a_width, f32)
-        if mode == HOPS1 and jj0 > 0:
+        # halo modes: the last `hops` carriers (v, C), oldest first, as a shift register
+        rv = cuda.local.array(ring_v, f32)
+        rc = cuda.local.array(ring_c, f32)
+        if hops > 0:
+            # re-walk the `hops` blocks before the chunk (from block 0 at most), storing nothing;
+            # a walk from block 0 starts with v_{-1} = carry (its C never multiplies anything)
+            t_walk = max((jj0 - hops) * block_len - offset, 0)
+            first = jj0 <= hops
+            for m in range(hops):
+                for k in range(vec):
+                    rv[m * vec + k] = carry[ch0 + k] if first and m == hops - 1 else f32(0.0)
+                for q in range(a_width):
+                    rc[m * a_width + q] = f32(1.0)
+            _carry_sum(s, rv, rc)
+        elif mode == HOPS1 and jj0 > 0:
             # re-walk the block before the chunk, storing nothing, for its carrier v_{jj0-1}
             t_walk = max((jj0 - 1) * block_len - offset, 0)
             first = jj0 == 1
@@ -173,7 +214,7 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
                 s[k] = carry[ch0 + k] if jj0 == 0 else f32(0.0)
             elif mode == BLOCK_CARRY:
                 s[k] = block_carry[(ch0 + k) * nb + jj0]
-            else:
+            elif hops == 0:
                 s[k] = f32(0.0)
         for q in range(a_width):
             g[q] = g0[ch0 + q] if first else f32(1.0)
@@ -192,6 +233,18 @@ def _make_channel_walk_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
                 if t < t_hi:
                     if ((t + offset) & mask) == 0 and t > t_walk:
                         # a block starts: its carry S, and the local scan restarts
+                        if hops > 0:
+                            # the finished block's carrier enters the register, the oldest leaves
+                            for m in range(hops - 1):
+                                for k in range(vec):
+                                    rv[m * vec + k] = rv[(m + 1) * vec + k]
+                                for q in range(a_width):
+                                    rc[m * a_width + q] = rc[(m + 1) * a_width + q]
+                            for k in range(vec):
+                                rv[(hops - 1) * vec + k] = w[k]
+                            for q in range(a_width):
+                                rc[(hops - 1) * a_width + q] = g[q]
+                            _carry_sum(s, rv, rc)
                         for k in range(vec):
                             if mode == HOPS1:
                                 s[k] = w[k]
@@ -716,6 +769,9 @@ TUNING = Tuning({
     "blhd_threads_per_block": 256,
     # ... hops=1, per head, 16-bit, block_len from blhd_long_block_len (the plain walk): chunk
     # length and steps in flight
+    # the halo walk (BLHD hops k >= 2): chunks of at least this many blocks per hop, so that
+    # re-walking the k blocks before a chunk reads at most 1/this more
+    "blhd_halo_chunk_blocks_per_hop": 8,
     "blhd_long_block_len": 32,
     "blhd_long_chunk_steps": 256,
     "blhd_long_unroll": 16,
@@ -811,7 +867,7 @@ def _unroll(mode, vec, block_len=None):
     unroll = TUNING["blhd_unroll"]
     if block_len is not None:
         unroll = max(1, min(unroll, block_len))
-    return max(1, min(unroll, 32 // vec)) if mode == BLOCK_CARRY else unroll
+    return max(1, min(unroll, 32 // vec)) if mode == BLOCK_CARRY or _mode_hops(mode) else unroll
 
 
 def signature(in_kind, out_kind):
@@ -988,7 +1044,11 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
                 steps = TUNING["blhd_long_chunk_steps"]
             else:
                 steps = TUNING["blhd_chunk_steps_f32" if in_kind == "f32" else "blhd_chunk_steps"]
-            chunk_blocks = max(1, min(nb, steps // block_len))
+            chunk_blocks = max(1, steps // block_len)
+            if _mode_hops(mode):
+                chunk_blocks = max(chunk_blocks,
+                                   TUNING["blhd_halo_chunk_blocks_per_hop"] * _mode_hops(mode))
+            chunk_blocks = min(nb, chunk_blocks)
         nchunks = -(-nb // chunk_blocks)
         nwork = batch * groups * nchunks
         if name == "shared_walk":  # a thread block: `chunks` consecutive chunks of `lanes` groups
@@ -1024,7 +1084,7 @@ def _make_plan(layout, shape, per_head, in_kind, out_kind, block_len, offset, mo
 def _arrays(a, u, y, v_out, c_out, w0, g0, carry, block_carry, mode, dummy):
     """The nine kernel arrays in argument order (a dummy where the mode reads nothing)."""
     return [a, u, dummy if y is None else y, w0, g0,
-            carry if mode == HOPS1 else dummy,
+            carry if mode == HOPS1 or _mode_hops(mode) else dummy,
             block_carry if mode == BLOCK_CARRY else dummy,
             dummy if v_out is None else v_out, dummy if c_out is None else c_out]  # fmt: skip
 
@@ -1116,14 +1176,21 @@ def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, bloc
       ``w0``, ``g0``, ``carry``: (B, H, D) float32; ``block_carry``: (B, H, D, nb) float32,
       ``nb = ceil((offset + N) / block_len)``.
     ``hops`` 0 (S = 0; ``carry`` is not read) or 1 (S of the first touched block is ``carry``,
-    then the previous block's carrier). With ``block_carry`` the kernel reads S of every touched
+    then the previous block's carrier); BLHD also 2..8 in one pass (``carry`` is ``v_{-1}``, the
+    carrier before block 0, so ``offset`` 0 with ``w0`` 0 and ``g0`` 1: no state continuation).
+    With ``block_carry`` the kernel reads S of every touched
     block from it instead (any hops). ``a``/``u`` float32, float16 or bfloat16 (as uint16 bits);
     ``y`` any of the three. ``y`` must not overlap the inputs. Returns None.
     """
     if block_carry is not None:
         mode = BLOCK_CARRY
-    else:
+    elif hops in (0, 1):
         mode = HOPS0 if hops == 0 else HOPS1
+    elif hops in HALO_HOPS and layout == "BLHD" and offset == 0:
+        mode = halo_mode(hops)
+    else:
+        raise ValueError(f"hops={hops!r} needs block_carry (the fused walk takes hops 0/1, and "
+                         f"BLHD hops {HALO_HOPS[0]}..{HALO_HOPS[-1]} from offset 0)")
     _run(layout, a, u, y, None, None, block_len=block_len, offset=offset, w0=w0, g0=g0,
          carry=carry, block_carry=block_carry, mode=mode, stream=stream)  # fmt: skip
 
@@ -1149,8 +1216,16 @@ def specialisations():
     for layout in ("BLHD", "BHDL"):
         for in_kind in ("f32", "f16", "bf16"):
             widest = _vec_for(TUNING[f"{layout.lower()}_access_bytes"], in_kind)
-            for mode in (HOPS0, HOPS1, BLOCK_CARRY, CARRIERS):
-                for out_kind in ("f32",) if mode == CARRIERS else ("f32", "f16", "bf16"):
+            modes = (HOPS0, HOPS1, BLOCK_CARRY, CARRIERS)
+            if layout == "BLHD":  # the halo walk: k=2 here (dtypes as below), the other k later
+                modes += (halo_mode(2),)
+            for mode in modes:
+                outs = ("f32", "f16", "bf16")
+                if mode == CARRIERS:
+                    outs = ("f32",)
+                elif _mode_hops(mode):  # the stores are the channel walk's: one pair each
+                    outs = (in_kind, "f32") if in_kind == "bf16" else (in_kind,)
+                for out_kind in outs:
                     for per_head in (True, False):
                         for vec in sorted({1, widest}):
                             if layout == "BLHD":
@@ -1162,6 +1237,14 @@ def specialisations():
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
                                                 depth, *pipeline)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+    # the BLHD halo walk for k = 3..8: k only sets the shift register's length and the unrolled
+    # carrier sum, so bf16 -> bf16 at the widest vector stands for the dtype pairs (k=2 has all)
+    vec = _vec_for(TUNING["blhd_access_bytes"], "bf16")
+    for k in HALO_HOPS[1:]:
+        for per_head in (True, False):
+            kernel = get_kernel("BLHD", "bf16", "bf16", per_head, halo_mode(k), vec,
+                                _unroll(halo_mode(k), vec))  # fmt: skip
+            yield kernel.py_func.__name__, kernel, signature("bf16", "bf16")
     # the BLHD plain walk's hops=1 batches for long blocks (16-bit inputs, per head)
     for in_kind in ("f16", "bf16"):
         vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)

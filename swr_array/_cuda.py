@@ -123,10 +123,19 @@ def cp_ascontig(x):
 
 _PLAIN_CONSTANTS: dict = {}
 
+FUSED_HOPS = range(2, 9)  # numba_kernels.swr_forward.HALO_HOPS (not imported: no Numba here)
+
+
+def one_pass(p):
+    """Whether a call without x0/state/return_state runs the forward in one kernel: hops 0/1 in
+    both layouts, BLHD hops 2..8 (the halo walk); the rest goes through the block carriers."""
+    return p.hops in (0, 1) or (p.layout == "BLHD" and p.hops in FUSED_HOPS)
+
+
 
 def swr_forward_plain(a, u, p, out=None, stream=None):
-    """The hot path: a checked, C-contiguous CuPy call with no x0 or state, hops 0 or 1
-    (``stream``: a CUDA stream handle, or None for CuPy's current stream)."""
+    """The hot path: a checked, C-contiguous CuPy call with no x0 or state and :func:`one_pass`
+    hops (``stream``: a CUDA stream handle, or None for CuPy's current stream)."""
     cp = _xp_of(u)
     if cp.cuda.runtime.getDevice() != p.device:
         with cp.cuda.Device(p.device):
@@ -183,6 +192,14 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     shape = (p.B, p.H, p.D)
     position = 0 if state is None else state.common_position()
     fresh = state is None
+    if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
+        # the halo walk: x0 is the carrier before block 0
+        zeros, ones = _plain_zeros(cp, p)
+        carry = zeros if x0 is None else cp_ascontig(x0)
+        nk.swr_forward.swr_forward(_view(a), _view(u), _view(y), layout=p.layout,
+                                   block_len=p.block_len, hops=p.hops, offset=0, w0=zeros,
+                                   g0=ones, carry=carry)  # fmt: skip
+        return y
     if fresh and (return_state or p.hops not in (0, 1)):
         x0f = None if x0 is None else cp_ascontig(x0)
         state = SWRState.initial(

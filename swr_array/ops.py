@@ -121,7 +121,7 @@ def swr(
 
         from . import _cuda
 
-        if plain and key is not None and p.hops in (0, 1):
+        if plain and key is not None and _cuda.one_pass(p):
             contiguous = a.flags.c_contiguous and u.flags.c_contiguous
             if contiguous:
                 _plans.PLANS.put(key, p)

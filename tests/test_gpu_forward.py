@@ -125,6 +125,43 @@ def test_4x8192_heads128_dim16_bf16(layout, hops, per_head):
     check_sampled(a, u, y, layout=layout, block_len=16, hops=hops, nsamples=24, seed=3)
 
 
+@pytest.mark.parametrize("hops", [2, 4, 8])
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "per_channel"])
+def test_halo_walk_4x8192_bf16(hops, per_head):
+    """BLHD hops 2..8 in one pass (each chunk re-walks the hops blocks before it)."""
+    cp = _cp()
+    a_shape, u_shape = shapes("BLHD", 4, 8192, 128, 16, per_head)
+    a = random_bf16_bits(a_shape, 4, -1.2, 1.2)
+    u = random_bf16_bits(u_shape, 5)
+    y = cp.full(u_shape, BF16_NAN, cp.uint16)
+    run(a, u, y, layout="BLHD", hops=hops)
+    cp.cuda.get_current_stream().synchronize()
+    assert_all_written(y)
+    check_sampled(a, u, y, layout="BLHD", block_len=16, hops=hops, nsamples=16, seed=6)
+
+
+@pytest.mark.parametrize("hops", [2, 4])
+def test_halo_walk_through_the_front(hops):
+    """swr on CuPy (BLHD, hops 2..8): the halo walk, its cached plain path and x0 as v_{-1}."""
+    import swr_array as sa
+
+    cp = _cp()
+    rng = np.random.default_rng(7 + hops)
+    u = rng.standard_normal((2, 3000, 4, 16)).astype(np.float32)
+    a = rng.uniform(-1.1, 1.1, (2, 3000, 4)).astype(np.float32)
+    x0 = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    kw = dict(block_len=16, hops=hops, layout="BLHD")
+    for x in (None, x0):
+        want = sa.swr(a.astype(np.float64), u.astype(np.float64),
+                      x0=None if x is None else x.astype(np.float64), **kw)  # fmt: skip
+        for _ in range(2):  # the second plain call takes the cached path
+            out = cp.full(u.shape, np.nan, cp.float32)
+            got = sa.swr(cp.asarray(a), cp.asarray(u), x0=None if x is None else cp.asarray(x),
+                         out=out, **kw)  # fmt: skip
+            err = np.linalg.norm(got.get() - want) / np.linalg.norm(want)
+            assert err < 1e-5, err
+
+
 def test_shared_walk_over_48_kib_of_shared_memory(monkeypatch):
     """Eight chunks per thread block (88 KiB of dynamic shared memory, which a kernel must opt
     into): the reference on sampled channels, and bit for bit the default four chunks."""

@@ -185,6 +185,7 @@ def small_chunks(monkeypatch):
         monkeypatch.setitem(F.TUNING, "blhd_chunk_steps_f32", blhd_steps)
         monkeypatch.setitem(F.TUNING, "blhd_long_chunk_steps", blhd_steps)
         monkeypatch.setitem(F.TUNING, "bhdl_chunk_blocks", bhdl_blocks)
+        monkeypatch.setitem(F.TUNING, "blhd_halo_chunk_blocks_per_hop", 0)  # halos over chunks
 
     return set_chunks
 
@@ -449,3 +450,52 @@ def test_every_forward_table_row_is_chosen(layout):
         assert F.choose(c)[0] == rows[first][0]
     missing = [rows[i][0] for i in range(len(rows)) if i not in chosen]
     assert not missing, f"{layout}: rows chosen by no case: {missing}"
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "per_channel"])
+@pytest.mark.parametrize("hops,kinds,head_dim,n", [
+    (2, ("bf16", "bf16"), 8, 45), (3, ("f32", "f32"), 4, 77), (4, ("f16", "f32"), 8, 64),
+    (8, ("bf16", "f16"), 8, 150), (2, ("f32", "bf16"), 3, 37),
+], ids=lambda x: "-".join(x) if isinstance(x, tuple) else str(x))
+def test_halo_walk_matches_reference(rng, small_chunks, per_head, hops, kinds, head_dim, n):
+    """BLHD hops 2..8 in one pass: chunks of 2 blocks re-walk the hops blocks before them (more
+    blocks than a chunk), x0 enters as v_{-1}; the vector path (D=8, 4 for f32) and the general
+    one (D=3), N not a multiple of block_len."""
+    in_kind, out_kind = kinds
+    small_chunks(16)
+    shape = (2, 2, head_dim, n)
+    a, u = make_case(rng, "BLHD", shape, per_head, in_kind)
+    y, ref = run_forward(a, u, layout="BLHD", block_len=8, hops=hops, out_kind=out_kind,
+                         x0=rng.standard_normal(shape[:3]))  # fmt: skip
+    assert rel_err(y, ref) < TOL[out_kind]
+
+
+def test_halo_walk_refuses_what_it_does_not_run():
+    from swr_array.numba_kernels.swr_forward import swr_forward
+
+    z = np.zeros((1, 1, 1), np.float32)
+    a = np.zeros((1, 4, 1, 1), np.float32)
+    for layout, hops, offset in (("BHDL", 2, 0), ("BLHD", 9, 0), ("BLHD", 2, 1)):
+        with pytest.raises(ValueError, match="hops"):
+            swr_forward(a, a, a.copy(), layout=layout, block_len=4, hops=hops, offset=offset,
+                        w0=z, g0=z, carry=z)
+
+
+def test_front_one_pass_hops_are_the_kernels():
+    """The front (swr_array/_cuda.py, no Numba import) names the halo walk's hops itself."""
+    from swr_array.numba_kernels.swr_forward import HALO_HOPS
+
+    from swr_array import _cuda
+
+    assert _cuda.FUSED_HOPS == HALO_HOPS
+
+
+def test_halo_chunks_grow_with_hops():
+    """The halo walk's chunks hold at least blhd_halo_chunk_blocks_per_hop blocks per hop."""
+    F = importlib.import_module("swr_array.numba_kernels.swr_forward")
+    per_hop = F.TUNING["blhd_halo_chunk_blocks_per_hop"]
+    for hops in (2, 4, 8):
+        plan = F._make_plan("BLHD", (1, 1 << 14, 2, 8), True, "bf16", "bf16", 16, 0,
+                            F.halo_mode(hops), (0, 0))  # fmt: skip
+        chunk_blocks = int(plan.scalars[6])
+        assert chunk_blocks == max(per_hop * hops, F.TUNING["blhd_chunk_steps"] // 16)
