@@ -1,0 +1,260 @@
+"""The exact recurrence (hops=None) forward in two passes over the data, BLHD.
+
+docs/spec.md#recurrence: with ``hops=None`` the output is the plain recurrence
+``x_t = a_t x_{t-1} + u_t`` from ``x_{-1} = x0``; the block decomposition is the same number in
+exact arithmetic, so these kernels do not cut time into blocks at all. Time is cut into chunks of
+``chunk_steps`` steps; one thread owns ``vec`` adjacent channels (one 16-byte access a step,
+coalesced across the warp) and one chunk:
+
+- pass 1 (:func:`_make_exact_kernel` with ``AGG``): the scan of the chunk from 0 and the product
+  of its ``a``, the chunk's affine map ``x_end = V + P x_begin``, written to ``agg_v``, ``agg_p``
+  ((B, H, D, nchunks) float32, per channel);
+- pass 2 (``SCAN``): the thread folds the maps of the chunks before its own,
+  ``s = V_c + P_c s`` from ``s = carry`` (x0), then scans its chunk from ``s`` and writes ``y``.
+
+The aggregates are small (a few floats per chunk and channel) and read from L2; the inputs are
+read twice from DRAM, ``y`` written once. The front caps the chunks per row
+(``TUNING["max_chunks"]``) so that the fold stays short, and picks the chunk length to fill the
+GPU (``TUNING["threads_per_sm"]``).
+
+Entry point :func:`swr_forward_exact`. Arrays are the front's canonical BLHD forms
+(docs/internals.md); bfloat16 arrives as uint16 bits. The vector path needs 16-byte aligned
+``a``, ``u`` and ``y`` (for its access width), ``vec | H*D`` and, per head, ``vec | D``; anything
+else runs the ``vec == 1`` specialisation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+from numba import cuda, types
+
+from ._dtypes import ITEM_SIZE, SIMULATOR
+from ._launch import Tuning, data_pointer, launch, sm_count
+from ._ptx import make_vector_load, make_vector_store
+
+AGG = 0  # pass 1: per chunk (V, P)
+SCAN = 1  # pass 2: fold the earlier chunks' maps, scan, write y
+MODE_NAMES = {AGG: "agg", SCAN: "scan"}
+
+TUNING = Tuning({
+    # bytes one thread moves per step, steps whose loads are in flight together
+    "access_bytes": 16,
+    "unroll": 8,
+    # shortest chunk in steps; most chunks per channel row (each folds the maps before it)
+    "min_chunk_steps": 128,
+    "max_chunks": 256,
+    # resident threads to aim for per SM (chunks are shortened down to min_chunk_steps for it)
+    "threads_per_sm": 2048,
+    "threads_per_block": 256,
+})
+"""Launch tuning of the hops=None forward."""
+
+# Kernel arguments: a, u, y, carry, agg_v, agg_p (1-D views of C-contiguous arrays; y is a
+# 1-element dummy in pass 1), then int64 n, channels, head_dim, chunk_steps, groups, nchunks,
+# nwork.
+
+
+def _make_exact_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
+    """One thread per (batch, ``vec`` adjacent channels, chunk of time); see the module doc.
+
+    ``u``, ``y``: (B, N, H, D) flat; ``a``: (B, N, H) per head (``head_dim % vec == 0``) or
+    (B, N, H, D) flat; ``carry``: (B, H, D); ``agg_v``, ``agg_p``: (B, H, D, nchunks).
+    """
+    load_u = make_vector_load(in_kind, vec)
+    load_a = make_vector_load(in_kind, 1 if per_head else vec)
+    store_y = make_vector_store(out_kind, vec)
+    a_width = 1 if per_head else vec
+    u_buffer, a_buffer = unroll * vec, unroll * a_width  # local array sizes must be constants
+    f32 = numba.float32
+
+    def kernel(a, u, y, carry, agg_v, agg_p, n, channels, head_dim, chunk_steps, groups, nchunks,
+               nwork):  # fmt: skip
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * vec
+        rest = tid // groups
+        chunk = rest % nchunks
+        b = rest // nchunks
+        ch0 = b * channels + c0  # flat (b, h, d) of the first channel
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+        else:
+            a_stride = channels
+            a_col = c0
+        t_lo = chunk * chunk_steps
+        t_hi = min(t_lo + chunk_steps, n)
+
+        x = cuda.local.array(vec, f32)
+        p = cuda.local.array(a_width, f32)
+        for q in range(a_width):
+            p[q] = f32(1.0)
+        if mode == SCAN:
+            for k in range(vec):
+                x[k] = carry[ch0 + k]
+            for c in range(chunk):
+                for k in range(vec):
+                    at = (ch0 + k) * nchunks + c
+                    x[k] = agg_v[at] + agg_p[at] * x[k]
+        else:
+            for k in range(vec):
+                x[k] = f32(0.0)
+
+        ubuf = cuda.local.array(u_buffer, f32)
+        abuf = cuda.local.array(a_buffer, f32)
+        for t_batch in range(t_lo, t_hi, unroll):
+            # all loads of the batch first (clamped into the chunk), so they are in flight together
+            for i in range(unroll):
+                tc = min(t_batch + i, t_hi - 1)
+                load_u(u, (b * n + tc) * channels + c0, ubuf, i * vec)
+                load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * a_width)
+            for i in range(unroll):
+                t = t_batch + i
+                if t < t_hi:
+                    for k in range(vec):
+                        x[k] = abuf[i * a_width + k % a_width] * x[k] + ubuf[i * vec + k]
+                    if mode == SCAN:
+                        store_y(y, (b * n + t) * channels + c0, x, 0)
+                    else:
+                        for q in range(a_width):
+                            p[q] = p[q] * abuf[i * a_width + q]
+        if mode == AGG:
+            for k in range(vec):
+                at = (ch0 + k) * nchunks + chunk
+                agg_v[at] = x[k]
+                agg_p[at] = p[k % a_width]
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_exact_{MODE_NAMES[mode]}_blhd_{in_kind}_to_{out_kind}_"
+        f"{'per_head' if per_head else 'per_channel'}_vec{vec}_unroll{unroll}"
+    )
+    return cuda.jit(kernel)
+
+
+_kernels: dict = {}
+
+
+def get_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
+    """The compiled-on-demand dispatcher of one specialisation (pass 1 has no ``y``: its
+    ``out_kind`` is "f32")."""
+    key = (in_kind, out_kind, per_head, mode, vec, unroll)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = _make_exact_kernel(*key)
+    return kernel
+
+
+def signature(in_kind, out_kind):
+    """The Numba signature of both passes for these storage kinds (6 arrays, 7 int64)."""
+    f32 = types.Array(types.float32, 1, "C")
+    storage = {"f32": f32, "f16": types.Array(types.float16, 1, "C"),
+               "bf16": types.Array(types.uint16, 1, "C")}  # fmt: skip
+    return tuple([storage[in_kind]] * 2 + [storage[out_kind]] + [f32] * 3 + [types.int64] * 7)
+
+
+_KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
+
+
+def _kind(dtype):
+    dtype = np.dtype(dtype)
+    return "bf16" if dtype.name == "bfloat16" else _KINDS[dtype]
+
+
+def channel_vec(in_kind, out_kind, per_head, channels, head_dim, align):
+    """The widest channel vector these shapes and pointer alignments (addresses modulo 16 of
+    a | u and of y) allow, else 1 (the general kernel)."""
+    vec = max(1, TUNING["access_bytes"] // ITEM_SIZE[in_kind])
+    ok = channels % vec == 0 and (not per_head or head_dim % vec == 0)
+    ok = ok and align[0] % (vec * ITEM_SIZE[in_kind]) == 0
+    ok = ok and align[1] % min(16, vec * ITEM_SIZE[out_kind]) == 0
+    return vec if ok else 1
+
+
+@functools.lru_cache(maxsize=256)
+def plan(shape, per_head, in_kind, out_kind, align, sms, version):
+    """(vec, unroll, chunk_steps, groups, nchunks, nwork, grid, block) of both passes for a
+    (B, N, H, D) problem on a GPU of ``sms`` SMs."""
+    batch, n, heads, head_dim = shape
+    channels = heads * head_dim
+    vec = channel_vec(in_kind, out_kind, per_head, channels, head_dim, align)
+    groups = channels // vec
+    target = sms * TUNING["threads_per_sm"]
+    want = max(1, min(TUNING["max_chunks"], -(-target // (batch * groups))))
+    unroll = TUNING["unroll"]
+    chunk_steps = max(TUNING["min_chunk_steps"], -(-n // want))
+    chunk_steps = min(-(-chunk_steps // unroll) * unroll, max(n, 1))
+    nchunks = -(-n // chunk_steps)
+    # a longer chunk where the cap on chunks per row binds
+    while nchunks > TUNING["max_chunks"]:
+        chunk_steps *= 2
+        nchunks = -(-n // chunk_steps)
+    nwork = batch * groups * nchunks
+    block = 32 if SIMULATOR else TUNING["threads_per_block"]
+    return vec, unroll, chunk_steps, groups, nchunks, nwork, -(-nwork // block), block
+
+
+def _flat(x):
+    x = x.reshape(-1)
+    return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+
+
+def swr_forward_exact(a, u, y, *, layout, carry, stream=None):
+    """The exact recurrence ``y_t = x_t``, ``x_t = a_t x_{t-1} + u_t``, ``x_{-1} = carry``.
+
+    ``layout`` must be "BLHD": ``u``, ``y`` (B, N, H, D); ``a`` (B, N, H) per head or
+    (B, N, H, D) per channel, C-contiguous; ``carry`` (B, H, D) float32 (x0, zeros without one).
+    ``a``/``u`` float32, float16 or bfloat16 (as uint16 bits); ``y`` any of the three, not
+    overlapping the inputs. Two launches on ``stream`` (None: CuPy's current stream) and a
+    (2, B*H*D*nchunks) float32 scratch array. Returns None.
+    """
+    if layout != "BLHD":
+        raise ValueError(f"swr_forward_exact runs layout='BLHD', got {layout!r}")
+    if 0 in u.shape:
+        return
+    simulated = isinstance(u, np.ndarray)
+    if simulated:
+        xp, align, sms = np, (0, 0), 1
+    else:
+        import cupy as xp
+
+        align = ((data_pointer(a) | data_pointer(u)) & 15, data_pointer(y) & 15)
+        sms = sm_count()
+    per_head = a.ndim == 3
+    in_kind, out_kind = _kind(u.dtype), _kind(y.dtype)
+    vec, unroll, chunk_steps, groups, nchunks, nwork, grid, block = plan(
+        tuple(u.shape), per_head, in_kind, out_kind, align, sms, TUNING.version)
+    batch, n, heads, head_dim = u.shape
+    aggs = xp.empty((2, batch * heads * head_dim * nchunks), np.float32)
+    scalars = [np.int64(x) for x in (n, heads * head_dim, head_dim, chunk_steps, groups,
+                                     nchunks, nwork)]  # fmt: skip
+    fa, fu, fy, fc = _flat(a), _flat(u), _flat(y), carry.reshape(-1)
+    agg = get_kernel(in_kind, "f32", per_head, AGG, vec, unroll)
+    dummy = aggs[0, :1]
+    launch(agg, grid, block, [fa, fu, dummy, fc, aggs[0], aggs[1]] + scalars, stream=stream)
+    scan = get_kernel(in_kind, out_kind, per_head, SCAN, vec, unroll)
+    launch(scan, grid, block, [fa, fu, fy, fc, aggs[0], aggs[1]] + scalars, stream=stream)
+
+
+def specialisations():
+    """Yield ``(name, kernel, argument types)`` for the specialisations the PTX tests compile:
+    pass 2 per head on the widest vector for every input x output dtype, pass 1 per head on the
+    widest vector for every input dtype; per channel and the general ``vec == 1`` (which change
+    only the width of ``a`` and of the accesses) for one dtype pair a pass."""
+    unroll = TUNING["unroll"]
+    for in_kind in ("f32", "f16", "bf16"):
+        widest = max(1, TUNING["access_bytes"] // ITEM_SIZE[in_kind])
+        cases = [(out_kind, SCAN, True, widest) for out_kind in ("f32", "f16", "bf16")]
+        cases += [("f32", AGG, True, widest)]
+        if in_kind == "bf16":
+            cases += [("bf16", SCAN, False, widest), ("f32", AGG, False, widest),
+                      ("bf16", SCAN, True, 1), ("f32", AGG, False, 1)]
+        for out_kind, mode, per_head, vec in cases:
+            kernel = get_kernel(in_kind, out_kind, per_head, mode, vec, unroll)
+            yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+
+
+__all__ = ["swr_forward_exact", "TUNING", "specialisations", "get_kernel"]

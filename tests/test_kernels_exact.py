@@ -1,0 +1,94 @@
+"""The hops=None forward in two passes (numba_kernels/swr_exact.py) against the float64 reference.
+
+Runs under the CUDA simulator (tests/test_simulator.py) or on a GPU. Chunks are shrunk so that
+tiny shapes split into several (each chunk folds the maps of those before it).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numba
+import numpy as np
+import pytest
+from conftest import gpu_available
+from test_kernels_forward import (
+    TOL,
+    backend,
+    bits,
+    f32,
+    make_case,
+    poisoned,
+    rel_err,
+    time_last,
+    to_host,
+)
+
+from swr_array import reference
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+pytestmark = pytest.mark.skipif(not (SIM or gpu_available()),
+                                reason="needs the CUDA simulator or a GPU")  # fmt: skip
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    E = importlib.import_module("swr_array.numba_kernels.swr_exact")
+
+    def set_chunks(min_steps, max_chunks=256, unroll=4):
+        monkeypatch.setitem(E.TUNING, "min_chunk_steps", min_steps)
+        monkeypatch.setitem(E.TUNING, "max_chunks", max_chunks)
+        monkeypatch.setitem(E.TUNING, "unroll", unroll)
+
+    return set_chunks
+
+
+def run_exact(a, u, *, out_kind, x0):
+    from swr_array.numba_kernels.swr_exact import swr_forward_exact
+
+    xp = backend()
+    per_head = a.ndim == 3
+    a_tl, u_tl = time_last(a, "BLHD", per_head), time_last(u, "BLHD")
+    ref = reference.swr(a_tl, u_tl, block_len=16, hops=None, x0=x0)
+    y = poisoned(u.shape, out_kind, xp)
+    swr_forward_exact(bits(xp.asarray(a)), bits(xp.asarray(u)), bits(y), layout="BLHD",
+                      carry=f32(x0, xp))  # fmt: skip
+    return time_last(to_host(y).astype(np.float64), "BLHD"), ref
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "per_channel"])
+@pytest.mark.parametrize("kinds,head_dim,n,min_steps", [
+    (("bf16", "bf16"), 8, 45, 8), (("f32", "f32"), 4, 77, 12), (("f16", "f32"), 8, 64, 16),
+    (("bf16", "f16"), 8, 150, 40), (("f32", "bf16"), 3, 37, 8),
+], ids=lambda x: "-".join(x) if isinstance(x, tuple) else str(x))
+def test_exact_matches_reference(rng, small_chunks, per_head, kinds, head_dim, n, min_steps):
+    """Several chunks a row (chunk length not a multiple of the batch, a short last chunk), the
+    vector path (D=8, 4 for float32) and the general one (D=3), x0 entering the first chunk."""
+    in_kind, out_kind = kinds
+    small_chunks(min_steps)
+    shape = (2, 2, head_dim, n)
+    a, u = make_case(rng, "BLHD", shape, per_head, in_kind)
+    a = (a.astype(np.float32) * 0.9).astype(a.dtype)  # keep the exact recurrence bounded
+    y, ref = run_exact(a, u, out_kind=out_kind, x0=rng.standard_normal(shape[:3]))
+    assert rel_err(y, ref) < TOL[out_kind]
+
+
+def test_chunk_cap_lengthens_chunks(rng, small_chunks):
+    """With at most 2 chunks a row the plan doubles the chunk length until they fit."""
+    from swr_array.numba_kernels import swr_exact as E
+
+    small_chunks(4, max_chunks=2)
+    plan = E.plan((1, 40, 2, 8), True, "f32", "f32", (0, 0), 1, E.TUNING.version)
+    assert plan[4] <= 2 and plan[2] * plan[4] >= 40
+    a, u = make_case(rng, "BLHD", (1, 2, 8, 40), True, "f32")
+    y, ref = run_exact(a * np.float32(0.9), u, out_kind="f32", x0=np.zeros((1, 2, 8)))
+    assert rel_err(y, ref) < TOL["f32"]
+
+
+def test_exact_refuses_bhdl():
+    from swr_array.numba_kernels.swr_exact import swr_forward_exact
+
+    z = np.zeros((1, 1, 1), np.float32)
+    a = np.zeros((1, 1, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="BLHD"):
+        swr_forward_exact(a, a, a.copy(), layout="BHDL", carry=z)
