@@ -181,6 +181,18 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     u = cp.ascontiguousarray(u)
     y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     shape = (p.B, p.H, p.D)
+    if p.hops is None and p.layout == "BLHD" and not return_state and p.N > 0:
+        # the exact recurrence in two passes from the x just before index 0 (x0, or what the
+        # state continues from: w + g S inside the current block)
+        if state is not None:
+            state.common_position()  # rows at different positions are refused, as elsewhere
+            start = cp_ascontig(state.w + state.g * state.carry_v[..., 0])
+        elif x0 is not None:
+            start = cp_ascontig(x0)
+        else:
+            start = _constant(cp, shape, 0.0)
+        nk.swr_exact.swr_forward_exact(_view(a), _view(u), _view(y), layout=p.layout, carry=start)
+        return y
     position = 0 if state is None else state.common_position()
     fresh = state is None
     if fresh and (return_state or p.hops not in (0, 1)):

@@ -92,3 +92,37 @@ def test_exact_refuses_bhdl():
     a = np.zeros((1, 1, 1, 4), np.float32)
     with pytest.raises(ValueError, match="BLHD"):
         swr_forward_exact(a, a, a.copy(), layout="BHDL", carry=z)
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 13])
+@pytest.mark.parametrize("per_head", [True, False], ids=["per_head", "per_channel"])
+def test_backend_continues_a_state_and_x0(rng, small_chunks, cut, per_head):
+    """_cuda.swr_forward with hops=None (BLHD, no return_state) runs the two passes: from x0, and
+    from a prefill's state at any cut (x just before it is w + g s), equal to the reference on the
+    whole sequence."""
+    from swr_array import _checks, _cuda
+
+    small_chunks(8)
+    B, H, D, N = 2, 2, 8, 37
+    a, u = make_case(rng, "BLHD", (B, H, D, N), per_head, "f32")
+    a = a * np.float32(0.9)
+    x0 = rng.standard_normal((B, H, D)).astype(np.float32)
+    a_tl, u_tl = time_last(a, "BLHD", per_head), time_last(u, "BLHD")
+    expect = reference.swr(a_tl, u_tl, block_len=4, hops=None, x0=x0)
+    xp = backend()
+
+    def run(a_part, u_part, **kw):
+        p = _checks.check_swr(a_part, u_part, block_len=4, hops=None, layout="BLHD")
+        return _cuda.swr_forward(a_part, u_part, p, **kw)
+
+    A, U = xp.asarray(a), xp.asarray(u)
+    if cut == 0:
+        y = run(A, U, x0=xp.asarray(x0), state=None, return_state=False)
+        assert rel_err(time_last(to_host(y), "BLHD"), expect) < 2e-5
+        return
+    y1, st = run(xp.ascontiguousarray(A[:, :cut]), xp.ascontiguousarray(U[:, :cut]),
+                 x0=xp.asarray(x0), state=None, return_state=True)  # fmt: skip
+    y2 = run(xp.ascontiguousarray(A[:, cut:]), xp.ascontiguousarray(U[:, cut:]), x0=None,
+             state=st, return_state=False)  # fmt: skip
+    y = np.concatenate([to_host(y1), to_host(y2)], axis=1)
+    assert rel_err(time_last(y, "BLHD"), expect) < 2e-5
