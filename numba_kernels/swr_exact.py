@@ -1,10 +1,13 @@
-"""The exact recurrence (hops=None) forward in two passes over the data, BLHD.
+"""The exact recurrence (hops=None) forward in two passes over the data, both layouts.
 
 docs/spec.md#recurrence: with ``hops=None`` the output is the plain recurrence
 ``x_t = a_t x_{t-1} + u_t`` from ``x_{-1} = x0``; the block decomposition is the same number in
 exact arithmetic, so these kernels do not cut time into blocks at all. Time is cut into chunks of
-``chunk_steps`` steps; one thread owns ``vec`` adjacent channels (one 16-byte access a step,
-coalesced across the warp) and one chunk:
+``chunk_steps`` steps. BLHD: one thread owns ``vec`` adjacent channels (one 16-byte access a step,
+coalesced across the warp) and one chunk. BHDL: one thread owns one channel row and one chunk and
+reads ``vec`` consecutive steps an access, ``bhdl_unroll`` accesses in flight (a 32-byte sector
+at the default 2; neighbouring threads read neighbouring rows, so the accesses of a warp are not
+coalesced, but every sector fetched is used whole).
 
 - pass 1 (:func:`_make_exact_kernel` with ``AGG``): the scan of the chunk from 0 and the product
   of its ``a``, the chunk's affine map ``x_end = V + P x_begin``, written to ``agg_v``, ``agg_p``
@@ -12,15 +15,15 @@ coalesced across the warp) and one chunk:
 - pass 2 (``SCAN``): the thread folds the maps of the chunks before its own,
   ``s = V_c + P_c s`` from ``s = carry`` (x0), then scans its chunk from ``s`` and writes ``y``.
 
-The aggregates are small (a few floats per chunk and channel) and read from L2; the inputs are
-read twice from DRAM, ``y`` written once. The front caps the chunks per row
-(``TUNING["max_chunks"]``) so that the fold stays short, and picks the chunk length to fill the
-GPU (``TUNING["threads_per_sm"]``).
+The aggregates are small (two floats per chunk and channel) and read from L2; the inputs are
+read twice from DRAM, ``y`` written once (about 1.5x the forward's memory floor for 16-bit data
+with per-head ``a``). The plan caps the chunks per row (``TUNING["max_chunks"]``) so that the fold
+stays short, and picks the chunk length to fill the GPU (``TUNING["threads_per_sm"]``).
 
-Entry point :func:`swr_forward_exact`. Arrays are the front's canonical BLHD forms
-(docs/internals.md); bfloat16 arrives as uint16 bits. The vector path needs 16-byte aligned
-``a``, ``u`` and ``y`` (for its access width), ``vec | H*D`` and, per head, ``vec | D``; anything
-else runs the ``vec == 1`` specialisation.
+Entry point :func:`swr_forward_exact`. Arrays are the front's canonical forms
+(docs/internals.md); bfloat16 arrives as uint16 bits. The vector paths need 16-byte aligned
+``a``, ``u`` and ``y`` (for its access width); BLHD ``vec | H*D`` and, per head, ``vec | D``;
+BHDL ``vec | N``. Anything else runs the ``vec == 1`` specialisation.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ TUNING = Tuning({
     # bytes one thread moves per step, steps whose loads are in flight together
     "access_bytes": 16,
     "unroll": 8,
+    "bhdl_unroll": 2,  # BHDL: accesses of `vec` steps in flight together (2: a 32-byte sector)
     # shortest chunk in steps; most chunks per channel row (each folds the maps before it)
     "min_chunk_steps": 128,
     "max_chunks": 256,
@@ -57,17 +61,24 @@ TUNING = Tuning({
 # nwork.
 
 
-def _make_exact_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
-    """One thread per (batch, ``vec`` adjacent channels, chunk of time); see the module doc.
+def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
+    """One thread per (batch, channels, chunk of time); see the module doc.
 
-    ``u``, ``y``: (B, N, H, D) flat; ``a``: (B, N, H) per head (``head_dim % vec == 0``) or
-    (B, N, H, D) flat; ``carry``: (B, H, D); ``agg_v``, ``agg_p``: (B, H, D, nchunks).
+    BLHD: ``u``, ``y`` (B, N, H, D) flat, ``a`` (B, N, H) per head (``head_dim % vec == 0``) or
+    (B, N, H, D); a thread owns ``vec`` adjacent channels, one access a step.
+    BHDL: ``u``, ``y`` (B, H, D, N) flat, ``a`` (B, H, N) per head or (B, H, D, N); a thread owns
+    one channel row and loads ``vec`` consecutive steps an access (``vec | N``,
+    ``vec | chunk_steps``). ``carry``: (B, H, D); ``agg_v``, ``agg_p``: (B, H, D, nchunks).
     """
+    blhd = layout == "BLHD"
     load_u = make_vector_load(in_kind, vec)
-    load_a = make_vector_load(in_kind, 1 if per_head else vec)
+    load_a = make_vector_load(in_kind, 1 if (per_head and blhd) else vec)
     store_y = make_vector_store(out_kind, vec)
-    a_width = 1 if per_head else vec
-    u_buffer, a_buffer = unroll * vec, unroll * a_width  # local array sizes must be constants
+    a_width = 1 if per_head else vec  # BLHD: a values a step; BHDL: a thread has one channel
+    lanes = vec if blhd else 1  # channels a thread owns
+    a_lanes = a_width if blhd else 1
+    u_buffer = unroll * vec  # local array sizes must be constants
+    a_buffer = unroll * (a_width if blhd else vec)
     f32 = numba.float32
 
     def kernel(a, u, y, carry, agg_v, agg_p, n, channels, head_dim, chunk_steps, groups, nchunks,
@@ -75,7 +86,7 @@ def _make_exact_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
         tid = cuda.grid(1)
         if tid >= nwork:
             return
-        c0 = (tid % groups) * vec
+        c0 = (tid % groups) * lanes
         rest = tid // groups
         chunk = rest % nchunks
         b = rest // nchunks
@@ -89,47 +100,69 @@ def _make_exact_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
         t_lo = chunk * chunk_steps
         t_hi = min(t_lo + chunk_steps, n)
 
-        x = cuda.local.array(vec, f32)
-        p = cuda.local.array(a_width, f32)
-        for q in range(a_width):
+        x = cuda.local.array(lanes, f32)
+        p = cuda.local.array(a_lanes, f32)
+        for q in range(a_lanes):
             p[q] = f32(1.0)
         if mode == SCAN:
-            for k in range(vec):
+            for k in range(lanes):
                 x[k] = carry[ch0 + k]
             for c in range(chunk):
-                for k in range(vec):
+                for k in range(lanes):
                     at = (ch0 + k) * nchunks + c
                     x[k] = agg_v[at] + agg_p[at] * x[k]
         else:
-            for k in range(vec):
+            for k in range(lanes):
                 x[k] = f32(0.0)
 
         ubuf = cuda.local.array(u_buffer, f32)
         abuf = cuda.local.array(a_buffer, f32)
-        for t_batch in range(t_lo, t_hi, unroll):
-            # all loads of the batch first (clamped into the chunk), so they are in flight together
-            for i in range(unroll):
-                tc = min(t_batch + i, t_hi - 1)
-                load_u(u, (b * n + tc) * channels + c0, ubuf, i * vec)
-                load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * a_width)
-            for i in range(unroll):
-                t = t_batch + i
-                if t < t_hi:
-                    for k in range(vec):
-                        x[k] = abuf[i * a_width + k % a_width] * x[k] + ubuf[i * vec + k]
-                    if mode == SCAN:
-                        store_y(y, (b * n + t) * channels + c0, x, 0)
-                    else:
-                        for q in range(a_width):
-                            p[q] = p[q] * abuf[i * a_width + q]
+        out = cuda.local.array(vec, f32)
+        if blhd:
+            for t_batch in range(t_lo, t_hi, unroll):
+                # all loads of the batch first (clamped into the chunk), in flight together
+                for i in range(unroll):
+                    tc = min(t_batch + i, t_hi - 1)
+                    load_u(u, (b * n + tc) * channels + c0, ubuf, i * vec)
+                    load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * a_width)
+                for i in range(unroll):
+                    t = t_batch + i
+                    if t < t_hi:
+                        for k in range(vec):
+                            x[k] = abuf[i * a_width + k % a_width] * x[k] + ubuf[i * vec + k]
+                        if mode == SCAN:
+                            store_y(y, (b * n + t) * channels + c0, x, 0)
+                        else:
+                            for q in range(a_width):
+                                p[q] = p[q] * abuf[i * a_width + q]
+        else:
+            row_u = ch0 * n
+            row_a = ((ch0 // head_dim) if per_head else ch0) * n
+            span = unroll * vec
+            for t_batch in range(t_lo, t_hi, span):
+                # `unroll` accesses of `vec` steps each (t_hi - t_lo is a multiple of vec)
+                for i in range(unroll):
+                    tc = min(t_batch + i * vec, t_hi - vec)
+                    load_u(u, row_u + tc, ubuf, i * vec)
+                    load_a(a, row_a + tc, abuf, i * vec)
+                for i in range(unroll):
+                    t = t_batch + i * vec
+                    if t < t_hi:
+                        for e in range(vec):
+                            x[0] = abuf[i * vec + e] * x[0] + ubuf[i * vec + e]
+                            out[e] = x[0]
+                            if mode == AGG:
+                                p[0] = p[0] * abuf[i * vec + e]
+                        if mode == SCAN:
+                            store_y(y, row_u + t, out, 0)
         if mode == AGG:
-            for k in range(vec):
+            for k in range(lanes):
                 at = (ch0 + k) * nchunks + chunk
                 agg_v[at] = x[k]
-                agg_p[at] = p[k % a_width]
+                agg_p[at] = p[k % a_lanes]
 
     kernel.__name__ = kernel.__qualname__ = (
-        f"swr_exact_{MODE_NAMES[mode]}_blhd_{in_kind}_to_{out_kind}_"
+        f"swr_exact_{MODE_NAMES[mode]}_{layout.lower()}_{in_kind}_to_{out_kind}_"
         f"{'per_head' if per_head else 'per_channel'}_vec{vec}_unroll{unroll}"
     )
     return cuda.jit(kernel)
@@ -138,10 +171,10 @@ def _make_exact_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
 _kernels: dict = {}
 
 
-def get_kernel(in_kind, out_kind, per_head, mode, vec, unroll):
+def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
     """The compiled-on-demand dispatcher of one specialisation (pass 1 has no ``y``: its
     ``out_kind`` is "f32")."""
-    key = (in_kind, out_kind, per_head, mode, vec, unroll)
+    key = (layout, in_kind, out_kind, per_head, mode, vec, unroll)
     kernel = _kernels.get(key)
     if kernel is None:
         kernel = _kernels[key] = _make_exact_kernel(*key)
@@ -164,29 +197,40 @@ def _kind(dtype):
     return "bf16" if dtype.name == "bfloat16" else _KINDS[dtype]
 
 
-def channel_vec(in_kind, out_kind, per_head, channels, head_dim, align):
-    """The widest channel vector these shapes and pointer alignments (addresses modulo 16 of
-    a | u and of y) allow, else 1 (the general kernel)."""
+def access_vec(layout, in_kind, out_kind, per_head, n, channels, head_dim, align):
+    """The widest vector these shapes and pointer alignments (addresses modulo 16 of a | u and of
+    y) allow, else 1 (the general kernel). BLHD: channels (``vec | H*D``, per head ``vec | D``);
+    BHDL: steps along time (``vec | N``)."""
     vec = max(1, TUNING["access_bytes"] // ITEM_SIZE[in_kind])
-    ok = channels % vec == 0 and (not per_head or head_dim % vec == 0)
+    if layout == "BLHD":
+        ok = channels % vec == 0 and (not per_head or head_dim % vec == 0)
+    else:
+        ok = n % vec == 0
     ok = ok and align[0] % (vec * ITEM_SIZE[in_kind]) == 0
     ok = ok and align[1] % min(16, vec * ITEM_SIZE[out_kind]) == 0
     return vec if ok else 1
 
 
+def _unroll(layout):
+    return TUNING["unroll" if layout == "BLHD" else "bhdl_unroll"]
+
+
 @functools.lru_cache(maxsize=256)
-def plan(shape, per_head, in_kind, out_kind, align, sms, version):
+def plan(layout, shape, per_head, in_kind, out_kind, align, sms, version):
     """(vec, unroll, chunk_steps, groups, nchunks, nwork, grid, block) of both passes for a
-    (B, N, H, D) problem on a GPU of ``sms`` SMs."""
-    batch, n, heads, head_dim = shape
+    problem of ``shape`` (the layout's) on a GPU of ``sms`` SMs."""
+    if layout == "BLHD":
+        batch, n, heads, head_dim = shape
+    else:
+        batch, heads, head_dim, n = shape
     channels = heads * head_dim
-    vec = channel_vec(in_kind, out_kind, per_head, channels, head_dim, align)
-    groups = channels // vec
+    vec = access_vec(layout, in_kind, out_kind, per_head, n, channels, head_dim, align)
+    groups = channels // vec if layout == "BLHD" else channels
+    step = _unroll(layout) * (1 if layout == "BLHD" else vec)  # steps of one batch of loads
     target = sms * TUNING["threads_per_sm"]
     want = max(1, min(TUNING["max_chunks"], -(-target // (batch * groups))))
-    unroll = TUNING["unroll"]
     chunk_steps = max(TUNING["min_chunk_steps"], -(-n // want))
-    chunk_steps = min(-(-chunk_steps // unroll) * unroll, max(n, 1))
+    chunk_steps = -(-chunk_steps // step) * step
     nchunks = -(-n // chunk_steps)
     # a longer chunk where the cap on chunks per row binds
     while nchunks > TUNING["max_chunks"]:
@@ -194,7 +238,7 @@ def plan(shape, per_head, in_kind, out_kind, align, sms, version):
         nchunks = -(-n // chunk_steps)
     nwork = batch * groups * nchunks
     block = 32 if SIMULATOR else TUNING["threads_per_block"]
-    return vec, unroll, chunk_steps, groups, nchunks, nwork, -(-nwork // block), block
+    return vec, _unroll(layout), chunk_steps, groups, nchunks, nwork, -(-nwork // block), block
 
 
 def _flat(x):
@@ -205,14 +249,15 @@ def _flat(x):
 def swr_forward_exact(a, u, y, *, layout, carry, stream=None):
     """The exact recurrence ``y_t = x_t``, ``x_t = a_t x_{t-1} + u_t``, ``x_{-1} = carry``.
 
-    ``layout`` must be "BLHD": ``u``, ``y`` (B, N, H, D); ``a`` (B, N, H) per head or
-    (B, N, H, D) per channel, C-contiguous; ``carry`` (B, H, D) float32 (x0, zeros without one).
-    ``a``/``u`` float32, float16 or bfloat16 (as uint16 bits); ``y`` any of the three, not
-    overlapping the inputs. Two launches on ``stream`` (None: CuPy's current stream) and a
-    (2, B*H*D*nchunks) float32 scratch array. Returns None.
+    BLHD: ``u``, ``y`` (B, N, H, D); ``a`` (B, N, H) per head or (B, N, H, D) per channel.
+    BHDL: ``u``, ``y`` (B, H, D, N); ``a`` (B, H, N) or (B, H, D, N). C-contiguous;
+    ``carry`` (B, H, D) float32 (x0, zeros without one). ``a``/``u`` float32, float16 or
+    bfloat16 (as uint16 bits); ``y`` any of the three, not overlapping the inputs. Two launches
+    on ``stream`` (None: CuPy's current stream) and a (2, B*H*D*nchunks) float32 scratch array.
+    Returns None.
     """
-    if layout != "BLHD":
-        raise ValueError(f"swr_forward_exact runs layout='BLHD', got {layout!r}")
+    if layout not in ("BLHD", "BHDL"):
+        raise ValueError(f"layout must be 'BLHD' or 'BHDL', got {layout!r}")
     if 0 in u.shape:
         return
     simulated = isinstance(u, np.ndarray)
@@ -226,35 +271,43 @@ def swr_forward_exact(a, u, y, *, layout, carry, stream=None):
     per_head = a.ndim == 3
     in_kind, out_kind = _kind(u.dtype), _kind(y.dtype)
     vec, unroll, chunk_steps, groups, nchunks, nwork, grid, block = plan(
-        tuple(u.shape), per_head, in_kind, out_kind, align, sms, TUNING.version)
-    batch, n, heads, head_dim = u.shape
+        layout, tuple(u.shape), per_head, in_kind, out_kind, align, sms, TUNING.version)
+    if layout == "BLHD":
+        batch, n, heads, head_dim = u.shape
+    else:
+        batch, heads, head_dim, n = u.shape
     aggs = xp.empty((2, batch * heads * head_dim * nchunks), np.float32)
     scalars = [np.int64(x) for x in (n, heads * head_dim, head_dim, chunk_steps, groups,
                                      nchunks, nwork)]  # fmt: skip
     fa, fu, fy, fc = _flat(a), _flat(u), _flat(y), carry.reshape(-1)
-    agg = get_kernel(in_kind, "f32", per_head, AGG, vec, unroll)
+    agg = get_kernel(layout, in_kind, "f32", per_head, AGG, vec, unroll)
     dummy = aggs[0, :1]
     launch(agg, grid, block, [fa, fu, dummy, fc, aggs[0], aggs[1]] + scalars, stream=stream)
-    scan = get_kernel(in_kind, out_kind, per_head, SCAN, vec, unroll)
+    scan = get_kernel(layout, in_kind, out_kind, per_head, SCAN, vec, unroll)
     launch(scan, grid, block, [fa, fu, fy, fc, aggs[0], aggs[1]] + scalars, stream=stream)
 
 
 def specialisations():
-    """Yield ``(name, kernel, argument types)`` for the specialisations the PTX tests compile:
-    pass 2 per head on the widest vector for every input x output dtype, pass 1 per head on the
-    widest vector for every input dtype; per channel and the general ``vec == 1`` (which change
-    only the width of ``a`` and of the accesses) for one dtype pair a pass."""
-    unroll = TUNING["unroll"]
+    """Yield ``(name, kernel, argument types)`` for the specialisations the PTX tests compile.
+    BLHD: pass 2 per head on the widest vector for every input x output dtype, pass 1 per head on
+    the widest vector for every input dtype; per channel and the general ``vec == 1`` (which
+    change only the width of ``a`` and of the accesses) for one dtype pair a pass. BHDL (the same
+    source with one row a thread): both passes for bfloat16, pass 2 for float32, per channel and
+    ``vec == 1`` for bfloat16."""
+    widest = {k: max(1, TUNING["access_bytes"] // ITEM_SIZE[k]) for k in ("f32", "f16", "bf16")}
+    cases = []
     for in_kind in ("f32", "f16", "bf16"):
-        widest = max(1, TUNING["access_bytes"] // ITEM_SIZE[in_kind])
-        cases = [(out_kind, SCAN, True, widest) for out_kind in ("f32", "f16", "bf16")]
-        cases += [("f32", AGG, True, widest)]
-        if in_kind == "bf16":
-            cases += [("bf16", SCAN, False, widest), ("f32", AGG, False, widest),
-                      ("bf16", SCAN, True, 1), ("f32", AGG, False, 1)]
-        for out_kind, mode, per_head, vec in cases:
-            kernel = get_kernel(in_kind, out_kind, per_head, mode, vec, unroll)
-            yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+        cases += [("BLHD", in_kind, out_kind, SCAN, True, widest[in_kind])
+                  for out_kind in ("f32", "f16", "bf16")]  # fmt: skip
+        cases += [("BLHD", in_kind, "f32", AGG, True, widest[in_kind])]
+    for layout in ("BLHD", "BHDL"):
+        cases += [(layout, "bf16", "bf16", SCAN, False, 8), (layout, "bf16", "f32", AGG, False, 8),
+                  (layout, "bf16", "bf16", SCAN, True, 1), (layout, "bf16", "f32", AGG, False, 1)]
+    cases += [("BHDL", "bf16", "bf16", SCAN, True, 8), ("BHDL", "bf16", "f32", AGG, True, 8),
+              ("BHDL", "f32", "f32", SCAN, True, 4)]
+    for layout, in_kind, out_kind, mode, per_head, vec in cases:
+        kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec, _unroll(layout))
+        yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
 
 
 __all__ = ["swr_forward_exact", "TUNING", "specialisations", "get_kernel"]

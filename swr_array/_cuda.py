@@ -181,7 +181,7 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     u = cp.ascontiguousarray(u)
     y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     shape = (p.B, p.H, p.D)
-    if p.hops is None and p.layout == "BLHD" and not return_state and p.N > 0:
+    if p.hops is None and not return_state and p.N > 0:
         # the exact recurrence in two passes from the x just before index 0 (x0, or what the
         # state continues from: w + g S inside the current block)
         if state is not None:

@@ -61,7 +61,7 @@ def test_every_exact_specialisation_compiles_for_sm80_and_sm90():
     names = [s[0] for s in specialisations()]
     assert len(set(names)) == len(names), "kernel names must tell specialisations apart"
     for part in ("_agg_", "_scan_", "per_head", "per_channel", "_vec1_", "_vec8_", "_vec4_",
-                 "bf16_to_f16", "f32_to_bf16", "f16_to_f32"):
+                 "bf16_to_f16", "f32_to_bf16", "f16_to_f32", "_blhd_", "_bhdl_"):
         assert any(part in n for n in names), part
     workers = max(1, min(os.cpu_count() or 1, 8))
     slices = [list(range(k, len(names), workers)) for k in range(workers)]
