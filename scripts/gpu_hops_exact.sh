@@ -4,7 +4,8 @@
 # 1. GPU tests of numba_kernels/swr_exact.py (tests/test_gpu_exact.py at real sizes, and the
 #    simulator cases of tests/test_kernels_exact.py run on the GPU);
 # 2. `python -m swr_array bench --peers none --dtypes bf16 --hops 1,none` at 16x2048, 4x8192 and
-#    1x32768, both layouts (BHDL hops=None still takes the multi-pass path), then float32 BLHD.
+#    1x32768, both layouts, then float32 BLHD (forward and forward+backward; the backward of
+#    hops=None is still the multi-pass path).
 # Writes $OUT/hops-exact/log.txt (everything printed, the Markdown tables included) and
 # $OUT/hops-exact/bench.json (the bf16 run).
 set -u
