@@ -13,7 +13,8 @@ coalesced, but every sector fetched is used whole).
   of its ``a``, the chunk's affine map ``x_end = V + P x_begin``, written to ``agg_v``, ``agg_p``
   ((B, H, D, nchunks) float32, per channel);
 - pass 2 (``SCAN``): the thread folds the maps of the chunks before its own,
-  ``s = V_c + P_c s`` from ``s = carry`` (x0), then scans its chunk from ``s`` and writes ``y``.
+  ``s = V_c + P_c s`` from ``s = carry`` (x0; the loads of :data:`FOLD` maps in flight at a
+  time), then scans its chunk from ``s`` and writes ``y``.
 
 The aggregates are small (two floats per chunk and channel) and read from L2; the inputs are
 read twice from DRAM, ``y`` written once (about 1.5x the forward's memory floor for 16-bit data
@@ -41,6 +42,7 @@ from ._ptx import make_vector_load, make_vector_store
 AGG = 0  # pass 1: per chunk (V, P)
 SCAN = 1  # pass 2: fold the earlier chunks' maps, scan, write y
 MODE_NAMES = {AGG: "agg", SCAN: "scan"}
+FOLD = 4  # chunk maps whose loads are in flight together in pass 2's fold
 
 TUNING = Tuning({
     # bytes one thread moves per step, steps whose loads are in flight together
@@ -79,6 +81,7 @@ def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
     a_lanes = a_width if blhd else 1
     u_buffer = unroll * vec  # local array sizes must be constants
     a_buffer = unroll * (a_width if blhd else vec)
+    fold_buffer = FOLD * lanes
     f32 = numba.float32
 
     def kernel(a, u, y, carry, agg_v, agg_p, n, channels, head_dim, chunk_steps, groups, nchunks,
@@ -102,15 +105,24 @@ def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
 
         x = cuda.local.array(lanes, f32)
         p = cuda.local.array(a_lanes, f32)
+        fv = cuda.local.array(fold_buffer, f32)
+        fp = cuda.local.array(fold_buffer, f32)
         for q in range(a_lanes):
             p[q] = f32(1.0)
         if mode == SCAN:
             for k in range(lanes):
                 x[k] = carry[ch0 + k]
-            for c in range(chunk):
+            # fold the maps of the chunks before this one, FOLD maps' loads in flight at a time
+            for c_batch in range(0, chunk, FOLD):
                 for k in range(lanes):
-                    at = (ch0 + k) * nchunks + c
-                    x[k] = agg_v[at] + agg_p[at] * x[k]
+                    for f in range(FOLD):
+                        at = (ch0 + k) * nchunks + min(c_batch + f, chunk - 1)
+                        fv[k * FOLD + f] = agg_v[at]
+                        fp[k * FOLD + f] = agg_p[at]
+                for k in range(lanes):
+                    for f in range(FOLD):
+                        if c_batch + f < chunk:
+                            x[k] = fv[k * FOLD + f] + fp[k * FOLD + f] * x[k]
         else:
             for k in range(lanes):
                 x[k] = f32(0.0)
