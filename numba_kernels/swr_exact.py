@@ -58,9 +58,9 @@ TUNING = Tuning({
 })
 """Launch tuning of the hops=None forward."""
 
-# Kernel arguments: a, u, y, carry, agg_v, agg_p (1-D views of C-contiguous arrays; y is a
-# 1-element dummy in pass 1), then int64 n, channels, head_dim, chunk_steps, groups, nchunks,
-# nwork.
+# Kernel arguments: a, u, y, carry, agg_v, agg_p, snap (1-D views of C-contiguous arrays; y and
+# snap are 1-element dummies in pass 1), then int64 n, channels, head_dim, chunk_steps, groups,
+# nchunks, nwork, t_snap (pass 2 writes x_{t_snap} to snap, float32 (B, H, D); -1: none).
 
 
 def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
@@ -84,8 +84,8 @@ def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
     fold_buffer = FOLD * lanes
     f32 = numba.float32
 
-    def kernel(a, u, y, carry, agg_v, agg_p, n, channels, head_dim, chunk_steps, groups, nchunks,
-               nwork):  # fmt: skip
+    def kernel(a, u, y, carry, agg_v, agg_p, snap, n, channels, head_dim, chunk_steps, groups,
+               nchunks, nwork, t_snap):  # fmt: skip
         tid = cuda.grid(1)
         if tid >= nwork:
             return
@@ -144,6 +144,9 @@ def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
                             x[k] = abuf[i * a_width + k % a_width] * x[k] + ubuf[i * vec + k]
                         if mode == SCAN:
                             store_y(y, (b * n + t) * channels + c0, x, 0)
+                            if t == t_snap:
+                                for k in range(vec):
+                                    snap[ch0 + k] = x[k]
                         else:
                             for q in range(a_width):
                                 p[q] = p[q] * abuf[i * a_width + q]
@@ -165,6 +168,8 @@ def _make_exact_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
                             out[e] = x[0]
                             if mode == AGG:
                                 p[0] = p[0] * abuf[i * vec + e]
+                            elif t + e == t_snap:
+                                snap[ch0] = x[0]
                         if mode == SCAN:
                             store_y(y, row_u + t, out, 0)
         if mode == AGG:
@@ -194,11 +199,11 @@ def get_kernel(layout, in_kind, out_kind, per_head, mode, vec, unroll):
 
 
 def signature(in_kind, out_kind):
-    """The Numba signature of both passes for these storage kinds (6 arrays, 7 int64)."""
+    """The Numba signature of both passes for these storage kinds (7 arrays, 8 int64)."""
     f32 = types.Array(types.float32, 1, "C")
     storage = {"f32": f32, "f16": types.Array(types.float16, 1, "C"),
                "bf16": types.Array(types.uint16, 1, "C")}  # fmt: skip
-    return tuple([storage[in_kind]] * 2 + [storage[out_kind]] + [f32] * 3 + [types.int64] * 7)
+    return tuple([storage[in_kind]] * 2 + [storage[out_kind]] + [f32] * 4 + [types.int64] * 8)
 
 
 _KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
@@ -258,14 +263,17 @@ def _flat(x):
     return x.view(np.uint16) if x.dtype.name == "bfloat16" else x
 
 
-def swr_forward_exact(a, u, y, *, layout, carry, stream=None):
+def swr_forward_exact(a, u, y, *, layout, carry, snap=None, t_snap=-1, stream=None):
     """The exact recurrence ``y_t = x_t``, ``x_t = a_t x_{t-1} + u_t``, ``x_{-1} = carry``.
+
+    With ``snap`` ((B, H, D) float32) and ``0 <= t_snap < N``, also ``snap = x_{t_snap}`` in
+    float32 (what a state keeps; ``y`` may be of a narrower dtype).
 
     BLHD: ``u``, ``y`` (B, N, H, D); ``a`` (B, N, H) per head or (B, N, H, D) per channel.
     BHDL: ``u``, ``y`` (B, H, D, N); ``a`` (B, H, N) or (B, H, D, N). C-contiguous;
     ``carry`` (B, H, D) float32 (x0, zeros without one). ``a``/``u`` float32, float16 or
     bfloat16 (as uint16 bits); ``y`` any of the three, not overlapping the inputs. Two launches
-    on ``stream`` (None: CuPy's current stream) and a (2, B*H*D*nchunks) float32 scratch array.
+    on ``stream`` (None: CuPy's current stream) and a 2*B*H*D*nchunks (+1) float32 scratch array.
     Returns None.
     """
     if layout not in ("BLHD", "BHDL"):
@@ -288,15 +296,19 @@ def swr_forward_exact(a, u, y, *, layout, carry, stream=None):
         batch, n, heads, head_dim = u.shape
     else:
         batch, heads, head_dim, n = u.shape
-    aggs = xp.empty((2, batch * heads * head_dim * nchunks), np.float32)
+    maps = batch * heads * head_dim * nchunks
+    scratch = xp.empty(2 * maps + 1, np.float32)  # the maps' V, P and a dummy of its own
+    agg_v, agg_p, dummy = scratch[:maps], scratch[maps : 2 * maps], scratch[2 * maps :]
+    if snap is None:
+        t_snap = -1
     scalars = [np.int64(x) for x in (n, heads * head_dim, head_dim, chunk_steps, groups,
-                                     nchunks, nwork)]  # fmt: skip
+                                     nchunks, nwork, t_snap)]  # fmt: skip
     fa, fu, fy, fc = _flat(a), _flat(u), _flat(y), carry.reshape(-1)
+    fs = dummy if snap is None else snap.reshape(-1)
     agg = get_kernel(layout, in_kind, "f32", per_head, AGG, vec, unroll)
-    dummy = aggs[0, :1]
-    launch(agg, grid, block, [fa, fu, dummy, fc, aggs[0], aggs[1]] + scalars, stream=stream)
+    launch(agg, grid, block, [fa, fu, dummy, fc, agg_v, agg_p, dummy] + scalars, stream=stream)
     scan = get_kernel(layout, in_kind, out_kind, per_head, SCAN, vec, unroll)
-    launch(scan, grid, block, [fa, fu, fy, fc, aggs[0], aggs[1]] + scalars, stream=stream)
+    launch(scan, grid, block, [fa, fu, fy, fc, agg_v, agg_p, fs] + scalars, stream=stream)
 
 
 def specialisations():

@@ -120,7 +120,7 @@ def test_exact_refuses_an_unknown_layout():
 def test_backend_continues_a_state_and_x0(rng, small_chunks, layout, cut, per_head):
     """_cuda.swr_forward with hops=None (no return_state) runs the two passes: from x0, and from
     a prefill's state at any cut (x just before it is w + g s), equal to the reference on the
-    whole sequence."""
+    whole sequence; the prefill's own state (return_state) equals the reference's."""
     from swr_array import _checks, _cuda
 
     small_chunks(8)
@@ -143,10 +143,20 @@ def test_backend_continues_a_state_and_x0(rng, small_chunks, layout, cut, per_he
         return
 
     def part(x, s):
-        return xp.ascontiguousarray(x[..., s] if layout == "BHDL" else x[:, s])
+        mod = np if isinstance(x, np.ndarray) else xp
+        return mod.ascontiguousarray(x[..., s] if layout == "BHDL" else x[:, s])
 
     y1, st = run(part(A, slice(None, cut)), part(U, slice(None, cut)), x0=xp.asarray(x0),
                  state=None, return_state=True)  # fmt: skip
+    # the prefill's state (its running s kept in float32 by pass 2 past the first block)
+    import swr_array as sa
+
+    _, ref_state = sa.swr(part(a.astype(np.float64), slice(None, cut)),
+                          part(u.astype(np.float64), slice(None, cut)), block_len=4, hops=None,
+                          layout=layout, x0=x0.astype(np.float64), return_state=True)  # fmt: skip
+    for name in ("w", "g", "carry_v"):
+        got, want = to_host(getattr(st, name)), getattr(ref_state, name)
+        assert np.allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-5), name
     y2 = run(part(A, slice(cut, None)), part(U, slice(cut, None)), x0=None, state=st,
              return_state=False)  # fmt: skip
     y = np.concatenate([to_host(y1), to_host(y2)], axis=-1 if layout == "BHDL" else 1)

@@ -1,6 +1,6 @@
 """Every specialisation of the hops=None two-pass forward (numba_kernels/swr_exact.py) compiles to
 PTX for sm_80 and sm_90 with its state in registers, 16-byte loads and wide stores on the vector
-path, and the parameter list the launcher packs (6 arrays, 7 int64)."""
+path, and the parameter list the launcher packs (7 arrays, 8 int64)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def _check(ptx, name):
     entry, params = entry_and_params(ptx)
     if name not in entry:
         problems.append(f"entry {entry} does not carry the kernel name")
-    if len(params) != 6 * 7 + 7 or set(params) != {"u64"}:
-        problems.append(f"parameters {params} are not 6 1-D arrays and 7 int64")
+    if len(params) != 7 * 7 + 8 or set(params) != {"u64"}:
+        problems.append(f"parameters {params} are not 7 1-D arrays and 8 int64")
     if ".local" in ptx:
         problems.append("uses local memory (a register array indexed at run time?)")
     if int(re.search(r"_vec(\d+)", name).group(1)) > 1:
