@@ -68,10 +68,12 @@ BACKWARD_LMAX = 16
 
 FORWARD_ACCESS_BYTES = 16
 BACKWARD_ACCESS_BYTES = 4
-FORWARD_UNROLL = 4
-CHUNK_TOKENS = 64
-"""Tokens per thread: a chunk re-walks at most one block (l / CHUNK_TOKENS extra reads)."""
-THREADS = 128
+FORWARD_UNROLL = 8
+FORWARD_CHUNK = 128
+BACKWARD_CHUNK = 256
+"""Tokens per thread (forward, backward): a chunk re-walks at most one block, ``l / chunk``
+extra reads of ``a`` and ``u``; shorter chunks make more threads."""
+THREADS = 32 if SIMULATOR else 256
 CHECK_THREADS = 32 if SIMULATOR else 256
 
 _CACHE: dict = {}
@@ -519,10 +521,11 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, stream=None):
     has_x0 = x0 is not None and hops == 1
     kernel = forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec)
     groups = H * D // vec
-    nwork = groups * (-(-T // CHUNK_TOKENS))
+    chunk = FORWARD_CHUNK
+    nwork = groups * (-(-T // chunk))
     args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu), _flat(ok),
             np.int64(T), np.int64(S), np.int64(H * D), np.int64(D), np.int64(block_len),
-            np.int64(CHUNK_TOKENS), np.int64(groups), np.int64(nwork))
+            np.int64(chunk), np.int64(groups), np.int64(nwork))
     launch(kernel, -(-nwork // THREADS), THREADS, args, stream)
 
 
@@ -543,11 +546,12 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, strea
     has_x0 = x0 is not None and hops == 1
     kernel = backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)
     groups = H * D // vec
-    nwork = groups * (-(-T // CHUNK_TOKENS))
+    chunk = BACKWARD_CHUNK
+    nwork = groups * (-(-T // chunk))
     tpb = lph if SIMULATOR else THREADS
     x_arg = x0 if has_x0 else dummy
     dx_arg = dx0 if has_x0 else dummy
     args = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
-            np.int64(block_len), np.int64(CHUNK_TOKENS), np.int64(groups), np.int64(nwork))
+            np.int64(block_len), np.int64(chunk), np.int64(groups), np.int64(nwork))
     launch(kernel, -(-nwork // tpb), tpb, args, stream)

@@ -198,3 +198,39 @@ def test_native_matches_padded_at_headline_size(cp, rng, monkeypatch, n_docs):
     assert rel(y, y_ref) < 1e-2
     for got, want in zip(g, g_ref):
         assert rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_native_route_fullgraph(rng, dtype):
+    """CUDA, BLHD, hops 1: the packed custom ops (the front's native kernels) under
+    torch.compile(fullgraph=True), forward and gradients against the reference."""
+    torch = pytest.importorskip("torch")
+    from swr_array.adapters import torch as st
+
+    lens = [0, 1, 17, 300, 5, 16, 0, 64]
+    cu, a, u = draw(rng, "BLHD", True, lens, 4, 16, np.float32)
+    x0 = rng.standard_normal((len(lens), 4, 16)).astype(np.float32)
+    dev, tdt = torch.device("cuda"), getattr(torch, dtype)
+    ta = torch.tensor(a, device=dev).to(tdt).requires_grad_()
+    tu = torch.tensor(u, device=dev).to(tdt).requires_grad_()
+    tx = torch.tensor(x0, device=dev, requires_grad=True)
+    tcu = torch.tensor(cu, device=dev)
+
+    def f(a, u, x0, cu):
+        return st.swr(a, u, block_len=16, hops=1, layout="BLHD", x0=x0, cu_seqlens=cu)
+
+    y = torch.compile(f, fullgraph=True)(ta, tu, tx, tcu)
+    y.float().sum().backward()
+    a64 = ta.detach().float().cpu().numpy()
+    u64 = tu.detach().float().cpu().numpy()
+    at, ut = to_time_last(a64, "BLHD", True), to_time_last(u64, "BLHD", False)
+    want = from_time_last(reference.swr_packed(at, ut, cu, block_len=16, hops=1, x0=x0), "BLHD")
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, np.ones(ut.shape), cu, block_len=16,
+                                              hops=1, x0=x0)
+    rda = from_time_last(rda.sum(axis=2, keepdims=True), "BLHD", True)
+    rdu = from_time_last(rdu, "BLHD")
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    assert rel(y.detach().float().cpu().numpy(), want) < tol
+    assert rel(ta.grad.float().cpu().numpy(), rda) < 10 * tol
+    assert rel(tu.grad.float().cpu().numpy(), rdu) < tol
+    assert rel(tx.grad.cpu().numpy(), rdx0) < tol

@@ -51,7 +51,8 @@ def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
         p = dataclasses.replace(p, backend="cupy")
     with monkeypatch.context() as m:
         m.setattr(packed, "_padded_inputs", _no_image)
-        m.setattr(packed_walk, "CHUNK_TOKENS", chunk)
+        m.setattr(packed_walk, "FORWARD_CHUNK", chunk)
+        m.setattr(packed_walk, "BACKWARD_CHUNK", chunk)
         y = X.full(u.shape, np.nan, dtype=u.dtype)  # poisoned: the kernel writes every token
         y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True)
         g = packed.backward(a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True)

@@ -84,7 +84,6 @@ def test_native_forward_compiles(case):
     _nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
-
     from swr_array.numba_kernels import packed_walk
 
     ik, ok, per_head, hops, x0, vec = case
@@ -101,7 +100,6 @@ def test_native_backward_compiles(case):
     _nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
-
     from swr_array.numba_kernels import packed_walk
 
     ik, dk, per_head, hops, x0, vec, bl, lph = case
@@ -118,7 +116,6 @@ def test_native_check_kernel_compiles(cu_type):
     _nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
-
     from swr_array.numba_kernels import packed_walk
 
     kernel = packed_walk.check_kernel()
