@@ -1,4 +1,11 @@
-"""Packed variable-length sequences (``cu_seqlens``): checks and the padded evaluation.
+"""Packed variable-length sequences (``cu_seqlens``): checks, the native and the padded evaluation.
+
+Native (the GPU path, layout "BLHD", hops 0 and 1, :func:`native_forward_fits` /
+:func:`native_backward_fits`): the kernels of numba_kernels/packed_walk.py walk each sequence's
+blocks in the packed array itself, one launch for all sequences after a one-block check of
+``cu`` (no padded image, no token moves, no host read of ``cu``; an invalid ``cu`` gives NaN in
+every output). Sequences exchange no values, non-finite ones included. ``return_state`` keeps
+its per-sequence host loop (below). Everything else takes the padded evaluation.
 
 A packed batch has B == 1 and ``T`` tokens of ``S`` sequences back to back, sequence s holding
 tokens ``cu[s]:cu[s+1]``. Each sequence is its own recurrence (docs/spec.md, packed sequences):
