@@ -141,7 +141,8 @@ _swr_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup_c
 
 def _native_route(a, u, cu, x0, *, hops, layout, per_head, block_len, H, D) -> bool:
     """The custom ops take CUDA tensors in layout "BLHD" with hops 0 or 1 where the front's
-    native kernels run forward and backward (swr_array.packed.native_backward_fits)."""
+    native kernels run forward and backward (``packed_walk.backward_config``; the front still
+    takes the padded image for pointers too misaligned for every channel vector)."""
     if u.device.type != "cuda" or layout != "BLHD" or hops not in (0, 1) or cu.shape[0] < 2:
         return False
     if u.shape[1] == 0 or u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -149,8 +150,7 @@ def _native_route(a, u, cu, x0, *, hops, layout, per_head, block_len, H, D) -> b
     from swr_array.numba_kernels import packed_walk
 
     kind = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[u.dtype]
-    return packed_walk.backward_config(kind, kind, per_head, H, D, block_len,
-                                       wide=False) is not None
+    return packed_walk.backward_config(kind, kind, per_head, H, D, block_len) is not None
 
 
 def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_swr):

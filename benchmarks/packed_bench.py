@@ -124,7 +124,7 @@ def main(argv=None):
             err = float(np.abs(y[sl] - want).max() / (np.abs(want).max() + 1e-30))
             p = _checks.check_swr(ca, cu_, block_len=16, hops=1, layout=layout)
             native = (packed_mod.native_forward_fits(p, ccu)
-                      and packed_mod.native_backward_fits(p, ccu, cdy.dtype))
+                      and packed_mod.native_backward_fits(p, ccu, ca, cu_, cdy))
             path = "native" if native else "padded"
             row = {"layout": layout, "docs": n_docs, "path": path, "dense_fwd_bwd_ms": t_dense,
                    "packed_fwd_bwd_ms": t_packed, "packed_x0_fwd_bwd_ms": t_x0,

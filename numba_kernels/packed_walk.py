@@ -57,8 +57,8 @@ from ._dtypes import ITEM_SIZE, SIMULATOR
 from ._launch import FlatArray, launch
 from ._ptx import head_sum, make_vector_load, make_vector_store
 
-__all__ = ["BACKWARD_LMAX", "backward", "backward_config", "backward_kernel", "check_cu",
-           "check_kernel", "forward", "forward_config", "forward_kernel"]
+__all__ = ["BACKWARD_LMAX", "backward", "backward_config", "backward_kernel", "backward_plan",
+           "check_cu", "check_kernel", "forward", "forward_config", "forward_kernel"]
 
 f32 = numba.float32
 NAN = np.float32(np.nan)
@@ -68,6 +68,7 @@ BACKWARD_LMAX = 16
 
 FORWARD_ACCESS_BYTES = 16
 BACKWARD_ACCESS_BYTES = 4
+BACKWARD_MAX_VEC = 4
 FORWARD_UNROLL = 8
 FORWARD_CHUNK = 128
 BACKWARD_CHUNK = 256
@@ -171,7 +172,8 @@ def _make_forward(in_kind, out_kind, per_head, hops, has_x0, vec, unroll):
         s = _seq_of(cu, S, t_lo)
         cs = numba.int64(cu[s])
         cn = numba.int64(cu[s + 1])
-        bs = cs + (t_lo - cs + block_len - 1) // block_len * block_len
+        # the first block start at or after t_lo: in this sequence, or the next one's first token
+        bs = min(cs + (t_lo - cs + block_len - 1) // block_len * block_len, cn)
         have_prev = False
         while bs < t_hi:
             if bs >= cn:  # the next sequence (empty ones are passed over one by one)
@@ -314,7 +316,8 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, lb, lph):
         s = _seq_of(cu, S, t_lo)
         cs = numba.int64(cu[s])
         cn = numba.int64(cu[s + 1])
-        bs = cs + (t_lo - cs + block_len - 1) // block_len * block_len
+        # the first block start at or after t_lo: in this sequence, or the next one's first token
+        bs = min(cs + (t_lo - cs + block_len - 1) // block_len * block_len, cn)
         have_prev = False
         while bs < t_hi:
             if bs >= cn:
@@ -477,15 +480,20 @@ def forward_config(in_kind, out_kind, per_head, H, D):
     return vec
 
 
-def backward_config(in_kind, dy_kind, per_head, H, D, block_len, wide=True):
-    """``(vec, lph)`` of the native backward, or None where it does not run (block_len above
-    :data:`BACKWARD_LMAX`; per head: ``D / vec`` not a power of two up to 32). ``wide`` False:
-    only ``vec == 1`` (misaligned pointers)."""
+def backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned=None):
+    """``(vec, lph)`` of the native backward, or None where it does not run: block_len above
+    :data:`BACKWARD_LMAX`, or (per head) no channel vector of at most :data:`BACKWARD_MAX_VEC`
+    that splits D into a power of two of lanes up to 32. ``aligned(vec)``: whether the arrays
+    allow accesses of ``vec`` elements (None: any); the smallest fitting vector wins (fewest
+    registers), vec 1 last."""
     if block_len > BACKWARD_LMAX:
         return None
-    vec = max(1, BACKWARD_ACCESS_BYTES // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind]))
-    for v in ((vec, 1) if wide else (1,)):
-        if (H * D) % v:
+    base = max(1, BACKWARD_ACCESS_BYTES // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind]))
+    cands = [v for v in (base, 2 * base, 4 * base) if v <= BACKWARD_MAX_VEC]
+    if 1 not in cands:
+        cands.append(1)
+    for v in cands:
+        if (H * D) % v or (aligned is not None and v > 1 and not aligned(v)):
             continue
         if not per_head:
             return v, 1
@@ -495,6 +503,21 @@ def backward_config(in_kind, dy_kind, per_head, H, D, block_len, wide=True):
         if lph & (lph - 1) == 0 and lph <= 32:
             return v, lph
     return None
+
+
+def backward_plan(a, u, dy, block_len):
+    """:func:`backward_config` for these arrays (their kinds, shapes and pointer alignment; the
+    gradients are fresh allocations)."""
+    _, _, H, D = u.shape
+    per_head = a.ndim == 3
+    in_kind, dy_kind = _kind(u), _kind(dy)
+
+    def aligned(v):
+        nb = v * ITEM_SIZE[in_kind]
+        return (_aligned(u, nb) and _aligned(dy, v * ITEM_SIZE[dy_kind])
+                and (per_head or _aligned(a, nb)))
+
+    return backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
 
 
 def check_cu(cu, T, ok, *, stream=None):
@@ -531,17 +554,11 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, stream=None):
 
 def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, stream=None):
     """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
-    hops=1) of the packed problem; :func:`backward_config` must not be None (nor with
-    ``wide=False``, which misaligned pointers take)."""
+    hops=1) of the packed problem; :func:`backward_plan` must not be None."""
     _, T, H, D = u.shape
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
-    vec, lph = backward_config(in_kind, dy_kind, per_head, H, D, block_len)
-    if vec > 1:
-        nb = vec * ITEM_SIZE[in_kind]
-        if not (_aligned(u, nb) and _aligned(du, nb) and _aligned(dy, vec * ITEM_SIZE[dy_kind])
-                and (per_head or (_aligned(a, nb) and _aligned(da, nb)))):
-            vec, lph = backward_config(in_kind, dy_kind, per_head, H, D, block_len, wide=False)
+    vec, lph = backward_plan(a, u, dy, block_len)
     S = cu.shape[0] - 1
     has_x0 = x0 is not None and hops == 1
     kernel = backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)

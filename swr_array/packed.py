@@ -268,7 +268,7 @@ def backward(a, u, dy, p, cu, *, x0, device: bool | None = None):
     """``(da, du, dx0)`` of a checked packed call; dx0 ``(S, H, D)`` float32 on the GPU path
     (float64 on NumPy), None without x0."""
     device = p.backend == "cupy" if device is None else device
-    if device and native_backward_fits(p, cu, dy.dtype):
+    if device and native_backward_fits(p, cu, a, u, dy):
         return _native_backward(a, u, dy, p, cu, x0)
     xp = _xp(u, device)
     img = _padded_inputs(a, u, p, cu, x0, device)
@@ -305,17 +305,15 @@ def native_forward_fits(p, cu) -> bool:
         and p.H * p.D >= 1
 
 
-def native_backward_fits(p, cu, dy_dtype) -> bool:
+def native_backward_fits(p, cu, a, u, dy) -> bool:
     """As :func:`native_forward_fits`, and block_len up to ``packed_walk.BACKWARD_LMAX`` with a
-    head dim the kernel's per-head lane sum takes (``packed_walk.backward_config``)."""
+    channel vector the arrays' alignment allows and, per head, whose lanes split D into a power
+    of two up to 32 (``packed_walk.backward_plan``)."""
     if not native_forward_fits(p, cu):
         return False
-    from .numba_kernels import _dtypes, packed_walk
+    from .numba_kernels import packed_walk
 
-    kind = _dtypes.storage_kind(p.dtype)
-    dkind = _dtypes.storage_kind(dy_dtype)
-    return packed_walk.backward_config(kind, dkind, p.per_head, p.H, p.D, p.block_len,
-                                       wide=False) is not None
+    return packed_walk.backward_plan(a, u, dy, p.block_len) is not None
 
 
 _dummies: dict = {}

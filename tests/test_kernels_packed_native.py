@@ -122,6 +122,18 @@ def test_native_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, H
                             monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("lens, bl, chunk", [
+    ([4, 1], 8, 3),  # the chunk [3, 5) holds no block of sequence 0, only sequence 1's start
+    ([0, 2, 0, 0, 9, 1], 4, 5),
+    ([17, 16, 15], 16, 16),
+])
+def test_native_chunks_starting_inside_blocks(rng, monkeypatch, lens, bl, chunk):
+    for hops in (0, 1):
+        check_against_reference(lens, per_head=False, H=2, D=2, bl=bl, hops=hops, with_x0=True,
+                                dtype=np.float32, chunk=chunk, seed=int(rng.integers(1 << 30)),
+                                monkeypatch=monkeypatch)
+
+
 def test_native_many_tiny_sequences(rng, monkeypatch):
     """Many sequences of 0..2 tokens: every thread walks across several sequence starts."""
     lens = list(rng.integers(0, 3, 40))
@@ -148,13 +160,31 @@ def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
 def test_native_fits_only_blhd_hops_0_1():
     """Other layouts and hops keep the padded image; the backward also needs block_len <= 16."""
     u = np.zeros((1, 4, 2, 2), np.float32)
+    a = np.zeros((1, 4, 2), np.float32)
     cu = np.array([0, 4], np.int32)
-    p = _checks.check_swr(np.zeros((1, 4, 2), np.float32), u, block_len=4, hops=1,
-                          layout="BLHD")
-    assert packed.native_forward_fits(p, cu) and packed.native_backward_fits(p, cu, u.dtype)
+    p = _checks.check_swr(a, u, block_len=4, hops=1, layout="BLHD")
+    assert packed.native_forward_fits(p, cu) and packed.native_backward_fits(p, cu, a, u, u)
     for change in (dict(hops=2), dict(hops=None), dict(layout="BHDL")):
         q = dataclasses.replace(p, **change)
         assert not packed.native_forward_fits(q, cu)
     q = dataclasses.replace(p, block_len=32)
-    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, u.dtype)
+    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
     assert not packed.native_forward_fits(p, np.array([0], np.int32))
+
+
+@pytest.mark.parametrize("kinds, per_head, D, want", [
+    (("bf16", "bf16"), True, 16, (2, 8)),
+    (("bf16", "bf16"), True, 64, (2, 32)),
+    (("bf16", "bf16"), True, 128, (4, 32)),
+    (("f32", "f32"), True, 16, (1, 16)),
+    (("f32", "f32"), True, 128, (4, 32)),
+    (("bf16", "f32"), True, 8, (1, 8)),
+    (("bf16", "bf16"), True, 6, None),  # 3 or 6 lanes a head: not a power of two
+    (("bf16", "bf16"), True, 256, None),  # more than 32 lanes a head even at vec 4
+    (("bf16", "bf16"), False, 3, (2, 1)),  # per channel: vectors may cross heads
+])
+def test_backward_config(kinds, per_head, D, want):
+    assert packed_walk.backward_config(*kinds, per_head, 2, D, 16) == want
+    # misaligned pointers: vec 1 only
+    got = packed_walk.backward_config(*kinds, per_head, 2, D, 16, lambda v: False)
+    assert got == (None if D > 32 or D == 6 else (1, D if per_head else 1))

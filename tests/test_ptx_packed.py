@@ -58,6 +58,7 @@ BACKWARD_CASES = [  # in, dy, per_head, hops, x0, vec, block_len, lph
     ("bf16", "bf16", True, 0, False, 2, 16, 8),
     ("f32", "f32", False, 1, False, 1, 16, 1),
     ("f16", "f32", True, 1, True, 1, 8, 16),
+    ("bf16", "bf16", True, 1, True, 4, 16, 32),  # head dim 128
 ]
 _STORE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
 
