@@ -17,10 +17,10 @@ mkdir -p "$dir"
 log="$dir/log.txt"
 {
   echo "=== tests $(date -u +%T)"
-  timeout 70 python3 -m pytest -q -p no:cacheprovider -n 4 -x \
+  timeout 75 python3 -m pytest -q -p no:cacheprovider -n 4 -x \
     tests/test_gpu_packed.py tests/test_kernels_packed_native.py \
     -k "native or bad_device or BLHD"
   echo "=== tests rc=$? $(date -u +%T)"
-  timeout 45 python3 benchmarks/packed_bench.py --out "$dir" --runs 10 --calls 3 --warmup 3
+  timeout 40 python3 benchmarks/packed_bench.py --out "$dir" --runs 10 --calls 3 --warmup 3
   echo "=== bench rc=$? $(date -u +%T)"
 } 2>&1 | tee "$log"
