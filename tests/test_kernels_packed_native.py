@@ -53,7 +53,7 @@ def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "FORWARD_CHUNK", chunk)
         m.setattr(packed_walk, "BACKWARD_CHUNK", chunk)
-        y = X.full(u.shape, np.nan, dtype=u.dtype)  # poisoned: the kernel writes every token
+        y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
         y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True)
         g = packed.backward(a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True)
     return to_np(y), [None if v is None else to_np(v) for v in g]
