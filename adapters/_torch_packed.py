@@ -176,6 +176,8 @@ def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_s
             raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
     if _native_route(a, u, cu, x0, hops=hops, layout=layout, per_head=per_head,
                      block_len=block_len, H=H, D=D):
+        if x0 is not None and x0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            x0 = x0.to(torch.float32)  # the kernels read x0 as float32 (the padded path: u's)
         return _swr_packed_op(a.contiguous(), u.contiguous(), cu, x0, block_len, hops, layout,
                               out_dtype)
     pos, starts, ok, Lp = _plan(cu, T, block_len)
