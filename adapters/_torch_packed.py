@@ -1,6 +1,13 @@
 """Packed variable-length sequences (``cu_seqlens``) for the torch adapter.
 
-The same padded evaluation as the front (swr_array/packed.py, which documents it): the tokens
+CUDA tensors, layout "BLHD", hops 0 or 1 (the cases swr_array/packed.py runs with its native
+kernels, numba_kernels/packed_walk.py): the custom ops ``swr_array::swr_packed`` and
+``swr_array::swr_packed_vjp`` hand the tensors to the front's packed call (zero-copy, torch's
+stream and allocator), which walks each sequence's blocks in the packed tensor itself: no padded
+image, no host read of ``cu_seqlens``, and ``torch.compile(fullgraph=True)`` sees two opaque ops
+with fake implementations. Everything else (the CPU, layout "BHDL", other hops) takes:
+
+the same padded evaluation as the front (swr_array/packed.py, which documents it): the tokens
 move into a block-aligned zero image of static length ``round_up(T + S*block_len, block_len)``
 with a carry slot (``a = 0``, ``u = x0[s]``) before every sequence, the adapter's dense ``swr``
 runs on it once and the real tokens move back. Everything is torch indexing on the tensors'
@@ -67,6 +74,85 @@ def _plan(cu: Tensor, T: int, block_len: int):
     return pos, starts, ok, Lp
 
 
+# ----------------------------------------------------------------------------------------------
+# the native route: custom ops over the front's packed call (CUDA, BLHD, hops 0/1)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("swr_array::swr_packed", mutates_args=())
+def _swr_packed_op(a: Tensor, u: Tensor, cu: Tensor, x0: Tensor | None, block_len: int,
+                   hops: int, layout: str, out_dtype: torch.dtype | None) -> Tensor:
+    """y from torch's allocator, written by the front's packed call (``out=``)."""
+    from . import torch as _ta
+
+    y = torch.empty(u.shape, dtype=u.dtype if out_dtype is None else out_dtype, device=u.device)
+    with _ta._front_context(u.device):
+        yf = _ta._to_front(y)
+        _ta._front.swr(_ta._to_front(a), _ta._to_front(u), block_len=block_len, hops=hops,
+                       layout=layout, x0=_ta._to_front(x0), cu_seqlens=_ta._to_front(cu),
+                       out_dtype=None if out_dtype is None or out_dtype == u.dtype else yf.dtype,
+                       out=yf)
+    return y
+
+
+@_swr_packed_op.register_fake
+def _swr_packed_fake(a, u, cu, x0, block_len, hops, layout, out_dtype):
+    return u.new_empty(u.shape, dtype=out_dtype or u.dtype)
+
+
+@torch.library.custom_op("swr_array::swr_packed_vjp", mutates_args=())
+def _swr_packed_vjp_op(a: Tensor, u: Tensor, dy: Tensor, cu: Tensor, x0: Tensor | None,
+                       block_len: int, hops: int, layout: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(da, du, dx0) of the front's packed gradient; dx0 (float32 there) in x0's dtype, an empty
+    tensor without x0 (custom ops return no None)."""
+    from . import torch as _ta
+
+    with _ta._front_context(u.device):
+        da, du, dx0 = _ta._front.swr_vjp(
+            _ta._to_front(a), _ta._to_front(u), _ta._to_front(dy), block_len=block_len,
+            hops=hops, layout=layout, x0=_ta._to_front(x0), cu_seqlens=_ta._to_front(cu))
+        da = _ta._from_front(da, u.device)
+        du = _ta._from_front(du, u.device)
+        dx0 = u.new_empty(0) if x0 is None else _ta._from_front(dx0, u.device).to(x0.dtype)
+    return da, du, dx0
+
+
+@_swr_packed_vjp_op.register_fake
+def _swr_packed_vjp_fake(a, u, dy, cu, x0, block_len, hops, layout):
+    dx0 = u.new_empty(0) if x0 is None else x0.new_empty(x0.shape)
+    return a.new_empty(a.shape), u.new_empty(u.shape), dx0
+
+
+def _packed_setup_context(ctx, inputs, output):
+    a, u, cu, x0, block_len, hops, layout, _ = inputs
+    ctx.save_for_backward(a, u, cu, x0)
+    ctx.config = (block_len, hops, layout)
+
+
+def _packed_backward(ctx, dy):
+    a, u, cu, x0 = ctx.saved_tensors
+    da, du, dx0 = torch.ops.swr_array.swr_packed_vjp.default(a, u, dy.contiguous(), cu, x0,
+                                                             *ctx.config)
+    return da, du, None, (dx0 if x0 is not None else None), None, None, None, None
+
+
+_swr_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+def _native_route(a, u, cu, x0, *, hops, layout, per_head, block_len, H, D) -> bool:
+    """The custom ops take CUDA tensors in layout "BLHD" with hops 0 or 1 where the front's
+    native kernels run forward and backward (``packed_walk.backward_config``; the front still
+    takes the padded image for pointers too misaligned for every channel vector)."""
+    if u.device.type != "cuda" or layout != "BLHD" or hops not in (0, 1) or cu.shape[0] < 2:
+        return False
+    if u.shape[1] == 0 or u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    from swr_array.numba_kernels import packed_walk
+
+    kind = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[u.dtype]
+    return packed_walk.backward_config(kind, kind, per_head, H, D, block_len) is not None
+
+
 def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_swr):
     """``swr(a, u, ..., cu_seqlens=cu)``; ``swr`` is the adapter's dense function."""
     block_len, hops, layout, per_head = check_swr(
@@ -88,6 +174,12 @@ def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_s
                              "device")
         if not x0.is_floating_point():
             raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
+    if _native_route(a, u, cu, x0, hops=hops, layout=layout, per_head=per_head,
+                     block_len=block_len, H=H, D=D):
+        if x0 is not None and x0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            x0 = x0.to(torch.float32)  # the kernels read x0 as float32 (the padded path: u's)
+        return _swr_packed_op(a.contiguous(), u.contiguous(), cu, x0, block_len, hops, layout,
+                              out_dtype)
     pos, starts, ok, Lp = _plan(cu, T, block_len)
     dt = u.dtype
     if x0 is not None and dt in (torch.float16, torch.bfloat16):

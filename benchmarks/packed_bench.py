@@ -1,8 +1,9 @@
 """Packed sequences benchmark: ``swr(..., cu_seqlens=cu)`` forward+backward against the dense
 call on the same total tokens, in the same process.
 
-    python benchmarks/packed_bench.py --out DIR [--tokens 32768] [--heads 16] [--head-dim 16]
+    python benchmarks/packed_bench.py --out DIR [--tokens 32768] [--heads 128] [--head-dim 16]
                                       [--docs 16,1000] [--runs 20] [--calls 3] [--warmup 3]
+                                      [--check-tokens 4096]
 
 For each layout ("BLHD", "BHDL") and each document count (16 documents of random lengths and
 1000 documents by default; lengths drawn uniformly, summing to ``--tokens``), bfloat16,
@@ -10,7 +11,10 @@ per-head coefficients, block_len 16, hops 1, on CuPy arrays through the front:
 - dense: ``swr(a, u)`` + ``swr_vjp(a, u, dy)`` on (1, T) with no cu_seqlens;
 - packed: the same with ``cu_seqlens`` (a device array), with and without ``x0``;
 - the ratio packed / dense (the target is 1.1x).
-Each packed result is also checked against the per-sequence float64 reference (max error).
+The defaults are the project's headline width, 128 heads x 16 = 2048 channels. Each row says
+which packed path ran ("native": numba_kernels/packed_walk.py, BLHD hops 0/1; "padded": the
+padded image) and checks the packed output of the sequences inside the first
+``--check-tokens`` tokens against the per-sequence float64 reference (max relative error).
 
 Times: CUDA events around ``--calls`` back-to-back calls (forward then backward), after
 ``--warmup`` calls; the median over ``--runs`` runs of the per-call time. Writes
@@ -57,12 +61,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for packed_bench.json")
     ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--docs", default="16,1000")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--check-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -70,7 +75,8 @@ def main(argv=None):
     import numpy as np
 
     import swr_array as sa
-    from swr_array import reference
+    from swr_array import _checks, reference
+    from swr_array import packed as packed_mod
     from swr_array.ops import from_time_last, to_time_last
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
@@ -109,11 +115,18 @@ def main(argv=None):
             t_x0 = gpu_time(lambda p=packed, x=cx0: p(x), runs=args.runs, calls=args.calls,
                             warmup=args.warmup)
             y = sa.swr(ca, cu_, cu_seqlens=ccu, x0=cx0, **kw).get().astype(np.float64)
+            k = max(1, int(np.searchsorted(cu, args.check_tokens, side="right")) - 1)
+            n = int(cu[k])  # the first k sequences, whole
+            sl = (slice(None), slice(0, n)) if layout == "BLHD" else (Ellipsis, slice(0, n))
             want = from_time_last(reference.swr_packed(
-                to_time_last(a, layout, True), to_time_last(u, layout, False), cu,
-                block_len=16, hops=1, x0=x0), layout)
-            err = float(np.abs(y - want).max() / (np.abs(want).max() + 1e-30))
-            row = {"layout": layout, "docs": n_docs, "dense_fwd_bwd_ms": t_dense,
+                to_time_last(a[sl], layout, True), to_time_last(u[sl], layout, False),
+                cu[:k + 1], block_len=16, hops=1, x0=x0[:k]), layout)
+            err = float(np.abs(y[sl] - want).max() / (np.abs(want).max() + 1e-30))
+            p = _checks.check_swr(ca, cu_, block_len=16, hops=1, layout=layout)
+            native = (packed_mod.native_forward_fits(p, ccu)
+                      and packed_mod.native_backward_fits(p, ccu, ca, cu_, cdy))
+            path = "native" if native else "padded"
+            row = {"layout": layout, "docs": n_docs, "path": path, "dense_fwd_bwd_ms": t_dense,
                    "packed_fwd_bwd_ms": t_packed, "packed_x0_fwd_bwd_ms": t_x0,
                    "ratio": t_packed / t_dense, "ratio_x0": t_x0 / t_dense,
                    "max_rel_err_vs_reference": err}
@@ -123,10 +136,10 @@ def main(argv=None):
     with open(os.path.join(args.out, "packed_bench.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{name}, {T} tokens, H={H}, D={D}, bfloat16, block_len 16, hops 1 (fwd+bwd, ms)\n")
-    print("| layout | docs | dense | packed | ratio | packed + x0 | ratio | max rel err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layout | docs | path | dense | packed | ratio | packed + x0 | ratio | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['layout']} | {r['docs']} | {r['dense_fwd_bwd_ms']:.3f} | "
+        print(f"| {r['layout']} | {r['docs']} | {r['path']} | {r['dense_fwd_bwd_ms']:.3f} | "
               f"{r['packed_fwd_bwd_ms']:.3f} | {r['ratio']:.2f}x | {r['packed_x0_fwd_bwd_ms']:.3f}"
               f" | {r['ratio_x0']:.2f}x | {r['max_rel_err_vs_reference']:.1e} |")
 

@@ -33,3 +33,7 @@ __all__ = [
     "swr_step",
     "walk_plan",
 ]
+
+from . import packed_walk  # noqa: E402  (native packed kernels, swr_array/packed.py)
+
+__all__ += ["packed_walk"]

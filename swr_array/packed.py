@@ -1,4 +1,11 @@
-"""Packed variable-length sequences (``cu_seqlens``): checks and the padded evaluation.
+"""Packed variable-length sequences (``cu_seqlens``): checks, the native and the padded evaluation.
+
+Native (the GPU path, layout "BLHD", hops 0 and 1, :func:`native_forward_fits` /
+:func:`native_backward_fits`): the kernels of numba_kernels/packed_walk.py walk each sequence's
+blocks in the packed array itself, one launch for all sequences after a one-block check of
+``cu`` (no padded image, no token moves, no host read of ``cu``; an invalid ``cu`` gives NaN in
+every output). Sequences exchange no values, non-finite ones included. ``return_state`` keeps
+its per-sequence host loop (below). Everything else takes the padded evaluation.
 
 A packed batch has B == 1 and ``T`` tokens of ``S`` sequences back to back, sequence s holding
 tokens ``cu[s]:cu[s+1]``. Each sequence is its own recurrence (docs/spec.md, packed sequences):
@@ -241,6 +248,8 @@ def forward(a, u, p, cu, *, x0, out=None, device: bool | None = None):
     arrays (tests).
     """
     device = p.backend == "cupy" if device is None else device
+    if device and native_forward_fits(p, cu):
+        return _native_forward(a, u, p, cu, x0, out)
     img = _padded_inputs(a, u, p, cu, x0, device)
     pos, ap, up = img.pos, img.a, img.u
     pp = dataclasses.replace(p, N=img.Lp, dtype=img.dtype)
@@ -259,6 +268,8 @@ def backward(a, u, dy, p, cu, *, x0, device: bool | None = None):
     """``(da, du, dx0)`` of a checked packed call; dx0 ``(S, H, D)`` float32 on the GPU path
     (float64 on NumPy), None without x0."""
     device = p.backend == "cupy" if device is None else device
+    if device and native_backward_fits(p, cu, a, u, dy):
+        return _native_backward(a, u, dy, p, cu, x0)
     xp = _xp(u, device)
     img = _padded_inputs(a, u, p, cu, x0, device)
     S, Lp, pos, starts, dt, ap, up = img.S, img.Lp, img.pos, img.starts, img.dtype, img.a, img.u
@@ -279,6 +290,81 @@ def backward(a, u, dy, p, cu, *, x0, device: bool | None = None):
             dx0 = xp.ascontiguousarray(_carry_slots(dup, starts, p), dtype=f)
         else:
             dx0 = xp.zeros((0, p.H, p.D), f)
+    return da, du, dx0
+
+
+# ----------------------------------------------------------------------------------------------
+# the native path: kernels that walk each sequence's blocks in the packed array itself
+# ----------------------------------------------------------------------------------------------
+
+
+def native_forward_fits(p, cu) -> bool:
+    """The native forward (numba_kernels/packed_walk.py) runs for layout "BLHD", hops 0 and 1,
+    at least one token and one sequence; everything else takes the padded image."""
+    return p.layout == "BLHD" and p.hops in (0, 1) and p.N >= 1 and cu.shape[0] >= 2 \
+        and p.H * p.D >= 1
+
+
+def native_backward_fits(p, cu, a, u, dy) -> bool:
+    """As :func:`native_forward_fits`, and block_len up to ``packed_walk.BACKWARD_LMAX`` with a
+    channel vector the arrays' alignment allows and, per head, whose lanes split D into a power
+    of two up to 32 (``packed_walk.backward_plan``)."""
+    if not native_forward_fits(p, cu):
+        return False
+    from .numba_kernels import packed_walk
+
+    return packed_walk.backward_plan(a, u, dy, p.block_len) is not None
+
+
+_dummies: dict = {}
+
+
+def _native_scratch(xp, cu):
+    """(ok flag (1,) int32, a float32 (1,) dummy) on cu's device."""
+    if xp is np:
+        return np.empty(1, np.int32), np.zeros(1, np.float32)
+    dev = cu.device.id
+    dummy = _dummies.get(dev)
+    if dummy is None:
+        dummy = _dummies[dev] = xp.zeros(1, np.float32)
+    return xp.empty(1, np.int32), dummy
+
+
+def _native_forward(a, u, p, cu, x0, out):
+    from .numba_kernels import packed_walk
+
+    xp = _xp(u, True)
+    a = xp.ascontiguousarray(a)
+    u = xp.ascontiguousarray(u)
+    y = xp.empty(u.shape, dtype=p.out_dtype) if out is None else out
+    ok, dummy = _native_scratch(xp, cu)
+    x0f = None
+    if x0 is not None and p.hops == 1:
+        x0f = xp.ascontiguousarray(x0, dtype=np.float32)
+    packed_walk.check_cu(cu, p.N, ok)
+    packed_walk.forward(a, u, y, x0f, cu, ok, dummy, hops=p.hops, block_len=p.block_len)
+    return y
+
+
+def _native_backward(a, u, dy, p, cu, x0):
+    from .numba_kernels import packed_walk
+
+    xp = _xp(u, True)
+    a = xp.ascontiguousarray(a)
+    u = xp.ascontiguousarray(u)
+    dy = xp.ascontiguousarray(dy)
+    da = xp.empty(a.shape, dtype=a.dtype)
+    du = xp.empty(u.shape, dtype=u.dtype)
+    ok, dummy = _native_scratch(xp, cu)
+    S = cu.shape[0] - 1
+    dx0 = x0f = None
+    if x0 is not None:
+        dx0 = xp.zeros((S, p.H, p.D), np.float32)
+        if p.hops == 1:
+            x0f = xp.ascontiguousarray(x0, dtype=np.float32)
+    packed_walk.check_cu(cu, p.N, ok)
+    packed_walk.backward(a, u, dy, da, du, x0f, dx0, cu, ok, dummy, hops=p.hops,
+                         block_len=p.block_len)
     return da, du, dx0
 
 

@@ -1,4 +1,5 @@
-"""The packing kernels (numba_kernels/packing.py) compile to PTX for sm_80 and sm_90 for every
+"""The packing kernels (numba_kernels/packing.py) and the native packed kernels
+(numba_kernels/packed_walk.py) compile to PTX for sm_80 and sm_90 for every
 storage width they are launched with, without local memory, with the launcher's flat ABI."""
 
 from __future__ import annotations
@@ -41,3 +42,83 @@ def test_packing_kernels_compile(cc, gather):
         assert ".local" not in ptx
         # the gather has the poisoned branch (fill) and the scatter a guarded store
         assert ("setp.lt.s64" in ptx) or ("setp.gt.s64" in ptx) or ("setp.ge.s64" in ptx)
+
+
+# native packed kernels (numba_kernels/packed_walk.py): the headline specialisations (bfloat16,
+# per head, hops 0/1, 16-byte forward and 4-byte backward vectors) and the general ones
+# (vec 1, float16/float32 storage, a float32 dy, per-channel coefficients)
+FORWARD_CASES = [  # in, out, per_head, hops, x0, vec
+    ("bf16", "bf16", True, 1, True, 8),
+    ("bf16", "bf16", True, 0, False, 8),
+    ("f32", "f32", False, 1, False, 4),
+    ("f16", "f32", True, 1, True, 1),
+]
+BACKWARD_CASES = [  # in, dy, per_head, hops, x0, vec, block_len, lph
+    ("bf16", "bf16", True, 1, True, 2, 16, 8),
+    ("bf16", "bf16", True, 0, False, 2, 16, 8),
+    ("f32", "f32", False, 1, False, 1, 16, 1),
+    ("f16", "f32", True, 1, True, 1, 8, 16),
+    ("bf16", "bf16", True, 1, True, 4, 16, 32),  # head dim 128
+]
+_STORE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
+
+
+def _arr(kind):
+    from numba import types
+
+    return types.Array(getattr(types, _STORE.get(kind, kind)), 1, "C")
+
+
+def _check_ptx(ptx_by_cc, name):
+    from swr_array.numba_kernels._launch import entry_and_params
+
+    for cc, ptx in ptx_by_cc.items():
+        assert ".target sm_{}{}".format(*cc) in ptx
+        entry, _ = entry_and_params(ptx)
+        assert name in entry
+        assert ".local" not in ptx  # the per-thread arrays stay in registers (fully unrolled)
+    return ptx_by_cc[(9, 0)]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_native_forward_compiles(case):
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, ok, per_head, hops, x0, vec = case
+    kernel = packed_walk.forward_kernel(ik, ok, per_head, hops, x0, vec)
+    sig = [_arr(ik)] * 2 + [_arr(ok), _arr("float32"), _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8), "packed_forward")
+    if vec * (2 if ik != "f32" else 4) == 16:
+        assert "ld.global.v4.u32" in ptx  # one 16-byte access per step
+    assert "shfl" not in ptx
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_native_backward_compiles(case):
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, dk, per_head, hops, x0, vec, bl, lph = case
+    kernel = packed_walk.backward_kernel(ik, dk, per_head, hops, x0, vec, bl, lph)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int64"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8), "packed_backward")
+    rounds = lph.bit_length() - 1
+    assert ptx.count("shfl.sync.bfly") == bl * rounds  # the per-head da sum, once per step
+
+
+@pytest.mark.parametrize("cu_type", ["int32", "int64"])
+def test_native_check_kernel_compiles(cu_type):
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    kernel = packed_walk.check_kernel()
+    sig = [_arr(cu_type), types.int64, types.int64, _arr("int32")]
+    _check_ptx(compile_arches(kernel.py_func, sig), "packed_check_cu")

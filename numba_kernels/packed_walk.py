@@ -1,0 +1,574 @@
+"""Native packed kernels (``cu_seqlens``), layout "BLHD", hops 0 and 1: forward and backward.
+
+A packed batch holds ``T`` tokens of ``S`` sequences back to back, sequence s holding tokens
+``cu[s]:cu[s+1]``; each sequence is its own recurrence with blocks of ``block_len`` (``l``)
+aligned at its first token (docs/spec.md#packed). These kernels walk those *virtual* blocks in
+the packed array itself: no padded image, no token moves, one launch for all sequences.
+
+Work split: a thread owns ``vec`` adjacent channels (one access of ``vec`` elements per step,
+coalesced across the warp: BLHD rows are channel contiguous) and a chunk of ``chunk`` tokens,
+``[t_lo, t_lo + chunk)``. It handles every virtual block whose *first token* lies in its chunk
+(the last one may run past the chunk's end), so every token belongs to exactly one thread. The
+sequence of ``t_lo`` comes from a binary search of ``cu`` (``log2 S`` loads); after that the
+thread follows sequence boundaries as it walks (``cu[s+1]``), skipping empty sequences. A
+block is ``[bs, be)`` with ``be = min(bs + l, cu[s+1])``: a sequence's last block is partial
+(its tail beyond the valid length is neither loaded nor stored). The host sizes the grid from
+T alone (``ceil(T / chunk)`` chunks), so nothing reads ``cu`` on the host.
+
+Carry entering a block (hops=1): ``x0[s]`` (or 0) for a sequence's first block; else the
+carrier of the block before, handed on in registers from the thread's previous block, or, for
+the thread's first block, re-walked (``l`` extra reads of ``a`` and ``u`` per chunk). hops=0:
+no carry (x0 does not enter).
+
+Forward (:func:`forward_kernel`): ``y_t = w_t + g_t * S`` per block, steps in batches of
+``unroll`` loads in flight (clamped into the block).
+
+Backward (:func:`backward_kernel`), the math of docs/spec.md#gradients per virtual block j:
+``q_{j+1} = sum_{t in block j+1} g_t dy_t`` (0 for a sequence's last block) from a walk of the
+next block's ``a`` and ``dy``; a forward walk of the block keeping ``w_{t-1}``, ``g_{t-1}`` and
+``dy_t`` of each step in registers (arrays indexed by compile-time constants: ``block_len`` is
+a constant of the specialisation, at most :data:`BACKWARD_LMAX`); then the reverse sweep
+
+    lam_t = dy_t + a_{t+1} lam_{t+1},  lam_end = dy_end + q_{j+1}      (du_t = lam_t)
+    z_t   = dy_t + a_{t+1} z_{t+1},    z_end = dy_end
+    da_t  = lam_t w_{t-1} + S z_t g_{t-1}
+
+and ``dx0[s] = a_first z_first`` of the sequence's first block (hops=1 with x0). Per-head ``da``
+is summed over the head's ``lph = D / vec`` lanes with butterfly shuffles (``_ptx.head_sum``;
+the simulator launches thread blocks of one head's lanes instead).
+
+Validity of ``cu``: :func:`check_kernel` (one thread block, a loop over S) writes ``ok[0] = 1``
+when ``cu`` starts at 0, never decreases and ends at T, else 0; the walk kernels then write NaN
+to every output (``y``; ``da``, ``du`` and ``dx0``) instead of walking. ``dx0`` must be zeroed by
+the caller (empty sequences and hops=0 keep 0).
+
+Arrays are 1-D views of C-contiguous arrays (bfloat16 as uint16 bits); ``x0`` and ``dx0`` are
+float32 ``(S, H, D)``; ``cu`` int32 or int64, ``ok`` int32 of one element. Vector accesses need
+their address aligned to their size; ``vec == 1`` specialisations take any alignment.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._dtypes import ITEM_SIZE, SIMULATOR
+from ._launch import FlatArray, launch
+from ._ptx import head_sum, make_vector_load, make_vector_store
+
+__all__ = ["BACKWARD_LMAX", "backward", "backward_config", "backward_kernel", "backward_plan",
+           "check_cu", "check_kernel", "forward", "forward_config", "forward_kernel"]
+
+f32 = numba.float32
+NAN = np.float32(np.nan)
+
+BACKWARD_LMAX = 16
+"""Largest block_len of the native backward (its per-block registers grow with it)."""
+
+FORWARD_ACCESS_BYTES = 16
+BACKWARD_ACCESS_BYTES = 4
+BACKWARD_MAX_VEC = 4
+FORWARD_UNROLL = 8
+FORWARD_CHUNK = 128
+BACKWARD_CHUNK = 256
+"""Tokens per thread (forward, backward): a chunk re-walks at most one block, ``l / chunk``
+extra reads of ``a`` and ``u``; shorter chunks make more threads."""
+THREADS = 32 if SIMULATOR else 256
+CHECK_THREADS = 32 if SIMULATOR else 256
+
+_CACHE: dict = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+_device = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, inline=True)
+
+
+@_device
+def _seq_of(cu, S, t):
+    """The sequence holding token t: the largest s < S with ``cu[s] <= t`` (valid cu, t < T)."""
+    lo = numba.int64(0)
+    hi = numba.int64(S - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if numba.int64(cu[mid]) <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _check(cu, S, T, ok):
+    tx = cuda.threadIdx.x
+    bad = cuda.shared.array(1, numba.int32)
+    if tx == 0:
+        bad[0] = 0
+    cuda.syncthreads()
+    if tx == 0 and (numba.int64(cu[0]) != 0 or numba.int64(cu[S]) != T):
+        bad[0] = 1
+    s = numba.int64(tx)
+    while s < S:
+        if cu[s + 1] < cu[s]:
+            bad[0] = 1
+        s += CHECK_THREADS
+    cuda.syncthreads()
+    if tx == 0:
+        ok[0] = 1 - bad[0]
+
+
+def check_kernel():
+    """The ``@cuda.jit`` dispatcher of :func:`check_cu` (for PTX tests)."""
+    k = _CACHE.get("check")
+    if k is None:
+        _check.__name__ = _check.__qualname__ = "packed_check_cu"
+        k = _CACHE["check"] = cuda.jit(_check)
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_forward(in_kind, out_kind, per_head, hops, has_x0, vec, unroll):
+    load_u = make_vector_load(in_kind, vec)
+    aw = 1 if per_head else vec
+    load_av = make_vector_load(in_kind, aw)
+    store_y = make_vector_store(out_kind, vec)
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    u_size, a_size = unroll * vec, unroll * aw  # local array sizes must be constants
+
+    def kernel(a, u, y, x0, cu, ok, T, S, channels, head_dim, block_len, chunk, groups, nwork):
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * vec
+        t_lo = (tid // groups) * chunk
+        t_hi = min(t_lo + chunk, T)
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+        else:
+            a_stride = channels
+            a_col = c0
+        out = cuda.local.array(vec, f32)
+        if ok[0] == 0:
+            for k in range(vec):
+                out[k] = NAN
+            for t in range(t_lo, t_hi):
+                store_y(y, t * channels + c0, out, 0)
+            return
+        w = cuda.local.array(vec, f32)
+        car = cuda.local.array(vec, f32)
+        g = cuda.local.array(aw, f32)
+        ubuf = cuda.local.array(u_size, f32)
+        abuf = cuda.local.array(a_size, f32)
+
+        s = _seq_of(cu, S, t_lo)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        # the first block start at or after t_lo: in this sequence, or the next one's first token
+        bs = min(cs + (t_lo - cs + block_len - 1) // block_len * block_len, cn)
+        have_prev = False
+        while bs < t_hi:
+            if bs >= cn:  # the next sequence (empty ones are passed over one by one)
+                bs = cn
+                if bs >= t_hi:
+                    break
+                s += 1
+                cs = cn
+                cn = numba.int64(cu[s + 1])
+                have_prev = False
+                continue
+            be = min(bs + block_len, cn)
+            first = bs == cs
+            # the carry S entering the block, into car
+            if HOPS1:
+                if first:
+                    for k in range(vec):
+                        car[k] = x0[s * channels + c0 + k] if X0 else f32(0.0)
+                elif have_prev:
+                    for k in range(vec):
+                        car[k] = w[k]
+                else:  # re-walk the block before (whole: it is not a sequence's last block)
+                    for k in range(vec):
+                        w[k] = f32(0.0)
+                    for tb in range(bs - block_len, bs, unroll):
+                        for i in range(unroll):
+                            tc = min(tb + i, bs - 1)
+                            load_u(u, tc * channels + c0, ubuf, i * vec)
+                            load_av(a, tc * a_stride + a_col, abuf, i * aw)
+                        for i in range(unroll):
+                            if tb + i < bs:
+                                for k in range(vec):
+                                    w[k] = abuf[i * aw + k % aw] * w[k] + ubuf[i * vec + k]
+                    for k in range(vec):
+                        car[k] = w[k]
+            for k in range(vec):
+                w[k] = f32(0.0)
+            for q in range(aw):
+                g[q] = f32(1.0)
+            for tb in range(bs, be, unroll):
+                for i in range(unroll):
+                    tc = min(tb + i, be - 1)
+                    load_u(u, tc * channels + c0, ubuf, i * vec)
+                    load_av(a, tc * a_stride + a_col, abuf, i * aw)
+                for i in range(unroll):
+                    if tb + i < be:
+                        for k in range(vec):
+                            w[k] = abuf[i * aw + k % aw] * w[k] + ubuf[i * vec + k]
+                        for q in range(aw):
+                            g[q] = g[q] * abuf[i * aw + q]
+                        for k in range(vec):
+                            if HOPS1:
+                                out[k] = w[k] + g[k % aw] * car[k]
+                            else:
+                                out[k] = w[k]
+                        store_y(y, (tb + i) * channels + c0, out, 0)
+            have_prev = True
+            bs = be
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_forward_blhd_{in_kind}_to_{out_kind}_{'per_head' if per_head else 'per_channel'}"
+        f"_hops{hops}{'_x0' if X0 else ''}_vec{vec}_unroll{unroll}"
+    )
+    return kernel
+
+
+def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec, unroll=FORWARD_UNROLL):
+    """The ``@cuda.jit`` forward kernel of one specialisation (cached)."""
+    key = ("fwd", in_kind, out_kind, per_head, hops, bool(has_x0 and hops == 1), vec, unroll)
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_forward(in_kind, out_kind, per_head, hops,
+                                                 has_x0, vec, unroll))
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, lb, lph):
+    load_u = make_vector_load(in_kind, vec)
+    load_dy = make_vector_load(dy_kind, vec)
+    aw = 1 if per_head else vec
+    load_av = make_vector_load(in_kind, aw)
+    store_u = make_vector_store(in_kind, vec)
+    store_a = make_vector_store(in_kind, aw)
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    la_size, lv_size = lb * aw, lb * vec  # local array sizes must be constants
+
+    def kernel(a, u, dy, da, du, x0, dx0, cu, ok, T, S, channels, head_dim, block_len, chunk,
+               groups, nwork):
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * vec
+        t_lo = (tid // groups) * chunk
+        t_hi = min(t_lo + chunk, T)
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+            lead = c0 % head_dim == 0  # the lane that stores the head's da
+        else:
+            a_stride = channels
+            a_col = c0
+            lead = True
+        lane = cuda.threadIdx.x % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        ov = cuda.local.array(vec, f32)
+        oa = cuda.local.array(aw, f32)
+        if ok[0] == 0:
+            for k in range(vec):
+                ov[k] = NAN
+            for q in range(aw):
+                oa[q] = NAN
+            for t in range(t_lo, t_hi):
+                store_u(du, t * channels + c0, ov, 0)
+                if lead:
+                    store_a(da, t * a_stride + a_col, oa, 0)
+            if X0 and t_lo == 0:
+                for s in range(S):
+                    for k in range(vec):
+                        dx0[s * channels + c0 + k] = NAN
+            return
+        w = cuda.local.array(vec, f32)
+        car = cuda.local.array(vec, f32)
+        g = cuda.local.array(aw, f32)
+        q = cuda.local.array(vec, f32)
+        lam = cuda.local.array(vec, f32)
+        zz = cuda.local.array(vec, f32)
+        an = cuda.local.array(aw, f32)
+        ab = cuda.local.array(la_size, f32)
+        wp = cuda.local.array(lv_size, f32)
+        gp = cuda.local.array(la_size, f32)
+        db = cuda.local.array(lv_size, f32)
+        ub = cuda.local.array(lv_size, f32)
+
+        s = _seq_of(cu, S, t_lo)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        # the first block start at or after t_lo: in this sequence, or the next one's first token
+        bs = min(cs + (t_lo - cs + block_len - 1) // block_len * block_len, cn)
+        have_prev = False
+        while bs < t_hi:
+            if bs >= cn:
+                bs = cn
+                if bs >= t_hi:
+                    break
+                s += 1
+                cs = cn
+                cn = numba.int64(cu[s + 1])
+                have_prev = False
+                continue
+            be = min(bs + block_len, cn)
+            n = be - bs
+            first = bs == cs
+            if HOPS1:
+                # S entering the block
+                if first:
+                    for k in range(vec):
+                        car[k] = x0[s * channels + c0 + k] if X0 else f32(0.0)
+                elif have_prev:
+                    for k in range(vec):
+                        car[k] = w[k]
+                else:
+                    p0 = bs - block_len
+                    for i in range(lb):
+                        load_u(u, (p0 + i) * channels + c0, ub, i * vec)
+                        load_av(a, (p0 + i) * a_stride + a_col, ab, i * aw)
+                    for k in range(vec):
+                        w[k] = f32(0.0)
+                    for i in range(lb):
+                        for k in range(vec):
+                            w[k] = ab[i * aw + k % aw] * w[k] + ub[i * vec + k]
+                    for k in range(vec):
+                        car[k] = w[k]
+                # q of the next block of the sequence (0 after its last block)
+                for k in range(vec):
+                    q[k] = f32(0.0)
+                if be < cn:
+                    m = min(be + block_len, cn) - be
+                    for i in range(lb):
+                        tc = be + min(i, m - 1)
+                        load_dy(dy, tc * channels + c0, db, i * vec)
+                        load_av(a, tc * a_stride + a_col, ab, i * aw)
+                    for qq in range(aw):
+                        g[qq] = f32(1.0)
+                    for i in range(lb):
+                        if i < m:
+                            for qq in range(aw):
+                                g[qq] = g[qq] * ab[i * aw + qq]
+                            for k in range(vec):
+                                q[k] += g[k % aw] * db[i * vec + k]
+            # the block: loads (clamped into it), then the forward states before each step
+            for i in range(lb):
+                tc = bs + min(i, n - 1)
+                load_u(u, tc * channels + c0, ub, i * vec)
+                load_dy(dy, tc * channels + c0, db, i * vec)
+                load_av(a, tc * a_stride + a_col, ab, i * aw)
+            for k in range(vec):
+                w[k] = f32(0.0)
+            for qq in range(aw):
+                g[qq] = f32(1.0)
+            for i in range(lb):
+                if i < n:
+                    for k in range(vec):
+                        wp[i * vec + k] = w[k]
+                        w[k] = ab[i * aw + k % aw] * w[k] + ub[i * vec + k]
+                    for qq in range(aw):
+                        gp[i * aw + qq] = g[qq]
+                        g[qq] = g[qq] * ab[i * aw + qq]
+            # reverse sweep
+            for k in range(vec):
+                lam[k] = q[k] if HOPS1 else f32(0.0)
+                zz[k] = f32(0.0)
+            for qq in range(aw):
+                an[qq] = f32(1.0)
+            for r in range(lb):
+                i = lb - 1 - r
+                if i < n:
+                    pa = f32(0.0)
+                    for qq in range(aw):
+                        oa[qq] = f32(0.0)
+                    for k in range(vec):
+                        lam[k] = db[i * vec + k] + an[k % aw] * lam[k]
+                        ov[k] = lam[k]
+                        d = lam[k] * wp[i * vec + k]
+                        if HOPS1:
+                            zz[k] = db[i * vec + k] + an[k % aw] * zz[k]
+                            d += car[k] * zz[k] * gp[i * aw + k % aw]
+                        if per_head:
+                            pa += d
+                        else:
+                            oa[k] = d
+                    t = bs + i
+                    store_u(du, t * channels + c0, ov, 0)
+                    if per_head:
+                        pa = head_sum(pa, lph, mask)
+                        oa[0] = pa
+                    if lead:
+                        store_a(da, t * a_stride + a_col, oa, 0)
+                    for qq in range(aw):
+                        an[qq] = ab[i * aw + qq]
+            if X0 and first:
+                for k in range(vec):
+                    dx0[s * channels + c0 + k] = an[k % aw] * zz[k]
+            have_prev = True
+            bs = be
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_backward_blhd_{in_kind}_dy_{dy_kind}_{'per_head' if per_head else 'per_channel'}"
+        f"_hops{hops}{'_x0' if X0 else ''}_vec{vec}_l{lb}_lph{lph}"
+    )
+    return kernel
+
+
+def backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, lb, lph):
+    """The ``@cuda.jit`` backward kernel of one specialisation (cached)."""
+    key = ("bwd", in_kind, dy_kind, per_head, hops, bool(has_x0 and hops == 1), vec, lb, lph)
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_backward(in_kind, dy_kind, per_head, hops, has_x0,
+                                                  vec, lb, lph))
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+
+_KINDS = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
+
+
+def _flat(x):
+    if SIMULATOR or isinstance(x, np.ndarray):
+        y = x.reshape(-1)
+        return y.view(np.uint16) if y.dtype.name == "bfloat16" else y
+    return FlatArray.of(x)
+
+
+def _kind(x):
+    return _KINDS[np.dtype(_flat_dtype(x.dtype))]
+
+
+def _flat_dtype(dtype):
+    return np.dtype(np.uint16) if np.dtype(dtype).name == "bfloat16" or \
+        np.dtype(dtype).str in ("<V2", "|V2") else np.dtype(dtype)
+
+
+def _aligned(x, nbytes):
+    if SIMULATOR or isinstance(x, np.ndarray) or nbytes <= 1:
+        return True
+    return FlatArray.of(x).ptr % nbytes == 0
+
+
+def forward_config(in_kind, out_kind, per_head, H, D):
+    """The widest channel vector of the forward for these kinds and shapes (pointers aside)."""
+    vec = max(1, FORWARD_ACCESS_BYTES // ITEM_SIZE[in_kind])
+    if (H * D) % vec or (per_head and D % vec):
+        return 1
+    return vec
+
+
+def backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned=None):
+    """``(vec, lph)`` of the native backward, or None where it does not run: block_len above
+    :data:`BACKWARD_LMAX`, or (per head) no channel vector of at most :data:`BACKWARD_MAX_VEC`
+    that splits D into a power of two of lanes up to 32. ``aligned(vec)``: whether the arrays
+    allow accesses of ``vec`` elements (None: any); the smallest fitting vector wins (fewest
+    registers), vec 1 last."""
+    if block_len > BACKWARD_LMAX:
+        return None
+    base = max(1, BACKWARD_ACCESS_BYTES // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind]))
+    cands = [v for v in (base, 2 * base, 4 * base) if v <= BACKWARD_MAX_VEC]
+    if 1 not in cands:
+        cands.append(1)
+    for v in cands:
+        if (H * D) % v or (aligned is not None and v > 1 and not aligned(v)):
+            continue
+        if not per_head:
+            return v, 1
+        if D % v:
+            continue
+        lph = D // v
+        if lph & (lph - 1) == 0 and lph <= 32:
+            return v, lph
+    return None
+
+
+def backward_plan(a, u, dy, block_len):
+    """:func:`backward_config` for these arrays (their kinds, shapes and pointer alignment; the
+    gradients are fresh allocations)."""
+    _, _, H, D = u.shape
+    per_head = a.ndim == 3
+    in_kind, dy_kind = _kind(u), _kind(dy)
+
+    def aligned(v):
+        nb = v * ITEM_SIZE[in_kind]
+        return (_aligned(u, nb) and _aligned(dy, v * ITEM_SIZE[dy_kind])
+                and (per_head or _aligned(a, nb)))
+
+    return backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
+
+
+def check_cu(cu, T, ok, *, stream=None):
+    """``ok[0] = 1`` if ``cu`` (S + 1 entries) starts at 0, never decreases and ends at T, else
+    0; one thread block, nothing read by the host."""
+    S = cu.shape[0] - 1
+    launch(check_kernel(), 1, CHECK_THREADS, (_flat(cu), np.int64(S), np.int64(T), _flat(ok)),
+           stream)
+
+
+def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, stream=None):
+    """``y`` of the packed problem (BLHD, B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
+    ``(S, H, D)`` or None; ``ok`` from :func:`check_cu` (same stream); ``dummy`` a float32 array
+    of one element (passed where x0 is not read)."""
+    _, T, H, D = u.shape
+    per_head = a.ndim == 3
+    in_kind, out_kind = _kind(u), _kind(y)
+    vec = forward_config(in_kind, out_kind, per_head, H, D)
+    if vec > 1:
+        if not (_aligned(u, vec * ITEM_SIZE[in_kind]) and _aligned(y, min(16, vec * ITEM_SIZE[
+                out_kind])) and (per_head or _aligned(a, vec * ITEM_SIZE[in_kind]))):
+            vec = 1
+    S = cu.shape[0] - 1
+    has_x0 = x0 is not None and hops == 1
+    kernel = forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec)
+    groups = H * D // vec
+    chunk = FORWARD_CHUNK
+    nwork = groups * (-(-T // chunk))
+    args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu), _flat(ok),
+            np.int64(T), np.int64(S), np.int64(H * D), np.int64(D), np.int64(block_len),
+            np.int64(chunk), np.int64(groups), np.int64(nwork))
+    launch(kernel, -(-nwork // THREADS), THREADS, args, stream)
+
+
+def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, stream=None):
+    """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
+    hops=1) of the packed problem; :func:`backward_plan` must not be None."""
+    _, T, H, D = u.shape
+    per_head = a.ndim == 3
+    in_kind, dy_kind = _kind(u), _kind(dy)
+    vec, lph = backward_plan(a, u, dy, block_len)
+    S = cu.shape[0] - 1
+    has_x0 = x0 is not None and hops == 1
+    kernel = backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)
+    groups = H * D // vec
+    chunk = BACKWARD_CHUNK
+    nwork = groups * (-(-T // chunk))
+    tpb = lph if SIMULATOR else THREADS
+    x_arg = x0 if has_x0 else dummy
+    dx_arg = dx0 if has_x0 else dummy
+    args = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
+            _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
+            np.int64(block_len), np.int64(chunk), np.int64(groups), np.int64(nwork))
+    launch(kernel, -(-nwork // tpb), tpb, args, stream)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Native packed kernels (issue #18), on the GPU machine, within ~120 s:
+#   source scripts/device_env.sh && bash scripts/gpu_packed2.sh
+# 1. the packed GPU tests that reach the native BLHD kernels (tests/test_gpu_packed.py: the
+#    poisoned native cases, native against the padded image at 32768 tokens x 2048 channels,
+#    the CuPy front's BLHD cases and the invalid-cu case) and the native simulator tests run
+#    on the GPU (tests/test_kernels_packed_native.py);
+# 2. benchmarks/packed_bench.py at 32768 tokens, 128 heads x 16 (2048 channels), bfloat16,
+#    block_len 16, hops 1, both layouts, 16 and 1000 documents, the dense call in the same run
+#    (medians of CUDA-event times; the device name is in the JSON and the table).
+# Writes $OUT/packed2/log.txt (everything printed, the Markdown table last) and
+# $OUT/packed2/packed_bench.json.
+set -u
+export PYTHONUNBUFFERED=1
+dir="${OUT:-$PWD/gpu_logs}/packed2"
+mkdir -p "$dir"
+log="$dir/log.txt"
+{
+  echo "=== tests $(date -u +%T)"
+  timeout 75 python3 -m pytest -q -p no:cacheprovider -n 4 -x \
+    tests/test_gpu_packed.py tests/test_kernels_packed_native.py \
+    -k "native or bad_device or BLHD"
+  echo "=== tests rc=$? $(date -u +%T)"
+  timeout 40 python3 benchmarks/packed_bench.py --out "$dir" --runs 10 --calls 3 --warmup 3
+  echo "=== bench rc=$? $(date -u +%T)"
+} 2>&1 | tee "$log"

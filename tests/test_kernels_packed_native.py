@@ -1,0 +1,190 @@
+"""The native packed kernels (numba_kernels/packed_walk.py: BLHD, hops 0/1, no padded image)
+through swr_array/packed.py's GPU path, with NumPy arrays under the CUDA simulator or CuPy
+arrays on a GPU, against the per-sequence float64 reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+from conftest import gpu_available
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swr_array import _checks, numba_kernels, packed, reference
+from swr_array.ops import from_time_last, to_time_last
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+pytestmark = pytest.mark.skipif(not (SIM or gpu_available()),
+                                reason="needs the CUDA simulator or a GPU")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+packed_walk = numba_kernels.packed_walk
+
+
+def xp():
+    if SIM:
+        return np
+    import cupy
+
+    return cupy
+
+
+def to_np(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def _no_image(*args, **kwargs):
+    raise AssertionError("the padded image was built: the native path did not run")
+
+
+def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
+    """Forward and backward through the native kernels (the padded path is made to fail)."""
+    X = xp()
+    a_d, u_d, dy_d, cu_d = (X.asarray(v) for v in (a, u, dy, cu))
+    x0_d = None if x0 is None else X.asarray(x0)
+    p = _checks.check_swr(a_d, u_d, block_len=block_len, hops=hops, layout="BLHD")
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    with monkeypatch.context() as m:
+        m.setattr(packed, "_padded_inputs", _no_image)
+        m.setattr(packed_walk, "FORWARD_CHUNK", chunk)
+        m.setattr(packed_walk, "BACKWARD_CHUNK", chunk)
+        y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
+        y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True)
+        g = packed.backward(a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True)
+    return to_np(y), [None if v is None else to_np(v) for v in g]
+
+
+def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
+                            monkeypatch):
+    rng = np.random.default_rng(seed)
+    S = len(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1])
+    us = (1, T, H, D)
+    a_s = (1, T, H) if per_head else us
+    a = rng.uniform(-1.05, 1.05, a_s).astype(np.float32).astype(dtype)
+    u = rng.standard_normal(us).astype(np.float32).astype(dtype)
+    dy = rng.standard_normal(us).astype(np.float32).astype(dtype)
+    x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
+    y, (da, du, dx0) = run_native(a, u, dy, cu, block_len=bl, hops=hops, x0=x0, chunk=chunk,
+                                  monkeypatch=monkeypatch)
+    at, ut = to_time_last(a, "BLHD", per_head), to_time_last(u, "BLHD", False)
+    yr = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0), "BLHD")
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, "BLHD", False), cu,
+                                              block_len=bl, hops=hops, x0=x0)
+    if per_head:
+        rda = rda.sum(axis=2, keepdims=True)
+    rda, rdu = from_time_last(rda, "BLHD", per_head), from_time_last(rdu, "BLHD")
+    tol = 1e-4 if dtype == np.float32 else 4e-2
+    assert y.dtype == dtype and da.dtype == dtype and du.dtype == dtype
+    for got, want in ((y, yr), (da, rda), (du, rdu)):
+        got = got.astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * (1 + np.abs(want).max()))
+    if with_x0:
+        assert dx0.shape == (S, H, D) and dx0.dtype == np.float32
+        np.testing.assert_allclose(dx0, rdx0, rtol=tol, atol=tol * (1 + np.abs(rdx0).max()))
+    else:
+        assert dx0 is None
+
+
+@settings(max_examples=12 if SIM else 100, deadline=None)
+@given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
+       bl=st.sampled_from([1, 4, 8, 16]), hops=st.sampled_from([0, 1]),
+       per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([3, 8, 64]))
+def test_native_matches_reference_for_any_lengths(lens, bl, hops, per_head, with_x0, chunk):
+    """Lengths 0, 1, below, at and above block_len, chunks that cut blocks and sequences."""
+    seed = zlib.crc32(repr((lens, bl, hops, per_head, with_x0, chunk)).encode())
+    with pytest.MonkeyPatch.context() as mp:
+        check_against_reference(lens, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
+                                with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed,
+                                monkeypatch=mp)
+
+
+VECTOR_CASES = [  # per_head, hops, x0, dtype, H, D: channel vectors wider than one
+    (True, 1, True, np.float32, 2, 4),  # forward vec 4 (16 bytes)
+    (True, 1, True, BF16, 2, 8),  # forward vec 8, backward vec 2 (lph 4)
+    (False, 1, False, BF16, 1, 8),  # per channel, vectors of a too
+    (True, 0, True, BF16, 1, 16),  # hops 0: x0 does not enter, dx0 = 0
+]
+
+
+@pytest.mark.parametrize("per_head, hops, with_x0, dtype, H, D", VECTOR_CASES)
+def test_native_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, H, D):
+    lens = [5, 0, 1, 9, 8, 3]
+    seed = int(rng.integers(1 << 30))
+    check_against_reference(lens, per_head=per_head, H=H, D=D, bl=4, hops=hops,
+                            with_x0=with_x0, dtype=dtype, chunk=5, seed=seed,
+                            monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("lens, bl, chunk", [
+    ([4, 1], 8, 3),  # the chunk [3, 5) holds no block of sequence 0, only sequence 1's start
+    ([0, 2, 0, 0, 9, 1], 4, 5),
+    ([17, 16, 15], 16, 16),
+])
+def test_native_chunks_starting_inside_blocks(rng, monkeypatch, lens, bl, chunk):
+    for hops in (0, 1):
+        check_against_reference(lens, per_head=False, H=2, D=2, bl=bl, hops=hops, with_x0=True,
+                                dtype=np.float32, chunk=chunk, seed=int(rng.integers(1 << 30)),
+                                monkeypatch=monkeypatch)
+
+
+def test_native_many_tiny_sequences(rng, monkeypatch):
+    """Many sequences of 0..2 tokens: every thread walks across several sequence starts."""
+    lens = list(rng.integers(0, 3, 40))
+    lens[0] = 1
+    check_against_reference(lens, per_head=True, H=1, D=2, bl=4, hops=1, with_x0=True,
+                            dtype=np.float32, chunk=7, seed=int(rng.integers(1 << 30)),
+                            monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("bad", [[0, 5, 3, 9], [1, 4, 6, 9], [0, 4, 6, 8]])
+def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
+    """A device cu that decreases, does not start at 0 or does not end at T gives NaN in y, da,
+    du and dx0 (its values are not read by the host)."""
+    cu = np.array(bad, np.int64)
+    a = rng.uniform(-1, 1, (1, 9, 2)).astype(np.float32)
+    u = rng.standard_normal((1, 9, 2, 2)).astype(np.float32)
+    x0 = rng.standard_normal((3, 2, 2)).astype(np.float32)
+    y, (da, du, dx0) = run_native(a, u, u, cu, block_len=4, hops=1, x0=x0, chunk=4,
+                                  monkeypatch=monkeypatch)
+    for v in (y, da, du, dx0):
+        assert np.isnan(v).all()
+
+
+def test_native_fits_only_blhd_hops_0_1():
+    """Other layouts and hops keep the padded image; the backward also needs block_len <= 16."""
+    u = np.zeros((1, 4, 2, 2), np.float32)
+    a = np.zeros((1, 4, 2), np.float32)
+    cu = np.array([0, 4], np.int32)
+    p = _checks.check_swr(a, u, block_len=4, hops=1, layout="BLHD")
+    assert packed.native_forward_fits(p, cu) and packed.native_backward_fits(p, cu, a, u, u)
+    for change in (dict(hops=2), dict(hops=None), dict(layout="BHDL")):
+        q = dataclasses.replace(p, **change)
+        assert not packed.native_forward_fits(q, cu)
+    q = dataclasses.replace(p, block_len=32)
+    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
+    assert not packed.native_forward_fits(p, np.array([0], np.int32))
+
+
+@pytest.mark.parametrize("kinds, per_head, D, want", [
+    (("bf16", "bf16"), True, 16, (2, 8)),
+    (("bf16", "bf16"), True, 64, (2, 32)),
+    (("bf16", "bf16"), True, 128, (4, 32)),
+    (("f32", "f32"), True, 16, (1, 16)),
+    (("f32", "f32"), True, 128, (4, 32)),
+    (("bf16", "f32"), True, 8, (1, 8)),
+    (("bf16", "bf16"), True, 6, None),  # 3 or 6 lanes a head: not a power of two
+    (("bf16", "bf16"), True, 256, None),  # more than 32 lanes a head even at vec 4
+    (("bf16", "bf16"), False, 3, (2, 1)),  # per channel: vectors may cross heads
+])
+def test_backward_config(kinds, per_head, D, want):
+    assert packed_walk.backward_config(*kinds, per_head, 2, D, 16) == want
+    # misaligned pointers: vec 1 only
+    got = packed_walk.backward_config(*kinds, per_head, 2, D, 16, lambda v: False)
+    assert got == (None if D > 32 or D == 6 else (1, D if per_head else 1))
