@@ -36,6 +36,7 @@ tokens/s plot; the plot needs matplotlib and is skipped with a message without i
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -111,6 +112,9 @@ def bench_row(gen, name, context, args, spear_cls, log):
 
     cuda = args.device.startswith("cuda")
     batch = args.tokens // context
+    gc.collect()  # the previous row's model and optimizer
+    if cuda:
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     with torch.device(args.device):
         model = build_model(gen, name, context, args, spear_cls)
@@ -151,9 +155,6 @@ def bench_row(gen, name, context, args, spear_cls, log):
     r = {"model": name, "context": context, "batch": batch, "params": n_params,
          "step_ms": ms, "step_ms_all": times, "tokens_per_s": batch * context / (ms * 1e-3),
          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
-    del model, opt, tokens, inputs, targets
-    if cuda:
-        torch.cuda.empty_cache()
     peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
     log(f"  {name:20s} {context:6d} x batch {batch:3d}: {ms:8.1f} ms/step, "
         f"{r['tokens_per_s']:9.0f} tokens/s, peak {peak}")
@@ -191,37 +192,43 @@ def run(args, log):
     }  # fmt: skip
     log(f"device: {results['device']}; {args.layers} layers x dim {args.dim}, {args.dtype}, "
         f"{args.tokens} tokens per step")
-    spear_cls = None
-    if any(MODELS[m][1] == "spear" for m in args.models):
-        spear_cls, why = load_spear_phalanx(args.spear_build, args.spear_wait)
-        if spear_cls is None:
-            for m in args.models:
-                if MODELS[m][1] == "spear":
-                    results["skipped"][m] = why
-                    log(f"skipping {m}: spear's Phalanx layer is unavailable ({why})")
-    start = time.monotonic()
     for context in args.contexts:
         if args.tokens % context:
             raise SystemExit(f"--tokens ({args.tokens}) must be a multiple of each context")
-        for name in args.models:
-            if name in results["skipped"]:
-                continue
-            if time.monotonic() - start > args.time_budget:
-                log(f"  {name} at {context}: skipped (past --time-budget {args.time_budget} s)")
-                results["rows"].append({"model": name, "context": context,
-                                        "error": "time budget"})  # fmt: skip
-                continue
-            try:
-                results["rows"].append(bench_row(gen, name, context, args, spear_cls, log))
-            except Exception as exc:  # noqa: BLE001 - keep the other rows (OOM, a peer's error)
-                msg = f"{type(exc).__name__}: {str(exc)[:300]}"
-                log(f"  {name} at {context}: failed ({msg})")
-                results["rows"].append({"model": name, "context": context, "error": msg})
-                if cuda:
-                    torch.cuda.empty_cache()
-            if args.out:
-                with open(os.path.join(args.out, "hybrid_bench.json"), "w") as f:
-                    json.dump(results, f, indent=2)
+    start = time.monotonic()
+
+    def measure(names, spear_cls=None):
+        for context in args.contexts:
+            for name in names:
+                if time.monotonic() - start > args.time_budget:
+                    log(f"  {name} at {context}: skipped (past --time-budget "
+                        f"{args.time_budget:.0f} s)")  # fmt: skip
+                    results["rows"].append({"model": name, "context": context,
+                                            "error": "past the time budget"})  # fmt: skip
+                    continue
+                try:
+                    results["rows"].append(bench_row(gen, name, context, args, spear_cls, log))
+                except Exception as exc:  # noqa: BLE001 - keep the other rows (OOM, peer errors)
+                    msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    log(f"  {name} at {context}: failed ({msg})")
+                    results["rows"].append({"model": name, "context": context, "error": msg})
+                    if cuda:
+                        torch.cuda.empty_cache()
+                if args.out:
+                    with open(os.path.join(args.out, "hybrid_bench.json"), "w") as f:
+                        json.dump(results, f, indent=2)
+
+    measure([m for m in args.models if MODELS[m][1] == "ours"])
+    # spear's rows last: its extension may still be building (build_spear.sh in the background)
+    spear_rows = [m for m in args.models if MODELS[m][1] == "spear"]
+    if spear_rows:
+        spear_cls, why = load_spear_phalanx(args.spear_build, args.spear_wait)
+        if spear_cls is None:
+            for m in spear_rows:
+                results["skipped"][m] = why
+                log(f"skipping {m}: spear's Phalanx layer is unavailable ({why})")
+        else:
+            measure(spear_rows, spear_cls)
     results["seconds"] = time.monotonic() - start
     return results
 
@@ -325,7 +332,8 @@ def main(argv=None):
                     help="skip the remaining rows once this many seconds have passed")
     ap.add_argument("--spear-build", default=None, metavar="DIR",
                     help="benchmarks/build_spear.sh's build folder for the spear rows")
-    ap.add_argument("--spear-wait", type=float, default=0.0, metavar="S")
+    ap.add_argument("--spear-wait", type=float, default=0.0, metavar="S",
+                    help="after our rows, wait up to S seconds for that build to finish")
     args = ap.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:

@@ -88,7 +88,7 @@ def _sigmoid(x):
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_forward(kind: str, vec: int, unroll: int):
+def _make_forward(kind: str, vec: int, unroll: int, bounds=None):
     """The forward walk: a thread walks ``chunk_blocks`` consecutive blocks of its channels (and,
     with hops=1, the block before them first, storing nothing, for the chunk's first carrier).
     Each batch of ``unroll`` steps issues all its loads (VEC-wide, one access each) before any
@@ -197,8 +197,8 @@ def _make_forward(kind: str, vec: int, unroll: int):
                         cC_out[st + k] = Cp[k]
 
     phalanx_mix_forward.__name__ = phalanx_mix_forward.__qualname__ = (
-        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}")
-    return cuda.jit(phalanx_mix_forward)
+        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}{_bounds_suffix(bounds)}")
+    return _jit(phalanx_mix_forward, bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def _accessors(kind: str, vec: int, vector: bool):
     return scalar_load_loop(kind, vec), scalar_store_loop(kind, vec)
 
 
-def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
+def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
     """The backward walk.
 
     Block j's reverse sweep needs its forward states (a_t w_{t-1}, g_t), the carrier S_j (the
@@ -441,8 +441,9 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
             j -= 1
 
     phalanx_mix_backward.__name__ = phalanx_mix_backward.__qualname__ = (
-        f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}")
-    return cuda.jit(phalanx_mix_backward)
+        f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}"
+        f"{_bounds_suffix(bounds)}")
+    return _jit(phalanx_mix_backward, bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,28 +457,52 @@ TUNING = {
     "fwd_unroll": 2,
     "fwd_chunk_steps": 128,
     "fwd_threads_per_block": 256,
+    # thread blocks each SM must be able to hold (launch bounds: the compiler keeps the registers
+    # per thread at most 65536 / (threads_per_block * min_blocks)); 0: no bound
+    "fwd_min_blocks": 0,
     # backward: the same knobs
     "bwd_access_bytes": 16,
     "bwd_unroll": 4,
     "bwd_chunk_steps": 256,
     "bwd_threads_per_block": 256,
+    "bwd_min_blocks": 0,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
+
+
+def launch_bounds(direction: str):
+    """``(threads_per_block, min_blocks)`` of the current TUNING for ``direction`` ("fwd" or
+    "bwd"), or None when ``{direction}_min_blocks`` is 0: the kernels' ``launch_bounds`` (part
+    of their cache key and name)."""
+    m = int(TUNING[f"{direction}_min_blocks"])
+    return None if m <= 0 else (int(TUNING[f"{direction}_threads_per_block"]), m)
+
+
+def _bounds_suffix(bounds) -> str:
+    return "" if bounds is None else f"_lb{bounds[0]}x{bounds[1]}"
+
+
+def _jit(fn, bounds):
+    """``cuda.jit(fn)`` with ``launch_bounds=bounds`` (the simulator ignores launch bounds)."""
+    if bounds is None or SIMULATOR:
+        return cuda.jit(fn)
+    return cuda.jit(fn, launch_bounds=bounds)
+
 
 _CACHE: dict = {}
 
 
-def forward_kernel(kind: str, vec: int, unroll: int):
-    key = ("fwd", kind, vec, unroll)
+def forward_kernel(kind: str, vec: int, unroll: int, bounds=None):
+    key = ("fwd", kind, vec, unroll, bounds)
     if key not in _CACHE:
-        _CACHE[key] = _make_forward(kind, vec, unroll)
+        _CACHE[key] = _make_forward(kind, vec, unroll, bounds)
     return _CACHE[key]
 
 
-def backward_kernel(kind: str, vec: int, vector: bool, unroll: int):
-    key = ("bwd", kind, vec, vector, unroll)
+def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
+    key = ("bwd", kind, vec, vector, unroll, bounds)
     if key not in _CACHE:
-        _CACHE[key] = _make_backward(kind, vec, vector, unroll)
+        _CACHE[key] = _make_backward(kind, vec, vector, unroll, bounds)
     return _CACHE[key]
 
 
@@ -542,18 +567,19 @@ def kernel_signatures():
     (``numba.cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))``)."""
     i64, fl = types.int64, types.float32
     f1 = types.Array(fl, 1, "C")
+    fb, bb = launch_bounds("fwd"), launch_bounds("bwd")
     out = []
     for kind, el in _STORAGE.items():
         v1 = types.Array(el, 1, "C")
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
-            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"]), sig))
+            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"], fb), sig))
         bsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
         un = TUNING["bwd_unroll"]
         for vec in _widths(kind, TUNING["bwd_access_bytes"]):
             if vec > 1:
-                out.append((backward_kernel(kind, vec, True, un), bsig))
-        out.append((backward_kernel(kind, 1, False, un), bsig))
+                out.append((backward_kernel(kind, vec, True, un, bb), bsig))
+        out.append((backward_kernel(kind, 1, False, un, bb), bsig))
     return out
 
 
@@ -625,7 +651,8 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
             i64(chunk_blocks), i64(nchunks), i64(total), i64(has_carry),
             i64(state_out is not None))
     tpb = 32 if SIMULATOR else TUNING["fwd_threads_per_block"]
-    launch(forward_kernel(kind, vec, unroll), (-(-total // tpb),), (tpb,), args, stream)
+    kernel = forward_kernel(kind, vec, unroll, launch_bounds("fwd"))
+    launch(kernel, (-(-total // tpb),), (tpb,), args, stream)
 
 
 def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads, head_dim,
@@ -663,4 +690,5 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
             i64(chunk_blocks), i64(nchunks), i64(total), i64(lph))
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
-    launch(backward_kernel(kind, vec, vector, unroll), (-(-total // tpb),), (tpb,), args, stream)
+    kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"))
+    launch(kernel, (-(-total // tpb),), (tpb,), args, stream)

@@ -233,3 +233,16 @@ def test_forward_continues_a_state(hops, split):
                        g0=st[1], **carry, **c.kw)
     y = np.concatenate([host(y1).reshape(B, split, H * D), host(y2).reshape(B, L2, H * D)], 1)
     assert rel(y.reshape(B * L, H * D), full) < 1e-5
+
+
+@pytest.mark.parametrize("case", [("bf16", 2, 11, 4, 4, 4, 4, 1), ("f32", 1, 32, 3, 2, 1, 4, 1)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_launch_bounded_kernels_match_reference(case, small_tiles):
+    """The specialisations TUNING's min_blocks knobs select (launch bounds; ignored by the
+    simulator, which still runs their own factories and names) compute the same numbers."""
+    small_tiles(fwd_min_blocks=4, bwd_min_blocks=2, fwd_chunk_steps=2 * case[6],
+                bwd_chunk_steps=2 * case[6])
+    assert PF.launch_bounds("fwd") == (PF.TUNING["fwd_threads_per_block"], 4)
+    c = Case(*case, seed=_seed(case))
+    check_forward(c)
+    check_backward(c)
