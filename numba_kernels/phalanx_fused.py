@@ -83,12 +83,22 @@ def _sigmoid(x):
     return F1 / (F1 + math.exp(-x))
 
 
+if SIMULATOR:
+    _sigmoid_fast = _sigmoid
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def _sigmoid_fast(x):
+        """sigmoid with libdevice's approximate exp and division (a few ulp off _sigmoid)."""
+        return cuda.libdevice.fast_fdividef(F1, F1 + cuda.libdevice.fast_expf(-x))
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: one thread per (batch, VEC adjacent channels of one head, chunk of blocks)
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_forward(kind: str, vec: int, unroll: int, bounds=None):
+def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False):
     """The forward walk: a thread walks ``chunk_blocks`` consecutive blocks of its channels (and,
     with hops=1, the block before them first, storing nothing, for the chunk's first carrier).
     Each batch of ``unroll`` steps issues all its loads (VEC-wide, one access each) before any
@@ -97,6 +107,7 @@ def _make_forward(kind: str, vec: int, unroll: int, bounds=None):
     load = LOAD[kind]
     load_v = make_vector_load(kind, vec)
     store_v = make_vector_store(kind, vec)
+    sigmoid = _sigmoid_fast if fast else _sigmoid
     VEC, U = vec, unroll
     UV = unroll * vec  # local array sizes must be constants
 
@@ -169,10 +180,10 @@ def _make_forward(kind: str, vec: int, unroll: int, bounds=None):
                                 Cp[k] = g[k]
                             w[k] = F0
                             g[k] = F1
-                    a = decay_max * _sigmoid(za[i] + ba)
+                    a = decay_max * sigmoid(za[i] + ba)
                     for k in range(VEC):
                         v = zv[i * VEC + k]
-                        w[k] = a * w[k] + _sigmoid(zb[i * VEC + k] + bb[k]) * v
+                        w[k] = a * w[k] + sigmoid(zb[i * VEC + k] + bb[k]) * v
                         g[k] = a * g[k]
                         out[k] = (w[k] + g[k] * S[k]) * (zc[i * VEC + k] + bc[k]) + v
                     if t >= t_lo:
@@ -197,7 +208,8 @@ def _make_forward(kind: str, vec: int, unroll: int, bounds=None):
                         cC_out[st + k] = Cp[k]
 
     phalanx_mix_forward.__name__ = phalanx_mix_forward.__qualname__ = (
-        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}{_bounds_suffix(bounds)}")
+        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}{_bounds_suffix(bounds)}"
+        f"{'_fastsig' if fast else ''}")
     return _jit(phalanx_mix_forward, bounds)
 
 
@@ -215,7 +227,8 @@ def _accessors(kind: str, vec: int, vector: bool):
     return scalar_load_loop(kind, vec), scalar_store_loop(kind, vec)
 
 
-def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
+def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
+                   fast=False):
     """The backward walk.
 
     Block j's reverse sweep needs its forward states (a_t w_{t-1}, g_t), the carrier S_j (the
@@ -232,6 +245,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
     load = LOAD[kind]
     store = STORE[kind]
     load_v, store_v = _accessors(kind, vec, vector)
+    sigmoid = _sigmoid_fast if fast else _sigmoid
     VEC, U = vec, unroll
     UV = unroll * vec
     NG = -(-LMAX // unroll)  # groups per block, at most
@@ -258,9 +272,9 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
                 load_v(z, m + c0, zv, i * VEC)
             for i in range(U):
                 if t0 + i < n:
-                    a = decay_max * _sigmoid(za[i] + ba)
+                    a = decay_max * sigmoid(za[i] + ba)
                     for k in range(VEC):
-                        w[k] = a * w[k] + _sigmoid(zb[i * VEC + k] + bb[k]) * zv[i * VEC + k]
+                        w[k] = a * w[k] + sigmoid(zb[i * VEC + k] + bb[k]) * zv[i * VEC + k]
                     gh = a * gh
 
     def phalanx_mix_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
@@ -330,7 +344,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
                     load_v(dy, m * HD + c0, zd, i * VEC)
                 for i in range(U):
                     if t0 + i < n:
-                        gq *= decay_max * _sigmoid(za[i] + ba)
+                        gq *= decay_max * sigmoid(za[i] + ba)
                         for k in range(VEC):
                             q[k] += gq * zd[i * VEC + k] * (zc[i * VEC + k] + bc[k])
         # checkpoints of the chunk's last block
@@ -377,11 +391,11 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
                 gh = ckg[ck]
                 for i in range(U):
                     if i < cnt:
-                        sg = _sigmoid(za[i] + ba)
+                        sg = sigmoid(za[i] + ba)
                         sgs[i] = sg
                         a = decay_max * sg
                         for k in range(VEC):
-                            bgv = _sigmoid(zb[i * VEC + k] + bb[k])
+                            bgv = sigmoid(zb[i * VEC + k] + bb[k])
                             bgs[i * VEC + k] = bgv
                             awk = a * w[k]
                             aws[i * VEC + k] = awk
@@ -442,7 +456,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
 
     phalanx_mix_backward.__name__ = phalanx_mix_backward.__qualname__ = (
         f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}"
-        f"{_bounds_suffix(bounds)}")
+        f"{_bounds_suffix(bounds)}{'_fastsig' if fast else ''}")
     return _jit(phalanx_mix_backward, bounds)
 
 
@@ -460,12 +474,16 @@ TUNING = {
     # thread blocks each SM must be able to hold (launch bounds: the compiler keeps the registers
     # per thread at most 65536 / (threads_per_block * min_blocks)); 0: no bound
     "fwd_min_blocks": 0,
+    # sigmoids through libdevice's approximate exp and division (a few ulp off; fewer
+    # instructions per element)
+    "fwd_fast_sigmoid": 0,
     # backward: the same knobs
     "bwd_access_bytes": 16,
     "bwd_unroll": 4,
     "bwd_chunk_steps": 256,
     "bwd_threads_per_block": 256,
     "bwd_min_blocks": 0,
+    "bwd_fast_sigmoid": 0,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
 
@@ -492,17 +510,20 @@ def _jit(fn, bounds):
 _CACHE: dict = {}
 
 
-def forward_kernel(kind: str, vec: int, unroll: int, bounds=None):
-    key = ("fwd", kind, vec, unroll, bounds)
+def forward_kernel(kind: str, vec: int, unroll: int, bounds=None, fast=False):
+    """The forward specialisation (compiled once per key): ``bounds`` are its launch bounds
+    (:func:`launch_bounds`), ``fast`` its approximate sigmoid (TUNING's ``fwd_fast_sigmoid``)."""
+    key = ("fwd", kind, vec, unroll, bounds, bool(fast))
     if key not in _CACHE:
-        _CACHE[key] = _make_forward(kind, vec, unroll, bounds)
+        _CACHE[key] = _make_forward(kind, vec, unroll, bounds, bool(fast))
     return _CACHE[key]
 
 
-def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None):
-    key = ("bwd", kind, vec, vector, unroll, bounds)
+def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None, fast=False):
+    """The backward specialisation; ``bounds`` and ``fast`` as for :func:`forward_kernel`."""
+    key = ("bwd", kind, vec, vector, unroll, bounds, bool(fast))
     if key not in _CACHE:
-        _CACHE[key] = _make_backward(kind, vec, vector, unroll, bounds)
+        _CACHE[key] = _make_backward(kind, vec, vector, unroll, bounds, bool(fast))
     return _CACHE[key]
 
 
@@ -568,18 +589,19 @@ def kernel_signatures():
     i64, fl = types.int64, types.float32
     f1 = types.Array(fl, 1, "C")
     fb, bb = launch_bounds("fwd"), launch_bounds("bwd")
+    ff, bf = bool(TUNING["fwd_fast_sigmoid"]), bool(TUNING["bwd_fast_sigmoid"])
     out = []
     for kind, el in _STORAGE.items():
         v1 = types.Array(el, 1, "C")
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
-            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"], fb), sig))
+            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"], fb, ff), sig))
         bsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
         un = TUNING["bwd_unroll"]
         for vec in _widths(kind, TUNING["bwd_access_bytes"]):
             if vec > 1:
-                out.append((backward_kernel(kind, vec, True, un, bb), bsig))
-        out.append((backward_kernel(kind, 1, False, un, bb), bsig))
+                out.append((backward_kernel(kind, vec, True, un, bb, bf), bsig))
+        out.append((backward_kernel(kind, 1, False, un, bb, bf), bsig))
     return out
 
 
@@ -651,7 +673,8 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
             i64(chunk_blocks), i64(nchunks), i64(total), i64(has_carry),
             i64(state_out is not None))
     tpb = 32 if SIMULATOR else TUNING["fwd_threads_per_block"]
-    kernel = forward_kernel(kind, vec, unroll, launch_bounds("fwd"))
+    kernel = forward_kernel(kind, vec, unroll, launch_bounds("fwd"),
+                            bool(TUNING["fwd_fast_sigmoid"]))
     launch(kernel, (-(-total // tpb),), (tpb,), args, stream)
 
 
@@ -690,5 +713,6 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
             i64(chunk_blocks), i64(nchunks), i64(total), i64(lph))
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
-    kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"))
+    kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"),
+                             bool(TUNING["bwd_fast_sigmoid"]))
     launch(kernel, (-(-total // tpb),), (tpb,), args, stream)

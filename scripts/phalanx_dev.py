@@ -14,10 +14,11 @@ per size last.
 
 Knobs (``phalanx_fused.TUNING``, ``{fwd,bwd}_`` prefixed): ``bytes`` (access_bytes), ``unroll``,
 ``chunk`` (chunk_steps), ``threads`` (threads_per_block), ``minblocks`` (min_blocks: launch
-bounds, 0 none). ``--fwd`` / ``--bwd`` give a grid (every combination of the listed values;
-unlisted knobs keep TUNING's value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as
-it is), ``promising`` (a short list aimed at the occupancy and loads-in-flight limits ncu
-showed), ``full`` (a wide grid).
+bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division). ``--fwd``
+/ ``--bwd`` give a grid (every combination of the listed values; unlisted knobs keep TUNING's
+value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
+short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``full``
+(a wide grid).
 """
 
 from __future__ import annotations
@@ -56,20 +57,21 @@ def rel(a, b):
 
 
 KNOBS = {"bytes": "access_bytes", "unroll": "unroll", "chunk": "chunk_steps",
-         "threads": "threads_per_block", "minblocks": "min_blocks"}
+         "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid"}
 
-# (bytes, unroll, chunk, threads, minblocks)
+# (bytes, unroll, chunk, threads, minblocks, fast): TUNING's first, then variants aimed at
+# ncu's limits (119 registers: 2 blocks of 256 an SM, 25% occupancy; 1 wave of blocks; loads
+# in flight only between batches; sigmoids most of the instructions)
 PROMISING = {
-    "fwd": [(16, 2, 128, 256, 0), (16, 2, 64, 256, 0), (16, 2, 128, 256, 3), (16, 2, 64, 256, 4),
-            (16, 1, 64, 256, 4), (16, 4, 128, 128, 4), (8, 4, 128, 256, 4), (8, 2, 64, 256, 4),
-            (16, 2, 32, 256, 3)],
-    "bwd": [(16, 4, 256, 256, 0), (16, 4, 256, 256, 2), (16, 2, 256, 256, 3),
-            (16, 4, 128, 256, 2), (8, 4, 256, 256, 3), (16, 4, 512, 256, 0),
-            (16, 2, 128, 128, 4)],
+    "fwd": [(16, 2, 128, 256, 0, 0), (16, 2, 128, 256, 0, 1), (16, 2, 64, 256, 3, 1),
+            (16, 2, 64, 256, 4, 1), (16, 1, 64, 256, 4, 1), (8, 4, 128, 256, 4, 1),
+            (8, 2, 64, 256, 4, 1)],
+    "bwd": [(16, 4, 256, 256, 0, 0), (16, 4, 256, 256, 0, 1), (16, 4, 256, 256, 2, 1),
+            (16, 2, 256, 256, 3, 1), (8, 4, 256, 256, 3, 1)],
 }
 FULL = {
-    "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4",
-    "bwd": "bytes=16,8 unroll=1,2,4 chunk=128,256,512 threads=128,256 minblocks=0,2,3",
+    "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1",
+    "bwd": "bytes=16,8 unroll=1,2,4 chunk=128,256,512 threads=128,256 minblocks=0,2,3 fast=0,1",
 }
 
 

@@ -113,36 +113,43 @@ def test_every_launchable_configuration_has_a_specialisation():
     assert PF.backward_config("f32", 4, 16, 128) is None
 
 
-def test_launch_bounds_specialisations(monkeypatch):
-    """TUNING's min_blocks knobs give kernels of their own (a name and a cache entry each) whose
-    PTX carries the launch bounds; the bounded bfloat16 kernels keep 16-byte loads, and the
-    forward nothing in local memory (the backward's checkpoints of w live there by design)."""
+def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
+    """TUNING's min_blocks and fast_sigmoid knobs give kernels of their own (a name and a cache
+    entry each) whose PTX carries the launch bounds and no IEEE division (libdevice's approximate
+    one instead); the bfloat16 kernels keep 16-byte loads, and the forward nothing in local
+    memory (the backward's checkpoints of w live there by design)."""
     _nvvm_or_skip()
     from ptx_arches import kernel_options
 
     monkeypatch.setitem(PF.TUNING, "fwd_min_blocks", 4)
     monkeypatch.setitem(PF.TUNING, "bwd_min_blocks", 3)
     monkeypatch.setitem(PF.TUNING, "bwd_threads_per_block", 128)
+    monkeypatch.setitem(PF.TUNING, "fwd_fast_sigmoid", 1)
+    monkeypatch.setitem(PF.TUNING, "bwd_fast_sigmoid", 1)
     assert PF.launch_bounds("fwd") == (256, 4) and PF.launch_bounds("bwd") == (128, 3)
     specs = PF.kernel_signatures()
     names = [k.py_func.__name__ for k, _ in specs]
-    assert all(n.endswith("_lb256x4") for n in names if n.startswith("phalanx_mix_forward"))
-    assert all(n.endswith("_lb128x3") for n in names if n.startswith("phalanx_mix_backward"))
+    assert all(n.endswith("_lb256x4_fastsig") for n in names
+               if n.startswith("phalanx_mix_forward"))  # fmt: skip
+    assert all(n.endswith("_lb128x3_fastsig") for n in names
+               if n.startswith("phalanx_mix_backward"))  # fmt: skip
     assert PF.forward_kernel("bf16", 8, 2, (256, 4)) is not PF.forward_kernel("bf16", 8, 2)
-    wanted = {"phalanx_mix_forward_bf16_vec8_unroll2_lb256x4": (".maxntid 256", ".minnctapersm 4"),
-              "phalanx_mix_backward_bf16_vec8_vector_unroll4_lb128x3": (".maxntid 128",
-                                                                       ".minnctapersm 3")}
+    assert PF.forward_kernel("bf16", 8, 2, None, True) is not PF.forward_kernel("bf16", 8, 2)
+    wanted = {
+        "phalanx_mix_forward_bf16_vec8_unroll2_lb256x4_fastsig": (256, 4),
+        "phalanx_mix_backward_bf16_vec8_vector_unroll4_lb128x3_fastsig": (128, 3),
+    }
     for kernel, sig in specs:
         name = kernel.py_func.__name__
         if name not in wanted:
             continue
         opts = kernel_options(kernel)
-        assert opts["launch_bounds"] == ((256, 4) if "forward" in name else (128, 3))
+        assert opts["launch_bounds"] == wanted[name]
+        threads, blocks = wanted.pop(name)
         for cc, ptx in compile_arches(kernel.py_func, sig, **opts).items():
-            for directive in wanted[name]:
-                assert directive in ptx, (cc, name, directive)
+            assert f".maxntid {threads}" in ptx and f".minnctapersm {blocks}" in ptx, (cc, name)
+            assert "div.rn.f32" not in ptx, (cc, name)
             assert "ld.global.v4.u32" in ptx, (cc, name)
             if "forward" in name:
                 assert ".local" not in ptx, (cc, name)
-        del wanted[name]
     assert not wanted
