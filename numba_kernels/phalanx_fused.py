@@ -76,6 +76,7 @@ LMAX = 64
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 f32 = numba.float32
+u64 = numba.uint64  # per-step element indices: unsigned, so Numba emits no wraparound code
 
 
 @cuda.jit(device=True, inline=True)
@@ -166,7 +167,7 @@ def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False):
         for t0 in range(t_walk, t_hi, U):
             for i in range(U):
                 m = (b * L + min(t0 + i, t_hi - 1)) * W
-                za[i] = load(z[m + col_a])
+                za[i] = load(z[u64(m + col_a)])
                 load_v(z, m + col_b, zb, i * VEC)
                 load_v(z, m + col_c, zc, i * VEC)
                 load_v(z, m + c0, zv, i * VEC)
@@ -267,7 +268,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
             gi += 1
             for i in range(U):
                 m = (m0 + min(t0 + i, n - 1)) * W
-                za[i] = load(z[m + col_a])
+                za[i] = load(z[u64(m + col_a)])
                 load_v(z, m + col_b, zb, i * VEC)
                 load_v(z, m + c0, zv, i * VEC)
             for i in range(U):
@@ -339,7 +340,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
             for t0 in range(0, n, U):
                 for i in range(U):
                     m = b * L + lo + min(t0 + i, n - 1)
-                    za[i] = load(z[m * W + col_a])
+                    za[i] = load(z[u64(m * W + col_a)])
                     load_v(z, m * W + col_c, zc, i * VEC)
                     load_v(dy, m * HD + c0, zd, i * VEC)
                 for i in range(U):
@@ -379,7 +380,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
                 cnt = min(U, n - t0)
                 for i in range(U):
                     m = b * L + lo + t0 + min(i, cnt - 1)
-                    za[i] = load(z[m * W + col_a])
+                    za[i] = load(z[u64(m * W + col_a)])
                     load_v(z, m * W + col_b, zb, i * VEC)
                     load_v(z, m * W + col_c, zc, i * VEC)
                     load_v(z, m * W + c0, zv, i * VEC)
@@ -437,7 +438,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
                         sg = sgs[i]
                         pa = head_sum(pa * (F1 - sg), lph, mask)
                         if lead:
-                            dz[m * W + col_a] = store(pa)
+                            dz[u64(m * W + col_a)] = store(pa)
                         pah += pa
                         a_next = decay_max * sg
             row = (b * nb + j) * NBW

@@ -115,9 +115,9 @@ def test_every_launchable_configuration_has_a_specialisation():
 
 def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
     """TUNING's min_blocks and fast_sigmoid knobs give kernels of their own (a name and a cache
-    entry each) whose PTX carries the launch bounds and no IEEE division (libdevice's approximate
-    one instead); the bfloat16 kernels keep 16-byte loads, and the forward nothing in local
-    memory (the backward's checkpoints of w live there by design)."""
+    entry each) whose PTX carries the launch bounds and the approximate division, not the IEEE
+    reciprocal of the default kernels; the bfloat16 kernels keep 16-byte loads, and the forward
+    nothing in local memory (the backward's checkpoints of w live there by design)."""
     _nvvm_or_skip()
     from ptx_arches import kernel_options
 
@@ -148,8 +148,14 @@ def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
         threads, blocks = wanted.pop(name)
         for cc, ptx in compile_arches(kernel.py_func, sig, **opts).items():
             assert f".maxntid {threads}" in ptx and f".minnctapersm {blocks}" in ptx, (cc, name)
-            assert "div.rn.f32" not in ptx, (cc, name)
+            # the sigmoid's 1 / (1 + e): IEEE rcp.rn.f32 by default, div.approx.f32 here
+            assert "div.approx.f32" in ptx and "rcp.rn.f32" not in ptx, (cc, name)
             assert "ld.global.v4.u32" in ptx, (cc, name)
             if "forward" in name:
                 assert ".local" not in ptx, (cc, name)
     assert not wanted
+    monkeypatch.setitem(PF.TUNING, "fwd_fast_sigmoid", 0)
+    kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
+                       if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2_lb256x4")
+    ptx = compile_arches(kernel.py_func, sig, **kernel_options(kernel))[(9, 0)]
+    assert "rcp.rn.f32" in ptx and "div.approx.f32" not in ptx
