@@ -37,6 +37,7 @@ tokens/s plot; the plot needs matplotlib and is skipped with a message without i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -131,7 +132,7 @@ def bench_row(gen, name, context, args, spear_cls, log):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ctx = _attention_backend() if cuda else _null()
+    ctx = _attention_backend() if cuda else contextlib.nullcontext()
     times = []
     with ctx:
         for _ in range(args.warmup):
@@ -160,14 +161,6 @@ def bench_row(gen, name, context, args, spear_cls, log):
     log(f"  {name:20s} {context:6d} x batch {batch:3d}: {ms:8.1f} ms/step, "
         f"{r['tokens_per_s']:9.0f} tokens/s, peak {peak}")
     return r
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _attention_backend():
