@@ -40,6 +40,7 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import cuda, types
 
 from ._dtypes import (
@@ -52,6 +53,8 @@ from ._dtypes import (
 )
 from ._launch import launch as _launch
 from ._ptx import (
+    _array_op,
+    _element_address,
     head_sum,
     make_vector_load,
     make_vector_store,
@@ -94,18 +97,44 @@ else:
         return cuda.libdevice.fast_fdividef(F1, F1 + cuda.libdevice.fast_expf(-x))
 
 
+def _make_prefetch():
+    """``prefetch(array, index, unused, 0)``: ask for the line holding ``array[index]`` in L2
+    (``prefetch.global.L2``: no register, nothing waits on it). Does nothing in the simulator."""
+    if SIMULATOR:
+
+        @cuda.jit(device=True, inline=True)
+        def nothing(array, index, unused, j):
+            pass
+
+        return nothing
+
+    def body(context, builder, sig, args):
+        address = _element_address(context, builder, sig.args[0], args[0], args[1])
+        fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
+        builder.asm(fn, "prefetch.global.L2 [$0];", "l", [address], True)
+
+    return _array_op(body)
+
+
+_prefetch = _make_prefetch()
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: one thread per (batch, VEC adjacent channels of one head, chunk of blocks)
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False):
+def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False, ahead=0):
     """The forward walk: a thread walks ``chunk_blocks`` consecutive blocks of its channels (and,
     with hops=1, the block before them first, storing nothing, for the chunk's first carrier).
     Each batch of ``unroll`` steps issues all its loads (VEC-wide, one access each) before any
     arithmetic, so they are in flight together; steps past the chunk's end load its last step
-    again and are skipped."""
+    again and are skipped. ``ahead`` > 0: before a batch's arithmetic, the thread also asks L2
+    for its rows ``ahead`` batches later (``prefetch.global.L2``), so more of the walk's reads
+    are on their way without holding registers."""
     load = LOAD[kind]
+    prefetch = _prefetch
+    AHEAD = ahead * unroll
     load_v = make_vector_load(kind, vec)
     store_v = make_vector_store(kind, vec)
     sigmoid = _sigmoid_fast if fast else _sigmoid
@@ -171,6 +200,14 @@ def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False):
                 load_v(z, m + col_b, zb, i * VEC)
                 load_v(z, m + col_c, zc, i * VEC)
                 load_v(z, m + c0, zv, i * VEC)
+            if AHEAD > 0:
+                for i in range(U):
+                    tp = t0 + AHEAD + i
+                    if tp < t_hi:
+                        mp = (b * L + tp) * W
+                        prefetch(z, mp + col_b, zb, 0)
+                        prefetch(z, mp + col_c, zb, 0)
+                        prefetch(z, mp + c0, zb, 0)
             for i in range(U):
                 t = t0 + i
                 if t < t_hi:
@@ -210,7 +247,7 @@ def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False):
 
     phalanx_mix_forward.__name__ = phalanx_mix_forward.__qualname__ = (
         f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}{_bounds_suffix(bounds)}"
-        f"{'_fastsig' if fast else ''}")
+        f"{'_fastsig' if fast else ''}{f'_ahead{ahead}' if ahead else ''}")
     return _jit(phalanx_mix_forward, bounds)
 
 
@@ -478,6 +515,8 @@ TUNING = {
     # sigmoids through libdevice's approximate exp and division (a few ulp off; fewer
     # instructions per element)
     "fwd_fast_sigmoid": 0,
+    # L2 prefetch of the rows this many load batches ahead (0: none)
+    "fwd_prefetch_ahead": 0,
     # backward: the same knobs
     "bwd_access_bytes": 16,
     "bwd_unroll": 4,
@@ -511,12 +550,13 @@ def _jit(fn, bounds):
 _CACHE: dict = {}
 
 
-def forward_kernel(kind: str, vec: int, unroll: int, bounds=None, fast=False):
+def forward_kernel(kind: str, vec: int, unroll: int, bounds=None, fast=False, ahead=0):
     """The forward specialisation (compiled once per key): ``bounds`` are its launch bounds
-    (:func:`launch_bounds`), ``fast`` its approximate sigmoid (TUNING's ``fwd_fast_sigmoid``)."""
-    key = ("fwd", kind, vec, unroll, bounds, bool(fast))
+    (:func:`launch_bounds`), ``fast`` its approximate sigmoid (TUNING's ``fwd_fast_sigmoid``),
+    ``ahead`` its L2 prefetch distance in batches (``fwd_prefetch_ahead``)."""
+    key = ("fwd", kind, vec, unroll, bounds, bool(fast), int(ahead))
     if key not in _CACHE:
-        _CACHE[key] = _make_forward(kind, vec, unroll, bounds, bool(fast))
+        _CACHE[key] = _make_forward(kind, vec, unroll, bounds, bool(fast), int(ahead))
     return _CACHE[key]
 
 
@@ -591,12 +631,13 @@ def kernel_signatures():
     f1 = types.Array(fl, 1, "C")
     fb, bb = launch_bounds("fwd"), launch_bounds("bwd")
     ff, bf = bool(TUNING["fwd_fast_sigmoid"]), bool(TUNING["bwd_fast_sigmoid"])
+    fa = int(TUNING["fwd_prefetch_ahead"])
     out = []
     for kind, el in _STORAGE.items():
         v1 = types.Array(el, 1, "C")
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
-            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"], fb, ff), sig))
+            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"], fb, ff, fa), sig))
         bsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
         un = TUNING["bwd_unroll"]
         for vec in _widths(kind, TUNING["bwd_access_bytes"]):
@@ -675,7 +716,7 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
             i64(state_out is not None))
     tpb = 32 if SIMULATOR else TUNING["fwd_threads_per_block"]
     kernel = forward_kernel(kind, vec, unroll, launch_bounds("fwd"),
-                            bool(TUNING["fwd_fast_sigmoid"]))
+                            bool(TUNING["fwd_fast_sigmoid"]), int(TUNING["fwd_prefetch_ahead"]))
     launch(kernel, (-(-total // tpb),), (tpb,), args, stream)
 
 

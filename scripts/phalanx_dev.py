@@ -14,8 +14,9 @@ per size last.
 
 Knobs (``phalanx_fused.TUNING``, ``{fwd,bwd}_`` prefixed): ``bytes`` (access_bytes), ``unroll``,
 ``chunk`` (chunk_steps), ``threads`` (threads_per_block), ``minblocks`` (min_blocks: launch
-bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division). ``--fwd``
-/ ``--bwd`` give a grid (every combination of the listed values; unlisted knobs keep TUNING's
+bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division), ``ahead``
+(forward only: prefetch_ahead, L2 prefetches that many load batches ahead). ``--fwd`` / ``--bwd``
+give a grid (every combination of the listed values; unlisted knobs keep TUNING's
 value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
 short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``full``
 (a wide grid).
@@ -57,20 +58,27 @@ def rel(a, b):
 
 
 KNOBS = {"bytes": "access_bytes", "unroll": "unroll", "chunk": "chunk_steps",
-         "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid"}
+         "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid",
+         "ahead": "prefetch_ahead"}
 
-# (bytes, unroll, chunk, threads, minblocks, fast): TUNING's first, then variants aimed at
-# ncu's limits (119 registers: 2 blocks of 256 an SM, 25% occupancy; 1 wave of blocks; loads
-# in flight only between batches; sigmoids most of the instructions)
+# TUNING updates: TUNING itself first, then variants aimed at ncu's limits (119 registers: 2
+# blocks of 256 an SM, 25% occupancy; 1 wave of blocks; loads in flight only between batches;
+# sigmoids most of the instructions)
 PROMISING = {
-    "fwd": [(16, 2, 128, 256, 0, 0), (16, 2, 128, 256, 0, 1), (16, 2, 64, 256, 3, 1),
-            (16, 2, 64, 256, 4, 1), (16, 1, 64, 256, 4, 1), (8, 4, 128, 256, 4, 1),
-            (8, 2, 64, 256, 4, 1)],
-    "bwd": [(16, 4, 256, 256, 0, 0), (16, 4, 256, 256, 0, 1), (16, 4, 256, 256, 2, 1),
-            (16, 2, 256, 256, 3, 1), (8, 4, 256, 256, 3, 1)],
+    "fwd": [{}, {"fwd_fast_sigmoid": 1}, {"fwd_prefetch_ahead": 1}, {"fwd_prefetch_ahead": 2},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 3, "fwd_chunk_steps": 64},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 3, "fwd_prefetch_ahead": 2},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_unroll": 1, "fwd_chunk_steps": 64,
+             "fwd_prefetch_ahead": 2},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_access_bytes": 8,
+             "fwd_unroll": 4}],
+    "bwd": [{}, {"bwd_fast_sigmoid": 1}, {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 2},
+            {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 3, "bwd_unroll": 2},
+            {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 3, "bwd_access_bytes": 8}],
 }
 FULL = {
-    "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1",
+    "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1 "
+           "ahead=0,1,2",
     "bwd": "bytes=16,8 unroll=1,2,4 chunk=128,256,512 threads=128,256 minblocks=0,2,3 fast=0,1",
 }
 
@@ -94,8 +102,7 @@ def variants(args, direction):
         return [{}]
     if args.grid == "full":
         return parse_grid(FULL[direction], direction)
-    names = [f"{direction}_{KNOBS[k]}" for k in KNOBS]
-    return [dict(zip(names, v)) for v in PROMISING[direction]]
+    return [dict(u) for u in PROMISING[direction]]
 
 
 def label(update):
@@ -162,6 +169,11 @@ def main(argv=None):
             print(f"  old fwd {tf:.4f} ms {fwd_bytes / tf / 1e9:.2f} TB/s | "
                   f"old bwd {tb:.4f} ms {bwd_bytes / tb / 1e9:.2f} TB/s", flush=True)
         saved = dict(PF.TUNING)
+        for direction in ("fwd", "bwd"):
+            for update in variants(args, direction):
+                if set(update) - set(saved):
+                    raise SystemExit(f"--{direction}: {sorted(set(update) - set(saved))} are not "
+                                     f"knobs of this direction's kernel")
         best = {}
         for update in variants(args, "fwd"):
             PF.TUNING.update(saved, **update)

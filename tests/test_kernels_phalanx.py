@@ -249,3 +249,12 @@ def test_launch_bounded_fast_sigmoid_kernels_match_reference(case, small_tiles):
     tol = max(TOL[c.kind], 2e-5)  # float32: the approximate exp and division, a few ulp each
     check_forward(c, tol)
     check_backward(c, tol)
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_prefetching_forward_matches_reference(ahead, small_tiles):
+    """The forward with L2 prefetches ``ahead`` batches on (past the chunk's end they are
+    skipped) computes the same numbers; chunks of two blocks and batches of three steps."""
+    small_tiles(fwd_prefetch_ahead=ahead, fwd_chunk_steps=8, fwd_unroll=3)
+    for case in [("bf16", 2, 21, 4, 4, 4, 4, 1), ("f32", 1, 19, 2, 3, 1, 2, 0)]:
+        check_forward(Case(*case, seed=_seed(case) + ahead))

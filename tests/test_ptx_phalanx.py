@@ -159,3 +159,21 @@ def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
                        if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2_lb256x4")
     ptx = compile_arches(kernel.py_func, sig, **kernel_options(kernel))[(9, 0)]
     assert "rcp.rn.f32" in ptx and "div.approx.f32" not in ptx
+
+
+def test_prefetch_specialisation(monkeypatch):
+    """TUNING's fwd_prefetch_ahead gives forward kernels of their own whose PTX asks L2 for the
+    Bg, C and V rows of each later step (three prefetches a step of a batch), keeps its 16-byte
+    loads and nothing in local memory; the default kernels prefetch nothing."""
+    _nvvm_or_skip()
+    monkeypatch.setitem(PF.TUNING, "fwd_prefetch_ahead", 2)
+    kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
+                       if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2_ahead2")
+    for cc, ptx in compile_arches(kernel.py_func, sig).items():
+        assert ptx.count("prefetch.global.L2") == 3 * PF.TUNING["fwd_unroll"], cc
+        assert ptx.count("ld.global.v4.u32") == 3 * PF.TUNING["fwd_unroll"], cc
+        assert ".local" not in ptx, cc
+    monkeypatch.setitem(PF.TUNING, "fwd_prefetch_ahead", 0)
+    kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
+                       if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2")
+    assert "prefetch" not in compile_arches(kernel.py_func, sig)[(9, 0)]
