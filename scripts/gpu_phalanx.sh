@@ -53,15 +53,15 @@ else
 fi
 
 # 1. the hybrid models (Part A of issue #20)
-step hybrid_bench 120 python3 "$ROOT/benchmarks/hybrid_bench.py" --out "$DIR" --layers 12 \
+step hybrid_bench 115 python3 "$ROOT/benchmarks/hybrid_bench.py" --out "$DIR" --layers 12 \
   --contexts 32768,4096,16384,8192 --time-budget 100 --spear-build "$SPEAR_DIR" --spear-wait 15
 
 # 2. the fused kernels alone over launch variants
-step phalanx_dev 70 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768 \
+step phalanx_dev 80 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768 \
   --grid promising
 
 # 3. the layer against its GEMMs (spear's layer too if its build is ready by now)
-step phalanx_bench 40 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_bench \
+step phalanx_bench 35 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_bench \
   --runs 10 --no-decode --spear-build "$SPEAR_DIR" --spear-wait 0
 
 # 4. tests
