@@ -93,16 +93,25 @@ class Block(nn.Module):
 
 class DecoderLM(nn.Module):
     """tokens (B, L) int64 -> logits (B, L, vocab_size); :meth:`prefill` and :meth:`step`
-    decode with per-layer caches (Phalanx states and attention KV caches)."""
+    decode with per-layer caches (Phalanx states and attention KV caches).
+
+    Block ``i`` (from 0) mixes with attention when ``attn_every > 0`` and ``(i + 1) %
+    attn_every == 0`` (1: every block, 4: one in four), else with Phalanx (``attn_every=0``: no
+    attention). ``phalanx_factory(dim)``, when given, builds the Phalanx blocks' mixers instead of
+    :class:`~swr_array.adapters.torch.Phalanx` (another implementation of the layer, forward only:
+    :meth:`prefill` and :meth:`step` need ours). benchmarks/hybrid_bench.py trains this model."""
 
     def __init__(self, vocab_size=256, dim=64, depth=4, attn_every=4, attn_heads=4, head_dim=16,
-                 kv_heads=None, block_len=16, hops=1, mlp_mult=3):  # fmt: skip
+                 kv_heads=None, block_len=16, hops=1, mlp_mult=3,
+                 phalanx_factory=None):  # fmt: skip
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.blocks = nn.ModuleList()
         for i in range(depth):
-            if (i + 1) % attn_every == 0:
+            if attn_every > 0 and (i + 1) % attn_every == 0:
                 mixer: nn.Module = Attention(dim, attn_heads)
+            elif phalanx_factory is not None:
+                mixer = phalanx_factory(dim)
             else:
                 mixer = Phalanx(dim, head_dim=head_dim, kv_heads=kv_heads, block_len=block_len,
                                 hops=hops)  # fmt: skip

@@ -40,6 +40,7 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import cuda, types
 
 from ._dtypes import (
@@ -52,6 +53,8 @@ from ._dtypes import (
 )
 from ._launch import launch as _launch
 from ._ptx import (
+    _array_op,
+    _element_address,
     head_sum,
     make_vector_load,
     make_vector_store,
@@ -76,6 +79,7 @@ LMAX = 64
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 f32 = numba.float32
+u64 = numba.uint64  # per-step element indices: unsigned, so Numba emits no wraparound code
 
 
 @cuda.jit(device=True, inline=True)
@@ -83,20 +87,57 @@ def _sigmoid(x):
     return F1 / (F1 + math.exp(-x))
 
 
+if SIMULATOR:
+    _sigmoid_fast = _sigmoid
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def _sigmoid_fast(x):
+        """sigmoid with libdevice's approximate exp and division (a few ulp off _sigmoid)."""
+        return cuda.libdevice.fast_fdividef(F1, F1 + cuda.libdevice.fast_expf(-x))
+
+
+def _make_prefetch():
+    """``prefetch(array, index, unused, 0)``: ask for the line holding ``array[index]`` in L2
+    (``prefetch.global.L2``: no register, nothing waits on it). Does nothing in the simulator."""
+    if SIMULATOR:
+
+        @cuda.jit(device=True, inline=True)
+        def nothing(array, index, unused, j):
+            pass
+
+        return nothing
+
+    def body(context, builder, sig, args):
+        address = _element_address(context, builder, sig.args[0], args[0], args[1])
+        fn = ir.FunctionType(ir.VoidType(), [ir.IntType(64)])
+        builder.asm(fn, "prefetch.global.L2 [$0];", "l", [address], True)
+
+    return _array_op(body)
+
+
+_prefetch = _make_prefetch()
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: one thread per (batch, VEC adjacent channels of one head, chunk of blocks)
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_forward(kind: str, vec: int, unroll: int):
+def _make_forward(kind: str, vec: int, unroll: int, bounds=None, fast=False, ahead=0):
     """The forward walk: a thread walks ``chunk_blocks`` consecutive blocks of its channels (and,
     with hops=1, the block before them first, storing nothing, for the chunk's first carrier).
     Each batch of ``unroll`` steps issues all its loads (VEC-wide, one access each) before any
     arithmetic, so they are in flight together; steps past the chunk's end load its last step
-    again and are skipped."""
+    again and are skipped. ``ahead`` > 0: before a batch's arithmetic, the thread also asks L2
+    for its rows ``ahead`` batches later (``prefetch.global.L2``), so more of the walk's reads
+    are on their way without holding registers."""
     load = LOAD[kind]
+    prefetch = _prefetch
+    AHEAD = ahead * unroll
     load_v = make_vector_load(kind, vec)
     store_v = make_vector_store(kind, vec)
+    sigmoid = _sigmoid_fast if fast else _sigmoid
     VEC, U = vec, unroll
     UV = unroll * vec  # local array sizes must be constants
 
@@ -155,10 +196,18 @@ def _make_forward(kind: str, vec: int, unroll: int):
         for t0 in range(t_walk, t_hi, U):
             for i in range(U):
                 m = (b * L + min(t0 + i, t_hi - 1)) * W
-                za[i] = load(z[m + col_a])
+                za[i] = load(z[u64(m + col_a)])
                 load_v(z, m + col_b, zb, i * VEC)
                 load_v(z, m + col_c, zc, i * VEC)
                 load_v(z, m + c0, zv, i * VEC)
+            if AHEAD > 0:
+                for i in range(U):
+                    tp = t0 + AHEAD + i
+                    if tp < t_hi:
+                        mp = (b * L + tp) * W
+                        prefetch(z, mp + col_b, zb, 0)
+                        prefetch(z, mp + col_c, zb, 0)
+                        prefetch(z, mp + c0, zb, 0)
             for i in range(U):
                 t = t0 + i
                 if t < t_hi:
@@ -169,10 +218,10 @@ def _make_forward(kind: str, vec: int, unroll: int):
                                 Cp[k] = g[k]
                             w[k] = F0
                             g[k] = F1
-                    a = decay_max * _sigmoid(za[i] + ba)
+                    a = decay_max * sigmoid(za[i] + ba)
                     for k in range(VEC):
                         v = zv[i * VEC + k]
-                        w[k] = a * w[k] + _sigmoid(zb[i * VEC + k] + bb[k]) * v
+                        w[k] = a * w[k] + sigmoid(zb[i * VEC + k] + bb[k]) * v
                         g[k] = a * g[k]
                         out[k] = (w[k] + g[k] * S[k]) * (zc[i * VEC + k] + bc[k]) + v
                     if t >= t_lo:
@@ -197,8 +246,9 @@ def _make_forward(kind: str, vec: int, unroll: int):
                         cC_out[st + k] = Cp[k]
 
     phalanx_mix_forward.__name__ = phalanx_mix_forward.__qualname__ = (
-        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}")
-    return cuda.jit(phalanx_mix_forward)
+        f"phalanx_mix_forward_{kind}_vec{vec}_unroll{unroll}{_bounds_suffix(bounds)}"
+        f"{'_fastsig' if fast else ''}{f'_ahead{ahead}' if ahead else ''}")
+    return _jit(phalanx_mix_forward, bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +265,8 @@ def _accessors(kind: str, vec: int, vector: bool):
     return scalar_load_loop(kind, vec), scalar_store_loop(kind, vec)
 
 
-def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
+def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
+                   fast=False):
     """The backward walk.
 
     Block j's reverse sweep needs its forward states (a_t w_{t-1}, g_t), the carrier S_j (the
@@ -232,6 +283,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
     load = LOAD[kind]
     store = STORE[kind]
     load_v, store_v = _accessors(kind, vec, vector)
+    sigmoid = _sigmoid_fast if fast else _sigmoid
     VEC, U = vec, unroll
     UV = unroll * vec
     NG = -(-LMAX // unroll)  # groups per block, at most
@@ -253,14 +305,14 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
             gi += 1
             for i in range(U):
                 m = (m0 + min(t0 + i, n - 1)) * W
-                za[i] = load(z[m + col_a])
+                za[i] = load(z[u64(m + col_a)])
                 load_v(z, m + col_b, zb, i * VEC)
                 load_v(z, m + c0, zv, i * VEC)
             for i in range(U):
                 if t0 + i < n:
-                    a = decay_max * _sigmoid(za[i] + ba)
+                    a = decay_max * sigmoid(za[i] + ba)
                     for k in range(VEC):
-                        w[k] = a * w[k] + _sigmoid(zb[i * VEC + k] + bb[k]) * zv[i * VEC + k]
+                        w[k] = a * w[k] + sigmoid(zb[i * VEC + k] + bb[k]) * zv[i * VEC + k]
                     gh = a * gh
 
     def phalanx_mix_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
@@ -325,12 +377,12 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
             for t0 in range(0, n, U):
                 for i in range(U):
                     m = b * L + lo + min(t0 + i, n - 1)
-                    za[i] = load(z[m * W + col_a])
+                    za[i] = load(z[u64(m * W + col_a)])
                     load_v(z, m * W + col_c, zc, i * VEC)
                     load_v(dy, m * HD + c0, zd, i * VEC)
                 for i in range(U):
                     if t0 + i < n:
-                        gq *= decay_max * _sigmoid(za[i] + ba)
+                        gq *= decay_max * sigmoid(za[i] + ba)
                         for k in range(VEC):
                             q[k] += gq * zd[i * VEC + k] * (zc[i * VEC + k] + bc[k])
         # checkpoints of the chunk's last block
@@ -365,7 +417,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
                 cnt = min(U, n - t0)
                 for i in range(U):
                     m = b * L + lo + t0 + min(i, cnt - 1)
-                    za[i] = load(z[m * W + col_a])
+                    za[i] = load(z[u64(m * W + col_a)])
                     load_v(z, m * W + col_b, zb, i * VEC)
                     load_v(z, m * W + col_c, zc, i * VEC)
                     load_v(z, m * W + c0, zv, i * VEC)
@@ -377,11 +429,11 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
                 gh = ckg[ck]
                 for i in range(U):
                     if i < cnt:
-                        sg = _sigmoid(za[i] + ba)
+                        sg = sigmoid(za[i] + ba)
                         sgs[i] = sg
                         a = decay_max * sg
                         for k in range(VEC):
-                            bgv = _sigmoid(zb[i * VEC + k] + bb[k])
+                            bgv = sigmoid(zb[i * VEC + k] + bb[k])
                             bgs[i * VEC + k] = bgv
                             awk = a * w[k]
                             aws[i * VEC + k] = awk
@@ -423,7 +475,7 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
                         sg = sgs[i]
                         pa = head_sum(pa * (F1 - sg), lph, mask)
                         if lead:
-                            dz[m * W + col_a] = store(pa)
+                            dz[u64(m * W + col_a)] = store(pa)
                         pah += pa
                         a_next = decay_max * sg
             row = (b * nb + j) * NBW
@@ -441,8 +493,9 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int):
             j -= 1
 
     phalanx_mix_backward.__name__ = phalanx_mix_backward.__qualname__ = (
-        f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}")
-    return cuda.jit(phalanx_mix_backward)
+        f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}"
+        f"{_bounds_suffix(bounds)}{'_fastsig' if fast else ''}")
+    return _jit(phalanx_mix_backward, bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,28 +509,62 @@ TUNING = {
     "fwd_unroll": 2,
     "fwd_chunk_steps": 128,
     "fwd_threads_per_block": 256,
+    # thread blocks each SM must be able to hold (launch bounds: the compiler keeps the registers
+    # per thread at most 65536 / (threads_per_block * min_blocks)); 0: no bound
+    "fwd_min_blocks": 0,
+    # sigmoids through libdevice's approximate exp and division (a few ulp off; fewer
+    # instructions per element)
+    "fwd_fast_sigmoid": 0,
+    # L2 prefetch of the rows this many load batches ahead (0: none)
+    "fwd_prefetch_ahead": 0,
     # backward: the same knobs
     "bwd_access_bytes": 16,
     "bwd_unroll": 4,
     "bwd_chunk_steps": 256,
     "bwd_threads_per_block": 256,
+    "bwd_min_blocks": 0,
+    "bwd_fast_sigmoid": 0,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
+
+
+def launch_bounds(direction: str):
+    """``(threads_per_block, min_blocks)`` of the current TUNING for ``direction`` ("fwd" or
+    "bwd"), or None when ``{direction}_min_blocks`` is 0: the kernels' ``launch_bounds`` (part
+    of their cache key and name)."""
+    m = int(TUNING[f"{direction}_min_blocks"])
+    return None if m <= 0 else (int(TUNING[f"{direction}_threads_per_block"]), m)
+
+
+def _bounds_suffix(bounds) -> str:
+    return "" if bounds is None else f"_lb{bounds[0]}x{bounds[1]}"
+
+
+def _jit(fn, bounds):
+    """``cuda.jit(fn)`` with ``launch_bounds=bounds`` (the simulator ignores launch bounds)."""
+    if bounds is None or SIMULATOR:
+        return cuda.jit(fn)
+    return cuda.jit(fn, launch_bounds=bounds)
+
 
 _CACHE: dict = {}
 
 
-def forward_kernel(kind: str, vec: int, unroll: int):
-    key = ("fwd", kind, vec, unroll)
+def forward_kernel(kind: str, vec: int, unroll: int, bounds=None, fast=False, ahead=0):
+    """The forward specialisation (compiled once per key): ``bounds`` are its launch bounds
+    (:func:`launch_bounds`), ``fast`` its approximate sigmoid (TUNING's ``fwd_fast_sigmoid``),
+    ``ahead`` its L2 prefetch distance in batches (``fwd_prefetch_ahead``)."""
+    key = ("fwd", kind, vec, unroll, bounds, bool(fast), int(ahead))
     if key not in _CACHE:
-        _CACHE[key] = _make_forward(kind, vec, unroll)
+        _CACHE[key] = _make_forward(kind, vec, unroll, bounds, bool(fast), int(ahead))
     return _CACHE[key]
 
 
-def backward_kernel(kind: str, vec: int, vector: bool, unroll: int):
-    key = ("bwd", kind, vec, vector, unroll)
+def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None, fast=False):
+    """The backward specialisation; ``bounds`` and ``fast`` as for :func:`forward_kernel`."""
+    key = ("bwd", kind, vec, vector, unroll, bounds, bool(fast))
     if key not in _CACHE:
-        _CACHE[key] = _make_backward(kind, vec, vector, unroll)
+        _CACHE[key] = _make_backward(kind, vec, vector, unroll, bounds, bool(fast))
     return _CACHE[key]
 
 
@@ -542,18 +629,21 @@ def kernel_signatures():
     (``numba.cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))``)."""
     i64, fl = types.int64, types.float32
     f1 = types.Array(fl, 1, "C")
+    fb, bb = launch_bounds("fwd"), launch_bounds("bwd")
+    ff, bf = bool(TUNING["fwd_fast_sigmoid"]), bool(TUNING["bwd_fast_sigmoid"])
+    fa = int(TUNING["fwd_prefetch_ahead"])
     out = []
     for kind, el in _STORAGE.items():
         v1 = types.Array(el, 1, "C")
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
-            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"]), sig))
+            out.append((forward_kernel(kind, vec, TUNING["fwd_unroll"], fb, ff, fa), sig))
         bsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
         un = TUNING["bwd_unroll"]
         for vec in _widths(kind, TUNING["bwd_access_bytes"]):
             if vec > 1:
-                out.append((backward_kernel(kind, vec, True, un), bsig))
-        out.append((backward_kernel(kind, 1, False, un), bsig))
+                out.append((backward_kernel(kind, vec, True, un, bb, bf), bsig))
+        out.append((backward_kernel(kind, 1, False, un, bb, bf), bsig))
     return out
 
 
@@ -625,7 +715,9 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
             i64(chunk_blocks), i64(nchunks), i64(total), i64(has_carry),
             i64(state_out is not None))
     tpb = 32 if SIMULATOR else TUNING["fwd_threads_per_block"]
-    launch(forward_kernel(kind, vec, unroll), (-(-total // tpb),), (tpb,), args, stream)
+    kernel = forward_kernel(kind, vec, unroll, launch_bounds("fwd"),
+                            bool(TUNING["fwd_fast_sigmoid"]), int(TUNING["fwd_prefetch_ahead"]))
+    launch(kernel, (-(-total // tpb),), (tpb,), args, stream)
 
 
 def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads, head_dim,
@@ -663,4 +755,6 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
             i64(chunk_blocks), i64(nchunks), i64(total), i64(lph))
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
-    launch(backward_kernel(kind, vec, vector, unroll), (-(-total // tpb),), (tpb,), args, stream)
+    kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"),
+                             bool(TUNING["bwd_fast_sigmoid"]))
+    launch(kernel, (-(-total // tpb),), (tpb,), args, stream)

@@ -1,12 +1,25 @@
 # ruff: noqa: B023 - the closures run within the iteration that makes them
 """Launch-tuning sweep of the fused Phalanx kernels on the GPU (dim 2048, bf16, hops=1, l=16).
 
-    python scripts/phalanx_dev.py [--sizes 16x2048,1x32768] [--old path/to/old_phalanx_fused.py]
+    python scripts/phalanx_dev.py [--sizes 16x2048,1x32768] [--grid quick|promising|full]
+                                  [--fwd "bytes=16,8 unroll=2,4 chunk=64,128 threads=256
+                                          minblocks=0,4"] [--bwd "..."] [--old OLD.py]
 
 For each size: the device-to-device copy bandwidth, then the forward and backward kernels for
 each TUNING variant (CUDA events, median of runs of back-to-back calls), their bytes moved over
-time, and the largest relative difference of their outputs from the first variant's (and from an
-older version of the module when ``--old`` names one). Prints one line per variant.
+time as TB/s and as a fraction of the copy bandwidth measured in the same run, and the largest
+relative difference of their outputs from the first variant's (and from an older version of the
+module when ``--old`` names one). Prints one line per variant and the fastest of each kernel
+per size last.
+
+Knobs (``phalanx_fused.TUNING``, ``{fwd,bwd}_`` prefixed): ``bytes`` (access_bytes), ``unroll``,
+``chunk`` (chunk_steps), ``threads`` (threads_per_block), ``minblocks`` (min_blocks: launch
+bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division), ``ahead``
+(forward only: prefetch_ahead, L2 prefetches that many load batches ahead). ``--fwd`` / ``--bwd``
+give a grid (every combination of the listed values; unlisted knobs keep TUNING's
+value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
+short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``full``
+(a wide grid).
 """
 
 from __future__ import annotations
@@ -44,12 +57,68 @@ def rel(a, b):
     return float(cp.abs(a - b).max() / cp.maximum(cp.abs(b).max(), 1e-30))
 
 
-def main():
-    ap = argparse.ArgumentParser()
+KNOBS = {"bytes": "access_bytes", "unroll": "unroll", "chunk": "chunk_steps",
+         "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid",
+         "ahead": "prefetch_ahead"}
+
+# TUNING updates: TUNING itself first, then variants aimed at ncu's limits (119 registers: 2
+# blocks of 256 an SM, 25% occupancy; 1 wave of blocks; loads in flight only between batches;
+# sigmoids most of the instructions)
+PROMISING = {
+    "fwd": [{}, {"fwd_fast_sigmoid": 1}, {"fwd_prefetch_ahead": 1}, {"fwd_prefetch_ahead": 2},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 3, "fwd_chunk_steps": 64},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 3, "fwd_prefetch_ahead": 2},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_unroll": 1, "fwd_chunk_steps": 64,
+             "fwd_prefetch_ahead": 2},
+            {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_access_bytes": 8,
+             "fwd_unroll": 4}],
+    "bwd": [{}, {"bwd_fast_sigmoid": 1}, {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 2},
+            {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 3, "bwd_unroll": 2},
+            {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 3, "bwd_access_bytes": 8}],
+}
+FULL = {
+    "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1 "
+           "ahead=0,1,2",
+    "bwd": "bytes=16,8 unroll=1,2,4 chunk=128,256,512 threads=128,256 minblocks=0,2,3 fast=0,1",
+}
+
+
+def parse_grid(text, direction):
+    """``"bytes=16,8 unroll=2"`` -> list of TUNING updates (every combination)."""
+    axes = []
+    for item in text.split():
+        key, _, values = item.partition("=")
+        if key not in KNOBS or not values:
+            raise SystemExit(f"--{direction}: unknown knob {item!r} (knobs: {', '.join(KNOBS)})")
+        axes.append([(f"{direction}_{KNOBS[key]}", int(v)) for v in values.split(",") if v])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def variants(args, direction):
+    spec = getattr(args, direction)
+    if spec:
+        return parse_grid(spec, direction)
+    if args.grid == "quick" or (args.quick and args.grid is None):
+        return [{}]
+    if args.grid == "full":
+        return parse_grid(FULL[direction], direction)
+    return [dict(u) for u in PROMISING[direction]]
+
+
+def label(update):
+    return " ".join(f"{k.split('_', 1)[1]}={v}" for k, v in update.items()) or "TUNING"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16x2048,1x32768")
     ap.add_argument("--old", default=None)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="the same as --grid quick")
+    ap.add_argument("--grid", choices=["quick", "promising", "full"], default=None,
+                    help="preset grid (default: promising)")
+    ap.add_argument("--fwd", default=None, help="forward grid, e.g. 'bytes=16 unroll=2,4'")
+    ap.add_argument("--bwd", default=None, help="backward grid")
+    args = ap.parse_args(argv)
     import cupy as cp
     import ml_dtypes
     from swr_array.numba_kernels import phalanx_fused as PF
@@ -100,38 +169,48 @@ def main():
             print(f"  old fwd {tf:.4f} ms {fwd_bytes / tf / 1e9:.2f} TB/s | "
                   f"old bwd {tb:.4f} ms {bwd_bytes / tb / 1e9:.2f} TB/s", flush=True)
         saved = dict(PF.TUNING)
-        fwd_grid = [(16, 2, 128)] if args.quick else itertools.product(
-            (16, 8), (1, 2, 4), (64, 128, 256))
-        for ab, un, cs in fwd_grid:
-            PF.TUNING.update(saved, fwd_access_bytes=ab, fwd_unroll=un, fwd_chunk_steps=cs)
+        for direction in ("fwd", "bwd"):
+            for update in variants(args, direction):
+                if set(update) - set(saved):
+                    raise SystemExit(f"--{direction}: {sorted(set(update) - set(saved))} are not "
+                                     f"knobs of this direction's kernel")
+        best = {}
+        for update in variants(args, "fwd"):
+            PF.TUNING.update(saved, **update)
+            name = f"fwd {label(update)} bounds={PF.launch_bounds('fwd')}"
             try:
                 tf, yv = fwd(PF)
             except Exception as exc:  # noqa: BLE001
-                print(f"  fwd bytes={ab} unroll={un} chunk={cs}: failed {exc}", flush=True)
+                print(f"  {name}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
             if ref_f is None:
                 ref_f = yv
-            print(f"  fwd bytes={ab} unroll={un} chunk={cs}: {tf:.4f} ms "
-                  f"{fwd_bytes / tf / 1e9:.2f} TB/s ({fwd_bytes / tf / 1e9 / bw:.0%} of copy) "
+            tbs = fwd_bytes / tf / 1e9
+            print(f"  {name}: {tf:.4f} ms {tbs:.2f} TB/s ({tbs / bw:.0%} of copy) "
                   f"diff {rel(yv, ref_f):.1e}", flush=True)
-        bwd_grid = [(16, 4, 256, 256)] if args.quick else itertools.product(
-            (16, 8), (1, 2, 4), (128, 256, 512), (256,))
-        for ab, un, cs, th in bwd_grid:
-            PF.TUNING.update(saved, bwd_access_bytes=ab, bwd_unroll=un, bwd_chunk_steps=cs,
-                             bwd_threads_per_block=th)
+            if tf < best.get("fwd", (1e9,))[0]:
+                best["fwd"] = (tf, name, tbs)
+        for update in variants(args, "bwd"):
+            PF.TUNING.update(saved, **update)
             cfg = PF.backward_config("bf16", H, D, 16)
-            label = f"bwd bytes={ab} unroll={un} chunk={cs} threads={th} cfg={cfg}"
+            name = f"bwd {label(update)} bounds={PF.launch_bounds('bwd')} cfg={cfg}"
             try:
                 tb, outs = bwd(PF)
             except Exception as exc:  # noqa: BLE001
-                print(f"  {label}: failed {exc}", flush=True)
+                print(f"  {name}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
             if ref_b is None:
                 ref_b = outs
             diffs = " ".join(f"{rel(o, r):.1e}" for o, r in zip(outs, ref_b))
-            print(f"  {label}: {tb:.4f} ms {bwd_bytes / tb / 1e9:.2f} TB/s "
-                  f"({bwd_bytes / tb / 1e9 / bw:.0%} of copy) diff {diffs}", flush=True)
+            tbs = bwd_bytes / tb / 1e9
+            print(f"  {name}: {tb:.4f} ms {tbs:.2f} TB/s ({tbs / bw:.0%} of copy) "
+                  f"diff {diffs}", flush=True)
+            if tb < best.get("bwd", (1e9,))[0]:
+                best["bwd"] = (tb, name, tbs)
         PF.TUNING.update(saved)
+        for ms, name, tbs in best.values():
+            print(f"{size} best {name}: {ms:.4f} ms {tbs:.2f} TB/s ({tbs / bw:.0%} of copy "
+                  f"{bw:.2f} TB/s)", flush=True)
     return 0
 
 

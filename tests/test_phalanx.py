@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import types
 
 import ml_dtypes
 import numpy as np
@@ -319,3 +320,27 @@ BAD_CALLS = [
 def test_bad_calls_raise_naming_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_phalanx_dev_sweep_grids():
+    """scripts/phalanx_dev.py's knob grids become TUNING updates the kernels' module knows."""
+    import importlib.util
+    import pathlib
+
+    from swr_array.numba_kernels.phalanx_fused import TUNING
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "phalanx_dev.py"
+    spec = importlib.util.spec_from_file_location("phalanx_dev", path)
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    grid = dev.parse_grid("bytes=16,8 minblocks=0,3,4", "fwd")
+    assert len(grid) == 6 and grid[0] == {"fwd_access_bytes": 16, "fwd_min_blocks": 0}
+    assert grid[-1] == {"fwd_access_bytes": 8, "fwd_min_blocks": 4}
+    with pytest.raises(SystemExit, match="unknown knob"):
+        dev.parse_grid("regs=64", "bwd")
+    for direction in ("fwd", "bwd"):
+        for grid_name in ("quick", "promising", "full"):
+            args = types.SimpleNamespace(fwd=None, bwd=None, quick=False, grid=grid_name)
+            ups = dev.variants(args, direction)
+            assert ups and all(set(u) <= set(TUNING) for u in ups)
+    assert dev.label({"fwd_min_blocks": 4, "fwd_chunk_steps": 64}) == "min_blocks=4 chunk_steps=64"

@@ -111,3 +111,69 @@ def test_every_launchable_configuration_has_a_specialisation():
                             assert heads % vec == 0 and aligned
                         assert id(PF.backward_kernel(kind, vec, vector, unroll)) in have
     assert PF.backward_config("f32", 4, 16, 128) is None
+
+
+def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
+    """TUNING's min_blocks and fast_sigmoid knobs give kernels of their own (a name and a cache
+    entry each) whose PTX carries the launch bounds and the approximate division, not the IEEE
+    reciprocal of the default kernels; the bfloat16 kernels keep 16-byte loads, and the forward
+    nothing in local memory (the backward's checkpoints of w live there by design)."""
+    _nvvm_or_skip()
+    from ptx_arches import kernel_options
+
+    monkeypatch.setitem(PF.TUNING, "fwd_min_blocks", 4)
+    monkeypatch.setitem(PF.TUNING, "bwd_min_blocks", 3)
+    monkeypatch.setitem(PF.TUNING, "bwd_threads_per_block", 128)
+    monkeypatch.setitem(PF.TUNING, "fwd_fast_sigmoid", 1)
+    monkeypatch.setitem(PF.TUNING, "bwd_fast_sigmoid", 1)
+    assert PF.launch_bounds("fwd") == (256, 4) and PF.launch_bounds("bwd") == (128, 3)
+    specs = PF.kernel_signatures()
+    names = [k.py_func.__name__ for k, _ in specs]
+    assert all(n.endswith("_lb256x4_fastsig") for n in names
+               if n.startswith("phalanx_mix_forward"))  # fmt: skip
+    assert all(n.endswith("_lb128x3_fastsig") for n in names
+               if n.startswith("phalanx_mix_backward"))  # fmt: skip
+    assert PF.forward_kernel("bf16", 8, 2, (256, 4)) is not PF.forward_kernel("bf16", 8, 2)
+    assert PF.forward_kernel("bf16", 8, 2, None, True) is not PF.forward_kernel("bf16", 8, 2)
+    wanted = {
+        "phalanx_mix_forward_bf16_vec8_unroll2_lb256x4_fastsig": (256, 4),
+        "phalanx_mix_backward_bf16_vec8_vector_unroll4_lb128x3_fastsig": (128, 3),
+    }
+    for kernel, sig in specs:
+        name = kernel.py_func.__name__
+        if name not in wanted:
+            continue
+        opts = kernel_options(kernel)
+        assert opts["launch_bounds"] == wanted[name]
+        threads, blocks = wanted.pop(name)
+        for cc, ptx in compile_arches(kernel.py_func, sig, **opts).items():
+            assert f".maxntid {threads}" in ptx and f".minnctapersm {blocks}" in ptx, (cc, name)
+            # the sigmoid's 1 / (1 + e): IEEE rcp.rn.f32 by default, div.approx.f32 here
+            assert "div.approx.f32" in ptx and "rcp.rn.f32" not in ptx, (cc, name)
+            assert "ld.global.v4.u32" in ptx, (cc, name)
+            if "forward" in name:
+                assert ".local" not in ptx, (cc, name)
+    assert not wanted
+    monkeypatch.setitem(PF.TUNING, "fwd_fast_sigmoid", 0)
+    kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
+                       if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2_lb256x4")
+    ptx = compile_arches(kernel.py_func, sig, **kernel_options(kernel))[(9, 0)]
+    assert "rcp.rn.f32" in ptx and "div.approx.f32" not in ptx
+
+
+def test_prefetch_specialisation(monkeypatch):
+    """TUNING's fwd_prefetch_ahead gives forward kernels of their own whose PTX asks L2 for the
+    Bg, C and V rows of each later step (three prefetches a step of a batch), keeps its 16-byte
+    loads and nothing in local memory; the default kernels prefetch nothing."""
+    _nvvm_or_skip()
+    monkeypatch.setitem(PF.TUNING, "fwd_prefetch_ahead", 2)
+    kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
+                       if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2_ahead2")
+    for cc, ptx in compile_arches(kernel.py_func, sig).items():
+        assert ptx.count("prefetch.global.L2") == 3 * PF.TUNING["fwd_unroll"], cc
+        assert ptx.count("ld.global.v4.u32") == 3 * PF.TUNING["fwd_unroll"], cc
+        assert ".local" not in ptx, cc
+    monkeypatch.setitem(PF.TUNING, "fwd_prefetch_ahead", 0)
+    kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
+                       if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2")
+    assert "prefetch" not in compile_arches(kernel.py_func, sig)[(9, 0)]
