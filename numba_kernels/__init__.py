@@ -8,7 +8,7 @@ Shared pieces: ``_ptx`` (inline PTX/LLVM helpers), ``_dtypes`` (storage kinds, i
 conversions), ``_launch`` (compilation, launches on data pointers, ``Tuning``).
 """
 
-from . import packing, phalanx_fused, swr_backward, swr_exact, swr_forward, swr_step
+from . import packing, phalanx_fused, swr_backward, swr_forward, swr_step
 from ._launch import FlatArray, compile_for, launch
 from .block_scan import linear_scan
 from .phalanx_fused import phalanx_backward, phalanx_forward
@@ -28,7 +28,6 @@ __all__ = [
     "phalanx_fused",
     "swr_backward",
     "swr_backward_blocks",
-    "swr_exact",
     "swr_forward",
     "swr_step",
     "walk_plan",

@@ -190,8 +190,6 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     u = cp.ascontiguousarray(u)
     y = cp.empty(u.shape, dtype=p.out_dtype) if out is None else out
     shape = (p.B, p.H, p.D)
-    if p.hops is None and p.N > 0:
-        return _exact_forward(a, u, y, p, x0=x0, state=state, return_state=return_state)
     position = 0 if state is None else state.common_position()
     fresh = state is None
     if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
@@ -250,44 +248,11 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     return y, state.advanced(p.N, v, C, S, cp, position)
 
 
-def _exact_forward(a, u, y, p, *, x0, state, return_state):
-    """hops=None: the two-pass exact forward (numba_kernels/swr_exact.py) from the x just before
-    index 0 (x0; or, continuing a state, ``w + g s`` inside the current block). With
-    ``return_state`` the pass also keeps, in float32, x just before the last block that ends
-    inside the call (S entering it), and the new state's carriers come from the tail as for
-    hops 0/1."""
-    cp = _xp_of(u)
-    shape = (p.B, p.H, p.D)
-    position = 0 if state is None else state.common_position()
-    if state is not None:
-        start = cp_ascontig(state.w + state.g * state.carry_v[..., 0])
-    elif x0 is not None:
-        start = cp_ascontig(x0)
-    else:
-        start = _constant(cp, shape, 0.0)
-    kw = dict(layout=p.layout, carry=start)
-    l, end = p.block_len, position + p.N
-    last = (end // l - 1) * l  # absolute start of the last block that ends inside the call
-    snap = None
-    if return_state and last > position:  # S entering it is an x of this call
-        snap = cp.empty(shape, F32)
-        kw.update(snap=snap, t_snap=last - position - 1)
-    _nk().swr_exact.swr_forward_exact(_view(a), _view(u), _view(y), **kw)
-    if not return_state:
-        return y
-    if state is None:
-        x0f = None if x0 is None else cp_ascontig(x0)
-        state = SWRState.initial(shape, block_len=l, hops=None, x0=x0f, xp=cp, dtype=F32)
-    s_last = snap if snap is not None else cp_ascontig(state.carry_v[..., 0])
-    return y, _advance_from_tail(a, u, p, state, position, s_last)
-
-
-def _advance_from_tail(a, u, p, state, position, s_last=None):
+def _advance_from_tail(a, u, p, state, position):
     """The next state for hops 0/1: only the trailing partial block and the K complete blocks
-    before it matter, so their carriers are recomputed from a short tail of the inputs.
-    hops=None (K = 1): ``s_last`` is S entering the last block that ends inside the call."""
+    before it matter, so their carriers are recomputed from a short tail of the inputs."""
     cp = _xp_of(u)
-    l, K = p.block_len, (1 if p.hops is None else p.hops)
+    l, K = p.block_len, p.hops
     start_abs = position
     end = start_abs + p.N
     tail_abs = max(start_abs, ((end - 1) // l - K) * l)
@@ -304,11 +269,7 @@ def _advance_from_tail(a, u, p, state, position, s_last=None):
     v = cp.empty((p.B, p.H, p.D, nb), F32)
     C = cp.empty_like(v)
     _nk().block_carriers(_view(at), _view(ut), v, C, layout=p.layout, block_len=l, **kw)
-    S = cp.zeros_like(v)
-    complete = nb - (1 if end % l else 0)
-    if s_last is not None and complete > 0:
-        S[..., complete - 1] = s_last
-    return state.advanced(p.N, v, C, S, cp, position)
+    return state.advanced(p.N, v, C, cp.zeros_like(v), cp, position)
 
 
 def swr_backward(a, u, dy, p, *, x0, out=None):
