@@ -512,9 +512,10 @@ TUNING = {
     # thread blocks each SM must be able to hold (launch bounds: the compiler keeps the registers
     # per thread at most 65536 / (threads_per_block * min_blocks)); 0: no bound
     "fwd_min_blocks": 0,
-    # sigmoids through libdevice's approximate exp and division (a few ulp off; fewer
-    # instructions per element)
-    "fwd_fast_sigmoid": 0,
+    # sigmoids through libdevice's approximate exp and division (a few float32 ulp off; fewer
+    # instructions per element): 0 never, 1 always, 2 for 16-bit storage only (where the
+    # difference is below the storage's precision)
+    "fwd_fast_sigmoid": 2,
     # L2 prefetch of the rows this many load batches ahead (0: none)
     "fwd_prefetch_ahead": 0,
     # backward: the same knobs
@@ -523,9 +524,16 @@ TUNING = {
     "bwd_chunk_steps": 256,
     "bwd_threads_per_block": 256,
     "bwd_min_blocks": 0,
-    "bwd_fast_sigmoid": 0,
+    "bwd_fast_sigmoid": 2,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
+
+
+def fast_sigmoid(direction: str, kind: str) -> bool:
+    """Whether the ``direction`` ("fwd" or "bwd") kernel for storage ``kind`` uses the approximate
+    sigmoid (TUNING's ``{direction}_fast_sigmoid``: 0 never, 1 always, 2 16-bit storage only)."""
+    v = int(TUNING[f"{direction}_fast_sigmoid"])
+    return v == 1 or (v == 2 and kind != "f32")
 
 
 def launch_bounds(direction: str):
@@ -630,10 +638,10 @@ def kernel_signatures():
     i64, fl = types.int64, types.float32
     f1 = types.Array(fl, 1, "C")
     fb, bb = launch_bounds("fwd"), launch_bounds("bwd")
-    ff, bf = bool(TUNING["fwd_fast_sigmoid"]), bool(TUNING["bwd_fast_sigmoid"])
     fa = int(TUNING["fwd_prefetch_ahead"])
     out = []
     for kind, el in _STORAGE.items():
+        ff, bf = fast_sigmoid("fwd", kind), fast_sigmoid("bwd", kind)
         v1 = types.Array(el, 1, "C")
         for vec in _widths(kind, TUNING["fwd_access_bytes"]):
             sig = (v1,) * 5 + (f1,) * 8 + (i64,) * 4 + (fl,) + (i64,) * 10
@@ -716,7 +724,7 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
             i64(state_out is not None))
     tpb = 32 if SIMULATOR else TUNING["fwd_threads_per_block"]
     kernel = forward_kernel(kind, vec, unroll, launch_bounds("fwd"),
-                            bool(TUNING["fwd_fast_sigmoid"]), int(TUNING["fwd_prefetch_ahead"]))
+                            fast_sigmoid("fwd", kind), int(TUNING["fwd_prefetch_ahead"]))
     launch(kernel, (-(-total // tpb),), (tpb,), args, stream)
 
 
@@ -756,5 +764,5 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
     kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"),
-                             bool(TUNING["bwd_fast_sigmoid"]))
+                             fast_sigmoid("bwd", kind))
     launch(kernel, (-(-total // tpb),), (tpb,), args, stream)

@@ -98,7 +98,8 @@ def test_every_launchable_configuration_has_a_specialisation():
                 for aligned in (True, False):
                     vec, unroll = PF.forward_config(kind, heads, head_dim, aligned)
                     assert head_dim % vec == 0 and heads % vec == 0
-                    assert id(PF.forward_kernel(kind, vec, unroll)) in have
+                    fast = PF.fast_sigmoid("fwd", kind)
+                    assert id(PF.forward_kernel(kind, vec, unroll, None, fast)) in have
                     for block_len in (1, 2, 4, 8, 16, 32, 64):
                         cfg = PF.backward_config(kind, heads, head_dim, block_len, aligned)
                         if cfg is None:  # no split of the head into 2**k <= 32 lanes: composed
@@ -109,7 +110,8 @@ def test_every_launchable_configuration_has_a_specialisation():
                         assert block_len * vec <= PF.BUF
                         if vector:
                             assert heads % vec == 0 and aligned
-                        assert id(PF.backward_kernel(kind, vec, vector, unroll)) in have
+                        fast = PF.fast_sigmoid("bwd", kind)
+                        assert id(PF.backward_kernel(kind, vec, vector, unroll, None, fast)) in have
     assert PF.backward_config("f32", 4, 16, 128) is None
 
 
@@ -117,10 +119,13 @@ def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
     """TUNING's min_blocks and fast_sigmoid knobs give kernels of their own (a name and a cache
     entry each) whose PTX carries the launch bounds and the approximate division, not the IEEE
     reciprocal of the default kernels; the bfloat16 kernels keep 16-byte loads, and the forward
-    nothing in local memory (the backward's checkpoints of w live there by design)."""
+    nothing in local memory (the backward's checkpoints of w live there by design). By default
+    the fast sigmoid is used for 16-bit storage only."""
     _nvvm_or_skip()
     from ptx_arches import kernel_options
 
+    assert [PF.fast_sigmoid(d, k) for d in ("fwd", "bwd") for k in ("f32", "bf16")] == [
+        False, True, False, True]
     monkeypatch.setitem(PF.TUNING, "fwd_min_blocks", 4)
     monkeypatch.setitem(PF.TUNING, "bwd_min_blocks", 3)
     monkeypatch.setitem(PF.TUNING, "bwd_threads_per_block", 128)
@@ -166,6 +171,7 @@ def test_prefetch_specialisation(monkeypatch):
     Bg, C and V rows of each later step (three prefetches a step of a batch), keeps its 16-byte
     loads and nothing in local memory; the default kernels prefetch nothing."""
     _nvvm_or_skip()
+    monkeypatch.setitem(PF.TUNING, "fwd_fast_sigmoid", 0)
     monkeypatch.setitem(PF.TUNING, "fwd_prefetch_ahead", 2)
     kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
                        if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2_ahead2")
