@@ -246,8 +246,8 @@ def table(results) -> str:
     ctxs = results["contexts"]
     head = ("| batch | Phalanx step, graph (us) | eager (us) | two GEMMs, graph (us) | "
             "step / GEMMs | fused middle, graph (us) | host: Phalanx.step (us) | "
-            "host: swr_step (us) | torch ops step, graph (us) | floor (us) | step / floor | "
-            + " | ".join(f"attention {c // 1024}K, graph (us)" for c in ctxs) + " |")
+            "host: swr_step (us) | torch ops step, graph (us) | floor (us) | step / floor |"
+            + "".join(f" attention {c // 1024}K, graph (us) |" for c in ctxs))
     lines = [f"Decode, one layer per token: {results['device']}, dim {results['dim']}, "
              f"{results['dtype']}, hops=1, block_len=16 (copy bandwidth "
              f"{results['copy_bandwidth_gbs']:.0f} GB/s)", "", head,
