@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Native packed kernels (issue #18), on the GPU machine, within ~120 s:
-#   source scripts/device_env.sh && bash scripts/gpu_packed2.sh
+#   source scripts/device_env.sh && bash scripts/gpu_packed.sh
 # 1. the packed GPU tests that reach the native BLHD kernels (tests/test_gpu_packed.py: the
 #    poisoned native cases, native against the padded image at 32768 tokens x 2048 channels,
 #    the CuPy front's BLHD cases and the invalid-cu case) and the native simulator tests run
@@ -8,11 +8,11 @@
 # 2. benchmarks/packed_bench.py at 32768 tokens, 128 heads x 16 (2048 channels), bfloat16,
 #    block_len 16, hops 1, both layouts, 16 and 1000 documents, the dense call in the same run
 #    (medians of CUDA-event times; the device name is in the JSON and the table).
-# Writes $OUT/packed2/log.txt (everything printed, the Markdown table last) and
-# $OUT/packed2/packed_bench.json.
+# Writes $OUT/packed/log.txt (everything printed, the Markdown table last) and
+# $OUT/packed/packed_bench.json.
 set -u
 export PYTHONUNBUFFERED=1
-dir="${OUT:-$PWD/gpu_logs}/packed2"
+dir="${OUT:-$PWD/gpu_logs}/packed"
 mkdir -p "$dir"
 log="$dir/log.txt"
 {

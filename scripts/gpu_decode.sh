@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Decoding at the hardware limit (issue #23), on the GPU machine, within ~150 s:
-#   source scripts/device_env.sh && bash scripts/gpu_decode2.sh
+#   source scripts/device_env.sh && bash scripts/gpu_decode.sh
 # 1. the step kernels' GPU tests (tests/test_gpu_step.py, tests/test_kernels_step.py);
 # 2. benchmarks/decode_bench.py --runs 7 at batch 1, 64, 256 (graph-captured Phalanx.step, its
 #    two GEMMs, its fused middle kernel alone, the host cost of eager Phalanx.step and torch
@@ -9,11 +9,11 @@
 # 4. scripts/host_profile.py --decode: eager steps' host cost at batch 1 and a cProfile;
 # 5. with NCU=1 only: Nsight Compute on the step kernels (swr_step, phalanx_step_mix) alone at
 #    batch 1, 64, 256 (every launch: the first of each batch compiles, the second is warm).
-# Writes $OUT/decode2/log.txt (everything printed, the Markdown table included) and
-# $OUT/decode2/decode_bench.json.
+# Writes $OUT/decode/log.txt (everything printed, the Markdown table included) and
+# $OUT/decode/decode_bench.json.
 set -u
 export PYTHONUNBUFFERED=1
-dir="${OUT:-$PWD/gpu_logs}/decode2"
+dir="${OUT:-$PWD/gpu_logs}/decode"
 mkdir -p "$dir"
 log="$dir/log.txt"
 {
