@@ -2,6 +2,7 @@
 
     python benchmarks/phalanx_bench.py --out DIR [--sizes 16x2048,4x8192,1x32768] [--dim 2048]
                                        [--dtype bfloat16] [--runs 20] [--calls 3] [--warmup 3]
+                                       [--tuning bwd_kernel=rows,bwd_rows=8]
 
 For each size (B x L tokens, dim 2048, bfloat16 by default, H = dim/16 heads of 16):
 - fwd: ``swr_array.phalanx(x, params)`` vs the two GEMMs it runs (x W_in, Y W_out);
@@ -336,6 +337,8 @@ def main(argv=None):
                          "benchmarks/build_spear.sh built into DIR")
     ap.add_argument("--spear-wait", type=float, default=0.0, metavar="S",
                     help="wait up to S seconds for that build to finish")
+    ap.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
+                    help="phalanx_fused.TUNING settings for this run, e.g. bwd_kernel=rows")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -355,6 +358,15 @@ def main(argv=None):
         "numpy": np.__version__, "dtype": dtype.name, "runs": args.runs, "calls": args.calls,
         "sizes": [],
     }
+    if args.tuning:
+        from swr_array.numba_kernels import phalanx_fused as PF
+
+        for item in args.tuning.split(","):
+            key, _, value = item.partition("=")
+            if key not in PF.TUNING:
+                raise SystemExit(f"--tuning: {key!r} is not a TUNING knob")
+            PF.TUNING[key] = value if isinstance(PF.TUNING[key], str) else int(value)
+        results["tuning"] = args.tuning
     try:
         import numba_cuda
 

@@ -58,8 +58,12 @@ from ._ptx import (
     head_sum,
     make_vector_load,
     make_vector_store,
+    make_word_load,
+    make_word_unpack,
     scalar_load_loop,
     scalar_store_loop,
+    shfl_idx,
+    words_per_access,
 )
 
 __all__ = [
@@ -499,6 +503,243 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
 
 
 # ----------------------------------------------------------------------------------------------
+# Backward, block rows: one thread per (batch, one 32-bit word of channels, ONE block); a thread
+# block holds consecutive blocks of the same channels, one row of threads each, and passes the
+# carriers between them through shared memory
+# ----------------------------------------------------------------------------------------------
+
+ROWS_LMAX = 16
+"""Largest block_len of the block-row backward (a thread keeps its block's inputs in registers)."""
+
+if SIMULATOR:  # no warp shuffles there: sum the head's lanes through the block-wide exchange
+
+    def _sim_lane_head_sum(x, lph, mask):
+        lane = cuda.threadIdx.x % 32
+        base = lane - lane % lph
+        total = F0
+        for k in range(lph):
+            total += shfl_idx(x, base + k)
+        return total
+
+    _lane_head_sum = cuda.jit(device=True)(_sim_lane_head_sum)
+else:
+    _lane_head_sum = head_sum
+
+
+def rows_vec(kind: str) -> int:
+    """Channels a thread of the block-row backward owns: one 32-bit word of them."""
+    return 4 // ITEM_SIZE[kind]
+
+
+def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
+    """The block-row backward (hops 0 and 1, block_len <= ROWS_LMAX).
+
+    With hops=1 block j's backward needs only two numbers per channel from outside the block:
+    S_j, the last state of block j-1 started from zero (its carrier), and q_{j+1} = sum_t g_t
+    ds_t over block j+1. Both depend on one neighbouring block alone, so every block is its own
+    thread's work. A thread block has ``rows + 2`` rows of R threads (R <= 32 channel words of
+    one batch row): rows 1..rows take consecutive blocks, row 0 the block before them (it loads
+    V, Bg, A and computes only its last state) and row rows+1 the block after them (A, C, dY:
+    only its q); those two halo blocks are interior blocks of the neighbouring thread blocks,
+    so their second read mostly hits L2.
+
+    Pass 1: a thread loads its whole block (all loads in flight together, one 32-bit access per
+    array and step, kept packed in registers), walks it forward keeping a_t w_{t-1} and g_t per
+    step, and publishes its last state and q in shared memory. After a barrier, pass 2 walks
+    the block backwards from the registers with S (row above) and q (row below) and writes dz,
+    Y and the block's bias sums. Every element of z and dY is read from DRAM once; nothing is
+    kept in local memory.
+    """
+    load = LOAD[kind]
+    store = STORE[kind]
+    VEC = rows_vec(kind)
+    NW = words_per_access(kind, VEC)  # words a step and array (1 on the GPU)
+    LB = ROWS_LMAX
+    ROWS = rows + 2
+    SH = ROWS * 32 * VEC
+    LBV = LB * VEC  # local array sizes must be constants
+    LBW = LB * NW
+    WT = f32 if (SIMULATOR or NW == VEC) else numba.uint32
+    load_w = make_word_load(kind, VEC)
+    unpack = make_word_unpack(kind, VEC)
+    store_v = make_vector_store(kind, VEC)
+    sigmoid = _sigmoid_fast if fast else _sigmoid
+    lane_sum = _lane_head_sum
+
+    def phalanx_mix_backward_rows(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
+                                  L, H, D, G, decay_max, block_len, hops, nvec, nb, nruns, ncg,
+                                  R, lph):
+        sh_w = cuda.shared.array(SH, f32)
+        sh_q = cuda.shared.array(SH, f32)
+        x = numba.int64(cuda.threadIdx.x)
+        row = x // R
+        r = x - row * R
+        cta = numba.int64(cuda.blockIdx.x)
+        rest = cta // ncg
+        ci = (cta - rest * ncg) * R + r  # this thread's channel word
+        b = rest // nruns
+        j = (rest - b * nruns) * rows + row - 1  # this row's block
+        lb = block_len
+        n = numba.int64(0)
+        if ci < nvec and j >= 0 and j < nb and (hops == 1 or (row > 0 and row <= rows)):
+            n = min(lb, L - j * lb)
+        own = row > 0 and row <= rows and n > 0  # writes its block's gradients
+        need_vb = n > 0 and row <= rows  # loads V and Bg (the block's last state)
+        need_cd = n > 0 and row > 0  # loads C and dY
+        c0 = ci * VEC if ci < nvec else numba.int64(0)
+        h = c0 // D
+        d0 = c0 - h * D
+        HD = H * D
+        KD = (H // G) * D
+        W = HD + 2 * KD + H
+        NBW = 2 * KD + H
+        kc0 = (h // G) * D + d0
+        col_b = HD + kc0
+        col_c = col_b + KD
+        col_a = HD + 2 * KD + h
+        lead = d0 == 0
+        lane = x % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        ba = load(b_a[h])
+        bb = cuda.local.array(VEC, f32)
+        bc = cuda.local.array(VEC, f32)
+        w = cuda.local.array(VEC, f32)
+        q = cuda.local.array(VEC, f32)
+        S = cuda.local.array(VEC, f32)
+        lam = cuda.local.array(VEC, f32)
+        zzv = cuda.local.array(VEC, f32)
+        pb = cuda.local.array(VEC, f32)
+        pc = cuda.local.array(VEC, f32)
+        ov = cuda.local.array(VEC, f32)
+        ob = cuda.local.array(VEC, f32)
+        oc = cuda.local.array(VEC, f32)
+        oy = cuda.local.array(VEC, f32)
+        vv = cuda.local.array(VEC, f32)
+        vb = cuda.local.array(VEC, f32)
+        vc = cuda.local.array(VEC, f32)
+        vd = cuda.local.array(VEC, f32)
+        sgs = cuda.local.array(LB, f32)  # z_a, then sigmoid(z_a + b_a)
+        ghs = cuda.local.array(LB, f32)  # g_t
+        aws = cuda.local.array(LBV, f32)  # a_t w_{t-1}
+        wv = cuda.local.array(LBW, WT)  # the block's packed inputs
+        wb = cuda.local.array(LBW, WT)
+        wc = cuda.local.array(LBW, WT)
+        wd = cuda.local.array(LBW, WT)
+        for k in range(VEC):
+            bb[k] = load(b_b[kc0 + k])
+            bc[k] = load(b_c[kc0 + k])
+            w[k] = F0
+            q[k] = F0
+        m0 = b * L + j * lb
+        if n > 0:  # every load of the block in flight together
+            for i in range(LB):
+                m = m0 + min(i, n - 1)
+                sgs[i] = load(z[u64(m * W + col_a)])
+                if need_vb:
+                    load_w(z, m * W + c0, wv, i * NW)
+                    load_w(z, m * W + col_b, wb, i * NW)
+                if need_cd:
+                    load_w(z, m * W + col_c, wc, i * NW)
+                    load_w(dy, m * HD + c0, wd, i * NW)
+            gh = F1
+            for i in range(LB):
+                if i < n:
+                    sg = sigmoid(sgs[i] + ba)
+                    sgs[i] = sg
+                    a = decay_max * sg
+                    gh = a * gh
+                    ghs[i] = gh
+                    if need_vb:
+                        unpack(wv, i * NW, vv, 0)
+                        unpack(wb, i * NW, vb, 0)
+                        for k in range(VEC):
+                            awk = a * w[k]
+                            aws[i * VEC + k] = awk
+                            w[k] = awk + sigmoid(vb[k] + bb[k]) * vv[k]
+                    if need_cd and hops == 1:
+                        unpack(wc, i * NW, vc, 0)
+                        unpack(wd, i * NW, vd, 0)
+                        for k in range(VEC):
+                            q[k] += gh * vd[k] * (vc[k] + bc[k])
+        base = (row * R + r) * VEC
+        for k in range(VEC):
+            sh_w[base + k] = w[k]
+            sh_q[base + k] = q[k]
+        cuda.syncthreads()
+        for k in range(VEC):
+            S[k] = sh_w[base - R * VEC + k] if hops == 1 and row > 0 else F0
+            lam[k] = sh_q[base + R * VEC + k] if hops == 1 and row < ROWS - 1 else F0
+            zzv[k] = F0
+            pb[k] = F0
+            pc[k] = F0
+        pah = F0
+        a_next = F1
+        for ii in range(LB):  # every thread calls lane_sum LB times (uniform for shuffles)
+            i = LB - 1 - ii
+            m = m0 + i
+            pa = F0
+            sg = F0
+            go = own and i < n
+            if go:
+                sg = sgs[i]
+                unpack(wv, i * NW, vv, 0)
+                unpack(wb, i * NW, vb, 0)
+                unpack(wc, i * NW, vc, 0)
+                unpack(wd, i * NW, vd, 0)
+                gi = ghs[i]
+                for k in range(VEC):
+                    bg = sigmoid(vb[k] + bb[k])
+                    v = vv[k]
+                    c = vc[k] + bc[k]
+                    dyv = vd[k]
+                    ds = dyv * c
+                    lam[k] = ds + a_next * lam[k]
+                    zzv[k] = ds + a_next * zzv[k]
+                    awk = aws[i * VEC + k]
+                    ghs_k = gi * S[k]
+                    sv = awk + bg * v + ghs_k
+                    ov[k] = dyv + lam[k] * bg
+                    ob[k] = lam[k] * v * bg * (F1 - bg)
+                    oc[k] = dyv * sv
+                    oy[k] = sv * c + v
+                    pa += awk * lam[k] + ghs_k * zzv[k]
+                    pb[k] += ob[k]
+                    pc[k] += oc[k]
+                store_v(dz, m * W + c0, ov, 0)
+                store_v(y, m * HD + c0, oy, 0)
+                if G == 1:
+                    store_v(dz, m * W + col_b, ob, 0)
+                    store_v(dz, m * W + col_c, oc, 0)
+                else:  # heads of one kv group share these columns
+                    for k in range(VEC):
+                        cuda.atomic.add(acc_b, m * KD + kc0 + k, ob[k])
+                        cuda.atomic.add(acc_c, m * KD + kc0 + k, oc[k])
+                pa = pa * (F1 - sg)
+            pa = lane_sum(pa, lph, mask)
+            if go:
+                if lead:
+                    dz[u64(m * W + col_a)] = store(pa)
+                pah += pa
+                a_next = decay_max * sg
+        if own:
+            orow = (b * nb + j) * NBW
+            for k in range(VEC):
+                if G == 1:
+                    dbias[orow + kc0 + k] = pb[k]
+                    dbias[orow + KD + kc0 + k] = pc[k]
+                else:
+                    cuda.atomic.add(dbias, orow + kc0 + k, pb[k])
+                    cuda.atomic.add(dbias, orow + KD + kc0 + k, pc[k])
+            if lead:
+                dbias[orow + 2 * KD + h] = pah
+
+    phalanx_mix_backward_rows.__name__ = phalanx_mix_backward_rows.__qualname__ = (
+        f"phalanx_mix_backward_rows_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
+        f"{'_fastsig' if fast else ''}")
+    return _jit(phalanx_mix_backward_rows, bounds)
+
+
+# ----------------------------------------------------------------------------------------------
 # Specialisations, signatures and launch helpers
 # ----------------------------------------------------------------------------------------------
 
@@ -525,6 +766,13 @@ TUNING = {
     "bwd_threads_per_block": 256,
     "bwd_min_blocks": 0,
     "bwd_fast_sigmoid": 2,
+    # backward kernel: "rows" (one thread a block, consecutive blocks in rows of one thread block,
+    # for block_len <= ROWS_LMAX and heads that split into 2**k <= 32 lanes of 32-bit words) or
+    # "walk" (one thread a chunk of blocks, walked backwards); "rows" falls back to "walk" for
+    # shapes it does not take
+    "bwd_kernel": "walk",
+    # rows kernel: blocks a thread block takes (it has bwd_rows + 2 rows of up to 32 threads)
+    "bwd_rows": 8,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
 
@@ -534,6 +782,13 @@ def fast_sigmoid(direction: str, kind: str) -> bool:
     sigmoid (TUNING's ``{direction}_fast_sigmoid``: 0 never, 1 always, 2 16-bit storage only)."""
     v = int(TUNING[f"{direction}_fast_sigmoid"])
     return v == 1 or (v == 2 and kind != "f32")
+
+
+def rows_bounds():
+    """The block-row backward's launch bounds: ``(32 * (bwd_rows + 2), bwd_min_blocks)``, or
+    None when ``bwd_min_blocks`` is 0."""
+    m = int(TUNING["bwd_min_blocks"])
+    return None if m <= 0 else (32 * (int(TUNING["bwd_rows"]) + 2), m)
 
 
 def launch_bounds(direction: str):
@@ -573,6 +828,15 @@ def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
     key = ("bwd", kind, vec, vector, unroll, bounds, bool(fast))
     if key not in _CACHE:
         _CACHE[key] = _make_backward(kind, vec, vector, unroll, bounds, bool(fast))
+    return _CACHE[key]
+
+
+def backward_rows_kernel(kind: str, rows: int, bounds=None, fast=False):
+    """The block-row backward specialisation; ``bounds`` (:func:`rows_bounds`) and ``fast`` as
+    for :func:`forward_kernel`."""
+    key = ("bwd_rows", kind, int(rows), bounds, bool(fast))
+    if key not in _CACHE:
+        _CACHE[key] = _make_backward_rows(kind, int(rows), bounds, bool(fast))
     return _CACHE[key]
 
 
@@ -621,6 +885,20 @@ def backward_config(kind: str, heads: int, head_dim: int, block_len: int, aligne
     return None
 
 
+def rows_config(kind: str, heads: int, head_dim: int, block_len: int, aligned=True):
+    """(vec, lph) of the block-row backward, or None when it does not take these shapes:
+    block_len above ROWS_LMAX, a head_dim or head count that is not a multiple of the channels
+    of a 32-bit word (``rows_vec``), a head not split into a power of two of words up to 32, or
+    arrays not aligned to 16 bytes. Then :func:`phalanx_backward` runs the walking kernel."""
+    vec = rows_vec(kind)
+    if block_len > ROWS_LMAX or not aligned or head_dim % vec or heads % vec:
+        return None
+    lph = head_dim // vec
+    if not (_pow2(lph) and lph <= 32):
+        return None
+    return vec, lph
+
+
 def aligned(*arrays) -> bool:
     """Whether every array's data starts at a multiple of 16 bytes (always, in the simulator)."""
     if SIMULATOR:
@@ -652,6 +930,8 @@ def kernel_signatures():
             if vec > 1:
                 out.append((backward_kernel(kind, vec, True, un, bb, bf), bsig))
         out.append((backward_kernel(kind, 1, False, un, bb, bf), bsig))
+        rsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
+        out.append((backward_rows_kernel(kind, TUNING["bwd_rows"], rows_bounds(), bf), rsig))
     return out
 
 
@@ -740,29 +1020,43 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
     :func:`aligned` of z, dy, dz, y) to check the shapes.
     """
     kind = storage_kind(z.dtype)
-    cfg = backward_config(kind, heads, head_dim, block_len, aligned(z, dy, dz, y))
+    ok = aligned(z, dy, dz, y)
+    cfg = backward_config(kind, heads, head_dim, block_len, ok)
     if cfg is None:
         raise ValueError(f"the fused backward does not take head_dim={head_dim}, "
                          f"block_len={block_len} with these arrays (see backward_config)")
-    vec, vector, unroll, lph = cfg
-    nvec = heads * head_dim // vec
     nb = -(-length // block_len)
-    chunk_blocks = max(1, min(nb, TUNING["bwd_chunk_steps"] // block_len))
-    nchunks = -(-nb // chunk_blocks)
-    total = batch * nchunks * nvec
-    if total == 0:
+    if nb == 0 or batch == 0:
         return
     dummy = _dummy(z)
     i64 = np.int64
-    args = (_flat(z, kind), _flat(dy, kind), _flat(b_a, kind), _flat(b_b, kind),
-            _flat(b_c, kind), _flat(dz, kind), _flat(y, kind), dbias.reshape(-1),
-            dummy if acc_b is None else acc_b.reshape(-1),
-            dummy if acc_c is None else acc_c.reshape(-1),
-            i64(length), i64(heads), i64(head_dim), i64(heads // kv_heads),
-            np.float32(decay_max), i64(block_len), i64(hops), i64(nvec), i64(nb),
-            i64(chunk_blocks), i64(nchunks), i64(total), i64(lph))
+    arrays = (_flat(z, kind), _flat(dy, kind), _flat(b_a, kind), _flat(b_b, kind),
+              _flat(b_c, kind), _flat(dz, kind), _flat(y, kind), dbias.reshape(-1),
+              dummy if acc_b is None else acc_b.reshape(-1),
+              dummy if acc_c is None else acc_c.reshape(-1))
+    common = (i64(length), i64(heads), i64(head_dim), i64(heads // kv_heads),
+              np.float32(decay_max), i64(block_len), i64(hops))
+    fast = fast_sigmoid("bwd", kind)
+    rcfg = rows_config(kind, heads, head_dim, block_len, ok)
+    if TUNING["bwd_kernel"] == "rows" and rcfg is not None:
+        vec, lph = rcfg
+        rows = int(TUNING["bwd_rows"])
+        nvec = heads * head_dim // vec
+        R = min(32, nvec)
+        nruns = -(-nb // rows)
+        ncg = -(-nvec // R)
+        kernel = backward_rows_kernel(kind, rows, rows_bounds(), fast)
+        args = arrays + common + (i64(nvec), i64(nb), i64(nruns), i64(ncg), i64(R), i64(lph))
+        launch(kernel, (batch * nruns * ncg,), (R * (rows + 2),), args, stream)
+        return
+    vec, vector, unroll, lph = cfg
+    nvec = heads * head_dim // vec
+    chunk_blocks = max(1, min(nb, TUNING["bwd_chunk_steps"] // block_len))
+    nchunks = -(-nb // chunk_blocks)
+    total = batch * nchunks * nvec
+    args = arrays + common + (i64(nvec), i64(nb), i64(chunk_blocks), i64(nchunks), i64(total),
+                              i64(lph))
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     tpb = lph if SIMULATOR else TUNING["bwd_threads_per_block"]
-    kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"),
-                             fast_sigmoid("bwd", kind))
+    kernel = backward_kernel(kind, vec, vector, unroll, launch_bounds("bwd"), fast)
     launch(kernel, (-(-total // tpb),), (tpb,), args, stream)

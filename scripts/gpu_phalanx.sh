@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The Phalanx GPU round, on the GPU machine from the repository root, after
-# `source scripts/device_env.sh` (project installed, numpy 2.4 carried); carry .peers for spear:
+# `source scripts/device_env.sh` (project installed, numpy 2.4 carried):
 #   bash scripts/gpu_phalanx.sh
-# Writes two files into $OUT/phalanx/: phalanx.log (everything below) and hybrid_bench.json.
-# Steps, each under a time limit, about 290 s in all (BUDGET):
-#   0. spear's BTP extension built in the background (benchmarks/build_spear.sh), unless built;
-#   1. benchmarks/hybrid_bench.py: 12-layer decoder LMs x dim 2048, bf16, 32K tokens per step at
-#      4K..32K context (transformer, 1:1 and 1:3 hybrids, all Phalanx, the 1:3 hybrid with
-#      spear's layer last when its build is ready);
-#   2. scripts/phalanx_dev.py --grid promising: the fused kernels alone over launch variants, TB/s
-#      against the copy bandwidth of the same run;
-#   3. benchmarks/phalanx_bench.py: the layer against its GEMMs (and spear's layer), no decode;
-#   4. the Phalanx GPU and kernel tests (test_gpu_phalanx.py, test_kernels_phalanx.py).
+# Writes two files into $OUT/phalanx/: phalanx.log (everything below) and phalanx_bench.json.
+# Steps, each under a time limit, about 105 s in all (BUDGET):
+#   1. scripts/phalanx_dev.py --grid rows: the fused kernels alone at 16x2048, 4x8192 and
+#      1x32768, the backward kernels side by side (walk; block rows of 8, 4, 14), TB/s against
+#      the copy bandwidth of the same run;
+#   2. benchmarks/phalanx_bench.py: the layer against its GEMMs with the block-row backward
+#      (phalanx_bench.json), then with the walking backward (its table in the log only);
+#      spear's layer is not built here (its build alone takes about 2 minutes);
+#   3. the GPU tests of the backward kernels (test_gpu_phalanx.py, the rows tests of
+#      test_kernels_phalanx.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -21,7 +21,7 @@ DIR=$(cd "$DIR" && pwd)
 exec > >(tee "$DIR/phalanx.log") 2>&1
 export PYTHONUNBUFFERED=1
 t0=$SECONDS
-BUDGET=${BUDGET:-292}
+BUDGET=${BUDGET:-105}
 stamp() { echo "[gpu_phalanx +$((SECONDS - t0))s] $*"; }
 limit() {  # limit CAP: CAP seconds, or what is left of BUDGET if less (at least 5)
   local left=$((BUDGET - (SECONDS - t0)))
@@ -39,43 +39,20 @@ step() {  # step NAME CAP COMMAND...
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
   --format=csv 2>/dev/null || true
 
-# 0. spear (optional): about 2 minutes of nvcc beside the hybrid benchmark
-SPEAR_DIR=$ROOT/.peers/build/spear
-spear_pid=
-if [ -f "$SPEAR_DIR/status" ] && grep -q '^ok' "$SPEAR_DIR/status"; then
-  stamp "spear already built: $(cat "$SPEAR_DIR/status")"
-elif [ -d "$ROOT/.peers" ]; then
-  bash benchmarks/build_spear.sh .peers >/tmp/spear_build.log 2>&1 &
-  spear_pid=$!
-  stamp "building spear in the background (pid $spear_pid, log /tmp/spear_build.log)"
-else
-  stamp "no .peers: spear's rows will be skipped"
-fi
+# 1. the fused kernels alone: forward as TUNING has it, the backward kernels side by side
+step phalanx_dev 42 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768,16x2048 \
+  --grid rows
 
-# 1. the hybrid models (Part A of issue #20)
-step hybrid_bench 115 python3 "$ROOT/benchmarks/hybrid_bench.py" --out "$DIR" --layers 12 \
-  --contexts 32768,4096,16384,8192 --time-budget 100 --spear-build "$SPEAR_DIR" --spear-wait 15
+# 2. the layer against its GEMMs: block rows (JSON), then the walking backward (log only)
+step phalanx_bench_rows 20 python3 "$ROOT/benchmarks/phalanx_bench.py" --out "$DIR" \
+  --runs 10 --no-decode --tuning bwd_kernel=rows
+step phalanx_bench_walk 15 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_walk \
+  --runs 10 --no-decode --tuning bwd_kernel=walk
 
-# 2. the fused kernels alone over launch variants
-step phalanx_dev 80 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768 \
-  --grid promising
+# 3. tests of the backward kernels
+step tests 28 python3 -m pytest -q -p no:cacheprovider -n 8 -x "$ROOT/tests/test_gpu_phalanx.py" \
+  "$ROOT/tests/test_kernels_phalanx.py" -k "backward or rows or dim_2048"
 
-# 3. the layer against its GEMMs (spear's layer too if its build is ready by now)
-step phalanx_bench 35 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_bench \
-  --runs 10 --no-decode --spear-build "$SPEAR_DIR" --spear-wait 0
-
-# 4. tests
-step tests 60 python3 -m pytest -q -p no:cacheprovider -n 8 -x "$ROOT/tests/test_gpu_phalanx.py" \
-  "$ROOT/tests/test_kernels_phalanx.py"
-
-if [ -n "$spear_pid" ]; then
-  if kill -0 "$spear_pid" 2>/dev/null; then
-    stamp "spear build still running: stopping it"
-    kill "$spear_pid" 2>/dev/null || true
-  fi
-  stamp "spear build log (tail):"
-  tail -n 5 /tmp/spear_build.log
-fi
 stamp "done (status $status); files in $DIR:"
 ls -la "$DIR"
 exit "$status"

@@ -15,11 +15,12 @@ per size last.
 Knobs (``phalanx_fused.TUNING``, ``{fwd,bwd}_`` prefixed): ``bytes`` (access_bytes), ``unroll``,
 ``chunk`` (chunk_steps), ``threads`` (threads_per_block), ``minblocks`` (min_blocks: launch
 bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division), ``ahead``
-(forward only: prefetch_ahead, L2 prefetches that many load batches ahead). ``--fwd`` / ``--bwd``
-give a grid (every combination of the listed values; unlisted knobs keep TUNING's
-value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
-short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``full``
-(a wide grid).
+(forward only: prefetch_ahead, L2 prefetches that many load batches ahead), and backward only
+``kernel`` (walk or rows) and ``rows`` (blocks a thread block of the rows kernel takes).
+``--fwd`` / ``--bwd`` give a grid (every combination of the listed values; unlisted knobs keep
+TUNING's value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
+short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``rows``
+(the forward as TUNING has it, the backward kernels side by side), ``full`` (a wide grid).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def rel(a, b):
 
 KNOBS = {"bytes": "access_bytes", "unroll": "unroll", "chunk": "chunk_steps",
          "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid",
-         "ahead": "prefetch_ahead"}
+         "ahead": "prefetch_ahead", "kernel": "kernel", "rows": "rows"}
+TEXT_KNOBS = {"kernel"}
 
 # TUNING updates: TUNING itself first, then variants aimed at ncu's limits (119 registers: 2
 # blocks of 256 an SM, 25% occupancy; 1 wave of blocks; loads in flight only between batches;
@@ -72,14 +74,18 @@ PROMISING = {
              "fwd_prefetch_ahead": 2},
             {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_access_bytes": 8,
              "fwd_unroll": 4}],
-    "bwd": [{}, {"bwd_fast_sigmoid": 1}, {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 2},
-            {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 3, "bwd_unroll": 2},
-            {"bwd_fast_sigmoid": 1, "bwd_min_blocks": 3, "bwd_access_bytes": 8}],
+    "bwd": [{"bwd_kernel": "walk"}, {"bwd_kernel": "rows", "bwd_rows": 8},
+            {"bwd_kernel": "rows", "bwd_rows": 4},
+            {"bwd_kernel": "rows", "bwd_rows": 14, "bwd_min_blocks": 1}],
 }
+# the backward kernels side by side (the walking kernel, block rows of 8, 4 and 14 blocks a
+# thread block), the forward as TUNING has it
+ROWS = {"fwd": [{}], "bwd": PROMISING["bwd"]}
 FULL = {
     "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1 "
            "ahead=0,1,2",
-    "bwd": "bytes=16,8 unroll=1,2,4 chunk=128,256,512 threads=128,256 minblocks=0,2,3 fast=0,1",
+    "bwd": "kernel=walk bytes=16,8 unroll=1,2,4 chunk=128,256,512 threads=128,256 minblocks=0,2,3 "
+           "fast=0,1",
 }
 
 
@@ -90,7 +96,8 @@ def parse_grid(text, direction):
         key, _, values = item.partition("=")
         if key not in KNOBS or not values:
             raise SystemExit(f"--{direction}: unknown knob {item!r} (knobs: {', '.join(KNOBS)})")
-        axes.append([(f"{direction}_{KNOBS[key]}", int(v)) for v in values.split(",") if v])
+        axes.append([(f"{direction}_{KNOBS[key]}", v if key in TEXT_KNOBS else int(v))
+                     for v in values.split(",") if v])
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
@@ -102,6 +109,8 @@ def variants(args, direction):
         return [{}]
     if args.grid == "full":
         return parse_grid(FULL[direction], direction)
+    if args.grid == "rows":
+        return [dict(u) for u in ROWS[direction]]
     return [dict(u) for u in PROMISING[direction]]
 
 
@@ -114,7 +123,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="16x2048,1x32768")
     ap.add_argument("--old", default=None)
     ap.add_argument("--quick", action="store_true", help="the same as --grid quick")
-    ap.add_argument("--grid", choices=["quick", "promising", "full"], default=None,
+    ap.add_argument("--grid", choices=["quick", "promising", "rows", "full"], default=None,
                     help="preset grid (default: promising)")
     ap.add_argument("--fwd", default=None, help="forward grid, e.g. 'bytes=16 unroll=2,4'")
     ap.add_argument("--bwd", default=None, help="backward grid")
@@ -192,8 +201,13 @@ def main(argv=None):
                 best["fwd"] = (tf, name, tbs)
         for update in variants(args, "bwd"):
             PF.TUNING.update(saved, **update)
-            cfg = PF.backward_config("bf16", H, D, 16)
-            name = f"bwd {label(update)} bounds={PF.launch_bounds('bwd')} cfg={cfg}"
+            if PF.TUNING["bwd_kernel"] == "rows":
+                cfg = ("rows", PF.rows_config("bf16", H, D, 16))
+                bounds = PF.rows_bounds()
+            else:
+                cfg = PF.backward_config("bf16", H, D, 16)
+                bounds = PF.launch_bounds("bwd")
+            name = f"bwd {label(update)} bounds={bounds} cfg={cfg}"
             try:
                 tb, outs = bwd(PF)
             except Exception as exc:  # noqa: BLE001

@@ -123,7 +123,31 @@ def test_composed_path_for_more_hops(hops):
     assert rel(o, R.phalanx_reference(x64, p64, **kw)[:, 21]) < 1e-5
 
 
-def test_dim_2048_bfloat16():
+@pytest.fixture(params=["walk", "rows"])
+def bwd_kernel(request, monkeypatch):
+    """Each fused backward kernel in turn (TUNING bwd_kernel)."""
+    from swr_array.numba_kernels import phalanx_fused as PF
+
+    monkeypatch.setitem(PF.TUNING, "bwd_kernel", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_backward_kernels_through_the_layer(dtype, hops, bwd_kernel):
+    """phalanx_vjp with either backward kernel: 128 heads of 16 (the benchmark's shape), a
+    length that is not a multiple of block_len and several thread blocks of block rows."""
+    _, gpu, p64, x, dout, xg, dg = _setup(2048, 16, None, DTYPES[dtype], 2, 301, seed=4,
+                                          decay_max=0.99)
+    x64, d64 = np.asarray(x, np.float64), np.asarray(dout, np.float64)
+    dx, dp = swr_array.phalanx_vjp(xg, gpu, dg, hops=hops)
+    dx_ref, dp_ref = R.phalanx_vjp_reference(x64, p64, d64, hops=hops)
+    assert rel(dx, dx_ref) < BWD_TOL[dtype]
+    for k in dp_ref:
+        assert rel(dp[k], dp_ref[k]) < BWD_TOL[dtype], k
+
+
+def test_dim_2048_bfloat16(bwd_kernel):
     """The benchmark's layer (H=128 heads of 16), fwd, bwd and decode against float64."""
     _, gpu, p64, x, dout, xg, dg = _setup(2048, 16, None, ml_dtypes.bfloat16, 2, 200, seed=9)
     x64, d64 = np.asarray(x, np.float64), np.asarray(dout, np.float64)

@@ -258,3 +258,52 @@ def test_prefetching_forward_matches_reference(ahead, small_tiles):
     small_tiles(fwd_prefetch_ahead=ahead, fwd_chunk_steps=8, fwd_unroll=3)
     for case in [("bf16", 2, 21, 4, 4, 4, 4, 1), ("f32", 1, 19, 2, 3, 1, 2, 0)]:
         check_forward(Case(*case, seed=_seed(case) + ahead))
+
+
+ROWS_CASES = [
+    # kind, B, L, H, D, KV, block_len, hops, bwd_rows
+    ("bf16", 2, 11, 4, 4, 4, 4, 1, 2),  # two thread blocks a batch row: halo rows between them
+    ("f16", 1, 18, 4, 16, 2, 4, 1, 2),  # kv groups (atomics), 8 lanes a head
+    ("f32", 1, 21, 2, 4, 1, 2, 1, 3),  # one kv head, the last block partial
+    ("f32", 2, 19, 3, 2, 3, 4, 0, 2),  # hops 0: no carriers across blocks
+    ("f32", 1, 7, 2, 1, 2, 1, 1, 3),  # block_len 1, head_dim 1
+    ("bf16", 1, 35, 2, 8, 2, 16, 1, 1),  # block_len ROWS_LMAX, one block a thread block
+    ("f32", 1, 5, 5, 8, 5, 2, 1, 1),  # 40 channel words: a second, partly idle, group of 32
+]
+
+
+@pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_rows_backward_matches_reference(case, small_tiles):
+    """The block-row backward (TUNING bwd_kernel="rows"): each thread one block, carriers passed
+    between rows through shared memory, the halo rows of neighbouring thread blocks; poisoned
+    outputs, every dtype, hops 0 and 1, kv groups, partial blocks."""
+    *shape, rows = case
+    small_tiles(bwd_kernel="rows", bwd_rows=rows)
+    c = Case(*shape, seed=_seed(case))
+    assert PF.rows_config(c.kind, c.H, c.D, c.block_len) is not None
+    made = []
+    orig = PF.backward_rows_kernel
+
+    def spy(*a, **k):
+        made.append(a)
+        return orig(*a, **k)
+
+    PF.backward_rows_kernel = spy
+    try:
+        check_backward(c)
+    finally:
+        PF.backward_rows_kernel = orig
+    assert made, "the block-row kernel did not run"
+
+
+def test_rows_backward_falls_back_to_walk(small_tiles):
+    """Shapes the block-row kernel does not take (block_len above ROWS_LMAX, an odd bfloat16
+    head_dim) run the walking kernel, with the same numbers."""
+    small_tiles(bwd_kernel="rows", bwd_rows=2)
+    assert PF.rows_config("f32", 2, 4, PF.ROWS_LMAX + 1) is None
+    assert PF.rows_config("bf16", 2, 3, 4) is None
+    assert PF.rows_config("bf16", 2, 4, 4, aligned=False) is None
+    assert PF.rows_config("bf16", 2, 128, 4) is None  # 64 words a head: more than a warp
+    assert PF.rows_config("bf16", 4, 16, 16) == (2, 8)
+    assert PF.rows_config("f32", 4, 16, 16) == (1, 16)
+    check_backward(Case("f32", 1, 40, 2, 4, 2, 32, 1, seed=5))
