@@ -53,9 +53,14 @@ from ._dtypes import (
 )
 from ._launch import launch as _launch
 from ._ptx import (
+    STORAGE_TYPE,
     _array_op,
     _element_address,
+    async_commit,
     head_sum,
+    make_async_copy,
+    make_async_wait,
+    make_shared_load,
     make_vector_load,
     make_vector_store,
     make_word_load,
@@ -739,6 +744,249 @@ def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
     return _jit(phalanx_mix_backward_rows, bounds)
 
 
+ROWS_GROUP = 4
+"""Steps the staged block-row backward reverses at a time (from a checkpoint of w and g)."""
+
+
+def rows_stage_bytes(kind: str, block_len: int, threads: int) -> int:
+    """Dynamic shared memory of the staged block-row backward: V, Bg, C and dY of every thread's
+    block, one 32-bit word a step and array."""
+    return 4 * block_len * threads * 4
+
+
+def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
+    """The block-row backward with the block's inputs staged in shared memory (TUNING
+    ``bwd_rows_stage=1``); the same work split and results as :func:`_make_backward_rows`.
+
+    A thread starts ``cp.async`` copies of its block's V, Bg, C and dY words into dynamic
+    shared memory (``rows_stage_bytes``: word (step, array, thread), so a warp's accesses are
+    consecutive words), all in flight at once without holding registers; only the decay logits
+    go to registers. Pass 1 walks the block forward from shared memory, keeping w and g at
+    the start of each group of ``ROWS_GROUP`` steps; pass 2 takes the groups last to first,
+    recomputes the group's a_t w_{t-1}, g_t and sigmoid(Bg) from its checkpoint, and walks it
+    backwards. Each thread reads back only the words it copied itself.
+    """
+    load = LOAD[kind]
+    store = STORE[kind]
+    VEC = rows_vec(kind)
+    LB = ROWS_LMAX
+    U = ROWS_GROUP
+    NG = -(-LB // U)
+    UV = U * VEC
+    NGV = NG * VEC
+    ROWS = rows + 2
+    SH = ROWS * 32 * VEC
+    ST = STORAGE_TYPE[kind]
+    copy = make_async_copy(kind, VEC)
+    wait_all = make_async_wait(0)
+    sload = make_shared_load(kind, VEC)
+    store_v = make_vector_store(kind, VEC)
+    sigmoid = _sigmoid_fast if fast else _sigmoid
+    lane_sum = _lane_head_sum
+
+    def phalanx_mix_backward_rows_staged(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
+                                         L, H, D, G, decay_max, block_len, hops, nvec, nb,
+                                         nruns, ncg, R, lph):
+        sh_w = cuda.shared.array(SH, f32)
+        sh_q = cuda.shared.array(SH, f32)
+        stage = cuda.shared.array(0, ST)
+        x = numba.int64(cuda.threadIdx.x)
+        T = numba.int64(cuda.blockDim.x)
+        row = x // R
+        r = x - row * R
+        cta = numba.int64(cuda.blockIdx.x)
+        rest = cta // ncg
+        ci = (cta - rest * ncg) * R + r  # this thread's channel word
+        b = rest // nruns
+        j = (rest - b * nruns) * rows + row - 1  # this row's block
+        lb = block_len
+        n = numba.int64(0)
+        if ci < nvec and j >= 0 and j < nb and (hops == 1 or (row > 0 and row <= rows)):
+            n = min(lb, L - j * lb)
+        own = row > 0 and row <= rows and n > 0  # writes its block's gradients
+        need_vb = n > 0 and row <= rows  # loads V and Bg (the block's last state)
+        need_cd = n > 0 and row > 0  # loads C and dY
+        c0 = ci * VEC if ci < nvec else numba.int64(0)
+        h = c0 // D
+        d0 = c0 - h * D
+        HD = H * D
+        KD = (H // G) * D
+        W = HD + 2 * KD + H
+        NBW = 2 * KD + H
+        kc0 = (h // G) * D + d0
+        col_b = HD + kc0
+        col_c = col_b + KD
+        col_a = HD + 2 * KD + h
+        lead = d0 == 0
+        lane = x % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        ba = load(b_a[h])
+        bb = cuda.local.array(VEC, f32)
+        bc = cuda.local.array(VEC, f32)
+        w = cuda.local.array(VEC, f32)
+        q = cuda.local.array(VEC, f32)
+        S = cuda.local.array(VEC, f32)
+        lam = cuda.local.array(VEC, f32)
+        zzv = cuda.local.array(VEC, f32)
+        pb = cuda.local.array(VEC, f32)
+        pc = cuda.local.array(VEC, f32)
+        ov = cuda.local.array(VEC, f32)
+        ob = cuda.local.array(VEC, f32)
+        oc = cuda.local.array(VEC, f32)
+        oy = cuda.local.array(VEC, f32)
+        vv = cuda.local.array(VEC, f32)
+        vb = cuda.local.array(VEC, f32)
+        vc = cuda.local.array(VEC, f32)
+        vd = cuda.local.array(VEC, f32)
+        sgs = cuda.local.array(LB, f32)  # z_a, then sigmoid(z_a + b_a)
+        ckw = cuda.local.array(NGV, f32)  # w at each group's start
+        ckg = cuda.local.array(NG, f32)  # g at each group's start
+        bgs = cuda.local.array(UV, f32)  # the group's sigmoid(Bg + b_b)
+        aws = cuda.local.array(UV, f32)  # ... a_t w_{t-1}
+        ghs = cuda.local.array(U, f32)  # ... g_t
+        for k in range(VEC):
+            bb[k] = load(b_b[kc0 + k])
+            bc[k] = load(b_c[kc0 + k])
+            w[k] = F0
+            q[k] = F0
+        # stage word (step i, array s) of this thread at element ((i * 4 + s) * T + x) * VEC
+        m0 = b * L + j * lb
+        for i in range(LB):  # every copy of the block in flight together
+            if i < n:
+                m = m0 + i
+                sgs[i] = load(z[u64(m * W + col_a)])
+                e = i * 4 * T + x
+                if need_vb:
+                    copy(z, m * W + c0, stage, e * VEC)
+                    copy(z, m * W + col_b, stage, (e + T) * VEC)
+                if need_cd:
+                    copy(z, m * W + col_c, stage, (e + 2 * T) * VEC)
+                    copy(dy, m * HD + c0, stage, (e + 3 * T) * VEC)
+        async_commit()
+        wait_all()
+        gh = F1
+        for i in range(LB):
+            if i < n:
+                if i % U == 0:
+                    for k in range(VEC):
+                        ckw[(i // U) * VEC + k] = w[k]
+                    ckg[i // U] = gh
+                sg = sigmoid(sgs[i] + ba)
+                sgs[i] = sg
+                a = decay_max * sg
+                gh = a * gh
+                e = i * 4 * T + x
+                if need_vb:
+                    sload(stage, e * VEC, vv, 0)
+                    sload(stage, (e + T) * VEC, vb, 0)
+                    for k in range(VEC):
+                        w[k] = a * w[k] + sigmoid(vb[k] + bb[k]) * vv[k]
+                if need_cd and hops == 1:
+                    sload(stage, (e + 2 * T) * VEC, vc, 0)
+                    sload(stage, (e + 3 * T) * VEC, vd, 0)
+                    for k in range(VEC):
+                        q[k] += gh * vd[k] * (vc[k] + bc[k])
+        base = (row * R + r) * VEC
+        for k in range(VEC):
+            sh_w[base + k] = w[k]
+            sh_q[base + k] = q[k]
+        cuda.syncthreads()
+        for k in range(VEC):
+            S[k] = sh_w[base - R * VEC + k] if hops == 1 and row > 0 else F0
+            lam[k] = sh_q[base + R * VEC + k] if hops == 1 and row < ROWS - 1 else F0
+            zzv[k] = F0
+            pb[k] = F0
+            pc[k] = F0
+        pah = F0
+        a_next = F1
+        for gg in range(NG):  # every thread calls lane_sum LB times (uniform for shuffles)
+            gi = NG - 1 - gg
+            t0 = gi * U
+            cnt = min(U, n - t0) if own else 0
+            if cnt > 0:  # the group's forward states from its checkpoint
+                for k in range(VEC):
+                    w[k] = ckw[gi * VEC + k]
+                gh = ckg[gi]
+                for i in range(U):
+                    if i < cnt:
+                        e = (t0 + i) * 4 * T + x
+                        sload(stage, e * VEC, vv, 0)
+                        sload(stage, (e + T) * VEC, vb, 0)
+                        a = decay_max * sgs[t0 + i]
+                        gh = a * gh
+                        ghs[i] = gh
+                        for k in range(VEC):
+                            bgv = sigmoid(vb[k] + bb[k])
+                            bgs[i * VEC + k] = bgv
+                            awk = a * w[k]
+                            aws[i * VEC + k] = awk
+                            w[k] = awk + bgv * vv[k]
+            for ii in range(U):
+                i = U - 1 - ii
+                t = t0 + i
+                m = m0 + t
+                pa = F0
+                sg = F0
+                go = i < cnt
+                if go:
+                    sg = sgs[t]
+                    e = t * 4 * T + x
+                    sload(stage, e * VEC, vv, 0)
+                    sload(stage, (e + 2 * T) * VEC, vc, 0)
+                    sload(stage, (e + 3 * T) * VEC, vd, 0)
+                    gi_ = ghs[i]
+                    for k in range(VEC):
+                        bg = bgs[i * VEC + k]
+                        v = vv[k]
+                        c = vc[k] + bc[k]
+                        dyv = vd[k]
+                        ds = dyv * c
+                        lam[k] = ds + a_next * lam[k]
+                        zzv[k] = ds + a_next * zzv[k]
+                        awk = aws[i * VEC + k]
+                        ghs_k = gi_ * S[k]
+                        sv = awk + bg * v + ghs_k
+                        ov[k] = dyv + lam[k] * bg
+                        ob[k] = lam[k] * v * bg * (F1 - bg)
+                        oc[k] = dyv * sv
+                        oy[k] = sv * c + v
+                        pa += awk * lam[k] + ghs_k * zzv[k]
+                        pb[k] += ob[k]
+                        pc[k] += oc[k]
+                    store_v(dz, m * W + c0, ov, 0)
+                    store_v(y, m * HD + c0, oy, 0)
+                    if G == 1:
+                        store_v(dz, m * W + col_b, ob, 0)
+                        store_v(dz, m * W + col_c, oc, 0)
+                    else:  # heads of one kv group share these columns
+                        for k in range(VEC):
+                            cuda.atomic.add(acc_b, m * KD + kc0 + k, ob[k])
+                            cuda.atomic.add(acc_c, m * KD + kc0 + k, oc[k])
+                    pa = pa * (F1 - sg)
+                pa = lane_sum(pa, lph, mask)
+                if go:
+                    if lead:
+                        dz[u64(m * W + col_a)] = store(pa)
+                    pah += pa
+                    a_next = decay_max * sg
+        if own:
+            orow = (b * nb + j) * NBW
+            for k in range(VEC):
+                if G == 1:
+                    dbias[orow + kc0 + k] = pb[k]
+                    dbias[orow + KD + kc0 + k] = pc[k]
+                else:
+                    cuda.atomic.add(dbias, orow + kc0 + k, pb[k])
+                    cuda.atomic.add(dbias, orow + KD + kc0 + k, pc[k])
+            if lead:
+                dbias[orow + 2 * KD + h] = pah
+
+    phalanx_mix_backward_rows_staged.__name__ = phalanx_mix_backward_rows_staged.__qualname__ = (
+        f"phalanx_mix_backward_rows_staged_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
+        f"{'_fastsig' if fast else ''}")
+    return _jit(phalanx_mix_backward_rows_staged, bounds)
+
+
 # ----------------------------------------------------------------------------------------------
 # Specialisations, signatures and launch helpers
 # ----------------------------------------------------------------------------------------------
@@ -773,6 +1021,9 @@ TUNING = {
     "bwd_kernel": "walk",
     # rows kernel: blocks a thread block takes (it has bwd_rows + 2 rows of up to 32 threads)
     "bwd_rows": 8,
+    # rows kernel: 1 stages the block's inputs in shared memory (cp.async), 0 keeps them in
+    # registers
+    "bwd_rows_stage": 1,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
 
@@ -831,12 +1082,14 @@ def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
     return _CACHE[key]
 
 
-def backward_rows_kernel(kind: str, rows: int, bounds=None, fast=False):
+def backward_rows_kernel(kind: str, rows: int, bounds=None, fast=False, staged=False):
     """The block-row backward specialisation; ``bounds`` (:func:`rows_bounds`) and ``fast`` as
-    for :func:`forward_kernel`."""
-    key = ("bwd_rows", kind, int(rows), bounds, bool(fast))
+    for :func:`forward_kernel`; ``staged``: its inputs staged in shared memory
+    (``bwd_rows_stage``)."""
+    key = ("bwd_rows", kind, int(rows), bounds, bool(fast), bool(staged))
     if key not in _CACHE:
-        _CACHE[key] = _make_backward_rows(kind, int(rows), bounds, bool(fast))
+        make = _make_backward_rows_staged if staged else _make_backward_rows
+        _CACHE[key] = make(kind, int(rows), bounds, bool(fast))
     return _CACHE[key]
 
 
@@ -931,20 +1184,22 @@ def kernel_signatures():
                 out.append((backward_kernel(kind, vec, True, un, bb, bf), bsig))
         out.append((backward_kernel(kind, 1, False, un, bb, bf), bsig))
         rsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
-        out.append((backward_rows_kernel(kind, TUNING["bwd_rows"], rows_bounds(), bf), rsig))
+        out.append((backward_rows_kernel(kind, TUNING["bwd_rows"], rows_bounds(), bf,
+                                         bool(TUNING["bwd_rows_stage"])), rsig))
     return out
 
 
-def launch(kernel, grid, block, args, stream=None):
-    """``_launch.launch``. In the simulator, NumPy arrays are wrapped without a copy (the
-    simulator otherwise copies each NumPy argument in and back out on its own)."""
+def launch(kernel, grid, block, args, stream=None, shared_mem=0):
+    """``_launch.launch`` (``shared_mem``: bytes of dynamic shared memory). In the simulator,
+    NumPy arrays are wrapped without a copy (the simulator otherwise copies each NumPy argument
+    in and back out on its own)."""
     if SIMULATOR:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         args = tuple(FakeCUDAArray(a) if isinstance(a, np.ndarray) else a for a in args)
-        kernel[grid, block](*args)
+        kernel[grid, block, 0, shared_mem](*args)
         return
-    _launch(kernel, grid, block, args, stream)
+    _launch(kernel, grid, block, args, stream, shared_mem)
 
 
 _DUMMIES: dict = {}
@@ -1045,9 +1300,12 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
         R = min(32, nvec)
         nruns = -(-nb // rows)
         ncg = -(-nvec // R)
-        kernel = backward_rows_kernel(kind, rows, rows_bounds(), fast)
+        staged = bool(TUNING["bwd_rows_stage"])
+        kernel = backward_rows_kernel(kind, rows, rows_bounds(), fast, staged)
         args = arrays + common + (i64(nvec), i64(nb), i64(nruns), i64(ncg), i64(R), i64(lph))
-        launch(kernel, (batch * nruns * ncg,), (R * (rows + 2),), args, stream)
+        threads = R * (rows + 2)
+        shared = rows_stage_bytes(kind, block_len, threads) if staged else 0
+        launch(kernel, (batch * nruns * ncg,), (threads,), args, stream, shared)
         return
     vec, vector, unroll, lph = cfg
     nvec = heads * head_dim // vec

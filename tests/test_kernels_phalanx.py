@@ -263,29 +263,33 @@ def test_prefetching_forward_matches_reference(ahead, small_tiles):
 ROWS_CASES = [
     # kind, B, L, H, D, KV, block_len, hops, bwd_rows
     ("bf16", 2, 11, 4, 4, 4, 4, 1, 2),  # two thread blocks a batch row: halo rows between them
-    ("f16", 1, 18, 4, 16, 2, 4, 1, 2),  # kv groups (atomics), 8 lanes a head
+    ("f16", 1, 10, 4, 16, 2, 4, 1, 2),  # kv groups (atomics), 8 lanes a head
     ("f32", 1, 21, 2, 4, 1, 2, 1, 3),  # one kv head, the last block partial
     ("f32", 2, 19, 3, 2, 3, 4, 0, 2),  # hops 0: no carriers across blocks
     ("f32", 1, 7, 2, 1, 2, 1, 1, 3),  # block_len 1, head_dim 1
     ("bf16", 1, 35, 2, 8, 2, 16, 1, 1),  # block_len ROWS_LMAX, one block a thread block
-    ("f32", 1, 5, 5, 8, 5, 2, 1, 1),  # 40 channel words: a second, partly idle, group of 32
+    ("f32", 1, 3, 5, 8, 5, 2, 1, 1),  # 40 channel words: a second, partly idle, group of 32
 ]
+ROWS_STAGES = [(case, 1) for case in ROWS_CASES] + [(case, 0) for case in ROWS_CASES[:4]]
 
 
-@pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_rows_backward_matches_reference(case, small_tiles):
-    """The block-row backward (TUNING bwd_kernel="rows"): each thread one block, carriers passed
-    between rows through shared memory, the halo rows of neighbouring thread blocks; poisoned
-    outputs, every dtype, hops 0 and 1, kv groups, partial blocks."""
+@pytest.mark.parametrize("case,stage", ROWS_STAGES,
+                         ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else
+                         f"stage{c}")
+def test_rows_backward_matches_reference(case, stage, small_tiles):
+    """The block-row backward (TUNING bwd_kernel="rows"), its inputs staged in shared memory
+    (stage 1) or kept in registers (0): each thread one block, carriers passed between rows
+    through shared memory, the halo rows of neighbouring thread blocks; poisoned outputs, every
+    dtype, hops 0 and 1, kv groups, partial blocks."""
     *shape, rows = case
-    small_tiles(bwd_kernel="rows", bwd_rows=rows)
+    small_tiles(bwd_kernel="rows", bwd_rows=rows, bwd_rows_stage=stage)
     c = Case(*shape, seed=_seed(case))
     assert PF.rows_config(c.kind, c.H, c.D, c.block_len) is not None
     made = []
     orig = PF.backward_rows_kernel
 
     def spy(*a, **k):
-        made.append(a)
+        made.append(k.get("staged", a[4] if len(a) > 4 else False))
         return orig(*a, **k)
 
     PF.backward_rows_kernel = spy
@@ -293,7 +297,7 @@ def test_rows_backward_matches_reference(case, small_tiles):
         check_backward(c)
     finally:
         PF.backward_rows_kernel = orig
-    assert made, "the block-row kernel did not run"
+    assert made == [bool(stage)], "the block-row kernel did not run"
 
 
 def test_rows_backward_falls_back_to_walk(small_tiles):

@@ -112,6 +112,13 @@ def test_every_launchable_configuration_has_a_specialisation():
                             assert heads % vec == 0 and aligned
                         fast = PF.fast_sigmoid("bwd", kind)
                         assert id(PF.backward_kernel(kind, vec, vector, unroll, None, fast)) in have
+                        rcfg = PF.rows_config(kind, heads, head_dim, block_len, aligned)
+                        if rcfg is not None:
+                            assert rcfg[0] * rcfg[1] == head_dim and heads % rcfg[0] == 0
+                            assert block_len <= PF.ROWS_LMAX and aligned
+                            rk = PF.backward_rows_kernel(kind, PF.TUNING["bwd_rows"], None, fast,
+                                                         bool(PF.TUNING["bwd_rows_stage"]))
+                            assert id(rk) in have
     assert PF.backward_config("f32", 4, 16, 128) is None
 
 
@@ -137,7 +144,11 @@ def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
     assert all(n.endswith("_lb256x4_fastsig") for n in names
                if n.startswith("phalanx_mix_forward"))  # fmt: skip
     assert all(n.endswith("_lb128x3_fastsig") for n in names
-               if n.startswith("phalanx_mix_backward"))  # fmt: skip
+               if n.startswith("phalanx_mix_backward") and "_rows" not in n)  # fmt: skip
+    rows_threads = 32 * (PF.TUNING["bwd_rows"] + 2)  # the block-row kernels' own thread blocks
+    assert PF.rows_bounds() == (rows_threads, 3)
+    assert all(n.endswith(f"_lb{rows_threads}x3_fastsig") for n in names
+               if n.startswith("phalanx_mix_backward_rows"))  # fmt: skip
     assert PF.forward_kernel("bf16", 8, 2, (256, 4)) is not PF.forward_kernel("bf16", 8, 2)
     assert PF.forward_kernel("bf16", 8, 2, None, True) is not PF.forward_kernel("bf16", 8, 2)
     wanted = {
@@ -183,3 +194,34 @@ def test_prefetch_specialisation(monkeypatch):
     kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
                        if k.py_func.__name__ == "phalanx_mix_forward_bf16_vec8_unroll2")
     assert "prefetch" not in compile_arches(kernel.py_func, sig)[(9, 0)]
+
+
+@pytest.mark.parametrize("stage", [1, 0])
+def test_rows_backward_specialisations(stage, monkeypatch):
+    """The block-row backward of each storage kind compiles for both input placements: staged
+    (``cp.async`` 4-byte copies into shared memory, read back with ``ld.shared``) or in
+    registers (one 32-bit ``ld.global`` a step and array); both pass the carriers through one
+    barrier and sum a head's da with shuffles, and are the kernels launches pick."""
+    _nvvm_or_skip()
+    monkeypatch.setitem(PF.TUNING, "bwd_rows_stage", stage)
+    specs = [(k, sg) for k, sg in PF.kernel_signatures()
+             if k.py_func.__name__.startswith("phalanx_mix_backward_rows")]
+    assert len(specs) == 3
+    for kernel, sig in specs:
+        name = kernel.py_func.__name__
+        assert ("_staged_" in name) == bool(stage)
+        kind = name.split("_vec")[0].split("_")[-1]
+        assert kernel is PF.backward_rows_kernel(kind, PF.TUNING["bwd_rows"], None,
+                                                 PF.fast_sigmoid("bwd", kind), bool(stage))
+        # the default placement's PTX is the one test_compiles_to_ptx made already
+        done = [i for i, (k, _) in enumerate(SPECS) if k is kernel]
+        ptxs = all_ptx()[done[0]] if done else compile_arches(kernel.py_func, sig)
+        if isinstance(ptxs, Exception):
+            raise ptxs
+        for cc, ptx in ptxs.items():
+            assert "bar.sync" in ptx and "shfl.sync" in ptx, (cc, name)
+            if stage:
+                assert "cp.async.ca.shared.global" in ptx and "ld.shared" in ptx, (cc, name)
+                assert "cp.async.wait_group 0" in ptx, (cc, name)
+            elif kind != "f32":
+                assert "ld.global.u32" in ptx, (cc, name)
