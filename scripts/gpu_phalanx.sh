@@ -4,11 +4,12 @@
 #   bash scripts/gpu_phalanx.sh
 # Writes two files into $OUT/phalanx/: phalanx.log (everything below) and phalanx_bench.json.
 # Steps, each under a time limit, about 105 s in all (BUDGET):
-#   1. scripts/phalanx_dev.py --grid rows: the fused kernels alone at 16x2048, 4x8192 and
-#      1x32768, the backward kernels side by side (walk; block rows of 8, 4, 14), TB/s against
-#      the copy bandwidth of the same run;
-#   2. benchmarks/phalanx_bench.py: the layer against its GEMMs with the block-row backward
-#      (phalanx_bench.json), then with the walking backward (its table in the log only);
+#   1. scripts/phalanx_dev.py --grid rows: the fused kernels alone at 4x8192, 1x32768 and
+#      16x2048, the backward kernels side by side (walk; block rows staged in shared memory or
+#      in registers, with and without launch bounds), TB/s against the copy bandwidth of the
+#      same run;
+#   2. benchmarks/phalanx_bench.py: the layer against its GEMMs with the staged block-row
+#      backward (phalanx_bench.json), then with the walking backward (its table in the log);
 #      spear's layer is not built here (its build alone takes about 2 minutes);
 #   3. the GPU tests of the backward kernels (test_gpu_phalanx.py, the rows tests of
 #      test_kernels_phalanx.py).
@@ -40,17 +41,17 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memo
   --format=csv 2>/dev/null || true
 
 # 1. the fused kernels alone: forward as TUNING has it, the backward kernels side by side
-step phalanx_dev 42 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768,16x2048 \
+step phalanx_dev 48 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768,16x2048 \
   --grid rows
 
 # 2. the layer against its GEMMs: block rows (JSON), then the walking backward (log only)
-step phalanx_bench_rows 20 python3 "$ROOT/benchmarks/phalanx_bench.py" --out "$DIR" \
-  --runs 10 --no-decode --tuning bwd_kernel=rows
-step phalanx_bench_walk 15 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_walk \
+step phalanx_bench_rows 18 python3 "$ROOT/benchmarks/phalanx_bench.py" --out "$DIR" \
+  --runs 10 --no-decode --tuning bwd_kernel=rows,bwd_rows_stage=1,bwd_min_blocks=2
+step phalanx_bench_walk 12 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_walk \
   --runs 10 --no-decode --tuning bwd_kernel=walk
 
 # 3. tests of the backward kernels
-step tests 28 python3 -m pytest -q -p no:cacheprovider -n 8 -x "$ROOT/tests/test_gpu_phalanx.py" \
+step tests 30 python3 -m pytest -q -p no:cacheprovider -n 8 -x "$ROOT/tests/test_gpu_phalanx.py" \
   "$ROOT/tests/test_kernels_phalanx.py" -k "backward or rows or dim_2048"
 
 stamp "done (status $status); files in $DIR:"

@@ -16,7 +16,8 @@ Knobs (``phalanx_fused.TUNING``, ``{fwd,bwd}_`` prefixed): ``bytes`` (access_byt
 ``chunk`` (chunk_steps), ``threads`` (threads_per_block), ``minblocks`` (min_blocks: launch
 bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division), ``ahead``
 (forward only: prefetch_ahead, L2 prefetches that many load batches ahead), and backward only
-``kernel`` (walk or rows) and ``rows`` (blocks a thread block of the rows kernel takes).
+``kernel`` (walk or rows), ``rows`` (blocks a thread block of the rows kernel takes) and
+``stage`` (rows_stage: 1 stages the block's inputs in shared memory, 0 keeps them in registers).
 ``--fwd`` / ``--bwd`` give a grid (every combination of the listed values; unlisted knobs keep
 TUNING's value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
 short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``rows``
@@ -60,7 +61,8 @@ def rel(a, b):
 
 KNOBS = {"bytes": "access_bytes", "unroll": "unroll", "chunk": "chunk_steps",
          "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid",
-         "ahead": "prefetch_ahead", "kernel": "kernel", "rows": "rows"}
+         "ahead": "prefetch_ahead", "kernel": "kernel", "rows": "rows",
+         "stage": "rows_stage"}
 TEXT_KNOBS = {"kernel"}
 
 # TUNING updates: TUNING itself first, then variants aimed at ncu's limits (119 registers: 2
@@ -74,12 +76,14 @@ PROMISING = {
              "fwd_prefetch_ahead": 2},
             {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_access_bytes": 8,
              "fwd_unroll": 4}],
-    "bwd": [{"bwd_kernel": "walk"}, {"bwd_kernel": "rows", "bwd_rows": 8},
-            {"bwd_kernel": "rows", "bwd_rows": 4},
-            {"bwd_kernel": "rows", "bwd_rows": 14, "bwd_min_blocks": 1}],
+    "bwd": [{"bwd_kernel": "walk"},
+            {"bwd_kernel": "rows", "bwd_rows_stage": 1, "bwd_rows": 8},
+            {"bwd_kernel": "rows", "bwd_rows_stage": 1, "bwd_rows": 8, "bwd_min_blocks": 2},
+            {"bwd_kernel": "rows", "bwd_rows_stage": 1, "bwd_rows": 6, "bwd_min_blocks": 3},
+            {"bwd_kernel": "rows", "bwd_rows_stage": 0, "bwd_rows": 8}],
 }
-# the backward kernels side by side (the walking kernel, block rows of 8, 4 and 14 blocks a
-# thread block), the forward as TUNING has it
+# the backward kernels side by side (the walking kernel; block rows staged in shared memory,
+# with and without launch bounds, or in registers), the forward as TUNING has it
 ROWS = {"fwd": [{}], "bwd": PROMISING["bwd"]}
 FULL = {
     "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1 "
