@@ -339,8 +339,11 @@ def test_phalanx_dev_sweep_grids():
     with pytest.raises(SystemExit, match="unknown knob"):
         dev.parse_grid("regs=64", "bwd")
     for direction in ("fwd", "bwd"):
-        for grid_name in ("quick", "promising", "full"):
+        for grid_name in ("quick", "promising", "rows", "full"):
             args = types.SimpleNamespace(fwd=None, bwd=None, quick=False, grid=grid_name)
             ups = dev.variants(args, direction)
             assert ups and all(set(u) <= set(TUNING) for u in ups)
     assert dev.label({"fwd_min_blocks": 4, "fwd_chunk_steps": 64}) == "min_blocks=4 chunk_steps=64"
+    # the backward's kernel choice is a word, its other knobs numbers
+    assert dev.parse_grid("kernel=walk,rows stage=1", "bwd") == [
+        {"bwd_kernel": "walk", "bwd_rows_stage": 1}, {"bwd_kernel": "rows", "bwd_rows_stage": 1}]
