@@ -536,6 +536,46 @@ def rows_vec(kind: str) -> int:
     return 4 // ITEM_SIZE[kind]
 
 
+def _make_bias_sums(vec: int, rows: int):
+    """``bias_sums(...)``: the block-row kernels' last step. Each row's thread has its block's
+    sums of the Bg and C gradients (``pb``, ``pc``, per channel) and of the decay logit's
+    (``pah``, on the head's first lane); the thread block adds its ``rows`` blocks' sums in
+    shared memory and row 1 writes them as one row ``orow`` of dbias (kv groups: float32 atomics,
+    heads of a group share the columns). A barrier first: the exchange arrays are reused."""
+    VEC = vec
+
+    @cuda.jit(device=True, inline=True)
+    def bias_sums(sh_w, sh_q, sh_a, dbias, pb, pc, pah, own, lead, row, r, R, ci, nvec, orow,
+                  kc0, KD, h, G):
+        cuda.syncthreads()
+        base = (row * R + r) * VEC
+        for k in range(VEC):
+            sh_w[base + k] = pb[k] if own else F0
+            sh_q[base + k] = pc[k] if own else F0
+        sh_a[row * R + r] = pah if own else F0
+        cuda.syncthreads()
+        if row == 1 and ci < nvec:
+            ta = F0
+            for k in range(VEC):
+                tb = F0
+                tc = F0
+                for rr in range(1, rows + 1):
+                    tb += sh_w[(rr * R + r) * VEC + k]
+                    tc += sh_q[(rr * R + r) * VEC + k]
+                if G == 1:
+                    dbias[orow + kc0 + k] = tb
+                    dbias[orow + KD + kc0 + k] = tc
+                else:
+                    cuda.atomic.add(dbias, orow + kc0 + k, tb)
+                    cuda.atomic.add(dbias, orow + KD + kc0 + k, tc)
+            if lead:
+                for rr in range(1, rows + 1):
+                    ta += sh_a[rr * R + r]
+                dbias[orow + 2 * KD + h] = ta
+
+    return bias_sums
+
+
 def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
     """The block-row backward (hops 0 and 1, block_len <= ROWS_LMAX).
 
@@ -562,6 +602,8 @@ def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
     LB = ROWS_LMAX
     ROWS = rows + 2
     SH = ROWS * 32 * VEC
+    SA = ROWS * 32
+    bias_sums = _make_bias_sums(VEC, rows)
     LBV = LB * VEC  # local array sizes must be constants
     LBW = LB * NW
     WT = f32 if (SIMULATOR or NW == VEC) else numba.uint32
@@ -576,6 +618,7 @@ def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
                                   R, lph):
         sh_w = cuda.shared.array(SH, f32)
         sh_q = cuda.shared.array(SH, f32)
+        sh_a = cuda.shared.array(SA, f32)
         x = numba.int64(cuda.threadIdx.x)
         row = x // R
         r = x - row * R
@@ -583,7 +626,8 @@ def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
         rest = cta // ncg
         ci = (cta - rest * ncg) * R + r  # this thread's channel word
         b = rest // nruns
-        j = (rest - b * nruns) * rows + row - 1  # this row's block
+        run = rest - b * nruns
+        j = run * rows + row - 1  # this row's block
         lb = block_len
         n = numba.int64(0)
         if ci < nvec and j >= 0 and j < nb and (hops == 1 or (row > 0 and row <= rows)):
@@ -726,17 +770,8 @@ def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
                     dz[u64(m * W + col_a)] = store(pa)
                 pah += pa
                 a_next = decay_max * sg
-        if own:
-            orow = (b * nb + j) * NBW
-            for k in range(VEC):
-                if G == 1:
-                    dbias[orow + kc0 + k] = pb[k]
-                    dbias[orow + KD + kc0 + k] = pc[k]
-                else:
-                    cuda.atomic.add(dbias, orow + kc0 + k, pb[k])
-                    cuda.atomic.add(dbias, orow + KD + kc0 + k, pc[k])
-            if lead:
-                dbias[orow + 2 * KD + h] = pah
+        bias_sums(sh_w, sh_q, sh_a, dbias, pb, pc, pah, own, lead, row, r, R, ci, nvec,
+                  (b * nruns + run) * NBW, kc0, KD, h, G)
 
     phalanx_mix_backward_rows.__name__ = phalanx_mix_backward_rows.__qualname__ = (
         f"phalanx_mix_backward_rows_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
@@ -776,6 +811,8 @@ def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
     NGV = NG * VEC
     ROWS = rows + 2
     SH = ROWS * 32 * VEC
+    SA = ROWS * 32
+    bias_sums = _make_bias_sums(VEC, rows)
     ST = STORAGE_TYPE[kind]
     copy = make_async_copy(kind, VEC)
     wait_all = make_async_wait(0)
@@ -789,6 +826,7 @@ def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
                                          nruns, ncg, R, lph):
         sh_w = cuda.shared.array(SH, f32)
         sh_q = cuda.shared.array(SH, f32)
+        sh_a = cuda.shared.array(SA, f32)
         stage = cuda.shared.array(0, ST)
         x = numba.int64(cuda.threadIdx.x)
         T = numba.int64(cuda.blockDim.x)
@@ -798,7 +836,8 @@ def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
         rest = cta // ncg
         ci = (cta - rest * ncg) * R + r  # this thread's channel word
         b = rest // nruns
-        j = (rest - b * nruns) * rows + row - 1  # this row's block
+        run = rest - b * nruns
+        j = run * rows + row - 1  # this row's block
         lb = block_len
         n = numba.int64(0)
         if ci < nvec and j >= 0 and j < nb and (hops == 1 or (row > 0 and row <= rows)):
@@ -969,17 +1008,8 @@ def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
                         dz[u64(m * W + col_a)] = store(pa)
                     pah += pa
                     a_next = decay_max * sg
-        if own:
-            orow = (b * nb + j) * NBW
-            for k in range(VEC):
-                if G == 1:
-                    dbias[orow + kc0 + k] = pb[k]
-                    dbias[orow + KD + kc0 + k] = pc[k]
-                else:
-                    cuda.atomic.add(dbias, orow + kc0 + k, pb[k])
-                    cuda.atomic.add(dbias, orow + KD + kc0 + k, pc[k])
-            if lead:
-                dbias[orow + 2 * KD + h] = pah
+        bias_sums(sh_w, sh_q, sh_a, dbias, pb, pc, pah, own, lead, row, r, R, ci, nvec,
+                  (b * nruns + run) * NBW, kc0, KD, h, G)
 
     phalanx_mix_backward_rows_staged.__name__ = phalanx_mix_backward_rows_staged.__qualname__ = (
         f"phalanx_mix_backward_rows_staged_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
@@ -1152,6 +1182,18 @@ def rows_config(kind: str, heads: int, head_dim: int, block_len: int, aligned=Tr
     return vec, lph
 
 
+def bias_rows(kind: str, batch: int, length: int, heads: int, head_dim: int, block_len: int,
+              aligned=True) -> int:
+    """Rows of the ``dbias`` array :func:`phalanx_backward` writes for these shapes (with the
+    current TUNING): one per block with the walking kernel, one per thread block of ``bwd_rows``
+    consecutive blocks with the block-row kernel."""
+    nb = -(-length // block_len)
+    if TUNING["bwd_kernel"] == "rows" and rows_config(kind, heads, head_dim, block_len,
+                                                      aligned) is not None:
+        return batch * -(-nb // int(TUNING["bwd_rows"]))
+    return batch * nb
+
+
 def aligned(*arrays) -> bool:
     """Whether every array's data starts at a multiple of 16 bytes (always, in the simulator)."""
     if SIMULATOR:
@@ -1265,13 +1307,16 @@ def phalanx_forward(z, b_a, b_b, b_c, y, *, batch, length, heads, head_dim, kv_h
 
 def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads, head_dim,
                      kv_heads, decay_max, block_len, hops, acc_b=None, acc_c=None, stream=None):
-    """Launch ``phalanx_mix_backward`` (from position 0).
+    """Launch the fused backward (from position 0): the block-row kernel when TUNING's
+    ``bwd_kernel`` is "rows" and :func:`rows_config` takes the shapes, else the walking one.
 
     Inputs z (B*L, W), dy (B*L, H*D); outputs dz (B*L, W), y (B*L, H*D) (all one dtype,
-    C-contiguous) and dbias (B*nb, 2*KV*D + H) float32: per (batch, block) row the partial sums
-    of the gradients of [b_b | b_c | b_a]. With kv groups (kv_heads < heads) the Bg and C columns
-    of dz are summed over heads with atomics into acc_b, acc_c (B*L, KV*D) float32, which must be
-    zeroed (and so must dbias); the caller copies them into dz. Use :func:`backward_config` (with
+    C-contiguous) and dbias (:func:`bias_rows`, 2*KV*D + H) float32: partial sums of the
+    gradients of [b_b | b_c | b_a], one row per (batch, block) or, with the block-row kernel,
+    per (batch, thread block of ``bwd_rows`` blocks); their column sums are the gradients.
+    With kv groups (kv_heads < heads) the Bg and C columns of dz are summed over heads with
+    atomics into acc_b, acc_c (B*L, KV*D) float32, which must be zeroed (and so must dbias);
+    the caller copies them into dz. Use :func:`backward_config` (with
     :func:`aligned` of z, dy, dz, y) to check the shapes.
     """
     kind = storage_kind(z.dtype)

@@ -774,12 +774,13 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None, linear_layout=F
         y = cp.zeros((M, cfg.hd), cfg.dtype)
         dbias = cp.zeros(cfg.width - cfg.hd, F32)
     elif cfg_b is not None:
-        nb = -(-L // block_len)
         dz = cp.empty((M, cfg.width), cfg.dtype)
         y = cp.empty((M, cfg.hd), cfg.dtype)
         grouped = cfg.group > 1
         alloc = cp.zeros if grouped else cp.empty
-        parts = alloc((B * nb, cfg.width - cfg.hd), F32)
+        nrows = pf.bias_rows(_kind(cfg.dtype), B, L, cfg.heads, cfg.head_dim, block_len,
+                             pf.aligned(z, dy, dz, y))
+        parts = alloc((nrows, cfg.width - cfg.hd), F32)
         acc_b = cp.zeros((M, cfg.kd), F32) if grouped else None
         acc_c = cp.zeros((M, cfg.kd), F32) if grouped else None
         _nk().phalanx_backward(
@@ -789,17 +790,18 @@ def _vjp_cupy(x, params, dout, cfg, block_len, hops, z, cu=None, linear_layout=F
         if grouped:
             dz[:, col["b"][0]:col["b"][1]] = acc_b.astype(cfg.dtype)
             dz[:, col["c"][0]:col["c"][1]] = acc_c.astype(cfg.dtype)
-        dbias = _mm(cp.ones((1, B * nb), F32), parts)[0]
+        dbias = parts.sum(axis=0)
     else:
         dzf, yf = _composed_backward(z, dy, params, cfg, B, L, block_len, hops, cu)
         dbias = dzf[:, cfg.hd:].sum(axis=0)
         dz, y = dzf.astype(cfg.dtype), yf.astype(cfg.dtype)
     off = cfg.hd
+    dbias = dbias.astype(cfg.dtype)  # one cast; the three biases are views of it
     dparams = {
         "W_in": _mm(dz.T, x2) if linear_layout else _mm(x2.T, dz),
-        "b_a": dbias[col["a"][0] - off:col["a"][1] - off].astype(cfg.dtype),
-        "b_b": dbias[col["b"][0] - off:col["b"][1] - off].astype(cfg.dtype),
-        "b_c": dbias[col["c"][0] - off:col["c"][1] - off].astype(cfg.dtype),
+        "b_a": dbias[col["a"][0] - off:col["a"][1] - off],
+        "b_b": dbias[col["b"][0] - off:col["b"][1] - off],
+        "b_c": dbias[col["c"][0] - off:col["c"][1] - off],
         "W_out": _mm(dout2.T, y) if linear_layout else _mm(y.T, dout2),
     }
     dx = _mm(dz, params["W_in"].T).reshape(B, L, dim)

@@ -122,13 +122,13 @@ def check_backward(c, tol=None):
     dz_ref, y_ref = R.phalanx_mix_vjp(z, c.f64(c.b_a), c.f64(c.b_b), c.f64(c.b_c),
                                       c.f64(c.dy).reshape(c.B, c.L, -1), **c.kw)
     dz_ref = dz_ref.reshape(c.B * c.L, -1)
-    nb = -(-c.L // c.block_len)
+    nrows = PF.bias_rows(c.kind, c.B, c.L, c.H, c.D, c.block_len)
     grouped = c.KV < c.H
     hd, kd = c.H * c.D, c.KV * c.D
     dz = c.poisoned((c.B * c.L, c.W))
     y = c.poisoned((c.B * c.L, hd))
-    parts = dev(np.zeros((c.B * nb, c.W - hd), np.float32)) if grouped else \
-        c.poisoned((c.B * nb, c.W - hd), np.float32)
+    parts = dev(np.zeros((nrows, c.W - hd), np.float32)) if grouped else \
+        c.poisoned((nrows, c.W - hd), np.float32)
     acc = [dev(np.zeros((c.B * c.L, kd), np.float32)) if grouped else None for _ in range(2)]
     PF.phalanx_backward(dev(c.z), dev(c.dy), *c.biases(), dz, y, parts, batch=c.B, length=c.L,
                         acc_b=acc[0], acc_c=acc[1], **c.kw)
