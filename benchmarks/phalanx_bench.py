@@ -103,8 +103,9 @@ def bench_size(B, L, dim, dtype, args, log):
     dy = dout2 @ W_out.T
     kw = dict(batch=B, length=L, heads=H, head_dim=head_dim, kv_heads=H, decay_max=1.0,
               block_len=16, hops=1)
-    nb = -(-L // 16)
-    parts = cp.empty((B * nb, width - hd), cp.float32)
+    pf = nk.phalanx_fused
+    nrows = pf.bias_rows(pf.storage_kind(dtype), B, L, H, head_dim, 16)  # what it writes
+    parts = cp.empty((nrows, width - hd), cp.float32)
     y_out = cp.empty((M, hd), dtype)
     dz_out = cp.empty((M, width), dtype)
 
