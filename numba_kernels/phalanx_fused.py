@@ -9,8 +9,10 @@ read it as it is, with no transposes:
   block length up to ``LMAX``, optionally continuing a state and writing the state after the last
   token.
 - ``phalanx_mix_backward``: recomputes the gates and the recurrence and writes ``dz`` (the
-  gradient of the GEMM output), ``Y`` (needed for the output GEMM's weight gradient) and per-block
-  partial sums of the bias gradients, so the layer's backward is four GEMMs and this kernel.
+  gradient of the GEMM output), ``Y`` (needed for the output GEMM's weight gradient) and
+  partial sums of the bias gradients (one row per chunk of blocks), so the layer's backward is
+  four GEMMs, this kernel and one small reduction. ``phalanx_mix_backward_rows*`` (TUNING
+  ``bwd_kernel="rows"``) compute the same with one thread per block.
 
 One-token decoding is ``numba_kernels/swr_step.py`` (the state updated in place).
 
@@ -394,6 +396,11 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
                         gq *= decay_max * sigmoid(za[i] + ba)
                         for k in range(VEC):
                             q[k] += gq * zd[i * VEC + k] * (zc[i * VEC + k] + bc[k])
+        # the chunk's bias sums (one row of dbias per chunk)
+        for k in range(VEC):
+            pb[k] = F0
+            pc[k] = F0
+        pah = F0
         # checkpoints of the chunk's last block
         half = 0
         j = jj1 - 1
@@ -415,9 +422,6 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
             for k in range(VEC):
                 lam[k] = q[k]
                 zzv[k] = F0
-                pb[k] = F0
-                pc[k] = F0
-            pah = F0
             a_next = F1
             ng = -(-n // U)
             for gg in range(ng):
@@ -487,19 +491,20 @@ def _make_backward(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
                             dz[u64(m * W + col_a)] = store(pa)
                         pah += pa
                         a_next = decay_max * sg
-            row = (b * nb + j) * NBW
             for k in range(VEC):
                 q[k] = a_next * zzv[k] if hops == 1 else F0  # q_j, for block j-1
-                if G == 1:
-                    dbias[row + kc0 + k] = pb[k]
-                    dbias[row + KD + kc0 + k] = pc[k]
-                else:
-                    cuda.atomic.add(dbias, row + kc0 + k, pb[k])
-                    cuda.atomic.add(dbias, row + KD + kc0 + k, pc[k])
-            if lead:
-                dbias[row + 2 * KD + h] = pah
             half = 1 - half
             j -= 1
+        row = rest * NBW  # (batch, chunk)
+        for k in range(VEC):
+            if G == 1:
+                dbias[row + kc0 + k] = pb[k]
+                dbias[row + KD + kc0 + k] = pc[k]
+            else:
+                cuda.atomic.add(dbias, row + kc0 + k, pb[k])
+                cuda.atomic.add(dbias, row + KD + kc0 + k, pc[k])
+        if lead:
+            dbias[row + 2 * KD + h] = pah
 
     phalanx_mix_backward.__name__ = phalanx_mix_backward.__qualname__ = (
         f"phalanx_mix_backward_{kind}_vec{vec}_{'vector' if vector else 'scalar'}_unroll{unroll}"
@@ -1185,13 +1190,14 @@ def rows_config(kind: str, heads: int, head_dim: int, block_len: int, aligned=Tr
 def bias_rows(kind: str, batch: int, length: int, heads: int, head_dim: int, block_len: int,
               aligned=True) -> int:
     """Rows of the ``dbias`` array :func:`phalanx_backward` writes for these shapes (with the
-    current TUNING): one per block with the walking kernel, one per thread block of ``bwd_rows``
-    consecutive blocks with the block-row kernel."""
+    current TUNING): one per chunk of blocks with the walking kernel, one per thread block of
+    ``bwd_rows`` consecutive blocks with the block-row kernel."""
     nb = -(-length // block_len)
     if TUNING["bwd_kernel"] == "rows" and rows_config(kind, heads, head_dim, block_len,
                                                       aligned) is not None:
         return batch * -(-nb // int(TUNING["bwd_rows"]))
-    return batch * nb
+    chunk_blocks = max(1, min(nb, TUNING["bwd_chunk_steps"] // block_len))
+    return batch * -(-nb // chunk_blocks)
 
 
 def aligned(*arrays) -> bool:
@@ -1312,8 +1318,9 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
 
     Inputs z (B*L, W), dy (B*L, H*D); outputs dz (B*L, W), y (B*L, H*D) (all one dtype,
     C-contiguous) and dbias (:func:`bias_rows`, 2*KV*D + H) float32: partial sums of the
-    gradients of [b_b | b_c | b_a], one row per (batch, block) or, with the block-row kernel,
-    per (batch, thread block of ``bwd_rows`` blocks); their column sums are the gradients.
+    gradients of [b_b | b_c | b_a], one row per (batch, chunk of ``bwd_chunk_steps`` tokens) or,
+    with the block-row kernel, per (batch, thread block of ``bwd_rows`` blocks); their column
+    sums are the gradients.
     With kv groups (kv_heads < heads) the Bg and C columns of dz are summed over heads with
     atomics into acc_b, acc_c (B*L, KV*D) float32, which must be zeroed (and so must dbias);
     the caller copies them into dz. Use :func:`backward_config` (with
