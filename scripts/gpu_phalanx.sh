@@ -5,14 +5,13 @@
 # Writes two files into $OUT/phalanx/: phalanx.log (everything below) and phalanx_bench.json.
 # Steps, each under a time limit, about 105 s in all (BUDGET):
 #   1. scripts/phalanx_dev.py --grid rows: the fused kernels alone at 4x8192, 1x32768 and
-#      16x2048, the backward kernels side by side (walk; block rows staged in shared memory or
-#      in registers, with and without launch bounds), TB/s against the copy bandwidth of the
-#      same run;
-#   2. benchmarks/phalanx_bench.py: the layer against its GEMMs with the staged block-row
-#      backward (phalanx_bench.json), then with the walking backward (its table in the log);
-#      spear's layer is not built here (its build alone takes about 2 minutes);
-#   3. the GPU tests of the backward kernels (test_gpu_phalanx.py, the rows tests of
-#      test_kernels_phalanx.py).
+#      16x2048, the backward kernels side by side (the walking kernel at chunks of 256, 128
+#      and 512 tokens; the staged block rows), TB/s against the copy bandwidth of the same run;
+#   2. ncu of each of those backward variants at 4x8192, one launch each (into the log);
+#   3. benchmarks/phalanx_bench.py: the layer against its GEMMs with TUNING as it is
+#      (phalanx_bench.json); spear's layer is not built here (its build alone takes ~2 minutes);
+#   4. the GPU tests of the layer and of the backward kernels (test_gpu_phalanx.py, the
+#      backward and rows tests of test_kernels_phalanx.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -41,18 +40,26 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memo
   --format=csv 2>/dev/null || true
 
 # 1. the fused kernels alone: forward as TUNING has it, the backward kernels side by side
-step phalanx_dev 48 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768,16x2048 \
+step phalanx_dev 32 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x32768,16x2048 \
   --grid rows
 
-# 2. the layer against its GEMMs: block rows (JSON), then the walking backward (log only)
-step phalanx_bench_rows 18 python3 "$ROOT/benchmarks/phalanx_bench.py" --out "$DIR" \
-  --runs 10 --no-decode --tuning bwd_kernel=rows,bwd_rows_stage=1,bwd_min_blocks=2
-step phalanx_bench_walk 12 python3 "$ROOT/benchmarks/phalanx_bench.py" --out /tmp/phalanx_walk \
-  --runs 10 --no-decode --tuning bwd_kernel=walk
+# 2. where the backward kernels' time goes (ncu, when installed): one launch of each
+if command -v ncu >/dev/null 2>&1; then
+  step ncu 24 ncu --clock-control none -k regex:phalanx_mix_backward --launch-count 5 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats \
+    python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192 --profile --grid rows
+else
+  stamp "no ncu: step 2 skipped"
+fi
 
-# 3. tests of the backward kernels
-step tests 30 python3 -m pytest -q -p no:cacheprovider -n 8 -x "$ROOT/tests/test_gpu_phalanx.py" \
-  "$ROOT/tests/test_kernels_phalanx.py" -k "backward or rows or dim_2048"
+# 3. the layer against its GEMMs, TUNING as it is
+step phalanx_bench 12 python3 "$ROOT/benchmarks/phalanx_bench.py" --out "$DIR" --runs 10 \
+  --no-decode
+
+# 4. tests of the layer and of the backward kernels
+step tests 36 python3 -m pytest -q -p no:cacheprovider -n 8 "$ROOT/tests/test_gpu_phalanx.py" \
+  "$ROOT/tests/test_kernels_phalanx.py" -k "backward or rows or dim_2048 or vjp"
 
 stamp "done (status $status); files in $DIR:"
 ls -la "$DIR"
