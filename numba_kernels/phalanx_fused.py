@@ -65,12 +65,9 @@ from ._ptx import (
     make_shared_load,
     make_vector_load,
     make_vector_store,
-    make_word_load,
-    make_word_unpack,
     scalar_load_loop,
     scalar_store_loop,
     shfl_idx,
-    words_per_access,
 )
 
 __all__ = [
@@ -581,6 +578,16 @@ def _make_bias_sums(vec: int, rows: int):
     return bias_sums
 
 
+ROWS_GROUP = 4
+"""Steps the block-row backward reverses at a time (from a checkpoint of w and g)."""
+
+
+def rows_stage_bytes(kind: str, block_len: int, threads: int) -> int:
+    """Dynamic shared memory of the block-row backward: V, Bg, C and dY of every thread's
+    block, one 32-bit word a step and array."""
+    return 4 * block_len * threads * 4
+
+
 def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
     """The block-row backward (hops 0 and 1, block_len <= ROWS_LMAX).
 
@@ -588,223 +595,21 @@ def _make_backward_rows(kind: str, rows: int, bounds=None, fast=False):
     S_j, the last state of block j-1 started from zero (its carrier), and q_{j+1} = sum_t g_t
     ds_t over block j+1. Both depend on one neighbouring block alone, so every block is its own
     thread's work. A thread block has ``rows + 2`` rows of R threads (R <= 32 channel words of
-    one batch row): rows 1..rows take consecutive blocks, row 0 the block before them (it loads
-    V, Bg, A and computes only its last state) and row rows+1 the block after them (A, C, dY:
-    only its q); those two halo blocks are interior blocks of the neighbouring thread blocks,
-    so their second read mostly hits L2.
-
-    Pass 1: a thread loads its whole block (all loads in flight together, one 32-bit access per
-    array and step, kept packed in registers), walks it forward keeping a_t w_{t-1} and g_t per
-    step, and publishes its last state and q in shared memory. After a barrier, pass 2 walks
-    the block backwards from the registers with S (row above) and q (row below) and writes dz,
-    Y and the block's bias sums. Every element of z and dY is read from DRAM once; nothing is
-    kept in local memory.
-    """
-    load = LOAD[kind]
-    store = STORE[kind]
-    VEC = rows_vec(kind)
-    NW = words_per_access(kind, VEC)  # words a step and array (1 on the GPU)
-    LB = ROWS_LMAX
-    ROWS = rows + 2
-    SH = ROWS * 32 * VEC
-    SA = ROWS * 32
-    bias_sums = _make_bias_sums(VEC, rows)
-    LBV = LB * VEC  # local array sizes must be constants
-    LBW = LB * NW
-    WT = f32 if (SIMULATOR or NW == VEC) else numba.uint32
-    load_w = make_word_load(kind, VEC)
-    unpack = make_word_unpack(kind, VEC)
-    store_v = make_vector_store(kind, VEC)
-    sigmoid = _sigmoid_fast if fast else _sigmoid
-    lane_sum = _lane_head_sum
-
-    def phalanx_mix_backward_rows(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
-                                  L, H, D, G, decay_max, block_len, hops, nvec, nb, nruns, ncg,
-                                  R, lph):
-        sh_w = cuda.shared.array(SH, f32)
-        sh_q = cuda.shared.array(SH, f32)
-        sh_a = cuda.shared.array(SA, f32)
-        x = numba.int64(cuda.threadIdx.x)
-        row = x // R
-        r = x - row * R
-        cta = numba.int64(cuda.blockIdx.x)
-        rest = cta // ncg
-        ci = (cta - rest * ncg) * R + r  # this thread's channel word
-        b = rest // nruns
-        run = rest - b * nruns
-        j = run * rows + row - 1  # this row's block
-        lb = block_len
-        n = numba.int64(0)
-        if ci < nvec and j >= 0 and j < nb and (hops == 1 or (row > 0 and row <= rows)):
-            n = min(lb, L - j * lb)
-        own = row > 0 and row <= rows and n > 0  # writes its block's gradients
-        need_vb = n > 0 and row <= rows  # loads V and Bg (the block's last state)
-        need_cd = n > 0 and row > 0  # loads C and dY
-        c0 = ci * VEC if ci < nvec else numba.int64(0)
-        h = c0 // D
-        d0 = c0 - h * D
-        HD = H * D
-        KD = (H // G) * D
-        W = HD + 2 * KD + H
-        NBW = 2 * KD + H
-        kc0 = (h // G) * D + d0
-        col_b = HD + kc0
-        col_c = col_b + KD
-        col_a = HD + 2 * KD + h
-        lead = d0 == 0
-        lane = x % 32
-        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
-        ba = load(b_a[h])
-        bb = cuda.local.array(VEC, f32)
-        bc = cuda.local.array(VEC, f32)
-        w = cuda.local.array(VEC, f32)
-        q = cuda.local.array(VEC, f32)
-        S = cuda.local.array(VEC, f32)
-        lam = cuda.local.array(VEC, f32)
-        zzv = cuda.local.array(VEC, f32)
-        pb = cuda.local.array(VEC, f32)
-        pc = cuda.local.array(VEC, f32)
-        ov = cuda.local.array(VEC, f32)
-        ob = cuda.local.array(VEC, f32)
-        oc = cuda.local.array(VEC, f32)
-        oy = cuda.local.array(VEC, f32)
-        vv = cuda.local.array(VEC, f32)
-        vb = cuda.local.array(VEC, f32)
-        vc = cuda.local.array(VEC, f32)
-        vd = cuda.local.array(VEC, f32)
-        sgs = cuda.local.array(LB, f32)  # z_a, then sigmoid(z_a + b_a)
-        ghs = cuda.local.array(LB, f32)  # g_t
-        aws = cuda.local.array(LBV, f32)  # a_t w_{t-1}
-        wv = cuda.local.array(LBW, WT)  # the block's packed inputs
-        wb = cuda.local.array(LBW, WT)
-        wc = cuda.local.array(LBW, WT)
-        wd = cuda.local.array(LBW, WT)
-        for k in range(VEC):
-            bb[k] = load(b_b[kc0 + k])
-            bc[k] = load(b_c[kc0 + k])
-            w[k] = F0
-            q[k] = F0
-        m0 = b * L + j * lb
-        if n > 0:  # every load of the block in flight together
-            for i in range(LB):
-                m = m0 + min(i, n - 1)
-                sgs[i] = load(z[u64(m * W + col_a)])
-                if need_vb:
-                    load_w(z, m * W + c0, wv, i * NW)
-                    load_w(z, m * W + col_b, wb, i * NW)
-                if need_cd:
-                    load_w(z, m * W + col_c, wc, i * NW)
-                    load_w(dy, m * HD + c0, wd, i * NW)
-            gh = F1
-            for i in range(LB):
-                if i < n:
-                    sg = sigmoid(sgs[i] + ba)
-                    sgs[i] = sg
-                    a = decay_max * sg
-                    gh = a * gh
-                    ghs[i] = gh
-                    if need_vb:
-                        unpack(wv, i * NW, vv, 0)
-                        unpack(wb, i * NW, vb, 0)
-                        for k in range(VEC):
-                            awk = a * w[k]
-                            aws[i * VEC + k] = awk
-                            w[k] = awk + sigmoid(vb[k] + bb[k]) * vv[k]
-                    if need_cd and hops == 1:
-                        unpack(wc, i * NW, vc, 0)
-                        unpack(wd, i * NW, vd, 0)
-                        for k in range(VEC):
-                            q[k] += gh * vd[k] * (vc[k] + bc[k])
-        base = (row * R + r) * VEC
-        for k in range(VEC):
-            sh_w[base + k] = w[k]
-            sh_q[base + k] = q[k]
-        cuda.syncthreads()
-        for k in range(VEC):
-            S[k] = sh_w[base - R * VEC + k] if hops == 1 and row > 0 else F0
-            lam[k] = sh_q[base + R * VEC + k] if hops == 1 and row < ROWS - 1 else F0
-            zzv[k] = F0
-            pb[k] = F0
-            pc[k] = F0
-        pah = F0
-        a_next = F1
-        for ii in range(LB):  # every thread calls lane_sum LB times (uniform for shuffles)
-            i = LB - 1 - ii
-            m = m0 + i
-            pa = F0
-            sg = F0
-            go = own and i < n
-            if go:
-                sg = sgs[i]
-                unpack(wv, i * NW, vv, 0)
-                unpack(wb, i * NW, vb, 0)
-                unpack(wc, i * NW, vc, 0)
-                unpack(wd, i * NW, vd, 0)
-                gi = ghs[i]
-                for k in range(VEC):
-                    bg = sigmoid(vb[k] + bb[k])
-                    v = vv[k]
-                    c = vc[k] + bc[k]
-                    dyv = vd[k]
-                    ds = dyv * c
-                    lam[k] = ds + a_next * lam[k]
-                    zzv[k] = ds + a_next * zzv[k]
-                    awk = aws[i * VEC + k]
-                    ghs_k = gi * S[k]
-                    sv = awk + bg * v + ghs_k
-                    ov[k] = dyv + lam[k] * bg
-                    ob[k] = lam[k] * v * bg * (F1 - bg)
-                    oc[k] = dyv * sv
-                    oy[k] = sv * c + v
-                    pa += awk * lam[k] + ghs_k * zzv[k]
-                    pb[k] += ob[k]
-                    pc[k] += oc[k]
-                store_v(dz, m * W + c0, ov, 0)
-                store_v(y, m * HD + c0, oy, 0)
-                if G == 1:
-                    store_v(dz, m * W + col_b, ob, 0)
-                    store_v(dz, m * W + col_c, oc, 0)
-                else:  # heads of one kv group share these columns
-                    for k in range(VEC):
-                        cuda.atomic.add(acc_b, m * KD + kc0 + k, ob[k])
-                        cuda.atomic.add(acc_c, m * KD + kc0 + k, oc[k])
-                pa = pa * (F1 - sg)
-            pa = lane_sum(pa, lph, mask)
-            if go:
-                if lead:
-                    dz[u64(m * W + col_a)] = store(pa)
-                pah += pa
-                a_next = decay_max * sg
-        bias_sums(sh_w, sh_q, sh_a, dbias, pb, pc, pah, own, lead, row, r, R, ci, nvec,
-                  (b * nruns + run) * NBW, kc0, KD, h, G)
-
-    phalanx_mix_backward_rows.__name__ = phalanx_mix_backward_rows.__qualname__ = (
-        f"phalanx_mix_backward_rows_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
-        f"{'_fastsig' if fast else ''}")
-    return _jit(phalanx_mix_backward_rows, bounds)
-
-
-ROWS_GROUP = 4
-"""Steps the staged block-row backward reverses at a time (from a checkpoint of w and g)."""
-
-
-def rows_stage_bytes(kind: str, block_len: int, threads: int) -> int:
-    """Dynamic shared memory of the staged block-row backward: V, Bg, C and dY of every thread's
-    block, one 32-bit word a step and array."""
-    return 4 * block_len * threads * 4
-
-
-def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
-    """The block-row backward with the block's inputs staged in shared memory (TUNING
-    ``bwd_rows_stage=1``); the same work split and results as :func:`_make_backward_rows`.
+    one batch row, a 32-bit word of channels each): rows 1..rows take consecutive blocks, row 0
+    the block before them (it loads V, Bg, A and computes only its last state) and row rows+1
+    the block after them (A, C, dY: only its q); those two halo blocks are interior blocks of
+    the neighbouring thread blocks, so their second read mostly hits L2.
 
     A thread starts ``cp.async`` copies of its block's V, Bg, C and dY words into dynamic
     shared memory (``rows_stage_bytes``: word (step, array, thread), so a warp's accesses are
     consecutive words), all in flight at once without holding registers; only the decay logits
     go to registers. Pass 1 walks the block forward from shared memory, keeping w and g at
-    the start of each group of ``ROWS_GROUP`` steps; pass 2 takes the groups last to first,
-    recomputes the group's a_t w_{t-1}, g_t and sigmoid(Bg) from its checkpoint, and walks it
-    backwards. Each thread reads back only the words it copied itself.
+    the start of each group of ``ROWS_GROUP`` steps, and publishes the block's last state and q
+    in shared memory. After one barrier, pass 2 takes S from the row above and q from the row
+    below, takes the groups last to first, recomputes each group's a_t w_{t-1}, g_t and
+    sigmoid(Bg) from its checkpoint and walks it backwards, writing dz and Y. Each thread reads
+    back only the stage words it copied itself; the thread block adds its blocks' bias sums
+    (:func:`_make_bias_sums`). Every element of z and dY is read from DRAM once.
     """
     load = LOAD[kind]
     store = STORE[kind]
@@ -826,7 +631,7 @@ def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
     sigmoid = _sigmoid_fast if fast else _sigmoid
     lane_sum = _lane_head_sum
 
-    def phalanx_mix_backward_rows_staged(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
+    def phalanx_mix_backward_rows(z, dy, b_a, b_b, b_c, dz, y, dbias, acc_b, acc_c,
                                          L, H, D, G, decay_max, block_len, hops, nvec, nb,
                                          nruns, ncg, R, lph):
         sh_w = cuda.shared.array(SH, f32)
@@ -1016,10 +821,10 @@ def _make_backward_rows_staged(kind: str, rows: int, bounds=None, fast=False):
         bias_sums(sh_w, sh_q, sh_a, dbias, pb, pc, pah, own, lead, row, r, R, ci, nvec,
                   (b * nruns + run) * NBW, kc0, KD, h, G)
 
-    phalanx_mix_backward_rows_staged.__name__ = phalanx_mix_backward_rows_staged.__qualname__ = (
-        f"phalanx_mix_backward_rows_staged_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
+    phalanx_mix_backward_rows.__name__ = phalanx_mix_backward_rows.__qualname__ = (
+        f"phalanx_mix_backward_rows_{kind}_vec{VEC}_rows{rows}{_bounds_suffix(bounds)}"
         f"{'_fastsig' if fast else ''}")
-    return _jit(phalanx_mix_backward_rows_staged, bounds)
+    return _jit(phalanx_mix_backward_rows, bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1056,9 +861,6 @@ TUNING = {
     "bwd_kernel": "walk",
     # rows kernel: blocks a thread block takes (it has bwd_rows + 2 rows of up to 32 threads)
     "bwd_rows": 8,
-    # rows kernel: 1 stages the block's inputs in shared memory (cp.async), 0 keeps them in
-    # registers
-    "bwd_rows_stage": 1,
 }
 """Launch tuning of the fused kernels (swept by scripts/phalanx_dev.py)."""
 
@@ -1117,14 +919,12 @@ def backward_kernel(kind: str, vec: int, vector: bool, unroll: int, bounds=None,
     return _CACHE[key]
 
 
-def backward_rows_kernel(kind: str, rows: int, bounds=None, fast=False, staged=False):
+def backward_rows_kernel(kind: str, rows: int, bounds=None, fast=False):
     """The block-row backward specialisation; ``bounds`` (:func:`rows_bounds`) and ``fast`` as
-    for :func:`forward_kernel`; ``staged``: its inputs staged in shared memory
-    (``bwd_rows_stage``)."""
-    key = ("bwd_rows", kind, int(rows), bounds, bool(fast), bool(staged))
+    for :func:`forward_kernel`."""
+    key = ("bwd_rows", kind, int(rows), bounds, bool(fast))
     if key not in _CACHE:
-        make = _make_backward_rows_staged if staged else _make_backward_rows
-        _CACHE[key] = make(kind, int(rows), bounds, bool(fast))
+        _CACHE[key] = _make_backward_rows(kind, int(rows), bounds, bool(fast))
     return _CACHE[key]
 
 
@@ -1232,8 +1032,7 @@ def kernel_signatures():
                 out.append((backward_kernel(kind, vec, True, un, bb, bf), bsig))
         out.append((backward_kernel(kind, 1, False, un, bb, bf), bsig))
         rsig = (v1,) * 7 + (f1,) * 3 + (i64,) * 4 + (fl,) + (i64,) * 8
-        out.append((backward_rows_kernel(kind, TUNING["bwd_rows"], rows_bounds(), bf,
-                                         bool(TUNING["bwd_rows_stage"])), rsig))
+        out.append((backward_rows_kernel(kind, TUNING["bwd_rows"], rows_bounds(), bf), rsig))
     return out
 
 
@@ -1352,11 +1151,10 @@ def phalanx_backward(z, dy, b_a, b_b, b_c, dz, y, dbias, *, batch, length, heads
         R = min(32, nvec)
         nruns = -(-nb // rows)
         ncg = -(-nvec // R)
-        staged = bool(TUNING["bwd_rows_stage"])
-        kernel = backward_rows_kernel(kind, rows, rows_bounds(), fast, staged)
+        kernel = backward_rows_kernel(kind, rows, rows_bounds(), fast)
         args = arrays + common + (i64(nvec), i64(nb), i64(nruns), i64(ncg), i64(R), i64(lph))
         threads = R * (rows + 2)
-        shared = rows_stage_bytes(kind, block_len, threads) if staged else 0
+        shared = rows_stage_bytes(kind, block_len, threads)
         launch(kernel, (batch * nruns * ncg,), (threads,), args, stream, shared)
         return
     vec, vector, unroll, lph = cfg

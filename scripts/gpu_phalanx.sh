@@ -6,7 +6,7 @@
 # Steps, each under a time limit, about 105 s in all (BUDGET):
 #   1. scripts/phalanx_dev.py --grid rows: the fused kernels alone at 4x8192, 1x32768 and
 #      16x2048, the backward kernels side by side (the walking kernel at chunks of 256, 128
-#      and 512 tokens; the staged block rows), TB/s against the copy bandwidth of the same run;
+#      and 512 tokens; the block rows), TB/s against the copy bandwidth of the same run;
 #   2. ncu of each of those backward variants at 4x8192, one launch each (into the log);
 #   3. benchmarks/phalanx_bench.py: the layer against its GEMMs with TUNING as it is
 #      (phalanx_bench.json); spear's layer is not built here (its build alone takes ~2 minutes);

@@ -17,8 +17,7 @@ Knobs (``phalanx_fused.TUNING``, ``{fwd,bwd}_`` prefixed): ``bytes`` (access_byt
 ``chunk`` (chunk_steps), ``threads`` (threads_per_block), ``minblocks`` (min_blocks: launch
 bounds, 0 none), ``fast`` (fast_sigmoid: libdevice's approximate exp and division), ``ahead``
 (forward only: prefetch_ahead, L2 prefetches that many load batches ahead), and backward only
-``kernel`` (walk or rows), ``rows`` (blocks a thread block of the rows kernel takes) and
-``stage`` (rows_stage: 1 stages the block's inputs in shared memory, 0 keeps them in registers).
+``kernel`` (walk or rows) and ``rows`` (blocks a thread block of the rows kernel takes).
 ``--fwd`` / ``--bwd`` give a grid (every combination of the listed values; unlisted knobs keep
 TUNING's value); otherwise ``--grid`` picks a preset: ``quick`` (TUNING as it is), ``promising`` (a
 short list aimed at the occupancy, loads-in-flight and instruction limits ncu showed), ``rows``
@@ -62,8 +61,7 @@ def rel(a, b):
 
 KNOBS = {"bytes": "access_bytes", "unroll": "unroll", "chunk": "chunk_steps",
          "threads": "threads_per_block", "minblocks": "min_blocks", "fast": "fast_sigmoid",
-         "ahead": "prefetch_ahead", "kernel": "kernel", "rows": "rows",
-         "stage": "rows_stage"}
+         "ahead": "prefetch_ahead", "kernel": "kernel", "rows": "rows"}
 TEXT_KNOBS = {"kernel"}
 
 # TUNING updates: TUNING itself first, then variants aimed at ncu's limits (119 registers: 2
@@ -81,11 +79,10 @@ PROMISING = {
             {"bwd_kernel": "walk", "bwd_chunk_steps": 128, "bwd_min_blocks": 2},
             {"bwd_kernel": "walk", "bwd_chunk_steps": 128, "bwd_unroll": 2},
             {"bwd_kernel": "walk", "bwd_chunk_steps": 512},
-            {"bwd_kernel": "rows", "bwd_rows_stage": 1, "bwd_rows": 8, "bwd_min_blocks": 2}],
+            {"bwd_kernel": "rows", "bwd_rows": 8, "bwd_min_blocks": 2}],
 }
 # the backward kernels side by side (the walking kernel with chunks of 256, 128 with launch
-# bounds or two-token load batches, 512; block rows staged in shared memory), the forward as
-# TUNING has it
+# bounds or two-token load batches, 512; block rows), the forward as TUNING has it
 ROWS = {"fwd": [{}], "bwd": PROMISING["bwd"]}
 FULL = {
     "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1 "

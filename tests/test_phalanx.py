@@ -345,5 +345,5 @@ def test_phalanx_dev_sweep_grids():
             assert ups and all(set(u) <= set(TUNING) for u in ups)
     assert dev.label({"fwd_min_blocks": 4, "fwd_chunk_steps": 64}) == "min_blocks=4 chunk_steps=64"
     # the backward's kernel choice is a word, its other knobs numbers
-    assert dev.parse_grid("kernel=walk,rows stage=1", "bwd") == [
-        {"bwd_kernel": "walk", "bwd_rows_stage": 1}, {"bwd_kernel": "rows", "bwd_rows_stage": 1}]
+    assert dev.parse_grid("kernel=walk,rows rows=4", "bwd") == [
+        {"bwd_kernel": "walk", "bwd_rows": 4}, {"bwd_kernel": "rows", "bwd_rows": 4}]

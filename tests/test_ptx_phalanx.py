@@ -116,8 +116,7 @@ def test_every_launchable_configuration_has_a_specialisation():
                         if rcfg is not None:
                             assert rcfg[0] * rcfg[1] == head_dim and heads % rcfg[0] == 0
                             assert block_len <= PF.ROWS_LMAX and aligned
-                            rk = PF.backward_rows_kernel(kind, PF.TUNING["bwd_rows"], None, fast,
-                                                         bool(PF.TUNING["bwd_rows_stage"]))
+                            rk = PF.backward_rows_kernel(kind, PF.TUNING["bwd_rows"], None, fast)
                             assert id(rk) in have
     assert PF.backward_config("f32", 4, 16, 128) is None
 
@@ -196,32 +195,25 @@ def test_prefetch_specialisation(monkeypatch):
     assert "prefetch" not in compile_arches(kernel.py_func, sig)[(9, 0)]
 
 
-@pytest.mark.parametrize("stage", [1, 0])
-def test_rows_backward_specialisations(stage, monkeypatch):
-    """The block-row backward of each storage kind compiles for both input placements: staged
-    (``cp.async`` 4-byte copies into shared memory, read back with ``ld.shared``) or in
-    registers (one 32-bit ``ld.global`` a step and array); both pass the carriers through one
-    barrier and sum a head's da with shuffles, and are the kernels launches pick."""
+def test_rows_backward_specialisations():
+    """The block-row backward of each storage kind (the specialisations launches pick): its
+    block's words copied into shared memory with 4-byte ``cp.async`` and read back with
+    ``ld.shared``, one barrier for the carriers (and two for the bias sums), a head's da summed
+    with shuffles."""
     _nvvm_or_skip()
-    monkeypatch.setitem(PF.TUNING, "bwd_rows_stage", stage)
-    specs = [(k, sg) for k, sg in PF.kernel_signatures()
-             if k.py_func.__name__.startswith("phalanx_mix_backward_rows")]
-    assert len(specs) == 3
-    for kernel, sig in specs:
+    done = [i for i, (k, _) in enumerate(SPECS)
+            if k.py_func.__name__.startswith("phalanx_mix_backward_rows")]
+    assert len(done) == 3
+    for i in done:
+        kernel, _ = SPECS[i]
         name = kernel.py_func.__name__
-        assert ("_staged_" in name) == bool(stage)
         kind = name.split("_vec")[0].split("_")[-1]
         assert kernel is PF.backward_rows_kernel(kind, PF.TUNING["bwd_rows"], None,
-                                                 PF.fast_sigmoid("bwd", kind), bool(stage))
-        # the default placement's PTX is the one test_compiles_to_ptx made already
-        done = [i for i, (k, _) in enumerate(SPECS) if k is kernel]
-        ptxs = all_ptx()[done[0]] if done else compile_arches(kernel.py_func, sig)
+                                                 PF.fast_sigmoid("bwd", kind))
+        ptxs = all_ptx()[i]
         if isinstance(ptxs, Exception):
             raise ptxs
         for cc, ptx in ptxs.items():
             assert "bar.sync" in ptx and "shfl.sync" in ptx, (cc, name)
-            if stage:
-                assert "cp.async.ca.shared.global" in ptx and "ld.shared" in ptx, (cc, name)
-                assert "cp.async.wait_group 0" in ptx, (cc, name)
-            elif kind != "f32":
-                assert "ld.global.u32" in ptx, (cc, name)
+            assert "cp.async.ca.shared.global" in ptx and "ld.shared" in ptx, (cc, name)
+            assert "cp.async.wait_group 0" in ptx, (cc, name)
