@@ -14,7 +14,8 @@ Decode: ``phalanx_step`` for a batch of 64 (after a prefill), per token, vs a Py
 implementation of the same step (when torch imports), both checked against each other.
 
 Times: CUDA events around ``--calls`` back-to-back calls, after ``--warmup`` calls; the median
-over ``--runs`` runs of the per-call time. Writes ``phalanx_bench.json`` into ``--out`` and prints
+over ``--runs`` runs of the per-call time, the runs of a layer measurement and of its GEMM
+baseline interleaved. Writes ``phalanx_bench.json`` into ``--out`` and prints
 a Markdown table last.
 """
 
@@ -54,6 +55,28 @@ def gpu_time(fn, *, runs, calls, warmup):
         end.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, end) / calls)
     return statistics.median(times)
+
+
+def paired_times(fns, *, runs, calls, warmup):
+    """gpu_time of each of ``fns``, their runs interleaved (run i of every fn, then run i + 1):
+    the median over runs of each fn's per-call time, in ms."""
+    import cupy as cp
+
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    cp.cuda.Device().synchronize()
+    times = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, out in zip(fns, times):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            out.append(cp.cuda.get_elapsed_time(start, end) / calls)
+    return [statistics.median(t) for t in times]
 
 
 def bench_size(B, L, dim, dtype, args, log):
@@ -124,12 +147,15 @@ def bench_size(B, L, dim, dtype, args, log):
         except Exception as exc:  # noqa: BLE001 - keep ours if spear's layer fails
             r["spear_error"] = f"{type(exc).__name__}: {exc}"
             log(f"  spear layer failed: {r['spear_error']}")
-    for name, fn in [("gemm_fwd", gemm_fwd), ("ours_fwd", ours_fwd),
-                     ("gemm_fwdbwd", gemm_fwdbwd), ("ours_fwdbwd", ours_fwdbwd),
-                     ("ours_fwdbwd_recompute", ours_fwdbwd_recompute),
-                     ("kernel_fwd", kernel_fwd), ("kernel_bwd", kernel_bwd)]:
-        r[name + "_ms"] = gpu_time(fn, **t)
-        log(f"  {B}x{L} {name}: {r[name + '_ms']:.3f} ms")
+    # each layer measurement and its GEMM baseline alternate run by run (paired_times), so a
+    # drift of the GPU's clocks during the benchmark moves both alike
+    for pair in [[("gemm_fwd", gemm_fwd), ("ours_fwd", ours_fwd)],
+                 [("gemm_fwdbwd", gemm_fwdbwd), ("ours_fwdbwd", ours_fwdbwd),
+                  ("ours_fwdbwd_recompute", ours_fwdbwd_recompute)],
+                 [("kernel_fwd", kernel_fwd)], [("kernel_bwd", kernel_bwd)]]:
+        for name, ms in zip([n for n, _ in pair], paired_times([f for _, f in pair], **t)):
+            r[name + "_ms"] = ms
+            log(f"  {B}x{L} {name}: {ms:.3f} ms")
     item = np.dtype(dtype).itemsize
     r["kernel_fwd_bytes"] = M * (width + hd) * item
     r["kernel_bwd_bytes"] = M * (2 * width + 2 * hd) * item + parts.nbytes
