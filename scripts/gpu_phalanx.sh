@@ -5,8 +5,9 @@
 # Writes two files into $OUT/phalanx/: phalanx.log (everything below) and phalanx_bench.json.
 # Steps, each under a time limit, about 105 s in all (BUDGET):
 #   1. scripts/phalanx_dev.py --grid rows: the fused kernels alone at 4x8192, 1x32768 and
-#      16x2048, the backward kernels side by side (the walking kernel at chunks of 256, 128
-#      and 512 tokens; the block rows), TB/s against the copy bandwidth of the same run;
+#      16x2048, the backward kernels side by side (the walking kernel with 16-, 8- and 4-byte
+#      accesses, chunks of 256 and 128 tokens; the block rows), TB/s against the copy
+#      bandwidth of the same run;
 #   2. ncu of each of those backward variants at 4x8192, one launch each (into the log);
 #   3. benchmarks/phalanx_bench.py: the layer against its GEMMs with TUNING as it is
 #      (phalanx_bench.json); spear's layer is not built here (its build alone takes ~2 minutes);
@@ -45,7 +46,7 @@ step phalanx_dev 32 python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192,1x3276
 
 # 2. where the backward kernels' time goes (ncu, when installed): one launch of each
 if command -v ncu >/dev/null 2>&1; then
-  step ncu 24 ncu --clock-control none -k regex:phalanx_mix_backward --launch-count 5 \
+  step ncu 24 ncu --clock-control none -k regex:phalanx_mix_backward --launch-count 6 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section LaunchStats --section WarpStateStats \
     python3 "$ROOT/scripts/phalanx_dev.py" --sizes 4x8192 --profile --grid rows

@@ -76,13 +76,17 @@ PROMISING = {
             {"fwd_fast_sigmoid": 1, "fwd_min_blocks": 4, "fwd_access_bytes": 8,
              "fwd_unroll": 4}],
     "bwd": [{"bwd_kernel": "walk"},
-            {"bwd_kernel": "walk", "bwd_chunk_steps": 128, "bwd_min_blocks": 2},
+            {"bwd_kernel": "walk", "bwd_access_bytes": 8, "bwd_threads_per_block": 128},
+            {"bwd_kernel": "walk", "bwd_access_bytes": 8, "bwd_threads_per_block": 128,
+             "bwd_chunk_steps": 128},
+            {"bwd_kernel": "walk", "bwd_access_bytes": 4},
             {"bwd_kernel": "walk", "bwd_chunk_steps": 128, "bwd_unroll": 2},
-            {"bwd_kernel": "walk", "bwd_chunk_steps": 512},
             {"bwd_kernel": "rows", "bwd_rows": 8, "bwd_min_blocks": 2}],
 }
-# the backward kernels side by side (the walking kernel with chunks of 256, 128 with launch
-# bounds or two-token load batches, 512; block rows), the forward as TUNING has it
+# the backward kernels side by side (the walking kernel as TUNING has it; with 8-byte accesses,
+# 168 registers, in thread blocks of 128 (three an SM), chunks of 256 or 128 tokens; with 4-byte
+# accesses, 128 registers, a warp's access 128 bytes as in the block-row kernel; chunks of 128
+# tokens in two-token batches; block rows), the forward as TUNING has it
 ROWS = {"fwd": [{}], "bwd": PROMISING["bwd"]}
 FULL = {
     "fwd": "bytes=16,8 unroll=1,2,4 chunk=32,64,128,256 threads=128,256 minblocks=0,3,4 fast=0,1 "
