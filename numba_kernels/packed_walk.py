@@ -49,6 +49,8 @@ their address aligned to their size; ``vec == 1`` specialisations take any align
 
 from __future__ import annotations
 
+import contextlib
+
 import numba
 import numpy as np
 from numba import cuda
@@ -57,8 +59,9 @@ from ._dtypes import ITEM_SIZE, SIMULATOR
 from ._launch import FlatArray, launch
 from ._ptx import head_sum, make_vector_load, make_vector_store
 
-__all__ = ["BACKWARD_LMAX", "backward", "backward_config", "backward_kernel", "backward_plan",
-           "check_cu", "check_kernel", "forward", "forward_config", "forward_kernel"]
+__all__ = ["BACKWARD_LMAX", "VARIANTS", "backward", "backward_config", "backward_kernel",
+           "backward_plan", "check_cu", "check_kernel", "forward", "forward_config",
+           "forward_kernel", "variant"]
 
 f32 = numba.float32
 NAN = np.float32(np.nan)
@@ -78,6 +81,24 @@ THREADS = 32 if SIMULATOR else 256
 CHECK_THREADS = 32 if SIMULATOR else 256
 
 _CACHE: dict = {}
+
+VARIANTS = ("blocks",)
+"""Kernel families of the BLHD path (scripts/packed_profile.py times each): "blocks", a thread
+walks the blocks whose first token lies in its chunk (this module's kernels)."""
+_VARIANT = ["blocks"]
+
+
+@contextlib.contextmanager
+def variant(name):
+    """Run the BLHD kernels of family ``name`` (one of :data:`VARIANTS`) inside the block."""
+    if name not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {name!r}")
+    old = _VARIANT[0]
+    _VARIANT[0] = name
+    try:
+        yield
+    finally:
+        _VARIANT[0] = old
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,7 +549,7 @@ def check_cu(cu, T, ok, *, stream=None):
            stream)
 
 
-def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, stream=None):
+def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", stream=None):
     """``y`` of the packed problem (BLHD, B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
     ``(S, H, D)`` or None; ``ok`` from :func:`check_cu` (same stream); ``dummy`` a float32 array
     of one element (passed where x0 is not read)."""
@@ -552,7 +573,8 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, stream=None):
     launch(kernel, -(-nwork // THREADS), THREADS, args, stream)
 
 
-def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, stream=None):
+def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layout="BLHD",
+             stream=None):
     """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
     hops=1) of the packed problem; :func:`backward_plan` must not be None."""
     _, T, H, D = u.shape
