@@ -82,9 +82,10 @@ CHECK_THREADS = 32 if SIMULATOR else 256
 
 _CACHE: dict = {}
 
-VARIANTS = ("blocks",)
+VARIANTS = ("blocks", "tokens")
 """Kernel families of the BLHD path (scripts/packed_profile.py times each): "blocks", a thread
-walks the blocks whose first token lies in its chunk (this module's kernels)."""
+walks the blocks whose first token lies in its chunk; "tokens", a thread steps through the
+tokens of its chunk (the token walks; BHDL always runs these)."""
 _VARIANT = ["blocks"]
 
 
@@ -268,6 +269,183 @@ def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec, unroll=FORWAR
     if k is None:
         k = _CACHE[key] = cuda.jit(_make_forward(in_kind, out_kind, per_head, hops,
                                                  has_x0, vec, unroll))
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# token walks (both layouts): a thread steps through its chunk token by token
+# ----------------------------------------------------------------------------------------------
+
+
+TOKENS_CHUNK = 256
+"""Tokens per thread of the token walks (a multiple of every group length)."""
+
+
+def token_layout(layout, kind, vec):
+    """``(VEC, V, U)`` of a token walk: channels a thread owns, elements per access and tokens a
+    group. BLHD: ``vec`` channels an access, 8 tokens a group (8 accesses of each array in
+    flight). BHDL: one channel row a thread, accesses of ``vec`` consecutive tokens, two of
+    them a group (at least 8 tokens)."""
+    if layout == "BLHD":
+        return vec, 1, 8
+    return 1, vec, max(8, 2 * vec)
+
+
+@_device
+def _boundary(cu, t, s, cs, cn, l):
+    """At a block boundary t (``t == nb``): the sequence of t (passing over empty ones when t
+    ends sequence s) and the next boundary; returns ``(s, cs, cn, nb, first)`` with ``first``
+    whether t is its sequence's first token."""
+    if t == cn:
+        s += 1
+        cn = numba.int64(cu[s + 1])
+        while cn == t:
+            s += 1
+            cn = numba.int64(cu[s + 1])
+        cs = t
+    return s, cs, cn, min(t + l, cn), t == cs
+
+
+def _make_token_loaders(layout, in_kind, per_head, VEC, V, U):
+    """``load(arr, kind_is_a, ...)`` helpers of one group of U tokens into ``buf[i * W + k]``."""
+    AW = 1 if per_head else VEC
+    if layout == "BLHD":
+        load_v = make_vector_load(in_kind, VEC)
+        load_a = make_vector_load(in_kind, AW)
+
+        @_device
+        def load_group(arr, tb, t_last, C, c0, buf):
+            for i in range(U):
+                t = min(tb + i, t_last)
+                load_v(arr, t * C + c0, buf, i * VEC)
+
+        @_device
+        def load_agroup(arr, tb, t_last, a_stride, a_col, buf):
+            for i in range(U):
+                t = min(tb + i, t_last)
+                load_a(arr, t * a_stride + a_col, buf, i * AW)
+
+        return load_group, load_agroup
+    load_t = make_vector_load(in_kind, V)
+    NV = U // V
+
+    @_device
+    def load_rows(arr, tb, t_last, row, T, buf):
+        # row-major (rows, T): vectors of V tokens; past the end, the last vector (not used)
+        for p in range(NV):
+            t = min(tb + p * V, t_last - t_last % V)
+            load_t(arr, row * T + t, buf, p * V)
+
+    return load_rows, load_rows
+
+
+def _make_tokens_forward(layout, in_kind, out_kind, per_head, hops, has_x0, vec):
+    VEC, V, U = token_layout(layout, in_kind, vec)
+    AW = 1 if per_head else VEC
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    BLHD = layout == "BLHD"
+    load_u, load_a = _make_token_loaders(layout, in_kind, per_head, VEC, V, U)
+    store_y = make_vector_store(out_kind, VEC if BLHD else V)
+    NV = U // V
+    UV, UA = U * VEC, U * AW  # local array sizes must be constants
+
+    def kernel(a, u, y, x0, cu, ok, T, S, C, D, block_len, chunk, groups, nwork):
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * VEC  # BLHD: first channel; BHDL: the channel row
+        t_lo = (tid // groups) * chunk
+        t_hi = min(t_lo + chunk, T)
+        if per_head:
+            a_stride = C // D
+            a_col = c0 // D
+        else:
+            a_stride = C
+            a_col = c0
+        out = cuda.local.array(UV, f32)
+        if ok[0] == 0:
+            for k in range(UV):
+                out[k] = NAN
+            if BLHD:
+                for t in range(t_lo, t_hi):
+                    store_y(y, t * C + c0, out, 0)
+            else:
+                for t in range(t_lo, t_hi, V):
+                    store_y(y, c0 * T + t, out, 0)
+            return
+        w = cuda.local.array(VEC, f32)
+        car = cuda.local.array(VEC, f32)
+        g = cuda.local.array(AW, f32)
+        ub = cuda.local.array(UV, f32)
+        ab = cuda.local.array(UA, f32)
+        l = block_len
+        s = _seq_of(cu, S, t_lo)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        # the walk starts at the block before t_lo's block (its carrier), in t_lo's sequence
+        bs = cs + (t_lo - cs) // l * l
+        p0 = max(cs, bs - l) if HOPS1 else bs
+        nb = p0  # the next block boundary
+        for k in range(VEC):
+            w[k] = f32(0.0)
+            car[k] = f32(0.0)
+        for q in range(AW):
+            g[q] = f32(1.0)
+        tstart = p0 if BLHD else p0 - p0 % V
+        for tb in range(tstart, t_hi, U):
+            if BLHD:
+                load_u(u, tb, t_hi - 1, C, c0, ub)
+                load_a(a, tb, t_hi - 1, a_stride, a_col, ab)
+            else:
+                load_u(u, tb, t_hi - 1, c0, T, ub)
+                load_a(a, tb, t_hi - 1, a_col, T, ab)
+            for i in range(U):
+                t = tb + i
+                if t >= p0 and t < t_hi:
+                    if t == nb:
+                        s, cs, cn, nb, first = _boundary(cu, t, s, cs, cn, l)
+                        if HOPS1:
+                            for k in range(VEC):
+                                if first:
+                                    car[k] = x0[s * C + c0 + k] if X0 else f32(0.0)
+                                else:
+                                    car[k] = w[k]
+                        for k in range(VEC):
+                            w[k] = f32(0.0)
+                        for q in range(AW):
+                            g[q] = f32(1.0)
+                    for k in range(VEC):
+                        w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                    for q in range(AW):
+                        g[q] = g[q] * ab[i * AW + q]
+                    for k in range(VEC):
+                        if HOPS1:
+                            out[i * VEC + k] = w[k] + g[k % AW] * car[k]
+                        else:
+                            out[i * VEC + k] = w[k]
+                    if BLHD and t >= t_lo:
+                        store_y(y, t * C + c0, out, i * VEC)
+            if not BLHD:
+                for pv in range(NV):
+                    t = tb + pv * V
+                    if t >= t_lo and t < t_hi:
+                        store_y(y, c0 * T + t, out, pv * V)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_tokens_forward_{layout.lower()}_{in_kind}_to_{out_kind}"
+        f"_{'per_head' if per_head else 'per_channel'}_hops{hops}{'_x0' if X0 else ''}_vec{vec}"
+    )
+    return kernel
+
+
+def tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec):
+    """The ``@cuda.jit`` token-walk forward of one specialisation (cached)."""
+    key = ("tfwd", layout, in_kind, out_kind, per_head, hops, bool(has_x0 and hops == 1), vec)
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_tokens_forward(layout, in_kind, out_kind, per_head,
+                                                        hops, has_x0, vec))
     return k
 
 
@@ -549,23 +727,58 @@ def check_cu(cu, T, ok, *, stream=None):
            stream)
 
 
+def _shape(u, layout):
+    """(T, H, D) of a B == 1 array in ``layout``."""
+    if layout == "BLHD":
+        _, T, H, D = u.shape
+    else:
+        _, H, D, T = u.shape
+    return T, H, D
+
+
+def tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned=None):
+    """The access width ``vec`` of the token-walk forward: BLHD as :func:`forward_config`; BHDL
+    the widest vector of consecutive tokens (16 bytes of u, at most 16 bytes of y) that T is a
+    multiple of (every row then starts aligned) and that ``aligned(vec)`` allows."""
+    if layout == "BLHD":
+        vec = forward_config(in_kind, out_kind, per_head, H, D)
+    else:
+        vec = max(1, 16 // max(ITEM_SIZE[in_kind], ITEM_SIZE[out_kind]))
+        while vec > 1 and T % vec:
+            vec //= 2
+    while vec > 1 and aligned is not None and not aligned(vec):
+        vec = 1 if layout == "BLHD" else vec // 2
+    return vec
+
+
 def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", stream=None):
-    """``y`` of the packed problem (BLHD, B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
+    """``y`` of the packed problem (B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
     ``(S, H, D)`` or None; ``ok`` from :func:`check_cu` (same stream); ``dummy`` a float32 array
-    of one element (passed where x0 is not read)."""
-    _, T, H, D = u.shape
+    of one element (passed where x0 is not read). BLHD runs the :data:`VARIANTS` family chosen
+    (:func:`variant`), BHDL the token walk."""
+    T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, out_kind = _kind(u), _kind(y)
-    vec = forward_config(in_kind, out_kind, per_head, H, D)
-    if vec > 1:
-        if not (_aligned(u, vec * ITEM_SIZE[in_kind]) and _aligned(y, min(16, vec * ITEM_SIZE[
-                out_kind])) and (per_head or _aligned(a, vec * ITEM_SIZE[in_kind]))):
-            vec = 1
     S = cu.shape[0] - 1
     has_x0 = x0 is not None and hops == 1
-    kernel = forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec)
-    groups = H * D // vec
-    chunk = FORWARD_CHUNK
+    tokens = layout == "BHDL" or _VARIANT[0] == "tokens"
+
+    def aligned(v):
+        return (_aligned(u, v * ITEM_SIZE[in_kind]) and _aligned(y, min(16, v * ITEM_SIZE[
+            out_kind])) and (per_head and layout == "BLHD" or _aligned(a, v * ITEM_SIZE[
+                in_kind])))
+
+    if tokens:
+        vec = tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned)
+        kernel = tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
+        chunk = TOKENS_CHUNK if layout == "BLHD" else -(-TOKENS_CHUNK // vec) * vec
+    else:
+        vec = forward_config(in_kind, out_kind, per_head, H, D)
+        if vec > 1 and not aligned(vec):
+            vec = 1
+        kernel = forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec)
+        chunk = FORWARD_CHUNK
+    groups = H * D // vec if layout == "BLHD" else H * D
     nwork = groups * (-(-T // chunk))
     args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu), _flat(ok),
             np.int64(T), np.int64(S), np.int64(H * D), np.int64(D), np.int64(block_len),

@@ -21,6 +21,7 @@ measurement:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -89,18 +90,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
 
-    import cupy as cp
-    import ml_dtypes
     import numpy as np
 
-    import swr_array as sa
-    from swr_array import _checks
-    from swr_array import packed as packed_mod
-    from swr_array.numba_kernels import packed_walk
-
-    bf16 = np.dtype(ml_dtypes.bfloat16)
     rng = np.random.default_rng(0)
-    T, H, D, reps = args.tokens, args.heads, args.head_dim, args.reps
+    T, H, D = args.tokens, args.heads, args.head_dim
     big = T * H * D * 2  # bytes of one (T, H, D) bf16 array
     small = T * H * 2
     fwd_bytes, bwd_bytes = 2 * big + small, 3 * big + 2 * small
@@ -112,59 +105,75 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
     for layout in args.layouts.split(","):
-        us = (1, T, H, D) if layout == "BLHD" else (1, H, D, T)
-        a_s = (1, T, H) if layout == "BLHD" else (1, H, T)
-        a = cp.asarray(rng.uniform(0.5, 1.0, a_s).astype(np.float32).astype(bf16))
-        u = cp.asarray(rng.standard_normal(us).astype(np.float32).astype(bf16))
-        dy = cp.asarray(rng.standard_normal(us).astype(np.float32).astype(bf16))
-        y = cp.empty(us, bf16)
-        da, du = cp.empty(a_s, bf16), cp.empty(us, bf16)
-        kw = dict(block_len=16, hops=1, layout=layout)
-        for name, fn in (("fwd", lambda: sa.swr(a, u, **kw)),
-                         ("bwd", lambda: sa.swr_vjp(a, u, dy, **kw))):
-            ev, host = events(fn, reps)
-            emit(kind="api", layout=layout, docs=0, call="dense", dir=name, event_ms=ev,
-                 host_ms=host)
-        for name, fn in (("fwd", lambda: sa.swr(a, u, out=y, **kw)),
-                         ("bwd", lambda: sa.swr_vjp(a, u, dy, out=(da, du, None), **kw))):
-            emit(kind="kernel", layout=layout, docs=0, call="dense", dir=name,
-                 ms=graph_time(fn, reps))
-        for n_docs in (int(x) for x in args.docs.split(",")):
-            cuts = np.sort(rng.choice(np.arange(1, T), size=n_docs - 1, replace=False))
-            cu = cp.asarray(np.concatenate([[0], cuts, [T]]).astype(np.int32))
-            x0 = cp.asarray(rng.standard_normal((n_docs, H, D)).astype(np.float32))
-            for x0_arg in (None, x0):
-                tag = "packed" if x0_arg is None else "packed_x0"
-                pk = dict(kw, cu_seqlens=cu, x0=x0_arg)
-                for name, fn in (("fwd", lambda pk=pk: sa.swr(a, u, **pk)),
-                                 ("bwd", lambda pk=pk: sa.swr_vjp(a, u, dy, **pk))):
-                    ev, host = events(fn, reps)
-                    emit(kind="api", layout=layout, docs=n_docs, call=tag, dir=name,
-                         event_ms=ev, host_ms=host)
-            p = _checks.check_swr(a, u, **kw)
-            if not packed_mod.native_forward_fits(p, cu):
-                emit(kind="note", layout=layout, docs=n_docs, note="padded path: no kernels")
-                continue
-            ok = cp.ones(1, np.int32)
-            dummy = cp.zeros(1, np.float32)
-            dx0 = cp.zeros((n_docs, H, D), np.float32)
-            emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
-                 ms=graph_time(lambda cu=cu: packed_walk.check_cu(cu, T, ok), reps))
-            for variant in packed_walk.VARIANTS:
-                with packed_walk.variant(variant):
-                    for x0_arg, tag in ((None, "packed"), (x0, "packed_x0")):
-                        emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
-                             variant=variant, dir="fwd", ms=graph_time(
-                                 lambda cu=cu, x=x0_arg: packed_walk.forward(
-                                     a, u, y, x, cu, ok, dummy, hops=1, block_len=16,
-                                     layout=layout), reps))
-                        if packed_mod.native_backward_fits(p, cu, a, u, dy):
-                            emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
-                                 variant=variant, dir="bwd", ms=graph_time(
-                                     lambda cu=cu, x=x0_arg: packed_walk.backward(
-                                         a, u, dy, da, du, x, dx0, cu, ok, dummy, hops=1,
-                                         block_len=16, layout=layout), reps))
+        profile_layout(layout, args, rng, emit)
 
+
+def profile_layout(layout, args, rng, emit):
+    import cupy as cp
+    import ml_dtypes
+    import numpy as np
+    from swr_array.numba_kernels import packed_walk
+
+    import swr_array as sa
+    from swr_array import _checks
+    from swr_array import packed as packed_mod
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    T, H, D, reps = args.tokens, args.heads, args.head_dim, args.reps
+    us = (1, T, H, D) if layout == "BLHD" else (1, H, D, T)
+    a_s = (1, T, H) if layout == "BLHD" else (1, H, T)
+    a = cp.asarray(rng.uniform(0.5, 1.0, a_s).astype(np.float32).astype(bf16))
+    u = cp.asarray(rng.standard_normal(us).astype(np.float32).astype(bf16))
+    dy = cp.asarray(rng.standard_normal(us).astype(np.float32).astype(bf16))
+    y = cp.empty(us, bf16)
+    da, du = cp.empty(a_s, bf16), cp.empty(us, bf16)
+    kw = dict(block_len=16, hops=1, layout=layout)
+    fwd = functools.partial(sa.swr, a, u, **kw)
+    bwd = functools.partial(sa.swr_vjp, a, u, dy, **kw)
+    for name, fn in (("fwd", fwd), ("bwd", bwd)):
+        ev, host = events(fn, reps)
+        emit(kind="api", layout=layout, docs=0, call="dense", dir=name, event_ms=ev,
+             host_ms=host)
+    fwd = functools.partial(sa.swr, a, u, out=y, **kw)
+    bwd = functools.partial(sa.swr_vjp, a, u, dy, out=(da, du, None), **kw)
+    for name, fn in (("fwd", fwd), ("bwd", bwd)):
+        emit(kind="kernel", layout=layout, docs=0, call="dense", dir=name,
+             ms=graph_time(fn, reps))
+    p = _checks.check_swr(a, u, **kw)
+    for n_docs in (int(x) for x in args.docs.split(",")):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=n_docs - 1, replace=False))
+        cu = cp.asarray(np.concatenate([[0], cuts, [T]]).astype(np.int32))
+        x0 = cp.asarray(rng.standard_normal((n_docs, H, D)).astype(np.float32))
+        for x0_arg, tag in ((None, "packed"), (x0, "packed_x0")):
+            pk = dict(kw, cu_seqlens=cu, x0=x0_arg)
+            fwd = functools.partial(sa.swr, a, u, **pk)
+            bwd = functools.partial(sa.swr_vjp, a, u, dy, **pk)
+            for name, fn in (("fwd", fwd), ("bwd", bwd)):
+                ev, host = events(fn, reps)
+                emit(kind="api", layout=layout, docs=n_docs, call=tag, dir=name, event_ms=ev,
+                     host_ms=host)
+        if not packed_mod.native_forward_fits(p, cu):
+            emit(kind="note", layout=layout, docs=n_docs, note="padded path: no kernels")
+            continue
+        ok = cp.ones(1, np.int32)
+        dummy = cp.zeros(1, np.float32)
+        dx0 = cp.zeros((n_docs, H, D), np.float32)
+        emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
+             ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
+        back = packed_mod.native_backward_fits(p, cu, a, u, dy)
+        for variant in packed_walk.VARIANTS:
+            with packed_walk.variant(variant):
+                for x0_arg, tag in ((None, "packed"), (x0, "packed_x0")):
+                    fwd = functools.partial(packed_walk.forward, a, u, y, x0_arg, cu, ok, dummy,
+                                            hops=1, block_len=16, layout=layout)
+                    emit(kind="kernel", layout=layout, docs=n_docs, call=tag, variant=variant,
+                         dir="fwd", ms=graph_time(fwd, reps))
+                    if back:
+                        bwd = functools.partial(packed_walk.backward, a, u, dy, da, du, x0_arg,
+                                                dx0, cu, ok, dummy, hops=1, block_len=16,
+                                                layout=layout)
+                        emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
+                             variant=variant, dir="bwd", ms=graph_time(bwd, reps))
 
 if __name__ == "__main__":
     main()

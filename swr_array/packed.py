@@ -299,17 +299,17 @@ def backward(a, u, dy, p, cu, *, x0, device: bool | None = None):
 
 
 def native_forward_fits(p, cu) -> bool:
-    """The native forward (numba_kernels/packed_walk.py) runs for layout "BLHD", hops 0 and 1,
+    """The native forward (numba_kernels/packed_walk.py) runs for both layouts, hops 0 and 1,
     at least one token and one sequence; everything else takes the padded image."""
-    return p.layout == "BLHD" and p.hops in (0, 1) and p.N >= 1 and cu.shape[0] >= 2 \
-        and p.H * p.D >= 1
+    return p.layout in ("BLHD", "BHDL") and p.hops in (0, 1) and p.N >= 1 \
+        and cu.shape[0] >= 2 and p.H * p.D >= 1
 
 
 def native_backward_fits(p, cu, a, u, dy) -> bool:
     """As :func:`native_forward_fits`, and block_len up to ``packed_walk.BACKWARD_LMAX`` with a
     channel vector the arrays' alignment allows and, per head, whose lanes split D into a power
     of two up to 32 (``packed_walk.backward_plan``)."""
-    if not native_forward_fits(p, cu):
+    if not native_forward_fits(p, cu) or p.layout != "BLHD":
         return False
     from .numba_kernels import packed_walk
 
@@ -342,7 +342,8 @@ def _native_forward(a, u, p, cu, x0, out):
     if x0 is not None and p.hops == 1:
         x0f = xp.ascontiguousarray(x0, dtype=np.float32)
     packed_walk.check_cu(cu, p.N, ok)
-    packed_walk.forward(a, u, y, x0f, cu, ok, dummy, hops=p.hops, block_len=p.block_len)
+    packed_walk.forward(a, u, y, x0f, cu, ok, dummy, hops=p.hops, block_len=p.block_len,
+                        layout=p.layout)
     return y
 
 

@@ -137,14 +137,18 @@ def _nan_empty(cp):
     return empty
 
 
+@pytest.mark.parametrize("variant", ["blocks", "tokens"])
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("hops", [0, 1])
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
-def test_native_packed_kernels_poisoned(cp, rng, monkeypatch, per_head, hops, dtype):
+def test_native_packed_kernels_poisoned(cp, rng, monkeypatch, per_head, hops, dtype, variant):
     """The native BLHD kernels (no padded image) write every token of y, da and du (NaN-filled
     before), for lengths 0, 1, below/at/above block_len and one longer than a thread's chunk."""
+    from swr_array.numba_kernels import packed_walk
+
     from swr_array import packed
 
+    monkeypatch.setattr(packed_walk, "_VARIANT", [variant])
     lens = [0, 1, 15, 16, 17, 0, 300, 2] + list(rng.integers(0, 40, 30))
     cu, a, u = draw(rng, "BLHD", per_head, lens, 4, 16, dtype)
     S = len(lens)
@@ -234,3 +238,31 @@ def test_torch_native_route_fullgraph(rng, dtype):
     assert rel(ta.grad.float().cpu().numpy(), rda) < 10 * tol
     assert rel(tu.grad.float().cpu().numpy(), rdu) < tol
     assert rel(tx.grad.cpu().numpy(), rdx0) < tol
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("hops", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+@pytest.mark.parametrize("extra", [0, 3])  # T a multiple of 8 (vector accesses) or odd
+def test_native_bhdl_forward_poisoned(cp, rng, monkeypatch, per_head, hops, dtype, extra):
+    """The native BHDL forward (the token walk, no padded image) writes every token of y
+    (NaN-filled before), lengths 0, 1, below/at/above block_len and longer than a chunk."""
+    from swr_array import packed
+
+    lens = [0, 1, 15, 16, 17, 0, 600, 2] + list(rng.integers(0, 40, 30))
+    lens[-1] += (-sum(lens)) % 8 + extra  # T a multiple of 8, or 3 more
+    cu, a, u = draw(rng, "BHDL", per_head, lens, 4, 16, dtype)
+    S = len(lens)
+    x0 = rng.standard_normal((S, 4, 16)).astype(np.float32)
+    at, ut = to_time_last(a, "BHDL", per_head), to_time_last(u, "BHDL", False)
+    want = from_time_last(reference.swr_packed(at, ut, cu, block_len=16, hops=hops, x0=x0), "BHDL")
+
+    def no_image(*args, **kwargs):
+        raise AssertionError("the padded image was built")
+
+    monkeypatch.setattr(packed, "_padded_inputs", no_image)
+    monkeypatch.setattr(cp, "empty", _nan_empty(cp))
+    kw = dict(block_len=16, hops=hops, layout="BHDL", x0=cp.asarray(x0), cu_seqlens=cp.asarray(cu))
+    tol = 1e-5 if dtype == np.float32 else 1e-2
+    y = sa.swr(cp.asarray(a), cp.asarray(u), **kw)
+    assert rel(y.get(), want) < tol

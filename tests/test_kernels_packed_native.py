@@ -157,16 +157,19 @@ def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
         assert np.isnan(v).all()
 
 
-def test_native_fits_only_blhd_hops_0_1():
-    """Other layouts and hops keep the padded image; the backward also needs block_len <= 16."""
+def test_native_fits_only_hops_0_1():
+    """Other hops keep the padded image; the backward also needs block_len <= 16 and (for now)
+    layout BLHD."""
     u = np.zeros((1, 4, 2, 2), np.float32)
     a = np.zeros((1, 4, 2), np.float32)
     cu = np.array([0, 4], np.int32)
     p = _checks.check_swr(a, u, block_len=4, hops=1, layout="BLHD")
     assert packed.native_forward_fits(p, cu) and packed.native_backward_fits(p, cu, a, u, u)
-    for change in (dict(hops=2), dict(hops=None), dict(layout="BHDL")):
+    for change in (dict(hops=2), dict(hops=None)):
         q = dataclasses.replace(p, **change)
         assert not packed.native_forward_fits(q, cu)
+    q = dataclasses.replace(p, layout="BHDL")
+    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
     q = dataclasses.replace(p, block_len=32)
     assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
     assert not packed.native_forward_fits(p, np.array([0], np.int32))
@@ -188,3 +191,77 @@ def test_backward_config(kinds, per_head, D, want):
     # misaligned pointers: vec 1 only
     got = packed_walk.backward_config(*kinds, per_head, 2, D, 16, lambda v: False)
     assert got == (None if D > 32 or D == 6 else (1, D if per_head else 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the token walks (packed_walk.VARIANTS "tokens"; layout BHDL always)
+# ----------------------------------------------------------------------------------------------
+
+
+def tokens_forward_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
+                        monkeypatch):
+    rng = np.random.default_rng(seed)
+    S = len(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1])
+    us = (1, T, H, D) if layout == "BLHD" else (1, H, D, T)
+    a_s = ((1, T, H) if layout == "BLHD" else (1, H, T)) if per_head else us
+    a = rng.uniform(-1.05, 1.05, a_s).astype(np.float32).astype(dtype)
+    u = rng.standard_normal(us).astype(np.float32).astype(dtype)
+    x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
+    X = xp()
+    a_d, u_d, cu_d = X.asarray(a), X.asarray(u), X.asarray(cu)
+    x0_d = None if x0 is None else X.asarray(x0)
+    p = _checks.check_swr(a_d, u_d, block_len=bl, hops=hops, layout=layout)
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    with monkeypatch.context() as m, packed_walk.variant("tokens"):
+        m.setattr(packed, "_padded_inputs", _no_image)
+        m.setattr(packed_walk, "TOKENS_CHUNK", chunk)
+        y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
+        y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))
+    at, ut = to_time_last(a, layout, per_head), to_time_last(u, layout, False)
+    want = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0),
+                          layout)
+    tol = 1e-4 if dtype == np.float32 else 4e-2
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y.astype(np.float64), want, rtol=tol,
+                               atol=tol * (1 + np.abs(want).max()))
+
+
+@settings(max_examples=12 if SIM else 100, deadline=None)
+@given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
+       layout=st.sampled_from(["BLHD", "BHDL"]), bl=st.sampled_from([1, 4, 8, 16]),
+       hops=st.sampled_from([0, 1]), per_head=st.booleans(), with_x0=st.booleans(),
+       chunk=st.sampled_from([4, 8, 16, 64]))
+def test_tokens_forward_matches_reference(lens, layout, bl, hops, per_head, with_x0, chunk):
+    """The token-walk forward: lengths 0, 1, below, at and above block_len, chunks cutting
+    blocks and sequences (BHDL: rows of any T, one-token accesses)."""
+    seed = zlib.crc32(repr((lens, layout, bl, hops, per_head, with_x0, chunk)).encode())
+    with pytest.MonkeyPatch.context() as mp:
+        tokens_forward_case(lens, layout=layout, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
+                            with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed,
+                            monkeypatch=mp)
+
+
+@pytest.mark.parametrize("layout, per_head, hops, with_x0, dtype, lens", [
+    ("BHDL", True, 1, True, np.float32, [5, 0, 1, 9, 8, 1]),  # T = 24: 4-token accesses
+    ("BHDL", False, 1, False, BF16, [13, 0, 3, 16, 0]),  # T = 32: 8-token accesses
+    ("BHDL", True, 0, True, BF16, [7, 9, 1, 2, 5]),  # T = 24: 8-token accesses, hops 0
+    ("BLHD", True, 1, True, BF16, [5, 0, 1, 9, 8, 3]),  # 8 channels an access
+])
+def test_tokens_forward_vector_paths(rng, monkeypatch, layout, per_head, hops, with_x0, dtype,
+                                     lens):
+    tokens_forward_case(lens, layout=layout, per_head=per_head, H=2, D=8, bl=4, hops=hops,
+                        with_x0=with_x0, dtype=dtype, chunk=8, seed=int(rng.integers(1 << 30)),
+                        monkeypatch=monkeypatch)
+
+
+def test_tokens_forward_many_tiny_sequences(rng, monkeypatch):
+    """Many sequences of 0..2 tokens: several sequence starts inside one group of tokens."""
+    lens = list(rng.integers(0, 3, 40))
+    lens[0] = 1
+    for layout in ("BLHD", "BHDL"):
+        tokens_forward_case(lens, layout=layout, per_head=True, H=1, D=2, bl=4, hops=1,
+                            with_x0=True, dtype=np.float32, chunk=16,
+                            seed=int(rng.integers(1 << 30)), monkeypatch=monkeypatch)

@@ -122,3 +122,31 @@ def test_native_check_kernel_compiles(cu_type):
     kernel = packed_walk.check_kernel()
     sig = [_arr(cu_type), types.int64, types.int64, _arr("int32")]
     _check_ptx(compile_arches(kernel.py_func, sig), "packed_check_cu")
+
+
+TOKENS_FORWARD_CASES = [  # layout, in, out, per_head, hops, x0, vec
+    ("BHDL", "bf16", "bf16", True, 1, True, 8),
+    ("BHDL", "bf16", "bf16", True, 0, False, 8),
+    ("BHDL", "f32", "f32", False, 1, False, 4),
+    ("BHDL", "bf16", "f32", True, 1, True, 4),
+    ("BHDL", "f16", "f16", True, 1, False, 1),
+    ("BLHD", "bf16", "bf16", True, 1, True, 8),
+    ("BLHD", "f32", "f32", False, 0, False, 4),
+]
+
+
+@pytest.mark.parametrize("case", TOKENS_FORWARD_CASES)
+def test_tokens_forward_compiles(case):
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    layout, ik, ok, per_head, hops, x0, vec = case
+    kernel = packed_walk.tokens_forward_kernel(layout, ik, ok, per_head, hops, x0, vec)
+    sig = [_arr(ik)] * 2 + [_arr(ok), _arr("float32"), _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8),
+                     "packed_tokens_forward")
+    if vec * (2 if ik != "f32" else 4) == 16:
+        assert "ld.global.v4.u32" in ptx  # 16-byte accesses
+    assert "shfl" not in ptx
