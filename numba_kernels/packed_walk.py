@@ -449,6 +449,310 @@ def tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec
     return k
 
 
+def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec, lph, chunk):
+    """The token-walk backward (docs/spec.md#gradients, per virtual block as
+    :func:`backward_kernel`), in two passes over the thread's chunk:
+
+    1. reverse, from the end of the block after the one holding the chunk's end (or the end of
+       that sequence) down to the chunk's first token: the reverse state entering each token t
+       as ``lam_t = dy_t + A L``, ``z_t = dy_t + A Z`` (``A = a_{t+1}``, ``L = lam_{t+1}``,
+       ``Z = z_{t+1}`` inside a block; at a block's last token ``A = 1``, ``Z = 0`` and
+       ``L = q_{j+1} = a z`` at the next block's first token, 0 before a sequence start), kept
+       at every group boundary of the chunk (``chunk / U`` checkpoints);
+    2. forward, from the block before the one holding the chunk's first token: per group of U
+       tokens, the reverse quantities of the group again from its checkpoint (in registers),
+       then the forward walk (``w_{t-1}``, ``g_{t-1}``, the carry S) giving ``du_t = lam_t``
+       and ``da_t = lam_t w_{t-1} + S z_t g_{t-1}``, and ``dx0[s] = a z`` at a sequence's first
+       token.
+
+    dy and a are read twice (once a pass), u once; per-head ``da`` is summed over the head's
+    ``lph`` lanes with shuffles."""
+    VEC, V, U = token_layout(layout, in_kind, vec)
+    AW = 1 if per_head else VEC
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    BLHD = layout == "BLHD"
+    load_u, load_a = _make_token_loaders(layout, in_kind, per_head, VEC, V, U)
+    load_d, _ = _make_token_loaders(layout, dy_kind, per_head, VEC, V, U)
+    SW = VEC if BLHD else V  # elements a store
+    store_u = make_vector_store(in_kind, SW)
+    store_a = make_vector_store(in_kind, AW if BLHD else V)
+    NV = U // V
+    UV, UA = U * VEC, U * AW
+    NG = -(-chunk // U)
+    CKL, CKA = NG * VEC, NG * AW  # checkpoints (run-time indexed: local memory)
+    OA = UA if BLHD else U
+    PH = per_head
+
+    def kernel(a, u, dy, da, du, x0, dx0, cu, ok, T, S, C, D, block_len, groups, nwork):
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * VEC  # BLHD: first channel; BHDL: the channel row
+        t_lo = (tid // groups) * chunk
+        t_hi = min(t_lo + chunk, T)
+        if PH:
+            a_stride = C // D
+            a_col = c0 // D
+            lead = c0 % D == 0
+        else:
+            a_stride = C
+            a_col = c0
+            lead = True
+        lane = cuda.threadIdx.x % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        ov = cuda.local.array(UV, f32)
+        oa = cuda.local.array(OA, f32)
+        if ok[0] == 0:
+            for k in range(UV):
+                ov[k] = NAN
+            for k in range(OA):
+                oa[k] = NAN
+            if BLHD:
+                for t in range(t_lo, t_hi):
+                    store_u(du, t * C + c0, ov, 0)
+                    if lead:
+                        store_a(da, t * a_stride + a_col, oa, 0)
+            else:
+                for t in range(t_lo, t_hi, V):
+                    store_u(du, c0 * T + t, ov, 0)
+                    if lead:
+                        store_a(da, a_col * T + t, oa, 0)
+            if X0 and t_lo == 0:
+                for s in range(S):
+                    for k in range(VEC):
+                        dx0[s * C + c0 + k] = NAN
+            return
+        l = block_len
+        ub = cuda.local.array(UV, f32)
+        db = cuda.local.array(UV, f32)
+        ab = cuda.local.array(UA, f32)
+        lamp = cuda.local.array(UV, f32)
+        zp = cuda.local.array(UV, f32)
+        code = cuda.local.array(U, numba.int64)  # -1 inside a block, -2 a block start, s >= 0
+        L = cuda.local.array(VEC, f32)
+        Z = cuda.local.array(VEC, f32)
+        A = cuda.local.array(AW, f32)
+        ckL = cuda.local.array(CKL, f32)
+        ckZ = cuda.local.array(CKL, f32)
+        ckA = cuda.local.array(CKA, f32)
+        w = cuda.local.array(VEC, f32)
+        car = cuda.local.array(VEC, f32)
+        g = cuda.local.array(AW, f32)
+
+        # ---- pass 1: reverse, from pe down to t_lo
+        pe = T
+        if t_hi < T:
+            s2 = _seq_of(cu, S, t_hi)
+            cs2 = numba.int64(cu[s2])
+            cn2 = numba.int64(cu[s2 + 1])
+            bk = cs2 + (t_hi - cs2) // l * l
+            if t_hi == cs2:
+                pe = t_hi
+            elif t_hi == bk:
+                pe = min(bk + l, cn2)
+            else:
+                pe = min(bk + 2 * l, cn2)
+        s = _seq_of(cu, S, pe - 1)
+        cs = numba.int64(cu[s])
+        pb = cs + (pe - 1 - cs) // l * l  # first token of the block being walked
+        for k in range(VEC):
+            L[k] = f32(0.0)
+            Z[k] = f32(0.0)
+        for q in range(AW):
+            A[q] = f32(1.0)
+        ngr = (pe - t_lo + U - 1) // U
+        for gr in range(ngr - 1, -1, -1):
+            tb = t_lo + gr * U
+            if gr < NG:
+                for k in range(VEC):
+                    ckL[gr * VEC + k] = L[k]
+                    ckZ[gr * VEC + k] = Z[k]
+                for q in range(AW):
+                    ckA[gr * AW + q] = A[q]
+            if BLHD:
+                load_d(dy, tb, pe - 1, C, c0, db)
+                load_a(a, tb, pe - 1, a_stride, a_col, ab)
+            else:
+                load_d(dy, tb, T - 1, c0, T, db)
+                load_a(a, tb, T - 1, a_col, T, ab)
+            for r in range(U):
+                i = U - 1 - r
+                t = tb + i
+                if t < pe:
+                    for k in range(VEC):
+                        lam = db[i * VEC + k] + A[k % AW] * L[k]
+                        zk = db[i * VEC + k] + A[k % AW] * Z[k]
+                        if t == pb:
+                            L[k] = ab[i * AW + k % AW] * zk if HOPS1 and t != cs else f32(0.0)
+                            Z[k] = f32(0.0)
+                        else:
+                            L[k] = lam
+                            Z[k] = zk
+                    if t == pb:
+                        for q in range(AW):
+                            A[q] = f32(1.0)
+                        if t == cs:
+                            if t > 0:
+                                s -= 1
+                                while numba.int64(cu[s]) == t:
+                                    s -= 1
+                                cs = numba.int64(cu[s])
+                                pb = cs + (t - 1 - cs) // l * l
+                        else:
+                            pb = t - l
+                    else:
+                        for q in range(AW):
+                            A[q] = ab[i * AW + q]
+
+        # ---- pass 2: forward, from the block before t_lo's block
+        s = _seq_of(cu, S, t_lo)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        bs = cs + (t_lo - cs) // l * l
+        p0 = max(cs, bs - l) if HOPS1 else bs
+        nb = p0
+        for k in range(VEC):
+            w[k] = f32(0.0)
+            car[k] = f32(0.0)
+        for q in range(AW):
+            g[q] = f32(1.0)
+        tstart = p0 if BLHD else p0 - p0 % V
+        for tb in range(tstart, t_lo, U):  # the walk before the chunk: the state at t_lo
+            if BLHD:
+                load_u(u, tb, t_lo - 1, C, c0, ub)
+                load_a(a, tb, t_lo - 1, a_stride, a_col, ab)
+            else:
+                load_u(u, tb, T - 1, c0, T, ub)
+                load_a(a, tb, T - 1, a_col, T, ab)
+            for i in range(U):
+                t = tb + i
+                if t >= p0 and t < t_lo:
+                    if t == nb:
+                        s, cs, cn, nb, first = _boundary(cu, t, s, cs, cn, l)
+                        for k in range(VEC):
+                            if HOPS1:
+                                if first:
+                                    car[k] = x0[s * C + c0 + k] if X0 else f32(0.0)
+                                else:
+                                    car[k] = w[k]
+                            w[k] = f32(0.0)
+                        for q in range(AW):
+                            g[q] = f32(1.0)
+                    for k in range(VEC):
+                        w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                    for q in range(AW):
+                        g[q] = g[q] * ab[i * AW + q]
+        for gr in range(NG):
+            tb = t_lo + gr * U
+            if tb >= t_hi:
+                break
+            if BLHD:
+                load_u(u, tb, pe - 1, C, c0, ub)
+                load_d(dy, tb, pe - 1, C, c0, db)
+                load_a(a, tb, pe - 1, a_stride, a_col, ab)
+            else:
+                load_u(u, tb, T - 1, c0, T, ub)
+                load_d(dy, tb, T - 1, c0, T, db)
+                load_a(a, tb, T - 1, a_col, T, ab)
+            # block and sequence starts of the group's tokens
+            for i in range(U):
+                t = tb + i
+                code[i] = -1
+                if t < pe and t == nb:
+                    s, cs, cn, nb, first = _boundary(cu, t, s, cs, cn, l)
+                    code[i] = s if first else -2
+            # the reverse quantities from the group's checkpoint
+            for k in range(VEC):
+                L[k] = ckL[gr * VEC + k]
+                Z[k] = ckZ[gr * VEC + k]
+            for q in range(AW):
+                A[q] = ckA[gr * AW + q]
+            for r in range(U):
+                i = U - 1 - r
+                if tb + i < pe:
+                    for k in range(VEC):
+                        lam = db[i * VEC + k] + A[k % AW] * L[k]
+                        zk = db[i * VEC + k] + A[k % AW] * Z[k]
+                        lamp[i * VEC + k] = lam
+                        zp[i * VEC + k] = zk
+                        if code[i] != -1:
+                            L[k] = ab[i * AW + k % AW] * zk if HOPS1 and code[i] < 0 \
+                                else f32(0.0)
+                            Z[k] = f32(0.0)
+                        else:
+                            L[k] = lam
+                            Z[k] = zk
+                    for q in range(AW):
+                        A[q] = f32(1.0) if code[i] != -1 else ab[i * AW + q]
+            # the forward walk and the gradients
+            for i in range(U):
+                t = tb + i
+                if t < t_hi:
+                    if code[i] != -1:
+                        for k in range(VEC):
+                            if HOPS1:
+                                if code[i] >= 0:
+                                    car[k] = x0[code[i] * C + c0 + k] if X0 else f32(0.0)
+                                else:
+                                    car[k] = w[k]
+                            w[k] = f32(0.0)
+                        for q in range(AW):
+                            g[q] = f32(1.0)
+                        if X0 and code[i] >= 0:
+                            for k in range(VEC):
+                                dx0[code[i] * C + c0 + k] = ab[i * AW + k % AW] * zp[i * VEC + k]
+                    pa = f32(0.0)
+                    for k in range(VEC):
+                        lam = lamp[i * VEC + k]
+                        ov[i * VEC + k] = lam
+                        dk = lam * w[k]
+                        if HOPS1:
+                            dk += car[k] * zp[i * VEC + k] * g[k % AW]
+                        if PH:
+                            pa += dk
+                        elif BLHD:
+                            oa[i * VEC + k] = dk
+                        else:
+                            oa[i] = dk
+                    for k in range(VEC):
+                        w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                    for q in range(AW):
+                        g[q] = g[q] * ab[i * AW + q]
+                    if PH:
+                        pa = head_sum(pa, lph, mask)
+                        oa[i] = pa
+                    if BLHD:
+                        store_u(du, t * C + c0, ov, i * VEC)
+                        if lead:
+                            store_a(da, t * a_stride + a_col, oa, i * AW)
+            if not BLHD:
+                for pv in range(NV):
+                    t = tb + pv * V
+                    if t < t_hi:
+                        store_u(du, c0 * T + t, ov, pv * V)
+                        if lead:
+                            store_a(da, a_col * T + t, oa, pv * V)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_tokens_backward_{layout.lower()}_{in_kind}_dy_{dy_kind}"
+        f"_{'per_head' if per_head else 'per_channel'}_hops{hops}{'_x0' if X0 else ''}"
+        f"_vec{vec}_lph{lph}_chunk{chunk}"
+    )
+    return kernel
+
+
+def tokens_backward_kernel(layout, in_kind, dy_kind, per_head, hops, has_x0, vec, lph, chunk):
+    """The ``@cuda.jit`` token-walk backward of one specialisation (cached)."""
+    key = ("tbwd", layout, in_kind, dy_kind, per_head, hops, bool(has_x0 and hops == 1), vec,
+           lph, chunk)
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_tokens_backward(layout, in_kind, dy_kind, per_head,
+                                                         hops, has_x0, vec, lph, chunk))
+    return k
+
+
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
@@ -704,18 +1008,36 @@ def backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned=None):
     return None
 
 
-def backward_plan(a, u, dy, block_len):
-    """:func:`backward_config` for these arrays (their kinds, shapes and pointer alignment; the
-    gradients are fresh allocations)."""
-    _, _, H, D = u.shape
+def tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned=None):
+    """``(vec, lph)`` of the token-walk backward, or None where it does not run. BLHD: as
+    :func:`backward_config` without its block_len limit. BHDL: accesses of ``vec`` consecutive
+    tokens (16 bytes of the wider of u and dy, halved until T is a multiple and ``aligned(vec)``
+    allows), per head the head's D rows summed by shuffles (D a power of two up to 32)."""
+    if layout == "BLHD":
+        return backward_config(in_kind, dy_kind, per_head, H, D, 1, aligned)
+    if per_head and (D & (D - 1) or D > 32):
+        return None
+    vec = max(1, 16 // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind]))
+    while vec > 1 and (T % vec or (aligned is not None and not aligned(vec))):
+        vec //= 2
+    return vec, (D if per_head else 1)
+
+
+def backward_plan(a, u, dy, block_len, layout="BLHD"):
+    """:func:`backward_config` (BLHD, the "blocks" family) or :func:`tokens_backward_config`
+    for these arrays (their kinds, shapes and pointer alignment; the gradients are fresh
+    allocations)."""
+    T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
 
     def aligned(v):
         nb = v * ITEM_SIZE[in_kind]
         return (_aligned(u, nb) and _aligned(dy, v * ITEM_SIZE[dy_kind])
-                and (per_head or _aligned(a, nb)))
+                and (per_head and layout == "BLHD" or _aligned(a, nb)))
 
+    if layout == "BHDL" or _VARIANT[0] == "tokens":
+        return tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned)
     return backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
 
 
@@ -789,21 +1111,30 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
 def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layout="BLHD",
              stream=None):
     """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
-    hops=1) of the packed problem; :func:`backward_plan` must not be None."""
-    _, T, H, D = u.shape
+    hops=1) of the packed problem; :func:`backward_plan` must not be None. BLHD runs the
+    :data:`VARIANTS` family chosen (:func:`variant`), BHDL the token walk."""
+    T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
-    vec, lph = backward_plan(a, u, dy, block_len)
+    vec, lph = backward_plan(a, u, dy, block_len, layout)
     S = cu.shape[0] - 1
     has_x0 = x0 is not None and hops == 1
-    kernel = backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)
-    groups = H * D // vec
-    chunk = BACKWARD_CHUNK
-    nwork = groups * (-(-T // chunk))
-    tpb = lph if SIMULATOR else THREADS
     x_arg = x0 if has_x0 else dummy
     dx_arg = dx0 if has_x0 else dummy
-    args = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
+    groups = H * D // vec if layout == "BLHD" else H * D
+    tpb = lph if SIMULATOR else THREADS
+    head = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
-            np.int64(block_len), np.int64(chunk), np.int64(groups), np.int64(nwork))
+            np.int64(block_len))
+    if layout == "BHDL" or _VARIANT[0] == "tokens":
+        chunk = TOKENS_CHUNK if layout == "BLHD" else -(-TOKENS_CHUNK // vec) * vec
+        kernel = tokens_backward_kernel(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
+                                        lph, chunk)
+        nwork = groups * (-(-T // chunk))
+        args = head + (np.int64(groups), np.int64(nwork))
+    else:
+        kernel = backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)
+        chunk = BACKWARD_CHUNK
+        nwork = groups * (-(-T // chunk))
+        args = head + (np.int64(chunk), np.int64(groups), np.int64(nwork))
     launch(kernel, -(-nwork // tpb), tpb, args, stream)

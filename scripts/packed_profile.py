@@ -160,15 +160,14 @@ def profile_layout(layout, args, rng, emit):
         dx0 = cp.zeros((n_docs, H, D), np.float32)
         emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
-        back = packed_mod.native_backward_fits(p, cu, a, u, dy)
-        for variant in packed_walk.VARIANTS:
+        for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tokens",):
             with packed_walk.variant(variant):
                 for x0_arg, tag in ((None, "packed"), (x0, "packed_x0")):
                     fwd = functools.partial(packed_walk.forward, a, u, y, x0_arg, cu, ok, dummy,
                                             hops=1, block_len=16, layout=layout)
                     emit(kind="kernel", layout=layout, docs=n_docs, call=tag, variant=variant,
                          dir="fwd", ms=graph_time(fwd, reps))
-                    if back:
+                    if packed_mod.native_backward_fits(p, cu, a, u, dy):
                         bwd = functools.partial(packed_walk.backward, a, u, dy, da, du, x0_arg,
                                                 dx0, cu, ok, dummy, hops=1, block_len=16,
                                                 layout=layout)

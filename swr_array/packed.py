@@ -309,11 +309,11 @@ def native_backward_fits(p, cu, a, u, dy) -> bool:
     """As :func:`native_forward_fits`, and block_len up to ``packed_walk.BACKWARD_LMAX`` with a
     channel vector the arrays' alignment allows and, per head, whose lanes split D into a power
     of two up to 32 (``packed_walk.backward_plan``)."""
-    if not native_forward_fits(p, cu) or p.layout != "BLHD":
+    if not native_forward_fits(p, cu):
         return False
     from .numba_kernels import packed_walk
 
-    return packed_walk.backward_plan(a, u, dy, p.block_len) is not None
+    return packed_walk.backward_plan(a, u, dy, p.block_len, p.layout) is not None
 
 
 _dummies: dict = {}
@@ -365,7 +365,7 @@ def _native_backward(a, u, dy, p, cu, x0):
             x0f = xp.ascontiguousarray(x0, dtype=np.float32)
     packed_walk.check_cu(cu, p.N, ok)
     packed_walk.backward(a, u, dy, da, du, x0f, dx0, cu, ok, dummy, hops=p.hops,
-                         block_len=p.block_len)
+                         block_len=p.block_len, layout=p.layout)
     return da, du, dx0
 
 

@@ -92,7 +92,7 @@ def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, c
         assert dx0 is None
 
 
-@settings(max_examples=12 if SIM else 100, deadline=None)
+@settings(max_examples=12 if SIM else 40, deadline=None)
 @given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
        bl=st.sampled_from([1, 4, 8, 16]), hops=st.sampled_from([0, 1]),
        per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([3, 8, 64]))
@@ -158,8 +158,8 @@ def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
 
 
 def test_native_fits_only_hops_0_1():
-    """Other hops keep the padded image; the backward also needs block_len <= 16 and (for now)
-    layout BLHD."""
+    """Other hops keep the padded image; the BLHD "blocks" backward also needs
+    block_len <= 16."""
     u = np.zeros((1, 4, 2, 2), np.float32)
     a = np.zeros((1, 4, 2), np.float32)
     cu = np.array([0, 4], np.int32)
@@ -169,7 +169,9 @@ def test_native_fits_only_hops_0_1():
         q = dataclasses.replace(p, **change)
         assert not packed.native_forward_fits(q, cu)
     q = dataclasses.replace(p, layout="BHDL")
-    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
+    ub = np.zeros((1, 2, 2, 4), np.float32)
+    ab = np.zeros((1, 2, 4), np.float32)
+    assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, ab, ub, ub)
     q = dataclasses.replace(p, block_len=32)
     assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
     assert not packed.native_forward_fits(p, np.array([0], np.int32))
@@ -198,8 +200,9 @@ def test_backward_config(kinds, per_head, D, want):
 # ----------------------------------------------------------------------------------------------
 
 
-def tokens_forward_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
-                        monkeypatch):
+def tokens_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
+                monkeypatch):
+    """Forward and backward of the token walks against the per-sequence reference."""
     rng = np.random.default_rng(seed)
     S = len(lens)
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -208,9 +211,10 @@ def tokens_forward_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtyp
     a_s = ((1, T, H) if layout == "BLHD" else (1, H, T)) if per_head else us
     a = rng.uniform(-1.05, 1.05, a_s).astype(np.float32).astype(dtype)
     u = rng.standard_normal(us).astype(np.float32).astype(dtype)
+    dy = rng.standard_normal(us).astype(np.float32).astype(dtype)
     x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
     X = xp()
-    a_d, u_d, cu_d = X.asarray(a), X.asarray(u), X.asarray(cu)
+    a_d, u_d, dy_d, cu_d = (X.asarray(v) for v in (a, u, dy, cu))
     x0_d = None if x0 is None else X.asarray(x0)
     p = _checks.check_swr(a_d, u_d, block_len=bl, hops=hops, layout=layout)
     if SIM:
@@ -220,28 +224,40 @@ def tokens_forward_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtyp
         m.setattr(packed_walk, "TOKENS_CHUNK", chunk)
         y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
         y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))
+        da, du, dx0 = (None if v is None else to_np(v) for v in packed.backward(
+            a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True))
     at, ut = to_time_last(a, layout, per_head), to_time_last(u, layout, False)
     want = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0),
                           layout)
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, layout, False), cu,
+                                              block_len=bl, hops=hops, x0=x0)
+    if per_head:
+        rda = rda.sum(axis=2, keepdims=True)
+    rda, rdu = from_time_last(rda, layout, per_head), from_time_last(rdu, layout)
     tol = 1e-4 if dtype == np.float32 else 4e-2
-    assert y.dtype == dtype
-    np.testing.assert_allclose(y.astype(np.float64), want, rtol=tol,
-                               atol=tol * (1 + np.abs(want).max()))
+    assert y.dtype == dtype and da.dtype == dtype and du.dtype == dtype
+    for got, ref in ((y, want), (da, rda), (du, rdu)):
+        np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol,
+                                   atol=tol * (1 + np.abs(ref).max()))
+    if with_x0:
+        assert dx0.shape == (S, H, D) and dx0.dtype == np.float32
+        np.testing.assert_allclose(dx0, rdx0, rtol=tol, atol=tol * (1 + np.abs(rdx0).max()))
+    else:
+        assert dx0 is None
 
 
-@settings(max_examples=12 if SIM else 100, deadline=None)
+@settings(max_examples=12 if SIM else 40, deadline=None)
 @given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
-       layout=st.sampled_from(["BLHD", "BHDL"]), bl=st.sampled_from([1, 4, 8, 16]),
+       layout=st.sampled_from(["BLHD", "BHDL"]), bl=st.sampled_from([1, 4, 8, 16, 32]),
        hops=st.sampled_from([0, 1]), per_head=st.booleans(), with_x0=st.booleans(),
        chunk=st.sampled_from([4, 8, 16, 64]))
-def test_tokens_forward_matches_reference(lens, layout, bl, hops, per_head, with_x0, chunk):
-    """The token-walk forward: lengths 0, 1, below, at and above block_len, chunks cutting
-    blocks and sequences (BHDL: rows of any T, one-token accesses)."""
+def test_tokens_match_reference(lens, layout, bl, hops, per_head, with_x0, chunk):
+    """The token walks, forward and backward: lengths 0, 1, below, at and above block_len,
+    chunks cutting blocks and sequences (BHDL: rows of any T, one-token accesses)."""
     seed = zlib.crc32(repr((lens, layout, bl, hops, per_head, with_x0, chunk)).encode())
     with pytest.MonkeyPatch.context() as mp:
-        tokens_forward_case(lens, layout=layout, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
-                            with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed,
-                            monkeypatch=mp)
+        tokens_case(lens, layout=layout, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
+                    with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed, monkeypatch=mp)
 
 
 @pytest.mark.parametrize("layout, per_head, hops, with_x0, dtype, lens", [
@@ -250,18 +266,37 @@ def test_tokens_forward_matches_reference(lens, layout, bl, hops, per_head, with
     ("BHDL", True, 0, True, BF16, [7, 9, 1, 2, 5]),  # T = 24: 8-token accesses, hops 0
     ("BLHD", True, 1, True, BF16, [5, 0, 1, 9, 8, 3]),  # 8 channels an access
 ])
-def test_tokens_forward_vector_paths(rng, monkeypatch, layout, per_head, hops, with_x0, dtype,
+def test_tokens_vector_paths(rng, monkeypatch, layout, per_head, hops, with_x0, dtype,
                                      lens):
-    tokens_forward_case(lens, layout=layout, per_head=per_head, H=2, D=8, bl=4, hops=hops,
-                        with_x0=with_x0, dtype=dtype, chunk=8, seed=int(rng.integers(1 << 30)),
-                        monkeypatch=monkeypatch)
+    tokens_case(lens, layout=layout, per_head=per_head, H=2, D=8, bl=4, hops=hops,
+                with_x0=with_x0, dtype=dtype, chunk=8, seed=int(rng.integers(1 << 30)),
+                monkeypatch=monkeypatch)
 
 
-def test_tokens_forward_many_tiny_sequences(rng, monkeypatch):
+def test_tokens_many_tiny_sequences(rng, monkeypatch):
     """Many sequences of 0..2 tokens: several sequence starts inside one group of tokens."""
     lens = list(rng.integers(0, 3, 40))
     lens[0] = 1
     for layout in ("BLHD", "BHDL"):
-        tokens_forward_case(lens, layout=layout, per_head=True, H=1, D=2, bl=4, hops=1,
-                            with_x0=True, dtype=np.float32, chunk=16,
-                            seed=int(rng.integers(1 << 30)), monkeypatch=monkeypatch)
+        tokens_case(lens, layout=layout, per_head=True, H=1, D=2, bl=4, hops=1, with_x0=True,
+                    dtype=np.float32, chunk=16, seed=int(rng.integers(1 << 30)),
+                    monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("bad", [[0, 5, 3, 9], [1, 4, 6, 9], [0, 4, 6, 8]])
+def test_tokens_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
+    """The token walks (BHDL) give NaN in y, da, du and dx0 for an invalid device cu."""
+    cu = np.array(bad, np.int64)
+    X = xp()
+    a = rng.uniform(-1, 1, (1, 2, 9)).astype(np.float32)
+    u = rng.standard_normal((1, 2, 2, 9)).astype(np.float32)
+    x0 = rng.standard_normal((3, 2, 2)).astype(np.float32)
+    a_d, u_d, cu_d, x0_d = (X.asarray(v) for v in (a, u, cu, x0))
+    p = _checks.check_swr(a_d, u_d, block_len=4, hops=1, layout="BHDL")
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    monkeypatch.setattr(packed, "_padded_inputs", _no_image)
+    y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, device=True)
+    g = packed.backward(a_d, u_d, u_d, p, cu_d, x0=x0_d, device=True)
+    for v in (y, *g):
+        assert np.isnan(to_np(v)).all()

@@ -150,3 +150,43 @@ def test_tokens_forward_compiles(case):
     if vec * (2 if ik != "f32" else 4) == 16:
         assert "ld.global.v4.u32" in ptx  # 16-byte accesses
     assert "shfl" not in ptx
+
+
+TOKENS_BACKWARD_CASES = [  # layout, in, dy, per_head, hops, x0, vec, lph, chunk
+    ("BHDL", "bf16", "bf16", True, 1, True, 8, 16, 256),
+    ("BHDL", "bf16", "bf16", True, 0, False, 8, 16, 256),
+    ("BHDL", "f32", "f32", False, 1, False, 4, 1, 256),
+    ("BHDL", "bf16", "f32", True, 1, True, 4, 8, 256),
+    ("BHDL", "f16", "f16", True, 1, False, 1, 2, 256),
+    ("BLHD", "bf16", "bf16", True, 1, True, 2, 8, 256),
+    ("BLHD", "f32", "f32", False, 0, False, 1, 1, 64),
+]
+
+
+@pytest.mark.parametrize("case", TOKENS_BACKWARD_CASES)
+def test_tokens_backward_compiles(case):
+    """Local memory holds the reverse pass's checkpoints only (``chunk / U`` of (L, Z, A)), the
+    per-head da sum is log2(lph) shuffles a token."""
+    _nvvm_or_skip()
+    import re
+
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    layout, ik, dk, per_head, hops, x0, vec, lph, chunk = case
+    kernel = packed_walk.tokens_backward_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int32"), _arr("int32")]
+    ptx_by_cc = compile_arches(kernel.py_func, sig + [types.int64] * 7)
+    VEC, V, U = packed_walk.token_layout(layout, ik, vec)
+    ck_bytes = -(-chunk // U) * (2 * VEC + (1 if per_head else VEC)) * 4
+    for cc, ptx in ptx_by_cc.items():
+        assert ".target sm_{}{}".format(*cc) in ptx
+        assert "packed_tokens_backward" in ptx
+        depots = [int(n) for n in re.findall(r"__local_depot\d+\[(\d+)\]", ptx)]
+        assert sum(depots) <= ck_bytes, (depots, ck_bytes)
+        if per_head and lph > 1:
+            assert ptx.count("shfl.sync.bfly") == U * (lph.bit_length() - 1)
+        if V * (2 if ik != "f32" else 4) == 16:
+            assert "ld.global.v4.u32" in ptx
