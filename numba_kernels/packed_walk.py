@@ -56,7 +56,7 @@ import numpy as np
 from numba import cuda
 
 from ._dtypes import ITEM_SIZE, SIMULATOR
-from ._launch import FlatArray, launch
+from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
 from ._ptx import head_sum, make_vector_load, make_vector_store
 
 __all__ = ["BACKWARD_LMAX", "VARIANTS", "backward", "backward_config", "backward_kernel",
@@ -1073,11 +1073,8 @@ def tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned=
     return vec
 
 
-def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", stream=None):
-    """``y`` of the packed problem (B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
-    ``(S, H, D)`` or None; ``ok`` from :func:`check_cu` (same stream); ``dummy`` a float32 array
-    of one element (passed where x0 is not read). BLHD runs the :data:`VARIANTS` family chosen
-    (:func:`variant`), BHDL the token walk."""
+def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout):
+    """(kernel, grid, block, args) of :func:`forward`."""
     T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, out_kind = _kind(u), _kind(y)
@@ -1105,14 +1102,57 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
     args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu), _flat(ok),
             np.int64(T), np.int64(S), np.int64(H * D), np.int64(D), np.int64(block_len),
             np.int64(chunk), np.int64(groups), np.int64(nwork))
-    launch(kernel, -(-nwork // THREADS), THREADS, args, stream)
+    return kernel, -(-nwork // THREADS), THREADS, args
 
 
-def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layout="BLHD",
-             stream=None):
-    """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
-    hops=1) of the packed problem; :func:`backward_plan` must not be None. BLHD runs the
-    :data:`VARIANTS` family chosen (:func:`variant`), BHDL the token walk."""
+_PLANS: dict = {}
+"""Launch plans of the device path: (kind, layout, family, shapes, dtypes, options, pointer
+alignments, device) -> (compiled entry, grid, block, parameter values); a call writes its data
+pointers into the values and launches (``_launch.launch_with_pointers``)."""
+
+
+def _align(x):
+    return data_pointer(x) % 16
+
+
+def _cached_launch(key, build, arrays, stream):
+    """Launch through the plan of ``key`` (built by ``build()`` on a miss); the simulator and
+    NumPy arrays launch through ``_launch.launch``."""
+    if SIMULATOR or isinstance(arrays[1], np.ndarray):
+        kernel, grid, block, args = build()
+        launch(kernel, grid, block, args, stream)
+        return
+    from cupy.cuda import runtime
+
+    key = key + (runtime.getDevice(),)
+    plan = _PLANS.get(key)
+    if plan is None:
+        kernel, grid, block, args = build()
+        entry, values = prepare(kernel, args)
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = (entry, grid, block, values)
+    entry, grid, block, values = plan
+    launch_with_pointers(entry, grid, block, values, [data_pointer(x) for x in arrays], stream)
+
+
+def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", stream=None):
+    """``y`` of the packed problem (B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
+    ``(S, H, D)`` or None; ``ok`` from :func:`check_cu` (same stream); ``dummy`` a float32 array
+    of one element (passed where x0 is not read). BLHD runs the :data:`VARIANTS` family chosen
+    (:func:`variant`), BHDL the token walk. Repeated calls of one signature launch from a cached
+    plan."""
+    xa = dummy if x0 is None or hops != 1 else x0
+    arrays = (a, u, y, xa, cu, ok)
+    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, hops, block_len, a.shape,
+           u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype,
+           xa.dtype) + tuple(_align(x) for x in arrays[:3])
+    _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,
+                                                layout), arrays, stream)
+
+
+def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, layout):
+    """(kernel, grid, block, args) of :func:`backward`."""
     T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
@@ -1137,4 +1177,21 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
         chunk = BACKWARD_CHUNK
         nwork = groups * (-(-T // chunk))
         args = head + (np.int64(chunk), np.int64(groups), np.int64(nwork))
-    launch(kernel, -(-nwork // tpb), tpb, args, stream)
+    return kernel, -(-nwork // tpb), tpb, args
+
+
+def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layout="BLHD",
+             stream=None):
+    """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
+    hops=1) of the packed problem; :func:`backward_plan` must not be None. BLHD runs the
+    :data:`VARIANTS` family chosen (:func:`variant`), BHDL the token walk. Repeated calls of one
+    signature launch from a cached plan."""
+    has_x0 = x0 is not None and hops == 1
+    xa = x0 if has_x0 else dummy
+    dxa = dx0 if has_x0 else dummy
+    arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
+    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, hops, block_len, has_x0,
+           a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype
+           ) + tuple(_align(x) for x in arrays[:5])
+    _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
+                                                 block_len, layout), arrays, stream)

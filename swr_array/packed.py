@@ -316,6 +316,54 @@ def native_backward_fits(p, cu, a, u, dy) -> bool:
     return packed_walk.backward_plan(a, u, dy, p.block_len, p.layout) is not None
 
 
+def plan_key(base, cu, x0):
+    """The plan-cache key of a packed CuPy call: the plain call's key ``base`` (None: not
+    cacheable) with cu's and x0's type, shape, dtype, device and contiguity."""
+    if base is None or not type(cu).__module__.startswith("cupy"):
+        return None
+    try:
+        xk = None if x0 is None else (type(x0), x0.shape, x0.dtype, x0.data.device_id,
+                                      x0.flags.c_contiguous)
+        return ("packed", base, type(cu), cu.shape, cu.dtype, cu.data.device_id,
+                cu.flags.c_contiguous, xk)
+    except AttributeError:
+        return None
+
+
+def plannable(p, a, u, cu, x0, dy=None) -> bool:
+    """Whether a checked packed call may be repeated from its plan (:func:`forward_planned`,
+    :func:`backward_planned`): CuPy, the native kernels (forward and, with ``dy``, backward),
+    C-contiguous arrays and a float32 x0 (or none)."""
+    if p.backend != "cupy" or not native_forward_fits(p, cu):
+        return False
+    if dy is not None and not native_backward_fits(p, cu, a, u, dy):
+        return False
+    arrays = (a, u, cu) + (() if dy is None else (dy,)) + (() if x0 is None else (x0,))
+    if x0 is not None and np.dtype(x0.dtype) != np.float32:
+        return False
+    return all(x.flags.c_contiguous for x in arrays)
+
+
+def _on_device(fn, p, *args):
+    from ._cuda import _xp_of
+
+    cp = _xp_of(args[1])
+    if cp.cuda.runtime.getDevice() != p.device:
+        with cp.cuda.Device(p.device):
+            return fn(*args)
+    return fn(*args)
+
+
+def forward_planned(a, u, p, cu, x0, out):
+    """y of a packed call whose checks passed before for the same signature (the plan ``p``)."""
+    return _on_device(_native_forward, p, a, u, p, cu, x0, out)
+
+
+def backward_planned(a, u, dy, p, cu, x0):
+    """``(da, du, dx0)`` of a packed call whose checks passed before (the plan ``p``)."""
+    return _on_device(_native_backward, p, a, u, dy, p, cu, x0)
+
+
 _dummies: dict = {}
 
 
