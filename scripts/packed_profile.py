@@ -1,11 +1,11 @@
 """Where the time of a packed call goes (issue #18): each direction and each kernel alone.
 
     python scripts/packed_profile.py [--tokens 32768] [--heads 128] [--head-dim 16]
-                                     [--docs 16,1000] [--layouts BLHD,BHDL] [--reps 20]
+                                     [--docs 16,1000] [--layouts BLHD,BHDL] [--reps 20] [--x0]
 
 bfloat16, per-head coefficients, block_len 16, hops 1, CuPy arrays. For the dense call and the
-packed call (``cu_seqlens`` on the device) of each layout and document count, one JSON line a
-measurement:
+packed call (``cu_seqlens`` on the device; with ``--x0`` also with x0) of each layout and
+document count, one JSON line a measurement:
 
 - ``api``: the public ``swr`` / ``swr_vjp`` call, forward and backward apart: ``event_ms``
   (CUDA events around ``--reps`` back-to-back calls, per call) and ``host_ms`` (host time per
@@ -88,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--docs", default="16,1000")
     ap.add_argument("--layouts", default="BLHD,BHDL")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--x0", action="store_true", help="also the packed calls with x0")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -99,7 +100,7 @@ def main(argv=None):
     fwd_bytes, bwd_bytes = 2 * big + small, 3 * big + 2 * small
 
     def emit(**row):
-        if row.get("ms"):
+        if row.get("ms") and row.get("dir") in ("fwd", "bwd"):
             nbytes = fwd_bytes if row.get("dir") == "fwd" else bwd_bytes
             row["gbps"] = round(nbytes / row["ms"] / 1e6, 1)
         print(json.dumps(row), flush=True)
@@ -144,7 +145,7 @@ def profile_layout(layout, args, rng, emit):
         cuts = np.sort(rng.choice(np.arange(1, T), size=n_docs - 1, replace=False))
         cu = cp.asarray(np.concatenate([[0], cuts, [T]]).astype(np.int32))
         x0 = cp.asarray(rng.standard_normal((n_docs, H, D)).astype(np.float32))
-        for x0_arg, tag in ((None, "packed"), (x0, "packed_x0")):
+        for x0_arg, tag in ((None, "packed"), (x0, "packed_x0"))[:1 + args.x0]:
             pk = dict(kw, cu_seqlens=cu, x0=x0_arg)
             fwd = functools.partial(sa.swr, a, u, **pk)
             bwd = functools.partial(sa.swr_vjp, a, u, dy, **pk)
@@ -162,7 +163,7 @@ def profile_layout(layout, args, rng, emit):
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
         for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tokens",):
             with packed_walk.variant(variant):
-                for x0_arg, tag in ((None, "packed"), (x0, "packed_x0")):
+                for x0_arg, tag in ((None, "packed"), (x0, "packed_x0"))[:1 + args.x0]:
                     fwd = functools.partial(packed_walk.forward, a, u, y, x0_arg, cu, ok, dummy,
                                             hops=1, block_len=16, layout=layout)
                     emit(kind="kernel", layout=layout, docs=n_docs, call=tag, variant=variant,

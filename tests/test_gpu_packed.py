@@ -140,7 +140,7 @@ def _nan_empty(cp):
 @pytest.mark.parametrize("variant", ["blocks", "tokens"])
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("hops", [0, 1])
-@pytest.mark.parametrize("dtype", [np.float32, BF16])
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 def test_native_packed_kernels_poisoned(cp, rng, monkeypatch, per_head, hops, dtype, variant):
     """The native BLHD kernels (no padded image) write every token of y, da and du (NaN-filled
     before), for lengths 0, 1, below/at/above block_len and one longer than a thread's chunk."""
@@ -255,7 +255,7 @@ def test_torch_native_route_fullgraph(rng, dtype, layout):
 
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("hops", [0, 1])
-@pytest.mark.parametrize("dtype", [np.float32, BF16])
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("extra", [0, 3])  # T a multiple of 8 (vector accesses) or odd
 def test_native_bhdl_poisoned(cp, rng, monkeypatch, per_head, hops, dtype, extra):
     """The native BHDL kernels (the token walks, no padded image) write every token of y, da
