@@ -154,7 +154,7 @@ def _native_route(a, u, cu, x0, *, hops, layout, per_head, block_len, H, D, T) -
     if layout == "BHDL":
         return packed_walk.tokens_backward_config(layout, kind, kind, per_head, H, D,
                                                   T) is not None
-    return packed_walk.backward_config(kind, kind, per_head, H, D, block_len) is not None
+    return packed_walk.backward_config(kind, kind, per_head, H, D, 1) is not None
 
 
 def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_swr):

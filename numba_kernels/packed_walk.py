@@ -59,9 +59,9 @@ from ._dtypes import ITEM_SIZE, SIMULATOR
 from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
 from ._ptx import head_sum, make_vector_load, make_vector_store
 
-__all__ = ["BACKWARD_LMAX", "VARIANTS", "backward", "backward_config", "backward_kernel",
-           "backward_plan", "check_cu", "check_kernel", "forward", "forward_config",
-           "forward_kernel", "variant"]
+__all__ = ["BACKWARD_LMAX", "VARIANTS", "backward", "backward_config", "backward_family",
+           "backward_kernel", "backward_plan", "check_cu", "check_kernel", "forward",
+           "forward_config", "forward_kernel", "variant"]
 
 f32 = numba.float32
 NAN = np.float32(np.nan)
@@ -1024,9 +1024,18 @@ def tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned=
 
 
 def backward_plan(a, u, dy, block_len, layout="BLHD"):
-    """:func:`backward_config` (BLHD, the "blocks" family) or :func:`tokens_backward_config`
-    for these arrays (their kinds, shapes and pointer alignment; the gradients are fresh
-    allocations)."""
+    """``(vec, lph)`` of the backward for these arrays (their kinds, shapes and pointer
+    alignment; the gradients are fresh allocations), or None where no native backward runs:
+    see :func:`backward_family`."""
+    fam = backward_family(a, u, dy, block_len, layout)
+    return None if fam is None else fam[1:]
+
+
+def backward_family(a, u, dy, block_len, layout="BLHD"):
+    """``(family, vec, lph)`` of the backward: BLHD with the "blocks" family chosen
+    (:func:`variant`), :func:`backward_config` where it fits (block_len up to
+    :data:`BACKWARD_LMAX`), else the token walk; the token walk otherwise
+    (:func:`tokens_backward_config`). None where neither fits."""
     T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
@@ -1036,9 +1045,12 @@ def backward_plan(a, u, dy, block_len, layout="BLHD"):
         return (_aligned(u, nb) and _aligned(dy, v * ITEM_SIZE[dy_kind])
                 and (per_head and layout == "BLHD" or _aligned(a, nb)))
 
-    if layout == "BHDL" or _VARIANT[0] == "tokens":
-        return tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned)
-    return backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
+    if layout == "BLHD" and _VARIANT[0] == "blocks":
+        cfg = backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
+        if cfg is not None:
+            return ("blocks",) + cfg
+    cfg = tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned)
+    return None if cfg is None else ("tokens",) + cfg
 
 
 def check_cu(cu, T, ok, *, stream=None):
@@ -1156,7 +1168,7 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
     T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
-    vec, lph = backward_plan(a, u, dy, block_len, layout)
+    family, vec, lph = backward_family(a, u, dy, block_len, layout)
     S = cu.shape[0] - 1
     has_x0 = x0 is not None and hops == 1
     x_arg = x0 if has_x0 else dummy
@@ -1166,7 +1178,7 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
     head = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
             np.int64(block_len))
-    if layout == "BHDL" or _VARIANT[0] == "tokens":
+    if family == "tokens":
         chunk = TOKENS_CHUNK if layout == "BLHD" else -(-TOKENS_CHUNK // vec) * vec
         kernel = tokens_backward_kernel(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
                                         lph, chunk)

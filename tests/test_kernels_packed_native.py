@@ -158,8 +158,8 @@ def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
 
 
 def test_native_fits_only_hops_0_1():
-    """Other hops keep the padded image; the BLHD "blocks" backward also needs
-    block_len <= 16."""
+    """Other hops keep the padded image; past block_len 16 the BLHD backward is the token
+    walk; per head, the lanes of a head must split into a power of two up to 32."""
     u = np.zeros((1, 4, 2, 2), np.float32)
     a = np.zeros((1, 4, 2), np.float32)
     cu = np.array([0, 4], np.int32)
@@ -172,8 +172,12 @@ def test_native_fits_only_hops_0_1():
     ub = np.zeros((1, 2, 2, 4), np.float32)
     ab = np.zeros((1, 2, 4), np.float32)
     assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, ab, ub, ub)
-    q = dataclasses.replace(p, block_len=32)
-    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
+    q = dataclasses.replace(p, block_len=32)  # past the "blocks" backward: the token walk
+    assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, a, u, u)
+    assert packed_walk.backward_family(a, u, u, 32) == ("tokens", 1, 2)
+    assert packed_walk.backward_family(a, u, u, 16) == ("blocks", 1, 2)
+    u6 = np.zeros((1, 4, 2, 6), np.float32)  # 6 lanes a head: no shuffle sum fits
+    assert not packed.native_backward_fits(p, cu, a, u6, u6)
     assert not packed.native_forward_fits(p, np.array([0], np.int32))
 
 
