@@ -1,4 +1,4 @@
-"""Native packed kernels (``cu_seqlens``), layout "BLHD", hops 0 and 1: forward and backward.
+"""Native packed kernels (``cu_seqlens``), hops 0 and 1, both layouts: forward and backward.
 
 A packed batch holds ``T`` tokens of ``S`` sequences back to back, sequence s holding tokens
 ``cu[s]:cu[s+1]``; each sequence is its own recurrence with blocks of ``block_len`` (``l``)
@@ -41,6 +41,17 @@ Validity of ``cu``: :func:`check_kernel` (one thread block, a loop over S) write
 when ``cu`` starts at 0, never decreases and ends at T, else 0; the walk kernels then write NaN
 to every output (``y``; ``da``, ``du`` and ``dx0``) instead of walking. ``dx0`` must be zeroed by
 the caller (empty sequences and hops=0 keep 0).
+
+Token walks (:func:`tokens_forward_kernel`, :func:`tokens_backward_kernel`; layout "BHDL"
+always, "BLHD" with the "tokens" family of :data:`VARIANTS` and for the backward past
+:data:`BACKWARD_LMAX`): a thread owns a channel vector (BLHD) or one channel row (BHDL, accesses
+of consecutive tokens along the row) and the tokens ``[t_lo, t_lo + TOKENS_CHUNK)``, and steps
+through them in groups of U tokens (loads in flight), following block and sequence boundaries
+token by token (:func:`_boundary`), so blocks need no alignment to the accesses. The walk starts
+at the block before the one holding ``t_lo`` (its carrier; nothing stored there). The backward
+first walks the chunk in reverse from the end of the block after the one holding the chunk's
+end, keeping the reverse state at every group boundary, then walks forward recomputing each
+group's reverse quantities from its checkpoint (:func:`_make_tokens_backward`).
 
 Arrays are 1-D views of C-contiguous arrays (bfloat16 as uint16 bits); ``x0`` and ``dx0`` are
 float32 ``(S, H, D)``; ``cu`` int32 or int64, ``ok`` int32 of one element. Vector accesses need

@@ -1,11 +1,12 @@
 """Packed variable-length sequences (``cu_seqlens``): checks, the native and the padded evaluation.
 
-Native (the GPU path, layout "BLHD", hops 0 and 1, :func:`native_forward_fits` /
+Native (the GPU path, both layouts, hops 0 and 1, :func:`native_forward_fits` /
 :func:`native_backward_fits`): the kernels of numba_kernels/packed_walk.py walk each sequence's
 blocks in the packed array itself, one launch for all sequences after a one-block check of
 ``cu`` (no padded image, no token moves, no host read of ``cu``; an invalid ``cu`` gives NaN in
-every output). Sequences exchange no values, non-finite ones included. ``return_state`` keeps
-its per-sequence host loop (below). Everything else takes the padded evaluation.
+every output). Sequences exchange no values, non-finite ones included. Repeated CuPy calls of
+one signature skip the checks (:func:`plan_key`, as plain calls do). ``return_state`` keeps its
+per-sequence host loop (below). Everything else takes the padded evaluation.
 
 A packed batch has B == 1 and ``T`` tokens of ``S`` sequences back to back, sequence s holding
 tokens ``cu[s]:cu[s+1]``. Each sequence is its own recurrence (docs/spec.md, packed sequences):
@@ -306,9 +307,8 @@ def native_forward_fits(p, cu) -> bool:
 
 
 def native_backward_fits(p, cu, a, u, dy) -> bool:
-    """As :func:`native_forward_fits`, and block_len up to ``packed_walk.BACKWARD_LMAX`` with a
-    channel vector the arrays' alignment allows and, per head, whose lanes split D into a power
-    of two up to 32 (``packed_walk.backward_plan``)."""
+    """As :func:`native_forward_fits`, with a channel vector the arrays' alignment allows whose
+    lanes, per head, split D into a power of two up to 32 (``packed_walk.backward_plan``)."""
     if not native_forward_fits(p, cu):
         return False
     from .numba_kernels import packed_walk
