@@ -66,9 +66,9 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._dtypes import ITEM_SIZE, SIMULATOR
+from ._dtypes import ITEM_SIZE, SIMULATOR, STORE
 from ._launch import FlatArray, data_pointer, launch, launch_with_pointers, prepare
-from ._ptx import head_sum, make_vector_load, make_vector_store
+from ._ptx import head_sum, make_vector_load, make_vector_store, shfl_idx
 
 __all__ = ["BACKWARD_LMAX", "VARIANTS", "backward", "backward_config", "backward_family",
            "backward_kernel", "backward_plan", "check_cu", "check_kernel", "forward",
@@ -460,6 +460,59 @@ def tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec
     return k
 
 
+if SIMULATOR:  # a thread block is one head's lanes there
+
+    def _sim_xor(x, bit, mask):
+        return shfl_idx(x, (cuda.threadIdx.x % 32) ^ bit)
+
+    _xor = cuda.jit(device=True)(_sim_xor)
+
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def _xor(x, bit, mask):
+        return cuda.shfl_xor_sync(mask, x, bit)
+
+
+def _make_head_scatter(steps, lph, kind):
+    """``scatter(red, lane, mask, da, at, n)``: the sums over a head's ``lph`` lanes (a power
+    of two) of ``red[:steps]`` (each lane's values of ``steps`` consecutive tokens), stored as
+    ``da[at + i]`` for ``i < n``, by a shuffle reduce-scatter: each round halves the tokens a
+    lane holds (``steps - 1`` shuffles a lane in all where ``steps >= lph``, against
+    ``steps * log2(lph)`` for a butterfly sum per token), and each sum is stored once by the
+    lane that owns it (the idea of the dense BHDL backward's scatter)."""
+    rounds = lph.bit_length() - 1
+    store_s = STORE[kind]
+
+    @_device
+    def scatter(red, lane, mask, da, at, n):
+        nn = steps
+        off = 0
+        owner = True
+        for sround in range(rounds):
+            bit = 1 << sround
+            hi = (lane & bit) != 0
+            if nn > 1:
+                hf = nn // 2
+                for i in range(hf):
+                    lo_v = red[i]
+                    hi_v = red[i + hf]
+                    got = _xor(lo_v if hi else hi_v, bit, mask)
+                    red[i] = (hi_v if hi else lo_v) + got
+                if hi:
+                    off += hf
+                nn = hf
+            else:
+                red[0] = red[0] + _xor(red[0], bit, mask)
+                owner = owner and not hi
+        if owner:
+            for i in range(nn):
+                if off + i < n:
+                    da[at + off + i] = store_s(red[i])
+
+    return scatter
+
+
 def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec, lph, chunk):
     """The token-walk backward (docs/spec.md#gradients, per virtual block as
     :func:`backward_kernel`), in two passes over the thread's chunk:
@@ -491,6 +544,8 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
     NV = U // V
     UV, UA = U * VEC, U * AW
     NG = -(-chunk // U)
+    SCATTER = per_head and layout != "BLHD"  # BHDL per head: da of a group by a reduce-scatter
+    head_scatter = _make_head_scatter(U, lph, in_kind)
     CKL, CKA = NG * VEC, NG * AW  # checkpoints (run-time indexed: local memory)
     OA = UA if BLHD else U
     PH = per_head
@@ -730,7 +785,9 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
                         w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
                     for q in range(AW):
                         g[q] = g[q] * ab[i * AW + q]
-                    if PH:
+                    if SCATTER:
+                        oa[i] = pa
+                    elif PH:
                         pa = head_sum(pa, lph, mask)
                         oa[i] = pa
                     if BLHD:
@@ -742,8 +799,13 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
                     t = tb + pv * V
                     if t < t_hi:
                         store_u(du, c0 * T + t, ov, pv * V)
-                        if lead:
+                        if lead and not SCATTER:
                             store_a(da, a_col * T + t, oa, pv * V)
+                if SCATTER:
+                    for i in range(U):
+                        if tb + i >= t_hi:
+                            oa[i] = f32(0.0)
+                    head_scatter(oa, lane, mask, da, a_col * T + tb, t_hi - tb)
 
     kernel.__name__ = kernel.__qualname__ = (
         f"packed_tokens_backward_{layout.lower()}_{in_kind}_dy_{dy_kind}"
@@ -1138,16 +1200,17 @@ def _align(x):
     return data_pointer(x) % 16
 
 
-def _cached_launch(key, build, arrays, stream):
-    """Launch through the plan of ``key`` (built by ``build()`` on a miss); the simulator and
-    NumPy arrays launch through ``_launch.launch``."""
+def _cached_launch(key, build, arrays, n_aligned, stream):
+    """Launch through the plan of ``key`` and the 16-byte alignment of the first ``n_aligned``
+    arrays (built by ``build()`` on a miss); the simulator and NumPy arrays launch through
+    ``_launch.launch``."""
     if SIMULATOR or isinstance(arrays[1], np.ndarray):
         kernel, grid, block, args = build()
         launch(kernel, grid, block, args, stream)
         return
     from cupy.cuda import runtime
 
-    key = key + (runtime.getDevice(),)
+    key = key + tuple(_align(x) for x in arrays[:n_aligned]) + (runtime.getDevice(),)
     plan = _PLANS.get(key)
     if plan is None:
         kernel, grid, block, args = build()
@@ -1169,9 +1232,9 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
     arrays = (a, u, y, xa, cu, ok)
     key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, hops, block_len, a.shape,
            u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype,
-           xa.dtype) + tuple(_align(x) for x in arrays[:3])
+           xa.dtype)
     _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,
-                                                layout), arrays, stream)
+                                                layout), arrays, 3, stream)
 
 
 def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, layout):
@@ -1214,7 +1277,6 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
     dxa = dx0 if has_x0 else dummy
     arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
     key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, hops, block_len, has_x0,
-           a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype
-           ) + tuple(_align(x) for x in arrays[:5])
+           a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype)
     _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
-                                                 block_len, layout), arrays, stream)
+                                                 block_len, layout), arrays, 5, stream)
