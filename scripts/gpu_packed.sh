@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Native packed kernels (issue #18), on the GPU machine, within ~90 s:
 #   source scripts/device_env.sh && bash scripts/gpu_packed.sh
+# 0. scripts/packed_warm.py: the kernels below compiled in parallel processes (PTX disk cache);
 # 1. scripts/packed_profile.py: each direction of the public call (events and host time per
 #    call) and each kernel alone (CUDA graph replay), dense and packed, both layouts;
 # 2. benchmarks/packed_bench.py at 32768 tokens, 128 heads x 16 (2048 channels), bfloat16,
@@ -16,13 +17,16 @@ dir="${OUT:-$PWD/gpu_logs}/packed"
 mkdir -p "$dir"
 log="$dir/log.txt"
 {
+  echo "=== warm $(date -u +%T)"
+  timeout 25 python3 scripts/packed_warm.py --jobs 12
+  echo "=== warm rc=$? $(date -u +%T)"
   echo "=== profile $(date -u +%T)"
-  timeout 30 python3 scripts/packed_profile.py --reps 10
+  timeout 20 python3 scripts/packed_profile.py --reps 10
   echo "=== profile rc=$? $(date -u +%T)"
-  timeout 25 python3 benchmarks/packed_bench.py --out "$dir" --runs 5 --calls 3 --warmup 2
+  timeout 20 python3 benchmarks/packed_bench.py --out "$dir" --runs 5 --calls 3 --warmup 2
   echo "=== bench rc=$? $(date -u +%T)"
   echo "=== tests $(date -u +%T)"
-  timeout 28 python3 -m pytest -q -p no:cacheprovider -n 4 -rf tests/test_gpu_packed.py \
+  timeout 22 python3 -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_gpu_packed.py \
     -k "bad_device or (poisoned and bf16 and True) or (bhdl_poisoned and f32 and 1-True)"
   echo "=== tests rc=$? $(date -u +%T)"
 } 2>&1 | tee "$log"
