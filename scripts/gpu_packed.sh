@@ -21,7 +21,7 @@ log="$dir/log.txt"
   timeout 25 python3 scripts/packed_warm.py --jobs 12
   echo "=== warm rc=$? $(date -u +%T)"
   echo "=== profile $(date -u +%T)"
-  timeout 20 python3 scripts/packed_profile.py --reps 10
+  timeout 20 python3 scripts/packed_profile.py --reps 10 --sweep
   echo "=== profile rc=$? $(date -u +%T)"
   timeout 20 python3 benchmarks/packed_bench.py --out "$dir" --runs 5 --calls 3 --warmup 2
   echo "=== bench rc=$? $(date -u +%T)"

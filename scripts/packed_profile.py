@@ -2,6 +2,7 @@
 
     python scripts/packed_profile.py [--tokens 32768] [--heads 128] [--head-dim 16]
                                      [--docs 16,1000] [--layouts BLHD,BHDL] [--reps 20] [--x0]
+                                     [--sweep]
 
 bfloat16, per-head coefficients, block_len 16, hops 1, CuPy arrays. For the dense call and the
 packed call (``cu_seqlens`` on the device; with ``--x0`` also with x0) of each layout and
@@ -89,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--layouts", default="BLHD,BHDL")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--x0", action="store_true", help="also the packed calls with x0")
+    ap.add_argument("--sweep", action="store_true",
+                    help="BLHD: the kernels alone at other chunk lengths too")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -174,6 +177,28 @@ def profile_layout(layout, args, rng, emit):
                                                 layout=layout)
                         emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
+        if layout == "BLHD" and args.sweep:
+            # chunk lengths (run-time arguments of these kernels: no new compilation)
+            sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]
+            sweep += [("blocks", "BACKWARD_CHUNK", "bwd", c) for c in (128, 512, 1024)]
+            sweep += [("tokens", "TOKENS_CHUNK", "fwd", c) for c in (128, 512, 1024)]
+            for variant, knob, direction, chunk in sweep:
+                old = getattr(packed_walk, knob)
+                setattr(packed_walk, knob, chunk)
+                try:
+                    with packed_walk.variant(variant):
+                        if direction == "fwd":
+                            fn = functools.partial(packed_walk.forward, a, u, y, None, cu, ok,
+                                                   dummy, hops=1, block_len=16, layout=layout)
+                        else:
+                            fn = functools.partial(packed_walk.backward, a, u, dy, da, du, None,
+                                                   dx0, cu, ok, dummy, hops=1, block_len=16,
+                                                   layout=layout)
+                        emit(kind="kernel", layout=layout, docs=n_docs, call="packed",
+                             variant=variant, dir=direction, chunk=chunk,
+                             ms=graph_time(fn, reps))
+                finally:
+                    setattr(packed_walk, knob, old)
 
 if __name__ == "__main__":
     main()
