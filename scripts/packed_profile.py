@@ -200,5 +200,6 @@ def profile_layout(layout, args, rng, emit):
                 finally:
                     setattr(packed_walk, knob, old)
 
+
 if __name__ == "__main__":
     main()
