@@ -290,6 +290,9 @@ def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec, unroll=FORWAR
 
 TOKENS_CHUNK = 256
 """Tokens per thread of the token walks (a multiple of every group length)."""
+BHDL_BACKWARD_THREADS = 32 if SIMULATOR else 128
+"""Threads per block of the BHDL token backward (its checkpoints live in shared memory:
+``chunk / U * 3 * 4`` bytes a thread)."""
 
 
 def token_layout(layout, kind, vec):
@@ -547,6 +550,8 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
     SCATTER = per_head and layout != "BLHD"  # BHDL per head: da of a group by a reduce-scatter
     head_scatter = _make_head_scatter(U, lph, in_kind)
     CKL, CKA = NG * VEC, NG * AW  # checkpoints (run-time indexed: local memory)
+    TB = BHDL_BACKWARD_THREADS
+    CKS = 1 if BLHD else NG * 3 * TB  # BHDL: the checkpoints in shared memory
     OA = UA if BLHD else U
     PH = per_head
 
@@ -599,9 +604,11 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
         L = cuda.local.array(VEC, f32)
         Z = cuda.local.array(VEC, f32)
         A = cuda.local.array(AW, f32)
-        ckL = cuda.local.array(CKL, f32)
-        ckZ = cuda.local.array(CKL, f32)
-        ckA = cuda.local.array(CKA, f32)
+        ckL = cuda.local.array(CKL if BLHD else 1, f32)
+        ckZ = cuda.local.array(CKL if BLHD else 1, f32)
+        ckA = cuda.local.array(CKA if BLHD else 1, f32)
+        cks = cuda.shared.array(CKS, f32)  # [(group * 3 + (L, Z, A)) * TB + thread]
+        tx = numba.uint32(cuda.threadIdx.x)
         w = cuda.local.array(VEC, f32)
         car = cuda.local.array(VEC, f32)
         g = cuda.local.array(AW, f32)
@@ -631,11 +638,17 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
         for gr in range(ngr - 1, -1, -1):
             tb = t_lo + gr * U
             if gr < NG:
-                for k in range(VEC):
-                    ckL[gr * VEC + k] = L[k]
-                    ckZ[gr * VEC + k] = Z[k]
-                for q in range(AW):
-                    ckA[gr * AW + q] = A[q]
+                if BLHD:
+                    for k in range(VEC):
+                        ckL[gr * VEC + k] = L[k]
+                        ckZ[gr * VEC + k] = Z[k]
+                    for q in range(AW):
+                        ckA[gr * AW + q] = A[q]
+                else:
+                    at = numba.uint32(gr * 3 * TB) + tx
+                    cks[at] = L[0]
+                    cks[at + TB] = Z[0]
+                    cks[at + 2 * TB] = A[0]
             if BLHD:
                 load_d(dy, tb, pe - 1, C, c0, db)
                 load_a(a, tb, pe - 1, a_stride, a_col, ab)
@@ -729,11 +742,17 @@ def _make_tokens_backward(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
                     s, cs, cn, nb, first = _boundary(cu, t, s, cs, cn, l)
                     code[i] = s if first else -2
             # the reverse quantities from the group's checkpoint
-            for k in range(VEC):
-                L[k] = ckL[gr * VEC + k]
-                Z[k] = ckZ[gr * VEC + k]
-            for q in range(AW):
-                A[q] = ckA[gr * AW + q]
+            if BLHD:
+                for k in range(VEC):
+                    L[k] = ckL[gr * VEC + k]
+                    Z[k] = ckZ[gr * VEC + k]
+                for q in range(AW):
+                    A[q] = ckA[gr * AW + q]
+            else:
+                at = numba.uint32(gr * 3 * TB) + tx
+                L[0] = cks[at]
+                Z[0] = cks[at + TB]
+                A[0] = cks[at + 2 * TB]
             for r in range(U):
                 i = U - 1 - r
                 if tb + i < pe:
@@ -1249,6 +1268,8 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
     dx_arg = dx0 if has_x0 else dummy
     groups = H * D // vec if layout == "BLHD" else H * D
     tpb = lph if SIMULATOR else THREADS
+    if family == "tokens" and layout == "BHDL" and not SIMULATOR:
+        tpb = BHDL_BACKWARD_THREADS
     head = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
             np.int64(block_len))
