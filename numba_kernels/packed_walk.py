@@ -93,11 +93,12 @@ CHECK_THREADS = 32 if SIMULATOR else 256
 
 _CACHE: dict = {}
 
-VARIANTS = ("blocks", "tokens")
+VARIANTS = ("rblocks", "blocks", "tokens")
 """Kernel families of the BLHD path (scripts/packed_profile.py times each): "blocks", a thread
-walks the blocks whose first token lies in its chunk; "tokens", a thread steps through the
-tokens of its chunk (the token walks; BHDL always runs these)."""
-_VARIANT = ["blocks"]
+walks the blocks whose first token lies in its chunk ("rblocks": the backward takes them from
+the last to the first, as the dense channel kernel, the forward is "blocks"'s); "tokens", a
+thread steps through the tokens of its chunk (the token walks; BHDL always runs these)."""
+_VARIANT = ["rblocks"]
 
 
 @contextlib.contextmanager
@@ -1038,6 +1039,265 @@ def backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, lb, lph):
 
 
 # ----------------------------------------------------------------------------------------------
+# reverse block walk (BLHD backward): the dense channel kernel's order, blocks per sequence
+# ----------------------------------------------------------------------------------------------
+
+
+RBLOCKS_ACCESS_BYTES = 8
+"""Bytes of u a thread moves per step in the reverse block walk (its registers grow with it)."""
+RBLOCKS_UNROLL = 8
+RBLOCKS_CHUNK = 256
+
+
+def _make_rblocks(in_kind, dy_kind, per_head, hops, has_x0, vec, lb, lph, unroll):
+    """The BLHD backward as the dense channel kernel (swr_backward_channel) walks it, on the
+    virtual blocks of each sequence: a thread takes the blocks whose first token lies in its
+    chunk from the last to the first; the reverse sweep of block j gives ``q_j = a z`` at its
+    first token, handed to block j-1 of the same sequence in registers (the chunk's last block,
+    and each sequence's last block in the chunk, take q from a walk of the block after it, or 0
+    at a sequence's end); the forward walk of block j-1 gives the carry S of block j and the
+    checkpoints (w, g before each group of ``unroll`` steps) that block j-1's sweep starts its
+    groups from (a sequence's last block in the chunk walks itself for them); a sequence's first
+    block takes ``x0[s]`` (or 0) and writes ``dx0[s] = q``. Each step's loads of a group are in
+    flight together; per-head da is summed over the head's ``lph`` lanes by shuffles."""
+    VEC, U = vec, unroll
+    AW = 1 if per_head else VEC
+    NG = -(-lb // U)
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    load_u = make_vector_load(in_kind, VEC)
+    load_d = make_vector_load(dy_kind, VEC)
+    load_a = make_vector_load(in_kind, AW)
+    store_u = make_vector_store(in_kind, VEC)
+    store_a = make_vector_store(in_kind, AW)
+    UV, UA, CKV, CKA = U * VEC, U * AW, NG * VEC, NG * AW  # local array sizes: constants
+
+    @_device
+    def walk(a, u, bs, n, C, c0, a_stride, a_col, ckw, ckg, w, g, ab, ub):
+        """Forward through the n tokens from bs, keeping (w, g) before each group; w ends as the
+        carrier."""
+        for k in range(VEC):
+            w[k] = f32(0.0)
+        for q in range(AW):
+            g[q] = f32(1.0)
+        for gi in range(NG):
+            t0 = gi * U
+            for k in range(VEC):
+                ckw[gi * VEC + k] = w[k]
+            for q in range(AW):
+                ckg[gi * AW + q] = g[q]
+            if t0 < n:
+                for i in range(U):
+                    t = bs + min(t0 + i, n - 1)
+                    load_a(a, t * a_stride + a_col, ab, i * AW)
+                    load_u(u, t * C + c0, ub, i * VEC)
+                for i in range(U):
+                    if t0 + i < n:
+                        for k in range(VEC):
+                            w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                        for q in range(AW):
+                            g[q] = g[q] * ab[i * AW + q]
+
+    @_device
+    def next_q(a, dy, bs, n, C, c0, a_stride, a_col, an, zz, ab, db, q):
+        """q (the sum over a block of g_t dy_t) of the n tokens from bs, summed in the reverse
+        sweep's order."""
+        for k in range(AW):
+            an[k] = f32(1.0)
+        for k in range(VEC):
+            zz[k] = f32(0.0)
+        for gg in range(NG):
+            t0 = (NG - 1 - gg) * U
+            if t0 < n:
+                for i in range(U):
+                    t = bs + min(t0 + i, n - 1)
+                    load_a(a, t * a_stride + a_col, ab, i * AW)
+                    load_d(dy, t * C + c0, db, i * VEC)
+                for ii in range(U):
+                    i = U - 1 - ii
+                    if t0 + i < n:
+                        for k in range(VEC):
+                            zz[k] = db[i * VEC + k] + an[k % AW] * zz[k]
+                        for k in range(AW):
+                            an[k] = ab[i * AW + k]
+        for k in range(VEC):
+            q[k] = an[k % AW] * zz[k]
+
+    def kernel(a, u, dy, da, du, x0, dx0, cu, ok, T, S, C, D, block_len, chunk, groups, nwork):
+        tid = cuda.grid(1)
+        if tid >= nwork:
+            return
+        c0 = (tid % groups) * VEC
+        t_lo = (tid // groups) * chunk
+        t_hi = min(t_lo + chunk, T)
+        if per_head:
+            a_stride = C // D
+            a_col = c0 // D
+            lead = c0 % D == 0
+        else:
+            a_stride = C
+            a_col = c0
+            lead = True
+        lane = cuda.threadIdx.x % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+        ov = cuda.local.array(VEC, f32)
+        oa = cuda.local.array(VEC, f32)
+        if ok[0] == 0:
+            for k in range(VEC):
+                ov[k] = NAN
+                oa[k] = NAN
+            for t in range(t_lo, t_hi):
+                store_u(du, t * C + c0, ov, 0)
+                if lead:
+                    store_a(da, t * a_stride + a_col, oa, 0)
+            if X0 and t_lo == 0:
+                for s in range(S):
+                    for k in range(VEC):
+                        dx0[s * C + c0 + k] = NAN
+            return
+        l = block_len
+        q = cuda.local.array(VEC, f32)
+        Sc = cuda.local.array(VEC, f32)
+        w = cuda.local.array(VEC, f32)
+        g = cuda.local.array(AW, f32)
+        lam = cuda.local.array(VEC, f32)
+        zz = cuda.local.array(VEC, f32)
+        an = cuda.local.array(AW, f32)
+        ab = cuda.local.array(UA, f32)
+        ub = cuda.local.array(UV, f32)
+        db = cuda.local.array(UV, f32)
+        wp = cuda.local.array(UV, f32)
+        gp = cuda.local.array(UA, f32)
+        ckw = cuda.local.array(CKV, f32)
+        ckg = cuda.local.array(CKA, f32)
+        nkw = cuda.local.array(CKV, f32)
+        nkg = cuda.local.array(CKA, f32)
+
+        # the chunk's last block start
+        s = _seq_of(cu, S, t_hi - 1)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        bs = cs + (t_hi - 1 - cs) // l * l
+        have_next = False  # q and the checkpoints of block bs come from the block after it
+        for k in range(VEC):
+            q[k] = f32(0.0)
+        while bs >= t_lo:
+            be = min(bs + l, cn)
+            n = be - bs
+            if not have_next:
+                for k in range(VEC):
+                    q[k] = f32(0.0)
+                if HOPS1 and be < cn:
+                    next_q(a, dy, be, min(be + l, cn) - be, C, c0, a_stride, a_col, an, zz, ab,
+                           db, q)
+                walk(a, u, bs, n, C, c0, a_stride, a_col, ckw, ckg, w, g, ab, ub)
+            first = bs == cs
+            for k in range(VEC):
+                Sc[k] = f32(0.0)
+            if HOPS1:
+                if first:
+                    if X0:
+                        for k in range(VEC):
+                            Sc[k] = x0[s * C + c0 + k]
+                else:
+                    walk(a, u, bs - l, l, C, c0, a_stride, a_col, nkw, nkg, w, g, ab, ub)
+                    for k in range(VEC):
+                        Sc[k] = w[k]
+            # reverse sweep of the block, a group of U steps at a time
+            for k in range(VEC):
+                lam[k] = q[k]
+                zz[k] = f32(0.0)
+            for k in range(AW):
+                an[k] = f32(1.0)
+            for gg in range(NG):
+                gi = NG - 1 - gg
+                t0 = gi * U
+                if t0 < n:
+                    for i in range(U):
+                        t = bs + min(t0 + i, n - 1)
+                        load_a(a, t * a_stride + a_col, ab, i * AW)
+                        load_u(u, t * C + c0, ub, i * VEC)
+                        load_d(dy, t * C + c0, db, i * VEC)
+                    for k in range(VEC):
+                        w[k] = ckw[gi * VEC + k]
+                    for k in range(AW):
+                        g[k] = ckg[gi * AW + k]
+                    for i in range(U):
+                        for k in range(VEC):
+                            wp[i * VEC + k] = w[k]
+                            w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                        for k in range(AW):
+                            gp[i * AW + k] = g[k]
+                            g[k] = g[k] * ab[i * AW + k]
+                    for ii in range(U):
+                        i = U - 1 - ii
+                        if t0 + i < n:
+                            pa = f32(0.0)
+                            for k in range(VEC):
+                                dv = db[i * VEC + k]
+                                lam[k] = dv + an[k % AW] * lam[k]
+                                ov[k] = lam[k]
+                                dk = lam[k] * wp[i * VEC + k]
+                                if HOPS1:
+                                    zz[k] = dv + an[k % AW] * zz[k]
+                                    dk += Sc[k] * zz[k] * gp[i * AW + k % AW]
+                                oa[k] = dk
+                                pa += dk
+                            t = bs + t0 + i
+                            store_u(du, t * C + c0, ov, 0)
+                            if per_head:
+                                pa = head_sum(pa, lph, mask)
+                                oa[0] = pa
+                            if lead:
+                                store_a(da, t * a_stride + a_col, oa, 0)
+                            for k in range(AW):
+                                an[k] = ab[i * AW + k]
+            for k in range(VEC):
+                q[k] = an[k % AW] * zz[k] if HOPS1 else f32(0.0)  # q of this block, for bs - l
+            if X0 and first:
+                for k in range(VEC):
+                    dx0[s * C + c0 + k] = q[k]
+            if first:  # the previous sequence holding tokens: its last block
+                if bs == 0:
+                    break
+                s -= 1
+                while numba.int64(cu[s]) == bs:
+                    s -= 1
+                cn = bs
+                cs = numba.int64(cu[s])
+                bs = cs + (cn - 1 - cs) // l * l
+                have_next = False
+            else:
+                bs -= l
+                have_next = HOPS1
+                if HOPS1:
+                    for k in range(CKV):
+                        ckw[k] = nkw[k]
+                    for k in range(CKA):
+                        ckg[k] = nkg[k]
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_rblocks_backward_{in_kind}_dy_{dy_kind}"
+        f"_{'per_head' if per_head else 'per_channel'}_hops{hops}{'_x0' if X0 else ''}"
+        f"_vec{vec}_l{lb}_lph{lph}_unroll{unroll}"
+    )
+    return kernel
+
+
+def rblocks_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, lb, lph,
+                   unroll=RBLOCKS_UNROLL):
+    """The ``@cuda.jit`` reverse block walk of one specialisation (cached)."""
+    unroll = min(unroll, lb)
+    key = ("rbwd", in_kind, dy_kind, per_head, hops, bool(has_x0 and hops == 1), vec, lb, lph,
+           unroll)
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_rblocks(in_kind, dy_kind, per_head, hops, has_x0, vec,
+                                                 lb, lph, unroll))
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
 
@@ -1115,6 +1375,29 @@ def tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned=
     return vec, (D if per_head else 1)
 
 
+RBLOCKS_LMAX = 32
+"""Largest block_len of the reverse block walk (its checkpoints grow with it)."""
+
+
+def rblocks_config(in_kind, dy_kind, per_head, H, D, block_len, aligned=None):
+    """``(vec, lph)`` of the reverse block walk, or None where it does not run: block_len above
+    :data:`RBLOCKS_LMAX`; else the widest channel vector of at most
+    :data:`RBLOCKS_ACCESS_BYTES` of u (and 16 bytes of dy) that divides the channels, per head
+    splits D into a power of two of lanes up to 32, and ``aligned(vec)`` allows."""
+    if block_len > RBLOCKS_LMAX:
+        return None
+    vec = max(1, RBLOCKS_ACCESS_BYTES // ITEM_SIZE[in_kind])
+    while vec >= 1:
+        fits = (H * D) % vec == 0 and vec * ITEM_SIZE[dy_kind] <= 16
+        if fits and per_head:
+            lph = D // vec
+            fits = D % vec == 0 and lph & (lph - 1) == 0 and lph <= 32
+        if fits and (vec == 1 or aligned is None or aligned(vec)):
+            return vec, (D // vec if per_head else 1)
+        vec //= 2
+    return None
+
+
 def backward_plan(a, u, dy, block_len, layout="BLHD"):
     """``(vec, lph)`` of the backward for these arrays (their kinds, shapes and pointer
     alignment; the gradients are fresh allocations), or None where no native backward runs:
@@ -1137,7 +1420,11 @@ def backward_family(a, u, dy, block_len, layout="BLHD"):
         return (_aligned(u, nb) and _aligned(dy, v * ITEM_SIZE[dy_kind])
                 and (per_head and layout == "BLHD" or _aligned(a, nb)))
 
-    if layout == "BLHD" and _VARIANT[0] == "blocks":
+    if layout == "BLHD" and _VARIANT[0] == "rblocks":
+        cfg = rblocks_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
+        if cfg is not None:
+            return ("rblocks",) + cfg
+    if layout == "BLHD" and _VARIANT[0] in ("blocks", "rblocks"):
         cfg = backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
         if cfg is not None:
             return ("blocks",) + cfg
@@ -1273,7 +1560,12 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
     head = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
             np.int64(block_len))
-    if family == "tokens":
+    if family == "rblocks":
+        kernel = rblocks_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)
+        chunk = RBLOCKS_CHUNK
+        nwork = groups * (-(-T // chunk))
+        args = head + (np.int64(chunk), np.int64(groups), np.int64(nwork))
+    elif family == "tokens":
         chunk = TOKENS_CHUNK if layout == "BLHD" else -(-TOKENS_CHUNK // vec) * vec
         kernel = tokens_backward_kernel(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
                                         lph, chunk)
@@ -1297,7 +1589,8 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
     xa = x0 if has_x0 else dummy
     dxa = dx0 if has_x0 else dummy
     arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
-    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, hops, block_len, has_x0,
+    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, RBLOCKS_CHUNK, hops,
+           block_len, has_x0,
            a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype)
     _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
                                                  block_len, layout), arrays, 5, stream)

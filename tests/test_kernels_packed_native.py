@@ -41,8 +41,9 @@ def _no_image(*args, **kwargs):
     raise AssertionError("the padded image was built: the native path did not run")
 
 
-def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
-    """Forward and backward through the native kernels (the padded path is made to fail)."""
+def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch, variant="rblocks"):
+    """Forward and backward through the native kernels of one BLHD family (the padded path is
+    made to fail)."""
     X = xp()
     a_d, u_d, dy_d, cu_d = (X.asarray(v) for v in (a, u, dy, cu))
     x0_d = None if x0 is None else X.asarray(x0)
@@ -53,6 +54,8 @@ def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "FORWARD_CHUNK", chunk)
         m.setattr(packed_walk, "BACKWARD_CHUNK", chunk)
+        m.setattr(packed_walk, "RBLOCKS_CHUNK", chunk)
+        m.setattr(packed_walk, "_VARIANT", [variant])
         y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
         y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True)
         g = packed.backward(a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True)
@@ -60,7 +63,7 @@ def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
 
 
 def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
-                            monkeypatch):
+                            monkeypatch, variant="rblocks"):
     rng = np.random.default_rng(seed)
     S = len(lens)
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -72,7 +75,7 @@ def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, c
     dy = rng.standard_normal(us).astype(np.float32).astype(dtype)
     x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
     y, (da, du, dx0) = run_native(a, u, dy, cu, block_len=bl, hops=hops, x0=x0, chunk=chunk,
-                                  monkeypatch=monkeypatch)
+                                  monkeypatch=monkeypatch, variant=variant)
     at, ut = to_time_last(a, "BLHD", per_head), to_time_last(u, "BLHD", False)
     yr = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0), "BLHD")
     rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, "BLHD", False), cu,
@@ -94,32 +97,38 @@ def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, c
 
 @settings(max_examples=12 if SIM else 40, deadline=None)
 @given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
-       bl=st.sampled_from([1, 4, 8, 16]), hops=st.sampled_from([0, 1]),
-       per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([3, 8, 64]))
-def test_native_matches_reference_for_any_lengths(lens, bl, hops, per_head, with_x0, chunk):
-    """Lengths 0, 1, below, at and above block_len, chunks that cut blocks and sequences."""
-    seed = zlib.crc32(repr((lens, bl, hops, per_head, with_x0, chunk)).encode())
+       bl=st.sampled_from([1, 4, 8, 16, 32]), hops=st.sampled_from([0, 1]),
+       per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([3, 8, 64]),
+       variant=st.sampled_from(["rblocks", "blocks"]))
+def test_native_matches_reference_for_any_lengths(lens, bl, hops, per_head, with_x0, chunk,
+                                                  variant):
+    """Lengths 0, 1, below, at and above block_len, chunks that cut blocks and sequences, the
+    block walks of both families (block_len 32: "blocks" hands the backward to the token
+    walk)."""
+    seed = zlib.crc32(repr((lens, bl, hops, per_head, with_x0, chunk, variant)).encode())
     with pytest.MonkeyPatch.context() as mp:
         check_against_reference(lens, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
                                 with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed,
-                                monkeypatch=mp)
+                                monkeypatch=mp, variant=variant)
 
 
-VECTOR_CASES = [  # per_head, hops, x0, dtype, H, D: channel vectors wider than one
-    (True, 1, True, np.float32, 2, 4),  # forward vec 4 (16 bytes)
-    (True, 1, True, BF16, 2, 8),  # forward vec 8, backward vec 2 (lph 4)
-    (False, 1, False, BF16, 1, 8),  # per channel, vectors of a too
-    (True, 0, True, BF16, 1, 16),  # hops 0: x0 does not enter, dx0 = 0
+VECTOR_CASES = [  # per_head, hops, x0, dtype, H, D, family: channel vectors wider than one
+    (True, 1, True, np.float32, 2, 4, "rblocks"),  # forward vec 4 (16 bytes), backward vec 2
+    (True, 1, True, BF16, 2, 8, "rblocks"),  # forward vec 8, backward vec 4 (lph 2)
+    (False, 1, False, BF16, 1, 8, "rblocks"),  # per channel, vectors of a too
+    (True, 0, True, BF16, 1, 16, "rblocks"),  # hops 0: x0 does not enter, dx0 = 0
+    (True, 1, True, BF16, 2, 8, "blocks"),  # backward vec 2 (lph 4)
+    (False, 1, False, BF16, 1, 8, "blocks"),
 ]
 
 
-@pytest.mark.parametrize("per_head, hops, with_x0, dtype, H, D", VECTOR_CASES)
-def test_native_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, H, D):
+@pytest.mark.parametrize("per_head, hops, with_x0, dtype, H, D, variant", VECTOR_CASES)
+def test_native_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, H, D, variant):
     lens = [5, 0, 1, 9, 8, 3]
     seed = int(rng.integers(1 << 30))
     check_against_reference(lens, per_head=per_head, H=H, D=D, bl=4, hops=hops,
                             with_x0=with_x0, dtype=dtype, chunk=5, seed=seed,
-                            monkeypatch=monkeypatch)
+                            monkeypatch=monkeypatch, variant=variant)
 
 
 @pytest.mark.parametrize("lens, bl, chunk", [
@@ -158,8 +167,8 @@ def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
 
 
 def test_native_fits_only_hops_0_1():
-    """Other hops keep the padded image; past block_len 16 the BLHD backward is the token
-    walk; per head, the lanes of a head must split into a power of two up to 32."""
+    """Other hops keep the padded image; past the block walks' block_len the BLHD backward is
+    the token walk; per head, the lanes of a head must split into a power of two up to 32."""
     u = np.zeros((1, 4, 2, 2), np.float32)
     a = np.zeros((1, 4, 2), np.float32)
     cu = np.array([0, 4], np.int32)
@@ -172,10 +181,13 @@ def test_native_fits_only_hops_0_1():
     ub = np.zeros((1, 2, 2, 4), np.float32)
     ab = np.zeros((1, 2, 4), np.float32)
     assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, ab, ub, ub)
-    q = dataclasses.replace(p, block_len=32)  # past the "blocks" backward: the token walk
+    q = dataclasses.replace(p, block_len=64)  # past the block walks' backward: the token walk
     assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, a, u, u)
-    assert packed_walk.backward_family(a, u, u, 32) == ("tokens", 1, 2)
-    assert packed_walk.backward_family(a, u, u, 16) == ("blocks", 1, 2)
+    assert packed_walk.backward_family(a, u, u, 64) == ("tokens", 1, 2)
+    assert packed_walk.backward_family(a, u, u, 16) == ("rblocks", 2, 1)
+    with packed_walk.variant("blocks"):
+        assert packed_walk.backward_family(a, u, u, 32) == ("tokens", 1, 2)
+        assert packed_walk.backward_family(a, u, u, 16) == ("blocks", 1, 2)
     u6 = np.zeros((1, 4, 2, 6), np.float32)  # 6 lanes a head: no shuffle sum fits
     assert not packed.native_backward_fits(p, cu, a, u6, u6)
     assert not packed.native_forward_fits(p, np.array([0], np.int32))

@@ -200,3 +200,28 @@ def test_tokens_backward_compiles(case):
             assert ptx.count("shfl.sync.bfly") == _shuffles(layout, U, lph)
         if V * (2 if ik != "f32" else 4) == 16:
             assert "ld.global.v4.u32" in ptx
+
+
+RBLOCKS_CASES = [  # in, dy, per_head, hops, x0, vec, block_len, lph
+    ("bf16", "bf16", True, 1, True, 4, 16, 4),  # the headline: 8-byte accesses, 4 lanes a head
+    ("f32", "f32", False, 0, False, 2, 32, 1),
+]
+
+
+@pytest.mark.parametrize("case", RBLOCKS_CASES)
+def test_rblocks_backward_compiles(case):
+    """The reverse block walk: no local memory (checkpoints indexed by unrolled constants),
+    log2(lph) shuffles a step, accesses of ``vec`` elements."""
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, dk, per_head, hops, x0, vec, bl, lph = case
+    kernel = packed_walk.rblocks_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8), "packed_rblocks")
+    assert ptx.count("shfl.sync.bfly") == bl * (lph.bit_length() - 1)
+    width = vec * (2 if ik != "f32" else 4)
+    assert f"ld.global.v{width // 4}.u32" in ptx
