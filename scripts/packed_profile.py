@@ -180,8 +180,7 @@ def profile_layout(layout, args, rng, emit):
         if layout == "BLHD" and args.sweep:
             # chunk lengths (run-time arguments of these kernels: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]
-            sweep += [("blocks", "BACKWARD_CHUNK", "bwd", c) for c in (128, 512, 1024)]
-            sweep += [("tokens", "TOKENS_CHUNK", "fwd", c) for c in (128, 512, 1024)]
+            sweep += [("rblocks", "RBLOCKS_CHUNK", "bwd", c) for c in (64, 128, 512)]
             for variant, knob, direction, chunk in sweep:
                 old = getattr(packed_walk, knob)
                 setattr(packed_walk, knob, chunk)

@@ -137,7 +137,7 @@ def _nan_empty(cp):
     return empty
 
 
-@pytest.mark.parametrize("variant", ["blocks", "tokens"])
+@pytest.mark.parametrize("variant", ["rblocks", "blocks", "tokens"])
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("hops", [0, 1])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
@@ -184,7 +184,7 @@ def test_native_packed_kernels_poisoned(cp, rng, monkeypatch, per_head, hops, dt
         assert got.get().tobytes() == want.get().tobytes()
 
 
-@pytest.mark.parametrize("layout, variant", [("BLHD", "blocks"), ("BLHD", "tokens"),
+@pytest.mark.parametrize("layout, variant", [("BLHD", "rblocks"), ("BLHD", "blocks"),
                                              ("BHDL", "tokens")])
 @pytest.mark.parametrize("n_docs", [16, 1000])
 def test_native_matches_padded_at_headline_size(cp, rng, monkeypatch, n_docs, layout, variant):
