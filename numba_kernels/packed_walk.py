@@ -454,6 +454,135 @@ def _make_tokens_forward(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
     return kernel
 
 
+BHDL_TILE = True
+"""BHDL forward: the tile walk (:func:`tile_forward_kernel`) where it fits, else the token walk."""
+TILE_TOKENS = 64
+TILE_CHUNK = 256
+
+
+def _make_tile_forward(in_kind, out_kind, per_head, hops, has_x0):
+    """The BHDL forward through shared memory: a thread block is one warp and owns 32 channel
+    rows and a chunk of tokens, walked a tile of :data:`TILE_TOKENS` tokens at a time. The warp
+    copies the tile of u (and of a: each row's head row, or its own row) into shared memory with
+    16-byte accesses along the rows (every access instruction covers whole 128-byte row
+    segments), then each lane walks its own row through the tile token by token, following
+    block and sequence boundaries as the token walk does, and leaves y in the tile, which the
+    warp stores as it loaded. Rows are padded to ``TILE_TOKENS + 1`` floats (no bank
+    conflicts in the walk). Needs T a multiple of the access's tokens and aligned rows."""
+    V = 16 // ITEM_SIZE[in_kind]
+    TT = TILE_TOKENS
+    LPR = TT // V  # lanes a row segment
+    RPI = 32 // LPR  # rows an access instruction
+    NI = 32 // RPI  # instructions a tile
+    SW = TT + 1
+    SMN = 32 * SW  # shared array sizes must be constants
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    load_v = make_vector_load(in_kind, V)
+    store_v = make_vector_store(out_kind, V)
+
+    def kernel(a, u, y, x0, cu, ok, T, S, C, D, block_len, chunk, nrg, nwork):
+        wid = numba.int64(cuda.blockIdx.x)
+        if wid >= nwork:
+            return
+        lane = numba.int64(cuda.threadIdx.x)
+        r0 = (wid % nrg) * 32
+        t_lo = (wid // nrg) * chunk
+        t_hi = min(t_lo + chunk, T)
+        row = r0 + lane
+        row_ok = row < C
+        sm_u = cuda.shared.array(SMN, f32)
+        sm_a = cuda.shared.array(SMN, f32)
+        tmp = cuda.local.array(V, f32)
+        seg = lane % LPR
+        if ok[0] == 0:
+            for k in range(V):
+                tmp[k] = NAN
+            for ii in range(NI):
+                rr = r0 + ii * RPI + lane // LPR
+                if rr < C:
+                    for t in range(t_lo + seg * V, t_hi, TT):
+                        store_v(y, rr * T + t, tmp, 0)
+            return
+        l = block_len
+        s = _seq_of(cu, S, t_lo)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        bs = cs + (t_lo - cs) // l * l
+        p0 = max(cs, bs - l) if HOPS1 else bs
+        nb = p0
+        w = f32(0.0)
+        g = f32(1.0)
+        car = f32(0.0)
+        base = numba.uint32(lane * SW)
+        for tb in range(p0 - p0 % TT, t_hi, TT):
+            for ii in range(NI):
+                ri = ii * RPI + lane // LPR
+                rr = r0 + ri
+                t = tb + seg * V
+                if rr < C and t < T:
+                    load_v(u, rr * T + t, tmp, 0)
+                    for k in range(V):
+                        sm_u[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+                    if per_head:
+                        load_v(a, rr // D * T + t, tmp, 0)
+                    else:
+                        load_v(a, rr * T + t, tmp, 0)
+                    for k in range(V):
+                        sm_a[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+            cuda.syncthreads()
+            for i in range(TT):
+                t = tb + i
+                if t >= p0 and t < t_hi:
+                    if t == nb:
+                        s, cs, cn, nb, first = _boundary(cu, t, s, cs, cn, l)
+                        if HOPS1:
+                            if first:
+                                car = x0[s * C + row] if X0 and row_ok else f32(0.0)
+                            else:
+                                car = w
+                        w = f32(0.0)
+                        g = f32(1.0)
+                    at = base + numba.uint32(i)
+                    av = sm_a[at]
+                    w = av * w + sm_u[at]
+                    g = g * av
+                    sm_u[at] = w + g * car if HOPS1 else w
+            cuda.syncthreads()
+            for ii in range(NI):
+                ri = ii * RPI + lane // LPR
+                rr = r0 + ri
+                t = tb + seg * V
+                if rr < C and t >= t_lo and t < t_hi:
+                    for k in range(V):
+                        tmp[k] = sm_u[numba.uint32(ri * SW + seg * V + k)]
+                    store_v(y, rr * T + t, tmp, 0)
+            cuda.syncthreads()
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_tile_forward_bhdl_{in_kind}_to_{out_kind}"
+        f"_{'per_head' if per_head else 'per_channel'}_hops{hops}{'_x0' if X0 else ''}"
+    )
+    return kernel
+
+
+def tile_forward_kernel(in_kind, out_kind, per_head, hops, has_x0):
+    """The ``@cuda.jit`` BHDL tile forward of one specialisation (cached)."""
+    key = ("tile", in_kind, out_kind, per_head, hops, bool(has_x0 and hops == 1))
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_tile_forward(in_kind, out_kind, per_head, hops,
+                                                      has_x0))
+    return k
+
+
+def tile_forward_fits(in_kind, out_kind, T, aligned=None):
+    """The tile walk's accesses: 16 bytes of u (at most 16 bytes of y a piece), T a multiple of
+    their tokens, ``aligned(vec)`` (u, y and a)."""
+    V = 16 // ITEM_SIZE[in_kind]
+    return BHDL_TILE and T % V == 0 and (aligned is None or aligned(V))
+
+
 def tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec):
     """The ``@cuda.jit`` token-walk forward of one specialisation (cached)."""
     key = ("tfwd", layout, in_kind, out_kind, per_head, hops, bool(has_x0 and hops == 1), vec)
@@ -1478,6 +1607,15 @@ def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout):
             out_kind])) and (per_head and layout == "BLHD" or _aligned(a, v * ITEM_SIZE[
                 in_kind])))
 
+    if layout == "BHDL" and tile_forward_fits(in_kind, out_kind, T, aligned):
+        kernel = tile_forward_kernel(in_kind, out_kind, per_head, hops, has_x0)
+        chunk = TILE_CHUNK
+        nrg = -(-(H * D) // 32)
+        nwork = nrg * (-(-T // chunk))
+        args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu),
+                _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
+                np.int64(block_len), np.int64(chunk), np.int64(nrg), np.int64(nwork))
+        return kernel, nwork, 32, args
     if tokens:
         vec = tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned)
         kernel = tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
@@ -1536,7 +1674,8 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
     plan."""
     xa = dummy if x0 is None or hops != 1 else x0
     arrays = (a, u, y, xa, cu, ok)
-    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, hops, block_len, a.shape,
+    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, BHDL_TILE, TILE_CHUNK, hops,
+           block_len, a.shape,
            u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype,
            xa.dtype)
     _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,

@@ -18,7 +18,7 @@ mkdir -p "$dir"
 log="$dir/log.txt"
 {
   echo "=== warm $(date -u +%T)"
-  timeout 20 python3 scripts/packed_warm.py --jobs 10
+  timeout 20 python3 scripts/packed_warm.py --jobs 12
   echo "=== warm rc=$? $(date -u +%T)"
   echo "=== profile $(date -u +%T)"
   timeout 18 python3 scripts/packed_profile.py --reps 10 --sweep

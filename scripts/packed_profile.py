@@ -164,19 +164,24 @@ def profile_layout(layout, args, rng, emit):
         dx0 = cp.zeros((n_docs, H, D), np.float32)
         emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
-        for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tokens",):
-            with packed_walk.variant(variant):
+        for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens"):
+            if variant == "tile":  # BHDL: the tile forward, then (below) the token walks
+                packed_walk.BHDL_TILE = True
+            elif layout == "BHDL":
+                packed_walk.BHDL_TILE = False
+            with packed_walk.variant("tokens" if layout == "BHDL" else variant):
                 for x0_arg, tag in ((None, "packed"), (x0, "packed_x0"))[:1 + args.x0]:
                     fwd = functools.partial(packed_walk.forward, a, u, y, x0_arg, cu, ok, dummy,
                                             hops=1, block_len=16, layout=layout)
                     emit(kind="kernel", layout=layout, docs=n_docs, call=tag, variant=variant,
                          dir="fwd", ms=graph_time(fwd, reps))
-                    if packed_mod.native_backward_fits(p, cu, a, u, dy):
+                    if variant != "tile" and packed_mod.native_backward_fits(p, cu, a, u, dy):
                         bwd = functools.partial(packed_walk.backward, a, u, dy, da, du, x0_arg,
                                                 dx0, cu, ok, dummy, hops=1, block_len=16,
                                                 layout=layout)
                         emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
+        packed_walk.BHDL_TILE = True
         if layout == "BLHD" and args.sweep:
             # chunk lengths (run-time arguments of these kernels: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]

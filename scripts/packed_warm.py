@@ -47,21 +47,24 @@ def case(args):
     else:
         cu = cp.asarray(np.array([0, 100, 117, 600, T], np.int32))
         x0 = cp.asarray(rng.standard_normal((4, H, D)).astype(np.float32)) if with_x0 else None
-        with packed_walk.variant(family):
+        packed_walk.BHDL_TILE = family != "notile"
+        with packed_walk.variant("tokens" if family == "notile" else family):
             sa.swr(a, u, cu_seqlens=cu, x0=x0, **kw)
-            sa.swr_vjp(a, u, u, cu_seqlens=cu, x0=x0, **kw)
+            if family != "notile":
+                sa.swr_vjp(a, u, u, cu_seqlens=cu, x0=x0, **kw)
     cp.cuda.Device().synchronize()
     return f"{layout} {family} x0={with_x0}: {time.perf_counter() - t0:.1f} s"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=10)
+    ap.add_argument("--jobs", type=int, default=12)
     args = ap.parse_args(argv)
     cases = [("BLHD", "dense", False), ("BHDL", "dense", False)]
     for x0 in (False, True):
         cases += [("BLHD", "rblocks", x0), ("BHDL", "tokens", x0)]
-    cases += [("BLHD", "blocks", False), ("BLHD", "tokens", False)]  # the profile's others
+    # the profile's others
+    cases += [("BLHD", "blocks", False), ("BLHD", "tokens", False), ("BHDL", "notile", False)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(min(args.jobs, len(cases))) as pool:
         for line in pool.imap_unordered(case, cases):

@@ -225,3 +225,21 @@ def test_rblocks_backward_compiles(case):
     assert ptx.count("shfl.sync.bfly") == bl * (lph.bit_length() - 1)
     width = vec * (2 if ik != "f32" else 4)
     assert f"ld.global.v{width // 4}.u32" in ptx
+
+
+@pytest.mark.parametrize("case", [("bf16", "bf16", True, 1, True), ("f32", "f32", False, 0, False)])
+def test_tile_forward_compiles(case):
+    """The BHDL tile forward: 16-byte accesses of u and y, shared memory tiles, no local
+    memory."""
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, ok, per_head, hops, x0 = case
+    kernel = packed_walk.tile_forward_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(ok), _arr("float32"), _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8),
+                     "packed_tile_forward")
+    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
+    assert ".shared" in ptx and "bar.sync" in ptx
