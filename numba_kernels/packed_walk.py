@@ -543,11 +543,12 @@ def _make_tile_forward(in_kind, out_kind, per_head, hops, has_x0):
                                 car = w
                         w = f32(0.0)
                         g = f32(1.0)
-                    at = base + numba.uint32(i)
-                    av = sm_a[at]
-                    w = av * w + sm_u[at]
-                    g = g * av
-                    sm_u[at] = w + g * car if HOPS1 else w
+                    if row_ok:  # (rows past C: nothing loaded)
+                        at = base + numba.uint32(i)
+                        av = sm_a[at]
+                        w = av * w + sm_u[at]
+                        g = g * av
+                        sm_u[at] = w + g * car if HOPS1 else w
             cuda.syncthreads()
             for ii in range(NI):
                 ri = ii * RPI + lane // LPR
@@ -574,6 +575,311 @@ def tile_forward_kernel(in_kind, out_kind, per_head, hops, has_x0):
         k = _CACHE[key] = cuda.jit(_make_tile_forward(in_kind, out_kind, per_head, hops,
                                                       has_x0))
     return k
+
+
+def _make_tile_backward(in_kind, dy_kind, per_head, hops, has_x0, D):
+    """The BHDL backward through shared memory (the tile forward's layout: a warp, 32 rows, a
+    chunk walked a tile of :data:`TILE_TOKENS` tokens at a time, tiles copied in and out with
+    whole row segments), in the token backward's two passes: a reverse pass over tiles of dy
+    and a from the end of the block after the one holding the chunk's end, keeping each lane's
+    reverse state (L, Z, A) at every tile start of the chunk; then a forward pass over tiles of
+    u, dy and a from the block before the chunk's first block: per tile the block and sequence
+    starts of its tokens (once, for the warp), the reverse quantities from the tile's
+    checkpoint (lam in place of dy, z beside it), the forward walk giving da of each row in
+    place of a and ``dx0``, per head the sums of da over the head's D rows (D divides 32), and
+    the copies out of du and da."""
+    V = 16 // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind])
+    TT = TILE_TOKENS
+    LPR = TT // V
+    RPI = 32 // LPR
+    NI = 32 // RPI
+    SW = TT + 1
+    SMN = 32 * SW
+    NT = TILE_CHUNK // TT
+    CKN = NT * 3 * 32
+    HOPS1 = hops == 1
+    X0 = has_x0 and HOPS1
+    PH = per_head
+    HPW = 32 // D if per_head else 32  # heads (da rows) a warp
+    NIH = -(-HPW // RPI)
+    load_u = make_vector_load(in_kind, V)
+    load_d = make_vector_load(dy_kind, V)
+    store_v = make_vector_store(in_kind, V)
+
+    def kernel(a, u, dy, da, du, x0, dx0, cu, ok, T, S, C, Dr, block_len, nrg, nwork):
+        wid = numba.int64(cuda.blockIdx.x)
+        if wid >= nwork:
+            return
+        lane = numba.int64(cuda.threadIdx.x)
+        r0 = (wid % nrg) * 32
+        t_lo = (wid // nrg) * TILE_CHUNK
+        t_hi = min(t_lo + TILE_CHUNK, T)
+        row = r0 + lane
+        row_ok = row < C
+        H = C // Dr
+        sm_u = cuda.shared.array(SMN, f32)
+        sm_d = cuda.shared.array(SMN, f32)
+        sm_a = cuda.shared.array(SMN, f32)
+        sm_z = cuda.shared.array(SMN, f32)
+        sm_ck = cuda.shared.array(CKN, f32)
+        sm_code = cuda.shared.array(TT, numba.int64)
+        tmp = cuda.local.array(V, f32)
+        seg = lane % LPR
+        base = numba.uint32(lane * SW)
+        if ok[0] == 0:
+            for k in range(V):
+                tmp[k] = NAN
+            for ii in range(NI):
+                rr = r0 + ii * RPI + lane // LPR
+                if rr < C:
+                    for t in range(t_lo + seg * V, t_hi, TT):
+                        store_v(du, rr * T + t, tmp, 0)
+                        if not PH:
+                            store_v(da, rr * T + t, tmp, 0)
+            if PH:
+                for ii in range(NIH):
+                    hr = r0 // Dr + ii * RPI + lane // LPR
+                    if ii * RPI + lane // LPR < HPW and hr < H:
+                        for t in range(t_lo + seg * V, t_hi, TT):
+                            store_v(da, hr * T + t, tmp, 0)
+            if X0 and t_lo == 0 and row_ok:
+                for s in range(S):
+                    dx0[s * C + row] = NAN
+            return
+        l = block_len
+
+        # ---- pass 1: reverse, tiles of dy and a from pe down to t_lo
+        pe = T
+        if t_hi < T:
+            s2 = _seq_of(cu, S, t_hi)
+            cs2 = numba.int64(cu[s2])
+            cn2 = numba.int64(cu[s2 + 1])
+            bk = cs2 + (t_hi - cs2) // l * l
+            if t_hi == cs2:
+                pe = t_hi
+            elif t_hi == bk:
+                pe = min(bk + l, cn2)
+            else:
+                pe = min(bk + 2 * l, cn2)
+        s = _seq_of(cu, S, pe - 1)
+        cs = numba.int64(cu[s])
+        pb = cs + (pe - 1 - cs) // l * l
+        L = f32(0.0)
+        Z = f32(0.0)
+        A = f32(1.0)
+        ntl = (pe - t_lo + TT - 1) // TT
+        for ti in range(ntl - 1, -1, -1):
+            tb = t_lo + ti * TT
+            if ti < NT:
+                at = numba.uint32(ti * 96 + lane)
+                sm_ck[at] = L
+                sm_ck[at + 32] = Z
+                sm_ck[at + 64] = A
+            for ii in range(NI):
+                ri = ii * RPI + lane // LPR
+                rr = r0 + ri
+                t = tb + seg * V
+                if rr < C and t < T:
+                    load_d(dy, rr * T + t, tmp, 0)
+                    for k in range(V):
+                        sm_d[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+                    load_u(a, (rr // Dr if PH else rr) * T + t, tmp, 0)
+                    for k in range(V):
+                        sm_a[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+            cuda.syncthreads()
+            for r in range(TT):
+                i = TT - 1 - r
+                t = tb + i
+                if t < pe:
+                    dv = sm_d[base + numba.uint32(i)] if row_ok else f32(0.0)
+                    lam = dv + A * L
+                    zk = dv + A * Z
+                    av = sm_a[base + numba.uint32(i)] if row_ok else f32(0.0)
+                    if t == pb:
+                        L = av * zk if HOPS1 and t != cs else f32(0.0)
+                        Z = f32(0.0)
+                        A = f32(1.0)
+                        if t == cs:
+                            if t > 0:
+                                s -= 1
+                                while numba.int64(cu[s]) == t:
+                                    s -= 1
+                                cs = numba.int64(cu[s])
+                                pb = cs + (t - 1 - cs) // l * l
+                        else:
+                            pb = t - l
+                    else:
+                        L = lam
+                        Z = zk
+                        A = av
+            cuda.syncthreads()
+
+        # ---- pass 2: forward, from the block before t_lo's block
+        s = _seq_of(cu, S, t_lo)
+        cs = numba.int64(cu[s])
+        cn = numba.int64(cu[s + 1])
+        bs = cs + (t_lo - cs) // l * l
+        p0 = max(cs, bs - l) if HOPS1 else bs
+        nb = p0
+        w = f32(0.0)
+        g = f32(1.0)
+        car = f32(0.0)
+        for tb in range(p0 - p0 % TT, t_hi, TT):
+            inside = tb >= t_lo
+            for ii in range(NI):
+                ri = ii * RPI + lane // LPR
+                rr = r0 + ri
+                t = tb + seg * V
+                if rr < C and t < T:
+                    load_u(u, rr * T + t, tmp, 0)
+                    for k in range(V):
+                        sm_u[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+                    load_u(a, (rr // Dr if PH else rr) * T + t, tmp, 0)
+                    for k in range(V):
+                        sm_a[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+                    if inside:
+                        load_d(dy, rr * T + t, tmp, 0)
+                        for k in range(V):
+                            sm_d[numba.uint32(ri * SW + seg * V + k)] = tmp[k]
+            # block and sequence starts of the tile's tokens (-1 inside a block, -2 a block
+            # start, s at a sequence's first token): every lane follows them, lane 0 writes
+            for i in range(TT):
+                t = tb + i
+                code = numba.int64(-1)
+                if t >= p0 and t < pe and t == nb:
+                    s, cs, cn, nb, first = _boundary(cu, t, s, cs, cn, l)
+                    code = s if first else numba.int64(-2)
+                if lane == 0:
+                    sm_code[i] = code
+            cuda.syncthreads()
+            if not inside:
+                for i in range(TT):
+                    t = tb + i
+                    if t >= p0 and t < t_lo and row_ok:
+                        code = sm_code[i]
+                        if code != -1:
+                            if HOPS1:
+                                if code >= 0:
+                                    car = x0[code * C + row] if X0 and row_ok else f32(0.0)
+                                else:
+                                    car = w
+                            w = f32(0.0)
+                            g = f32(1.0)
+                        at = base + numba.uint32(i)
+                        av = sm_a[at]
+                        w = av * w + sm_u[at]
+                        g = g * av
+                cuda.syncthreads()
+                continue
+            # the reverse quantities of the tile from its checkpoint: lam in place of dy, z
+            ti = (tb - t_lo) // TT
+            ck = numba.uint32(ti * 96 + lane)
+            L = sm_ck[ck]
+            Z = sm_ck[ck + 32]
+            A = sm_ck[ck + 64]
+            for r in range(TT):
+                i = TT - 1 - r
+                if tb + i < pe and row_ok:
+                    at = base + numba.uint32(i)
+                    dv = sm_d[at]
+                    lam = dv + A * L
+                    zk = dv + A * Z
+                    sm_d[at] = lam
+                    sm_z[at] = zk
+                    code = sm_code[i]
+                    if code != -1:
+                        L = sm_a[at] * zk if HOPS1 and code < 0 else f32(0.0)
+                        Z = f32(0.0)
+                        A = f32(1.0)
+                    else:
+                        L = lam
+                        Z = zk
+                        A = sm_a[at]
+            # the forward walk: da of this row in place of a, dx0
+            for i in range(TT):
+                t = tb + i
+                if t < t_hi and row_ok:
+                    at = base + numba.uint32(i)
+                    code = sm_code[i]
+                    av = sm_a[at]
+                    zk = sm_z[at]
+                    if code != -1:
+                        if HOPS1:
+                            if code >= 0:
+                                car = x0[code * C + row] if X0 and row_ok else f32(0.0)
+                            else:
+                                car = w
+                        w = f32(0.0)
+                        g = f32(1.0)
+                        if X0 and code >= 0:
+                            dx0[code * C + row] = av * zk
+                    dk = sm_d[at] * w
+                    if HOPS1:
+                        dk += car * zk * g
+                    w = av * w + sm_u[at]
+                    g = g * av
+                    sm_a[at] = dk
+            cuda.syncthreads()
+            if PH:  # per head: da summed over the head's D rows, into sm_z's first rows
+                for pi in range(lane, HPW * TT, 32):
+                    hh = pi // TT
+                    i = pi - hh * TT
+                    tot = f32(0.0)
+                    for dd in range(D):
+                        tot += sm_a[numba.uint32((hh * D + dd) * SW + i)]
+                    sm_z[numba.uint32(hh * SW + i)] = tot
+                cuda.syncthreads()
+            for ii in range(NI):
+                ri = ii * RPI + lane // LPR
+                rr = r0 + ri
+                t = tb + seg * V
+                if rr < C and t < t_hi:
+                    for k in range(V):
+                        tmp[k] = sm_d[numba.uint32(ri * SW + seg * V + k)]
+                    store_v(du, rr * T + t, tmp, 0)
+                    if not PH:
+                        for k in range(V):
+                            tmp[k] = sm_a[numba.uint32(ri * SW + seg * V + k)]
+                        store_v(da, rr * T + t, tmp, 0)
+            if PH:
+                for ii in range(NIH):
+                    hi = ii * RPI + lane // LPR
+                    hr = r0 // Dr + hi
+                    t = tb + seg * V
+                    if hi < HPW and hr < H and t < t_hi:
+                        for k in range(V):
+                            tmp[k] = sm_z[numba.uint32(hi * SW + seg * V + k)]
+                        store_v(da, hr * T + t, tmp, 0)
+            cuda.syncthreads()
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"packed_tile_backward_bhdl_{in_kind}_dy_{dy_kind}"
+        f"_{'per_head' if per_head else 'per_channel'}_hops{hops}{'_x0' if X0 else ''}_d{D}"
+        f"_chunk{TILE_CHUNK}"
+    )
+    return kernel
+
+
+def tile_backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, D):
+    """The ``@cuda.jit`` BHDL tile backward of one specialisation (cached; D matters per head
+    only)."""
+    D = D if per_head else 1
+    key = ("tileb", in_kind, dy_kind, per_head, hops, bool(has_x0 and hops == 1), D,
+           TILE_CHUNK)
+    k = _CACHE.get(key)
+    if k is None:
+        k = _CACHE[key] = cuda.jit(_make_tile_backward(in_kind, dy_kind, per_head, hops,
+                                                       has_x0, D))
+    return k
+
+
+def tile_backward_fits(in_kind, dy_kind, per_head, D, T, aligned=None):
+    """The BHDL tile backward: accesses of 16 bytes of the wider of u and dy, T a multiple of
+    their tokens, ``aligned(vec)``; per head D divides 32 (a warp's rows are whole heads)."""
+    V = 16 // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind])
+    if per_head and (D > 32 or 32 % D):
+        return False
+    return BHDL_TILE and T % V == 0 and (aligned is None or aligned(V))
 
 
 def tile_forward_fits(in_kind, out_kind, T, aligned=None):
@@ -1557,6 +1863,8 @@ def backward_family(a, u, dy, block_len, layout="BLHD"):
         cfg = backward_config(in_kind, dy_kind, per_head, H, D, block_len, aligned)
         if cfg is not None:
             return ("blocks",) + cfg
+    if layout == "BHDL" and tile_backward_fits(in_kind, dy_kind, per_head, D, T, aligned):
+        return "tile", 16 // max(ITEM_SIZE[in_kind], ITEM_SIZE[dy_kind]), D if per_head else 1
     cfg = tokens_backward_config(layout, in_kind, dy_kind, per_head, H, D, T, aligned)
     return None if cfg is None else ("tokens",) + cfg
 
@@ -1699,6 +2007,11 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
     head = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
             np.int64(block_len))
+    if family == "tile":
+        kernel = tile_backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, D)
+        nrg = -(-(H * D) // 32)
+        nwork = nrg * (-(-T // TILE_CHUNK))
+        return kernel, nwork, 32, head + (np.int64(nrg), np.int64(nwork))
     if family == "rblocks":
         kernel = rblocks_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec, block_len, lph)
         chunk = RBLOCKS_CHUNK
@@ -1728,8 +2041,8 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
     xa = x0 if has_x0 else dummy
     dxa = dx0 if has_x0 else dummy
     arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
-    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, RBLOCKS_CHUNK, hops,
-           block_len, has_x0,
+    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, RBLOCKS_CHUNK, BHDL_TILE,
+           TILE_CHUNK, hops, block_len, has_x0,
            a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype)
     _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
                                                  block_len, layout), arrays, 5, stream)

@@ -165,7 +165,7 @@ def profile_layout(layout, args, rng, emit):
         emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
         for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens"):
-            if variant == "tile":  # BHDL: the tile forward, then (below) the token walks
+            if variant == "tile":  # BHDL: the tile walks, then the token walks
                 packed_walk.BHDL_TILE = True
             elif layout == "BHDL":
                 packed_walk.BHDL_TILE = False
@@ -175,7 +175,7 @@ def profile_layout(layout, args, rng, emit):
                                             hops=1, block_len=16, layout=layout)
                     emit(kind="kernel", layout=layout, docs=n_docs, call=tag, variant=variant,
                          dir="fwd", ms=graph_time(fwd, reps))
-                    if variant != "tile" and packed_mod.native_backward_fits(p, cu, a, u, dy):
+                    if packed_mod.native_backward_fits(p, cu, a, u, dy):
                         bwd = functools.partial(packed_walk.backward, a, u, dy, da, du, x0_arg,
                                                 dx0, cu, ok, dummy, hops=1, block_len=16,
                                                 layout=layout)

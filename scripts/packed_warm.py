@@ -50,8 +50,7 @@ def case(args):
         packed_walk.BHDL_TILE = family != "notile"
         with packed_walk.variant("tokens" if family == "notile" else family):
             sa.swr(a, u, cu_seqlens=cu, x0=x0, **kw)
-            if family != "notile":
-                sa.swr_vjp(a, u, u, cu_seqlens=cu, x0=x0, **kw)
+            sa.swr_vjp(a, u, u, cu_seqlens=cu, x0=x0, **kw)
     cp.cuda.Device().synchronize()
     return f"{layout} {family} x0={with_x0}: {time.perf_counter() - t0:.1f} s"
 

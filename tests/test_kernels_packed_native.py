@@ -321,12 +321,14 @@ def test_tokens_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
 
 @settings(max_examples=6 if SIM else 60, deadline=None)
 @given(lens=st.lists(st.integers(0, 90), min_size=1, max_size=5),
-       shape=st.sampled_from([(2, 2), (3, 16), (1, 1)]), bl=st.sampled_from([1, 4, 16, 32]),
+       shape=st.sampled_from([(2, 2), (3, 16), (1, 1), (5, 8)]),
+       bl=st.sampled_from([1, 4, 16, 32]),
        hops=st.sampled_from([0, 1]), per_head=st.booleans(), with_x0=st.booleans(),
        chunk=st.sampled_from([64, 128, 256]), bf16=st.booleans())
-def test_tile_forward_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk, bf16):
-    """The BHDL tile forward (T a multiple of the 16-byte access): rows not filling a warp
-    (4, 1) or two warps (48), chunks of one to four tiles, sequences across tiles and chunks."""
+def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk, bf16):
+    """The BHDL tile walks, forward and backward (T a multiple of the 16-byte access): rows not
+    filling a warp (4, 1) or two warps (48), chunks of one to four tiles, sequences across
+    tiles and chunks."""
     seed = zlib.crc32(repr((lens, shape, bl, hops, per_head, with_x0, chunk, bf16)).encode())
     rng = np.random.default_rng(seed)
     dtype = BF16 if bf16 else np.dtype(np.float32)
@@ -340,9 +342,10 @@ def test_tile_forward_matches_reference(lens, shape, bl, hops, per_head, with_x0
     a = rng.uniform(-1.05, 1.05, (1, H, T) if per_head else (1, H, D, T))
     a = a.astype(np.float32).astype(dtype)
     u = rng.standard_normal((1, H, D, T)).astype(np.float32).astype(dtype)
+    dy = rng.standard_normal((1, H, D, T)).astype(np.float32).astype(dtype)
     x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
     X = xp()
-    a_d, u_d, cu_d = X.asarray(a), X.asarray(u), X.asarray(cu)
+    a_d, u_d, dy_d, cu_d = X.asarray(a), X.asarray(u), X.asarray(dy), X.asarray(cu)
     x0_d = None if x0 is None else X.asarray(x0)
     p = _checks.check_swr(a_d, u_d, block_len=bl, hops=hops, layout="BHDL")
     if SIM:
@@ -350,12 +353,23 @@ def test_tile_forward_matches_reference(lens, shape, bl, hops, per_head, with_x0
     with pytest.MonkeyPatch.context() as m:
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "TILE_CHUNK", chunk)
-        m.setattr(packed_walk, "tokens_forward_kernel", _no_image)  # the tile walk must run
+        m.setattr(packed_walk, "tokens_forward_kernel", _no_image)  # the tile walks must run
+        m.setattr(packed_walk, "tokens_backward_kernel", _no_image)
         y = X.asarray(np.full(u.shape, np.nan, dtype=dtype))  # poisoned: every token written
         y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))
+        da, du, dx0 = (None if v is None else to_np(v) for v in packed.backward(
+            a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True))
     at, ut = to_time_last(a, "BHDL", per_head), to_time_last(u, "BHDL", False)
     want = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0),
                           "BHDL")
-    tol = 1e-5 if dtype == np.float32 else 3e-2
-    np.testing.assert_allclose(y.astype(np.float64), want, rtol=tol,
-                               atol=tol * (1 + np.abs(want).max()))
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, "BHDL", False), cu,
+                                              block_len=bl, hops=hops, x0=x0)
+    if per_head:
+        rda = rda.sum(axis=2, keepdims=True)
+    rda, rdu = from_time_last(rda, "BHDL", per_head), from_time_last(rdu, "BHDL")
+    tol = 1e-4 if dtype == np.float32 else 4e-2
+    for got, ref in ((y, want), (da, rda), (du, rdu)):
+        np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol,
+                                   atol=tol * (1 + np.abs(ref).max()))
+    if with_x0:
+        np.testing.assert_allclose(dx0, rdx0, rtol=tol, atol=tol * (1 + np.abs(rdx0).max()))

@@ -243,3 +243,22 @@ def test_tile_forward_compiles(case):
                      "packed_tile_forward")
     assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
     assert ".shared" in ptx and "bar.sync" in ptx
+
+
+@pytest.mark.parametrize("case", [("bf16", "bf16", True, 1, True, 16),
+                                  ("f32", "f32", False, 0, False, 1)])
+def test_tile_backward_compiles(case):
+    """The BHDL tile backward: 16-byte accesses, shared memory tiles, no local memory."""
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, dk, per_head, hops, x0, D = case
+    kernel = packed_walk.tile_backward_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 7),
+                     "packed_tile_backward")
+    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
+    assert ".shared" in ptx and "bar.sync" in ptx
