@@ -53,6 +53,12 @@ first walks the chunk in reverse from the end of the block after the one holding
 end, keeping the reverse state at every group boundary, then walks forward recomputing each
 group's reverse quantities from its checkpoint (:func:`_make_tokens_backward`).
 
+Reverse block walk (:func:`rblocks_kernel`, the BLHD backward of the default family
+"rblocks"): the blocks of the chunk from the last to the first, as the dense channel kernel.
+BHDL tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`): a warp stages
+tiles of 32 channel rows x :data:`TILE_TOKENS` tokens in shared memory with whole row segments
+and each lane walks its row there.
+
 Arrays are 1-D views of C-contiguous arrays (bfloat16 as uint16 bits); ``x0`` and ``dx0`` are
 float32 ``(S, H, D)``; ``cu`` int32 or int64, ``ok`` int32 of one element. Vector accesses need
 their address aligned to their size; ``vec == 1`` specialisations take any alignment.
