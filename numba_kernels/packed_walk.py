@@ -1988,8 +1988,8 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
     plan."""
     xa = dummy if x0 is None or hops != 1 else x0
     arrays = (a, u, y, xa, cu, ok)
-    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, BHDL_TILE, TILE_CHUNK, hops,
-           block_len, a.shape,
+    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, BHDL_TILE, TILE_CHUNK,
+           THREADS, hops, block_len, a.shape,
            u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype,
            xa.dtype)
     _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,
@@ -2048,7 +2048,7 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
     dxa = dx0 if has_x0 else dummy
     arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
     key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, RBLOCKS_CHUNK, BHDL_TILE,
-           TILE_CHUNK, hops, block_len, has_x0,
+           TILE_CHUNK, THREADS, hops, block_len, has_x0,
            a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype)
     _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
                                                  block_len, layout), arrays, 5, stream)

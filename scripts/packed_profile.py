@@ -91,7 +91,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--x0", action="store_true", help="also the packed calls with x0")
     ap.add_argument("--sweep", action="store_true",
-                    help="BLHD: the kernels alone at other chunk lengths too")
+                    help="BLHD: the kernels alone at other chunk lengths and block sizes too")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -183,9 +183,11 @@ def profile_layout(layout, args, rng, emit):
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
         packed_walk.BHDL_TILE = True
         if layout == "BLHD" and args.sweep:
-            # chunk lengths (run-time arguments of these kernels: no new compilation)
+            # chunk lengths and threads per block (launch arguments: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]
             sweep += [("rblocks", "RBLOCKS_CHUNK", "bwd", c) for c in (64, 128, 512)]
+            sweep += [("rblocks", "THREADS", "bwd", c) for c in (64, 128, 512)]
+            sweep += [("blocks", "THREADS", "fwd", c) for c in (128, 512)]
             for variant, knob, direction, chunk in sweep:
                 old = getattr(packed_walk, knob)
                 setattr(packed_walk, knob, chunk)
@@ -199,7 +201,7 @@ def profile_layout(layout, args, rng, emit):
                                                    dx0, cu, ok, dummy, hops=1, block_len=16,
                                                    layout=layout)
                         emit(kind="kernel", layout=layout, docs=n_docs, call="packed",
-                             variant=variant, dir=direction, chunk=chunk,
+                             variant=variant, dir=direction, knob=knob, value=chunk,
                              ms=graph_time(fn, reps))
                 finally:
                     setattr(packed_walk, knob, old)
