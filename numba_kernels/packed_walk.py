@@ -55,9 +55,9 @@ group's reverse quantities from its checkpoint (:func:`_make_tokens_backward`).
 
 Reverse block walk (:func:`rblocks_kernel`, the BLHD backward of the default family
 "rblocks"): the blocks of the chunk from the last to the first, as the dense channel kernel.
-BHDL tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`): a warp stages
-tiles of 32 channel rows x :data:`TILE_TOKENS` tokens in shared memory with whole row segments
-and each lane walks its row there.
+BHDL tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`; with
+:data:`BHDL_TILE`): a warp stages tiles of 32 channel rows x :data:`TILE_TOKENS` tokens in
+shared memory with whole row segments and each lane walks its row there.
 
 Arrays are 1-D views of C-contiguous arrays (bfloat16 as uint16 bits); ``x0`` and ``dx0`` are
 float32 ``(S, H, D)``; ``cu`` int32 or int64, ``ok`` int32 of one element. Vector accesses need
@@ -460,8 +460,10 @@ def _make_tokens_forward(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
     return kernel
 
 
-BHDL_TILE = True
-"""BHDL forward: the tile walk (:func:`tile_forward_kernel`) where it fits, else the token walk."""
+BHDL_TILE = False
+"""BHDL: the tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`) where they
+fit, instead of the token walks. Off by default: on the H200 they were slower than the token
+walks in both directions (scripts/packed_profile.py times both)."""
 TILE_TOKENS = 64
 TILE_CHUNK = 256
 

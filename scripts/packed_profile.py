@@ -164,6 +164,7 @@ def profile_layout(layout, args, rng, emit):
         dx0 = cp.zeros((n_docs, H, D), np.float32)
         emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
+        tile_default = packed_walk.BHDL_TILE
         for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens"):
             if variant == "tile":  # BHDL: the tile walks, then the token walks
                 packed_walk.BHDL_TILE = True
@@ -181,7 +182,7 @@ def profile_layout(layout, args, rng, emit):
                                                 layout=layout)
                         emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
-        packed_walk.BHDL_TILE = True
+        packed_walk.BHDL_TILE = tile_default
         if layout == "BLHD" and args.sweep:
             # chunk lengths and threads per block (launch arguments: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]

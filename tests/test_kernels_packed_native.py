@@ -353,6 +353,7 @@ def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk,
     with pytest.MonkeyPatch.context() as m:
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "TILE_CHUNK", chunk)
+        m.setattr(packed_walk, "BHDL_TILE", True)
         m.setattr(packed_walk, "tokens_forward_kernel", _no_image)  # the tile walks must run
         m.setattr(packed_walk, "tokens_backward_kernel", _no_image)
         y = X.asarray(np.full(u.shape, np.nan, dtype=dtype))  # poisoned: every token written
