@@ -18,15 +18,15 @@ mkdir -p "$dir"
 log="$dir/log.txt"
 {
   echo "=== warm $(date -u +%T)"
-  timeout 20 python3 scripts/packed_warm.py --jobs 12
+  timeout 15 python3 scripts/packed_warm.py --jobs 12
   echo "=== warm rc=$? $(date -u +%T)"
   echo "=== profile $(date -u +%T)"
-  timeout 18 python3 scripts/packed_profile.py --reps 10 --sweep
+  timeout 15 python3 scripts/packed_profile.py --reps 10 --sweep
   echo "=== profile rc=$? $(date -u +%T)"
-  timeout 25 python3 benchmarks/packed_bench.py --out "$dir" --runs 5 --calls 3 --warmup 2
+  timeout 20 python3 benchmarks/packed_bench.py --out "$dir" --runs 5 --calls 3 --warmup 2
   echo "=== bench rc=$? $(date -u +%T)"
   echo "=== tests $(date -u +%T)"
-  timeout 25 python3 -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_gpu_packed.py \
+  timeout 38 python3 -m pytest -q -p no:cacheprovider -n 8 -rf tests/test_gpu_packed.py \
     -k "bad_device or (poisoned and bf16 and rblocks) or (bhdl_poisoned and 1-True) or headline or no_sync"
   echo "=== tests rc=$? $(date -u +%T)"
 } 2>&1 | tee "$log"
