@@ -1,11 +1,11 @@
 """Packed variable-length sequences (``cu_seqlens``) for the torch adapter.
 
-CUDA tensors, layout "BLHD", hops 0 or 1 (the cases swr_array/packed.py runs with its native
-kernels, numba_kernels/packed_walk.py): the custom ops ``swr_array::swr_packed`` and
+CUDA tensors, hops 0 or 1 (the cases swr_array/packed.py runs with its native kernels,
+numba_kernels/packed_walk.py): the custom ops ``swr_array::swr_packed`` and
 ``swr_array::swr_packed_vjp`` hand the tensors to the front's packed call (zero-copy, torch's
 stream and allocator), which walks each sequence's blocks in the packed tensor itself: no padded
 image, no host read of ``cu_seqlens``, and ``torch.compile(fullgraph=True)`` sees two opaque ops
-with fake implementations. Everything else (the CPU, layout "BHDL", other hops) takes:
+with fake implementations. Everything else (the CPU, other hops) takes:
 
 the same padded evaluation as the front (swr_array/packed.py, which documents it): the tokens
 move into a block-aligned zero image of static length ``round_up(T + S*block_len, block_len)``
@@ -75,7 +75,7 @@ def _plan(cu: Tensor, T: int, block_len: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# the native route: custom ops over the front's packed call (CUDA, BLHD, hops 0/1)
+# the native route: custom ops over the front's packed call (CUDA, hops 0/1)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -139,18 +139,22 @@ def _packed_backward(ctx, dy):
 _swr_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 
 
-def _native_route(a, u, cu, x0, *, hops, layout, per_head, block_len, H, D) -> bool:
-    """The custom ops take CUDA tensors in layout "BLHD" with hops 0 or 1 where the front's
-    native kernels run forward and backward (``packed_walk.backward_config``; the front still
-    takes the padded image for pointers too misaligned for every channel vector)."""
-    if u.device.type != "cuda" or layout != "BLHD" or hops not in (0, 1) or cu.shape[0] < 2:
+def _native_route(a, u, cu, x0, *, hops, layout, per_head, block_len, H, D, T) -> bool:
+    """The custom ops take CUDA tensors with hops 0 or 1 where the front's native kernels run
+    forward and backward (``packed_walk.backward_config`` in BLHD,
+    ``packed_walk.tokens_backward_config`` in BHDL; the front still takes the padded image for
+    pointers too misaligned for every channel vector)."""
+    if u.device.type != "cuda" or hops not in (0, 1) or cu.shape[0] < 2 or T == 0:
         return False
-    if u.shape[1] == 0 or u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     from swr_array.numba_kernels import packed_walk
 
     kind = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[u.dtype]
-    return packed_walk.backward_config(kind, kind, per_head, H, D, block_len) is not None
+    if layout == "BHDL":
+        return packed_walk.tokens_backward_config(layout, kind, kind, per_head, H, D,
+                                                  T) is not None
+    return packed_walk.backward_config(kind, kind, per_head, H, D, 1) is not None
 
 
 def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_swr):
@@ -175,7 +179,7 @@ def swr_packed(swr, a, u, cu, *, block_len, hops, layout, x0, out_dtype, check_s
         if not x0.is_floating_point():
             raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
     if _native_route(a, u, cu, x0, hops=hops, layout=layout, per_head=per_head,
-                     block_len=block_len, H=H, D=D):
+                     block_len=block_len, H=H, D=D, T=T):
         if x0 is not None and x0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             x0 = x0.to(torch.float32)  # the kernels read x0 as float32 (the padded path: u's)
         return _swr_packed_op(a.contiguous(), u.contiguous(), cu, x0, block_len, hops, layout,

@@ -97,6 +97,14 @@ def swr(
             from . import _cuda
 
             return _cuda.swr_forward_plain(a, u, p, out)
+    packed_key = None
+    if cu_seqlens is not None and state is None and return_state is False:
+        # repeated packed CuPy calls of the native path skip the checks, as plain ones do
+        packed_key = packed.plan_key(_plain_key(a, u, block_len, hops, layout, out_dtype, out),
+                                     cu_seqlens, x0)
+        p = _plans.PLANS.get(packed_key)
+        if p is not None:
+            return packed.forward_planned(a, u, p, cu_seqlens, x0, out)
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout, out_dtype=out_dtype)
     if cu_seqlens is not None:
         _checks.check_state(state, p)
@@ -104,8 +112,11 @@ def swr(
         _checks.check_out("out", out, tuple(u.shape), p.out_dtype, p)
         if return_state:
             _checks.check_state_hops(p.hops, cu_seqlens.shape[0] - 1, p.H, p.D)
-        return packed.swr(a, u, p, cu_seqlens, x0=x0, state=state, return_state=return_state,
-                          out=out)
+        res = packed.swr(a, u, p, cu_seqlens, x0=x0, state=state, return_state=return_state,
+                         out=out)
+        if packed_key is not None and packed.plannable(p, a, u, cu_seqlens, x0):
+            _plans.PLANS.put(packed_key, p)
+        return res
     _checks.check_channel_array("x0", x0, p)
     _checks.check_state(state, p)
     return_state = _checks.check_bool("return_state", return_state)
@@ -264,13 +275,23 @@ def swr_vjp(
             from . import _cuda
 
             return _cuda.swr_backward_plain(a, u, dy, p, out)
+    packed_key = None
+    if cu_seqlens is not None and out is None:
+        packed_key = packed.plan_key(_vjp_key(a, u, dy, block_len, hops, layout, None),
+                                     cu_seqlens, x0)
+        p = _plans.PLANS.get(packed_key)
+        if p is not None:
+            return packed.backward_planned(a, u, dy, p, cu_seqlens, x0)
     p = _checks.check_swr(a, u, block_len=block_len, hops=hops, layout=layout)
     _checks.check_array("dy", dy, p.backend, p.device)
     if tuple(dy.shape) != tuple(u.shape):
         raise ValueError(f"dy must have u's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
     _checks.check_float_dtype("dy", dy.dtype, p.backend)
     if cu_seqlens is not None:
-        return packed.swr_vjp(a, u, dy, p, cu_seqlens, x0=x0, out=out)
+        res = packed.swr_vjp(a, u, dy, p, cu_seqlens, x0=x0, out=out)
+        if packed_key is not None and packed.plannable(p, a, u, cu_seqlens, x0, dy):
+            _plans.PLANS.put(packed_key, p)
+        return res
     _checks.check_channel_array("x0", x0, p)
     _checks.check_vjp_out(out, a, u, x0, p, p.B)
     p = _exact_beyond_blocks(p)

@@ -1,11 +1,12 @@
 """Packed variable-length sequences (``cu_seqlens``): checks, the native and the padded evaluation.
 
-Native (the GPU path, layout "BLHD", hops 0 and 1, :func:`native_forward_fits` /
+Native (the GPU path, both layouts, hops 0 and 1, :func:`native_forward_fits` /
 :func:`native_backward_fits`): the kernels of numba_kernels/packed_walk.py walk each sequence's
 blocks in the packed array itself, one launch for all sequences after a one-block check of
 ``cu`` (no padded image, no token moves, no host read of ``cu``; an invalid ``cu`` gives NaN in
-every output). Sequences exchange no values, non-finite ones included. ``return_state`` keeps
-its per-sequence host loop (below). Everything else takes the padded evaluation.
+every output). Sequences exchange no values, non-finite ones included. Repeated CuPy calls of
+one signature skip the checks (:func:`plan_key`, as plain calls do). ``return_state`` keeps its
+per-sequence host loop (below). Everything else takes the padded evaluation.
 
 A packed batch has B == 1 and ``T`` tokens of ``S`` sequences back to back, sequence s holding
 tokens ``cu[s]:cu[s+1]``. Each sequence is its own recurrence (docs/spec.md, packed sequences):
@@ -299,21 +300,68 @@ def backward(a, u, dy, p, cu, *, x0, device: bool | None = None):
 
 
 def native_forward_fits(p, cu) -> bool:
-    """The native forward (numba_kernels/packed_walk.py) runs for layout "BLHD", hops 0 and 1,
+    """The native forward (numba_kernels/packed_walk.py) runs for both layouts, hops 0 and 1,
     at least one token and one sequence; everything else takes the padded image."""
-    return p.layout == "BLHD" and p.hops in (0, 1) and p.N >= 1 and cu.shape[0] >= 2 \
-        and p.H * p.D >= 1
+    return p.layout in ("BLHD", "BHDL") and p.hops in (0, 1) and p.N >= 1 \
+        and cu.shape[0] >= 2 and p.H * p.D >= 1
 
 
 def native_backward_fits(p, cu, a, u, dy) -> bool:
-    """As :func:`native_forward_fits`, and block_len up to ``packed_walk.BACKWARD_LMAX`` with a
-    channel vector the arrays' alignment allows and, per head, whose lanes split D into a power
-    of two up to 32 (``packed_walk.backward_plan``)."""
+    """As :func:`native_forward_fits`, with a channel vector the arrays' alignment allows whose
+    lanes, per head, split D into a power of two up to 32 (``packed_walk.backward_plan``)."""
     if not native_forward_fits(p, cu):
         return False
     from .numba_kernels import packed_walk
 
-    return packed_walk.backward_plan(a, u, dy, p.block_len) is not None
+    return packed_walk.backward_plan(a, u, dy, p.block_len, p.layout) is not None
+
+
+def plan_key(base, cu, x0):
+    """The plan-cache key of a packed CuPy call: the plain call's key ``base`` (None: not
+    cacheable) with cu's and x0's type, shape, dtype, device and contiguity."""
+    if base is None or not type(cu).__module__.startswith("cupy"):
+        return None
+    try:
+        xk = None if x0 is None else (type(x0), x0.shape, x0.dtype, x0.data.device_id,
+                                      x0.flags.c_contiguous)
+        return ("packed", base, type(cu), cu.shape, cu.dtype, cu.data.device_id,
+                cu.flags.c_contiguous, xk)
+    except AttributeError:
+        return None
+
+
+def plannable(p, a, u, cu, x0, dy=None) -> bool:
+    """Whether a checked packed call may be repeated from its plan (:func:`forward_planned`,
+    :func:`backward_planned`): CuPy, the native kernels (forward and, with ``dy``, backward),
+    C-contiguous arrays and a float32 x0 (or none)."""
+    if p.backend != "cupy" or not native_forward_fits(p, cu):
+        return False
+    if dy is not None and not native_backward_fits(p, cu, a, u, dy):
+        return False
+    arrays = (a, u, cu) + (() if dy is None else (dy,)) + (() if x0 is None else (x0,))
+    if x0 is not None and np.dtype(x0.dtype) != np.float32:
+        return False
+    return all(x.flags.c_contiguous for x in arrays)
+
+
+def _on_device(fn, p, *args):
+    from ._cuda import _xp_of
+
+    cp = _xp_of(args[1])
+    if cp.cuda.runtime.getDevice() != p.device:
+        with cp.cuda.Device(p.device):
+            return fn(*args)
+    return fn(*args)
+
+
+def forward_planned(a, u, p, cu, x0, out):
+    """y of a packed call whose checks passed before for the same signature (the plan ``p``)."""
+    return _on_device(_native_forward, p, a, u, p, cu, x0, out)
+
+
+def backward_planned(a, u, dy, p, cu, x0):
+    """``(da, du, dx0)`` of a packed call whose checks passed before (the plan ``p``)."""
+    return _on_device(_native_backward, p, a, u, dy, p, cu, x0)
 
 
 _dummies: dict = {}
@@ -342,7 +390,8 @@ def _native_forward(a, u, p, cu, x0, out):
     if x0 is not None and p.hops == 1:
         x0f = xp.ascontiguousarray(x0, dtype=np.float32)
     packed_walk.check_cu(cu, p.N, ok)
-    packed_walk.forward(a, u, y, x0f, cu, ok, dummy, hops=p.hops, block_len=p.block_len)
+    packed_walk.forward(a, u, y, x0f, cu, ok, dummy, hops=p.hops, block_len=p.block_len,
+                        layout=p.layout)
     return y
 
 
@@ -364,7 +413,7 @@ def _native_backward(a, u, dy, p, cu, x0):
             x0f = xp.ascontiguousarray(x0, dtype=np.float32)
     packed_walk.check_cu(cu, p.N, ok)
     packed_walk.backward(a, u, dy, da, du, x0f, dx0, cu, ok, dummy, hops=p.hops,
-                         block_len=p.block_len)
+                         block_len=p.block_len, layout=p.layout)
     return da, du, dx0
 
 

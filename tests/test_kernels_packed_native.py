@@ -41,8 +41,9 @@ def _no_image(*args, **kwargs):
     raise AssertionError("the padded image was built: the native path did not run")
 
 
-def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
-    """Forward and backward through the native kernels (the padded path is made to fail)."""
+def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch, variant="rblocks"):
+    """Forward and backward through the native kernels of one BLHD family (the padded path is
+    made to fail)."""
     X = xp()
     a_d, u_d, dy_d, cu_d = (X.asarray(v) for v in (a, u, dy, cu))
     x0_d = None if x0 is None else X.asarray(x0)
@@ -53,6 +54,8 @@ def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "FORWARD_CHUNK", chunk)
         m.setattr(packed_walk, "BACKWARD_CHUNK", chunk)
+        m.setattr(packed_walk, "RBLOCKS_CHUNK", chunk)
+        m.setattr(packed_walk, "_VARIANT", [variant])
         y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
         y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True)
         g = packed.backward(a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True)
@@ -60,7 +63,7 @@ def run_native(a, u, dy, cu, *, block_len, hops, x0, chunk, monkeypatch):
 
 
 def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
-                            monkeypatch):
+                            monkeypatch, variant="rblocks"):
     rng = np.random.default_rng(seed)
     S = len(lens)
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -72,7 +75,7 @@ def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, c
     dy = rng.standard_normal(us).astype(np.float32).astype(dtype)
     x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
     y, (da, du, dx0) = run_native(a, u, dy, cu, block_len=bl, hops=hops, x0=x0, chunk=chunk,
-                                  monkeypatch=monkeypatch)
+                                  monkeypatch=monkeypatch, variant=variant)
     at, ut = to_time_last(a, "BLHD", per_head), to_time_last(u, "BLHD", False)
     yr = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0), "BLHD")
     rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, "BLHD", False), cu,
@@ -92,34 +95,40 @@ def check_against_reference(lens, *, per_head, H, D, bl, hops, with_x0, dtype, c
         assert dx0 is None
 
 
-@settings(max_examples=12 if SIM else 100, deadline=None)
+@settings(max_examples=12 if SIM else 40, deadline=None)
 @given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
-       bl=st.sampled_from([1, 4, 8, 16]), hops=st.sampled_from([0, 1]),
-       per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([3, 8, 64]))
-def test_native_matches_reference_for_any_lengths(lens, bl, hops, per_head, with_x0, chunk):
-    """Lengths 0, 1, below, at and above block_len, chunks that cut blocks and sequences."""
-    seed = zlib.crc32(repr((lens, bl, hops, per_head, with_x0, chunk)).encode())
+       bl=st.sampled_from([1, 4, 8, 16, 32]), hops=st.sampled_from([0, 1]),
+       per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([3, 8, 64]),
+       variant=st.sampled_from(["rblocks", "blocks"]))
+def test_native_matches_reference_for_any_lengths(lens, bl, hops, per_head, with_x0, chunk,
+                                                  variant):
+    """Lengths 0, 1, below, at and above block_len, chunks that cut blocks and sequences, the
+    block walks of both families (block_len 32: "blocks" hands the backward to the token
+    walk)."""
+    seed = zlib.crc32(repr((lens, bl, hops, per_head, with_x0, chunk, variant)).encode())
     with pytest.MonkeyPatch.context() as mp:
         check_against_reference(lens, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
                                 with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed,
-                                monkeypatch=mp)
+                                monkeypatch=mp, variant=variant)
 
 
-VECTOR_CASES = [  # per_head, hops, x0, dtype, H, D: channel vectors wider than one
-    (True, 1, True, np.float32, 2, 4),  # forward vec 4 (16 bytes)
-    (True, 1, True, BF16, 2, 8),  # forward vec 8, backward vec 2 (lph 4)
-    (False, 1, False, BF16, 1, 8),  # per channel, vectors of a too
-    (True, 0, True, BF16, 1, 16),  # hops 0: x0 does not enter, dx0 = 0
+VECTOR_CASES = [  # per_head, hops, x0, dtype, H, D, family: channel vectors wider than one
+    (True, 1, True, np.float32, 2, 4, "rblocks"),  # forward vec 4 (16 bytes), backward vec 2
+    (True, 1, True, BF16, 2, 8, "rblocks"),  # forward vec 8, backward vec 4 (lph 2)
+    (False, 1, False, BF16, 1, 8, "rblocks"),  # per channel, vectors of a too
+    (True, 0, True, BF16, 1, 16, "rblocks"),  # hops 0: x0 does not enter, dx0 = 0
+    (True, 1, True, BF16, 2, 8, "blocks"),  # backward vec 2 (lph 4)
+    (False, 1, False, BF16, 1, 8, "blocks"),
 ]
 
 
-@pytest.mark.parametrize("per_head, hops, with_x0, dtype, H, D", VECTOR_CASES)
-def test_native_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, H, D):
+@pytest.mark.parametrize("per_head, hops, with_x0, dtype, H, D, variant", VECTOR_CASES)
+def test_native_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, H, D, variant):
     lens = [5, 0, 1, 9, 8, 3]
     seed = int(rng.integers(1 << 30))
     check_against_reference(lens, per_head=per_head, H=H, D=D, bl=4, hops=hops,
                             with_x0=with_x0, dtype=dtype, chunk=5, seed=seed,
-                            monkeypatch=monkeypatch)
+                            monkeypatch=monkeypatch, variant=variant)
 
 
 @pytest.mark.parametrize("lens, bl, chunk", [
@@ -157,18 +166,30 @@ def test_native_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
         assert np.isnan(v).all()
 
 
-def test_native_fits_only_blhd_hops_0_1():
-    """Other layouts and hops keep the padded image; the backward also needs block_len <= 16."""
+def test_native_fits_only_hops_0_1():
+    """Other hops keep the padded image; past the block walks' block_len the BLHD backward is
+    the token walk; per head, the lanes of a head must split into a power of two up to 32."""
     u = np.zeros((1, 4, 2, 2), np.float32)
     a = np.zeros((1, 4, 2), np.float32)
     cu = np.array([0, 4], np.int32)
     p = _checks.check_swr(a, u, block_len=4, hops=1, layout="BLHD")
     assert packed.native_forward_fits(p, cu) and packed.native_backward_fits(p, cu, a, u, u)
-    for change in (dict(hops=2), dict(hops=None), dict(layout="BHDL")):
+    for change in (dict(hops=2), dict(hops=None)):
         q = dataclasses.replace(p, **change)
         assert not packed.native_forward_fits(q, cu)
-    q = dataclasses.replace(p, block_len=32)
-    assert packed.native_forward_fits(q, cu) and not packed.native_backward_fits(q, cu, a, u, u)
+    q = dataclasses.replace(p, layout="BHDL")
+    ub = np.zeros((1, 2, 2, 4), np.float32)
+    ab = np.zeros((1, 2, 4), np.float32)
+    assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, ab, ub, ub)
+    q = dataclasses.replace(p, block_len=64)  # past the block walks' backward: the token walk
+    assert packed.native_forward_fits(q, cu) and packed.native_backward_fits(q, cu, a, u, u)
+    assert packed_walk.backward_family(a, u, u, 64) == ("tokens", 1, 2)
+    assert packed_walk.backward_family(a, u, u, 16) == ("rblocks", 2, 1)
+    with packed_walk.variant("blocks"):
+        assert packed_walk.backward_family(a, u, u, 32) == ("tokens", 1, 2)
+        assert packed_walk.backward_family(a, u, u, 16) == ("blocks", 1, 2)
+    u6 = np.zeros((1, 4, 2, 6), np.float32)  # 6 lanes a head: no shuffle sum fits
+    assert not packed.native_backward_fits(p, cu, a, u6, u6)
     assert not packed.native_forward_fits(p, np.array([0], np.int32))
 
 
@@ -188,3 +209,168 @@ def test_backward_config(kinds, per_head, D, want):
     # misaligned pointers: vec 1 only
     got = packed_walk.backward_config(*kinds, per_head, 2, D, 16, lambda v: False)
     assert got == (None if D > 32 or D == 6 else (1, D if per_head else 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the token walks (packed_walk.VARIANTS "tokens"; layout BHDL always)
+# ----------------------------------------------------------------------------------------------
+
+
+def tokens_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
+                monkeypatch):
+    """Forward and backward of the token walks against the per-sequence reference."""
+    rng = np.random.default_rng(seed)
+    S = len(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1])
+    us = (1, T, H, D) if layout == "BLHD" else (1, H, D, T)
+    a_s = ((1, T, H) if layout == "BLHD" else (1, H, T)) if per_head else us
+    a = rng.uniform(-1.05, 1.05, a_s).astype(np.float32).astype(dtype)
+    u = rng.standard_normal(us).astype(np.float32).astype(dtype)
+    dy = rng.standard_normal(us).astype(np.float32).astype(dtype)
+    x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
+    X = xp()
+    a_d, u_d, dy_d, cu_d = (X.asarray(v) for v in (a, u, dy, cu))
+    x0_d = None if x0 is None else X.asarray(x0)
+    p = _checks.check_swr(a_d, u_d, block_len=bl, hops=hops, layout=layout)
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    with monkeypatch.context() as m, packed_walk.variant("tokens"):
+        m.setattr(packed, "_padded_inputs", _no_image)
+        m.setattr(packed_walk, "TOKENS_CHUNK", chunk)
+        m.setattr(packed_walk, "BHDL_TILE", False)
+        y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
+        y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))
+        da, du, dx0 = (None if v is None else to_np(v) for v in packed.backward(
+            a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True))
+    at, ut = to_time_last(a, layout, per_head), to_time_last(u, layout, False)
+    want = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0),
+                          layout)
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, layout, False), cu,
+                                              block_len=bl, hops=hops, x0=x0)
+    if per_head:
+        rda = rda.sum(axis=2, keepdims=True)
+    rda, rdu = from_time_last(rda, layout, per_head), from_time_last(rdu, layout)
+    tol = 1e-4 if dtype == np.float32 else 4e-2
+    assert y.dtype == dtype and da.dtype == dtype and du.dtype == dtype
+    for got, ref in ((y, want), (da, rda), (du, rdu)):
+        np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol,
+                                   atol=tol * (1 + np.abs(ref).max()))
+    if with_x0:
+        assert dx0.shape == (S, H, D) and dx0.dtype == np.float32
+        np.testing.assert_allclose(dx0, rdx0, rtol=tol, atol=tol * (1 + np.abs(rdx0).max()))
+    else:
+        assert dx0 is None
+
+
+@settings(max_examples=12 if SIM else 40, deadline=None)
+@given(lens=st.lists(st.integers(0, 19), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
+       layout=st.sampled_from(["BLHD", "BHDL"]), bl=st.sampled_from([1, 4, 8, 16, 32]),
+       hops=st.sampled_from([0, 1]), per_head=st.booleans(), with_x0=st.booleans(),
+       chunk=st.sampled_from([4, 8, 16, 64]))
+def test_tokens_match_reference(lens, layout, bl, hops, per_head, with_x0, chunk):
+    """The token walks, forward and backward: lengths 0, 1, below, at and above block_len,
+    chunks cutting blocks and sequences (BHDL: rows of any T, one-token accesses)."""
+    seed = zlib.crc32(repr((lens, layout, bl, hops, per_head, with_x0, chunk)).encode())
+    with pytest.MonkeyPatch.context() as mp:
+        tokens_case(lens, layout=layout, per_head=per_head, H=2, D=2, bl=bl, hops=hops,
+                    with_x0=with_x0, dtype=np.float32, chunk=chunk, seed=seed, monkeypatch=mp)
+
+
+@pytest.mark.parametrize("layout, per_head, hops, with_x0, dtype, lens", [
+    ("BHDL", True, 1, True, np.float32, [5, 0, 1, 9, 8, 1]),  # T = 24: 4-token accesses
+    ("BHDL", False, 1, False, BF16, [13, 0, 3, 16, 0]),  # T = 32: 8-token accesses
+    ("BHDL", True, 0, True, BF16, [7, 9, 1, 2, 5]),  # T = 24: 8-token accesses, hops 0
+    ("BLHD", True, 1, True, BF16, [5, 0, 1, 9, 8, 3]),  # 8 channels an access
+])
+def test_tokens_vector_paths(rng, monkeypatch, layout, per_head, hops, with_x0, dtype,
+                                     lens):
+    tokens_case(lens, layout=layout, per_head=per_head, H=2, D=8, bl=4, hops=hops,
+                with_x0=with_x0, dtype=dtype, chunk=8, seed=int(rng.integers(1 << 30)),
+                monkeypatch=monkeypatch)
+
+
+def test_tokens_many_tiny_sequences(rng, monkeypatch):
+    """Many sequences of 0..2 tokens: several sequence starts inside one group of tokens."""
+    lens = list(rng.integers(0, 3, 40))
+    lens[0] = 1
+    for layout in ("BLHD", "BHDL"):
+        tokens_case(lens, layout=layout, per_head=True, H=1, D=2, bl=4, hops=1, with_x0=True,
+                    dtype=np.float32, chunk=16, seed=int(rng.integers(1 << 30)),
+                    monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("bad", [[0, 5, 3, 9], [1, 4, 6, 9], [0, 4, 6, 8]])
+def test_tokens_invalid_cu_poisons_every_output(rng, monkeypatch, bad):
+    """The token walks (BHDL) give NaN in y, da, du and dx0 for an invalid device cu."""
+    cu = np.array(bad, np.int64)
+    X = xp()
+    a = rng.uniform(-1, 1, (1, 2, 9)).astype(np.float32)
+    u = rng.standard_normal((1, 2, 2, 9)).astype(np.float32)
+    x0 = rng.standard_normal((3, 2, 2)).astype(np.float32)
+    a_d, u_d, cu_d, x0_d = (X.asarray(v) for v in (a, u, cu, x0))
+    p = _checks.check_swr(a_d, u_d, block_len=4, hops=1, layout="BHDL")
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    monkeypatch.setattr(packed, "_padded_inputs", _no_image)
+    y = packed.forward(a_d, u_d, p, cu_d, x0=x0_d, device=True)
+    g = packed.backward(a_d, u_d, u_d, p, cu_d, x0=x0_d, device=True)
+    for v in (y, *g):
+        assert np.isnan(to_np(v)).all()
+
+
+@settings(max_examples=6 if SIM else 60, deadline=None)
+@given(lens=st.lists(st.integers(0, 90), min_size=1, max_size=5),
+       shape=st.sampled_from([(2, 2), (3, 16), (1, 1), (5, 8)]),
+       bl=st.sampled_from([1, 4, 16, 32]),
+       hops=st.sampled_from([0, 1]), per_head=st.booleans(), with_x0=st.booleans(),
+       chunk=st.sampled_from([64, 128, 256]), bf16=st.booleans())
+def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk, bf16):
+    """The BHDL tile walks, forward and backward (T a multiple of the 16-byte access): rows not
+    filling a warp (4, 1) or two warps (48), chunks of one to four tiles, sequences across
+    tiles and chunks."""
+    seed = zlib.crc32(repr((lens, shape, bl, hops, per_head, with_x0, chunk, bf16)).encode())
+    rng = np.random.default_rng(seed)
+    dtype = BF16 if bf16 else np.dtype(np.float32)
+    V = 16 // dtype.itemsize
+    lens = list(lens)
+    lens[-1] += (-sum(lens)) % V or (V if sum(lens) == 0 else 0)
+    S = len(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1])
+    H, D = shape
+    a = rng.uniform(-1.05, 1.05, (1, H, T) if per_head else (1, H, D, T))
+    a = a.astype(np.float32).astype(dtype)
+    u = rng.standard_normal((1, H, D, T)).astype(np.float32).astype(dtype)
+    dy = rng.standard_normal((1, H, D, T)).astype(np.float32).astype(dtype)
+    x0 = rng.standard_normal((S, H, D)).astype(np.float32) if with_x0 else None
+    X = xp()
+    a_d, u_d, dy_d, cu_d = X.asarray(a), X.asarray(u), X.asarray(dy), X.asarray(cu)
+    x0_d = None if x0 is None else X.asarray(x0)
+    p = _checks.check_swr(a_d, u_d, block_len=bl, hops=hops, layout="BHDL")
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packed, "_padded_inputs", _no_image)
+        m.setattr(packed_walk, "TILE_CHUNK", chunk)
+        m.setattr(packed_walk, "BHDL_TILE", True)
+        m.setattr(packed_walk, "tokens_forward_kernel", _no_image)  # the tile walks must run
+        m.setattr(packed_walk, "tokens_backward_kernel", _no_image)
+        y = X.asarray(np.full(u.shape, np.nan, dtype=dtype))  # poisoned: every token written
+        y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))
+        da, du, dx0 = (None if v is None else to_np(v) for v in packed.backward(
+            a_d, u_d, dy_d, p, cu_d, x0=x0_d, device=True))
+    at, ut = to_time_last(a, "BHDL", per_head), to_time_last(u, "BHDL", False)
+    want = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=hops, x0=x0),
+                          "BHDL")
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, "BHDL", False), cu,
+                                              block_len=bl, hops=hops, x0=x0)
+    if per_head:
+        rda = rda.sum(axis=2, keepdims=True)
+    rda, rdu = from_time_last(rda, "BHDL", per_head), from_time_last(rdu, "BHDL")
+    tol = 1e-4 if dtype == np.float32 else 4e-2
+    for got, ref in ((y, want), (da, rda), (du, rdu)):
+        np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol,
+                                   atol=tol * (1 + np.abs(ref).max()))
+    if with_x0:
+        np.testing.assert_allclose(dx0, rdx0, rtol=tol, atol=tol * (1 + np.abs(rdx0).max()))

@@ -122,3 +122,138 @@ def test_native_check_kernel_compiles(cu_type):
     kernel = packed_walk.check_kernel()
     sig = [_arr(cu_type), types.int64, types.int64, _arr("int32")]
     _check_ptx(compile_arches(kernel.py_func, sig), "packed_check_cu")
+
+
+TOKENS_FORWARD_CASES = [  # layout, in, out, per_head, hops, x0, vec
+    ("BHDL", "bf16", "bf16", True, 1, True, 8),
+    ("BLHD", "f32", "f32", False, 0, False, 4),
+]
+
+
+@pytest.mark.parametrize("case", TOKENS_FORWARD_CASES)
+def test_tokens_forward_compiles(case):
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    layout, ik, ok, per_head, hops, x0, vec = case
+    kernel = packed_walk.tokens_forward_kernel(layout, ik, ok, per_head, hops, x0, vec)
+    sig = [_arr(ik)] * 2 + [_arr(ok), _arr("float32"), _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8),
+                     "packed_tokens_forward")
+    if vec * (2 if ik != "f32" else 4) == 16:
+        assert "ld.global.v4.u32" in ptx  # 16-byte accesses
+    assert "shfl" not in ptx
+
+
+TOKENS_BACKWARD_CASES = [  # layout, in, dy, per_head, hops, x0, vec, lph, chunk
+    ("BHDL", "f16", "f32", True, 1, True, 4, 8, 256),
+    ("BLHD", "bf16", "bf16", True, 1, True, 2, 8, 256),
+]
+
+
+def _shuffles(layout, U, lph):
+    """Shuffles of the per-head da of a group of U tokens: BLHD a butterfly sum per token; BHDL
+    a reduce-scatter over the head's rows (halving the tokens each round)."""
+    rounds = lph.bit_length() - 1
+    if layout == "BLHD":
+        return U * rounds
+    n, total = U, 0
+    for _ in range(rounds):
+        total += n // 2 if n > 1 else 1
+        n = max(1, n // 2)
+    return total
+
+
+@pytest.mark.parametrize("case", TOKENS_BACKWARD_CASES)
+def test_tokens_backward_compiles(case):
+    """Local memory holds the reverse pass's checkpoints only (``chunk / U`` of (L, Z, A); BHDL
+    keeps them in shared memory); the per-head da sum is a butterfly per token (BLHD) or a
+    reduce-scatter (BHDL)."""
+    _nvvm_or_skip()
+    import re
+
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    layout, ik, dk, per_head, hops, x0, vec, lph, chunk = case
+    kernel = packed_walk.tokens_backward_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int32"), _arr("int32")]
+    ptx_by_cc = compile_arches(kernel.py_func, sig + [types.int64] * 7)
+    VEC, V, U = packed_walk.token_layout(layout, ik, vec)
+    # BLHD: the checkpoints in local memory; BHDL: in shared memory, nothing local
+    ck_bytes = -(-chunk // U) * (2 * VEC + (1 if per_head else VEC)) * 4 if layout == "BLHD" \
+        else 0
+    for cc, ptx in ptx_by_cc.items():
+        assert ".target sm_{}{}".format(*cc) in ptx
+        assert "packed_tokens_backward" in ptx
+        depots = [int(n) for n in re.findall(r"__local_depot\d+\[(\d+)\]", ptx)]
+        assert sum(depots) <= ck_bytes, (depots, ck_bytes)
+        if per_head and lph > 1:
+            assert ptx.count("shfl.sync.bfly") == _shuffles(layout, U, lph)
+        if V * (2 if ik != "f32" else 4) == 16:
+            assert "ld.global.v4.u32" in ptx
+
+
+RBLOCKS_CASES = [  # in, dy, per_head, hops, x0, vec, block_len, lph
+    ("bf16", "bf16", True, 1, True, 4, 16, 4),  # the headline: 8-byte accesses, 4 lanes a head
+    ("f32", "f32", False, 0, False, 2, 32, 1),
+]
+
+
+@pytest.mark.parametrize("case", RBLOCKS_CASES)
+def test_rblocks_backward_compiles(case):
+    """The reverse block walk: no local memory (checkpoints indexed by unrolled constants),
+    log2(lph) shuffles a step, accesses of ``vec`` elements."""
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, dk, per_head, hops, x0, vec, bl, lph = case
+    kernel = packed_walk.rblocks_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8), "packed_rblocks")
+    assert ptx.count("shfl.sync.bfly") == bl * (lph.bit_length() - 1)
+    width = vec * (2 if ik != "f32" else 4)
+    assert f"ld.global.v{width // 4}.u32" in ptx
+
+
+@pytest.mark.parametrize("case", [("bf16", "bf16", True, 1, True)])
+def test_tile_forward_compiles(case):
+    """The BHDL tile forward: 16-byte accesses of u and y, shared memory tiles, no local
+    memory."""
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, ok, per_head, hops, x0 = case
+    kernel = packed_walk.tile_forward_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(ok), _arr("float32"), _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 8),
+                     "packed_tile_forward")
+    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
+    assert ".shared" in ptx and "bar.sync" in ptx
+
+
+@pytest.mark.parametrize("case", [("bf16", "bf16", True, 1, True, 16)])
+def test_tile_backward_compiles(case):
+    """The BHDL tile backward: 16-byte accesses, shared memory tiles, no local memory."""
+    _nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_walk
+
+    ik, dk, per_head, hops, x0, D = case
+    kernel = packed_walk.tile_backward_kernel(*case)
+    sig = [_arr(ik)] * 2 + [_arr(dk), _arr(ik), _arr(ik), _arr("float32"), _arr("float32"),
+                            _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 7),
+                     "packed_tile_backward")
+    assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
+    assert ".shared" in ptx and "bar.sync" in ptx
