@@ -127,10 +127,10 @@ FUSED_HOPS = range(2, 9)  # numba_kernels.swr_forward.HALO_HOPS (not imported: n
 
 
 def one_pass(p):
-    """Whether a call without x0/state/return_state runs the forward in one kernel: hops 0/1 in
-    both layouts, BLHD hops 2..8 (the halo walk); the rest goes through the block carriers."""
-    return p.hops in (0, 1) or (p.layout == "BLHD" and p.hops in FUSED_HOPS)
-
+    """Whether a call without x0/state/return_state runs the forward in one kernel: hops 0/1 and
+    hops=None (the exact scan) in both layouts, BLHD hops 2..8 (the halo walk); the rest goes
+    through the block carriers."""
+    return p.hops is None or p.hops in (0, 1) or (p.layout == "BLHD" and p.hops in FUSED_HOPS)
 
 
 def swr_forward_plain(a, u, p, out=None, stream=None):
@@ -144,6 +144,9 @@ def swr_forward_plain(a, u, p, out=None, stream=None):
     if p.N == 0:
         return y
     zeros, ones = _plain_zeros(cp, p)
+    if p.hops is None:
+        _nk().exact_scan.swr_exact(a, u, y, zeros, layout=p.layout, stream=stream)
+        return y
     _nk().swr_forward.swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops,
                                   offset=0, w0=zeros, g0=ones, carry=zeros, stream=stream)
     return y
@@ -192,6 +195,13 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     shape = (p.B, p.H, p.D)
     position = 0 if state is None else state.common_position()
     fresh = state is None
+    if fresh and not return_state and p.hops is None:
+        # the exact scan in one pass (numba_kernels/exact_scan.py); calls with a state or
+        # return_state take the block-carrier path below
+        if p.N:
+            carry = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
+            nk.exact_scan.swr_exact(_view(a), _view(u), _view(y), carry, layout=p.layout)
+        return y
     if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
         # the halo walk: x0 is the carrier before block 0
         zeros, ones = _plain_zeros(cp, p)

@@ -1,0 +1,191 @@
+"""The one-pass exact scan (numba_kernels/exact_scan.py, hops=None) against the float64
+reference: in the CUDA simulator on small tiles (many tiles per chain, so the look-back walks
+aggregates and inclusive values), and on the GPU (marked gpu) at the tuned tile shapes, with
+poisoned outputs, repeated launches on one workspace and a CUDA-graph replay."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+from conftest import gpu_available
+
+import swr_array as sa
+from swr_array.ops import from_time_last
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+
+needs_backend = pytest.mark.skipif(not (SIM or gpu_available()),
+                                   reason="needs the CUDA simulator or a GPU")
+
+SMALL_TILES = {"blhd_cols": 2, "blhd_segs": 4, "blhd_steps": 2,
+               "bhdl_rows": 2, "bhdl_segs": 2, "bhdl_nv": 1}
+
+
+@pytest.fixture
+def ex():
+    from swr_array.numba_kernels import exact_scan
+
+    return exact_scan
+
+
+@pytest.fixture
+def small_tiles(ex):
+    saved = dict(ex.TUNING)
+    for k, v in SMALL_TILES.items():
+        ex.TUNING[k] = v
+    yield
+    for k, v in saved.items():
+        ex.TUNING[k] = v
+
+
+def make_case(rng, layout, per_head, B, H, D, N, dtype):
+    """Canonical a, u (dtype), x0 (float32) and the float64 reference y (time-last)."""
+    u = rng.standard_normal((B, H, D, N)).astype(dtype)
+    a = rng.uniform(-1.05, 1.05, (B, H, 1 if per_head else D, N)).astype(dtype)
+    x0 = rng.standard_normal((B, H, D)).astype(np.float32)
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
+    expect = sa.swr(np.ascontiguousarray(from_time_last(f64(a), "BHDL", per_head)),
+                    f64(u), hops=None, layout="BHDL", x0=f64(x0))
+    ua = np.ascontiguousarray(from_time_last(u, layout))
+    aa = np.ascontiguousarray(from_time_last(a, layout, per_head))
+    return aa, ua, x0, expect
+
+
+def tol(dtype):
+    if np.dtype(dtype) == F32:
+        return dict(rtol=1e-4, atol=1e-4)
+    return dict(rtol=2e-2, atol=2e-2)
+
+
+def view(x):
+    return x.view(np.uint16) if x.dtype == BF16 else x
+
+
+def time_last(y, layout):
+    y = y.astype(np.float64)
+    return y if layout == "BHDL" else y.transpose(0, 2, 3, 1)
+
+
+SIM_CASES = [
+    # layout, per_head, B, H, D, N, dtype, out dtype
+    ("BLHD", True, 2, 2, 8, 37, BF16, BF16),
+    ("BLHD", False, 1, 2, 8, 40, F32, F32),
+    ("BLHD", False, 1, 2, 8, 19, BF16, F32),
+    ("BLHD", True, 1, 3, 5, 21, F16, F16),  # one channel a thread
+    ("BHDL", True, 2, 1, 3, 48, BF16, BF16),
+    ("BHDL", False, 1, 2, 2, 44, F32, BF16),
+    ("BHDL", False, 1, 1, 3, 37, F16, F32),  # N not a multiple of the vector: one step a lane
+    ("BHDL", True, 1, 2, 2, 41, BF16, F16),
+]
+
+
+@pytest.mark.skipif(not SIM, reason="simulator cases (the GPU runs its own shapes)")
+@pytest.mark.parametrize("case", SIM_CASES, ids=[f"{c[0]}-{'head' if c[1] else 'chan'}-"
+                                                 f"{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
+                                                 f"{c[7].name}" for c in SIM_CASES])
+def test_simulated_matches_reference(rng, ex, small_tiles, case):
+    layout, per_head, B, H, D, N, dtype, out = case
+    a, u, x0, expect = make_case(rng, layout, per_head, B, H, D, N, dtype)
+    plan = ex.make_plan(layout, u.shape, per_head, ex._KINDS[view(u).dtype],
+                        ex._KINDS[view(np.empty(0, out)).dtype])
+    assert plan.nchunks >= 3  # the look-back crosses aggregates, not only inclusive values
+    y = np.full(u.shape, np.nan, out)
+    ex.swr_exact(view(a), view(u), view(y), x0, layout=layout)
+    np.testing.assert_allclose(time_last(y, layout), expect, **tol(out))
+
+
+@pytest.mark.skipif(not SIM, reason="simulator case")
+def test_simulated_workspace_reuse(rng, ex, small_tiles):
+    """Launches on one workspace: the epochs in the flags keep a launch from reading the status
+    an earlier launch left (same shape, new data), and another shape in between."""
+    for N, layout in ((30, "BLHD"), (30, "BLHD"), (17, "BLHD"), (30, "BLHD")):
+        a, u, x0, expect = make_case(rng, layout, False, 1, 2, 8, N, F32)
+        y = np.full(u.shape, np.nan, F32)
+        ex.swr_exact(a, u, y, x0, layout=layout)
+        np.testing.assert_allclose(time_last(y, layout), expect, **tol(F32))
+    plan = ex.make_plan("BLHD", (1, 30, 2, 8), False, "f32", "f32")
+    flags, _ = ex.workspace(np, plan)
+    # chain tickets: back at 0, three epochs later
+    assert list(flags[:plan.nchains]) == [3 << ex.EPOCH_SHIFT] * plan.nchains
+
+
+@needs_backend
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_front_exact_forward(rng, layout):
+    """swr(hops=None) through the kernel backend, x0 given and not."""
+    from swr_array import _checks, _cuda
+
+    X = np if SIM else __import__("cupy")
+    a, u, x0, expect = make_case(rng, layout, True, 1, 2, 8, 40, F32)
+    p = _checks.check_swr(X.asarray(a), X.asarray(u), block_len=16, hops=None, layout=layout)
+    y = _cuda.swr_forward(X.asarray(a), X.asarray(u), p, x0=X.asarray(x0), state=None,
+                          return_state=False)
+    y = y.get() if hasattr(y, "get") else y
+    np.testing.assert_allclose(time_last(y, layout), expect, **tol(F32))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the tuned tiles, poisoned outputs
+
+
+GPU_CASES = [
+    ("BLHD", True, 2, 8, 16, 3001, BF16, BF16),
+    ("BLHD", False, 1, 8, 16, 4096, BF16, BF16),
+    ("BLHD", True, 1, 8, 16, 2500, F32, F32),
+    ("BLHD", False, 2, 4, 16, 1999, F16, F32),
+    ("BLHD", True, 1, 3, 5, 1001, BF16, BF16),
+    ("BHDL", True, 2, 8, 16, 3000, BF16, BF16),
+    ("BHDL", False, 1, 8, 16, 4096, BF16, F32),
+    ("BHDL", True, 1, 8, 16, 2500, F32, F32),
+    ("BHDL", False, 1, 4, 16, 1999, F16, F16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{c[0]}-{'head' if c[1] else 'chan'}-"
+                                                 f"{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
+                                                 f"{c[7].name}" for c in GPU_CASES])
+def test_gpu_matches_reference(rng, ex, case):
+    import cupy
+
+    layout, per_head, B, H, D, N, dtype, out = case
+    a, u, x0, expect = make_case(rng, layout, per_head, B, H, D, N, dtype)
+    y = cupy.full(u.shape, np.nan, out)
+    ex.swr_exact(view(cupy.asarray(a)), view(cupy.asarray(u)), view(y), cupy.asarray(x0),
+                 layout=layout)
+    np.testing.assert_allclose(time_last(y.get(), layout), expect, **tol(out))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_gpu_repeated_and_graph(rng, ex, layout):
+    """Back-to-back launches on one workspace, then a CUDA-graph capture replayed with new data:
+    every result is the reference's (the device-side epochs, no clearing between launches)."""
+    import cupy
+
+    cases = [make_case(rng, layout, True, 1, 8, 16, 5000, BF16) for _ in range(3)]
+    dev = [tuple(cupy.asarray(x) for x in c[:3]) for c in cases]
+    y = cupy.full(dev[0][1].shape, np.nan, BF16)
+    for (a, u, x0), c in zip(dev, cases):
+        y.fill(np.nan)
+        ex.swr_exact(view(a), view(u), view(y), x0, layout=layout)
+        np.testing.assert_allclose(time_last(y.get(), layout), c[3], **tol(BF16))
+    a, u, x0 = (x.copy() for x in dev[0])
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        ex.swr_exact(view(a), view(u), view(y), x0, layout=layout, stream=stream)
+        stream.begin_capture()
+        ex.swr_exact(view(a), view(u), view(y), x0, layout=layout, stream=stream)
+        graph = stream.end_capture()
+        for k in (1, 2, 1):
+            for dst, src in zip((a, u, x0), dev[k]):
+                dst[...] = src
+            y.fill(np.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            np.testing.assert_allclose(time_last(y.get(), layout), cases[k][3], **tol(BF16))

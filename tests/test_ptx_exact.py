@@ -1,0 +1,82 @@
+"""Every specialisation of the one-pass exact scan (numba_kernels/exact_scan.py) compiles to PTX
+for sm_80 and sm_90 (no GPU needed): no local memory (the per-thread registers are indexed by
+constants), 16-byte loads and stores on the vector paths, the status values read through L2
+(``ld.global.cg``), the flags and tickets by atomics, and the entry's parameters are the
+flattened Numba ABI the launcher packs."""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numba
+import pytest
+
+pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
+                                reason="compile_ptx needs the real CUDA target, not the simulator")
+
+if not numba.config.ENABLE_CUDASIM:
+    from swr_array.numba_kernels import exact_scan as EX
+
+    NAMES = [name for name, _, _ in EX.specialisations()]
+else:
+    NAMES = []
+
+
+def _nvvm_or_skip():
+    try:
+        from numba.cuda.cudadrv.nvvm import NVVM
+
+        NVVM()
+    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
+        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
+
+
+def _compile(i):
+    """{cc: PTX} of specialisation i, or the error it raised (in a worker process)."""
+    from ptx_arches import compile_arches, kernel_options
+    from swr_array.numba_kernels import exact_scan
+
+    _, kernel, sig = list(exact_scan.specialisations())[i]
+    try:
+        return compile_arches(kernel.py_func, sig, **kernel_options(kernel))
+    except Exception as exc:  # noqa: BLE001 - reported by the test of this specialisation
+        return RuntimeError(f"{type(exc).__name__}: {str(exc)[:2000]}")
+
+
+@functools.lru_cache(maxsize=1)
+def all_ptx():
+    _nvvm_or_skip()
+    workers = max(1, min(len(NAMES), os.cpu_count() or 1))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_path) as pool:
+        return list(pool.map(_compile, range(len(NAMES))))
+
+
+def _path():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.mark.parametrize("i", range(len(NAMES)), ids=NAMES)
+def test_compiles_to_ptx(i):
+    from swr_array.numba_kernels._launch import entry_and_params
+
+    res = all_ptx()[i]
+    if isinstance(res, Exception):
+        raise res
+    name = NAMES[i]
+    for cc, ptx in res.items():
+        entry, params = entry_and_params(ptx)
+        assert name in entry
+        assert len(params) == 6 * 7 + 5 and set(params) == {"u64"}  # 6 arrays, 5 int64
+        assert ".local" not in ptx, (cc, "local memory")
+        assert "ld.global.cg.f32" in ptx and "atom.global.add.u64" in ptx
+        assert "atom.global.max.s64" in ptx and "membar.gl" in ptx
+        if "_vec1_" not in name:
+            assert "ld.global.v4.u32" in ptx
+            if "_to_f32_" in name or "bhdl" in name:
+                assert "st.global.v4" in ptx or "st.global.v2" in ptx
