@@ -4,9 +4,10 @@
 # 1. its GPU tests (tests/test_kernels_exact.py: the kernels against the reference with poisoned
 #    outputs, repeated launches on one workspace and a CUDA-graph replay; the front's hops=None
 #    forward cases of tests/test_kernels_front.py);
-# 2. `python -m swr_array bench --hops none` per head, bf16 and fp32, 16x2048, 4x8192, 1x32768,
+# 2. scripts/exact_sweep.py: the forward per tile shape (20 s);
+# 3. `python -m swr_array bench --hops none` per head, bf16 and fp32, 16x2048, 4x8192, 1x32768,
 #    both layouts, forward and forward+backward against the floor;
-# 3. the same per channel in bf16 with the peers accelerated-scan and chunk_hgrn (installed from
+# 4. the same per channel in bf16 with the peers accelerated-scan and chunk_hgrn (installed from
 #    .peers/ when carried, as scripts/gpu_bench.sh does), then 1x262144 and 1x1048576 if time is
 #    left.
 # Writes $OUT/exact/log.txt (everything printed, the Markdown tables included) and
@@ -22,9 +23,11 @@ t0=$(date +%s)
 left() { echo $(( 105 - ($(date +%s) - t0) )); }
 {
   echo "=== tests $(date -u +%T)"
-  timeout 40 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels_exact.py \
+  timeout 35 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels_exact.py \
     tests/test_kernels_front.py -k "gpu or front_exact or (forward_and_state and None)"
   echo "=== tests rc=$? $(date -u +%T)"
+  timeout 25 python3 scripts/exact_sweep.py 20
+  echo "=== exact_sweep rc=$? $(date -u +%T)"
   peer_site=/tmp/peers_site
   mkdir -p "$peer_site"
   for whl in "$root"/.peers/accelerated_scan-*.whl "$root"/.peers/fla_core-*.whl; do
