@@ -51,7 +51,7 @@ import numba
 import numpy as np
 from numba import cuda, types
 
-from ._dtypes import ITEM_SIZE, LOAD, SIMULATOR
+from ._dtypes import ITEM_SIZE, LOAD, SIMULATOR, STORE
 from ._launch import (
     FlatArray,
     Tuning,
@@ -75,6 +75,10 @@ TUNING = Tuning({
     "bhdl_rows": 4,
     "bhdl_segs": 32,
     "bhdl_nv": 2,
+    # the backward (its tiles also set the carries kernel's): tokens a BLHD segment, 16-byte
+    # accesses a BHDL segment
+    "blhd_bwd_steps": 4,
+    "bhdl_bwd_nv": 1,
     "access_bytes": 16,
 })
 """Tile shapes of the exact-scan kernels."""
@@ -159,11 +163,13 @@ def _make_lookback(nch, a_width):
     return lookback
 
 
-def _make_tile_scan(nch, a_width, nt, segs, seg_stride):
+def _make_tile_scan(nch, a_width, nt, segs, seg_stride, reverse=False):
     """``scan(X, A, sm_x, sm_a, tx, seg)``: inclusive scan of the per-thread segment aggregates
-    across the ``segs`` segments of each column (Hillis-Steele in shared memory); afterwards the
-    shared arrays hold every thread's inclusive value (``sm_x[k * nt + tx]``)."""
+    across the ``segs`` segments of each column (Hillis-Steele in shared memory), from the first
+    segment, or with ``reverse`` from the last (the backward's adjoint runs back in time);
+    afterwards the shared arrays hold every thread's inclusive value (``sm_x[k * nt + tx]``)."""
     levels = max(0, (segs - 1).bit_length())
+    step = -seg_stride if reverse else seg_stride
 
     @cuda.jit(device=True, inline=True)
     def scan(X, A, sm_x, sm_a, tx, seg):
@@ -174,8 +180,8 @@ def _make_tile_scan(nch, a_width, nt, segs, seg_stride):
             for q in range(a_width):
                 sm_a[q * nt + tx] = A[q]
             cuda.syncthreads()
-            if seg >= lev:
-                src = tx - lev * seg_stride
+            if (segs - 1 - seg if reverse else seg) >= lev:
+                src = tx - lev * step
                 for k in range(nch):
                     X[k] = A[k % a_width] * sm_x[k * nt + src] + X[k]
                 for q in range(a_width):
@@ -208,7 +214,7 @@ def _make_publish(nch, a_width):
     return publish_aggregate, publish_inclusive, f32
 
 
-def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps):
+def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store=True):
     """BLHD: ``u``, ``y`` (B, N, H, D) flat; ``a`` (B, N, H) per head (``vec | D``) or u's shape;
     ``x0`` (B, H, D) float32. A tile: ``cols * vec`` channels of one batch row times
     ``segs * steps`` tokens; grid ``nchains * nchunks`` blocks of ``cols * segs`` threads."""
@@ -318,7 +324,7 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps):
         cuda.syncthreads()
         if tx == 0 and chunk > 0:
             cuda.atomic.max(flags, fbase + chunk, epoch * 4 + INCLUSIVE)
-        if not active:
+        if not (active and store):
             return
         # this segment's carry: the tile's, through the segments before it
         for k in range(vec):
@@ -342,12 +348,12 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps):
 
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_exact_blhd_{in_kind}_to_{out_kind}_{'per_head' if per_head else 'per_channel'}"
-        f"_vec{vec}_cols{cols}_segs{segs}_steps{steps}"
+        f"_vec{vec}_cols{cols}_segs{segs}_steps{steps}{'' if store else '_carries'}"
     )
     return cuda.jit(kernel)
 
 
-def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv):
+def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=True):
     """BHDL: ``u``, ``y`` (B, H, D, N) flat; ``a`` (B, H, N) per head or u's shape; ``x0``
     (B, H, D) float32. A tile: ``rows`` channel rows times ``segs * nv * vec`` tokens; ``vec > 1``
     needs ``vec | N`` and aligned rows."""
@@ -434,7 +440,7 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv):
         cuda.syncthreads()
         if tx == 0 and chunk > 0:
             cuda.atomic.max(flags, fbase + chunk, epoch * 4 + INCLUSIVE)
-        if not active:
+        if not (active and store):
             return
         c = sm_c[col]
         if seg > 0:
@@ -454,6 +460,404 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv):
 
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_exact_bhdl_{in_kind}_to_{out_kind}_{'per_head' if per_head else 'per_channel'}"
+        f"_vec{vec}_rows{rows}_segs{segs}_nv{nv}{'' if store else '_carries'}"
+    )
+    return cuda.jit(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: the adjoint scan in reverse, from the forward's per-tile carries
+#
+# With mu_t = a_t lam_t, the adjoint lam_t = dy_t + a_{t+1} lam_{t+1} of docs/spec.md#gradients
+# (hops=None) becomes lam_t = dy_t + mu_{t+1}, mu_t = a_t lam_t: a segment maps the mu after it
+# to the mu at its start by (prod a, local mu), the forward's operator run back in time. Then
+# du_t = lam_t, da_t = lam_t x_{t-1} (x_{-1} = x0; per head summed over the head's channels) and
+# dx0 = mu_0. The x the tile needs come from the carries kernel (the forward kernel storing no y:
+# ``carries[tile c - 1]`` is x at the end of the tile before, ``x0`` for the first), walked
+# forward through the registers; the mu entering each tile comes from the decoupled look-back
+# over the tiles after it (tickets hand chunks out last first).
+
+
+def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
+    """BLHD backward tile: as the forward (``cols * vec`` channels times ``segs * steps`` tokens),
+    reading ``a``, ``u``, ``dy`` (one storage kind) and writing ``du`` (u's), ``da`` (a's; per
+    head the sum over the head's ``D / vec`` threads, through shared memory: the tile holds
+    whole heads)."""
+    load_u, unpack_u, uw, raw = _raw_access(kind, vec)
+    a_width = 1 if per_head else vec
+    load_a, unpack_a, aw, _ = _raw_access(kind, a_width)
+    load_a1 = LOAD[kind]
+    store_v = make_vector_store(kind, vec)
+    store_1 = STORE[kind]
+    nt = cols * segs
+    G = cols * vec
+    sx_size, sa_size = nt * vec, nt * a_width
+    u_size, a_size, x_size, d_size = steps * uw, steps * aw, steps * vec, steps * nt
+    scan_f = _make_tile_scan(vec, a_width, nt, segs, cols)
+    scan_r = _make_tile_scan(vec, a_width, nt, segs, cols, reverse=True)
+    lookback = _make_lookback(vec, a_width)
+    publish_aggregate, publish_inclusive, f32 = _make_publish(vec, a_width)
+    i64 = numba.int64
+
+    def kernel(a, u, dy, du, da, x0, dx0, carries, flags, vals, n, channels, head_dim, ngroups,
+               nchunks, want_dx0):
+        tx = cuda.threadIdx.x
+        col = tx % cols
+        seg = tx // cols
+        nchains = cuda.gridDim.x // nchunks
+        g = cuda.blockIdx.x % nchains
+        sm_t = cuda.shared.array(1, numba.int64)
+        sm_x = cuda.shared.array(sx_size, f32)
+        sm_a = cuda.shared.array(sa_size, f32)
+        sm_c = cuda.shared.array(G, f32)
+        sm_d = cuda.shared.array(d_size, f32)
+        if tx == 0:
+            raw_t = cuda.atomic.add(flags, g, 1)
+            sm_t[0] = raw_t
+            if (raw_t & 0xFFFFFFFF) == nchunks - 1:
+                cuda.atomic.add(flags, g, (i64(1) << EPOCH_SHIFT) - nchunks)
+        cuda.syncthreads()
+        raw_t = sm_t[0]
+        epoch = raw_t >> EPOCH_SHIFT
+        ticket = raw_t & 0xFFFFFFFF
+        chunk = nchunks - 1 - ticket  # the last chunk first
+        b = g // ngroups
+        c0 = (g % ngroups) * G + col * vec
+        active = c0 < channels
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+        else:
+            a_stride = channels
+            a_col = c0
+        t0 = (chunk * segs + seg) * steps
+
+        ubuf = cuda.local.array(u_size, raw)
+        dbuf = cuda.local.array(u_size, raw)
+        abuf = cuda.local.array(a_size, raw)
+        af1 = cuda.local.array(steps, f32)
+        if active:
+            for i in range(steps):
+                tc = min(t0 + i, n - 1)
+                load_u(u, (b * n + tc) * channels + c0, ubuf, i * uw)
+                load_u(dy, (b * n + tc) * channels + c0, dbuf, i * uw)
+                if per_head:
+                    af1[i] = load_a1(a[(b * n + tc) * a_stride + a_col])
+                else:
+                    load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * aw)
+
+        X = cuda.local.array(vec, f32)
+        A = cuda.local.array(a_width, f32)
+        uf = cuda.local.array(vec, f32)
+        af = cuda.local.array(a_width, f32)
+        # forward: x entering each segment, from the carry entering the tile
+        for k in range(vec):
+            X[k] = f32(0.0)
+        for q in range(a_width):
+            A[q] = f32(1.0)
+        if active:
+            for i in range(steps):
+                if t0 + i < n:
+                    unpack_u(ubuf, i * uw, uf, 0)
+                    if per_head:
+                        af[0] = af1[i]
+                    else:
+                        unpack_a(abuf, i * aw, af, 0)
+                    for k in range(vec):
+                        X[k] = af[k % a_width] * X[k] + uf[k]
+                    for q in range(a_width):
+                        A[q] = A[q] * af[q]
+        scan_f(X, A, sm_x, sm_a, tx, seg)
+        xs = cuda.local.array(x_size, f32)  # x_{t-1} of each token
+        x = cuda.local.array(vec, f32)
+        if active:
+            for k in range(vec):
+                if chunk == 0:
+                    c = x0[b * channels + c0 + k]
+                else:
+                    c = carries[(g * nchunks + chunk - 1) * (3 * G) + 2 * G + col * vec + k]
+                if seg > 0:
+                    c = sm_a[(k % a_width) * nt + tx - cols] * c + sm_x[k * nt + tx - cols]
+                x[k] = c
+            for i in range(steps):
+                unpack_u(ubuf, i * uw, uf, 0)
+                if per_head:
+                    af[0] = af1[i]
+                else:
+                    unpack_a(abuf, i * aw, af, 0)
+                for k in range(vec):
+                    xs[i * vec + k] = x[k]
+                    x[k] = af[k % a_width] * x[k] + uf[k]
+        cuda.syncthreads()  # the shared arrays are reused by the reverse scan
+
+        # reverse: the segment's (prod a, local mu)
+        for k in range(vec):
+            X[k] = f32(0.0)
+        for q in range(a_width):
+            A[q] = f32(1.0)
+        if active:
+            for j in range(steps):
+                i = steps - 1 - j
+                if t0 + i < n:
+                    unpack_u(dbuf, i * uw, uf, 0)
+                    if per_head:
+                        af[0] = af1[i]
+                    else:
+                        unpack_a(abuf, i * aw, af, 0)
+                    for k in range(vec):
+                        X[k] = af[k % a_width] * (uf[k] + X[k])
+                    for q in range(a_width):
+                        A[q] = A[q] * af[q]
+        scan_r(X, A, sm_x, sm_a, tx, seg)
+
+        fbase = nchains + g * nchunks
+        vbase = (g * nchunks + ticket) * (3 * G)
+        off = col * vec
+        carry = cuda.local.array(vec, f32)
+        first = seg == 0
+        if first and active:
+            if ticket == 0:
+                for k in range(vec):
+                    carry[k] = f32(0.0)
+                publish_inclusive(vals, vbase, off, G, A, X, carry)
+            else:
+                publish_aggregate(vals, vbase, off, G, A, X)
+            cuda.threadfence()
+        cuda.syncthreads()
+        if tx == 0:
+            cuda.atomic.max(flags, fbase + ticket,
+                            epoch * 4 + (INCLUSIVE if ticket == 0 else AGGREGATE))
+        if first and active:
+            if ticket > 0:
+                lookback(flags, vals, fbase + ticket - 1, vbase - 3 * G, 3 * G, off, G, epoch,
+                         carry)
+                publish_inclusive(vals, vbase, off, G, A, X, carry)
+                cuda.threadfence()
+            for k in range(vec):
+                sm_c[off + k] = carry[k]
+        cuda.syncthreads()
+        if tx == 0 and ticket > 0:
+            cuda.atomic.max(flags, fbase + ticket, epoch * 4 + INCLUSIVE)
+
+        out = cuda.local.array(vec, f32)
+        dav = cuda.local.array(vec, f32)
+        if active:
+            for k in range(vec):
+                c = sm_c[off + k]
+                if seg < segs - 1:
+                    c = sm_a[(k % a_width) * nt + tx + cols] * c + sm_x[k * nt + tx + cols]
+                X[k] = c  # mu after the segment
+            for j in range(steps):
+                i = steps - 1 - j
+                t = t0 + i
+                if t < n:
+                    unpack_u(dbuf, i * uw, uf, 0)
+                    if per_head:
+                        af[0] = af1[i]
+                    else:
+                        unpack_a(abuf, i * aw, af, 0)
+                    part = f32(0.0)
+                    for k in range(vec):
+                        lam = uf[k] + X[k]
+                        out[k] = lam
+                        dav[k] = lam * xs[i * vec + k]
+                        part += dav[k]
+                        X[k] = af[k % a_width] * lam
+                    store_v(du, (b * n + t) * channels + c0, out, 0)
+                    if per_head:
+                        sm_d[i * nt + tx] = part
+                    else:
+                        store_v(da, (b * n + t) * a_stride + a_col, dav, 0)
+            if want_dx0 != 0 and chunk == 0 and seg == 0:
+                for k in range(vec):
+                    dx0[b * channels + c0 + k] = X[k]
+        if per_head:
+            cuda.syncthreads()
+            lph = head_dim // vec
+            if active and col % lph == 0:
+                for i in range(steps):
+                    t = t0 + i
+                    if t < n:
+                        total = f32(0.0)
+                        for m in range(lph):
+                            total += sm_d[i * nt + tx + m]
+                        da[(b * n + t) * a_stride + a_col] = store_1(total)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_exact_backward_blhd_{kind}_{'per_head' if per_head else 'per_channel'}"
+        f"_vec{vec}_cols{cols}_segs{segs}_steps{steps}"
+    )
+    return cuda.jit(kernel)
+
+
+def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
+    """BHDL backward tile: ``rows`` channel rows (per head: one head's ``D`` rows, so the head's
+    ``da`` is summed in shared memory) times ``segs * nv * vec`` tokens."""
+    load_v, unpack_v, vw, raw = _raw_access(kind, vec)
+    store_v = make_vector_store(kind, vec)
+    store_1 = STORE[kind]
+    nt = rows * segs
+    steps = nv * vec
+    tile_t = segs * steps
+    buf_size, d_size = nv * vw, rows * tile_t
+    scan_f = _make_tile_scan(1, 1, nt, segs, 1)
+    scan_r = _make_tile_scan(1, 1, nt, segs, 1, reverse=True)
+    lookback = _make_lookback(1, 1)
+    publish_aggregate, publish_inclusive, f32 = _make_publish(1, 1)
+    i64 = numba.int64
+
+    def kernel(a, u, dy, du, da, x0, dx0, carries, flags, vals, n, channels, head_dim, ngroups,
+               nchunks, want_dx0):
+        tx = cuda.threadIdx.x
+        col = tx // segs
+        seg = tx % segs
+        nchains = cuda.gridDim.x // nchunks
+        g = cuda.blockIdx.x % nchains
+        sm_t = cuda.shared.array(1, numba.int64)
+        sm_x = cuda.shared.array(nt, f32)
+        sm_a = cuda.shared.array(nt, f32)
+        sm_c = cuda.shared.array(rows, f32)
+        sm_d = cuda.shared.array(d_size, f32)
+        if tx == 0:
+            raw_t = cuda.atomic.add(flags, g, 1)
+            sm_t[0] = raw_t
+            if (raw_t & 0xFFFFFFFF) == nchunks - 1:
+                cuda.atomic.add(flags, g, (i64(1) << EPOCH_SHIFT) - nchunks)
+        cuda.syncthreads()
+        raw_t = sm_t[0]
+        epoch = raw_t >> EPOCH_SHIFT
+        ticket = raw_t & 0xFFFFFFFF
+        chunk = nchunks - 1 - ticket
+        row = g * rows + col
+        active = row < ngroups
+        a_row = row // head_dim if per_head else row
+        t0 = (chunk * segs + seg) * steps
+
+        ubuf = cuda.local.array(buf_size, raw)
+        dbuf = cuda.local.array(buf_size, raw)
+        abuf = cuda.local.array(buf_size, raw)
+        if active:
+            for i in range(nv):
+                tc = min(t0 + i * vec, n - vec)
+                load_v(u, row * n + tc, ubuf, i * vw)
+                load_v(dy, row * n + tc, dbuf, i * vw)
+                load_v(a, a_row * n + tc, abuf, i * vw)
+
+        X = cuda.local.array(1, f32)
+        A = cuda.local.array(1, f32)
+        uf = cuda.local.array(vec, f32)
+        af = cuda.local.array(vec, f32)
+        X[0] = f32(0.0)
+        A[0] = f32(1.0)
+        if active:
+            for i in range(nv):
+                unpack_v(ubuf, i * vw, uf, 0)
+                unpack_v(abuf, i * vw, af, 0)
+                for k in range(vec):
+                    if t0 + i * vec + k < n:
+                        X[0] = af[k] * X[0] + uf[k]
+                        A[0] = A[0] * af[k]
+        scan_f(X, A, sm_x, sm_a, tx, seg)
+        xs = cuda.local.array(steps, f32)
+        if active:
+            if chunk == 0:
+                x = x0[row]
+            else:
+                x = carries[(g * nchunks + chunk - 1) * (3 * rows) + 2 * rows + col]
+            if seg > 0:
+                x = sm_a[tx - 1] * x + sm_x[tx - 1]
+            for i in range(nv):
+                unpack_v(ubuf, i * vw, uf, 0)
+                unpack_v(abuf, i * vw, af, 0)
+                for k in range(vec):
+                    xs[i * vec + k] = x
+                    x = af[k] * x + uf[k]
+        cuda.syncthreads()
+
+        X[0] = f32(0.0)
+        A[0] = f32(1.0)
+        if active:
+            for j in range(nv):
+                i = nv - 1 - j
+                unpack_v(dbuf, i * vw, uf, 0)
+                unpack_v(abuf, i * vw, af, 0)
+                for kk in range(vec):
+                    k = vec - 1 - kk
+                    if t0 + i * vec + k < n:
+                        X[0] = af[k] * (uf[k] + X[0])
+                        A[0] = A[0] * af[k]
+        scan_r(X, A, sm_x, sm_a, tx, seg)
+
+        fbase = nchains + g * nchunks
+        vbase = (g * nchunks + ticket) * (3 * rows)
+        carry = cuda.local.array(1, f32)
+        first = seg == 0
+        if first and active:
+            if ticket == 0:
+                carry[0] = f32(0.0)
+                publish_inclusive(vals, vbase, col, rows, A, X, carry)
+            else:
+                publish_aggregate(vals, vbase, col, rows, A, X)
+            cuda.threadfence()
+        cuda.syncthreads()
+        if tx == 0:
+            cuda.atomic.max(flags, fbase + ticket,
+                            epoch * 4 + (INCLUSIVE if ticket == 0 else AGGREGATE))
+        if first and active:
+            if ticket > 0:
+                lookback(flags, vals, fbase + ticket - 1, vbase - 3 * rows, 3 * rows, col, rows,
+                         epoch, carry)
+                publish_inclusive(vals, vbase, col, rows, A, X, carry)
+                cuda.threadfence()
+            sm_c[col] = carry[0]
+        cuda.syncthreads()
+        if tx == 0 and ticket > 0:
+            cuda.atomic.max(flags, fbase + ticket, epoch * 4 + INCLUSIVE)
+
+        out = cuda.local.array(vec, f32)
+        dav = cuda.local.array(vec, f32)
+        if active:
+            mu = sm_c[col]
+            if seg < segs - 1:
+                mu = sm_a[tx + 1] * mu + sm_x[tx + 1]
+            for j in range(nv):
+                i = nv - 1 - j
+                t = t0 + i * vec
+                unpack_v(dbuf, i * vw, uf, 0)
+                unpack_v(abuf, i * vw, af, 0)
+                for kk in range(vec):
+                    k = vec - 1 - kk
+                    if t + k < n:
+                        lam = uf[k] + mu
+                        out[k] = lam
+                        dav[k] = lam * xs[i * vec + k]
+                        mu = af[k] * lam
+                    else:
+                        out[k] = f32(0.0)
+                        dav[k] = f32(0.0)
+                    if per_head:
+                        sm_d[col * tile_t + seg * steps + i * vec + k] = dav[k]
+                if t < n:
+                    store_v(du, row * n + t, out, 0)
+                    if not per_head:
+                        store_v(da, row * n + t, dav, 0)
+            if want_dx0 != 0 and chunk == 0 and seg == 0:
+                dx0[row] = mu
+        if per_head:
+            # the tile is one head's rows: sum them per token, coalesced along time
+            cuda.syncthreads()
+            head = g
+            tbase = chunk * tile_t
+            for p in range(tx, tile_t, nt):
+                t = tbase + p
+                if t < n:
+                    total = f32(0.0)
+                    for r in range(rows):
+                        total += sm_d[r * tile_t + p]
+                    da[head * n + t] = store_1(total)
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_exact_backward_bhdl_{kind}_{'per_head' if per_head else 'per_channel'}"
         f"_vec{vec}_rows{rows}_segs{segs}_nv{nv}"
     )
     return cuda.jit(kernel)
@@ -463,6 +867,15 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv):
 # plans and entry point
 
 _kernels: dict = {}
+
+
+def get_backward_kernel(layout, kind, per_head, vec, *shape):
+    key = ("backward", layout, kind, per_head, vec) + tuple(shape)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        factory = _make_blhd_backward if layout == "BLHD" else _make_bhdl_backward
+        kernel = _kernels[key] = factory(kind, per_head, vec, *shape)
+    return kernel
 
 
 def get_kernel(layout, in_kind, out_kind, per_head, vec, *shape):
@@ -514,48 +927,99 @@ class Plan:
         return self.nchains * (1 + self.nchunks)
 
 
-def make_plan(layout, shape, per_head, in_kind, out_kind, align=(0, 0)):
-    """The launch of the exact scan for canonical ``shape`` (u's) and storage kinds."""
+def _dims(layout, shape):
+    """(batch, n, heads, head_dim) of u's canonical shape."""
     if layout == "BHDL":
         batch, heads, head_dim, n = shape
     else:
         batch, n, heads, head_dim = shape
-    channels = heads * head_dim
-    vec = choose_vec(layout, in_kind, out_kind, per_head, n, channels, head_dim, align)
+    return batch, n, heads, head_dim
+
+
+def _geometry(layout, in_kind, vec, per_head, head_dim, backward):
+    """The tile shape: BLHD (cols, segs, steps), BHDL (rows, segs, nv). The backward keeps
+    ``x_{t-1}`` of its tokens in registers, so its segments are shorter (``*_bwd_*``); its BHDL
+    per-head tiles are one head's rows (the head's da is summed in the tile)."""
     if layout == "BLHD":
-        cols, segs, steps = TUNING["blhd_cols"], TUNING["blhd_segs"], TUNING["blhd_steps"]
+        cols, segs = TUNING["blhd_cols"], TUNING["blhd_segs"]
+        steps = TUNING["blhd_bwd_steps" if backward else "blhd_steps"]
         if vec == 1:  # one channel a thread: more columns, as many threads
             cols, segs = _general_blhd(cols, segs, in_kind)
+        return cols, segs, steps
+    rows, segs = TUNING["bhdl_rows"], TUNING["bhdl_segs"]
+    nv = TUNING["bhdl_bwd_nv" if backward else "bhdl_nv"]
+    if backward and per_head:
+        rows, segs = head_dim, max(1, rows * segs // head_dim)
+    if vec == 1:
+        nv = nv * _vec_for(in_kind)
+    return rows, segs, nv
+
+
+def _plan_of(kernel, layout, shape, geometry, vec):
+    batch, n, heads, head_dim = _dims(layout, shape)
+    channels = heads * head_dim
+    if layout == "BLHD":
+        cols, segs, steps = geometry
         group = cols * vec
         ngroups = -(-channels // group)
         nchains = batch * ngroups
         nchunks = -(-n // (segs * steps))
-        kernel = get_kernel(layout, in_kind, out_kind, per_head, vec, cols, segs, steps)
         block = cols * segs
-        nvals = nchains * nchunks * STATUS_VALUES * group
         scalar_groups = ngroups
     else:
-        rows, segs, nv = TUNING["bhdl_rows"], TUNING["bhdl_segs"], TUNING["bhdl_nv"]
-        if vec == 1:
-            nv = nv * _vec_for(in_kind)
+        group, segs, nv = geometry
         nrows = batch * channels
-        nchains = -(-nrows // rows)
+        nchains = -(-nrows // group)
         nchunks = -(-n // (segs * nv * vec))
-        kernel = get_kernel(layout, in_kind, out_kind, per_head, vec, rows, segs, nv)
-        block = rows * segs
-        nvals = nchains * nchunks * STATUS_VALUES * rows
+        block = group * segs
         scalar_groups = nrows
+    nvals = nchains * nchunks * STATUS_VALUES * group
     scalars = [np.int64(x) for x in (n, channels, head_dim, scalar_groups, nchunks)]
     return Plan(kernel, nchains * nchunks, block, scalars, nchains, nchunks, nvals)
+
+
+def make_plan(layout, shape, per_head, in_kind, out_kind, align=(0, 0)):
+    """The launch of the exact scan for canonical ``shape`` (u's) and storage kinds."""
+    _, n, heads, head_dim = _dims(layout, shape)
+    vec = choose_vec(layout, in_kind, out_kind, per_head, n, heads * head_dim, head_dim, align)
+    geometry = _geometry(layout, in_kind, vec, per_head, head_dim, False)
+    kernel = get_kernel(layout, in_kind, out_kind, per_head, vec, *geometry)
+    return _plan_of(kernel, layout, shape, geometry, vec)
+
+
+def backward_fits(layout, shape, per_head, kind, align=0):
+    """Whether :func:`swr_exact_vjp` takes this problem: per-head coefficients need the head's
+    channels inside one tile (BLHD: the tile's channel group a multiple of D; BHDL: D <= 32)."""
+    if not per_head:
+        return True
+    _, n, heads, head_dim = _dims(layout, shape)
+    if layout == "BHDL":
+        return head_dim <= 32
+    vec = choose_vec(layout, kind, kind, per_head, n, heads * head_dim, head_dim, (align, align))
+    cols = _geometry(layout, kind, vec, per_head, head_dim, True)[0]
+    return (cols * vec) % head_dim == 0
+
+
+def make_backward_plans(layout, shape, per_head, kind, align=0):
+    """(carries plan, backward plan): the forward kernel storing no y at the backward's tiles,
+    then the reverse scan. ``align``: every data address OR-ed, modulo 16."""
+    _, n, heads, head_dim = _dims(layout, shape)
+    vec = choose_vec(layout, kind, kind, per_head, n, heads * head_dim, head_dim, (align, align))
+    geometry = _geometry(layout, kind, vec, per_head, head_dim, True)
+    carries = get_kernel(layout, kind, kind, per_head, vec, *geometry, False)
+    backward = get_backward_kernel(layout, kind, per_head, vec, *geometry)
+    return (_plan_of(carries, layout, shape, geometry, vec),
+            _plan_of(backward, layout, shape, geometry, vec))
 
 
 _workspaces: dict = {}
 
 
-def workspace(xp, plan, device=None):
-    """(flags, vals) for ``plan``: zeroed once, then kept per (device, sizes) and reused by every
-    launch (the epochs in the flags make clearing unnecessary)."""
-    key = (device, plan.nchains, plan.nchunks, plan.nvals)
+def workspace(xp, plan, device=None, role="forward"):
+    """(flags, vals) for ``plan``: zeroed once, then kept per (device, role, sizes) and reused by
+    every launch (the epochs in the flags make clearing unnecessary). The backward's two kernels
+    take roles "carries" and "backward": the second reads the first's values."""
+    key = (device, role, plan.nchains, plan.nchunks, plan.nvals)
     ws = _workspaces.get(key)
     if ws is None:
         if len(_workspaces) > 32:
@@ -620,6 +1084,71 @@ def swr_exact(a, u, y, x0, *, layout, stream=None):
                          ptrs + [flags.data.ptr, vals.data.ptr], stream)
 
 
+_bwd_plans: dict = {}
+
+
+def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
+    """Gradients of ``sum(dy * y)`` for the exact recurrence (docs/spec.md#gradients): writes
+    ``du`` (u's shape and dtype), ``da`` (a's; per head summed over the head's channels) and,
+    when ``dx0`` is not None, ``dx0`` (B, H, D) float32.
+
+    Canonical C-contiguous arrays as :func:`swr_exact`; ``a``, ``u``, ``dy`` of one storage kind;
+    ``x0`` (B, H, D) float32 (zeros for none). Assumes :func:`backward_fits`. Two launches on
+    ``stream``: the forward kernel storing no y (each tile's final x, the carries), then the
+    reverse chained scan reading a, u, dy once and writing du, da. Returns None.
+    """
+    shape = u.shape
+    if 0 in shape:
+        return
+    per_head = len(a.shape) == 3
+    want = np.int64(0 if dx0 is None else 1)
+    if isinstance(u, np.ndarray):
+        dx0 = np.zeros(1, np.float32) if dx0 is None else dx0
+        flat = [_host_flat(x) for x in (a, u, dy, du, da, x0, dx0)]
+        kind = _KINDS[flat[1].dtype]
+        fplan, bplan = make_backward_plans(layout, shape, per_head, kind)
+        f_flags, f_vals = workspace(np, fplan, role="carries")
+        b_flags, b_vals = workspace(np, bplan, role="backward")
+        launch(fplan.kernel, fplan.grid, fplan.block,
+               [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals] + fplan.scalars)
+        launch(bplan.kernel, bplan.grid, bplan.block,
+               flat + [f_vals, b_flags, b_vals] + bplan.scalars + [want])
+        return
+    import cupy
+
+    device = cupy.cuda.runtime.getDevice()
+    if dx0 is None:
+        dx0 = x0  # not written (want_dx0 0)
+    arrays = [a, u, dy, du, da, x0, dx0]
+    ptrs = [data_pointer(x) for x in arrays]
+    align = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15
+    key = (device, layout, shape, per_head, u.dtype, align, TUNING.version)
+    plans = _bwd_plans.get(key)
+    if plans is None:
+        kind = _KINDS[np.dtype(FlatArray(0, 0, u.dtype).dtype)]
+        fplan, bplan = make_backward_plans(layout, shape, per_head, kind, align)
+        f_flags, f_vals = workspace(cupy, fplan, device, "carries")
+        b_flags, b_vals = workspace(cupy, bplan, device, "backward")
+        flat = [FlatArray.of(x) for x in arrays]
+        fplan.entry, fplan.values = prepare(
+            fplan.kernel, [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals] + fplan.scalars)
+        bplan.entry, bplan.values = prepare(
+            bplan.kernel, flat + [f_vals, b_flags, b_vals] + bplan.scalars + [np.int64(0)])
+        if len(_bwd_plans) > 256:
+            _bwd_plans.clear()
+        plans = _bwd_plans[key] = (fplan, bplan)
+    fplan, bplan = plans
+    f_flags, f_vals = workspace(cupy, fplan, device, "carries")
+    b_flags, b_vals = workspace(cupy, bplan, device, "backward")
+    launch_with_pointers(fplan.entry, fplan.grid, fplan.block, fplan.values,
+                         [ptrs[0], ptrs[1], ptrs[1], ptrs[5], f_flags.data.ptr,
+                          f_vals.data.ptr], stream)
+    values = bplan.values[:]
+    values[-1] = want
+    launch_with_pointers(bplan.entry, bplan.grid, bplan.block, values,
+                         ptrs + [f_vals.data.ptr, b_flags.data.ptr, b_vals.data.ptr], stream)
+
+
 def signature(in_kind, out_kind):
     """The Numba signature of every exact-scan kernel for these storage kinds."""
     f32 = types.Array(types.float32, 1, "C")
@@ -631,27 +1160,41 @@ def signature(in_kind, out_kind):
 
 
 def specialisations():
-    """``(name, kernel, signature)`` of the kernels :func:`swr_exact` can launch under the
-    current TUNING, for the PTX tests: per layout, every input kind per head and per channel
-    at the widest vector storing its own kind; the output kind changes only the final store and
-    per head only the loads of a, so three other pairs (per head) and the one-channel kernels of
-    f32 and bf16 (per channel) stand for the rest."""
-    cases = [(i, i, None, h) for i in ("f32", "f16", "bf16") for h in (True, False)]
-    cases += [(i, o, None, True) for i, o in (("bf16", "f32"), ("f32", "bf16"), ("f16", "bf16"))]
-    cases += [(i, i, 1, False) for i in ("f32", "bf16")]
+    """``(name, kernel, signature)`` of the kernels the entry points launch under the current
+    TUNING, for the PTX tests. Per layout: the forward for every input kind per head and bf16 per
+    channel, storing its own kind, two other output kinds, and the one-channel kernel; the
+    backward for every kind per head, bf16 per channel and its one-channel kernel; the carries
+    kernel (the forward storing nothing) of bf16 per head. The rest differ from these only in
+    which loads or stores a kind or per-head/per-channel choice compiles to."""
+    fwd = [(i, i, None, True) for i in ("f32", "f16", "bf16")] + [("bf16", "bf16", None, False)]
+    fwd += [("bf16", "f32", None, True), ("f32", "bf16", None, True), ("bf16", "bf16", 1, False)]
+    bwd = [(i, None, True) for i in ("f32", "f16", "bf16")]
+    bwd += [("bf16", None, False), ("bf16", 1, False)]
     for layout in ("BLHD", "BHDL"):
-        for in_kind, out_kind, vec, per_head in cases:
+        for in_kind, out_kind, vec, per_head in fwd:
             vec = vec or _vec_for(in_kind)
-            if layout == "BLHD":
-                cols, segs = TUNING["blhd_cols"], TUNING["blhd_segs"]
-                if vec == 1:
-                    cols, segs = _general_blhd(cols, segs, in_kind)
-                shape = (cols, segs, TUNING["blhd_steps"])
-            else:
-                nv = TUNING["bhdl_nv"] * (_vec_for(in_kind) if vec == 1 else 1)
-                shape = (TUNING["bhdl_rows"], TUNING["bhdl_segs"], nv)
-            kernel = get_kernel(layout, in_kind, out_kind, per_head, vec, *shape)
+            geometry = _geometry(layout, in_kind, vec, per_head, 16, False)
+            kernel = get_kernel(layout, in_kind, out_kind, per_head, vec, *geometry)
             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
+        for kind, vec, per_head in bwd:
+            vec = vec or _vec_for(kind)
+            geometry = _geometry(layout, kind, vec, per_head, 16, True)
+            kernel = get_backward_kernel(layout, kind, per_head, vec, *geometry)
+            yield kernel.py_func.__name__, kernel, backward_signature(kind)
+        vec = _vec_for("bf16")
+        geometry = _geometry(layout, "bf16", vec, True, 16, True)
+        kernel = get_kernel(layout, "bf16", "bf16", True, vec, *geometry, False)
+        yield kernel.py_func.__name__, kernel, signature("bf16", "bf16")
 
 
-__all__ = ["TUNING", "swr_exact", "make_plan", "specialisations", "workspace"]
+def backward_signature(kind):
+    """The Numba signature of the backward kernels for a storage kind."""
+    f32 = types.Array(types.float32, 1, "C")
+    storage = {"f32": f32, "f16": types.Array(types.float16, 1, "C"),
+               "bf16": types.Array(types.uint16, 1, "C")}[kind]  # fmt: skip
+    return tuple([storage] * 5 + [f32, f32, f32, types.Array(types.int64, 1, "C"), f32]
+                 + [types.int64] * 6)
+
+
+__all__ = ["TUNING", "backward_fits", "make_backward_plans", "make_plan", "specialisations",
+           "swr_exact", "swr_exact_vjp", "workspace"]

@@ -164,9 +164,22 @@ def _plain_zeros(cp, p):
     return consts
 
 
+def exact_backward_fits(p, dy_dtype):
+    """Whether the gradient of hops=None runs as the exact scan's two launches
+    (numba_kernels/exact_scan.py ``swr_exact_vjp``): dy of u's dtype, and per-head coefficients
+    whose head fits in one tile (``backward_fits``); else the block-carrier path."""
+    if p.hops is not None or np.dtype(dy_dtype) != np.dtype(p.dtype):
+        return False
+    from .numba_kernels._dtypes import storage_kind
+
+    shape = (p.B, p.N, p.H, p.D) if p.layout == "BLHD" else (p.B, p.H, p.D, p.N)
+    return _nk().exact_scan.backward_fits(p.layout, shape, p.per_head, storage_kind(p.dtype))
+
+
 def swr_backward_plain(a, u, dy, p, out=None, stream=None):
-    """The hot path of the gradient: a checked, C-contiguous CuPy call with no x0, hops 0 or 1;
-    ``out`` is None or ``(da, du, None)``; ``stream`` as in :func:`swr_forward_plain`."""
+    """The hot path of the gradient: a checked, C-contiguous CuPy call with no x0, hops 0 or 1
+    (or None where :func:`exact_backward_fits`); ``out`` is None or ``(da, du, None)``;
+    ``stream`` as in :func:`swr_forward_plain`."""
     cp = _xp_of(u)
     if cp.cuda.runtime.getDevice() != p.device:
         with cp.cuda.Device(p.device):
@@ -180,6 +193,10 @@ def swr_backward_plain(a, u, dy, p, out=None, stream=None):
         da[...] = 0
         return da, du, None
     zeros, _ = _plain_zeros(cp, p)
+    if p.hops is None:
+        _nk().exact_scan.swr_exact_vjp(a, u, dy, du, da, zeros, None, layout=p.layout,
+                                       stream=stream)
+        return da, du, None
     _nk().swr_backward.swr_backward(a, u, dy, du, da, layout=p.layout, block_len=p.block_len,
                                     hops=p.hops, carry=zeros, dcarry=None,
                                     stream=stream)  # fmt: skip
@@ -304,6 +321,14 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     hops = p.hops
     if hops is not None and hops >= nb:
         hops = None  # every window reaches x0: the exact recurrence, same numbers
+    if hops is None and exact_backward_fits(p, dy.dtype):
+        # the exact scan's backward (numba_kernels/exact_scan.py): the forward's per-tile
+        # carries, then one reverse pass over a, u, dy
+        if dcarry is None and x0 is not None:
+            dcarry = cp.empty(shape, F32)
+        nk.exact_scan.swr_exact_vjp(av, uv, dyv, _view(du), _view(da), carry,
+                                    dcarry if x0 is not None else None, layout=p.layout)
+        return da, du, (dcarry if x0 is not None else None)
     if hops in (0, 1):
         if dcarry is None and x0 is not None:
             dcarry = cp.empty(shape, F32)

@@ -22,8 +22,8 @@ F32 = np.dtype(np.float32)
 needs_backend = pytest.mark.skipif(not (SIM or gpu_available()),
                                    reason="needs the CUDA simulator or a GPU")
 
-SMALL_TILES = {"blhd_cols": 2, "blhd_segs": 4, "blhd_steps": 2,
-               "bhdl_rows": 2, "bhdl_segs": 2, "bhdl_nv": 1}
+SMALL_TILES = {"blhd_cols": 2, "blhd_segs": 4, "blhd_steps": 2, "blhd_bwd_steps": 2,
+               "bhdl_rows": 2, "bhdl_segs": 2, "bhdl_nv": 1, "bhdl_bwd_nv": 1}
 
 
 @pytest.fixture
@@ -99,6 +99,67 @@ def test_simulated_matches_reference(rng, ex, small_tiles, case):
     np.testing.assert_allclose(time_last(y, layout), expect, **tol(out))
 
 
+def make_vjp_case(rng, layout, per_head, B, H, D, N, dtype, with_x0=True):
+    """Canonical a, u, dy (dtype), x0 and the float64 reference (da, du, dx0) in the layout."""
+    u = rng.standard_normal((B, H, D, N)).astype(dtype)
+    a = rng.uniform(-1.05, 1.05, (B, H, 1 if per_head else D, N)).astype(dtype)
+    dy = rng.standard_normal((B, H, D, N)).astype(dtype)
+    x0 = rng.standard_normal((B, H, D)).astype(np.float32)
+    canon = lambda x, ph=False: np.ascontiguousarray(from_time_last(x, layout, ph))  # noqa: E731
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
+    expect = sa.swr_vjp(canon(f64(a), per_head), canon(f64(u)), canon(f64(dy)), hops=None,
+                        layout=layout, x0=f64(x0) if with_x0 else None)
+    return canon(a, per_head), canon(u), canon(dy), x0, expect
+
+
+VJP_SIM_CASES = [
+    # layout, per_head, B, H, D, N, dtype, x0
+    ("BLHD", True, 2, 2, 8, 37, F32, True),
+    ("BLHD", False, 1, 2, 8, 19, BF16, True),
+    ("BLHD", True, 1, 2, 8, 40, BF16, False),
+    ("BLHD", True, 1, 2, 4, 21, F16, True),  # one channel a thread, heads of 4 in a tile
+    ("BHDL", True, 2, 2, 2, 41, F32, True),
+    ("BHDL", False, 1, 2, 2, 48, BF16, True),
+    ("BHDL", True, 1, 2, 4, 48, BF16, False),
+    ("BHDL", False, 1, 1, 3, 37, F16, True),  # one step a lane
+]
+
+
+@pytest.mark.skipif(not SIM, reason="simulator cases (the GPU runs its own shapes)")
+@pytest.mark.parametrize("case", VJP_SIM_CASES, ids=[f"{c[0]}-{'head' if c[1] else 'chan'}-"
+                                                     f"{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
+                                                     f"{'x0' if c[7] else 'nox0'}"
+                                                     for c in VJP_SIM_CASES])
+def test_simulated_vjp_matches_reference(rng, ex, small_tiles, case):
+    layout, per_head, B, H, D, N, dtype, with_x0 = case
+    a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, per_head, B, H, D, N, dtype,
+                                                   with_x0)
+    kind = ex._KINDS[view(u).dtype]
+    assert ex.backward_fits(layout, u.shape, per_head, kind)
+    fplan, bplan = ex.make_backward_plans(layout, u.shape, per_head, kind)
+    assert bplan.nchunks >= 3 and fplan.nchunks == bplan.nchunks
+    du = np.full(u.shape, np.nan, dtype)
+    da = np.full(a.shape, np.nan, dtype)
+    dx0 = np.full(x0.shape, np.nan, np.float32) if with_x0 else None
+    ex.swr_exact_vjp(view(a), view(u), view(dy), view(du), view(da),
+                     x0 if with_x0 else np.zeros_like(x0), dx0, layout=layout)
+    np.testing.assert_allclose(du.astype(np.float64), edu, **tol(dtype))
+    np.testing.assert_allclose(da.astype(np.float64), eda, **tol(dtype))
+    if with_x0:
+        np.testing.assert_allclose(dx0, edx0, **tol(F32))
+
+
+def test_backward_fits():
+    from swr_array.numba_kernels import exact_scan as E
+
+    g = E.TUNING["blhd_cols"] * 8  # channels of a bf16 tile
+    assert E.backward_fits("BLHD", (1, 64, 4, g), True, "bf16")
+    assert not E.backward_fits("BLHD", (1, 64, 2, 2 * g), True, "bf16")
+    assert E.backward_fits("BLHD", (1, 64, 3, 5), False, "bf16")
+    assert E.backward_fits("BHDL", (1, 3, 32, 64), True, "f32")
+    assert not E.backward_fits("BHDL", (1, 3, 33, 64), True, "f32")
+
+
 @pytest.mark.skipif(not SIM, reason="simulator case")
 def test_simulated_workspace_reuse(rng, ex, small_tiles):
     """Launches on one workspace: the epochs in the flags keep a launch from reading the status
@@ -112,6 +173,24 @@ def test_simulated_workspace_reuse(rng, ex, small_tiles):
     flags, _ = ex.workspace(np, plan)
     # chain tickets: back at 0, three epochs later
     assert list(flags[:plan.nchains]) == [3 << ex.EPOCH_SHIFT] * plan.nchains
+
+
+@needs_backend
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_front_exact_vjp(rng, layout):
+    """swr_vjp(hops=None) through the kernel backend: the exact scan's backward, x0 given."""
+    from swr_array import _checks, _cuda
+
+    X = np if SIM else __import__("cupy")
+    a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, True, 1, 2, 8, 40, F32)
+    p = _checks.check_swr(X.asarray(a), X.asarray(u), block_len=16, hops=None, layout=layout)
+    assert _cuda.exact_backward_fits(p, dy.dtype)
+    da, du, dx0 = _cuda.swr_backward(X.asarray(a), X.asarray(u), X.asarray(dy), p,
+                                     x0=X.asarray(x0))
+    get = lambda x: x.get() if hasattr(x, "get") else x  # noqa: E731
+    np.testing.assert_allclose(get(du), edu, **tol(F32))
+    np.testing.assert_allclose(get(da), eda, **tol(F32))
+    np.testing.assert_allclose(get(dx0), edx0, **tol(F32))
 
 
 @needs_backend
@@ -159,6 +238,40 @@ def test_gpu_matches_reference(rng, ex, case):
     ex.swr_exact(view(cupy.asarray(a)), view(cupy.asarray(u)), view(y), cupy.asarray(x0),
                  layout=layout)
     np.testing.assert_allclose(time_last(y.get(), layout), expect, **tol(out))
+
+
+VJP_GPU_CASES = [
+    ("BLHD", True, 2, 8, 16, 3001, BF16, True),
+    ("BLHD", False, 1, 8, 16, 4096, BF16, False),
+    ("BLHD", True, 1, 8, 16, 2500, F32, True),
+    ("BLHD", False, 2, 4, 16, 1999, F16, True),
+    ("BHDL", True, 2, 8, 16, 3000, BF16, True),
+    ("BHDL", False, 1, 8, 16, 4096, BF16, False),
+    ("BHDL", True, 1, 8, 16, 2500, F32, True),
+    ("BHDL", False, 1, 4, 16, 1999, F16, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", VJP_GPU_CASES, ids=[f"{c[0]}-{'head' if c[1] else 'chan'}-"
+                                                     f"{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}"
+                                                     for c in VJP_GPU_CASES])
+def test_gpu_vjp_matches_reference(rng, ex, case):
+    import cupy
+
+    layout, per_head, B, H, D, N, dtype, with_x0 = case
+    a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, per_head, B, H, D, N, dtype,
+                                                   with_x0)
+    du = cupy.full(u.shape, np.nan, dtype)
+    da = cupy.full(a.shape, np.nan, dtype)
+    dx0 = cupy.full(x0.shape, np.nan, np.float32) if with_x0 else None
+    x0d = cupy.asarray(x0 if with_x0 else np.zeros_like(x0))
+    ex.swr_exact_vjp(view(cupy.asarray(a)), view(cupy.asarray(u)), view(cupy.asarray(dy)),
+                     view(du), view(da), x0d, dx0, layout=layout)
+    np.testing.assert_allclose(du.get().astype(np.float64), edu, **tol(dtype))
+    np.testing.assert_allclose(da.get().astype(np.float64), eda, **tol(dtype))
+    if with_x0:
+        np.testing.assert_allclose(dx0.get(), edx0, **tol(F32))
 
 
 @pytest.mark.gpu
