@@ -78,7 +78,7 @@ TUNING = Tuning({
     # the backward (its tiles also set the carries kernel's): tokens a BLHD segment, 16-byte
     # accesses a BHDL segment
     "blhd_bwd_steps": 4,
-    "bhdl_bwd_nv": 1,
+    "bhdl_bwd_nv": 2,
     "access_bytes": 16,
 })
 """Tile shapes of the exact-scan kernels."""
