@@ -80,6 +80,10 @@ TUNING = Tuning({
     "blhd_bwd_steps": 4,
     "bhdl_bwd_nv": 2,
     "access_bytes": 16,
+    # False (tests only): tiles after the first never flag their inclusive value, so every
+    # look-back composes aggregates back to the first tile: the path that the simulator, whose
+    # thread blocks run one after the other, never takes otherwise
+    "inclusive_flags": True,
 })
 """Tile shapes of the exact-scan kernels."""
 
@@ -218,6 +222,7 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
     """BLHD: ``u``, ``y`` (B, N, H, D) flat; ``a`` (B, N, H) per head (``vec | D``) or u's shape;
     ``x0`` (B, H, D) float32. A tile: ``cols * vec`` channels of one batch row times
     ``segs * steps`` tokens; grid ``nchains * nchunks`` blocks of ``cols * segs`` threads."""
+    inclusive_flags = TUNING["inclusive_flags"]
     load_u, unpack_u, uw, raw = _raw_access(in_kind, vec)
     a_width = 1 if per_head else vec
     load_a, unpack_a, aw, _ = _raw_access(in_kind, a_width)
@@ -322,7 +327,7 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
             for k in range(vec):
                 sm_c[off + k] = carry[k]
         cuda.syncthreads()
-        if tx == 0 and chunk > 0:
+        if tx == 0 and chunk > 0 and inclusive_flags:
             cuda.atomic.max(flags, fbase + chunk, epoch * 4 + INCLUSIVE)
         if not (active and store):
             return
@@ -357,6 +362,7 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
     """BHDL: ``u``, ``y`` (B, H, D, N) flat; ``a`` (B, H, N) per head or u's shape; ``x0``
     (B, H, D) float32. A tile: ``rows`` channel rows times ``segs * nv * vec`` tokens; ``vec > 1``
     needs ``vec | N`` and aligned rows."""
+    inclusive_flags = TUNING["inclusive_flags"]
     load_v, unpack_v, vw, raw = _raw_access(in_kind, vec)
     store_y = make_vector_store(out_kind, vec)
     nt = rows * segs
@@ -438,7 +444,7 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
                 cuda.threadfence()
             sm_c[col] = carry[0]
         cuda.syncthreads()
-        if tx == 0 and chunk > 0:
+        if tx == 0 and chunk > 0 and inclusive_flags:
             cuda.atomic.max(flags, fbase + chunk, epoch * 4 + INCLUSIVE)
         if not (active and store):
             return
@@ -483,6 +489,7 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
     reading ``a``, ``u``, ``dy`` (one storage kind) and writing ``du`` (u's), ``da`` (a's; per
     head the sum over the head's ``D / vec`` threads, through shared memory: the tile holds
     whole heads)."""
+    inclusive_flags = TUNING["inclusive_flags"]
     load_u, unpack_u, uw, raw = _raw_access(kind, vec)
     a_width = 1 if per_head else vec
     load_a, unpack_a, aw, _ = _raw_access(kind, a_width)
@@ -636,7 +643,7 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
             for k in range(vec):
                 sm_c[off + k] = carry[k]
         cuda.syncthreads()
-        if tx == 0 and ticket > 0:
+        if tx == 0 and ticket > 0 and inclusive_flags:
             cuda.atomic.max(flags, fbase + ticket, epoch * 4 + INCLUSIVE)
 
         out = cuda.local.array(vec, f32)
@@ -693,6 +700,7 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
 def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
     """BHDL backward tile: ``rows`` channel rows (per head: one head's ``D`` rows, so the head's
     ``da`` is summed in shared memory) times ``segs * nv * vec`` tokens."""
+    inclusive_flags = TUNING["inclusive_flags"]
     load_v, unpack_v, vw, raw = _raw_access(kind, vec)
     store_v = make_vector_store(kind, vec)
     store_1 = STORE[kind]
@@ -811,7 +819,7 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
                 cuda.threadfence()
             sm_c[col] = carry[0]
         cuda.syncthreads()
-        if tx == 0 and ticket > 0:
+        if tx == 0 and ticket > 0 and inclusive_flags:
             cuda.atomic.max(flags, fbase + ticket, epoch * 4 + INCLUSIVE)
 
         out = cuda.local.array(vec, f32)
@@ -870,7 +878,7 @@ _kernels: dict = {}
 
 
 def get_backward_kernel(layout, kind, per_head, vec, *shape):
-    key = ("backward", layout, kind, per_head, vec) + tuple(shape)
+    key = ("backward", layout, kind, per_head, vec, TUNING["inclusive_flags"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_backward if layout == "BLHD" else _make_bhdl_backward
@@ -879,7 +887,7 @@ def get_backward_kernel(layout, kind, per_head, vec, *shape):
 
 
 def get_kernel(layout, in_kind, out_kind, per_head, vec, *shape):
-    key = (layout, in_kind, out_kind, per_head, vec) + tuple(shape)
+    key = (layout, in_kind, out_kind, per_head, vec, TUNING["inclusive_flags"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_kernel if layout == "BLHD" else _make_bhdl_kernel

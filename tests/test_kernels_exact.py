@@ -82,14 +82,19 @@ SIM_CASES = [
     ("BHDL", False, 1, 1, 3, 37, F16, F32),  # N not a multiple of the vector: one step a lane
     ("BHDL", True, 1, 2, 2, 41, BF16, F16),
 ]
+# Cases whose tiles never flag their inclusive values (TUNING["inclusive_flags"] False), so
+# every look-back composes aggregates back to the first tile: in the simulator, thread blocks run
+# one after the other and the look-back otherwise always finds its predecessor inclusive.
+AGGREGATES = {1, 2, 5, 7}
 
 
 @pytest.mark.skipif(not SIM, reason="simulator cases (the GPU runs its own shapes)")
-@pytest.mark.parametrize("case", SIM_CASES, ids=[f"{c[0]}-{'head' if c[1] else 'chan'}-"
-                                                 f"{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
-                                                 f"{c[7].name}" for c in SIM_CASES])
-def test_simulated_matches_reference(rng, ex, small_tiles, case):
-    layout, per_head, B, H, D, N, dtype, out = case
+@pytest.mark.parametrize("i", range(len(SIM_CASES)), ids=[
+    f"{c[0]}-{'head' if c[1] else 'chan'}-{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-{c[7].name}"
+    f"{'-aggregates' if i in AGGREGATES else ''}" for i, c in enumerate(SIM_CASES)])
+def test_simulated_matches_reference(rng, ex, small_tiles, i):
+    layout, per_head, B, H, D, N, dtype, out = SIM_CASES[i]
+    ex.TUNING["inclusive_flags"] = i not in AGGREGATES
     a, u, x0, expect = make_case(rng, layout, per_head, B, H, D, N, dtype)
     plan = ex.make_plan(layout, u.shape, per_head, ex._KINDS[view(u).dtype],
                         ex._KINDS[view(np.empty(0, out)).dtype])
@@ -126,12 +131,13 @@ VJP_SIM_CASES = [
 
 
 @pytest.mark.skipif(not SIM, reason="simulator cases (the GPU runs its own shapes)")
-@pytest.mark.parametrize("case", VJP_SIM_CASES, ids=[f"{c[0]}-{'head' if c[1] else 'chan'}-"
-                                                     f"{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
-                                                     f"{'x0' if c[7] else 'nox0'}"
-                                                     for c in VJP_SIM_CASES])
-def test_simulated_vjp_matches_reference(rng, ex, small_tiles, case):
-    layout, per_head, B, H, D, N, dtype, with_x0 = case
+@pytest.mark.parametrize("i", range(len(VJP_SIM_CASES)), ids=[
+    f"{c[0]}-{'head' if c[1] else 'chan'}-{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
+    f"{'x0' if c[7] else 'nox0'}{'-aggregates' if i in AGGREGATES else ''}"
+    for i, c in enumerate(VJP_SIM_CASES)])
+def test_simulated_vjp_matches_reference(rng, ex, small_tiles, i):
+    layout, per_head, B, H, D, N, dtype, with_x0 = VJP_SIM_CASES[i]
+    ex.TUNING["inclusive_flags"] = i not in AGGREGATES
     a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, per_head, B, H, D, N, dtype,
                                                    with_x0)
     kind = ex._KINDS[view(u).dtype]
@@ -164,15 +170,17 @@ def test_backward_fits():
 def test_simulated_workspace_reuse(rng, ex, small_tiles):
     """Launches on one workspace: the epochs in the flags keep a launch from reading the status
     an earlier launch left (same shape, new data), and another shape in between."""
+    plan = ex.make_plan("BLHD", (1, 30, 2, 8), False, "f32", "f32")
+    flags, _ = ex.workspace(np, plan)
+    before = flags[:plan.nchains].copy()
     for N, layout in ((30, "BLHD"), (30, "BLHD"), (17, "BLHD"), (30, "BLHD")):
         a, u, x0, expect = make_case(rng, layout, False, 1, 2, 8, N, F32)
         y = np.full(u.shape, np.nan, F32)
         ex.swr_exact(a, u, y, x0, layout=layout)
         np.testing.assert_allclose(time_last(y, layout), expect, **tol(F32))
-    plan = ex.make_plan("BLHD", (1, 30, 2, 8), False, "f32", "f32")
-    flags, _ = ex.workspace(np, plan)
     # chain tickets: back at 0, three epochs later
-    assert list(flags[:plan.nchains]) == [3 << ex.EPOCH_SHIFT] * plan.nchains
+    assert before.tolist() == [before[0]] * plan.nchains and before[0] % (1 << 32) == 0
+    assert (flags[:plan.nchains] - before).tolist() == [3 << ex.EPOCH_SHIFT] * plan.nchains
 
 
 @needs_backend
