@@ -220,7 +220,8 @@ def _make_publish(nch, a_width):
 
 def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store=True):
     """BLHD: ``u``, ``y`` (B, N, H, D) flat; ``a`` (B, N, H) per head (``vec | D``) or u's shape;
-    ``x0`` (B, H, D) float32. A tile: ``cols * vec`` channels of one batch row times
+    ``x0``, ``x_probe`` (B, H, D) float32: ``x_probe`` receives x at step ``probe`` (a float32
+    copy for a state; -1: none). A tile: ``cols * vec`` channels of one batch row times
     ``segs * steps`` tokens; grid ``nchains * nchunks`` blocks of ``cols * segs`` threads."""
     inclusive_flags = TUNING["inclusive_flags"]
     load_u, unpack_u, uw, raw = _raw_access(in_kind, vec)
@@ -237,7 +238,8 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
     publish_aggregate, publish_inclusive, f32 = _make_publish(vec, a_width)
     i64 = numba.int64
 
-    def kernel(a, u, y, x0, flags, vals, n, channels, head_dim, ngroups, nchunks):
+    def kernel(a, u, y, x0, flags, vals, x_probe, n, channels, head_dim, ngroups, nchunks,
+               probe):
         tx = cuda.threadIdx.x
         col = tx % cols
         seg = tx // cols
@@ -350,6 +352,9 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
                     X[k] = af[k % a_width] * X[k] + uf[k]
                     out[k] = X[k]
                 store_y(y, (b * n + t) * channels + c0, out, 0)
+                if t == probe:
+                    for k in range(vec):
+                        x_probe[b * channels + c0 + k] = X[k]
 
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_exact_blhd_{in_kind}_to_{out_kind}_{'per_head' if per_head else 'per_channel'}"
@@ -359,8 +364,9 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
 
 
 def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=True):
-    """BHDL: ``u``, ``y`` (B, H, D, N) flat; ``a`` (B, H, N) per head or u's shape; ``x0``
-    (B, H, D) float32. A tile: ``rows`` channel rows times ``segs * nv * vec`` tokens; ``vec > 1``
+    """BHDL: ``u``, ``y`` (B, H, D, N) flat; ``a`` (B, H, N) per head or u's shape; ``x0``,
+    ``x_probe`` (B, H, D) float32 (x at step ``probe``, as the BLHD kernel). A tile: ``rows``
+    channel rows times ``segs * nv * vec`` tokens; ``vec > 1``
     needs ``vec | N`` and aligned rows."""
     inclusive_flags = TUNING["inclusive_flags"]
     load_v, unpack_v, vw, raw = _raw_access(in_kind, vec)
@@ -373,7 +379,8 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
     publish_aggregate, publish_inclusive, f32 = _make_publish(1, 1)
     i64 = numba.int64
 
-    def kernel(a, u, y, x0, flags, vals, n, channels, head_dim, ngroups, nchunks):
+    def kernel(a, u, y, x0, flags, vals, x_probe, n, channels, head_dim, ngroups, nchunks,
+               probe):
         tx = cuda.threadIdx.x
         col = tx // segs
         seg = tx % segs
@@ -461,6 +468,8 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
                 for k in range(vec):
                     x = af[k] * x + uf[k]
                     out[k] = x
+                    if t + k == probe:
+                        x_probe[row] = x
                 if vec == 1 or t + vec <= n:
                     store_y(y, row * n + t, out, 0)
 
@@ -1049,25 +1058,30 @@ def _host_flat(x):
 _plans: dict = {}
 
 
-def swr_exact(a, u, y, x0, *, layout, stream=None):
+def swr_exact(a, u, y, x0, *, layout, probe=-1, x_probe=None, stream=None):
     """``y`` = the exact recurrence over ``u`` with coefficients ``a`` from ``x0``.
 
     Canonical C-contiguous arrays (docs/internals.md): BLHD ``u``, ``y`` (B, N, H, D), ``a``
     (B, N, H) or u's shape; BHDL ``u``, ``y`` (B, H, D, N), ``a`` (B, H, N) or u's shape; ``x0``
     (B, H, D) float32. ``a``/``u`` float32, float16 or bfloat16 (uint16 bits), ``y`` any of the
-    three, not overlapping the inputs. One launch on ``stream`` (CuPy's current one by default);
-    NumPy arrays run in the CUDA simulator. Returns None.
+    three, not overlapping the inputs. With ``x_probe`` ((B, H, D) float32), x at step ``probe``
+    (0 <= probe < N) is written there in float32 (what a state needs). One launch on ``stream``
+    (CuPy's current one by default); NumPy arrays run in the CUDA simulator. Returns None.
     """
     shape = u.shape
     if 0 in shape:
         return
     per_head = len(a.shape) == 3
+    if x_probe is None:
+        x_probe, probe = x0, -1  # never written
+    probe = np.int64(probe)
     if isinstance(u, np.ndarray):
         args = [_host_flat(x) for x in (a, u, y, x0)]
         in_kind, out_kind = _KINDS[args[1].dtype], _KINDS[args[2].dtype]
         plan = make_plan(layout, shape, per_head, in_kind, out_kind)
         flags, vals = workspace(np, plan)
-        launch(plan.kernel, plan.grid, plan.block, args + [flags, vals] + plan.scalars)
+        launch(plan.kernel, plan.grid, plan.block,
+               args + [flags, vals, x_probe.reshape(-1)] + plan.scalars + [probe])
         return
     import cupy
 
@@ -1083,13 +1097,18 @@ def swr_exact(a, u, y, x0, *, layout, stream=None):
         plan = make_plan(layout, shape, per_head, in_kind, out_kind, align)
         flags, vals = workspace(cupy, plan, device)
         plan.entry, plan.values = prepare(
-            plan.kernel, [FlatArray.of(x) for x in arrays] + [flags, vals] + plan.scalars)
+            plan.kernel, [FlatArray.of(x) for x in arrays] + [flags, vals, FlatArray.of(x0)]
+            + plan.scalars + [np.int64(-1)])
         if len(_plans) > 256:
             _plans.clear()
         _plans[key] = plan
     flags, vals = workspace(cupy, plan, device)
-    launch_with_pointers(plan.entry, plan.grid, plan.block, plan.values,
-                         ptrs + [flags.data.ptr, vals.data.ptr], stream)
+    values = plan.values
+    if probe >= 0:
+        values = values[:]
+        values[-1] = probe
+    launch_with_pointers(plan.entry, plan.grid, plan.block, values,
+                         ptrs + [flags.data.ptr, vals.data.ptr, data_pointer(x_probe)], stream)
 
 
 _bwd_plans: dict = {}
@@ -1118,7 +1137,8 @@ def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
         f_flags, f_vals = workspace(np, fplan, role="carries")
         b_flags, b_vals = workspace(np, bplan, role="backward")
         launch(fplan.kernel, fplan.grid, fplan.block,
-               [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals] + fplan.scalars)
+               [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals, flat[5]] + fplan.scalars
+               + [np.int64(-1)])
         launch(bplan.kernel, bplan.grid, bplan.block,
                flat + [f_vals, b_flags, b_vals] + bplan.scalars + [want])
         return
@@ -1139,7 +1159,8 @@ def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
         b_flags, b_vals = workspace(cupy, bplan, device, "backward")
         flat = [FlatArray.of(x) for x in arrays]
         fplan.entry, fplan.values = prepare(
-            fplan.kernel, [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals] + fplan.scalars)
+            fplan.kernel, [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals, flat[5]]
+            + fplan.scalars + [np.int64(-1)])
         bplan.entry, bplan.values = prepare(
             bplan.kernel, flat + [f_vals, b_flags, b_vals] + bplan.scalars + [np.int64(0)])
         if len(_bwd_plans) > 256:
@@ -1150,7 +1171,7 @@ def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
     b_flags, b_vals = workspace(cupy, bplan, device, "backward")
     launch_with_pointers(fplan.entry, fplan.grid, fplan.block, fplan.values,
                          [ptrs[0], ptrs[1], ptrs[1], ptrs[5], f_flags.data.ptr,
-                          f_vals.data.ptr], stream)
+                          f_vals.data.ptr, ptrs[5]], stream)
     values = bplan.values[:]
     values[-1] = want
     launch_with_pointers(bplan.entry, bplan.grid, bplan.block, values,
@@ -1163,8 +1184,8 @@ def signature(in_kind, out_kind):
     storage = {"f32": f32, "f16": types.Array(types.float16, 1, "C"),
                "bf16": types.Array(types.uint16, 1, "C")}  # fmt: skip
     return tuple([storage[in_kind]] * 2 + [storage[out_kind], f32,
-                                           types.Array(types.int64, 1, "C"), f32]
-                 + [types.int64] * 5)
+                                           types.Array(types.int64, 1, "C"), f32, f32]
+                 + [types.int64] * 6)
 
 
 def specialisations():

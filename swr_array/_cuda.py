@@ -212,13 +212,8 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     shape = (p.B, p.H, p.D)
     position = 0 if state is None else state.common_position()
     fresh = state is None
-    if fresh and not return_state and p.hops is None:
-        # the exact scan in one pass (numba_kernels/exact_scan.py); calls with a state or
-        # return_state take the block-carrier path below
-        if p.N:
-            carry = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
-            nk.exact_scan.swr_exact(_view(a), _view(u), _view(y), carry, layout=p.layout)
-        return y
+    if p.hops is None:
+        return _exact_forward(a, u, y, p, x0, state, return_state, position)
     if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
         # the halo walk: x0 is the carrier before block 0
         zeros, ones = _plain_zeros(cp, p)
@@ -272,6 +267,49 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
                                block_carry=S, **kw)
     if not return_state:
         return y
+    return y, state.advanced(p.N, v, C, S, cp, position)
+
+
+def _exact_forward(a, u, y, p, x0, state, return_state, position):
+    """hops=None: the exact scan in one pass (numba_kernels/exact_scan.py) from x0, or from a
+    state's x (``w + g * s``); with ``return_state`` the kernel also keeps x in float32 just
+    before the last two blocks (at most), whose carriers a short tail of the inputs gives."""
+    cp = _xp_of(u)
+    nk = _nk()
+    shape = (p.B, p.H, p.D)
+    l = p.block_len
+    if state is None:
+        x_in = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
+    else:
+        x_in = cp_ascontig(state.w + state.g * state.carry_v[..., 0])
+    end = position + p.N
+    tail_abs = max(position, ((end - 1) // l - 1) * l)
+    ts = tail_abs - position  # the tail: the last complete block (if any) and a partial one
+    x_probe = cp.empty(shape, F32) if return_state and ts > 0 else None
+    if p.N:
+        nk.exact_scan.swr_exact(_view(a), _view(u), _view(y), x_in, layout=p.layout,
+                                probe=ts - 1, x_probe=x_probe)
+    if not return_state:
+        return y
+    if state is None:
+        state = SWRState.initial(shape, block_len=l, hops=None,
+                                 x0=None if x0 is None else cp_ascontig(x0), xp=cp, dtype=F32)
+    if p.N == 0:
+        return y, state
+    if ts == 0:
+        at, ut = a, u
+        kw = dict(offset=position % l, w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
+        s0 = cp_ascontig(state.carry_v[..., 0])
+    else:
+        at, ut = _time_slice(a, ts, p.layout), _time_slice(u, ts, p.layout)
+        zeros, ones = _plain_zeros(cp, p)
+        kw = dict(offset=0, w0=zeros, g0=ones)
+        s0 = x_probe
+    nb = -(-(kw["offset"] + p.N - ts) // l)
+    v = cp.empty(shape + (nb,), F32)
+    C = cp.empty_like(v)
+    nk.block_carriers(_view(at), _view(ut), v, C, layout=p.layout, block_len=l, **kw)
+    S = cp.ascontiguousarray(_exact_block_carry(v, C, s0))
     return y, state.advanced(p.N, v, C, S, cp, position)
 
 

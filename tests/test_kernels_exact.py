@@ -202,6 +202,37 @@ def test_front_exact_vjp(rng, layout):
 
 
 @needs_backend
+@pytest.mark.parametrize("layout", ["BLHD"] if SIM else ["BLHD", "BHDL"])
+def test_front_exact_state(rng, small_tiles, layout):
+    """hops=None with return_state and state= through the backend: chunked calls cut inside a
+    block, on a block boundary, before the first boundary and after several, equal the whole
+    call, and the final state is the reference's (its carry s in float32 from the kernel). The
+    simulator runs BLHD only (the tail's layout handling is the block-carrier kernels')."""
+    from swr_array import _checks, _cuda
+
+    X = np if SIM else __import__("cupy")
+    get = lambda x: x.get() if hasattr(x, "get") else x  # noqa: E731
+    N, l = 25, 4
+    a, u, x0, expect = make_case(rng, layout, False, 1, 2, 8, N, F32)
+    sl = (lambda x, i, j: x[..., i:j]) if layout == "BHDL" else (lambda x, i, j: x[:, i:j])
+    cuts = (0, 3, 12, 21, N)
+    state, parts = None, []
+    for i, j in zip(cuts[:-1], cuts[1:]):
+        ai, ui = X.asarray(sl(a, i, j)), X.asarray(sl(u, i, j))
+        p = _checks.check_swr(ai, ui, block_len=l, hops=None, layout=layout)
+        y, state = _cuda.swr_forward(ai, ui, p, x0=X.asarray(x0) if state is None else None,
+                                     state=state, return_state=True)
+        parts.append(get(y))
+    joined = np.concatenate(parts, axis=-1 if layout == "BHDL" else 1)
+    np.testing.assert_allclose(time_last(joined, layout), expect, **tol(F32))
+    _, ref = sa.swr(a.astype(np.float64), u.astype(np.float64), x0=x0.astype(np.float64),
+                    block_len=l, hops=None, layout=layout, return_state=True)
+    np.testing.assert_array_equal(get(state.position), ref.position)
+    for name in ("w", "g", "carry_v"):
+        np.testing.assert_allclose(get(getattr(state, name)), getattr(ref, name), **tol(F32))
+
+
+@needs_backend
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_front_exact_forward(rng, layout):
     """swr(hops=None) through the kernel backend, x0 given and not."""

@@ -73,7 +73,7 @@ def test_compiles_to_ptx(i):
     for cc, ptx in res.items():
         entry, params = entry_and_params(ptx)
         assert name in entry
-        arrays, scalars = (10, 6) if backward else (6, 5)
+        arrays, scalars = (10, 6) if backward else (7, 6)
         assert len(params) == arrays * 7 + scalars and set(params) == {"u64"}
         assert ".local" not in ptx, (cc, "local memory")
         assert "ld.global.cg.f32" in ptx and "atom.global.add.u64" in ptx
