@@ -80,6 +80,9 @@ TUNING = Tuning({
     "blhd_bwd_steps": 4,
     "bhdl_bwd_nv": 2,
     "access_bytes": 16,
+    # look back at blhd_segs / bhdl_segs tiles at once (the whole thread block; False: one
+    # tile at a time, by the threads holding the tile's aggregate)
+    "lookback_window": False,
     # False (tests only): tiles after the first never flag their inclusive value, so every
     # look-back composes aggregates back to the first tile: the path that the simulator, whose
     # thread blocks run one after the other, never takes otherwise
@@ -118,6 +121,101 @@ else:
     @cuda.jit(device=True, inline=True)
     def load_cg(array, index):
         return _load_cg_intrinsic(array, numba.int64(index))
+
+
+if SIMULATOR:
+
+    def _load_flag(array, index):
+        return array[index]
+
+    load_flag = cuda.jit(device=True)(_load_flag)
+else:
+
+    @numba.cuda.extending.intrinsic
+    def _load_flag_intrinsic(typingctx, array, index):
+        sig = types.int64(array, types.int64)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+            ptr = builder.gep(ary.data, [args[1]])
+            address = builder.ptrtoint(ptr, ir.IntType(64))
+            fn = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+            return builder.asm(fn, "ld.volatile.global.s64 $0, [$1];", "=l,l,~{memory}",
+                               [address], True)
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def load_flag(array, index):
+        return _load_flag_intrinsic(array, numba.int64(index))
+
+
+def _make_window_lookback(nch, a_width, nt, segs, seg_stride, composer):
+    """``lookback(flags, vals, fi, vbase, stride, off, G, epoch, avail, tx, seg, active, sm_wx,
+    sm_wa, sm_st, out)``: the carry entering a tile from the tiles before it, looked at
+    ``segs`` at a time by the whole thread block (every thread calls it): the thread of
+    segment ``s`` reads the flag and values of the tile ``s + 1`` places back (of ``avail``),
+    and the column's thread of segment ``composer`` (which holds the tile's aggregate) composes
+    the window in shared memory up to the nearest inclusive value; windows further back follow
+    until one holds an inclusive value. ``out[k]`` receives the carry in the composing
+    threads."""
+    f32 = numba.float32
+
+    @cuda.jit(device=True, inline=True)
+    def lookback(flags, vals, fi, vbase, stride, off, G, epoch, avail, tx, seg, active, sm_wx,
+                 sm_wa, sm_st, out):
+        acc_a = cuda.local.array(a_width, f32)
+        acc_x = cuda.local.array(nch, f32)
+        for q in range(a_width):
+            acc_a[q] = f32(1.0)
+        for k in range(nch):
+            acc_x[k] = f32(0.0)
+        agg = epoch * 4 + AGGREGATE
+        inc = epoch * 4 + INCLUSIVE
+        d0 = 0
+        found = False
+        while not found:
+            d = d0 + seg
+            st = 0
+            if d < avail:
+                f = load_flag(flags, fi - d)
+                while f != agg and f != inc:
+                    f = load_flag(flags, fi - d)
+                cuda.threadfence()
+                st = INCLUSIVE if f == inc else AGGREGATE
+                if active:
+                    vb = vbase - d * stride
+                    if st == INCLUSIVE:
+                        for k in range(nch):
+                            sm_wx[k * nt + tx] = load_cg(vals, vb + 2 * G + off + k)
+                    else:
+                        for k in range(nch):
+                            sm_wx[k * nt + tx] = load_cg(vals, vb + G + off + k)
+                        for q in range(a_width):
+                            sm_wa[q * nt + tx] = load_cg(vals, vb + off + q)
+            sm_st[seg] = st  # the same value from every thread of the segment
+            cuda.syncthreads()
+            if seg == composer and active:
+                done = False
+                for s in range(segs):
+                    src = tx + (s - composer) * seg_stride
+                    st = sm_st[s]
+                    if not done and st == INCLUSIVE:
+                        for k in range(nch):
+                            out[k] = acc_a[k % a_width] * sm_wx[k * nt + src] + acc_x[k]
+                        done = True
+                    elif not done and st == AGGREGATE:
+                        for k in range(nch):
+                            acc_x[k] = acc_a[k % a_width] * sm_wx[k * nt + src] + acc_x[k]
+                        for q in range(a_width):
+                            acc_a[q] = acc_a[q] * sm_wa[q * nt + src]
+            for s in range(segs):
+                if sm_st[s] == INCLUSIVE:
+                    found = True
+            cuda.syncthreads()
+            d0 += segs
+
+    return lookback
 
 
 def _raw_access(kind, vec):
@@ -238,6 +336,10 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
     publish_aggregate, publish_inclusive, f32 = _make_publish(vec, a_width)
     i64 = numba.int64
 
+    window = TUNING["lookback_window"]
+    wlookback = _make_window_lookback(vec, a_width, nt, segs, cols, segs - 1)
+    wx_size, wa_size = (sx_size, sa_size) if window else (1, 1)
+
     def kernel(a, u, y, x0, flags, vals, x_probe, n, channels, head_dim, ngroups, nchunks,
                probe):
         tx = cuda.threadIdx.x
@@ -249,6 +351,9 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
         sm_x = cuda.shared.array(sx_size, f32)
         sm_a = cuda.shared.array(sa_size, f32)
         sm_c = cuda.shared.array(G, f32)
+        sm_wx = cuda.shared.array(wx_size, f32)
+        sm_wa = cuda.shared.array(wa_size, f32)
+        sm_st = cuda.shared.array(segs, numba.int64)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
             sm_t[0] = raw_t
@@ -320,10 +425,14 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
         if tx == 0:
             cuda.atomic.max(flags, fbase + chunk,
                             epoch * 4 + (INCLUSIVE if chunk == 0 else AGGREGATE))
+        if window and chunk > 0:
+            wlookback(flags, vals, fbase + chunk - 1, vbase - 3 * G, 3 * G, off, G, epoch, chunk,
+                      tx, seg, active, sm_wx, sm_wa, sm_st, carry)
         if last and active:
             if chunk > 0:
-                lookback(flags, vals, fbase + chunk - 1, vbase - 3 * G, 3 * G, off, G, epoch,
-                         carry)
+                if not window:
+                    lookback(flags, vals, fbase + chunk - 1, vbase - 3 * G, 3 * G, off, G, epoch,
+                             carry)
                 publish_inclusive(vals, vbase, off, G, A, X, carry)
                 cuda.threadfence()
             for k in range(vec):
@@ -379,6 +488,10 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
     publish_aggregate, publish_inclusive, f32 = _make_publish(1, 1)
     i64 = numba.int64
 
+    window = TUNING["lookback_window"]
+    wlookback = _make_window_lookback(1, 1, nt, segs, 1, segs - 1)
+    wx_size, wa_size = (nt, nt) if window else (1, 1)
+
     def kernel(a, u, y, x0, flags, vals, x_probe, n, channels, head_dim, ngroups, nchunks,
                probe):
         tx = cuda.threadIdx.x
@@ -390,6 +503,9 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
         sm_x = cuda.shared.array(nt, f32)
         sm_a = cuda.shared.array(nt, f32)
         sm_c = cuda.shared.array(rows, f32)
+        sm_wx = cuda.shared.array(wx_size, f32)
+        sm_wa = cuda.shared.array(wa_size, f32)
+        sm_st = cuda.shared.array(segs, numba.int64)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
             sm_t[0] = raw_t
@@ -443,10 +559,14 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
         if tx == 0:
             cuda.atomic.max(flags, fbase + chunk,
                             epoch * 4 + (INCLUSIVE if chunk == 0 else AGGREGATE))
+        if window and chunk > 0:
+            wlookback(flags, vals, fbase + chunk - 1, vbase - 3 * rows, 3 * rows, col, rows, epoch,
+                      chunk, tx, seg, active, sm_wx, sm_wa, sm_st, carry)
         if last and active:
             if chunk > 0:
-                lookback(flags, vals, fbase + chunk - 1, vbase - 3 * rows, 3 * rows, col, rows,
-                         epoch, carry)
+                if not window:
+                    lookback(flags, vals, fbase + chunk - 1, vbase - 3 * rows, 3 * rows, col, rows,
+                             epoch, carry)
                 publish_inclusive(vals, vbase, col, rows, A, X, carry)
                 cuda.threadfence()
             sm_c[col] = carry[0]
@@ -515,6 +635,10 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
     publish_aggregate, publish_inclusive, f32 = _make_publish(vec, a_width)
     i64 = numba.int64
 
+    window = TUNING["lookback_window"]
+    wlookback = _make_window_lookback(vec, a_width, nt, segs, cols, 0)
+    wx_size, wa_size = (sx_size, sa_size) if window else (1, 1)
+
     def kernel(a, u, dy, du, da, x0, dx0, carries, flags, vals, n, channels, head_dim, ngroups,
                nchunks, want_dx0):
         tx = cuda.threadIdx.x
@@ -526,6 +650,9 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
         sm_x = cuda.shared.array(sx_size, f32)
         sm_a = cuda.shared.array(sa_size, f32)
         sm_c = cuda.shared.array(G, f32)
+        sm_wx = cuda.shared.array(wx_size, f32)
+        sm_wa = cuda.shared.array(wa_size, f32)
+        sm_st = cuda.shared.array(segs, numba.int64)
         sm_d = cuda.shared.array(d_size, f32)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
@@ -643,10 +770,14 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
         if tx == 0:
             cuda.atomic.max(flags, fbase + ticket,
                             epoch * 4 + (INCLUSIVE if ticket == 0 else AGGREGATE))
+        if window and ticket > 0:
+            wlookback(flags, vals, fbase + ticket - 1, vbase - 3 * G, 3 * G, off, G, epoch, ticket,
+                      tx, seg, active, sm_wx, sm_wa, sm_st, carry)
         if first and active:
             if ticket > 0:
-                lookback(flags, vals, fbase + ticket - 1, vbase - 3 * G, 3 * G, off, G, epoch,
-                         carry)
+                if not window:
+                    lookback(flags, vals, fbase + ticket - 1, vbase - 3 * G, 3 * G, off, G, epoch,
+                             carry)
                 publish_inclusive(vals, vbase, off, G, A, X, carry)
                 cuda.threadfence()
             for k in range(vec):
@@ -723,6 +854,10 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
     publish_aggregate, publish_inclusive, f32 = _make_publish(1, 1)
     i64 = numba.int64
 
+    window = TUNING["lookback_window"]
+    wlookback = _make_window_lookback(1, 1, nt, segs, 1, 0)
+    wx_size, wa_size = (nt, nt) if window else (1, 1)
+
     def kernel(a, u, dy, du, da, x0, dx0, carries, flags, vals, n, channels, head_dim, ngroups,
                nchunks, want_dx0):
         tx = cuda.threadIdx.x
@@ -734,6 +869,9 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
         sm_x = cuda.shared.array(nt, f32)
         sm_a = cuda.shared.array(nt, f32)
         sm_c = cuda.shared.array(rows, f32)
+        sm_wx = cuda.shared.array(wx_size, f32)
+        sm_wa = cuda.shared.array(wa_size, f32)
+        sm_st = cuda.shared.array(segs, numba.int64)
         sm_d = cuda.shared.array(d_size, f32)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
@@ -820,10 +958,14 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
         if tx == 0:
             cuda.atomic.max(flags, fbase + ticket,
                             epoch * 4 + (INCLUSIVE if ticket == 0 else AGGREGATE))
+        if window and ticket > 0:
+            wlookback(flags, vals, fbase + ticket - 1, vbase - 3 * rows, 3 * rows, col, rows,
+                      epoch, ticket, tx, seg, active, sm_wx, sm_wa, sm_st, carry)
         if first and active:
             if ticket > 0:
-                lookback(flags, vals, fbase + ticket - 1, vbase - 3 * rows, 3 * rows, col, rows,
-                         epoch, carry)
+                if not window:
+                    lookback(flags, vals, fbase + ticket - 1, vbase - 3 * rows, 3 * rows, col,
+                             rows, epoch, carry)
                 publish_inclusive(vals, vbase, col, rows, A, X, carry)
                 cuda.threadfence()
             sm_c[col] = carry[0]
@@ -887,7 +1029,8 @@ _kernels: dict = {}
 
 
 def get_backward_kernel(layout, kind, per_head, vec, *shape):
-    key = ("backward", layout, kind, per_head, vec, TUNING["inclusive_flags"]) + tuple(shape)
+    key = ("backward", layout, kind, per_head, vec, TUNING["inclusive_flags"],
+           TUNING["lookback_window"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_backward if layout == "BLHD" else _make_bhdl_backward
@@ -896,7 +1039,8 @@ def get_backward_kernel(layout, kind, per_head, vec, *shape):
 
 
 def get_kernel(layout, in_kind, out_kind, per_head, vec, *shape):
-    key = (layout, in_kind, out_kind, per_head, vec, TUNING["inclusive_flags"]) + tuple(shape)
+    key = (layout, in_kind, out_kind, per_head, vec, TUNING["inclusive_flags"],
+           TUNING["lookback_window"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_kernel if layout == "BLHD" else _make_bhdl_kernel

@@ -3,7 +3,8 @@
 ``python scripts/exact_sweep.py [seconds]``: bf16, 128 heads x 16 channels, per-head a, at 16x2048
 and 1x32768, both layouts, over a few ``exact_scan.TUNING`` tile shapes (BLHD: channel vectors
 a row ``blhd_cols``, segments ``blhd_segs``, tokens a segment ``blhd_steps``; BHDL: rows
-``bhdl_rows``, segments ``bhdl_segs``, 16-byte accesses a segment ``bhdl_nv``); stops after the
+``bhdl_rows``, segments ``bhdl_segs``, 16-byte accesses a segment ``bhdl_nv``; then whether the
+look-back reads a window of tiles at once, ``lookback_window``); stops after the
 given seconds (default 25). The floor: a and u read and y written at the device-to-device copy
 bandwidth measured here. Each shape's y is compared with the first shape's (relative difference).
 """
@@ -19,8 +20,9 @@ from swr_array.numba_kernels import exact_scan as E
 
 from swr_array.bench import _cast
 
-BLHD = [(8, 16, 8), (4, 32, 8), (8, 32, 4), (16, 8, 8), (8, 8, 16)]
-BHDL = [(4, 32, 2), (8, 16, 2), (2, 32, 4), (4, 32, 1)]
+# tile shape, then TUNING["lookback_window"]
+BLHD = [(8, 16, 8, False), (8, 16, 8, True), (4, 32, 8, True), (8, 32, 4, True), (16, 8, 8, False)]
+BHDL = [(4, 32, 2, False), (4, 32, 2, True), (8, 16, 2, True), (2, 32, 4, False)]
 
 
 def _time(fn, calls=20, runs=5):
@@ -59,7 +61,7 @@ def main():
             floor_ms = (a.nbytes + 2 * u.nbytes) / bandwidth * 1e3
             ref = None
             keys = (("blhd_cols", "blhd_segs", "blhd_steps") if layout == "BLHD"
-                    else ("bhdl_rows", "bhdl_segs", "bhdl_nv"))
+                    else ("bhdl_rows", "bhdl_segs", "bhdl_nv")) + ("lookback_window",)
             row = []
             for shape_t in BLHD if layout == "BLHD" else BHDL:
                 if time.time() - t0 > budget:

@@ -86,15 +86,20 @@ SIM_CASES = [
 # every look-back composes aggregates back to the first tile: in the simulator, thread blocks run
 # one after the other and the look-back otherwise always finds its predecessor inclusive.
 AGGREGATES = {1, 2, 5, 7}
+# Cases looking back a window of tiles at once (TUNING["lookback_window"]), the others one tile
+# at a time.
+WINDOW = {0, 2, 4, 5}
 
 
 @pytest.mark.skipif(not SIM, reason="simulator cases (the GPU runs its own shapes)")
 @pytest.mark.parametrize("i", range(len(SIM_CASES)), ids=[
     f"{c[0]}-{'head' if c[1] else 'chan'}-{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-{c[7].name}"
-    f"{'-aggregates' if i in AGGREGATES else ''}" for i, c in enumerate(SIM_CASES)])
+    f"{'-aggregates' if i in AGGREGATES else ''}{'-window' if i in WINDOW else ''}"
+    for i, c in enumerate(SIM_CASES)])
 def test_simulated_matches_reference(rng, ex, small_tiles, i):
     layout, per_head, B, H, D, N, dtype, out = SIM_CASES[i]
     ex.TUNING["inclusive_flags"] = i not in AGGREGATES
+    ex.TUNING["lookback_window"] = i in WINDOW
     a, u, x0, expect = make_case(rng, layout, per_head, B, H, D, N, dtype)
     plan = ex.make_plan(layout, u.shape, per_head, ex._KINDS[view(u).dtype],
                         ex._KINDS[view(np.empty(0, out)).dtype])
@@ -134,10 +139,11 @@ VJP_SIM_CASES = [
 @pytest.mark.parametrize("i", range(len(VJP_SIM_CASES)), ids=[
     f"{c[0]}-{'head' if c[1] else 'chan'}-{c[2]}x{c[5]}x{c[3]}x{c[4]}-{c[6].name}-"
     f"{'x0' if c[7] else 'nox0'}{'-aggregates' if i in AGGREGATES else ''}"
-    for i, c in enumerate(VJP_SIM_CASES)])
+    f"{'-window' if i in WINDOW else ''}" for i, c in enumerate(VJP_SIM_CASES)])
 def test_simulated_vjp_matches_reference(rng, ex, small_tiles, i):
     layout, per_head, B, H, D, N, dtype, with_x0 = VJP_SIM_CASES[i]
     ex.TUNING["inclusive_flags"] = i not in AGGREGATES
+    ex.TUNING["lookback_window"] = i in WINDOW
     a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, per_head, B, H, D, N, dtype,
                                                    with_x0)
     kind = ex._KINDS[view(u).dtype]
@@ -311,6 +317,32 @@ def test_gpu_vjp_matches_reference(rng, ex, case):
     np.testing.assert_allclose(da.get().astype(np.float64), eda, **tol(dtype))
     if with_x0:
         np.testing.assert_allclose(dx0.get(), edx0, **tol(F32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_gpu_window_lookback(rng, ex, layout):
+    """The look-back over a window of tiles at once, forward and gradient."""
+    import cupy
+
+    saved = ex.TUNING["lookback_window"]
+    ex.TUNING["lookback_window"] = not saved
+    try:
+        a, u, x0, expect = make_case(rng, layout, True, 2, 8, 16, 4000, BF16)
+        y = cupy.full(u.shape, np.nan, BF16)
+        ex.swr_exact(view(cupy.asarray(a)), view(cupy.asarray(u)), view(y), cupy.asarray(x0),
+                     layout=layout)
+        np.testing.assert_allclose(time_last(y.get(), layout), expect, **tol(BF16))
+        a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, False, 1, 8, 16, 4096, BF16)
+        du, da = cupy.full(u.shape, np.nan, BF16), cupy.full(a.shape, np.nan, BF16)
+        dx0 = cupy.full(x0.shape, np.nan, np.float32)
+        ex.swr_exact_vjp(view(cupy.asarray(a)), view(cupy.asarray(u)), view(cupy.asarray(dy)),
+                         view(du), view(da), cupy.asarray(x0), dx0, layout=layout)
+        np.testing.assert_allclose(du.get().astype(np.float64), edu, **tol(BF16))
+        np.testing.assert_allclose(da.get().astype(np.float64), eda, **tol(BF16))
+        np.testing.assert_allclose(dx0.get(), edx0, **tol(F32))
+    finally:
+        ex.TUNING["lookback_window"] = saved
 
 
 @pytest.mark.gpu
