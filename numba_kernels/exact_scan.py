@@ -1337,8 +1337,10 @@ def specialisations():
     TUNING, for the PTX tests. Per layout: the forward for every input kind per head and bf16 per
     channel, storing its own kind, two other output kinds, and the one-channel kernel; the
     backward for every kind per head, bf16 per channel and its one-channel kernel; the carries
-    kernel (the forward storing nothing) of bf16 per head. The rest differ from these only in
-    which loads or stores a kind or per-head/per-channel choice compiles to."""
+    kernel (the forward storing nothing) of bf16 per head; then bf16 per head forward and
+    backward with the other look-back (names suffixed ``_window`` or ``_one``). The rest differ
+    from these only in which loads or stores a kind or per-head/per-channel choice compiles
+    to."""
     fwd = [(i, i, None, True) for i in ("f32", "f16", "bf16")] + [("bf16", "bf16", None, False)]
     fwd += [("bf16", "f32", None, True), ("f32", "bf16", None, True), ("bf16", "bf16", 1, False)]
     bwd = [(i, None, True) for i in ("f32", "f16", "bf16")]
@@ -1358,6 +1360,23 @@ def specialisations():
         geometry = _geometry(layout, "bf16", vec, True, 16, True)
         kernel = get_kernel(layout, "bf16", "bf16", True, vec, *geometry, False)
         yield kernel.py_func.__name__, kernel, signature("bf16", "bf16")
+    # the other look-back (one tile at a time, or a window), bf16 per head, forward and backward
+    window = TUNING["lookback_window"]
+    built = []
+    try:
+        TUNING["lookback_window"] = not window
+        for layout in ("BLHD", "BHDL"):
+            vec = _vec_for("bf16")
+            geometry = _geometry(layout, "bf16", vec, True, 16, False)
+            built.append((get_kernel(layout, "bf16", "bf16", True, vec, *geometry),
+                          signature("bf16", "bf16")))
+            geometry = _geometry(layout, "bf16", vec, True, 16, True)
+            built.append((get_backward_kernel(layout, "bf16", True, vec, *geometry),
+                          backward_signature("bf16")))
+    finally:
+        TUNING["lookback_window"] = window
+    for kernel, sig in built:
+        yield kernel.py_func.__name__ + ("_one" if window else "_window"), kernel, sig
 
 
 def backward_signature(kind):
