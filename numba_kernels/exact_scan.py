@@ -68,13 +68,13 @@ STATUS_VALUES = 3  # per channel and tile: A, X (aggregate), x (inclusive)
 
 TUNING = Tuning({
     # BLHD: 16-byte channel vectors per tile row, segments (time) per tile, tokens per segment
-    "blhd_cols": 8,
-    "blhd_segs": 16,
+    "blhd_cols": 4,
+    "blhd_segs": 32,
     "blhd_steps": 8,
     # BHDL: rows per tile, segments per row, 16-byte accesses per segment
     "bhdl_rows": 4,
     "bhdl_segs": 32,
-    "bhdl_nv": 2,
+    "bhdl_nv": 4,
     # the backward (its tiles also set the carries kernel's): tokens a BLHD segment, 16-byte
     # accesses a BHDL segment
     "blhd_bwd_steps": 4,
@@ -82,7 +82,7 @@ TUNING = Tuning({
     "access_bytes": 16,
     # look back at blhd_segs / bhdl_segs tiles at once (the whole thread block; False: one
     # tile at a time, by the threads holding the tile's aggregate)
-    "lookback_window": False,
+    "lookback_window": True,
     # False (tests only): tiles after the first never flag their inclusive value, so every
     # look-back composes aggregates back to the first tile: the path that the simulator, whose
     # thread blocks run one after the other, never takes otherwise
