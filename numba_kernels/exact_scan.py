@@ -60,7 +60,7 @@ from ._launch import (
     launch_with_pointers,
     prepare,
 )
-from ._ptx import WORD_TYPE, make_vector_store, make_word_load, make_word_unpack
+from ._ptx import WORD_TYPE, make_vector_store, make_word_load, make_word_unpack, shfl_idx
 
 AGGREGATE, INCLUSIVE = 1, 2
 EPOCH_SHIFT = 32
@@ -83,6 +83,9 @@ TUNING = Tuning({
     # look back at blhd_segs / bhdl_segs tiles at once (the whole thread block; False: one
     # tile at a time, by the threads holding the tile's aggregate)
     "lookback_window": True,
+    # the tile scan by warp shuffles and one exchange of the warps' totals (False: Hillis-Steele
+    # in shared memory)
+    "warp_scan": True,
     # False (tests only): tiles after the first never flag their inclusive value, so every
     # look-back composes aggregates back to the first tile: the path that the simulator, whose
     # thread blocks run one after the other, never takes otherwise
@@ -267,9 +270,14 @@ def _make_lookback(nch, a_width):
 
 def _make_tile_scan(nch, a_width, nt, segs, seg_stride, reverse=False):
     """``scan(X, A, sm_x, sm_a, tx, seg)``: inclusive scan of the per-thread segment aggregates
-    across the ``segs`` segments of each column (Hillis-Steele in shared memory), from the first
-    segment, or with ``reverse`` from the last (the backward's adjoint runs back in time);
-    afterwards the shared arrays hold every thread's inclusive value (``sm_x[k * nt + tx]``)."""
+    across the ``segs`` segments of each column, from the first segment, or with ``reverse``
+    from the last (the backward's adjoint runs back in time); afterwards the shared arrays hold
+    every thread's inclusive value (``sm_x[k * nt + tx]``). A column's segments are threads
+    ``seg_stride`` apart. With ``TUNING["warp_scan"]``: warp shuffles inside each warp, then the
+    warps' totals through shared memory (two barriers); else Hillis-Steele in shared memory
+    (two barriers a level)."""
+    if TUNING["warp_scan"] and nt % 32 == 0 and (seg_stride == 1 or 32 % seg_stride == 0):
+        return _make_warp_tile_scan(nch, a_width, nt, segs, seg_stride, reverse)
     levels = max(0, (segs - 1).bit_length())
     step = -seg_stride if reverse else seg_stride
 
@@ -288,6 +296,78 @@ def _make_tile_scan(nch, a_width, nt, segs, seg_stride, reverse=False):
                     X[k] = A[k % a_width] * sm_x[k * nt + src] + X[k]
                 for q in range(a_width):
                     A[q] = A[q] * sm_a[q * nt + src]
+            cuda.syncthreads()
+        for k in range(nch):
+            sm_x[k * nt + tx] = X[k]
+        for q in range(a_width):
+            sm_a[q * nt + tx] = A[q]
+        cuda.syncthreads()
+
+    return scan
+
+
+def _make_warp_tile_scan(nch, a_width, nt, segs, seg_stride, reverse):
+    """:func:`_make_tile_scan` by warp shuffles: a column's segments in one warp combine through
+    ``shfl_idx`` levels, then each thread composes the totals of the column's warps before it
+    (after it, ``reverse``) from shared memory."""
+    spw = min(segs, 32 // seg_stride)  # a column's segments in one warp
+    nwc = segs // spw  # warps holding one column
+    ncols = nt // segs
+    wlevels = max(0, (spw - 1).bit_length())
+    f32 = numba.float32
+
+    @cuda.jit(device=True, inline=True)
+    def scan(X, A, sm_x, sm_a, tx, seg):
+        lane = tx % 32
+        wseg = min(seg, lane // seg_stride)  # the column's segments before this one in the warp
+        if reverse:
+            wseg = spw - 1 - wseg
+        xn = cuda.local.array(nch, f32)
+        an = cuda.local.array(a_width, f32)
+        for i in range(wlevels):
+            lev = 1 << i
+            src = lane
+            if wseg >= lev:
+                src = lane + lev * seg_stride if reverse else lane - lev * seg_stride
+            for k in range(nch):
+                xn[k] = shfl_idx(X[k], src)
+            for q in range(a_width):
+                an[q] = shfl_idx(A[q], src)
+            if wseg >= lev:
+                for k in range(nch):
+                    X[k] = A[k % a_width] * xn[k] + X[k]
+                for q in range(a_width):
+                    A[q] = A[q] * an[q]
+        if nwc > 1:
+            col = tx % seg_stride if seg_stride > 1 else tx // segs
+            widx = seg // spw
+            if wseg == spw - 1:  # the warp's total for this column
+                slot = widx * ncols + col
+                for k in range(nch):
+                    sm_x[k * nt + slot] = X[k]
+                for q in range(a_width):
+                    sm_a[q * nt + slot] = A[q]
+            cuda.syncthreads()
+            px = cuda.local.array(nch, f32)
+            pa = cuda.local.array(a_width, f32)
+            for k in range(nch):
+                px[k] = f32(0.0)
+            for q in range(a_width):
+                pa[q] = f32(1.0)
+            for j in range(nwc):
+                w = nwc - 1 - j if reverse else j
+                if (w > widx) if reverse else (w < widx):
+                    slot = w * ncols + col
+                    for q in range(a_width):
+                        an[q] = sm_a[q * nt + slot]
+                    for k in range(nch):
+                        px[k] = an[k % a_width] * px[k] + sm_x[k * nt + slot]
+                    for q in range(a_width):
+                        pa[q] = pa[q] * an[q]
+            for k in range(nch):
+                X[k] = A[k % a_width] * px[k] + X[k]
+            for q in range(a_width):
+                A[q] = A[q] * pa[q]
             cuda.syncthreads()
         for k in range(nch):
             sm_x[k * nt + tx] = X[k]
@@ -1030,7 +1110,7 @@ _kernels: dict = {}
 
 def get_backward_kernel(layout, kind, per_head, vec, *shape):
     key = ("backward", layout, kind, per_head, vec, TUNING["inclusive_flags"],
-           TUNING["lookback_window"]) + tuple(shape)
+           TUNING["lookback_window"], TUNING["warp_scan"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_backward if layout == "BLHD" else _make_bhdl_backward
@@ -1040,7 +1120,7 @@ def get_backward_kernel(layout, kind, per_head, vec, *shape):
 
 def get_kernel(layout, in_kind, out_kind, per_head, vec, *shape):
     key = (layout, in_kind, out_kind, per_head, vec, TUNING["inclusive_flags"],
-           TUNING["lookback_window"]) + tuple(shape)
+           TUNING["lookback_window"], TUNING["warp_scan"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_kernel if layout == "BLHD" else _make_bhdl_kernel
@@ -1338,7 +1418,8 @@ def specialisations():
     channel, storing its own kind, two other output kinds, and the one-channel kernel; the
     backward for every kind per head, bf16 per channel and its one-channel kernel; the carries
     kernel (the forward storing nothing) of bf16 per head; then bf16 per head forward and
-    backward with the other look-back (names suffixed ``_window`` or ``_one``). The rest differ
+    backward with the other look-back and the other tile scan (names suffixed ``_window`` or
+    ``_one``). The rest differ
     from these only in which loads or stores a kind or per-head/per-channel choice compiles
     to."""
     fwd = [(i, i, None, True) for i in ("f32", "f16", "bf16")] + [("bf16", "bf16", None, False)]
@@ -1360,11 +1441,13 @@ def specialisations():
         geometry = _geometry(layout, "bf16", vec, True, 16, True)
         kernel = get_kernel(layout, "bf16", "bf16", True, vec, *geometry, False)
         yield kernel.py_func.__name__, kernel, signature("bf16", "bf16")
-    # the other look-back (one tile at a time, or a window), bf16 per head, forward and backward
-    window = TUNING["lookback_window"]
+    # the other look-back (one tile at a time, or a window) and the other tile scan, bf16 per
+    # head, forward and backward
+    window, warp = TUNING["lookback_window"], TUNING["warp_scan"]
     built = []
     try:
         TUNING["lookback_window"] = not window
+        TUNING["warp_scan"] = not warp
         for layout in ("BLHD", "BHDL"):
             vec = _vec_for("bf16")
             geometry = _geometry(layout, "bf16", vec, True, 16, False)
@@ -1374,7 +1457,7 @@ def specialisations():
             built.append((get_backward_kernel(layout, "bf16", True, vec, *geometry),
                           backward_signature("bf16")))
     finally:
-        TUNING["lookback_window"] = window
+        TUNING["lookback_window"], TUNING["warp_scan"] = window, warp
     for kernel, sig in built:
         yield kernel.py_func.__name__ + ("_one" if window else "_window"), kernel, sig
 

@@ -2,11 +2,12 @@
 
 ``python scripts/exact_sweep.py [seconds]``: bf16, 128 heads x 16 channels, per-head a, at 1x32768
 and 16x2048, both layouts: the forward (``swr_exact``, floor: a and u read, y written) and the
-gradient (``swr_exact_vjp``, floor: a, u, dy read, du, da written) for each of a few settings of
-``exact_scan.TUNING`` (tile shapes, ``lookback_window``), the first row of each list being the
-defaults. The floor uses the device-to-device copy bandwidth measured here. Every kernel is first
-compiled in a process pool (the PTX disk cache), then timed one after the other; stops after the
-given seconds (default 40). Each y is compared with the first setting's (relative difference).
+gradient (``swr_exact_vjp``, floor: a, u, dy read, du, da written) for each of a few settings
+of ``exact_scan.TUNING`` (tile shapes, ``lookback_window``, ``warp_scan``), the first row of each
+list being the defaults. The floor uses the device-to-device copy bandwidth measured here. Every
+kernel is first compiled in a process pool (the PTX disk cache), then timed one after the other;
+stops after the given seconds (default 40). Each output is compared with the first setting's
+(relative difference).
 """
 
 from __future__ import annotations
@@ -19,21 +20,22 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 FWD = {
-    "BLHD": [dict(blhd_cols=c, blhd_segs=s, blhd_steps=t, lookback_window=w)
-             for c, s, t, w in ((4, 32, 8, True), (4, 32, 8, False), (4, 16, 16, True),
-                                (8, 16, 16, True), (2, 64, 8, True), (4, 32, 16, True),
-                                (8, 16, 8, True))],
-    "BHDL": [dict(bhdl_rows=r, bhdl_segs=s, bhdl_nv=v, lookback_window=w)
-             for r, s, v, w in ((4, 32, 4, True), (4, 32, 4, False), (4, 32, 2, True),
-                                (4, 32, 8, True), (8, 16, 4, True), (2, 32, 8, True))],
+    "BLHD": [dict(blhd_cols=c, blhd_segs=s, blhd_steps=t, lookback_window=w, warp_scan=x)
+             for c, s, t, w, x in ((4, 32, 8, 1, 1), (4, 32, 8, 0, 1), (4, 32, 8, 1, 0),
+                                   (4, 16, 16, 1, 1), (8, 16, 16, 1, 1), (2, 64, 8, 1, 1),
+                                   (8, 16, 8, 1, 1), (4, 32, 4, 1, 1))],
+    "BHDL": [dict(bhdl_rows=r, bhdl_segs=s, bhdl_nv=v, lookback_window=w, warp_scan=x)
+             for r, s, v, w, x in ((4, 32, 4, 1, 1), (4, 32, 4, 0, 1), (4, 32, 4, 1, 0),
+                                   (4, 32, 2, 1, 1), (4, 32, 8, 1, 1), (8, 16, 4, 1, 1),
+                                   (2, 32, 8, 1, 1))],
 }
 BWD = {
-    "BLHD": [dict(blhd_cols=c, blhd_segs=s, blhd_bwd_steps=t, lookback_window=w)
-             for c, s, t, w in ((4, 32, 4, True), (4, 32, 4, False), (4, 32, 8, True),
-                                (8, 16, 8, True), (4, 16, 8, True))],
-    "BHDL": [dict(bhdl_rows=r, bhdl_segs=s, bhdl_bwd_nv=v, lookback_window=w)
-             for r, s, v, w in ((4, 32, 2, True), (4, 32, 2, False), (4, 32, 4, True),
-                                (4, 16, 4, True), (4, 32, 1, True))],
+    "BLHD": [dict(blhd_cols=c, blhd_segs=s, blhd_bwd_steps=t, lookback_window=w, warp_scan=x)
+             for c, s, t, w, x in ((4, 32, 4, 1, 1), (4, 32, 4, 0, 1), (4, 32, 4, 1, 0),
+                                   (4, 32, 8, 1, 1), (8, 16, 8, 1, 1), (4, 16, 8, 1, 1))],
+    "BHDL": [dict(bhdl_rows=r, bhdl_segs=s, bhdl_bwd_nv=v, lookback_window=w, warp_scan=x)
+             for r, s, v, w, x in ((4, 32, 2, 1, 1), (4, 32, 2, 0, 1), (4, 32, 2, 1, 0),
+                                   (4, 32, 4, 1, 1), (4, 16, 4, 1, 1), (4, 32, 1, 1, 1))],
 }
 H, D = 128, 16
 SIZES = ((1, 32768), (16, 2048))

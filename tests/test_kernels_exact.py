@@ -161,6 +161,41 @@ def test_simulated_vjp_matches_reference(rng, ex, small_tiles, i):
         np.testing.assert_allclose(dx0, edx0, **tol(F32))
 
 
+WARP_TILES = {"blhd_cols": 2, "blhd_segs": 32, "blhd_steps": 1, "blhd_bwd_steps": 1,
+              "bhdl_rows": 1, "bhdl_segs": 64, "bhdl_nv": 1, "bhdl_bwd_nv": 1}
+
+
+@pytest.mark.skipif(not SIM, reason="simulator cases")
+@pytest.mark.parametrize("layout,direction", [("BLHD", "fwd"), ("BHDL", "fwd"), ("BLHD", "vjp"),
+                                              ("BHDL", "vjp")])
+def test_simulated_warp_scan(rng, ex, layout, direction):
+    """The tile scan by warp shuffles, forward and reverse, with a column over two warps (the
+    warps' totals composed in shared memory) and several tiles."""
+    saved = dict(ex.TUNING)
+    try:
+        for k, v in WARP_TILES.items():
+            ex.TUNING[k] = v
+        ex.TUNING["warp_scan"] = True
+        N, H, D = (70, 2, 4) if layout == "BLHD" else (260, 1, 2)
+        if direction == "fwd":
+            a, u, x0, expect = make_case(rng, layout, False, 1, H, D, N, F32)
+            assert ex.make_plan(layout, u.shape, False, "f32", "f32").nchunks >= 2
+            y = np.full(u.shape, np.nan, F32)
+            ex.swr_exact(a, u, y, x0, layout=layout)
+            np.testing.assert_allclose(time_last(y, layout), expect, **tol(F32))
+            return
+        a, u, dy, x0, (eda, edu, edx0) = make_vjp_case(rng, layout, False, 1, H, D, N, F32)
+        du, da = np.full(u.shape, np.nan, F32), np.full(a.shape, np.nan, F32)
+        dx0 = np.full(x0.shape, np.nan, F32)
+        ex.swr_exact_vjp(a, u, dy, du, da, x0, dx0, layout=layout)
+        np.testing.assert_allclose(du, edu, **tol(F32))
+        np.testing.assert_allclose(da, eda, **tol(F32))
+        np.testing.assert_allclose(dx0, edx0, **tol(F32))
+    finally:
+        for k, v in saved.items():
+            ex.TUNING[k] = v
+
+
 def test_backward_fits():
     from swr_array.numba_kernels import exact_scan as E
 
