@@ -4,7 +4,7 @@
 # 1. its GPU tests (tests/test_kernels_exact.py: the kernels against the reference with poisoned
 #    outputs, repeated launches on one workspace and a CUDA-graph replay; the front's hops=None
 #    forward cases of tests/test_kernels_front.py);
-# 2. scripts/exact_sweep.py: forward and gradient per tile shape and look-back (36 s);
+# 2. scripts/exact_sweep.py: forward and gradient per tile shape and look-back (30 s);
 # 3. `python -m swr_array bench --hops none` per head, bf16 and fp32, 16x2048, 4x8192, 1x32768,
 #    both layouts, forward and forward+backward against the floor;
 # 4. the same per channel in bf16 with the peers accelerated-scan and chunk_hgrn (installed from
@@ -26,7 +26,7 @@ left() { echo $(( 105 - ($(date +%s) - t0) )); }
   timeout 28 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels_exact.py \
     tests/test_kernels_front.py -k "gpu or front_exact or (forward_and_state and None)"
   echo "=== tests rc=$? $(date -u +%T)"
-  timeout 40 python3 scripts/exact_sweep.py 36
+  timeout 34 python3 scripts/exact_sweep.py 30
   echo "=== exact_sweep rc=$? $(date -u +%T)"
   peer_site=/tmp/peers_site
   mkdir -p "$peer_site"
