@@ -86,6 +86,8 @@ TUNING = Tuning({
     # the tile scan by warp shuffles and one exchange of the warps' totals (False: Hillis-Steele
     # in shared memory)
     "warp_scan": True,
+    # a block loads the chunk its index suggests while it draws its ticket (False: after)
+    "speculate": True,
     # False (tests only): tiles after the first never flag their inclusive value, so every
     # look-back composes aggregates back to the first tile: the path that the simulator, whose
     # thread blocks run one after the other, never takes otherwise
@@ -420,6 +422,18 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
     wlookback = _make_window_lookback(vec, a_width, nt, segs, cols, segs - 1)
     wx_size, wa_size = (sx_size, sa_size) if window else (1, 1)
 
+    speculate = TUNING["speculate"]
+
+    @cuda.jit(device=True, inline=True)
+    def load_tile(a, u, ubuf, abuf, af1, row0, t0, n, channels, a_stride, a_col, c0):
+        for i in range(steps):
+            tc = min(t0 + i, n - 1)
+            load_u(u, (row0 + tc) * channels + c0, ubuf, i * uw)
+            if per_head:
+                af1[i] = load_a1(a[(row0 + tc) * a_stride + a_col])
+            else:
+                load_a(a, (row0 + tc) * a_stride + a_col, abuf, i * aw)
+
     def kernel(a, u, y, x0, flags, vals, x_probe, n, channels, head_dim, ngroups, nchunks,
                probe):
         tx = cuda.threadIdx.x
@@ -434,15 +448,6 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
         sm_wx = cuda.shared.array(wx_size, f32)
         sm_wa = cuda.shared.array(wa_size, f32)
         sm_st = cuda.shared.array(segs, numba.int64)
-        if tx == 0:
-            raw_t = cuda.atomic.add(flags, g, 1)
-            sm_t[0] = raw_t
-            if (raw_t & 0xFFFFFFFF) == nchunks - 1:  # the chain's last ticket: next epoch
-                cuda.atomic.add(flags, g, (i64(1) << EPOCH_SHIFT) - nchunks)
-        cuda.syncthreads()
-        raw_t = sm_t[0]
-        epoch = raw_t >> EPOCH_SHIFT
-        chunk = raw_t & 0xFFFFFFFF
         b = g // ngroups
         c0 = (g % ngroups) * G + col * vec
         active = c0 < channels
@@ -452,19 +457,27 @@ def _make_blhd_kernel(in_kind, out_kind, per_head, vec, cols, segs, steps, store
         else:
             a_stride = channels
             a_col = c0
-        t0 = (chunk * segs + seg) * steps
-
         ubuf = cuda.local.array(u_size, raw)
         abuf = cuda.local.array(a_size, raw)
         af1 = cuda.local.array(steps, f32)
-        if active:
-            for i in range(steps):
-                tc = min(t0 + i, n - 1)
-                load_u(u, (b * n + tc) * channels + c0, ubuf, i * uw)
-                if per_head:
-                    af1[i] = load_a1(a[(b * n + tc) * a_stride + a_col])
-                else:
-                    load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * aw)
+        # the loads of the chunk the ticket will most likely give (blocks start in index order)
+        # are in flight while the ticket is drawn; a different ticket loads again
+        guess = cuda.blockIdx.x // nchains if speculate else -1
+        if active and guess >= 0:
+            load_tile(a, u, ubuf, abuf, af1, b * n, (guess * segs + seg) * steps, n, channels,
+                      a_stride, a_col, c0)
+        if tx == 0:
+            raw_t = cuda.atomic.add(flags, g, 1)
+            sm_t[0] = raw_t
+            if (raw_t & 0xFFFFFFFF) == nchunks - 1:  # the chain's last ticket: next epoch
+                cuda.atomic.add(flags, g, (i64(1) << EPOCH_SHIFT) - nchunks)
+        cuda.syncthreads()
+        raw_t = sm_t[0]
+        epoch = raw_t >> EPOCH_SHIFT
+        chunk = raw_t & 0xFFFFFFFF
+        t0 = (chunk * segs + seg) * steps
+        if active and chunk != guess:
+            load_tile(a, u, ubuf, abuf, af1, b * n, t0, n, channels, a_stride, a_col, c0)
 
         X = cuda.local.array(vec, f32)
         A = cuda.local.array(a_width, f32)
@@ -572,6 +585,15 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
     wlookback = _make_window_lookback(1, 1, nt, segs, 1, segs - 1)
     wx_size, wa_size = (nt, nt) if window else (1, 1)
 
+    speculate = TUNING["speculate"]
+
+    @cuda.jit(device=True, inline=True)
+    def load_tile(a, u, ubuf, abuf, row, a_row, t0, n):
+        for i in range(nv):
+            tc = min(t0 + i * vec, n - vec)
+            load_v(u, row * n + tc, ubuf, i * vw)
+            load_v(a, a_row * n + tc, abuf, i * vw)
+
     def kernel(a, u, y, x0, flags, vals, x_probe, n, channels, head_dim, ngroups, nchunks,
                probe):
         tx = cuda.threadIdx.x
@@ -586,6 +608,14 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
         sm_wx = cuda.shared.array(wx_size, f32)
         sm_wa = cuda.shared.array(wa_size, f32)
         sm_st = cuda.shared.array(segs, numba.int64)
+        row = g * rows + col  # flat (b, h, d)
+        active = row < ngroups  # ngroups: the number of rows B * H * D here
+        a_row = row // head_dim if per_head else row
+        ubuf = cuda.local.array(buf_size, raw)
+        abuf = cuda.local.array(buf_size, raw)
+        guess = cuda.blockIdx.x // nchains if speculate else -1  # as the BLHD kernel
+        if active and guess >= 0:
+            load_tile(a, u, ubuf, abuf, row, a_row, (guess * segs + seg) * steps, n)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
             sm_t[0] = raw_t
@@ -595,18 +625,9 @@ def _make_bhdl_kernel(in_kind, out_kind, per_head, vec, rows, segs, nv, store=Tr
         raw_t = sm_t[0]
         epoch = raw_t >> EPOCH_SHIFT
         chunk = raw_t & 0xFFFFFFFF
-        row = g * rows + col  # flat (b, h, d)
-        active = row < ngroups  # ngroups: the number of rows B * H * D here
-        a_row = row // head_dim if per_head else row
         t0 = (chunk * segs + seg) * steps
-
-        ubuf = cuda.local.array(buf_size, raw)
-        abuf = cuda.local.array(buf_size, raw)
-        if active:
-            for i in range(nv):
-                tc = min(t0 + i * vec, n - vec)
-                load_v(u, row * n + tc, ubuf, i * vw)
-                load_v(a, a_row * n + tc, abuf, i * vw)
+        if active and chunk != guess:
+            load_tile(a, u, ubuf, abuf, row, a_row, t0, n)
 
         X = cuda.local.array(1, f32)
         A = cuda.local.array(1, f32)
@@ -719,6 +740,19 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
     wlookback = _make_window_lookback(vec, a_width, nt, segs, cols, 0)
     wx_size, wa_size = (sx_size, sa_size) if window else (1, 1)
 
+    speculate = TUNING["speculate"]
+
+    @cuda.jit(device=True, inline=True)
+    def load_tile(a, u, dy, ubuf, dbuf, abuf, af1, row0, t0, n, channels, a_stride, a_col, c0):
+        for i in range(steps):
+            tc = min(t0 + i, n - 1)
+            load_u(u, (row0 + tc) * channels + c0, ubuf, i * uw)
+            load_u(dy, (row0 + tc) * channels + c0, dbuf, i * uw)
+            if per_head:
+                af1[i] = load_a1(a[(row0 + tc) * a_stride + a_col])
+            else:
+                load_a(a, (row0 + tc) * a_stride + a_col, abuf, i * aw)
+
     def kernel(a, u, dy, du, da, x0, dx0, carries, flags, vals, n, channels, head_dim, ngroups,
                nchunks, want_dx0):
         tx = cuda.threadIdx.x
@@ -734,6 +768,24 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
         sm_wa = cuda.shared.array(wa_size, f32)
         sm_st = cuda.shared.array(segs, numba.int64)
         sm_d = cuda.shared.array(d_size, f32)
+        b = g // ngroups
+        c0 = (g % ngroups) * G + col * vec
+        active = c0 < channels
+        if per_head:
+            a_stride = channels // head_dim
+            a_col = c0 // head_dim
+        else:
+            a_stride = channels
+            a_col = c0
+        ubuf = cuda.local.array(u_size, raw)
+        dbuf = cuda.local.array(u_size, raw)
+        abuf = cuda.local.array(a_size, raw)
+        af1 = cuda.local.array(steps, f32)
+        # as the forward: the likely chunk's loads in flight while the ticket is drawn
+        guess = nchunks - 1 - cuda.blockIdx.x // nchains if speculate else -1
+        if active and guess >= 0:
+            load_tile(a, u, dy, ubuf, dbuf, abuf, af1, b * n, (guess * segs + seg) * steps, n,
+                      channels, a_stride, a_col, c0)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
             sm_t[0] = raw_t
@@ -744,30 +796,10 @@ def _make_blhd_backward(kind, per_head, vec, cols, segs, steps):
         epoch = raw_t >> EPOCH_SHIFT
         ticket = raw_t & 0xFFFFFFFF
         chunk = nchunks - 1 - ticket  # the last chunk first
-        b = g // ngroups
-        c0 = (g % ngroups) * G + col * vec
-        active = c0 < channels
-        if per_head:
-            a_stride = channels // head_dim
-            a_col = c0 // head_dim
-        else:
-            a_stride = channels
-            a_col = c0
         t0 = (chunk * segs + seg) * steps
-
-        ubuf = cuda.local.array(u_size, raw)
-        dbuf = cuda.local.array(u_size, raw)
-        abuf = cuda.local.array(a_size, raw)
-        af1 = cuda.local.array(steps, f32)
-        if active:
-            for i in range(steps):
-                tc = min(t0 + i, n - 1)
-                load_u(u, (b * n + tc) * channels + c0, ubuf, i * uw)
-                load_u(dy, (b * n + tc) * channels + c0, dbuf, i * uw)
-                if per_head:
-                    af1[i] = load_a1(a[(b * n + tc) * a_stride + a_col])
-                else:
-                    load_a(a, (b * n + tc) * a_stride + a_col, abuf, i * aw)
+        if active and chunk != guess:
+            load_tile(a, u, dy, ubuf, dbuf, abuf, af1, b * n, t0, n, channels, a_stride, a_col,
+                      c0)
 
         X = cuda.local.array(vec, f32)
         A = cuda.local.array(a_width, f32)
@@ -938,6 +970,16 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
     wlookback = _make_window_lookback(1, 1, nt, segs, 1, 0)
     wx_size, wa_size = (nt, nt) if window else (1, 1)
 
+    speculate = TUNING["speculate"]
+
+    @cuda.jit(device=True, inline=True)
+    def load_tile(a, u, dy, ubuf, dbuf, abuf, row, a_row, t0, n):
+        for i in range(nv):
+            tc = min(t0 + i * vec, n - vec)
+            load_v(u, row * n + tc, ubuf, i * vw)
+            load_v(dy, row * n + tc, dbuf, i * vw)
+            load_v(a, a_row * n + tc, abuf, i * vw)
+
     def kernel(a, u, dy, du, da, x0, dx0, carries, flags, vals, n, channels, head_dim, ngroups,
                nchunks, want_dx0):
         tx = cuda.threadIdx.x
@@ -953,6 +995,15 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
         sm_wa = cuda.shared.array(wa_size, f32)
         sm_st = cuda.shared.array(segs, numba.int64)
         sm_d = cuda.shared.array(d_size, f32)
+        row = g * rows + col
+        active = row < ngroups
+        a_row = row // head_dim if per_head else row
+        ubuf = cuda.local.array(buf_size, raw)
+        dbuf = cuda.local.array(buf_size, raw)
+        abuf = cuda.local.array(buf_size, raw)
+        guess = nchunks - 1 - cuda.blockIdx.x // nchains if speculate else -1
+        if active and guess >= 0:
+            load_tile(a, u, dy, ubuf, dbuf, abuf, row, a_row, (guess * segs + seg) * steps, n)
         if tx == 0:
             raw_t = cuda.atomic.add(flags, g, 1)
             sm_t[0] = raw_t
@@ -963,20 +1014,9 @@ def _make_bhdl_backward(kind, per_head, vec, rows, segs, nv):
         epoch = raw_t >> EPOCH_SHIFT
         ticket = raw_t & 0xFFFFFFFF
         chunk = nchunks - 1 - ticket
-        row = g * rows + col
-        active = row < ngroups
-        a_row = row // head_dim if per_head else row
         t0 = (chunk * segs + seg) * steps
-
-        ubuf = cuda.local.array(buf_size, raw)
-        dbuf = cuda.local.array(buf_size, raw)
-        abuf = cuda.local.array(buf_size, raw)
-        if active:
-            for i in range(nv):
-                tc = min(t0 + i * vec, n - vec)
-                load_v(u, row * n + tc, ubuf, i * vw)
-                load_v(dy, row * n + tc, dbuf, i * vw)
-                load_v(a, a_row * n + tc, abuf, i * vw)
+        if active and chunk != guess:
+            load_tile(a, u, dy, ubuf, dbuf, abuf, row, a_row, t0, n)
 
         X = cuda.local.array(1, f32)
         A = cuda.local.array(1, f32)
@@ -1110,7 +1150,7 @@ _kernels: dict = {}
 
 def get_backward_kernel(layout, kind, per_head, vec, *shape):
     key = ("backward", layout, kind, per_head, vec, TUNING["inclusive_flags"],
-           TUNING["lookback_window"], TUNING["warp_scan"]) + tuple(shape)
+           TUNING["lookback_window"], TUNING["warp_scan"], TUNING["speculate"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_backward if layout == "BLHD" else _make_bhdl_backward
@@ -1120,7 +1160,7 @@ def get_backward_kernel(layout, kind, per_head, vec, *shape):
 
 def get_kernel(layout, in_kind, out_kind, per_head, vec, *shape):
     key = (layout, in_kind, out_kind, per_head, vec, TUNING["inclusive_flags"],
-           TUNING["lookback_window"], TUNING["warp_scan"]) + tuple(shape)
+           TUNING["lookback_window"], TUNING["warp_scan"], TUNING["speculate"]) + tuple(shape)
     kernel = _kernels.get(key)
     if kernel is None:
         factory = _make_blhd_kernel if layout == "BLHD" else _make_bhdl_kernel
