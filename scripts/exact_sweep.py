@@ -1,13 +1,13 @@
 """The one-pass exact scan (hops=None) against the memory floor, per tile shape and look-back.
 
 ``python scripts/exact_sweep.py [seconds]``: bf16, 128 heads x 16 channels, per-head a, at
-1x32768 and 16x2048, both layouts: the forward (``swr_exact``; floor: a and u read, y written)
-and the gradient (``swr_exact_vjp``; floor: a, u, dy read, du, da written) for a few settings of
-``exact_scan.TUNING`` (tile shapes, ``lookback_window``, ``warp_scan``, ``speculate``); the first
-row of each list is the defaults. The floor uses the device-to-device copy bandwidth measured
-here. Every kernel is first compiled in a process pool (the PTX disk cache), then timed one
-after the other; stops after the given seconds (default 40). Each output is compared with the
-first setting's (relative difference).
+1x32768 (the longest chains of the benchmark's sizes), both layouts: the forward (``swr_exact``;
+floor: a and u read, y written) and the gradient (``swr_exact_vjp``; floor: a, u, dy read, du,
+da written) for a few settings of ``exact_scan.TUNING`` (tile shapes, ``lookback_window``,
+``warp_scan``, ``speculate``); the first row of each list is the defaults. The floor uses the
+device-to-device copy bandwidth measured here. Every kernel is first compiled in a process pool
+(the PTX disk cache), then timed one after the other; stops after the given seconds (default
+40). Each output is compared with the first setting's (relative difference).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ for _table in (FWD, BWD):
     for _cfgs in _table.values():
         _cfgs.insert(1, dict(_cfgs[0], speculate=False))
 H, D = 128, 16
-SIZES = ((1, 32768), (16, 2048))
+SIZES = ((1, 32768),)
 
 
 def _shape(layout, B, L):
