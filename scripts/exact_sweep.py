@@ -23,16 +23,17 @@ FWD = {
     "BLHD": [dict(blhd_cols=c, blhd_segs=s, blhd_steps=t, lookback_window=w, warp_scan=x)
              for c, s, t, w, x in ((4, 32, 8, 1, 1), (4, 32, 8, 0, 1), (4, 32, 8, 1, 0),
                                    (4, 16, 16, 1, 1), (8, 16, 16, 1, 1), (2, 64, 8, 1, 1),
-                                   (8, 16, 8, 1, 1), (4, 32, 4, 1, 1))],
+                                   (8, 16, 8, 1, 1), (4, 32, 4, 1, 1), (4, 64, 8, 1, 1))],
     "BHDL": [dict(bhdl_rows=r, bhdl_segs=s, bhdl_nv=v, lookback_window=w, warp_scan=x)
              for r, s, v, w, x in ((4, 32, 4, 1, 1), (4, 32, 4, 0, 1), (4, 32, 4, 1, 0),
                                    (4, 32, 2, 1, 1), (4, 32, 8, 1, 1), (8, 16, 4, 1, 1),
-                                   (2, 32, 8, 1, 1))],
+                                   (2, 32, 8, 1, 1), (8, 32, 4, 1, 1))],
 }
 BWD = {
     "BLHD": [dict(blhd_cols=c, blhd_segs=s, blhd_bwd_steps=t, lookback_window=w, warp_scan=x)
              for c, s, t, w, x in ((4, 32, 4, 1, 1), (4, 32, 4, 0, 1), (4, 32, 4, 1, 0),
-                                   (4, 32, 8, 1, 1), (8, 16, 8, 1, 1), (4, 16, 8, 1, 1))],
+                                   (4, 32, 8, 1, 1), (8, 16, 8, 1, 1), (4, 16, 8, 1, 1),
+                                   (4, 64, 4, 1, 1))],
     "BHDL": [dict(bhdl_rows=r, bhdl_segs=s, bhdl_bwd_nv=v, lookback_window=w, warp_scan=x)
              for r, s, v, w, x in ((4, 32, 2, 1, 1), (4, 32, 2, 0, 1), (4, 32, 2, 1, 0),
                                    (4, 32, 4, 1, 1), (4, 16, 4, 1, 1), (4, 32, 1, 1, 1))],
