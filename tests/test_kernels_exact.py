@@ -361,6 +361,26 @@ def test_gpu_vjp_matches_reference(rng, ex, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_gpu_public_calls(rng, layout):
+    """sa.swr / sa.swr_vjp(hops=None) on CuPy arrays, twice (the second call takes the cached
+    plain path), and hops beyond the number of blocks: the exact scan's results."""
+    import cupy
+
+    a, u, dy, _, (eda, edu, _) = make_vjp_case(rng, layout, True, 2, 8, 16, 3000, BF16, False)
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
+    expect = sa.swr(f64(a), f64(u), hops=None, layout=layout)
+    ad, ud, dyd = cupy.asarray(a), cupy.asarray(u), cupy.asarray(dy)
+    for hops in (None, None, 1000):
+        y = sa.swr(ad, ud, hops=hops, layout=layout)
+        np.testing.assert_allclose(y.get().astype(np.float64), expect, **tol(BF16))
+        da, du, dx0 = sa.swr_vjp(ad, ud, dyd, hops=hops, layout=layout)
+        assert dx0 is None
+        np.testing.assert_allclose(du.get().astype(np.float64), edu, **tol(BF16))
+        np.testing.assert_allclose(da.get().astype(np.float64), eda, **tol(BF16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_gpu_window_lookback(rng, ex, layout):
     """The look-back over a window of tiles at once, forward and gradient."""
     import cupy
