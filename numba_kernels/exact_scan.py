@@ -9,13 +9,17 @@ chunks of a chain start in sequence order whatever order the hardware schedules 
 tile that waits for an earlier one never waits for a tile that has not started. A tile
 
 1. loads its chunk of ``a`` and ``u`` once into registers (each thread a segment of ``steps``
-   tokens of its channels, all loads in flight together);
-2. scans them with carry 0: per segment, then across the tile's segments in shared memory, giving
-   each channel's aggregate ``(A, X)`` (``A`` the product of ``a``, ``X`` the local ``x``), and
-   publishes the aggregate with the flag AGGREGATE (chunk 0 publishes its inclusive value ``x``
-   at once, from ``x0``);
-3. looks back over its predecessors: each aggregate found is composed into the carry's map, until
-   an INCLUSIVE value ``x`` ends the walk; publishes its own inclusive ``x`` with that flag;
+   tokens of its channels, all loads in flight together; with ``TUNING["speculate"]`` the loads
+   of the chunk its block index suggests start before the ticket arrives, and are made again
+   only when the ticket differs);
+2. scans them with carry 0: per segment, then across the tile's segments (warp shuffles, then
+   the warps' totals in shared memory), giving each channel's aggregate ``(A, X)`` (``A`` the
+   product of ``a``, ``X`` the local ``x``), and publishes the aggregate with the flag AGGREGATE
+   (chunk 0 publishes its inclusive value ``x`` at once, from ``x0``);
+3. looks back over its predecessors (``TUNING["lookback_window"]``: the whole block reads as
+   many predecessors at once as the tile has segments): aggregates are composed into the
+   carry's map until an INCLUSIVE value ``x`` ends the walk; publishes its own inclusive ``x``
+   with that flag;
 4. re-walks its registers from the carry and writes ``y``.
 
 So ``a`` and ``u`` are read once and ``y`` written once; the status traffic is three float32
@@ -27,10 +31,11 @@ last ticket moves it to ``(epoch + 1) << 32``, so the next launch on the same st
 ticket 0 of the next epoch. A tile flag holds ``4 * epoch + status`` (1 aggregate, 2 inclusive),
 so flags left by earlier launches never match. Nothing is read back to the host and nothing is
 launched besides the kernel: calls can be captured in a CUDA graph. Launches sharing one
-workspace must run one after the other (the front keeps one per device and shape).
+workspace must run one after the other (the front keeps one per device, role and shape, and
+does not tell streams apart: concurrent calls of one shape on two streams are not supported).
 
-Flags are read with atomics and values with ``ld.global.cg`` (L2, not the SM's L1) after a fence,
-and written before a fence, a barrier and the flag (the CUB pattern).
+Flags are read with atomics or volatile loads and values with ``ld.global.cg`` (L2, not the
+SM's L1) after a fence, and written before a fence, a barrier and the flag (the CUB pattern).
 
 Layouts:
 
