@@ -1459,16 +1459,16 @@ def signature(in_kind, out_kind):
 
 def specialisations():
     """``(name, kernel, signature)`` of the kernels the entry points launch under the current
-    TUNING, for the PTX tests. Per layout: the forward for every input kind per head and bf16 per
-    channel, storing its own kind, two other output kinds, and the one-channel kernel; the
-    backward for every kind per head, bf16 per channel and its one-channel kernel; the carries
-    kernel (the forward storing nothing) of bf16 per head; then bf16 per head forward and
-    backward with the other look-back and the other tile scan (names suffixed ``_window`` or
-    ``_one``). The rest differ
-    from these only in which loads or stores a kind or per-head/per-channel choice compiles
-    to."""
-    fwd = [(i, i, None, True) for i in ("f32", "f16", "bf16")] + [("bf16", "bf16", None, False)]
-    fwd += [("bf16", "f32", None, True), ("f32", "bf16", None, True), ("bf16", "bf16", 1, False)]
+    TUNING, for the PTX tests. Per layout: the forward of bf16 per head and per channel, three
+    other dtype pairs (f32, f16 and bf16 loads and stores among them) and the one-channel
+    kernel; the backward for every kind per head, bf16 per channel and its one-channel kernel;
+    the carries kernel (the forward storing nothing) of bf16 per head. Then the BLHD forward and
+    the BHDL backward with the other look-back and the other tile scan (names suffixed
+    ``_window`` or ``_one``). The rest differ from these only in which loads or stores a kind or
+    the per-head/per-channel choice compiles to."""
+    fwd = [("bf16", "bf16", None, True), ("bf16", "bf16", None, False)]
+    fwd += [("bf16", "f32", None, True), ("f32", "bf16", None, True), ("f16", "bf16", None, True),
+            ("bf16", "bf16", 1, False)]
     bwd = [(i, None, True) for i in ("f32", "f16", "bf16")]
     bwd += [("bf16", None, False), ("bf16", 1, False)]
     for layout in ("BLHD", "BHDL"):
@@ -1493,14 +1493,13 @@ def specialisations():
     try:
         TUNING["lookback_window"] = not window
         TUNING["warp_scan"] = not warp
-        for layout in ("BLHD", "BHDL"):
-            vec = _vec_for("bf16")
-            geometry = _geometry(layout, "bf16", vec, True, 16, False)
-            built.append((get_kernel(layout, "bf16", "bf16", True, vec, *geometry),
-                          signature("bf16", "bf16")))
-            geometry = _geometry(layout, "bf16", vec, True, 16, True)
-            built.append((get_backward_kernel(layout, "bf16", True, vec, *geometry),
-                          backward_signature("bf16")))
+        vec = _vec_for("bf16")
+        geometry = _geometry("BLHD", "bf16", vec, True, 16, False)
+        built.append((get_kernel("BLHD", "bf16", "bf16", True, vec, *geometry),
+                      signature("bf16", "bf16")))
+        geometry = _geometry("BHDL", "bf16", vec, True, 16, True)
+        built.append((get_backward_kernel("BHDL", "bf16", True, vec, *geometry),
+                      backward_signature("bf16")))
     finally:
         TUNING["lookback_window"], TUNING["warp_scan"] = window, warp
     for kernel, sig in built:

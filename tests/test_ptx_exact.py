@@ -61,28 +61,46 @@ def _path():
     sys.path.insert(0, os.path.dirname(__file__))
 
 
-@pytest.mark.parametrize("i", range(len(NAMES)), ids=NAMES)
-def test_compiles_to_ptx(i):
+def test_every_specialisation_compiles():
+    """One test for all of them (compiled once, in a process pool over the cores): under
+    pytest-xdist a single worker compiles them."""
     from swr_array.numba_kernels._launch import entry_and_params
 
-    res = all_ptx()[i]
-    if isinstance(res, Exception):
-        raise res
-    name = NAMES[i]
+    problems = []
+    for name, res in zip(NAMES, all_ptx()):
+        if isinstance(res, Exception):
+            problems.append(f"{name}: {res}")
+            continue
+        problems += [f"{name} sm{cc[0]}{cc[1]}: {p}" for cc, ptx in res.items()
+                     for p in _check(name, ptx, entry_and_params)]
+    assert not problems, "\n".join(problems)
+
+
+def _check(name, ptx, entry_and_params):
+    """What is wrong with one kernel's PTX (empty: nothing)."""
+    out = []
     backward = "_backward_" in name
-    for cc, ptx in res.items():
-        entry, params = entry_and_params(ptx)
-        assert name.removesuffix("_window").removesuffix("_one") in entry
-        arrays, scalars = (10, 6) if backward else (7, 6)
-        assert len(params) == arrays * 7 + scalars and set(params) == {"u64"}
-        assert ".local" not in ptx, (cc, "local memory")
-        assert "ld.global.cg.f32" in ptx and "atom.global.add.u64" in ptx
-        if name.endswith("_window") or ("_one" not in name and EX.TUNING["lookback_window"]):
-            assert "ld.volatile.global.s64" in ptx  # the window's flag reads
-        assert "atom.global.max.s64" in ptx and "membar.gl" in ptx
-        if "_vec1_" not in name:
-            assert "ld.global.v4.u32" in ptx
-            if "_carries" not in name and ("bhdl" in name or "_to_f32_" in name or backward):
-                assert "st.global.v4" in ptx or "st.global.v2" in ptx
-        if "_carries" in name:
-            assert "st.global.v" not in ptx  # stores no y
+    entry, params = entry_and_params(ptx)
+    if name.removesuffix("_window").removesuffix("_one") not in entry:
+        out.append(f"entry {entry}")
+    arrays, scalars = (10, 6) if backward else (7, 6)
+    if len(params) != arrays * 7 + scalars or set(params) != {"u64"}:
+        out.append(f"parameters {params}")
+    if ".local" in ptx:
+        out.append("local memory")
+    if not ("ld.global.cg.f32" in ptx and "atom.global.add.u64" in ptx
+            and "atom.global.max.s64" in ptx and "membar.gl" in ptx):
+        out.append("status protocol (ld.global.cg, atomics, fences)")
+    if name.endswith("_window") or ("_one" not in name and EX.TUNING["lookback_window"]):
+        if "ld.volatile.global.s64" not in ptx:
+            out.append("the window's flag reads")
+    if "_vec1_" not in name:
+        if "ld.global.v4.u32" not in ptx:
+            out.append("16-byte loads")
+        wide = "st.global.v4" in ptx or "st.global.v2" in ptx
+        if "_carries" not in name and ("bhdl" in name or "_to_f32_" in name or backward):
+            if not wide:
+                out.append("wide stores")
+    if "_carries" in name and "st.global.v" in ptx:
+        out.append("the carries kernel stores y")
+    return out
