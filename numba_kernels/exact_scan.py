@@ -73,8 +73,8 @@ STATUS_VALUES = 3  # per channel and tile: A, X (aggregate), x (inclusive)
 
 TUNING = Tuning({
     # BLHD: 16-byte channel vectors per tile row, segments (time) per tile, tokens per segment
-    "blhd_cols": 4,
-    "blhd_segs": 32,
+    "blhd_cols": 8,
+    "blhd_segs": 16,
     "blhd_steps": 8,
     # BHDL: rows per tile, segments per row, 16-byte accesses per segment
     "bhdl_rows": 4,

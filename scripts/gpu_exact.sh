@@ -4,7 +4,7 @@
 # 1. its GPU tests (tests/test_kernels_exact.py: the kernels against the reference with poisoned
 #    outputs, repeated launches on one workspace and a CUDA-graph replay; the front's hops=None
 #    forward cases of tests/test_kernels_front.py);
-# 2. scripts/exact_sweep.py: forward and gradient per tile shape and look-back (24 s);
+# 2. scripts/exact_sweep.py: forward and gradient per tile shape and look-back (22 s);
 # 3. `python -m swr_array bench --hops none` per head, bf16 and fp32, 16x2048, 4x8192, 1x32768,
 #    both layouts, forward and forward+backward against the floor;
 # 4. the same per channel in bf16 with the peers accelerated-scan and chunk_hgrn (installed from
@@ -23,10 +23,10 @@ t0=$(date +%s)
 left() { echo $(( 105 - ($(date +%s) - t0) )); }
 {
   echo "=== tests $(date -u +%T)"
-  timeout 28 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels_exact.py \
+  timeout 40 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels_exact.py \
     tests/test_kernels_front.py -k "gpu or front_exact or (forward_and_state and None)"
   echo "=== tests rc=$? $(date -u +%T)"
-  timeout 28 python3 scripts/exact_sweep.py 24
+  timeout 26 python3 scripts/exact_sweep.py 22
   echo "=== exact_sweep rc=$? $(date -u +%T)"
   peer_site=/tmp/peers_site
   mkdir -p "$peer_site"
@@ -36,13 +36,13 @@ left() { echo $(( 105 - ($(date +%s) - t0) )); }
   done
   export PYTHONPATH=$PYTHONPATH:$peer_site
   common=(--hops none --runs 5 --calls 10 --host-calls 0 --no-plot --no-progress)
-  b=$(left); b=$(( b - 28 < 18 ? b - 28 : 18 )); [ "$b" -lt 10 ] && b=10
+  b=$(left); b=$(( b - 20 < 18 ? b - 20 : 18 )); [ "$b" -lt 10 ] && b=10
   (cd "$scratch" && mkdir -p head && timeout "$b" python3 -m swr_array bench "${common[@]}" \
     --peers none --dtypes bf16,fp32 --sizes 16x2048,4x8192,1x32768 --time-budget $((b - 4)) \
     --out "$scratch/head" --markdown "$scratch/head/t.md")
   echo "=== bench per head rc=$? $(date -u +%T)"
   cat "$scratch/head/t.md" 2>/dev/null
-  b=$(left); b=$(( b - 10 < 20 ? b - 10 : 20 )); [ "$b" -lt 10 ] && b=10
+  b=$(left); b=$(( b - 2 < 18 ? b - 2 : 18 )); [ "$b" -lt 10 ] && b=10
   (cd "$scratch" && mkdir -p chan && timeout "$b" python3 -m swr_array bench "${common[@]}" \
     --per-channel --peers accelerated-scan,chunk_hgrn --dtypes bf16 \
     --sizes 16x2048,4x8192,1x32768 --time-budget $((b - 4)) \
