@@ -8,7 +8,7 @@ Shared pieces: ``_ptx`` (inline PTX/LLVM helpers), ``_dtypes`` (storage kinds, i
 conversions), ``_launch`` (compilation, launches on data pointers, ``Tuning``).
 """
 
-from . import packing, phalanx_fused, swr_backward, swr_forward, swr_step
+from . import exact_scan, packing, phalanx_fused, swr_backward, swr_forward, swr_step
 from ._launch import FlatArray, compile_for, launch
 from .block_scan import linear_scan
 from .phalanx_fused import phalanx_backward, phalanx_forward
@@ -20,6 +20,7 @@ __all__ = [
     "block_carriers",
     "block_grad_sums",
     "compile_for",
+    "exact_scan",
     "launch",
     "linear_scan",
     "packing",

@@ -127,10 +127,10 @@ FUSED_HOPS = range(2, 9)  # numba_kernels.swr_forward.HALO_HOPS (not imported: n
 
 
 def one_pass(p):
-    """Whether a call without x0/state/return_state runs the forward in one kernel: hops 0/1 in
-    both layouts, BLHD hops 2..8 (the halo walk); the rest goes through the block carriers."""
-    return p.hops in (0, 1) or (p.layout == "BLHD" and p.hops in FUSED_HOPS)
-
+    """Whether a call without x0/state/return_state runs the forward in one kernel: hops 0/1 and
+    hops=None (the exact scan) in both layouts, BLHD hops 2..8 (the halo walk); the rest goes
+    through the block carriers."""
+    return p.hops is None or p.hops in (0, 1) or (p.layout == "BLHD" and p.hops in FUSED_HOPS)
 
 
 def swr_forward_plain(a, u, p, out=None, stream=None):
@@ -144,6 +144,9 @@ def swr_forward_plain(a, u, p, out=None, stream=None):
     if p.N == 0:
         return y
     zeros, ones = _plain_zeros(cp, p)
+    if p.hops is None:
+        _nk().exact_scan.swr_exact(a, u, y, zeros, layout=p.layout, stream=stream)
+        return y
     _nk().swr_forward.swr_forward(a, u, y, layout=p.layout, block_len=p.block_len, hops=p.hops,
                                   offset=0, w0=zeros, g0=ones, carry=zeros, stream=stream)
     return y
@@ -161,9 +164,22 @@ def _plain_zeros(cp, p):
     return consts
 
 
+def exact_backward_fits(p, dy_dtype):
+    """Whether the gradient of hops=None runs as the exact scan's two launches
+    (numba_kernels/exact_scan.py ``swr_exact_vjp``): dy of u's dtype, and per-head coefficients
+    whose head fits in one tile (``backward_fits``); else the block-carrier path."""
+    if p.hops is not None or np.dtype(dy_dtype) != np.dtype(p.dtype):
+        return False
+    from .numba_kernels._dtypes import storage_kind
+
+    shape = (p.B, p.N, p.H, p.D) if p.layout == "BLHD" else (p.B, p.H, p.D, p.N)
+    return _nk().exact_scan.backward_fits(p.layout, shape, p.per_head, storage_kind(p.dtype))
+
+
 def swr_backward_plain(a, u, dy, p, out=None, stream=None):
-    """The hot path of the gradient: a checked, C-contiguous CuPy call with no x0, hops 0 or 1;
-    ``out`` is None or ``(da, du, None)``; ``stream`` as in :func:`swr_forward_plain`."""
+    """The hot path of the gradient: a checked, C-contiguous CuPy call with no x0, hops 0 or 1
+    (or None where :func:`exact_backward_fits`); ``out`` is None or ``(da, du, None)``;
+    ``stream`` as in :func:`swr_forward_plain`."""
     cp = _xp_of(u)
     if cp.cuda.runtime.getDevice() != p.device:
         with cp.cuda.Device(p.device):
@@ -177,6 +193,10 @@ def swr_backward_plain(a, u, dy, p, out=None, stream=None):
         da[...] = 0
         return da, du, None
     zeros, _ = _plain_zeros(cp, p)
+    if p.hops is None:
+        _nk().exact_scan.swr_exact_vjp(a, u, dy, du, da, zeros, None, layout=p.layout,
+                                       stream=stream)
+        return da, du, None
     _nk().swr_backward.swr_backward(a, u, dy, du, da, layout=p.layout, block_len=p.block_len,
                                     hops=p.hops, carry=zeros, dcarry=None,
                                     stream=stream)  # fmt: skip
@@ -192,6 +212,8 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     shape = (p.B, p.H, p.D)
     position = 0 if state is None else state.common_position()
     fresh = state is None
+    if p.hops is None:
+        return _exact_forward(a, u, y, p, x0, state, return_state, position)
     if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
         # the halo walk: x0 is the carrier before block 0
         zeros, ones = _plain_zeros(cp, p)
@@ -248,6 +270,49 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     return y, state.advanced(p.N, v, C, S, cp, position)
 
 
+def _exact_forward(a, u, y, p, x0, state, return_state, position):
+    """hops=None: the exact scan in one pass (numba_kernels/exact_scan.py) from x0, or from a
+    state's x (``w + g * s``); with ``return_state`` the kernel also keeps x in float32 just
+    before the last two blocks (at most), whose carriers a short tail of the inputs gives."""
+    cp = _xp_of(u)
+    nk = _nk()
+    shape = (p.B, p.H, p.D)
+    l = p.block_len
+    if state is None:
+        x_in = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
+    else:
+        x_in = cp_ascontig(state.w + state.g * state.carry_v[..., 0])
+    end = position + p.N
+    tail_abs = max(position, ((end - 1) // l - 1) * l)
+    ts = tail_abs - position  # the tail: the last complete block (if any) and a partial one
+    x_probe = cp.empty(shape, F32) if return_state and ts > 0 else None
+    if p.N:
+        nk.exact_scan.swr_exact(_view(a), _view(u), _view(y), x_in, layout=p.layout,
+                                probe=ts - 1, x_probe=x_probe)
+    if not return_state:
+        return y
+    if state is None:
+        state = SWRState.initial(shape, block_len=l, hops=None,
+                                 x0=None if x0 is None else cp_ascontig(x0), xp=cp, dtype=F32)
+    if p.N == 0:
+        return y, state
+    if ts == 0:
+        at, ut = a, u
+        kw = dict(offset=position % l, w0=cp_ascontig(state.w), g0=cp_ascontig(state.g))
+        s0 = cp_ascontig(state.carry_v[..., 0])
+    else:
+        at, ut = _time_slice(a, ts, p.layout), _time_slice(u, ts, p.layout)
+        zeros, ones = _plain_zeros(cp, p)
+        kw = dict(offset=0, w0=zeros, g0=ones)
+        s0 = x_probe
+    nb = -(-(kw["offset"] + p.N - ts) // l)
+    v = cp.empty(shape + (nb,), F32)
+    C = cp.empty_like(v)
+    nk.block_carriers(_view(at), _view(ut), v, C, layout=p.layout, block_len=l, **kw)
+    S = cp.ascontiguousarray(_exact_block_carry(v, C, s0))
+    return y, state.advanced(p.N, v, C, S, cp, position)
+
+
 def _advance_from_tail(a, u, p, state, position):
     """The next state for hops 0/1: only the trailing partial block and the K complete blocks
     before it matter, so their carriers are recomputed from a short tail of the inputs."""
@@ -294,6 +359,14 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     hops = p.hops
     if hops is not None and hops >= nb:
         hops = None  # every window reaches x0: the exact recurrence, same numbers
+    if hops is None and exact_backward_fits(p, dy.dtype):
+        # the exact scan's backward (numba_kernels/exact_scan.py): the forward's per-tile
+        # carries, then one reverse pass over a, u, dy
+        if dcarry is None and x0 is not None:
+            dcarry = cp.empty(shape, F32)
+        nk.exact_scan.swr_exact_vjp(av, uv, dyv, _view(du), _view(da), carry,
+                                    dcarry if x0 is not None else None, layout=p.layout)
+        return da, du, (dcarry if x0 is not None else None)
     if hops in (0, 1):
         if dcarry is None and x0 is not None:
             dcarry = cp.empty(shape, F32)

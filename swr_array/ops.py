@@ -302,7 +302,8 @@ def swr_vjp(
 
         from . import _cuda
 
-        if plain and key is not None and p.hops in (0, 1):
+        fused = p.hops in (0, 1) or _cuda.exact_backward_fits(p, dy.dtype)
+        if plain and key is not None and fused:
             contiguous = a.flags.c_contiguous and u.flags.c_contiguous and dy.flags.c_contiguous
             if contiguous:
                 _plans.PLANS.put(key, p)
