@@ -1,0 +1,132 @@
+"""The halo walks of hops 2..8 (numba_kernels/halo_walk.py) against the reference.
+
+1. A NumPy prototype of the reverse halo walk (one chunk of blocks at a time, walked backwards,
+   with the forward carriers of the ``hops`` blocks before each block in a shift register and the
+   adjoints ``(q, C)`` of the ``hops`` blocks after it in another) equals
+   ``reference.swr_vjp``: the adjoint recurrences of the module docstring.
+2. The Numba kernels in the CUDA simulator (this file runs them where NUMBA_ENABLE_CUDASIM=1):
+   several chunks, lengths that are not multiples of block_len nor of the chunk, x0, per-head and
+   per-channel coefficients, float32/float16/bfloat16, hops 2, 3 and 8, both layouts.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from swr_array import reference
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. NumPy prototype of the reverse halo walk (time-last arrays (M, N), per-channel a)
+# ----------------------------------------------------------------------------------------------
+
+
+def _block(a, u, lo, n):
+    """Forward local scan of one block: (w_{t-1} per step, g_{t-1} per step, v, C)."""
+    M = a.shape[0]
+    w = np.zeros(M)
+    g = np.ones(M)
+    wp = np.empty((M, n))
+    gp = np.empty((M, n))
+    for i in range(n):
+        wp[:, i], gp[:, i] = w, g
+        w = a[:, lo + i] * w + u[:, lo + i]
+        g = g * a[:, lo + i]
+    return wp, gp, w, g
+
+
+def halo_backward_prototype(a, u, dy, block_len, hops, x0, chunk_blocks):
+    """(da, du, dx0) of the sliding window with ``hops`` k, chunk by chunk, each chunk walking
+    its blocks backwards with only its own inputs and a halo of k blocks on each side."""
+    M, N = u.shape
+    k, lb = hops, block_len
+    nb = -(-N // lb)
+    du = np.zeros((M, N))
+    da = np.zeros((M, N))
+    dx0 = np.zeros(M)
+    x0 = np.zeros(M) if x0 is None else x0
+
+    def blen(j):
+        return min(lb, N - j * lb)
+
+    def carrier(i):  # (v_i, C_i) of any block index, v_{-1} = x0, nothing before
+        if i < -1:
+            return np.zeros(M), np.ones(M)
+        if i == -1:
+            return x0.copy(), np.ones(M)
+        _, _, v, C = _block(a, u, i * lb, blen(i))
+        return v, C
+
+    for j0 in range(0, nb, chunk_blocks):
+        j1 = min(j0 + chunk_blocks, nb)
+        # future register: (q, C) of blocks j1 .. j1+k-1, newest-adjoint first (index m: j+1+m)
+        fq = [np.zeros(M) for _ in range(k)]
+        fC = [np.ones(M) for _ in range(k)]
+        for i in range(min(j1 + k, nb) - 1, j1 - 1, -1):
+            _, gp, _, C = _block(a, u, i * lb, blen(i))
+            g = gp * a[:, i * lb:i * lb + blen(i)]
+            q = (g * dy[:, i * lb:i * lb + blen(i)]).sum(axis=1)
+            fq = [q] + fq[:-1]
+            fC = [C] + fC[:-1]
+        # past register: (v, C) of blocks j-k .. j-1, oldest first
+        pv, pC = zip(*[carrier(j1 - 1 - k + m) for m in range(k)])
+        pv, pC = list(pv), list(pC)
+        for j in range(j1 - 1, j0 - 1, -1):
+            # W(n): the carry entering block j cut after n hops; T = W(k)
+            W = [np.zeros(M)]
+            P = np.ones(M)
+            for e in range(1, k + 1):
+                W.append(W[-1] + P * pv[k - e])
+                P = P * pC[k - e]
+            T = W[k]
+            # dv_j = sum_m (C_{j+1} .. C_{j+m}) q_{j+1+m}   (Horner, newest last)
+            dv = fq[k - 1].copy()
+            for m in range(k - 2, -1, -1):
+                dv = fq[m] + fC[m] * dv
+            # dC_j = sum_{d=1}^{k-1} q_{j+d} (C_{j+1} .. C_{j+d-1}) W(k-d)
+            dC = np.zeros(M)
+            R = np.ones(M)
+            for d in range(1, k):
+                dC += fq[d - 1] * R * W[k - d]
+                R = R * fC[d - 1]
+            lo, n = j * lb, blen(j)
+            wp, gp, _, C = _block(a, u, lo, n)
+            lam, mu, zz, an = dv.copy(), dC.copy(), np.zeros(M), np.ones(M)
+            for i in range(n - 1, -1, -1):
+                d = dy[:, lo + i]
+                lam = d + an * lam
+                mu = d * T + an * mu
+                zz = d + an * zz
+                du[:, lo + i] = lam
+                da[:, lo + i] = lam * wp[:, i] + mu * gp[:, i]
+                an = a[:, lo + i]
+            q = an * zz
+            fq = [q] + fq[:-1]
+            fC = [C] + fC[:-1]
+            pv = [carrier(j - 1 - k)[0]] + pv[:-1]
+            pC = [carrier(j - 1 - k)[1]] + pC[:-1]
+        if j0 == 0:
+            dx = fq[k - 1].copy()
+            for m in range(k - 2, -1, -1):
+                dx = fq[m] + fC[m] * dx
+            dx0 = dx
+    return da, du, dx0
+
+
+@pytest.mark.parametrize("hops", [2, 3, 5, 8])
+@pytest.mark.parametrize("N,block_len,chunk", [(77, 4, 3), (64, 8, 2), (13, 4, 8), (100, 2, 7)])
+def test_prototype_matches_reference_vjp(rng, hops, N, block_len, chunk):
+    M = 3
+    a = rng.uniform(-1.2, 1.2, (M, N))
+    u = rng.standard_normal((M, N))
+    dy = rng.standard_normal((M, N))
+    x0 = rng.standard_normal(M)
+    da, du, dx0 = halo_backward_prototype(a, u, dy, block_len, hops, x0, chunk)
+    rda, rdu, rdx0 = reference.swr_vjp(a, u, dy, block_len=block_len, hops=hops, x0=x0)
+    np.testing.assert_allclose(du, rdu, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(da, rda, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dx0, rdx0, rtol=1e-10, atol=1e-10)
