@@ -11,9 +11,20 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numba
 import numpy as np
 import pytest
+from conftest import gpu_available
+from test_kernels_backward import (
+    assert_close,
+    expected,
+    make_case,
+    poisoned,
+    time_last,
+    to_np,
+    xp,
+)
 
 from swr_array import reference
 
@@ -130,3 +141,84 @@ def test_prototype_matches_reference_vjp(rng, hops, N, block_len, chunk):
     np.testing.assert_allclose(du, rdu, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(da, rda, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dx0, rdx0, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The Numba kernels (CUDA simulator, or a GPU) against the reference
+# ----------------------------------------------------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(
+    not (SIM or gpu_available()), reason="needs the CUDA simulator or a GPU")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
+
+
+def run_halo_backward(a, u, dy, layout, block_len, hops, x0, *, want_dcarry=True, chunk=None):
+    """halo_walk.halo_backward on poisoned outputs; NumPy (da, du, dcarry or None)."""
+    from swr_array.numba_kernels import halo_walk
+
+    X = xp()
+    B, H, D = (u.shape[0], u.shape[1], u.shape[2]) if layout == "BHDL" else (
+        u.shape[0], u.shape[2], u.shape[3])
+    du = poisoned(u.shape, u.dtype)
+    da = poisoned(a.shape, a.dtype)
+    carry = X.asarray(np.zeros((B, H, D), np.float32) if x0 is None else x0)
+    dcarry = poisoned((B, H, D), np.float32) if want_dcarry else None
+    halo_walk.halo_backward(X.asarray(a), X.asarray(u), X.asarray(dy), du, da, layout=layout,
+                            block_len=block_len, hops=hops, carry=carry, dcarry=dcarry,
+                            chunk_blocks=chunk)
+    return to_np(da), to_np(du), (to_np(dcarry) if want_dcarry else None)
+
+
+def check_halo_backward(rng, layout, per_head, dtype, hops, *, block_len, B=1, H=2, D=4, N=21,
+                        x0_given=True, want_dcarry=True, dy_dtype=None, chunk=None):
+    a, u, dy, x0 = make_case(rng, layout, per_head, dtype, B=B, H=H, D=D, N=N,
+                             dy_dtype=dy_dtype)
+    x0 = x0 if x0_given else None
+    da, du, dcarry = run_halo_backward(a, u, dy, layout, block_len, hops, x0,
+                                       want_dcarry=want_dcarry, chunk=chunk)
+    da_r, du_r, dx0_r = expected(a, u, dy, layout, per_head, block_len, hops, x0)
+    assert_close(time_last(du, layout), du_r, dtype, "du")
+    assert_close(time_last(da, layout), da_r, dtype, "da")
+    if want_dcarry:
+        assert_close(dcarry, dx0_r, np.float32, "dcarry")
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+@pytest.mark.parametrize("hops", [2, 3, 8])
+@pytest.mark.parametrize("per_head", [True, False], ids=["head", "channel"])
+def test_backward_kernel(rng, layout, hops, per_head):
+    # block_len 4, N = 45: 12 blocks, the last partial; chunks of 5 blocks (not a multiple of
+    # hops, nor dividing 12): halos on both sides cross chunk ends; D = 8 in float32 puts a
+    # head on two lanes (vec 4) in BLHD, on 8 in BHDL
+    check_halo_backward(rng, layout, per_head, np.dtype(np.float32), hops, block_len=4, D=8,
+                        N=45, chunk=5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=lambda d: d.name)
+def test_backward_kernel_16bit(rng, layout, dtype):
+    # 16-bit storage, two batches, no x0, block_len 8 with groups of 8 steps
+    check_halo_backward(rng, layout, True, dtype, 2, block_len=8, B=2, D=8, N=53,
+                        x0_given=False, chunk=3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_backward_kernel_short(rng, layout):
+    # fewer blocks than hops (every window reaches x0), the tuned chunk, dy float32
+    check_halo_backward(rng, layout, False, BF16, 5, block_len=4, N=14, dy_dtype=np.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_simulator_barriers():
+    # as in test_kernels_backward: the simulator's threads switch every 0.1 ms, not 5 ms
+    import sys
+
+    old = sys.getswitchinterval()
+    if SIM:
+        sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)

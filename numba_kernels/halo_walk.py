@@ -1,0 +1,533 @@
+"""Deep windows (hops k = 2..8) in one pass: the reverse halo walk (backward, both layouts).
+
+Notation of docs/spec.md#recurrence: per block j of ``block_len`` (l) steps the local scan ``w``
+(from 0), the attenuation ``g`` (from 1), the carrier ``v_j`` and compound attenuation ``C_j``
+(``w``, ``g`` at the block's last step); the carry entering block j with ``hops`` = k is
+
+    T_j = sum_{m=0..k-1} (C_{j-1} ... C_{j-m}) v_{j-1-m},   v_{-1} = x0, no term before -1,
+
+and ``y_t = w_t + g_t T_j``. With ``dy`` given, ``q_j = sum_{t in j} g_t dy_t`` (= dLoss/dT_j).
+
+The adjoints (docs/spec.md#gradients; the same numbers as ``reference.swr_vjp``):
+
+    dv_j  = sum_{m=0..k-1} (C_{j+1} ... C_{j+m}) q_{j+1+m}                  (no q beyond nb-1)
+    W_j(n) = sum_{e=1..n} (C_{j-1} ... C_{j-e+1}) v_{j-e}    (the carry cut after n hops; W_j(k) = T_j)
+    dC_j  = sum_{d=1..k-1} q_{j+d} (C_{j+1} ... C_{j+d-1}) W_j(k-d)
+    dx0   = dv_{-1}
+
+and inside block j, walked from its last step to its first (``a_{t+1}`` := 1 at the last step):
+
+    lam_t = dy_t + a_{t+1} lam_{t+1},      lam_end = dy_end + dv_j        du_t = lam_t
+    mu_t  = dy_t T_j + a_{t+1} mu_{t+1},   mu_end  = dy_end T_j + dC_j
+    z_t   = dy_t + a_{t+1} z_{t+1},        z_end   = dy_end               q_j = a_first z_first
+    da_t  = lam_t w_{t-1} + mu_t g_{t-1}   (w_{-1} = 0, g_{-1} = 1 at the block's start)
+
+summed over the head's channels for per-head coefficients.
+
+**The walk.** A thread owns ``vec`` channels (BLHD: adjacent channels, one access of up to 16
+bytes per step; BHDL: ``vec`` = 1, one channel row) and a chunk of blocks ``[j0, j1)``, and walks
+the chunk from its last block to its first, holding two shift registers of k entries:
+
+- the future ``(q, C)`` of blocks j+1 .. j+k (from which dv_j and dC_j come by Horner's rule),
+  started by a reverse walk of the k blocks after the chunk (reading a and dy there), then fed
+  by each block's own reverse sweep (q_j, and C_j as the product of its a's in the same order);
+- the past ``(v, C)`` of blocks j-k .. j-1 (from which W_j and T_j come): a lead walk, k blocks
+  ahead of the block being differentiated, walks block j-1-k forward (a and u) for the entry that
+  replaces block j-1's when the walk moves on (``x0`` as v_{-1}, zeros before it).
+
+The reverse sweep of block j takes groups of ``unroll`` steps from last to first; each group's
+forward states ``w_{t-1}``, ``g_{t-1}`` are recomputed from a checkpoint of (w, g) at the group's
+start, taken by a forward walk of block j just before its sweep. So the chunk reads k blocks
+beyond each end (a and u before it, a and dy after it), and u of every block three times (the
+lead walk k+1 blocks earlier, the checkpoint walk and the sweep; the last two back to back).
+Chunks do not depend on each other: one launch. k is a compile-time constant; the registers are
+indexed by constants after unrolling.
+
+Entry point :func:`halo_backward`; :func:`fits_backward` says where it applies. Launch knobs:
+:data:`TUNING`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._dtypes import ITEM_SIZE, SIMULATOR, STORE
+from ._launch import (
+    FlatArray,
+    Tuning,
+    allow_shared_memory,
+    data_pointer,
+    launch,
+    launch_with_pointers,
+    prepare,
+)
+from ._ptx import head_sum, make_vector_load, make_vector_store
+from .swr_backward_channel import split_load
+
+__all__ = ["HALO_HOPS", "LMAX", "TUNING", "backward_kernel", "fits_backward", "halo_backward"]
+
+HALO_HOPS = range(2, 9)
+"""The finite hops the halo walks take (larger k: the block-carry path)."""
+
+LMAX = 64
+"""Largest block_len of the backward walk (its checkpoint buffer is sized by it)."""
+
+TUNING = Tuning({
+    # backward (BLHD): bytes of u one thread moves per step for hops <= 4 and for hops > 4 (the
+    # shift registers hold 2 k (vec + coefficient) floats), steps per checkpointed group, chunk
+    # length in blocks per hop, threads per block
+    "bwd_access_bytes": 16,
+    "bwd_access_bytes_deep": 8,
+    "bwd_unroll": 8,
+    "bwd_chunk_blocks_per_hop": 8,
+    "bwd_threads_per_block": 256,
+    # backward, BHDL (one channel row per thread): chunk length in blocks per hop, threads per block
+    "bwd_bhdl_chunk_blocks_per_hop": 8,
+    "bwd_bhdl_threads_per_block": 128,
+})
+"""Launch knobs of the halo walks (scripts/halo_sweep.py sweeps them)."""
+
+F0 = np.float32(0.0)
+F1 = np.float32(1.0)
+f32 = numba.float32
+_CACHE: dict = {}
+
+
+def _kind(x) -> str:
+    from ._dtypes import storage_kind
+
+    return "bf16" if x.dtype == np.uint16 else storage_kind(x.dtype)
+
+
+def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
+    """The reverse halo walk for one specialisation (see the module docstring)."""
+    BLHD = layout == "BLHD"
+    assert BLHD or vec == 1
+    K = hops
+    VEC, U = vec, unroll
+    AW = 1 if per_head else vec  # coefficient values per step
+    UV, UA = U * VEC, U * AW  # local array sizes must be constants
+    NG = -(-LMAX // U)  # groups per block, at most
+    KV, KA = K * VEC, K * AW
+    load_u = make_vector_load(ku, VEC)
+    load_a = make_vector_load(ku, AW)
+    load_d = split_load(kd, VEC)
+    store_v = make_vector_store(ku, VEC)
+    store_s = STORE[ku]
+
+    @cuda.jit(device=True, inline=True)
+    def walk(a, u, ua0, ad0, us, as_, lo, n, ck, ckw, ckg, w, g, ab, ub):
+        """Forward through the block of ``n`` steps from step ``lo`` (u of step t at
+        ``ua0 + t * us``, a at ``ad0 + t * as_``); with ``ck``, (w, g) before each group of U
+        steps into ckw, ckg. Ends with w = v, g = C of the block."""
+        for k in range(VEC):
+            w[k] = F0
+        for k in range(AW):
+            g[k] = F1
+        gi = 0
+        for t0 in range(0, n, U):
+            if ck:
+                for k in range(VEC):
+                    ckw[gi * VEC + k] = w[k]
+                for k in range(AW):
+                    ckg[gi * AW + k] = g[k]
+            gi += 1
+            for i in range(U):
+                t = lo + min(t0 + i, n - 1)
+                load_a(a, ad0 + t * as_, ab, i * AW)
+                load_u(u, ua0 + t * us, ub, i * VEC)
+            for i in range(U):
+                if t0 + i < n:
+                    for k in range(VEC):
+                        w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                    for k in range(AW):
+                        g[k] = g[k] * ab[i * AW + k]
+
+    @cuda.jit(device=True, inline=True)
+    def future(a, dy, ua0, ad0, us, as_, lo, n, qn, cn, an, zz, ab, db):
+        """q (into qn) and C (the product of a in reverse order, into cn) of one block, in the
+        order of the reverse sweep (so that numbers do not depend on where chunks end)."""
+        for k in range(AW):
+            an[k] = F1
+            cn[k] = F1
+        for k in range(VEC):
+            zz[k] = F0
+        ng = -(-n // U)
+        for gg in range(ng):
+            t0 = (ng - 1 - gg) * U
+            for i in range(U):
+                t = lo + min(t0 + i, n - 1)
+                load_a(a, ad0 + t * as_, ab, i * AW)
+                load_d(dy, ua0 + t * us, db, i * VEC)
+            for ii in range(U):
+                i = U - 1 - ii
+                if t0 + i < n:
+                    for k in range(VEC):
+                        zz[k] = db[i * VEC + k] + an[k % AW] * zz[k]
+                    for k in range(AW):
+                        an[k] = ab[i * AW + k]
+                        cn[k] = cn[k] * an[k]
+        for k in range(VEC):
+            qn[k] = an[k % AW] * zz[k]
+
+    @cuda.jit(device=True, inline=True)
+    def push_future(fq, fC, qn, cn):
+        """The future register gains block j (q, C) as its newest-adjoint entry 0."""
+        for mm in range(K - 1):
+            m = K - 1 - mm
+            for k in range(VEC):
+                fq[m * VEC + k] = fq[(m - 1) * VEC + k]
+            for k in range(AW):
+                fC[m * AW + k] = fC[(m - 1) * AW + k]
+        for k in range(VEC):
+            fq[k] = qn[k]
+        for k in range(AW):
+            fC[k] = cn[k]
+
+    @cuda.jit(device=True, inline=True)
+    def horner_future(out, fq, fC):
+        """out = sum_m (C_{j+1} .. C_{j+m}) q_{j+1+m} over the future register (dv_j)."""
+        for k in range(VEC):
+            acc = fq[(K - 1) * VEC + k]
+            for mm in range(K - 1):
+                m = K - 2 - mm
+                acc = fq[m * VEC + k] + fC[m * AW + k % AW] * acc
+            out[k] = acc
+
+    def kernel(a, u, dy, du, da, carry, dcarry, N, C, D, nb, block_len, chunk_blocks, groups,
+               nchunks, nwork, lph, has_dcarry):
+        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if tid >= nwork:
+            return
+        rest = tid // groups
+        c0 = (tid - rest * groups) * VEC
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        H = C // D
+        # flat index of (step t, the thread's first channel): base + t * stride
+        if BLHD:
+            ua0 = b * N * C + c0
+            us = C
+            if per_head:
+                ad0 = b * N * H + c0 // D
+                as_ = H
+            else:
+                ad0 = ua0
+                as_ = C
+        else:
+            ua0 = (b * C + c0) * N
+            us = numba.int64(1)
+            ad0 = (b * H + c0 // D) * N if per_head else ua0
+            as_ = numba.int64(1)
+        lb = block_len
+        ch0 = b * C + c0  # flat (b, h, d) of the (B, H, D) carry arrays
+        lead = (c0 % D) == 0  # per head: the head's first lane stores da
+        lane = numba.int64(cuda.threadIdx.x) % 32
+        mask = numba.uint32(((numba.int64(1) << lph) - 1) << (lane - lane % lph))
+
+        fq = cuda.local.array(KV, f32)  # q_{j+1+m}, m = 0 .. K-1
+        fC = cuda.local.array(KA, f32)  # C_{j+1+m}
+        pv = cuda.local.array(KV, f32)  # v_{j-K+m}, oldest first
+        pC = cuda.local.array(KA, f32)
+        qn = cuda.local.array(VEC, f32)
+        cn = cuda.local.array(AW, f32)
+        dv = cuda.local.array(VEC, f32)
+        dC = cuda.local.array(VEC, f32)
+        T = cuda.local.array(VEC, f32)
+        Wn = cuda.local.array(VEC, f32)
+        P = cuda.local.array(AW, f32)
+        R = cuda.local.array(AW, f32)
+        w = cuda.local.array(VEC, f32)
+        g = cuda.local.array(AW, f32)
+        lam = cuda.local.array(VEC, f32)
+        mu = cuda.local.array(VEC, f32)
+        zz = cuda.local.array(VEC, f32)
+        an = cuda.local.array(AW, f32)  # a of the step after the current one
+        ov = cuda.local.array(VEC, f32)
+        oa = cuda.local.array(VEC, f32)
+        ab = cuda.local.array(UA, f32)
+        ub = cuda.local.array(UV, f32)
+        db = cuda.local.array(UV, f32)
+        wp = cuda.local.array(UV, f32)  # w_{t-1} of the group's steps
+        gp = cuda.local.array(UA, f32)  # g_{t-1}
+        ckw = cuda.local.array(NG * VEC, f32)
+        ckg = cuda.local.array(NG * AW, f32)
+
+        # the future register: (q, C) of the K blocks after the chunk (none beyond nb - 1)
+        for m in range(K):
+            for k in range(VEC):
+                fq[m * VEC + k] = F0
+            for k in range(AW):
+                fC[m * AW + k] = F1
+        i = min(jj1 + K, nb) - 1
+        while i >= jj1:
+            future(a, dy, ua0, ad0, us, as_, i * lb, min(lb, N - i * lb), qn, cn, an, zz, ab, db)
+            push_future(fq, fC, qn, cn)
+            i -= 1
+        # the past register: (v, C) of blocks jj1-1-K .. jj1-2
+        for m in range(K):
+            i = jj1 - 1 - K + m
+            if i >= 0:
+                walk(a, u, ua0, ad0, us, as_, i * lb, lb, False, ckw, ckg, w, g, ab, ub)
+            for k in range(VEC):
+                pv[m * VEC + k] = w[k] if i >= 0 else (carry[ch0 + k] if i == -1 else F0)
+            for k in range(AW):
+                pC[m * AW + k] = g[k] if i >= 0 else F1
+
+        j = jj1 - 1
+        while j >= jj0:
+            lo = j * lb
+            n = min(lb, N - lo)
+            # T_j = W_j(K) and dC_j = sum_d q_{j+d} (C_{j+1} .. C_{j+d-1}) W_j(K-d)
+            for k in range(VEC):
+                Wn[k] = F0
+                dC[k] = F0
+            for k in range(AW):
+                P[k] = F1
+            for e in range(1, K + 1):
+                for k in range(VEC):
+                    Wn[k] = Wn[k] + P[k % AW] * pv[(K - e) * VEC + k]
+                for k in range(AW):
+                    P[k] = P[k] * pC[(K - e) * AW + k]
+                if e < K:
+                    d = K - e
+                    for k in range(AW):
+                        R[k] = F1
+                    for m in range(d - 1):
+                        for k in range(AW):
+                            R[k] = R[k] * fC[m * AW + k]
+                    for k in range(VEC):
+                        dC[k] = dC[k] + fq[(d - 1) * VEC + k] * R[k % AW] * Wn[k]
+            for k in range(VEC):
+                T[k] = Wn[k]
+            horner_future(dv, fq, fC)
+
+            walk(a, u, ua0, ad0, us, as_, lo, n, True, ckw, ckg, w, g, ab, ub)
+            # the reverse sweep of block j, a group of U steps at a time
+            for k in range(VEC):
+                lam[k] = dv[k]
+                mu[k] = dC[k]
+                zz[k] = F0
+            for k in range(AW):
+                an[k] = F1
+                cn[k] = F1
+            ng = -(-n // U)
+            for gg in range(ng):
+                gi = ng - 1 - gg
+                t0 = gi * U
+                for i in range(U):
+                    t = lo + min(t0 + i, n - 1)
+                    load_a(a, ad0 + t * as_, ab, i * AW)
+                    load_u(u, ua0 + t * us, ub, i * VEC)
+                    load_d(dy, ua0 + t * us, db, i * VEC)
+                for k in range(VEC):
+                    w[k] = ckw[gi * VEC + k]
+                for k in range(AW):
+                    g[k] = ckg[gi * AW + k]
+                for i in range(U):
+                    if t0 + i < n:
+                        for k in range(VEC):
+                            wp[i * VEC + k] = w[k]
+                            w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                        for k in range(AW):
+                            gp[i * AW + k] = g[k]
+                            g[k] = g[k] * ab[i * AW + k]
+                for ii in range(U):
+                    i = U - 1 - ii
+                    if t0 + i < n:
+                        t = lo + t0 + i
+                        pa = F0
+                        for k in range(VEC):
+                            dyk = db[i * VEC + k]
+                            ank = an[k % AW]
+                            lam[k] = dyk + ank * lam[k]
+                            mu[k] = dyk * T[k] + ank * mu[k]
+                            zz[k] = dyk + ank * zz[k]
+                            ov[k] = lam[k]
+                            dak = lam[k] * wp[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
+                            oa[k] = dak
+                            pa += dak
+                        store_v(du, ua0 + t * us, ov, 0)
+                        if per_head:
+                            pa = head_sum(pa, lph, mask)
+                            if lead:
+                                da[ad0 + t * as_] = store_s(pa)
+                        else:
+                            store_v(da, ad0 + t * as_, oa, 0)
+                        for k in range(AW):
+                            an[k] = ab[i * AW + k]
+                            cn[k] = cn[k] * an[k]
+            for k in range(VEC):
+                qn[k] = an[k % AW] * zz[k]
+            push_future(fq, fC, qn, cn)
+            # the past register loses block j-1 and gains block j-1-K as its oldest entry
+            for mm in range(K - 1):
+                m = K - 1 - mm
+                for k in range(VEC):
+                    pv[m * VEC + k] = pv[(m - 1) * VEC + k]
+                for k in range(AW):
+                    pC[m * AW + k] = pC[(m - 1) * AW + k]
+            i = j - 1 - K
+            if i >= 0:
+                walk(a, u, ua0, ad0, us, as_, i * lb, lb, False, ckw, ckg, w, g, ab, ub)
+            for k in range(VEC):
+                pv[k] = w[k] if i >= 0 else (carry[ch0 + k] if i == -1 else F0)
+            for k in range(AW):
+                pC[k] = g[k] if i >= 0 else F1
+            j -= 1
+        if jj0 == 0 and has_dcarry != 0:
+            horner_future(dv, fq, fC)  # dx0 = dv_{-1}
+            for k in range(VEC):
+                dcarry[ch0 + k] = dv[k]
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_halo_backward_{layout.lower()}_{ku}_dy_{kd}_"
+        f"{'per_head' if per_head else 'per_channel'}_hops{hops}_vec{vec}_unroll{unroll}")
+    return cuda.jit(kernel)
+
+
+def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll):
+    """The compiled-on-demand dispatcher of one backward specialisation."""
+    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll)
+    if key not in _CACHE:
+        _CACHE[key] = _make_backward(ku, kd, layout, per_head, hops, vec, unroll)
+    return _CACHE[key]
+
+
+def backward_config(layout, ku, kd, per_head, hops, block_len, H, D, addresses=(0, 0, 0, 0, 0)):
+    """``(vec, lph)`` of the backward walk for a shape, or None where it does not fit:
+    ``hops`` in :data:`HALO_HOPS`, ``block_len <= LMAX``; BLHD ``vec`` channels per thread (the
+    widest vector of at most the tuned access bytes of u that divides the channels, and per head
+    the head dim, with ``addresses`` (a, u, dy, du, da) aligned to its accesses), BHDL one;
+    ``lph`` threads per head (per head a power of two up to 32; 1 per channel)."""
+    if hops not in HALO_HOPS or block_len > LMAX:
+        return None
+    if layout == "BHDL":
+        if per_head:
+            return (1, D) if D & (D - 1) == 0 and D <= 32 else None
+        return 1, 1
+    C = H * D
+    access = TUNING["bwd_access_bytes" if hops <= 4 else "bwd_access_bytes_deep"]
+    a_addr, u_addr, dy_addr, du_addr, da_addr = addresses
+    for vec in (8, 4, 2, 1):
+        nbytes = vec * ITEM_SIZE[ku]
+        if vec > 1 and nbytes > access:
+            continue
+        vec_addrs = (u_addr, du_addr) if per_head else (u_addr, du_addr, a_addr, da_addr)
+        if any(x % nbytes for x in vec_addrs) or dy_addr % min(16, vec * ITEM_SIZE[kd]):
+            continue
+        if per_head:
+            lph = D // vec
+            if D % vec == 0 and lph & (lph - 1) == 0 and lph <= 32:
+                return vec, lph
+        elif C % vec == 0:
+            return vec, 1
+    return None
+
+
+def fits_backward(layout, ku, kd, per_head, hops, block_len, H, D, addresses=(0, 0, 0, 0, 0)):
+    """Whether :func:`halo_backward` takes this call."""
+    return backward_config(layout, ku, kd, per_head, hops, block_len, H, D, addresses) is not None
+
+
+def _dims(u, a, layout):
+    if layout == "BHDL":
+        B, H, D, N = u.shape
+    else:
+        B, N, H, D = u.shape
+    return B, N, H, D, a.ndim == 3
+
+
+def _flat(x, kind):
+    if SIMULATOR or isinstance(x, np.ndarray):
+        x = x.reshape(-1)
+        return x.view(np.uint16) if kind == "bf16" and x.dtype != np.uint16 else x
+    return FlatArray.of(x)
+
+
+def _address(x) -> int:
+    if hasattr(x, "__cuda_array_interface__"):
+        return x.__cuda_array_interface__["data"][0]
+    return x.__array_interface__["data"][0]
+
+
+def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk_blocks=None):
+    """(kernel, grid, block, args) of the backward walk (it must fit: :func:`fits_backward`)."""
+    B, N, H, D, per_head = _dims(u, a, layout)
+    ku, kd = _kind(u), _kind(dy)
+    cfg = backward_config(layout, ku, kd, per_head, hops, block_len, H, D,
+                          tuple(_address(x) for x in (a, u, dy, du, da)))
+    if cfg is None:
+        raise ValueError(f"the halo backward does not fit layout={layout}, hops={hops}, "
+                         f"block_len={block_len}, D={D} with these arrays")
+    vec, lph = cfg
+    nb = -(-N // block_len)
+    unroll = min(TUNING["bwd_unroll"], block_len)
+    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll)
+    # the simulator has no warp shuffles: there a thread block is one head's lanes
+    if layout == "BLHD":
+        per_hop, tpb = TUNING["bwd_chunk_blocks_per_hop"], TUNING["bwd_threads_per_block"]
+    else:
+        per_hop = TUNING["bwd_bhdl_chunk_blocks_per_hop"]
+        tpb = TUNING["bwd_bhdl_threads_per_block"]
+    if SIMULATOR:
+        tpb = lph if per_head else 32
+    if chunk_blocks is None:
+        chunk_blocks = per_hop * hops
+    chunk_blocks = max(1, min(nb, int(chunk_blocks)))
+    groups = H * D // vec
+    nchunks = -(-nb // chunk_blocks)
+    nwork = B * nchunks * groups
+    has_dcarry = dcarry is not None
+    dc = _flat(dcarry if has_dcarry else carry, "f32")
+    i64 = np.int64
+    args = (_flat(a, ku), _flat(u, ku), _flat(dy, kd), _flat(du, ku), _flat(da, ku),
+            _flat(carry, "f32"), dc, i64(N), i64(H * D), i64(D), i64(nb), i64(block_len),
+            i64(chunk_blocks), i64(groups), i64(nchunks), i64(nwork), i64(lph),
+            i64(1 if has_dcarry else 0))
+    return kernel, -(-nwork // tpb), tpb, args
+
+
+_plans: dict = {}
+
+
+def halo_backward(a, u, dy, du, da, *, layout, block_len, hops, carry, dcarry=None, stream=None,
+                  chunk_blocks=None):
+    """Gradients of the sliding window with ``hops`` in :data:`HALO_HOPS` from offset 0 in one
+    launch: writes ``du``, ``da`` (per head: summed over the head's channels) and, where given,
+    ``dcarry`` (the gradient of ``carry`` = x0). Arrays as in ``swr_backward.swr_backward``
+    (canonical layouts, bfloat16 as uint16 bits; NumPy arrays in the simulator). ``chunk_blocks``
+    overrides the tuned chunk length (blocks per thread)."""
+    B, N, H, D, _ = _dims(u, a, layout)
+    if B * H * D == 0:
+        return
+    if N == 0:
+        if dcarry is not None:
+            dcarry[...] = 0
+        return
+    if SIMULATOR or isinstance(u, np.ndarray) or chunk_blocks is not None:
+        kernel, grid, block, args = _launch_args(a, u, dy, du, da, layout, block_len, hops, carry,
+                                                 dcarry, chunk_blocks)
+        launch(kernel, grid, block, args, stream)
+        return
+    from cupy.cuda import runtime
+
+    arrays = (a, u, dy, du, da, carry, carry if dcarry is None else dcarry)
+    ptrs = [data_pointer(x) for x in arrays]
+    misaligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15
+    key = (runtime.getDevice(), layout, u.shape, a.shape, u.dtype, dy.dtype, block_len, hops,
+           dcarry is None, misaligned, TUNING.version)
+    plan = _plans.get(key)
+    if plan is None:
+        kernel, grid, block, args = _launch_args(a, u, dy, du, da, layout, block_len, hops, carry,
+                                                 dcarry)
+        entry, values = prepare(kernel, args)
+        allow_shared_memory(entry, 0)
+        if len(_plans) > 256:
+            _plans.clear()
+        plan = _plans[key] = (entry, grid, block, values)
+    entry, grid, block, values = plan
+    launch_with_pointers(entry, grid, block, values, ptrs, stream, 0)
