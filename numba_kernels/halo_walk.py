@@ -10,12 +10,13 @@ and ``y_t = w_t + g_t T_j``. With ``dy`` given, ``q_j = sum_{t in j} g_t dy_t`` 
 
 The adjoints (docs/spec.md#gradients; the same numbers as ``reference.swr_vjp``):
 
-    dv_j  = sum_{m=0..k-1} (C_{j+1} ... C_{j+m}) q_{j+1+m}                  (no q beyond nb-1)
-    W_j(n) = sum_{e=1..n} (C_{j-1} ... C_{j-e+1}) v_{j-e}    (the carry cut after n hops; W_j(k) = T_j)
-    dC_j  = sum_{d=1..k-1} q_{j+d} (C_{j+1} ... C_{j+d-1}) W_j(k-d)
-    dx0   = dv_{-1}
+    dv_j   = sum_{m=0..k-1} (C_{j+1} ... C_{j+m}) q_{j+1+m}       (no q beyond block nb-1)
+    W_j(n) = sum_{e=1..n} (C_{j-1} ... C_{j-e+1}) v_{j-e}        (the carry cut after n hops)
+    dC_j   = sum_{d=1..k-1} q_{j+d} (C_{j+1} ... C_{j+d-1}) W_j(k-d)
+    dx0    = dv_{-1}
 
-and inside block j, walked from its last step to its first (``a_{t+1}`` := 1 at the last step):
+with ``W_j(k) = T_j``, and inside block j, walked from its last step to its first (``a_{t+1}``
+:= 1 at the last step):
 
     lam_t = dy_t + a_{t+1} lam_{t+1},      lam_end = dy_end + dv_j        du_t = lam_t
     mu_t  = dy_t T_j + a_{t+1} mu_{t+1},   mu_end  = dy_end T_j + dC_j
@@ -66,7 +67,8 @@ from ._launch import (
 from ._ptx import head_sum, make_vector_load, make_vector_store
 from .swr_backward_channel import split_load
 
-__all__ = ["HALO_HOPS", "LMAX", "TUNING", "backward_kernel", "fits_backward", "halo_backward"]
+__all__ = ["HALO_HOPS", "LMAX", "TUNING", "backward_kernel", "fits", "fits_backward",
+           "halo_backward"]
 
 HALO_HOPS = range(2, 9)
 """The finite hops the halo walks take (larger k: the block-carry path)."""
@@ -111,6 +113,7 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
     UV, UA = U * VEC, U * AW  # local array sizes must be constants
     NG = -(-LMAX // U)  # groups per block, at most
     KV, KA = K * VEC, K * AW
+    CKW, CKG = NG * VEC, NG * AW
     load_u = make_vector_load(ku, VEC)
     load_a = make_vector_load(ku, AW)
     load_d = split_load(kd, VEC)
@@ -253,8 +256,8 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
         db = cuda.local.array(UV, f32)
         wp = cuda.local.array(UV, f32)  # w_{t-1} of the group's steps
         gp = cuda.local.array(UA, f32)  # g_{t-1}
-        ckw = cuda.local.array(NG * VEC, f32)
-        ckg = cuda.local.array(NG * AW, f32)
+        ckw = cuda.local.array(CKW, f32)
+        ckg = cuda.local.array(CKG, f32)
 
         # the future register: (q, C) of the K blocks after the chunk (none beyond nb - 1)
         for m in range(K):
@@ -431,6 +434,13 @@ def backward_config(layout, ku, kd, per_head, hops, block_len, H, D, addresses=(
 def fits_backward(layout, ku, kd, per_head, hops, block_len, H, D, addresses=(0, 0, 0, 0, 0)):
     """Whether :func:`halo_backward` takes this call."""
     return backward_config(layout, ku, kd, per_head, hops, block_len, H, D, addresses) is not None
+
+
+def fits(a, u, dy, du, da, *, layout, block_len, hops):
+    """Whether :func:`halo_backward` takes these canonical arrays."""
+    B, N, H, D, per_head = _dims(u, a, layout)
+    return fits_backward(layout, _kind(u), _kind(dy), per_head, hops, block_len, H, D,
+                         tuple(_address(x) for x in (a, u, dy, du, da)))
 
 
 def _dims(u, a, layout):

@@ -292,6 +292,10 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     kw = dict(layout=p.layout, block_len=p.block_len)
     nb = -(-p.N // p.block_len)
     hops = p.hops
+    if p.hops in FUSED_HOPS:  # one pass where it fits: the reverse halo walk
+        res = _halo_backward(av, uv, dyv, da, du, p, carry, dcarry, x0)
+        if res is not None:
+            return res
     if hops is not None and hops >= nb:
         hops = None  # every window reaches x0: the exact recurrence, same numbers
     if hops in (0, 1):
@@ -336,6 +340,21 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
         return da, du, c(dx0, dtype=F32)
     dcarry[...] = dx0
     return da, du, dcarry
+
+
+def _halo_backward(av, uv, dyv, da, du, p, carry, dcarry, x0):
+    """hops 2..8 from offset 0 in one launch (numba_kernels/halo_walk.py) where it fits: returns
+    ``(da, du, dx0)``, else None (nothing written)."""
+    from .numba_kernels import halo_walk
+
+    if not halo_walk.fits(av, uv, dyv, _view(du), _view(da), layout=p.layout,
+                          block_len=p.block_len, hops=p.hops):
+        return None
+    if dcarry is None and x0 is not None:
+        dcarry = _xp_of(uv).empty((p.B, p.H, p.D), F32)
+    halo_walk.halo_backward(av, uv, dyv, _view(du), _view(da), layout=p.layout,
+                            block_len=p.block_len, hops=p.hops, carry=carry, dcarry=dcarry)
+    return da, du, (dcarry if x0 is not None else None)
 
 
 def swr_step(a, u, y, state, per_channel, stream=None):
