@@ -222,3 +222,50 @@ def _fast_simulator_barriers():
         sys.setswitchinterval(1e-4)
     yield
     sys.setswitchinterval(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. GPU: the front's swr_vjp through the halo walk, poisoned outputs, against the reference
+# ----------------------------------------------------------------------------------------------
+
+GPU_CASES = [  # (layout, per_head, dtype, hops): the benchmark's bf16 kernels, then per channel
+    ("BLHD", True, BF16, 2), ("BLHD", True, BF16, 4), ("BHDL", True, BF16, 2),
+    ("BHDL", True, BF16, 4), ("BLHD", False, np.dtype(np.float32), 3),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,per_head,dtype,hops", GPU_CASES,
+                         ids=[f"{c[0]}-{'head' if c[1] else 'channel'}-{c[2].name}-hops{c[3]}"
+                              for c in GPU_CASES])
+def test_gpu_vjp_through_the_front(rng, monkeypatch, layout, per_head, dtype, hops):
+    cp = pytest.importorskip("cupy")
+    from swr_array.numba_kernels import halo_walk
+
+    import swr_array as sa
+
+    calls = []
+    run = halo_walk.halo_backward
+    monkeypatch.setattr(halo_walk, "halo_backward",
+                        lambda *args, **kw: calls.append(1) or run(*args, **kw))
+    B, H, D, N = 2, 4, 16, 1000  # 63 blocks of 16, the last partial
+    us = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
+    as_ = ((B, H, N) if layout == "BHDL" else (B, N, H)) if per_head else us
+    a = rng.uniform(-1.05, 1.05, as_).astype(dtype)
+    u = rng.standard_normal(us).astype(dtype)
+    dy = rng.standard_normal(us).astype(dtype)
+    x0 = rng.standard_normal((B, H, D)).astype(np.float32)
+    out = (poisoned(as_, dtype), poisoned(us, dtype), cp.full((B, H, D), np.nan, np.float32))
+    kw = dict(block_len=16, hops=hops, layout=layout)
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    # the forward of the same call (its kernels compile here, in parallel with other cases)
+    y = poisoned(us, dtype)
+    sa.swr(cp.asarray(a), cp.asarray(u), out=y, **kw)
+    assert_close(to_np(y), sa.swr(f64(a), f64(u), **kw), dtype, "y")
+    da, du, dx0 = sa.swr_vjp(cp.asarray(a), cp.asarray(u), cp.asarray(dy), x0=cp.asarray(x0),
+                             out=out, **kw)
+    assert calls, "the halo walk did not run"
+    eda, edu, edx0 = sa.swr_vjp(f64(a), f64(u), f64(dy), x0=f64(x0), **kw)
+    assert_close(to_np(du), edu, dtype, "du")
+    assert_close(to_np(da), eda, dtype, "da")
+    assert_close(to_np(dx0), edx0, np.float32, "dx0")

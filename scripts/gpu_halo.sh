@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The halo walks of hops 2..8 (issue #19), on the GPU machine, within ~90 s:
+#   source scripts/device_env.sh && bash scripts/gpu_halo.sh
+# 1. tests/test_halo_walk.py's GPU cases (the front's swr and swr_vjp through the reverse halo
+#    walk, poisoned outputs, bf16 hops 2/4 both layouts and float32 per channel hops 3), one
+#    process each: their kernels compile in parallel into the PTX cache the sweep then reads;
+# 2. scripts/halo_sweep.py: forward, backward and forward+backward of hops 2 and 4 at 16x2048,
+#    4x8192 and 1x32768 bf16, both layouts, against the memory floor, per chunk length.
+# Writes $OUT/halo/log.txt (everything printed) and $OUT/halo/sweep.json.
+set -u
+export PYTHONUNBUFFERED=1
+dir="${OUT:-$PWD/gpu_logs}/halo"
+mkdir -p "$dir"
+log="$dir/log.txt"
+{
+  echo "=== tests $(date -u +%T)"
+  timeout 55 python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_halo_walk.py
+  echo "=== tests rc=$? $(date -u +%T)"
+  timeout 30 python3 scripts/halo_sweep.py --json "$dir/sweep.json"
+  echo "=== halo_sweep rc=$? $(date -u +%T)"
+} 2>&1 | tee "$log"
