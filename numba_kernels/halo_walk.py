@@ -88,6 +88,8 @@ TUNING = Tuning({
     # backward, BHDL (one channel row per thread): chunk length in blocks per hop, threads per block
     "bwd_bhdl_chunk_blocks_per_hop": 8,
     "bwd_bhdl_threads_per_block": 128,
+    # BHDL: bytes of u per row and group, one vector access (16-byte pieces) along time
+    "bwd_bhdl_group_bytes": 32,
 })
 """Launch knobs of the halo walks (scripts/halo_sweep.py sweeps them)."""
 
@@ -103,10 +105,13 @@ def _kind(x) -> str:
     return "bf16" if x.dtype == np.uint16 else storage_kind(x.dtype)
 
 
-def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
-    """The reverse halo walk for one specialisation (see the module docstring)."""
+def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
+    """The reverse halo walk for one specialisation (see the module docstring). ``tvec`` (BHDL):
+    a group of ``unroll`` steps is one vector access along time per array (N and block_len
+    multiples of it, aligned rows), its du and da stored as vectors too."""
     BLHD = layout == "BLHD"
     assert BLHD or vec == 1
+    TV = bool(tvec)
     K = hops
     VEC, U = vec, unroll
     AW = 1 if per_head else vec  # coefficient values per step
@@ -119,6 +124,9 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
     load_d = split_load(kd, VEC)
     store_v = make_vector_store(ku, VEC)
     store_s = STORE[ku]
+    load_ut = split_load(ku, U)  # TV: a group of each array in one access (or 16-byte pieces)
+    load_dt = split_load(kd, U)
+    store_ut = make_vector_store(ku, U)
 
     @cuda.jit(device=True, inline=True)
     def walk(a, u, ua0, ad0, us, as_, lo, n, ck, ckw, ckg, w, g, ab, ub):
@@ -137,10 +145,14 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
                 for k in range(AW):
                     ckg[gi * AW + k] = g[k]
             gi += 1
-            for i in range(U):
-                t = lo + min(t0 + i, n - 1)
-                load_a(a, ad0 + t * as_, ab, i * AW)
-                load_u(u, ua0 + t * us, ub, i * VEC)
+            if TV:
+                load_ut(a, ad0 + lo + t0, ab, 0)
+                load_ut(u, ua0 + lo + t0, ub, 0)
+            else:
+                for i in range(U):
+                    t = lo + min(t0 + i, n - 1)
+                    load_a(a, ad0 + t * as_, ab, i * AW)
+                    load_u(u, ua0 + t * us, ub, i * VEC)
             for i in range(U):
                 if t0 + i < n:
                     for k in range(VEC):
@@ -160,10 +172,14 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
         ng = -(-n // U)
         for gg in range(ng):
             t0 = (ng - 1 - gg) * U
-            for i in range(U):
-                t = lo + min(t0 + i, n - 1)
-                load_a(a, ad0 + t * as_, ab, i * AW)
-                load_d(dy, ua0 + t * us, db, i * VEC)
+            if TV:
+                load_ut(a, ad0 + lo + t0, ab, 0)
+                load_dt(dy, ua0 + lo + t0, db, 0)
+            else:
+                for i in range(U):
+                    t = lo + min(t0 + i, n - 1)
+                    load_a(a, ad0 + t * as_, ab, i * AW)
+                    load_d(dy, ua0 + t * us, db, i * VEC)
             for ii in range(U):
                 i = U - 1 - ii
                 if t0 + i < n:
@@ -258,6 +274,8 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
         gp = cuda.local.array(UA, f32)  # g_{t-1}
         ckw = cuda.local.array(CKW, f32)
         ckg = cuda.local.array(CKG, f32)
+        dub = cuda.local.array(U, f32)  # TV: the group's du and da
+        dab = cuda.local.array(U, f32)
 
         # the future register: (q, C) of the K blocks after the chunk (none beyond nb - 1)
         for m in range(K):
@@ -321,11 +339,16 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
             for gg in range(ng):
                 gi = ng - 1 - gg
                 t0 = gi * U
-                for i in range(U):
-                    t = lo + min(t0 + i, n - 1)
-                    load_a(a, ad0 + t * as_, ab, i * AW)
-                    load_u(u, ua0 + t * us, ub, i * VEC)
-                    load_d(dy, ua0 + t * us, db, i * VEC)
+                if TV:
+                    load_ut(a, ad0 + lo + t0, ab, 0)
+                    load_ut(u, ua0 + lo + t0, ub, 0)
+                    load_dt(dy, ua0 + lo + t0, db, 0)
+                else:
+                    for i in range(U):
+                        t = lo + min(t0 + i, n - 1)
+                        load_a(a, ad0 + t * as_, ab, i * AW)
+                        load_u(u, ua0 + t * us, ub, i * VEC)
+                        load_d(dy, ua0 + t * us, db, i * VEC)
                 for k in range(VEC):
                     w[k] = ckw[gi * VEC + k]
                 for k in range(AW):
@@ -353,16 +376,24 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
                             dak = lam[k] * wp[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
                             oa[k] = dak
                             pa += dak
-                        store_v(du, ua0 + t * us, ov, 0)
                         if per_head:
                             pa = head_sum(pa, lph, mask)
-                            if lead:
-                                da[ad0 + t * as_] = store_s(pa)
+                        if TV:  # VEC = 1: the group's du and da go out as vectors below
+                            dub[i] = ov[0]
+                            dab[i] = pa
                         else:
-                            store_v(da, ad0 + t * as_, oa, 0)
+                            store_v(du, ua0 + t * us, ov, 0)
+                            if not per_head:
+                                store_v(da, ad0 + t * as_, oa, 0)
+                            elif lead:
+                                da[ad0 + t * as_] = store_s(pa)
                         for k in range(AW):
                             an[k] = ab[i * AW + k]
                             cn[k] = cn[k] * an[k]
+                if TV:
+                    store_ut(du, ua0 + lo + t0, dub, 0)
+                    if lead or not per_head:
+                        store_ut(da, ad0 + lo + t0, dab, 0)
             for k in range(VEC):
                 qn[k] = an[k % AW] * zz[k]
             push_future(fq, fC, qn, cn)
@@ -388,15 +419,16 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll):
 
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_halo_backward_{layout.lower()}_{ku}_dy_{kd}_"
-        f"{'per_head' if per_head else 'per_channel'}_hops{hops}_vec{vec}_unroll{unroll}")
+        f"{'per_head' if per_head else 'per_channel'}_hops{hops}_vec{vec}_unroll{unroll}"
+        + ("_tvec" if TV else ""))
     return cuda.jit(kernel)
 
 
-def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll):
+def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
     """The compiled-on-demand dispatcher of one backward specialisation."""
-    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll)
+    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll, bool(tvec))
     if key not in _CACHE:
-        _CACHE[key] = _make_backward(ku, kd, layout, per_head, hops, vec, unroll)
+        _CACHE[key] = _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec)
     return _CACHE[key]
 
 
@@ -476,7 +508,18 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk
     vec, lph = cfg
     nb = -(-N // block_len)
     unroll = min(TUNING["bwd_unroll"], block_len)
-    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll)
+    tvec = False
+    if layout == "BHDL":
+        # a group: one access of up to bwd_bhdl_group_bytes of each array along time, where N,
+        # block_len and the rows allow it
+        steps = TUNING["bwd_bhdl_group_bytes"] // ITEM_SIZE[ku]
+        row_bytes = N * ITEM_SIZE[ku]
+        addrs = tuple(_address(x) for x in (a, u, dy, du, da))
+        aligned = (all(x % 16 == 0 for x in addrs) and row_bytes % 16 == 0
+                   and (N * ITEM_SIZE[kd]) % 16 == 0)
+        if steps >= 2 and block_len % steps == 0 and N % steps == 0 and aligned:
+            unroll, tvec = steps, True
+    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec)
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     if layout == "BLHD":
         per_hop, tpb = TUNING["bwd_chunk_blocks_per_hop"], TUNING["bwd_threads_per_block"]

@@ -14,7 +14,7 @@ mkdir -p "$dir"
 log="$dir/log.txt"
 {
   echo "=== tests $(date -u +%T)"
-  timeout 55 python3 -m pytest -q -p no:cacheprovider -n 5 -m gpu tests/test_halo_walk.py
+  timeout 55 python3 -m pytest -q -p no:cacheprovider -n 6 -m gpu tests/test_halo_walk.py
   echo "=== tests rc=$? $(date -u +%T)"
   timeout 30 python3 scripts/halo_sweep.py --json "$dir/sweep.json"
   echo "=== halo_sweep rc=$? $(date -u +%T)"

@@ -206,6 +206,15 @@ def test_backward_kernel_16bit(rng, layout, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype,per_head,hops,block_len,N", [
+    (BF16, True, 3, 16, 96), (np.dtype(np.float32), False, 2, 8, 40)], ids=["bf16", "f32"])
+def test_backward_kernel_bhdl_time_vectors(rng, dtype, per_head, hops, block_len, N):
+    # BHDL groups of one 32-byte access per row along time (N and block_len multiples of it)
+    check_halo_backward(rng, "BHDL", per_head, dtype, hops, block_len=block_len, D=4, N=N,
+                        chunk=2)
+
+
+@needs_kernels
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_backward_kernel_short(rng, layout):
     # fewer blocks than hops (every window reaches x0), the tuned chunk, dy float32
@@ -231,6 +240,7 @@ def _fast_simulator_barriers():
 GPU_CASES = [  # (layout, per_head, dtype, hops): the benchmark's bf16 kernels, then per channel
     ("BLHD", True, BF16, 2), ("BLHD", True, BF16, 4), ("BHDL", True, BF16, 2),
     ("BHDL", True, BF16, 4), ("BLHD", False, np.dtype(np.float32), 3),
+    ("BHDL", False, np.dtype(np.float32), 3),
 ]
 
 
@@ -248,7 +258,8 @@ def test_gpu_vjp_through_the_front(rng, monkeypatch, layout, per_head, dtype, ho
     run = halo_walk.halo_backward
     monkeypatch.setattr(halo_walk, "halo_backward",
                         lambda *args, **kw: calls.append(1) or run(*args, **kw))
-    B, H, D, N = 2, 4, 16, 1000  # 63 blocks of 16, the last partial
+    # BLHD and BHDL float32: 63 blocks of 16, the last partial; BHDL bf16: whole 32-byte groups
+    B, H, D, N = 2, 4, 16, 1008 if layout == "BHDL" and dtype == BF16 else 1000
     us = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
     as_ = ((B, H, N) if layout == "BHDL" else (B, N, H)) if per_head else us
     a = rng.uniform(-1.05, 1.05, as_).astype(dtype)

@@ -71,7 +71,8 @@ def launch_of(spec, N=64, B=1, H=4, D=16, block_len=16):
 def compile_spec(spec):
     """PTX text of one spec, or the error it raised (runs in a worker process)."""
     try:
-        kernel, sig = launch_of(spec)
+        # BHDL float32 with N = 60: the scalar path (no whole 32-byte groups along time)
+        kernel, sig = launch_of(spec, N=60 if spec[1:3] == ("BHDL", "f32") else 64)
         return compile_arches(kernel.py_func, sig)
     except Exception as exc:  # noqa: BLE001 - reported by the test of this spec
         return exc
