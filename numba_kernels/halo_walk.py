@@ -68,7 +68,7 @@ from ._ptx import head_sum, make_vector_load, make_vector_store
 from .swr_backward_channel import split_load
 
 __all__ = ["HALO_HOPS", "LMAX", "TUNING", "backward_kernel", "fits", "fits_backward",
-           "halo_backward"]
+           "forward_kernel", "halo_backward", "halo_forward"]
 
 HALO_HOPS = range(2, 9)
 """The finite hops the halo walks take (larger k: the block-carry path)."""
@@ -90,6 +90,12 @@ TUNING = Tuning({
     "bwd_bhdl_threads_per_block": 128,
     # BHDL: bytes of u per row and group, one vector access (16-byte pieces) along time
     "bwd_bhdl_group_bytes": 32,
+    # forward, BHDL (one channel row per thread): bytes per row and group (one vector access
+    # along time), steps per group otherwise, chunk length in blocks per hop, threads per block
+    "fwd_bhdl_group_bytes": 32,
+    "fwd_bhdl_unroll": 8,
+    "fwd_bhdl_chunk_blocks_per_hop": 8,
+    "fwd_bhdl_threads_per_block": 128,
 })
 """Launch knobs of the halo walks (scripts/halo_sweep.py sweeps them)."""
 
@@ -422,6 +428,146 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
         f"{'per_head' if per_head else 'per_channel'}_hops{hops}_vec{vec}_unroll{unroll}"
         + ("_tvec" if TV else ""))
     return cuda.jit(kernel)
+
+
+def _make_forward_bhdl(ku, ko, per_head, hops, unroll, tvec):
+    """BHDL forward of hops k = ``hops`` in one pass: a thread per (channel row, chunk of
+    blocks) walks its chunk forward, starting k blocks before it (writing nothing there), with
+    the last k carriers ``(v, C)`` in a shift register and the carry of each block by Horner's
+    rule (the BLHD channel walk's halo mode along rows). ``tvec``: a group of ``unroll`` steps is
+    one vector access per array along time (N and block_len multiples of it, aligned rows);
+    otherwise ``unroll`` scalar steps with clamped loads."""
+    K, U, TV = hops, unroll, bool(tvec)
+    load_t = split_load(ku, U)
+    store_t = make_vector_store(ko, U)
+    load_s = make_vector_load(ku, 1)
+    store_s = STORE[ko]
+
+    def kernel(a, u, y, carry, N, C, D, nb, block_len, chunk_blocks, nchunks, nwork):
+        tid = numba.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        if tid >= nwork:
+            return
+        rest = tid // C
+        c = tid - rest * C
+        b = rest // nchunks
+        jj0 = (rest - b * nchunks) * chunk_blocks
+        jj1 = min(jj0 + chunk_blocks, nb)
+        ua0 = (b * C + c) * N
+        ad0 = (b * (C // D) + c // D) * N if per_head else ua0
+        lb = block_len
+        rv = cuda.local.array(K, f32)  # v of the last K blocks, oldest first
+        rc = cuda.local.array(K, f32)
+        ab = cuda.local.array(U, f32)
+        ub = cuda.local.array(U, f32)
+        yb = cuda.local.array(U, f32)
+        jw = max(jj0 - K, 0)
+        for m in range(K):
+            rv[m] = carry[b * C + c] if (jw == 0 and m == K - 1) else F0  # v_{-1} = x0
+            rc[m] = F1
+        for j in range(jw, jj1):
+            S = rv[0]
+            for m in range(1, K):
+                S = rv[m] + rc[m] * S
+            lo = j * lb
+            n = min(lb, N - lo)
+            w = F0
+            g = F1
+            for t0 in range(0, n, U):
+                if TV:
+                    load_t(a, ad0 + lo + t0, ab, 0)
+                    load_t(u, ua0 + lo + t0, ub, 0)
+                else:
+                    for i in range(U):
+                        t = lo + min(t0 + i, n - 1)
+                        load_s(a, ad0 + t, ab, i)
+                        load_s(u, ua0 + t, ub, i)
+                for i in range(U):
+                    if TV or t0 + i < n:
+                        w = ab[i] * w + ub[i]
+                        g = g * ab[i]
+                        yb[i] = w + g * S
+                        if not TV and j >= jj0:
+                            y[ua0 + lo + t0 + i] = store_s(yb[i])
+                if TV and j >= jj0:
+                    store_t(y, ua0 + lo + t0, yb, 0)
+            for m in range(K - 1):
+                rv[m] = rv[m + 1]
+                rc[m] = rc[m + 1]
+            rv[K - 1] = w
+            rc[K - 1] = g
+
+    kernel.__name__ = kernel.__qualname__ = (
+        f"swr_halo_forward_bhdl_{ku}_to_{ko}_{'per_head' if per_head else 'per_channel'}"
+        f"_hops{hops}_unroll{unroll}" + ("_tvec" if TV else ""))
+    return cuda.jit(kernel)
+
+
+def forward_kernel(ku, ko, per_head, hops, unroll, tvec):
+    """The compiled-on-demand dispatcher of one BHDL forward specialisation."""
+    key = ("fwd", ku, ko, per_head, hops, unroll, bool(tvec))
+    if key not in _CACHE:
+        _CACHE[key] = _make_forward_bhdl(ku, ko, per_head, hops, unroll, tvec)
+    return _CACHE[key]
+
+
+def _forward_launch_args(a, u, y, block_len, hops, carry, chunk_blocks=None):
+    """(kernel, grid, block, args) of the BHDL forward walk."""
+    B, H, D, N = u.shape
+    per_head = a.ndim == 3
+    ku, ko = _kind(u), _kind(y)
+    nb = -(-N // block_len)
+    steps = TUNING["fwd_bhdl_group_bytes"] // max(ITEM_SIZE[ku], ITEM_SIZE[ko])
+    aligned = (all(_address(x) % 16 == 0 for x in (a, u, y))
+               and (N * ITEM_SIZE[ku]) % 16 == 0 and (N * ITEM_SIZE[ko]) % 16 == 0)
+    tvec = steps >= 2 and block_len % steps == 0 and N % steps == 0 and aligned
+    unroll = steps if tvec else min(TUNING["fwd_bhdl_unroll"], block_len)
+    kernel = forward_kernel(ku, ko, per_head, hops, unroll, tvec)
+    if chunk_blocks is None:
+        chunk_blocks = TUNING["fwd_bhdl_chunk_blocks_per_hop"] * hops
+    chunk_blocks = max(1, min(nb, int(chunk_blocks)))
+    C = H * D
+    nchunks = -(-nb // chunk_blocks)
+    nwork = B * nchunks * C
+    tpb = 32 if SIMULATOR else TUNING["fwd_bhdl_threads_per_block"]
+    i64 = np.int64
+    args = (_flat(a, ku), _flat(u, ku), _flat(y, ko), _flat(carry, "f32"), i64(N), i64(C),
+            i64(D), i64(nb), i64(block_len), i64(chunk_blocks), i64(nchunks), i64(nwork))
+    return kernel, -(-nwork // tpb), tpb, args
+
+
+_fplans: dict = {}
+
+
+def halo_forward(a, u, y, *, layout, block_len, hops, carry, stream=None, chunk_blocks=None):
+    """BHDL forward of ``hops`` in :data:`HALO_HOPS` from offset 0 in one launch:
+    ``y_t = w_t + g_t T_j`` (docs/spec.md#recurrence), ``carry`` (``(B, H, D)`` float32) is
+    ``v_{-1}`` (x0, or zeros). Canonical BHDL arrays (bfloat16 as uint16 bits; NumPy in the
+    simulator); ``y`` of any of the three kinds. ``chunk_blocks`` overrides the tuned chunk."""
+    if layout != "BHDL":
+        raise ValueError("halo_forward is the BHDL walk (BLHD: swr_forward's halo mode)")
+    B, H, D, N = u.shape
+    if B * H * D * N == 0:
+        return
+    if SIMULATOR or isinstance(u, np.ndarray) or chunk_blocks is not None:
+        kernel, grid, block, args = _forward_launch_args(a, u, y, block_len, hops, carry,
+                                                         chunk_blocks)
+        launch(kernel, grid, block, args, stream)
+        return
+    from cupy.cuda import runtime
+
+    ptrs = [data_pointer(x) for x in (a, u, y, carry)]
+    misaligned = (ptrs[0] | ptrs[1] | ptrs[2]) & 15
+    key = (runtime.getDevice(), u.shape, a.shape, u.dtype, y.dtype, block_len, hops, misaligned,
+           TUNING.version)
+    plan = _fplans.get(key)
+    if plan is None:
+        kernel, grid, block, args = _forward_launch_args(a, u, y, block_len, hops, carry)
+        entry, values = prepare(kernel, args)
+        if len(_fplans) > 256:
+            _fplans.clear()
+        plan = _fplans[key] = (entry, grid, block, values)
+    entry, grid, block, values = plan
+    launch_with_pointers(entry, grid, block, values, ptrs, stream, 0)
 
 
 def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):

@@ -192,6 +192,14 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     shape = (p.B, p.H, p.D)
     position = 0 if state is None else state.common_position()
     fresh = state is None
+    if fresh and not return_state and p.N and p.layout == "BHDL" and p.hops in FUSED_HOPS:
+        # one pass: the BHDL halo walk (numba_kernels/halo_walk.py), x0 the carrier before block 0
+        from .numba_kernels import halo_walk
+
+        carry = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
+        halo_walk.halo_forward(_view(a), _view(u), _view(y), layout="BHDL", block_len=p.block_len,
+                               hops=p.hops, carry=carry)
+        return y
     if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
         # the halo walk: x0 is the carrier before block 0
         zeros, ones = _plain_zeros(cp, p)

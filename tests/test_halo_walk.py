@@ -233,6 +233,39 @@ def _fast_simulator_barriers():
     sys.setswitchinterval(old)
 
 
+def check_bhdl_forward(rng, per_head, dtype, hops, *, block_len, N, B=1, H=2, D=4,
+                       x0_given=True, out_dtype=None, chunk=None):
+    from swr_array.numba_kernels import halo_walk
+
+    a, u, _, x0 = make_case(rng, "BHDL", per_head, dtype, B=B, H=H, D=D, N=N)
+    X = xp()
+    y = poisoned(u.shape, out_dtype or dtype)
+    carry = x0 if x0_given else np.zeros_like(x0)
+    halo_walk.halo_forward(X.asarray(a), X.asarray(u), y, layout="BHDL", block_len=block_len,
+                           hops=hops, carry=X.asarray(carry), chunk_blocks=chunk)
+    at, ut = time_last(a, "BHDL", per_head), time_last(u, "BHDL")
+    want = reference.swr(at, ut, block_len=block_len, hops=hops, x0=carry.astype(np.float64))
+    assert_close(to_np(y), want, out_dtype or dtype, "y")
+
+
+@needs_kernels
+@pytest.mark.parametrize("hops", [2, 3, 8])
+@pytest.mark.parametrize("per_head", [True, False], ids=["head", "channel"])
+def test_bhdl_forward_kernel(rng, hops, per_head):
+    # scalar groups: N = 45 (12 blocks of 4, the last partial), chunks of 5 blocks
+    check_bhdl_forward(rng, per_head, np.dtype(np.float32), hops, block_len=4, N=45, chunk=5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,out_dtype", [(BF16, BF16), (np.dtype(np.float16), np.float32),
+                                             (np.dtype(np.float32), BF16)],
+                         ids=["bf16", "f16-to-f32", "f32-to-bf16"])
+def test_bhdl_forward_kernel_time_vectors(rng, dtype, out_dtype):
+    # groups of one 32-byte access per row along time (N a multiple of 16), two batches, no x0
+    check_bhdl_forward(rng, True, dtype, 3, block_len=16, N=96, B=2, x0_given=False,
+                       out_dtype=np.dtype(out_dtype), chunk=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. GPU: the front's swr_vjp through the halo walk, poisoned outputs, against the reference
 # ----------------------------------------------------------------------------------------------
@@ -255,9 +288,10 @@ def test_gpu_vjp_through_the_front(rng, monkeypatch, layout, per_head, dtype, ho
     import swr_array as sa
 
     calls = []
-    run = halo_walk.halo_backward
-    monkeypatch.setattr(halo_walk, "halo_backward",
-                        lambda *args, **kw: calls.append(1) or run(*args, **kw))
+    for name in ("halo_backward", "halo_forward"):
+        run = getattr(halo_walk, name)
+        monkeypatch.setattr(halo_walk, name, lambda *args, _run=run, _name=name, **kw:
+                            calls.append(_name) or _run(*args, **kw))
     # BLHD and BHDL float32: 63 blocks of 16, the last partial; BHDL bf16: whole 32-byte groups
     B, H, D, N = 2, 4, 16, 1008 if layout == "BHDL" and dtype == BF16 else 1000
     us = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
@@ -275,7 +309,8 @@ def test_gpu_vjp_through_the_front(rng, monkeypatch, layout, per_head, dtype, ho
     assert_close(to_np(y), sa.swr(f64(a), f64(u), **kw), dtype, "y")
     da, du, dx0 = sa.swr_vjp(cp.asarray(a), cp.asarray(u), cp.asarray(dy), x0=cp.asarray(x0),
                              out=out, **kw)
-    assert calls, "the halo walk did not run"
+    want = ["halo_forward", "halo_backward"] if layout == "BHDL" else ["halo_backward"]
+    assert calls == want, calls
     eda, edu, edx0 = sa.swr_vjp(f64(a), f64(u), f64(dy), x0=f64(x0), **kw)
     assert_close(to_np(du), edu, dtype, "du")
     assert_close(to_np(da), eda, dtype, "da")
