@@ -6,7 +6,8 @@
 - forward (``swr``), backward (``swr_vjp``) and forward+backward (one after the other), each at
   every chunk length of its knob (blocks per hop: 2, 4, 8, 16): the backward's
   ``halo_walk.TUNING["bwd_chunk_blocks_per_hop"]`` (BLHD) / ``["bwd_bhdl_chunk_blocks_per_hop"]``
-  (BHDL), the BLHD forward's ``swr_forward.TUNING["blhd_halo_chunk_blocks_per_hop"]``;
+  (BHDL), the forward's ``swr_forward.TUNING["blhd_halo_chunk_blocks_per_hop"]`` (BLHD) /
+  ``halo_walk.TUNING["fwd_bhdl_chunk_blocks_per_hop"]`` (BHDL);
 - the floor: the bytes the calls must move (forward: a, u read, y written; backward: a, u, dy
   read, du, da written; forward+backward: both, as ``swr_array.bench.floor_bytes``) at the
   device-to-device copy bandwidth measured here.
@@ -50,7 +51,9 @@ def _time(fn, calls=10, runs=3):
 def _knob(layout, direction):
     """(TUNING dict, key) of the chunk knob a direction's kernel reads, or None."""
     if direction == "fwd":
-        return (F.TUNING, "blhd_halo_chunk_blocks_per_hop") if layout == "BLHD" else None
+        if layout == "BLHD":
+            return F.TUNING, "blhd_halo_chunk_blocks_per_hop"
+        return HW.TUNING, "fwd_bhdl_chunk_blocks_per_hop"
     key = "bwd_chunk_blocks_per_hop" if layout == "BLHD" else "bwd_bhdl_chunk_blocks_per_hop"
     return HW.TUNING, key
 
@@ -71,7 +74,8 @@ def main():
     H, D = 128, 16
     defaults = {(id(t), k): t[k] for t, k in ((F.TUNING, "blhd_halo_chunk_blocks_per_hop"),
                                               (HW.TUNING, "bwd_chunk_blocks_per_hop"),
-                                              (HW.TUNING, "bwd_bhdl_chunk_blocks_per_hop"))}
+                                              (HW.TUNING, "bwd_bhdl_chunk_blocks_per_hop"),
+                                              (HW.TUNING, "fwd_bhdl_chunk_blocks_per_hop"))}
     for B, L in ((16, 2048), (4, 8192), (1, 32768)):
         for layout in ("BLHD", "BHDL"):
             us = (B, L, H, D) if layout == "BLHD" else (B, H, D, L)
