@@ -263,6 +263,7 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
         dC = cuda.local.array(VEC, f32)
         T = cuda.local.array(VEC, f32)
         Wn = cuda.local.array(VEC, f32)
+        tm = cuda.local.array(KV, f32)
         P = cuda.local.array(AW, f32)
         R = cuda.local.array(AW, f32)
         w = cuda.local.array(VEC, f32)
@@ -309,6 +310,15 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
             lo = j * lb
             n = min(lb, N - lo)
             # T_j = W_j(K) and dC_j = sum_d q_{j+d} (C_{j+1} .. C_{j+d-1}) W_j(K-d)
+            # tm[d-1] = q_{j+d} (C_{j+1} .. C_{j+d-1}), d = 1 .. K-1
+            for k in range(AW):
+                R[k] = F1
+            for d in range(1, K):
+                for k in range(VEC):
+                    tm[(d - 1) * VEC + k] = fq[(d - 1) * VEC + k] * R[k % AW]
+                for k in range(AW):
+                    R[k] = R[k] * fC[(d - 1) * AW + k]
+            # W_j(e) for e = 1 .. K, and dC_j += tm[K-e-1] W_j(e) for e < K
             for k in range(VEC):
                 Wn[k] = F0
                 dC[k] = F0
@@ -320,14 +330,8 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
                 for k in range(AW):
                     P[k] = P[k] * pC[(K - e) * AW + k]
                 if e < K:
-                    d = K - e
-                    for k in range(AW):
-                        R[k] = F1
-                    for m in range(d - 1):
-                        for k in range(AW):
-                            R[k] = R[k] * fC[m * AW + k]
                     for k in range(VEC):
-                        dC[k] = dC[k] + fq[(d - 1) * VEC + k] * R[k % AW] * Wn[k]
+                        dC[k] = dC[k] + tm[(K - e - 1) * VEC + k] * Wn[k]
             for k in range(VEC):
                 T[k] = Wn[k]
             horner_future(dv, fq, fC)
