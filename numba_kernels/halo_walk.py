@@ -295,15 +295,21 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
             future(a, dy, ua0, ad0, us, as_, i * lb, min(lb, N - i * lb), qn, cn, an, zz, ab, db)
             push_future(fq, fC, qn, cn)
             i -= 1
-        # the past register: (v, C) of blocks jj1-1-K .. jj1-2
+        # the past register: (v, C) of blocks jj1-1-K .. jj1-2, each entering as the newest (a
+        # shift with constant indices: the loop around the walk is not unrolled)
         for m in range(K):
             i = jj1 - 1 - K + m
             if i >= 0:
                 walk(a, u, ua0, ad0, us, as_, i * lb, lb, False, ckw, ckg, w, g, ab, ub)
+            for mm in range(K - 1):
+                for k in range(VEC):
+                    pv[mm * VEC + k] = pv[(mm + 1) * VEC + k]
+                for k in range(AW):
+                    pC[mm * AW + k] = pC[(mm + 1) * AW + k]
             for k in range(VEC):
-                pv[m * VEC + k] = w[k] if i >= 0 else (carry[ch0 + k] if i == -1 else F0)
+                pv[(K - 1) * VEC + k] = w[k] if i >= 0 else (carry[ch0 + k] if i == -1 else F0)
             for k in range(AW):
-                pC[m * AW + k] = g[k] if i >= 0 else F1
+                pC[(K - 1) * AW + k] = g[k] if i >= 0 else F1
 
         j = jj1 - 1
         while j >= jj0:
