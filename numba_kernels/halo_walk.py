@@ -38,7 +38,8 @@ the chunk from its last block to its first, holding two shift registers of k ent
 
 The reverse sweep of block j takes groups of ``unroll`` steps from last to first; each group's
 forward states ``w_{t-1}``, ``g_{t-1}`` are recomputed from a checkpoint of (w, g) at the group's
-start, taken by a forward walk of block j just before its sweep. So the chunk reads k blocks
+start, taken by a forward walk of block j just before its sweep (no walk where the block is one
+group: ``unroll >= block_len``). So the chunk reads k blocks
 beyond each end (a and u before it, a and dy after it), and u of every block three times (the
 lead walk k+1 blocks earlier, the checkpoint walk and the sweep; the last two back to back).
 Chunks do not depend on each other: one launch. k is a compile-time constant; the registers are
@@ -342,7 +343,13 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
                 T[k] = Wn[k]
             horner_future(dv, fq, fC)
 
-            walk(a, u, ua0, ad0, us, as_, lo, n, True, ckw, ckg, w, g, ab, ub)
+            if lb > U:  # checkpoints of the block's groups (one group: the block's start)
+                walk(a, u, ua0, ad0, us, as_, lo, n, True, ckw, ckg, w, g, ab, ub)
+            else:
+                for k in range(VEC):
+                    ckw[k] = F0
+                for k in range(AW):
+                    ckg[k] = F1
             # the reverse sweep of block j, a group of U steps at a time
             for k in range(VEC):
                 lam[k] = dv[k]

@@ -12,6 +12,11 @@
   read, du, da written; forward+backward: both, as ``swr_array.bench.floor_bytes``) at the
   device-to-device copy bandwidth measured here.
 
+Then the BLHD backward's register/traffic trade-off at 4x8192: ``(bwd_access_bytes, bwd_unroll)``
+in (16, 8), (8, 16), (4, 16) (with ``unroll == block_len`` no checkpoint walk of each block).
+``--precompile I``: only compile variant I (a tiny call; the kernels' PTX cache then has it), so
+that a script can compile them in parallel processes before timing.
+
 Inputs rotate over two sets (each larger than the L2 cache), so no call finds its inputs there.
 Prints one line per (shape, layout, hops, direction) and writes the numbers as JSON.
 """
@@ -58,11 +63,59 @@ def _knob(layout, direction):
     return HW.TUNING, key
 
 
+VARIANTS = [(hops, access, unroll) for hops in (2, 4) for access, unroll in ((8, 16), (4, 16))]
+
+
+def _set_variant(access, unroll):
+    HW.TUNING["bwd_access_bytes"] = HW.TUNING["bwd_access_bytes_deep"] = access
+    HW.TUNING["bwd_unroll"] = unroll
+
+
+def _variants(out, bandwidth, t_start, path):
+    """The backward's (access bytes, unroll) variants, BLHD bf16 per head at 4x8192."""
+    B, L, H, D = 4, 8192, 128, 16
+    gen = cp.random.default_rng(1)
+    sets = []
+    for _ in range(2):
+        u = _cast(cp, gen.standard_normal((B, L, H, D), dtype=cp.float32), "bfloat16")
+        a = _cast(cp, gen.uniform(0.9, 1.0, (B, L, H)).astype(cp.float32), "bfloat16")
+        dy = _cast(cp, gen.standard_normal((B, L, H, D), dtype=cp.float32), "bfloat16")
+        sets.append((a, u, dy))
+    floor_ms = (2 * sets[0][0].nbytes + 3 * sets[0][1].nbytes) / bandwidth * 1e3
+    saved = dict(HW.TUNING)
+    for hops, access, unroll in [(2, 16, 8), (4, 8, 8)] + VARIANTS:
+        _set_variant(access, unroll)
+        kw = dict(block_len=16, hops=hops, layout="BLHD")
+        ms = _time(lambda i: sa.swr_vjp(*sets[i % 2], **kw))  # noqa: B023
+        print(f"variant {B}x{L} BLHD hops={hops} bwd access {access} B unroll {unroll}: "
+              f"{ms:.4f} ms {ms / floor_ms:.2f}x (floor {floor_ms:.4f})", flush=True)
+        out["rows"].append(dict(B=B, L=L, layout="BLHD", hops=hops, direction="bwd",
+                                access=access, unroll=unroll, ms=ms, floor_ms=floor_ms,
+                                ratio=ms / floor_ms))
+        _dump(out, path, t_start)
+    for k, v in saved.items():
+        HW.TUNING[k] = v
+
+
+def _precompile(i):
+    hops, access, unroll = VARIANTS[i]
+    _set_variant(access, unroll)
+    a = _cast(cp, cp.full((1, 64, 2), 0.5, cp.float32), "bfloat16")
+    u = _cast(cp, cp.ones((1, 64, 2, 16), cp.float32), "bfloat16")
+    sa.swr_vjp(a, u, u, block_len=16, hops=hops, layout="BLHD")
+    cp.cuda.runtime.deviceSynchronize()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--hops", default="2,4")
+    ap.add_argument("--precompile", type=int, default=None)
+    ap.add_argument("--no-variants", action="store_true")
     args = ap.parse_args()
+    if args.precompile is not None:
+        _precompile(args.precompile)
+        return
     t_start = time.time()
     buf = cp.empty(1 << 30, cp.uint8)
     dst = cp.empty_like(buf)
@@ -117,6 +170,8 @@ def main():
                           f"| " + " | ".join(cells), flush=True)
                     _dump(out, args.json, t_start)  # as it goes: a timeout keeps what was done
             sets = None
+    if not args.no_variants:
+        _variants(out, bandwidth, t_start, args.json)
     _dump(out, args.json, t_start)
 
 

@@ -216,6 +216,15 @@ def test_backward_kernel_bhdl_time_vectors(rng, dtype, per_head, hops, block_len
 
 @needs_kernels
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+def test_backward_kernel_checkpointed_groups(rng, layout):
+    # block_len 16 > the 8 steps of a group: each block's groups restart from checkpoints of a
+    # forward walk; N = 77 ends in a block of 13 steps (a partial group)
+    check_halo_backward(rng, layout, False, np.dtype(np.float32), 2, block_len=16, D=2, N=77,
+                        chunk=2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_backward_kernel_short(rng, layout):
     # fewer blocks than hops (every window reaches x0), the tuned chunk, dy float32
     check_halo_backward(rng, layout, False, BF16, 5, block_len=4, N=14, dy_dtype=np.float32)
