@@ -100,8 +100,8 @@ def _variants(out, bandwidth, t_start, path):
 def _precompile(i):
     hops, access, unroll = VARIANTS[i]
     _set_variant(access, unroll)
-    a = _cast(cp, cp.full((1, 64, 2), 0.5, cp.float32), "bfloat16")
-    u = _cast(cp, cp.ones((1, 64, 2, 16), cp.float32), "bfloat16")
+    a = _cast(cp, cp.full((1, 256, 2), 0.5, cp.float32), "bfloat16")
+    u = _cast(cp, cp.ones((1, 256, 2, 16), cp.float32), "bfloat16")
     sa.swr_vjp(a, u, u, block_len=16, hops=hops, layout="BLHD")
     cp.cuda.runtime.deviceSynchronize()
 
