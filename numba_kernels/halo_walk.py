@@ -66,7 +66,7 @@ from ._launch import (
     prepare,
 )
 from ._ptx import head_sum, make_vector_load, make_vector_store
-from .swr_backward_channel import split_load
+from .swr_backward_channel import make_head_scatter, split_load
 
 __all__ = ["HALO_HOPS", "LMAX", "TUNING", "backward_kernel", "fits", "fits_backward",
            "forward_kernel", "halo_backward", "halo_forward"]
@@ -112,13 +112,15 @@ def _kind(x) -> str:
     return "bf16" if x.dtype == np.uint16 else storage_kind(x.dtype)
 
 
-def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
-    """The reverse halo walk for one specialisation (see the module docstring). ``tvec`` (BHDL):
-    a group of ``unroll`` steps is one vector access along time per array (N and block_len
-    multiples of it, aligned rows), its du and da stored as vectors too."""
+def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
+    """The reverse halo walk for one specialisation (see the module docstring). ``tvec`` > 0
+    (BHDL): a group of ``unroll`` steps is one vector access along time per array (N and
+    block_len multiples of it, aligned rows), its du stored as a vector, and per head its da
+    summed over the head's ``tvec`` lanes (D, a power of two) by a shuffle reduce-scatter (one
+    shuffle per step and lane) instead of a butterfly per step."""
     BLHD = layout == "BLHD"
     assert BLHD or vec == 1
-    TV = bool(tvec)
+    TV = tvec > 0
     K = hops
     VEC, U = vec, unroll
     AW = 1 if per_head else vec  # coefficient values per step
@@ -134,6 +136,7 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
     load_ut = split_load(ku, U)  # TV: a group of each array in one access (or 16-byte pieces)
     load_dt = split_load(kd, U)
     store_ut = make_vector_store(ku, U)
+    head_scatter = make_head_scatter(U, tvec if (TV and per_head) else 1, STORE[ku])
 
     @cuda.jit(device=True, inline=True)
     def walk(a, u, ua0, ad0, us, as_, lo, n, ck, ckw, ckg, w, g, ab, ub):
@@ -399,9 +402,9 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
                             dak = lam[k] * wp[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
                             oa[k] = dak
                             pa += dak
-                        if per_head:
+                        if per_head and not TV:
                             pa = head_sum(pa, lph, mask)
-                        if TV:  # VEC = 1: the group's du and da go out as vectors below
+                        if TV:  # VEC = 1: the group's du and da go out below
                             dub[i] = ov[0]
                             dab[i] = pa
                         else:
@@ -415,7 +418,9 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
                             cn[k] = cn[k] * an[k]
                 if TV:
                     store_ut(du, ua0 + lo + t0, dub, 0)
-                    if lead or not per_head:
+                    if per_head:
+                        head_scatter(dab, lane, mask, da, ad0 + lo + t0)
+                    else:
                         store_ut(da, ad0 + lo + t0, dab, 0)
             for k in range(VEC):
                 qn[k] = an[k % AW] * zz[k]
@@ -443,7 +448,7 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_halo_backward_{layout.lower()}_{ku}_dy_{kd}_"
         f"{'per_head' if per_head else 'per_channel'}_hops{hops}_vec{vec}_unroll{unroll}"
-        + ("_tvec" if TV else ""))
+        + (f"_tvec{tvec}" if TV else ""))
     return cuda.jit(kernel)
 
 
@@ -587,9 +592,9 @@ def halo_forward(a, u, y, *, layout, block_len, hops, carry, stream=None, chunk_
     launch_with_pointers(entry, grid, block, values, ptrs, stream, 0)
 
 
-def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec=False):
+def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
     """The compiled-on-demand dispatcher of one backward specialisation."""
-    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll, bool(tvec))
+    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll, int(tvec))
     if key not in _CACHE:
         _CACHE[key] = _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec)
     return _CACHE[key]
@@ -671,7 +676,7 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk
     vec, lph = cfg
     nb = -(-N // block_len)
     unroll = min(TUNING["bwd_unroll"], block_len)
-    tvec = False
+    tvec = 0
     if layout == "BHDL":
         # a group: one access of up to bwd_bhdl_group_bytes of each array along time, where N,
         # block_len and the rows allow it
@@ -681,7 +686,7 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk
         aligned = (all(x % 16 == 0 for x in addrs) and row_bytes % 16 == 0
                    and (N * ITEM_SIZE[kd]) % 16 == 0)
         if steps >= 2 and block_len % steps == 0 and N % steps == 0 and aligned:
-            unroll, tvec = steps, True
+            unroll, tvec = steps, lph
     kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec)
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     if layout == "BLHD":
