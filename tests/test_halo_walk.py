@@ -201,7 +201,7 @@ def test_backward_kernel(rng, layout, hops, per_head):
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=lambda d: d.name)
 def test_backward_kernel_16bit(rng, layout, dtype):
     # 16-bit storage, two batches, no x0, block_len 8 with groups of 8 steps
-    check_halo_backward(rng, layout, True, dtype, 2, block_len=8, B=2, D=8, N=53,
+    check_halo_backward(rng, layout, True, dtype, 2, block_len=8, B=2, D=4, N=53,
                         x0_given=False, chunk=3)
 
 
