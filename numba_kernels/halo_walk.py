@@ -80,14 +80,15 @@ LMAX = 64
 TUNING = Tuning({
     # backward (BLHD): bytes of u one thread moves per step for hops <= 4 and for hops > 4 (the
     # shift registers hold 2 k (vec + coefficient) floats), steps per checkpointed group, chunk
-    # length in blocks per hop, threads per block
+    # length in blocks (at least 2 per hop), threads per block
     "bwd_access_bytes": 16,
     "bwd_access_bytes_deep": 8,
     "bwd_unroll": 8,
-    "bwd_chunk_blocks_per_hop": 8,
+    "bwd_chunk_blocks": 16,
     "bwd_threads_per_block": 256,
-    # backward, BHDL (one channel row per thread): chunk length in blocks per hop, threads per block
-    "bwd_bhdl_chunk_blocks_per_hop": 8,
+    # backward, BHDL (one channel row per thread): chunk length in blocks (at least 2 per hop),
+    # threads per block
+    "bwd_bhdl_chunk_blocks": 32,
     "bwd_bhdl_threads_per_block": 128,
     # BHDL: bytes of u per row and group, one vector access (16-byte pieces) along time
     "bwd_bhdl_group_bytes": 32,
@@ -281,7 +282,6 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
         ab = cuda.local.array(UA, f32)
         ub = cuda.local.array(UV, f32)
         db = cuda.local.array(UV, f32)
-        wp = cuda.local.array(UV, f32)  # w_{t-1} of the group's steps
         gp = cuda.local.array(UA, f32)  # g_{t-1}
         ckw = cuda.local.array(CKW, f32)
         ckg = cuda.local.array(CKG, f32)
@@ -379,11 +379,13 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
                     w[k] = ckw[gi * VEC + k]
                 for k in range(AW):
                     g[k] = ckg[gi * AW + k]
+                # the group's forward states, w_{t-1} in place of u (ub becomes w_{t-1})
                 for i in range(U):
                     if t0 + i < n:
                         for k in range(VEC):
-                            wp[i * VEC + k] = w[k]
-                            w[k] = ab[i * AW + k % AW] * w[k] + ub[i * VEC + k]
+                            uk = ub[i * VEC + k]
+                            ub[i * VEC + k] = w[k]
+                            w[k] = ab[i * AW + k % AW] * w[k] + uk
                         for k in range(AW):
                             gp[i * AW + k] = g[k]
                             g[k] = g[k] * ab[i * AW + k]
@@ -399,7 +401,7 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
                             mu[k] = dyk * T[k] + ank * mu[k]
                             zz[k] = dyk + ank * zz[k]
                             ov[k] = lam[k]
-                            dak = lam[k] * wp[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
+                            dak = lam[k] * ub[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
                             oa[k] = dak
                             pa += dak
                         if per_head and not TV:
@@ -690,14 +692,13 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk
     kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec)
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     if layout == "BLHD":
-        per_hop, tpb = TUNING["bwd_chunk_blocks_per_hop"], TUNING["bwd_threads_per_block"]
+        tuned, tpb = TUNING["bwd_chunk_blocks"], TUNING["bwd_threads_per_block"]
     else:
-        per_hop = TUNING["bwd_bhdl_chunk_blocks_per_hop"]
-        tpb = TUNING["bwd_bhdl_threads_per_block"]
+        tuned, tpb = TUNING["bwd_bhdl_chunk_blocks"], TUNING["bwd_bhdl_threads_per_block"]
     if SIMULATOR:
         tpb = lph if per_head else 32
     if chunk_blocks is None:
-        chunk_blocks = per_hop * hops
+        chunk_blocks = max(tuned, 2 * hops)
     chunk_blocks = max(1, min(nb, int(chunk_blocks)))
     groups = H * D // vec
     nchunks = -(-nb // chunk_blocks)

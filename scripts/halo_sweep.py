@@ -1,20 +1,17 @@
-"""Deep windows (hops 2 and 4) against the memory floor, with the halo walks' chunk knobs swept.
+"""Deep windows (hops 2 and 4) against the memory floor, with the halo walks' knobs swept.
 
 ``python scripts/halo_sweep.py [--json PATH]``: bf16, 128 heads x 16 channels, per-head a, at
 16x2048, 4x8192 and 1x32768, both layouts, through the public ``swr`` / ``swr_vjp``:
 
-- forward (``swr``), backward (``swr_vjp``) and forward+backward (one after the other), each at
-  every chunk length of its knob (blocks per hop: 2, 4, 8, 16): the backward's
-  ``halo_walk.TUNING["bwd_chunk_blocks_per_hop"]`` (BLHD) / ``["bwd_bhdl_chunk_blocks_per_hop"]``
-  (BHDL), the forward's ``swr_forward.TUNING["blhd_halo_chunk_blocks_per_hop"]`` (BLHD) /
-  ``halo_walk.TUNING["fwd_bhdl_chunk_blocks_per_hop"]`` (BHDL);
+- forward (``swr``), backward (``swr_vjp``) and forward+backward (one after the other), the
+  first two at every value of their chunk knob (:data:`CHUNK_KNOBS`);
 - the floor: the bytes the calls must move (forward: a, u read, y written; backward: a, u, dy
   read, du, da written; forward+backward: both, as ``swr_array.bench.floor_bytes``) at the
   device-to-device copy bandwidth measured here.
 
-Then the BLHD backward's register/traffic trade-off at 4x8192, hops 2, 4 and 8:
-``(bwd_access_bytes, bwd_unroll)`` in :data:`VARIANTS` and the defaults (with ``unroll ==
-block_len`` no checkpoint walk of each block).
+Then, at 4x8192, the kernels' register/parallelism trade-offs (:data:`VARIANTS`): the BLHD
+backward's ``(bwd_access_bytes, bwd_unroll)`` for hops 2, 4 and 8 at each chunk length (with
+``unroll == block_len`` no checkpoint walk of each block), and the BHDL walks' group bytes.
 ``--precompile I``: only compile variant I (a tiny call; the kernels' PTX cache then has it), so
 that a script can compile them in parallel processes before timing.
 
@@ -36,8 +33,6 @@ from swr_array.numba_kernels import swr_forward as F
 import swr_array as sa
 from swr_array.bench import _cast
 
-PER_HOP = (2, 4, 8, 16)
-
 
 def _time(fn, calls=10, runs=3):
     start, stop = cp.cuda.Event(), cp.cuda.Event()
@@ -54,57 +49,89 @@ def _time(fn, calls=10, runs=3):
     return float(np.median(times))
 
 
-def _knob(layout, direction):
-    """(TUNING dict, key) of the chunk knob a direction's kernel reads, or None."""
-    if direction == "fwd":
-        if layout == "BLHD":
-            return F.TUNING, "blhd_halo_chunk_blocks_per_hop"
-        return HW.TUNING, "fwd_bhdl_chunk_blocks_per_hop"
-    key = "bwd_chunk_blocks_per_hop" if layout == "BLHD" else "bwd_bhdl_chunk_blocks_per_hop"
-    return HW.TUNING, key
+# (TUNING, key, values) of the chunk knob of each (layout, direction)
+CHUNK_KNOBS = {
+    ("BLHD", "fwd"): (F.TUNING, "blhd_halo_chunk_blocks_per_hop", (1, 2, 4)),
+    ("BHDL", "fwd"): (HW.TUNING, "fwd_bhdl_chunk_blocks_per_hop", (2, 4, 8, 16)),
+    ("BLHD", "bwd"): (HW.TUNING, "bwd_chunk_blocks", (8, 16, 32)),
+    ("BHDL", "bwd"): (HW.TUNING, "bwd_bhdl_chunk_blocks", (8, 16, 32, 64)),
+}
+
+# (layout, direction, hops, settings) the tests do not compile: precompiled in parallel
+VARIANTS = [("BLHD", "bwd", h, dict(bwd_access_bytes=acc, bwd_access_bytes_deep=acc,
+                                    bwd_unroll=un))
+            for h, acc, un in ((2, 8, 8), (2, 4, 8), (2, 4, 16), (4, 8, 8), (4, 4, 8), (4, 4, 16),
+                               (8, 8, 8), (8, 4, 8), (8, 4, 16))]
+VARIANTS += [("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16)),
+             ("BHDL", "fwd", 2, dict(fwd_bhdl_group_bytes=16))]
 
 
-# (hops, access bytes, unroll) beyond the defaults of hops 2 and 4 (the tests compile those)
-VARIANTS = [(2, 8, 16), (2, 4, 16), (4, 8, 16), (4, 4, 16), (8, 8, 8), (8, 4, 16)]
-
-
-def _set_variant(access, unroll):
-    HW.TUNING["bwd_access_bytes"] = HW.TUNING["bwd_access_bytes_deep"] = access
-    HW.TUNING["bwd_unroll"] = unroll
-
-
-def _variants(out, bandwidth, t_start, path):
-    """The backward's (access bytes, unroll) variants, BLHD bf16 per head at 4x8192."""
-    B, L, H, D = 4, 8192, 128, 16
-    gen = cp.random.default_rng(1)
+def _inputs(cp, layout, B, L, H=128, D=16, seed=0):
+    us = (B, L, H, D) if layout == "BLHD" else (B, H, D, L)
+    as_ = (B, L, H) if layout == "BLHD" else (B, H, L)
+    gen = cp.random.default_rng(seed)
     sets = []
     for _ in range(2):
-        u = _cast(cp, gen.standard_normal((B, L, H, D), dtype=cp.float32), "bfloat16")
-        a = _cast(cp, gen.uniform(0.9, 1.0, (B, L, H)).astype(cp.float32), "bfloat16")
-        dy = _cast(cp, gen.standard_normal((B, L, H, D), dtype=cp.float32), "bfloat16")
+        u = _cast(cp, gen.standard_normal(us, dtype=cp.float32), "bfloat16")
+        a = _cast(cp, gen.uniform(0.9, 1.0, as_).astype(cp.float32), "bfloat16")
+        dy = _cast(cp, gen.standard_normal(us, dtype=cp.float32), "bfloat16")
         sets.append((a, u, dy))
-    floor_ms = (2 * sets[0][0].nbytes + 3 * sets[0][1].nbytes) / bandwidth * 1e3
-    saved = dict(HW.TUNING)
-    for hops, access, unroll in [(2, 16, 8), (4, 8, 8)] + VARIANTS:
-        _set_variant(access, unroll)
-        kw = dict(block_len=16, hops=hops, layout="BLHD")
-        ms = _time(lambda i: sa.swr_vjp(*sets[i % 2], **kw))  # noqa: B023
-        print(f"variant {B}x{L} BLHD hops={hops} bwd access {access} B unroll {unroll}: "
-              f"{ms:.4f} ms {ms / floor_ms:.2f}x (floor {floor_ms:.4f})", flush=True)
-        out["rows"].append(dict(B=B, L=L, layout="BLHD", hops=hops, direction="bwd",
-                                access=access, unroll=unroll, ms=ms, floor_ms=floor_ms,
-                                ratio=ms / floor_ms))
-        _dump(out, path, t_start)
-    for k, v in saved.items():
+    nu, na = sets[0][1].nbytes, sets[0][0].nbytes
+    floors = {"fwd": na + 2 * nu, "bwd": 2 * na + 3 * nu,
+              "fwdbwd": (na + 2 * nu) + (2 * na + 3 * nu)}
+    return sets, floors
+
+
+def _fn(sets, direction, kw):
+    if direction == "fwd":
+        return lambda i: sa.swr(sets[i % 2][0], sets[i % 2][1], **kw)
+    if direction == "bwd":
+        return lambda i: sa.swr_vjp(*sets[i % 2], **kw)
+    return lambda i: (sa.swr(sets[i % 2][0], sets[i % 2][1], **kw), sa.swr_vjp(*sets[i % 2], **kw))
+
+
+def _settings(pairs):
+    for k, v in pairs.items():
         HW.TUNING[k] = v
 
 
+def _variants(out, bandwidth, t_start, path):
+    """The variants at 4x8192, each at every value of its chunk knob, defaults first."""
+    B, L = 4, 8192
+    saved = dict(HW.TUNING)
+    for layout in ("BLHD", "BHDL"):
+        sets, floors = _inputs(cp, layout, B, L, seed=1)
+        rows = [(lay, d, h, {}) for lay, d, h in (("BLHD", "bwd", 2), ("BLHD", "bwd", 4),
+                                                  ("BHDL", "bwd", 2), ("BHDL", "fwd", 2))]
+        for lay, direction, hops, settings in rows + VARIANTS:
+            if lay != layout:
+                continue
+            _settings(settings)
+            tuning, key, values = CHUNK_KNOBS[(layout, direction)]
+            kw = dict(block_len=16, hops=hops, layout=layout)
+            floor_ms = floors[direction] / bandwidth * 1e3
+            cells = []
+            for value in values:
+                tuning[key] = value
+                ms = _time(_fn(sets, direction, kw))
+                cells.append(f"{value}: {ms:.4f} ms {ms / floor_ms:.2f}x")
+                out["rows"].append(dict(B=B, L=L, layout=layout, hops=hops, direction=direction,
+                                        variant=settings, knob=key, value=value, ms=ms,
+                                        floor_ms=floor_ms, ratio=ms / floor_ms))
+            tuning[key] = saved[key] if tuning is HW.TUNING else tuning[key]
+            print(f"variant {B}x{L} {layout} hops={hops} {direction} {settings or 'default'} "
+                  f"| " + " | ".join(cells), flush=True)
+            for k, v in saved.items():
+                HW.TUNING[k] = v
+            _dump(out, path, t_start)
+        sets = None
+
+
 def _precompile(i):
-    hops, access, unroll = VARIANTS[i]
-    _set_variant(access, unroll)
-    a = _cast(cp, cp.full((1, 256, 2), 0.5, cp.float32), "bfloat16")
-    u = _cast(cp, cp.ones((1, 256, 2, 16), cp.float32), "bfloat16")
-    sa.swr_vjp(a, u, u, block_len=16, hops=hops, layout="BLHD")
+    layout, direction, hops, settings = VARIANTS[i]
+    _settings(settings)
+    sets, _ = _inputs(cp, layout, 1, 256, H=2)
+    _fn(sets, direction, dict(block_len=16, hops=hops, layout=layout))(0)
     cp.cuda.runtime.deviceSynchronize()
 
 
@@ -126,47 +153,27 @@ def main():
     print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
     out = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
            "bandwidth_Bps": bandwidth, "rows": []}
-    H, D = 128, 16
-    defaults = {(id(t), k): t[k] for t, k in ((F.TUNING, "blhd_halo_chunk_blocks_per_hop"),
-                                              (HW.TUNING, "bwd_chunk_blocks_per_hop"),
-                                              (HW.TUNING, "bwd_bhdl_chunk_blocks_per_hop"),
-                                              (HW.TUNING, "fwd_bhdl_chunk_blocks_per_hop"))}
+    defaults = {(id(t), k): t[k] for t, k, _ in CHUNK_KNOBS.values()}
     for B, L in ((16, 2048), (4, 8192), (1, 32768)):
         for layout in ("BLHD", "BHDL"):
-            us = (B, L, H, D) if layout == "BLHD" else (B, H, D, L)
-            as_ = (B, L, H) if layout == "BLHD" else (B, H, L)
-            gen = cp.random.default_rng(0)
-            sets = []
-            for _ in range(2):
-                u = _cast(cp, gen.standard_normal(us, dtype=cp.float32), "bfloat16")
-                a = _cast(cp, gen.uniform(0.9, 1.0, as_).astype(cp.float32), "bfloat16")
-                dy = _cast(cp, gen.standard_normal(us, dtype=cp.float32), "bfloat16")
-                sets.append((a, u, dy))
-            nu, na = sets[0][1].nbytes, sets[0][0].nbytes
-            floors = {"fwd": na + 2 * nu, "bwd": 2 * na + 3 * nu,
-                      "fwdbwd": (na + 2 * nu) + (2 * na + 3 * nu)}
+            sets, floors = _inputs(cp, layout, B, L)
             for hops in [int(h) for h in args.hops.split(",")]:
                 kw = dict(block_len=16, hops=hops, layout=layout)
-                fns = {
-                    "fwd": lambda i: sa.swr(sets[i % 2][0], sets[i % 2][1], **kw),  # noqa: B023
-                    "bwd": lambda i: sa.swr_vjp(*sets[i % 2], **kw),  # noqa: B023
-                    "fwdbwd": lambda i: (sa.swr(sets[i % 2][0], sets[i % 2][1], **kw),  # noqa: B023
-                                         sa.swr_vjp(*sets[i % 2], **kw)),  # noqa: B023
-                }
-                for direction, fn in fns.items():
+                for direction in ("fwd", "bwd", "fwdbwd"):
+                    fn = _fn(sets, direction, kw)
                     floor_ms = floors[direction] / bandwidth * 1e3
-                    knob = _knob(layout, "fwd" if direction == "fwd" else "bwd")
-                    cells, best = [], None
-                    for per_hop in PER_HOP if knob and direction != "fwdbwd" else (None,):
-                        if per_hop is not None:
-                            knob[0][knob[1]] = per_hop
+                    knob = CHUNK_KNOBS.get((layout, direction))
+                    cells = []
+                    for value in knob[2] if knob else (None,):
+                        if value is not None:
+                            knob[0][knob[1]] = value
                         ms = _time(fn)
-                        cells.append(f"{per_hop or 'default'}: {ms:.4f} ms {ms / floor_ms:.2f}x")
+                        cells.append(f"{value or 'default'}: {ms:.4f} ms {ms / floor_ms:.2f}x")
                         out["rows"].append(dict(B=B, L=L, layout=layout, hops=hops,
-                                                direction=direction, per_hop=per_hop, ms=ms,
-                                                floor_ms=floor_ms, ratio=ms / floor_ms))
-                        best = ms if best is None else min(best, ms)
-                        if per_hop is not None:
+                                                direction=direction,
+                                                knob=knob[1] if knob else None, value=value,
+                                                ms=ms, floor_ms=floor_ms, ratio=ms / floor_ms))
+                        if value is not None:
                             knob[0][knob[1]] = defaults[(id(knob[0]), knob[1])]
                     print(f"{B}x{L} {layout} hops={hops} {direction:6s} floor {floor_ms:.4f} ms "
                           f"| " + " | ".join(cells), flush=True)
