@@ -78,6 +78,9 @@ LMAX = 64
 """Largest block_len of the backward walk (its checkpoint buffer is sized by it)."""
 
 TUNING = Tuning({
+    # the front takes the halo walks where they fit (False: the block-carry path, to compare)
+    "backward": True,
+    "forward_bhdl": True,
     # backward (BLHD): bytes of u one thread moves per step for hops <= 4 and for hops > 4 (the
     # shift registers hold 2 k (vec + coefficient) floats), steps per checkpointed group, chunk
     # length in blocks (at least 2 per hop), threads per block
@@ -639,7 +642,9 @@ def fits_backward(layout, ku, kd, per_head, hops, block_len, H, D, addresses=(0,
 
 
 def fits(a, u, dy, du, da, *, layout, block_len, hops):
-    """Whether :func:`halo_backward` takes these canonical arrays."""
+    """Whether :func:`halo_backward` takes these canonical arrays (and ``TUNING["backward"]``)."""
+    if not TUNING["backward"]:
+        return False
     B, N, H, D, per_head = _dims(u, a, layout)
     return fits_backward(layout, _kind(u), _kind(dy), per_head, hops, block_len, H, D,
                          tuple(_address(x) for x in (a, u, dy, du, da)))

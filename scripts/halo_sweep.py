@@ -12,8 +12,8 @@
 Then, at 4x8192, the kernels' register/parallelism trade-offs (:data:`VARIANTS`): the BLHD
 backward's ``(bwd_access_bytes, bwd_unroll)`` for hops 2, 4 and 8 at each chunk length (with
 ``unroll == block_len`` no checkpoint walk of each block), and the BHDL walks' group bytes.
-``--precompile I``: only compile variant I (a tiny call; the kernels' PTX cache then has it), so
-that a script can compile them in parallel processes before timing.
+``--precompile I``: only compile entry I of :data:`PRECOMPILE` (a tiny call; the kernels' PTX
+cache then has it), so that a script can compile them in parallel processes before timing.
 
 Inputs rotate over two sets (each larger than the L2 cache), so no call finds its inputs there.
 Prints one line per (shape, layout, hops, direction) and writes the numbers as JSON.
@@ -64,6 +64,10 @@ VARIANTS = [("BLHD", "bwd", h, dict(bwd_access_bytes=acc, bwd_access_bytes_deep=
                                (8, 8, 8), (8, 4, 8), (8, 4, 16))]
 VARIANTS += [("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16)),
              ("BHDL", "fwd", 2, dict(fwd_bhdl_group_bytes=16))]
+# ... and the block-carry path that the sweep compares with
+PRECOMPILE = VARIANTS + [("BLHD", "bwd", 2, dict(backward=False)),
+                         ("BHDL", "bwd", 2, dict(backward=False)),
+                         ("BHDL", "fwd", 2, dict(forward_bhdl=False))]
 
 
 def _inputs(cp, layout, B, L, H=128, D=16, seed=0):
@@ -128,7 +132,7 @@ def _variants(out, bandwidth, t_start, path):
 
 
 def _precompile(i):
-    layout, direction, hops, settings = VARIANTS[i]
+    layout, direction, hops, settings = PRECOMPILE[i]
     _settings(settings)
     sets, _ = _inputs(cp, layout, 1, 256, H=2)
     _fn(sets, direction, dict(block_len=16, hops=hops, layout=layout))(0)
@@ -175,6 +179,16 @@ def main():
                                                 ms=ms, floor_ms=floor_ms, ratio=ms / floor_ms))
                         if value is not None:
                             knob[0][knob[1]] = defaults[(id(knob[0]), knob[1])]
+                    if direction == "bwd" or (direction == "fwd" and layout == "BHDL"):
+                        # the block-carry path of the same call, for comparison
+                        flag = "backward" if direction == "bwd" else "forward_bhdl"
+                        HW.TUNING[flag] = False
+                        ms = _time(fn)
+                        HW.TUNING[flag] = True
+                        cells.append(f"block-carry path: {ms:.4f} ms {ms / floor_ms:.2f}x")
+                        out["rows"].append(dict(B=B, L=L, layout=layout, hops=hops,
+                                                direction=direction, path="block_carry",
+                                                ms=ms, floor_ms=floor_ms, ratio=ms / floor_ms))
                     print(f"{B}x{L} {layout} hops={hops} {direction:6s} floor {floor_ms:.4f} ms "
                           f"| " + " | ".join(cells), flush=True)
                     _dump(out, args.json, t_start)  # as it goes: a timeout keeps what was done

@@ -192,10 +192,10 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     shape = (p.B, p.H, p.D)
     position = 0 if state is None else state.common_position()
     fresh = state is None
-    if fresh and not return_state and p.N and p.layout == "BHDL" and p.hops in FUSED_HOPS:
+    if (fresh and not return_state and p.N and p.layout == "BHDL" and p.hops in FUSED_HOPS
+            and _halo_walk().TUNING["forward_bhdl"]):
         # one pass: the BHDL halo walk (numba_kernels/halo_walk.py), x0 the carrier before block 0
-        from .numba_kernels import halo_walk
-
+        halo_walk = _halo_walk()
         carry = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
         halo_walk.halo_forward(_view(a), _view(u), _view(y), layout="BHDL", block_len=p.block_len,
                                hops=p.hops, carry=carry)
@@ -350,10 +350,16 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     return da, du, dcarry
 
 
+def _halo_walk():
+    from .numba_kernels import halo_walk
+
+    return halo_walk
+
+
 def _halo_backward(av, uv, dyv, da, du, p, carry, dcarry, x0):
     """hops 2..8 from offset 0 in one launch (numba_kernels/halo_walk.py) where it fits: returns
     ``(da, du, dx0)``, else None (nothing written)."""
-    from .numba_kernels import halo_walk
+    halo_walk = _halo_walk()
 
     if not halo_walk.fits(av, uv, dyv, _view(du), _view(da), layout=p.layout,
                           block_len=p.block_len, hops=p.hops):
