@@ -18,14 +18,14 @@ log="$dir/log.txt"
   echo "=== tests $(date -u +%T)"
   pids=()
   for i in $(seq 0 13); do
-    timeout 50 python3 scripts/halo_sweep.py --precompile "$i" >"$dir/.pre$i" 2>&1 &
+    timeout 45 python3 scripts/halo_sweep.py --precompile "$i" >"$dir/.pre$i" 2>&1 &
     pids+=($!)
   done
-  timeout 50 python3 -m pytest -q -p no:cacheprovider -n 6 -m gpu tests/test_halo_walk.py
+  timeout 45 python3 -m pytest -q -p no:cacheprovider -n 6 -m gpu tests/test_halo_walk.py
   echo "=== tests rc=$? $(date -u +%T)"
   for p in "${pids[@]}"; do wait "$p"; done
   for i in $(seq 0 13); do tail -n 3 "$dir/.pre$i"; rm -f "$dir/.pre$i"; done
   echo "=== precompiled $(date -u +%T)"
-  timeout 35 python3 scripts/halo_sweep.py --json "$dir/sweep.json"
+  timeout 40 python3 scripts/halo_sweep.py --json "$dir/sweep.json"
   echo "=== halo_sweep rc=$? $(date -u +%T)"
 } 2>&1 | tee "$log"
