@@ -89,6 +89,8 @@ TUNING = Tuning({
     "bwd_unroll": 8,
     "bwd_chunk_blocks": 16,
     "bwd_threads_per_block": 256,
+    # both layouts: the lead walk's loads issued with the sweep's, group by group
+    "bwd_fuse_lead": False,
     # backward, BHDL (one channel row per thread): chunk length in blocks (at least 2 per hop),
     # threads per block
     "bwd_bhdl_chunk_blocks": 32,
@@ -116,12 +118,14 @@ def _kind(x) -> str:
     return "bf16" if x.dtype == np.uint16 else storage_kind(x.dtype)
 
 
-def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
+def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0, fuse=False):
     """The reverse halo walk for one specialisation (see the module docstring). ``tvec`` > 0
     (BHDL): a group of ``unroll`` steps is one vector access along time per array (N and
     block_len multiples of it, aligned rows), its du stored as a vector, and per head its da
     summed over the head's ``tvec`` lanes (D, a power of two) by a shuffle reduce-scatter (one
-    shuffle per step and lane) instead of a butterfly per step."""
+    shuffle per step and lane) instead of a butterfly per step. ``fuse``: the lead walk of block
+    j-1-k goes group by group beside the sweep of block j, its loads issued with the sweep's (one
+    wait per group for both)."""
     BLHD = layout == "BLHD"
     assert BLHD or vec == 1
     TV = tvec > 0
@@ -132,6 +136,8 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
     NG = -(-LMAX // U)  # groups per block, at most
     KV, KA = K * VEC, K * AW
     CKW, CKG = NG * VEC, NG * AW
+    FUSE = bool(fuse)
+    LA, LV = (UA, UV) if FUSE else (1, 1)
     load_u = make_vector_load(ku, VEC)
     load_a = make_vector_load(ku, AW)
     load_d = split_load(kd, VEC)
@@ -289,6 +295,10 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
         ckw = cuda.local.array(CKW, f32)
         ckg = cuda.local.array(CKG, f32)
         dub = cuda.local.array(U, f32)  # TV: the group's du and da
+        abl = cuda.local.array(LA, f32)  # FUSE: the lead group's a, u, and its walk's w, g
+        ubl = cuda.local.array(LV, f32)
+        wl = cuda.local.array(VEC, f32)
+        gl = cuda.local.array(AW, f32)
         dab = cuda.local.array(U, f32)
 
         # the future register: (q, C) of the K blocks after the chunk (none beyond nb - 1)
@@ -365,68 +375,92 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
                 an[k] = F1
                 cn[k] = F1
             ng = -(-n // U)
-            for gg in range(ng):
-                gi = ng - 1 - gg
-                t0 = gi * U
-                if TV:
-                    load_ut(a, ad0 + lo + t0, ab, 0)
-                    load_ut(u, ua0 + lo + t0, ub, 0)
-                    load_dt(dy, ua0 + lo + t0, db, 0)
-                else:
-                    for i in range(U):
-                        t = lo + min(t0 + i, n - 1)
-                        load_a(a, ad0 + t * as_, ab, i * AW)
-                        load_u(u, ua0 + t * us, ub, i * VEC)
-                        load_d(dy, ua0 + t * us, db, i * VEC)
-                for k in range(VEC):
-                    w[k] = ckw[gi * VEC + k]
-                for k in range(AW):
-                    g[k] = ckg[gi * AW + k]
-                # the group's forward states, w_{t-1} in place of u (ub becomes w_{t-1})
-                for i in range(U):
-                    if t0 + i < n:
-                        for k in range(VEC):
-                            uk = ub[i * VEC + k]
-                            ub[i * VEC + k] = w[k]
-                            w[k] = ab[i * AW + k % AW] * w[k] + uk
-                        for k in range(AW):
-                            gp[i * AW + k] = g[k]
-                            g[k] = g[k] * ab[i * AW + k]
-                for ii in range(U):
-                    i = U - 1 - ii
-                    if t0 + i < n:
-                        t = lo + t0 + i
-                        pa = F0
-                        for k in range(VEC):
-                            dyk = db[i * VEC + k]
-                            ank = an[k % AW]
-                            lam[k] = dyk + ank * lam[k]
-                            mu[k] = dyk * T[k] + ank * mu[k]
-                            zz[k] = dyk + ank * zz[k]
-                            ov[k] = lam[k]
-                            dak = lam[k] * ub[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
-                            oa[k] = dak
-                            pa += dak
-                        if per_head and not TV:
-                            pa = head_sum(pa, lph, mask)
-                        if TV:  # VEC = 1: the group's du and da go out below
-                            dub[i] = ov[0]
-                            dab[i] = pa
-                        else:
-                            store_v(du, ua0 + t * us, ov, 0)
-                            if not per_head:
-                                store_v(da, ad0 + t * as_, oa, 0)
-                            elif lead:
-                                da[ad0 + t * as_] = store_s(pa)
-                        for k in range(AW):
-                            an[k] = ab[i * AW + k]
-                            cn[k] = cn[k] * an[k]
-                if TV:
-                    store_ut(du, ua0 + lo + t0, dub, 0)
-                    if per_head:
-                        head_scatter(dab, lane, mask, da, ad0 + lo + t0)
+            il = j - 1 - K  # FUSE: the lead block, walked forward in the sweep's iterations
+            ngl = -(-lb // U) if (FUSE and il >= 0) else 0
+            for k in range(VEC):
+                wl[k] = F0
+            for k in range(AW):
+                gl[k] = F1
+            for gg in range(max(ng, ngl)):
+                tl = gg * U
+                if gg < ngl:  # the lead group's loads go out with the sweep group's
+                    if TV:
+                        load_ut(a, ad0 + il * lb + tl, abl, 0)
+                        load_ut(u, ua0 + il * lb + tl, ubl, 0)
                     else:
-                        store_ut(da, ad0 + lo + t0, dab, 0)
+                        for i in range(U):
+                            t = il * lb + min(tl + i, lb - 1)
+                            load_a(a, ad0 + t * as_, abl, i * AW)
+                            load_u(u, ua0 + t * us, ubl, i * VEC)
+                if gg < ng:
+                    gi = ng - 1 - gg
+                    t0 = gi * U
+                    if TV:
+                        load_ut(a, ad0 + lo + t0, ab, 0)
+                        load_ut(u, ua0 + lo + t0, ub, 0)
+                        load_dt(dy, ua0 + lo + t0, db, 0)
+                    else:
+                        for i in range(U):
+                            t = lo + min(t0 + i, n - 1)
+                            load_a(a, ad0 + t * as_, ab, i * AW)
+                            load_u(u, ua0 + t * us, ub, i * VEC)
+                            load_d(dy, ua0 + t * us, db, i * VEC)
+                    for k in range(VEC):
+                        w[k] = ckw[gi * VEC + k]
+                    for k in range(AW):
+                        g[k] = ckg[gi * AW + k]
+                    # the group's forward states, w_{t-1} in place of u (ub becomes w_{t-1})
+                    for i in range(U):
+                        if t0 + i < n:
+                            for k in range(VEC):
+                                uk = ub[i * VEC + k]
+                                ub[i * VEC + k] = w[k]
+                                w[k] = ab[i * AW + k % AW] * w[k] + uk
+                            for k in range(AW):
+                                gp[i * AW + k] = g[k]
+                                g[k] = g[k] * ab[i * AW + k]
+                    for ii in range(U):
+                        i = U - 1 - ii
+                        if t0 + i < n:
+                            t = lo + t0 + i
+                            pa = F0
+                            for k in range(VEC):
+                                dyk = db[i * VEC + k]
+                                ank = an[k % AW]
+                                lam[k] = dyk + ank * lam[k]
+                                mu[k] = dyk * T[k] + ank * mu[k]
+                                zz[k] = dyk + ank * zz[k]
+                                ov[k] = lam[k]
+                                dak = lam[k] * ub[i * VEC + k] + mu[k] * gp[i * AW + k % AW]
+                                oa[k] = dak
+                                pa += dak
+                            if per_head and not TV:
+                                pa = head_sum(pa, lph, mask)
+                            if TV:  # VEC = 1: the group's du and da go out below
+                                dub[i] = ov[0]
+                                dab[i] = pa
+                            else:
+                                store_v(du, ua0 + t * us, ov, 0)
+                                if not per_head:
+                                    store_v(da, ad0 + t * as_, oa, 0)
+                                elif lead:
+                                    da[ad0 + t * as_] = store_s(pa)
+                            for k in range(AW):
+                                an[k] = ab[i * AW + k]
+                                cn[k] = cn[k] * an[k]
+                    if TV:
+                        store_ut(du, ua0 + lo + t0, dub, 0)
+                        if per_head:
+                            head_scatter(dab, lane, mask, da, ad0 + lo + t0)
+                        else:
+                            store_ut(da, ad0 + lo + t0, dab, 0)
+                if gg < ngl:
+                    for i in range(U):
+                        if tl + i < lb:
+                            for k in range(VEC):
+                                wl[k] = abl[i * AW + k % AW] * wl[k] + ubl[i * VEC + k]
+                            for k in range(AW):
+                                gl[k] = gl[k] * abl[i * AW + k]
             for k in range(VEC):
                 qn[k] = an[k % AW] * zz[k]
             push_future(fq, fC, qn, cn)
@@ -438,7 +472,12 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
                 for k in range(AW):
                     pC[m * AW + k] = pC[(m - 1) * AW + k]
             i = j - 1 - K
-            if i >= 0:
+            if FUSE:
+                for k in range(VEC):
+                    w[k] = wl[k]
+                for k in range(AW):
+                    g[k] = gl[k]
+            elif i >= 0:
                 walk(a, u, ua0, ad0, us, as_, i * lb, lb, False, ckw, ckg, w, g, ab, ub)
             for k in range(VEC):
                 pv[k] = w[k] if i >= 0 else (carry[ch0 + k] if i == -1 else F0)
@@ -453,7 +492,7 @@ def _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_halo_backward_{layout.lower()}_{ku}_dy_{kd}_"
         f"{'per_head' if per_head else 'per_channel'}_hops{hops}_vec{vec}_unroll{unroll}"
-        + (f"_tvec{tvec}" if TV else ""))
+        + (f"_tvec{tvec}" if TV else "") + ("_fuse" if FUSE else ""))
     return cuda.jit(kernel)
 
 
@@ -597,11 +636,11 @@ def halo_forward(a, u, y, *, layout, block_len, hops, carry, stream=None, chunk_
     launch_with_pointers(entry, grid, block, values, ptrs, stream, 0)
 
 
-def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec=0):
+def backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec=0, fuse=False):
     """The compiled-on-demand dispatcher of one backward specialisation."""
-    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll, int(tvec))
+    key = ("bwd", ku, kd, layout, per_head, hops, vec, unroll, int(tvec), bool(fuse))
     if key not in _CACHE:
-        _CACHE[key] = _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec)
+        _CACHE[key] = _make_backward(ku, kd, layout, per_head, hops, vec, unroll, tvec, fuse)
     return _CACHE[key]
 
 
@@ -694,7 +733,8 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk
                    and (N * ITEM_SIZE[kd]) % 16 == 0)
         if steps >= 2 and block_len % steps == 0 and N % steps == 0 and aligned:
             unroll, tvec = steps, lph
-    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec)
+    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec,
+                             TUNING["bwd_fuse_lead"])
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     if layout == "BLHD":
         tuned, tpb = TUNING["bwd_chunk_blocks"], TUNING["bwd_threads_per_block"]

@@ -11,7 +11,8 @@
 
 Then, at 4x8192, the kernels' register/parallelism trade-offs (:data:`VARIANTS`): the BLHD
 backward's ``(bwd_access_bytes, bwd_unroll)`` for hops 2, 4 and 8 at each chunk length (with
-``unroll == block_len`` no checkpoint walk of each block), and the BHDL walks' group bytes.
+``unroll == block_len`` no checkpoint walk of each block), the lead walk fused into the sweep
+(``bwd_fuse_lead``), and the BHDL walks' group bytes.
 ``--precompile I``: only compile entry I of :data:`PRECOMPILE` (a tiny call; the kernels' PTX
 cache then has it), so that a script can compile them in parallel processes before timing.
 
@@ -62,7 +63,10 @@ VARIANTS = [("BLHD", "bwd", h, dict(bwd_access_bytes=acc, bwd_access_bytes_deep=
                                     bwd_unroll=un))
             for h, acc, un in ((2, 8, 8), (2, 4, 8), (2, 4, 16), (4, 8, 8), (4, 4, 8), (4, 4, 16),
                                (8, 8, 8), (8, 4, 8), (8, 4, 16))]
+VARIANTS += [("BLHD", "bwd", h, dict(bwd_access_bytes=4, bwd_access_bytes_deep=4, bwd_unroll=8,
+                                     bwd_fuse_lead=True)) for h in (2, 4, 8)]
 VARIANTS += [("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16)),
+             ("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16, bwd_fuse_lead=True)),
              ("BHDL", "fwd", 2, dict(fwd_bhdl_group_bytes=16))]
 # ... and the block-carry path that the sweep compares with
 PRECOMPILE = VARIANTS + [("BLHD", "bwd", 2, dict(backward=False)),

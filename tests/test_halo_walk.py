@@ -224,6 +224,19 @@ def test_backward_kernel_checkpointed_groups(rng, layout):
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout,dtype,block_len,N", [
+    ("BLHD", np.dtype(np.float32), 16, 77), ("BHDL", np.dtype(np.float32), 16, 77),
+    ("BHDL", BF16, 16, 96)], ids=["BLHD-groups", "BHDL-scalar", "BHDL-time-vectors"])
+def test_backward_kernel_fused_lead(rng, monkeypatch, layout, dtype, block_len, N):
+    # the lead walk's groups beside the sweep's (bwd_fuse_lead): checkpointed groups, the last
+    # block partial (BLHD, BHDL scalar), and BHDL time vectors
+    from swr_array.numba_kernels import halo_walk
+
+    monkeypatch.setitem(halo_walk.TUNING, "bwd_fuse_lead", True)
+    check_halo_backward(rng, layout, True, dtype, 3, block_len=block_len, D=4, N=N, chunk=3)
+
+
+@needs_kernels
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_backward_kernel_short(rng, layout):
     # fewer blocks than hops (every window reaches x0), the tuned chunk, dy float32
