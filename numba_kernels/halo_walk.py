@@ -1,4 +1,5 @@
-"""Deep windows (hops k = 2..8) in one pass: the reverse halo walk (backward, both layouts).
+"""Deep windows (hops k = 2..8) in one pass: the reverse halo walk (the backward, both layouts)
+and the BHDL forward halo walk.
 
 Notation of docs/spec.md#recurrence: per block j of ``block_len`` (l) steps the local scan ``w``
 (from 0), the attenuation ``g`` (from 1), the carrier ``v_j`` and compound attenuation ``C_j``
@@ -39,14 +40,20 @@ the chunk from its last block to its first, holding two shift registers of k ent
 The reverse sweep of block j takes groups of ``unroll`` steps from last to first; each group's
 forward states ``w_{t-1}``, ``g_{t-1}`` are recomputed from a checkpoint of (w, g) at the group's
 start, taken by a forward walk of block j just before its sweep (no walk where the block is one
-group: ``unroll >= block_len``). So the chunk reads k blocks
-beyond each end (a and u before it, a and dy after it), and u of every block three times (the
-lead walk k+1 blocks earlier, the checkpoint walk and the sweep; the last two back to back).
-Chunks do not depend on each other: one launch. k is a compile-time constant; the registers are
-indexed by constants after unrolling.
+group: ``unroll >= block_len``). With ``TUNING["bwd_fuse_lead"]`` the lead walk goes group by
+group beside the sweep, its loads issued with the sweep's. So the chunk reads k blocks beyond
+each end (a and u before it, a and dy after it), and u of every block two or three times (the
+lead walk k+1 blocks earlier, then the checkpoint walk and the sweep back to back). Chunks do
+not depend on each other: one launch. k is a compile-time constant; the registers are indexed
+by constants after unrolling (only the checkpoints, indexed by group, are in local memory).
 
-Entry point :func:`halo_backward`; :func:`fits_backward` says where it applies. Launch knobs:
-:data:`TUNING`.
+**The BHDL forward** (:func:`halo_forward`): a thread per (channel row, chunk of blocks) walks
+forward from k blocks before its chunk (writing nothing there) with the last k carriers in a
+shift register and the carry of each block by Horner's rule, as ``swr_forward``'s BLHD halo
+mode does for channel vectors.
+
+Entry points :func:`halo_backward`, :func:`halo_forward`; :func:`fits` says where the backward
+applies. Launch knobs: :data:`TUNING`.
 """
 
 from __future__ import annotations
