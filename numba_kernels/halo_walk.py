@@ -40,12 +40,13 @@ the chunk from its last block to its first, holding two shift registers of k ent
 The reverse sweep of block j takes groups of ``unroll`` steps from last to first; each group's
 forward states ``w_{t-1}``, ``g_{t-1}`` are recomputed from a checkpoint of (w, g) at the group's
 start, taken by a forward walk of block j just before its sweep (no walk where the block is one
-group: ``unroll >= block_len``). With ``TUNING["bwd_fuse_lead"]`` the lead walk goes group by
-group beside the sweep, its loads issued with the sweep's. So the chunk reads k blocks beyond
-each end (a and u before it, a and dy after it), and u of every block two or three times (the
-lead walk k+1 blocks earlier, then the checkpoint walk and the sweep back to back). Chunks do
-not depend on each other: one launch. k is a compile-time constant; the registers are indexed
-by constants after unrolling (only the checkpoints, indexed by group, are in local memory).
+group: ``unroll >= block_len``). With ``TUNING["bwd_fuse_lead"]`` (BHDL
+``["bwd_bhdl_fuse_lead"]``) the lead walk goes group by group beside the sweep, its loads issued
+with the sweep's. So the chunk reads k blocks beyond each end (a and u before it, a and dy after
+it), and u of every block two or three times (the lead walk k+1 blocks earlier, then the
+checkpoint walk and the sweep back to back). Chunks do not depend on each other: one launch.
+k is a compile-time constant; the registers are indexed by constants after unrolling (only the
+checkpoints, indexed by group, are in local memory).
 
 **The BHDL forward** (:func:`halo_forward`): a thread per (channel row, chunk of blocks) walks
 forward from k blocks before its chunk (writing nothing there) with the last k carriers in a
@@ -96,8 +97,9 @@ TUNING = Tuning({
     "bwd_unroll": 8,
     "bwd_chunk_blocks": 16,
     "bwd_threads_per_block": 256,
-    # both layouts: the lead walk's loads issued with the sweep's, group by group
+    # the lead walk's loads issued with the sweep's, group by group (BLHD, BHDL)
     "bwd_fuse_lead": False,
+    "bwd_bhdl_fuse_lead": False,
     # backward, BHDL (one channel row per thread): chunk length in blocks (at least 2 per hop),
     # threads per block
     "bwd_bhdl_chunk_blocks": 32,
@@ -740,8 +742,8 @@ def _launch_args(a, u, dy, du, da, layout, block_len, hops, carry, dcarry, chunk
                    and (N * ITEM_SIZE[kd]) % 16 == 0)
         if steps >= 2 and block_len % steps == 0 and N % steps == 0 and aligned:
             unroll, tvec = steps, lph
-    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec,
-                             TUNING["bwd_fuse_lead"])
+    fuse = TUNING["bwd_fuse_lead" if layout == "BLHD" else "bwd_bhdl_fuse_lead"]
+    kernel = backward_kernel(ku, kd, layout, per_head, hops, vec, unroll, tvec, fuse)
     # the simulator has no warp shuffles: there a thread block is one head's lanes
     if layout == "BLHD":
         tuned, tpb = TUNING["bwd_chunk_blocks"], TUNING["bwd_threads_per_block"]

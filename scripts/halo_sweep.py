@@ -66,7 +66,7 @@ VARIANTS = [("BLHD", "bwd", h, dict(bwd_access_bytes=acc, bwd_access_bytes_deep=
 VARIANTS += [("BLHD", "bwd", h, dict(bwd_access_bytes=4, bwd_access_bytes_deep=4, bwd_unroll=8,
                                      bwd_fuse_lead=True)) for h in (2, 4, 8)]
 VARIANTS += [("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16)),
-             ("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16, bwd_fuse_lead=True)),
+             ("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16, bwd_bhdl_fuse_lead=True)),
              ("BHDL", "fwd", 2, dict(fwd_bhdl_group_bytes=16))]
 # ... and the block-carry path that the sweep compares with
 PRECOMPILE = VARIANTS + [("BLHD", "bwd", 2, dict(backward=False)),

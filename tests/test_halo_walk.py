@@ -233,6 +233,7 @@ def test_backward_kernel_fused_lead(rng, monkeypatch, layout, dtype, block_len, 
     from swr_array.numba_kernels import halo_walk
 
     monkeypatch.setitem(halo_walk.TUNING, "bwd_fuse_lead", True)
+    monkeypatch.setitem(halo_walk.TUNING, "bwd_bhdl_fuse_lead", True)
     check_halo_backward(rng, layout, True, dtype, 3, block_len=block_len, D=4, N=N, chunk=3)
 
 
