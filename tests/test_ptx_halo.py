@@ -36,6 +36,9 @@ def _spec_list():
         ("bwd", "BHDL", "bf16", "bf16", True, 3),
         ("fwd", "BHDL", "bf16", "bf16", True, 4),
         ("fwd", "BHDL", "f32", "f32", False, 2),
+        # the fused lead walk with 4-byte channel vectors (settings of halo_walk.TUNING)
+        ("bwd", "BLHD", "bf16", "bf16", True, 4,
+         (("bwd_fuse_lead", True), ("bwd_access_bytes", 4))),
     ]
 
 
@@ -43,8 +46,30 @@ SPECS = _spec_list()
 
 
 def _spec_id(spec):
-    what, layout, ku, kd, per_head, hops = spec
-    return "-".join((what, layout, ku, kd, "head" if per_head else "channel", f"hops{hops}"))
+    what, layout, ku, kd, per_head, hops = spec[:6]
+    extra = ["-".join(f"{k}={v}" for k, v in spec[6])] if len(spec) > 6 else []
+    return "-".join([what, layout, ku, kd, "head" if per_head else "channel", f"hops{hops}"]
+                    + extra)
+
+
+def _tuned(spec):
+    """The spec's TUNING settings applied (a context: restored after)."""
+    import contextlib
+
+    from swr_array.numba_kernels import halo_walk
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = dict(halo_walk.TUNING)
+        for k, v in (spec[6] if len(spec) > 6 else ()):
+            halo_walk.TUNING[k] = v
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                halo_walk.TUNING[k] = v
+
+    return ctx()
 
 
 def launch_of(spec, N=64, B=1, H=4, D=16, block_len=16):
@@ -52,7 +77,7 @@ def launch_of(spec, N=64, B=1, H=4, D=16, block_len=16):
     from numba import types
     from swr_array.numba_kernels import halo_walk
 
-    what, layout, ku, kd, per_head, hops = spec
+    what, layout, ku, kd, per_head, hops = spec[:6]
     ushape = (B, H, D, N) if layout == "BHDL" else (B, N, H, D)
     ashape = ushape if not per_head else ((B, H, N) if layout == "BHDL" else (B, N, H))
     a = np.ones(ashape, DTYPES[ku])
@@ -79,7 +104,8 @@ def compile_spec(spec):
     try:
         # BHDL float32 with N = 60: the scalar path (no whole 32-byte groups along time); the
         # others whole groups
-        kernel, sig = launch_of(spec, N=60 if spec[1:3] == ("BHDL", "f32") else 64)
+        with _tuned(spec):
+            kernel, sig = launch_of(spec, N=60 if spec[1:3] == ("BHDL", "f32") else 64)
         return compile_arches(kernel.py_func, sig)
     except Exception as exc:  # noqa: BLE001 - reported by the test of this spec
         return exc
@@ -106,8 +132,9 @@ def test_compiles_to_ptx(spec):
     if isinstance(ptxs, Exception):
         raise ptxs
     assert set(ptxs) == set(ARCHES)
-    what, layout, ku, kd, per_head, hops = spec
-    cfg = halo_walk.backward_config(layout, ku, kd, per_head, hops, 16, 4, 16)
+    what, layout, ku, kd, per_head, hops = spec[:6]
+    with _tuned(spec):
+        cfg = halo_walk.backward_config(layout, ku, kd, per_head, hops, 16, 4, 16)
     vec = cfg[0]
     aw = 1 if per_head else vec
     # the forward keeps nothing in local memory
