@@ -4,7 +4,8 @@
 16x2048, 4x8192 and 1x32768, both layouts, through the public ``swr`` / ``swr_vjp``:
 
 - forward (``swr``), backward (``swr_vjp``) and forward+backward (one after the other), the
-  first two at every value of their chunk knob (:data:`CHUNK_KNOBS`);
+  first two at every value of their chunk knob (:data:`CHUNK_KNOBS`), the backward and
+  forward+backward also with the settings :data:`ALT`, and the block-carry path;
 - the floor: the bytes the calls must move (forward: a, u read, y written; backward: a, u, dy
   read, du, da written; forward+backward: both, as ``swr_array.bench.floor_bytes``) at the
   device-to-device copy bandwidth measured here.
@@ -68,8 +69,13 @@ VARIANTS += [("BLHD", "bwd", h, dict(bwd_access_bytes=4, bwd_access_bytes_deep=4
 VARIANTS += [("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16)),
              ("BHDL", "bwd", 2, dict(bwd_bhdl_group_bytes=16, bwd_bhdl_fuse_lead=True)),
              ("BHDL", "fwd", 2, dict(fwd_bhdl_group_bytes=16))]
+# the backward's alternative settings, timed at every shape beside the defaults
+ALT = {"BLHD": dict(bwd_access_bytes=4, bwd_access_bytes_deep=4, bwd_unroll=8,
+                    bwd_fuse_lead=True),
+       "BHDL": dict(bwd_bhdl_group_bytes=16, bwd_bhdl_fuse_lead=True)}
 # ... and the block-carry path that the sweep compares with
-PRECOMPILE = VARIANTS + [("BLHD", "bwd", 2, dict(backward=False)),
+PRECOMPILE = VARIANTS + [("BHDL", "bwd", 4, ALT["BHDL"]),
+                         ("BLHD", "bwd", 2, dict(backward=False)),
                          ("BHDL", "bwd", 2, dict(backward=False)),
                          ("BHDL", "fwd", 2, dict(forward_bhdl=False))]
 
@@ -183,6 +189,21 @@ def main():
                                                 ms=ms, floor_ms=floor_ms, ratio=ms / floor_ms))
                         if value is not None:
                             knob[0][knob[1]] = defaults[(id(knob[0]), knob[1])]
+                    if direction != "fwd":  # the alternative settings (ALT)
+                        saved = dict(HW.TUNING)
+                        _settings(ALT[layout])
+                        for value in knob[2] if knob else (None,):
+                            if value is not None:
+                                knob[0][knob[1]] = value
+                            ms = _time(fn)
+                            cells.append(f"alt {value or 'default'}: {ms:.4f} ms "
+                                         f"{ms / floor_ms:.2f}x")
+                            out["rows"].append(dict(B=B, L=L, layout=layout, hops=hops,
+                                                    direction=direction, path="alt",
+                                                    knob=knob[1] if knob else None, value=value,
+                                                    ms=ms, floor_ms=floor_ms,
+                                                    ratio=ms / floor_ms))
+                        _settings(saved)
                     if direction == "bwd" or (direction == "fwd" and layout == "BHDL"):
                         # the block-carry path of the same call, for comparison
                         flag = "backward" if direction == "bwd" else "forward_bhdl"
