@@ -351,6 +351,7 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
 
 
 def _halo_walk():
+    """numba_kernels/halo_walk.py, imported on first use (as :func:`_nk`)."""
     from .numba_kernels import halo_walk
 
     return halo_walk
@@ -360,7 +361,6 @@ def _halo_backward(av, uv, dyv, da, du, p, carry, dcarry, x0):
     """hops 2..8 from offset 0 in one launch (numba_kernels/halo_walk.py) where it fits: returns
     ``(da, du, dx0)``, else None (nothing written)."""
     halo_walk = _halo_walk()
-
     if not halo_walk.fits(av, uv, dyv, _view(du), _view(da), layout=p.layout,
                           block_len=p.block_len, hops=p.hops):
         return None
