@@ -110,7 +110,7 @@ TUNING = Tuning({
     # along time), steps per group otherwise, chunk length in blocks per hop, threads per block
     "fwd_bhdl_group_bytes": 32,
     "fwd_bhdl_unroll": 8,
-    "fwd_bhdl_chunk_blocks_per_hop": 8,
+    "fwd_bhdl_chunk_blocks_per_hop": 16,
     "fwd_bhdl_threads_per_block": 128,
 })
 """Launch knobs of the halo walks (scripts/halo_sweep.py sweeps them)."""
