@@ -769,9 +769,9 @@ TUNING = Tuning({
     "blhd_threads_per_block": 256,
     # ... hops=1, per head, 16-bit, block_len from blhd_long_block_len (the plain walk): chunk
     # length and steps in flight
-    # the halo walk (BLHD hops k >= 2): chunks of at least this many blocks per hop, so that
-    # re-walking the k blocks before a chunk reads at most 1/this more
-    "blhd_halo_chunk_blocks_per_hop": 8,
+    # the halo walk (BLHD hops k >= 2): chunks of this many blocks per hop (re-walking the k
+    # blocks before a chunk reads 1/this more, against more chunks in flight)
+    "blhd_halo_chunk_blocks_per_hop": 2,
     "blhd_long_block_len": 32,
     "blhd_long_chunk_steps": 256,
     "blhd_long_unroll": 16,

@@ -214,6 +214,14 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     fresh = state is None
     if p.hops is None:
         return _exact_forward(a, u, y, p, x0, state, return_state, position)
+    if (fresh and not return_state and p.N and p.layout == "BHDL" and p.hops in FUSED_HOPS
+            and _halo_walk().TUNING["forward_bhdl"]):
+        # one pass: the BHDL halo walk (numba_kernels/halo_walk.py), x0 the carrier before block 0
+        halo_walk = _halo_walk()
+        carry = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
+        halo_walk.halo_forward(_view(a), _view(u), _view(y), layout="BHDL", block_len=p.block_len,
+                               hops=p.hops, carry=carry)
+        return y
     if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
         # the halo walk: x0 is the carrier before block 0
         zeros, ones = _plain_zeros(cp, p)
@@ -357,6 +365,10 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
     kw = dict(layout=p.layout, block_len=p.block_len)
     nb = -(-p.N // p.block_len)
     hops = p.hops
+    if p.hops in FUSED_HOPS:  # one pass where it fits: the reverse halo walk
+        res = _halo_backward(av, uv, dyv, da, du, p, carry, dcarry, x0)
+        if res is not None:
+            return res
     if hops is not None and hops >= nb:
         hops = None  # every window reaches x0: the exact recurrence, same numbers
     if hops is None and exact_backward_fits(p, dy.dtype):
@@ -409,6 +421,27 @@ def swr_backward(a, u, dy, p, *, x0, out=None):
         return da, du, c(dx0, dtype=F32)
     dcarry[...] = dx0
     return da, du, dcarry
+
+
+def _halo_walk():
+    """numba_kernels/halo_walk.py, imported on first use (as :func:`_nk`)."""
+    from .numba_kernels import halo_walk
+
+    return halo_walk
+
+
+def _halo_backward(av, uv, dyv, da, du, p, carry, dcarry, x0):
+    """hops 2..8 from offset 0 in one launch (numba_kernels/halo_walk.py) where it fits: returns
+    ``(da, du, dx0)``, else None (nothing written)."""
+    halo_walk = _halo_walk()
+    if not halo_walk.fits(av, uv, dyv, _view(du), _view(da), layout=p.layout,
+                          block_len=p.block_len, hops=p.hops):
+        return None
+    if dcarry is None and x0 is not None:
+        dcarry = _xp_of(uv).empty((p.B, p.H, p.D), F32)
+    halo_walk.halo_backward(av, uv, dyv, _view(du), _view(da), layout=p.layout,
+                            block_len=p.block_len, hops=p.hops, carry=carry, dcarry=dcarry)
+    return da, du, (dcarry if x0 is not None else None)
 
 
 def swr_step(a, u, y, state, per_channel, stream=None):
