@@ -1,0 +1,415 @@
+"""The Phalanx decoding step at small batch as two GEMV kernels that read each weight once.
+
+At a handful of batch rows a decoding step is bound by reading the weights (``W_in`` and
+``W_out``); these kernels replace the input GEMM, the fused middle kernel and the output GEMM
+of the GEMM path (``numba_kernels/swr_step.py``) with two launches:
+
+- ``in_step_kernel`` -> ``(x, y, w_in, b_a, b_b, b_c, position, w, g, cv, cC, arrivals,
+  decay_max)``: one thread block per head h computes that head's columns of ``z = x W_in^T``
+  for every batch row (``D`` V rows ``h*D + d``, the ``D`` Bg and ``D`` C rows of its kv head
+  ``h // G``, its A row: ``3D + 1`` rows of ``w_in``, the layer's ``in_proj_weight``
+  ``(H*D + 2*KV*D + H, dim)`` with rows ``[V | Bg | C | A]``), keeps them in shared memory
+  (float32, never in global memory), then runs the gates and the state update of its ``D``
+  channels for every row (the Phalanx step kernel's epilogue: ``A = decay_max * sigmoid(z_a +
+  b_a)``, ``u = sigmoid(z_b + b_b) * V``, ``y = s * (z_c + b_c) + V``) and writes ``y`` (B, H*D)
+  in the storage dtype. Every block reads each row's position; the blocks count themselves in
+  the row's ``arrivals`` counter after a barrier and the last one advances the position and
+  resets the counter (the arrivals protocol of ``swr_step.py``).
+- ``out_kernel`` -> ``(y, out, w_out)``: ``out = y W_out^T`` with ``w_out`` ``(dim, H*D)``
+  (the layer's ``out_proj_weight``), each block ``NWB * RPW`` output columns.
+
+Both stage their input rows (x, or y) in dynamic shared memory as float32, laid out
+``[b][e][j]`` (row b, element e of 16-byte vector j) so a warp's reads of one vector index are
+consecutive. Each warp takes ``RPW`` weight rows and walks them together, its lanes on
+consecutive 16-byte vectors (coalesced 512-byte warp accesses), ``U`` vectors per lane per row
+issued before any arithmetic; float32 accumulation; a row's sum is a warp shuffle reduction.
+The weights are read once per launch whatever the batch, which is why this beats two cuBLAS
+GEMMs only at small batch (the arithmetic grows with B; the torch layer picks the path by
+batch).
+
+Specialised at compile time on the storage kind, the shapes, the batch ``B``, hops, block
+length and the split (``RPW``, ``U``, ``NWB``). Assumes: rows of ``w_in`` (``dim``) and
+``w_out`` (``H*D``) a multiple of 16 bytes and 16-byte aligned arrays (the callers check and
+otherwise keep the GEMM path). bfloat16 arrays arrive as uint16 views.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+from numba import cuda, types
+
+from ._dtypes import ITEM_SIZE, KINDS, LOAD, SIMULATOR, STORE
+from ._ptx import make_vector_load
+from .swr_step import _make_channel_step, _make_load_state, _sigmoid, hops_mode
+
+__all__ = ["in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
+           "kernel_signatures", "DEFAULT_SPLIT"]
+
+F0 = np.float32(0.0)
+
+DEFAULT_SPLIT = {"rpw": 4, "unroll": 2, "nwb": 4, "out_rpw": 4, "out_unroll": 2}
+"""Default split: weight rows per warp and vectors per lane in flight of the input kernel,
+warps per block, rows per warp and vectors in flight of the output kernel."""
+
+
+if SIMULATOR:  # no warp shuffles: lanes exchange through a per-block mailbox between barriers
+
+    def _sim_lane_sum(x):
+        thread = threading.current_thread()
+        phase = getattr(thread, "_swr_gemv_phase", 0)
+        thread._swr_gemv_phase = phase ^ 1
+        boxes = thread._manager.__dict__.setdefault("_swr_gemv_boxes", ({}, {}))
+        tid = thread.thread_id
+        boxes[phase][tid] = x
+        thread.syncthreads()
+        first = tid - tid % 32
+        total = np.float32(0.0)
+        for k in range(32):
+            total += boxes[phase].get(first + k, np.float32(0.0))
+        return total
+
+    lane_sum = cuda.jit(device=True)(_sim_lane_sum)
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def lane_sum(x):
+        """Sum of x over the warp's 32 lanes, on every lane."""
+        for off in (16, 8, 4, 2, 1):
+            x += cuda.shfl_xor_sync(0xFFFFFFFF, x, off)
+        return x
+
+
+def _make_stage(kind, ncols, B, nthreads):
+    """``stage(x, smem)``: rows ``(B, ncols)`` of a storage array into shared float32 at
+    ``[b][e][j]`` (vector j of 16 bytes, element e)."""
+    load = LOAD[kind]
+    epv = 16 // ITEM_SIZE[kind]
+    nvec = ncols // epv
+
+    @cuda.jit(device=True, inline=True)
+    def stage(x, smem):
+        for idx in range(cuda.threadIdx.x, B * ncols, nthreads):
+            b = idx // ncols
+            col = idx - b * ncols
+            j = col // epv
+            e = col - j * epv
+            smem[(b * epv + e) * nvec + j] = load(x[idx])
+
+    return stage
+
+
+def _make_dot(kind, ncols, B, rpw, unroll):
+    """``dot(W, rows, xs, acc, lane)``: ``acc[q*B + b] += W[rows[q], cols] . xs[b, cols]`` over
+    the lane's columns (16-byte vectors ``lane + 32 k``); W is row-major with ``ncols``
+    columns, xs the staged rows."""
+    epv = 16 // ITEM_SIZE[kind]
+    nvec = ncols // epv
+    kv = -(-nvec // 32)
+    vload = make_vector_load(kind, epv)
+    nw = unroll * rpw * epv
+    f4 = numba.float32
+
+    @cuda.jit(device=True, inline=True)
+    def dot(W, rows, xs, acc, lane):
+        wv = cuda.local.array(nw, f4)
+        for k0 in range(0, kv, unroll):
+            for u in range(unroll):  # every load of this round first ...
+                j = lane + 32 * (k0 + u)
+                if j > nvec - 1:
+                    j = nvec - 1
+                for q in range(rpw):
+                    vload(W, rows[q] * ncols + j * epv, wv, (u * rpw + q) * epv)
+            for u in range(unroll):  # ... then the arithmetic
+                j = lane + 32 * (k0 + u)
+                if j < nvec:
+                    for b in range(B):
+                        for e in range(epv):
+                            xv = xs[(b * epv + e) * nvec + j]
+                            for q in range(rpw):
+                                acc[q * B + b] += wv[(u * rpw + q) * epv + e] * xv
+
+    return dot
+
+
+def in_step_geometry(kind, dim, D, B, rpw):
+    """``(threads per block, dynamic shared bytes)`` of the input kernel."""
+    rows = 3 * D + 1
+    nwarps = -(-rows // rpw)
+    return 32 * nwarps, 4 * (B * dim + rows * B)
+
+
+def out_geometry(kind, hd, dim, B, nwb, rpw):
+    """``(blocks, threads per block, dynamic shared bytes)`` of the output kernel."""
+    return -(-dim // (nwb * rpw)), 32 * nwb, 4 * B * hd
+
+
+def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
+    load = LOAD[kind]
+    store = STORE[kind]
+    HD = H * D
+    KD = (H // G) * D
+    R = 3 * D + 1
+    nthreads, _ = in_step_geometry(kind, dim, D, B, rpw)
+    XS = B * dim
+    KK = max(K, 1)
+    stage = _make_stage(kind, dim, B, nthreads)
+    dot = _make_dot(kind, dim, B, rpw, unroll)
+    channel_step = _make_channel_step(mode, K, block_len)
+    load_state = _make_load_state(mode, K)
+    NACC = rpw * B
+    f4, i8 = numba.float32, numba.int64
+
+    def phalanx_gemv_in_kernel(x, y, w_in, b_a, b_b, b_c, position, w, g, cv, cC, arrivals,
+                               decay_max):
+        smem = cuda.shared.array(0, f4)
+        h = i8(cuda.blockIdx.x)
+        t = cuda.threadIdx.x
+        warp = t // 32
+        lane = t - warp * 32
+        kvh = h // G
+        stage(x, smem)
+        rows = cuda.local.array(rpw, i8)
+        for q in range(rpw):
+            r = warp * rpw + q
+            if r > R - 1:
+                r = R - 1
+            if r < D:
+                rows[q] = h * D + r
+            elif r < 2 * D:
+                rows[q] = HD + kvh * D + (r - D)
+            elif r < 3 * D:
+                rows[q] = HD + KD + kvh * D + (r - 2 * D)
+            else:
+                rows[q] = HD + 2 * KD + h
+        acc = cuda.local.array(NACC, f4)
+        for k in range(NACC):
+            acc[k] = F0
+        pb = i8(0)
+        if t < B:
+            pb = position[t]
+        cuda.syncthreads()
+        dot(w_in, rows, smem, acc, lane)
+        for q in range(rpw):
+            for b in range(B):
+                s = lane_sum(acc[q * B + b])
+                if lane == 0 and warp * rpw + q < R:
+                    smem[XS + (warp * rpw + q) * B + b] = s
+        cuda.syncthreads()
+        rw = cuda.local.array(1, f4)
+        rg = cuda.local.array(1, f4)
+        rcv = cuda.local.array(KK, f4)
+        rcC = cuda.local.array(KK, f4)
+        ba = load(b_a[h])
+        for idx in range(t, B * D, nthreads):  # the gates and the state update, channel (b, d)
+            b = idx // D
+            d = idx - b * D
+            off = position[b] % block_len
+            kc = kvh * D + d
+            i = b * HD + h * D + d
+            load_state(0, i, w, g, cv, cC, rw, rg, rcv, rcC)
+            zr = XS + b
+            v = smem[zr + d * B]
+            rb = smem[zr + (D + d) * B] + load(b_b[kc])
+            rc = smem[zr + (2 * D + d) * B] + load(b_c[kc])
+            a = decay_max * _sigmoid(smem[zr + 3 * D * B] + ba)
+            s = channel_step(a, _sigmoid(rb) * v, off, 0, rw, rg, rcv, rcC, i, w, g, cv, cC)
+            y[i] = store(s * rc + v)
+        cuda.syncthreads()  # every thread of the block has read the positions
+        if t < B:
+            cuda.threadfence()
+            if cuda.atomic.add(arrivals, t, numba.int32(1)) == H - 1:
+                arrivals[t] = numba.int32(0)
+                position[t] = pb + 1
+
+    return cuda.jit(phalanx_gemv_in_kernel)
+
+
+def _make_out(kind, hd, dim, B, nwb, rpw, unroll):
+    store = STORE[kind]
+    _, nthreads, _ = out_geometry(kind, hd, dim, B, nwb, rpw)
+    stage = _make_stage(kind, hd, B, nthreads)
+    dot = _make_dot(kind, hd, B, rpw, unroll)
+    NACC = rpw * B
+    f4, i8 = numba.float32, numba.int64
+
+    def phalanx_gemv_out_kernel(yin, out, w_out):
+        smem = cuda.shared.array(0, f4)
+        t = cuda.threadIdx.x
+        warp = t // 32
+        lane = t - warp * 32
+        first = i8(cuda.blockIdx.x) * (nwb * rpw) + warp * rpw
+        stage(yin, smem)
+        rows = cuda.local.array(rpw, i8)
+        for q in range(rpw):
+            r = first + q
+            rows[q] = r if r < dim else dim - 1
+        acc = cuda.local.array(NACC, f4)
+        for k in range(NACC):
+            acc[k] = F0
+        cuda.syncthreads()
+        dot(w_out, rows, smem, acc, lane)
+        for q in range(rpw):
+            for b in range(B):
+                s = lane_sum(acc[q * B + b])
+                if lane == 0 and first + q < dim:
+                    out[b * dim + first + q] = store(s)
+
+    return cuda.jit(phalanx_gemv_out_kernel)
+
+
+_CACHE: dict = {}
+
+
+def in_step_kernel(kind: str, dim: int, H: int, D: int, G: int, mode: int, K: int,
+                   block_len: int, B: int, rpw: int, unroll: int):
+    """The input GEMV + step kernel for these shapes, batch and split (compiled once per key)."""
+    key = ("in", kind, int(dim), int(H), int(D), int(G), int(mode), int(K), int(block_len),
+           int(B), int(rpw), int(unroll))
+    if key not in _CACHE:
+        _CACHE[key] = _make_in_step(*key[1:])
+    return _CACHE[key]
+
+
+def out_kernel(kind: str, hd: int, dim: int, B: int, nwb: int, rpw: int, unroll: int):
+    """The output GEMV kernel ``out (B, dim) = y (B, hd) W_out^T`` (compiled once per key)."""
+    key = ("out", kind, int(hd), int(dim), int(B), int(nwb), int(rpw), int(unroll))
+    if key not in _CACHE:
+        _CACHE[key] = _make_out(*key[1:])
+    return _CACHE[key]
+
+
+_STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
+
+
+def kernel_signatures():
+    """Representative specialisations for compile tests: every storage kind, every hops mode,
+    grouped kv heads, batch 1, 8 and 16, the default split and a narrower one."""
+    f1, p1 = types.Array(types.float32, 1, "C"), types.Array(types.int64, 1, "C")
+    n1 = types.Array(types.int32, 1, "C")
+    out = []
+    cases = (("bf16", 1, 1, 1, DEFAULT_SPLIT), ("bf16", 4, None, 8, DEFAULT_SPLIT),
+             ("f16", 1, 0, 16, DEFAULT_SPLIT), ("f32", 2, 2, 4, DEFAULT_SPLIT),
+             ("bf16", 1, 1, 8, {"rpw": 2, "unroll": 4, "nwb": 8, "out_rpw": 2, "out_unroll": 4}))
+    for kind, G, hops, B, sp in cases:
+        v1 = types.Array(_STORAGE[kind], 1, "C")
+        mode, K = hops_mode(hops)
+        sig = (v1,) * 6 + (p1,) + (f1,) * 4 + (n1, types.float32)
+        out.append((in_step_kernel(kind, 2048, 128, 16, G, mode, K, 16, B, sp["rpw"],
+                                   sp["unroll"]), sig))
+        out.append((out_kernel(kind, 2048, 2048, B, sp["nwb"], sp["out_rpw"], sp["out_unroll"]),
+                    (v1, v1, v1)))  # fmt: skip
+    assert {k for k, *_ in cases} == set(KINDS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching: both kernels prepared once per (state, weights, batch), relaunched with new pointers
+# ----------------------------------------------------------------------------------------------
+
+MAX_SHARED = 160 * 1024
+"""Largest dynamic shared memory either kernel may ask for (the staged rows)."""
+
+MAX_BATCH = 16
+"""Largest batch the kernels are built for (their arithmetic grows with the batch, the weight
+reads do not; the caller's threshold is usually lower)."""
+
+
+def split_for(B: int, D: int) -> dict | None:
+    """The split of batch ``B`` and head_dim ``D``: rows per warp such that a head's ``3D + 1``
+    rows fit 32 warps (None where that needs more than 8 rows per warp), fewer vectors in flight
+    at larger batch (the accumulators grow with B)."""
+    rows = 3 * D + 1
+    rpw = max(DEFAULT_SPLIT["rpw"], -(-rows // 32))
+    if rpw > 8:
+        return None
+    sp = dict(DEFAULT_SPLIT, rpw=rpw)
+    if B * rpw > 32:
+        sp.update(unroll=1, out_unroll=1, out_rpw=2)
+    return sp
+
+
+def unsupported(kind: str, B: int, dim: int, H: int, D: int, pointers) -> str | None:
+    """Why the GEMV step cannot run these shapes (None: it can). ``pointers``: data pointers
+    of ``w_in`` and ``w_out`` (16-byte aligned needed)."""
+    item = ITEM_SIZE[kind]
+    if not 1 <= B <= MAX_BATCH:
+        return f"batch {B} is not in 1..{MAX_BATCH}"
+    if (dim * item) % 16 or (H * D * item) % 16:
+        return "rows of W_in or W_out are not a multiple of 16 bytes"
+    if any(int(p) % 16 for p in pointers):
+        return "W_in or W_out is not 16-byte aligned"
+    sp = split_for(B, D)
+    if sp is None:
+        return f"head_dim {D} needs more than 32 warps per head"
+    _, shared_in = in_step_geometry(kind, dim, D, B, sp["rpw"])
+    _, _, shared_out = out_geometry(kind, H * D, dim, B, sp["nwb"], sp["out_rpw"])
+    if max(shared_in, shared_out) > MAX_SHARED:
+        return f"the staged rows need more than {MAX_SHARED} bytes of shared memory"
+    return None
+
+
+class GemvStep:
+    """The two GEMV launches of one small-batch Phalanx step, prepared once for a state, its
+    weights and biases: ``run(x, y, out, stream=None)`` with x ``(B, dim)``, y ``(B, H*D)``
+    (scratch, the read-out ``Y``) and out ``(B, dim)``, all of the weights' dtype, C-contiguous
+    (torch tensors, CuPy arrays or device pointers as ints; NumPy arrays in the simulator).
+    Nothing is allocated and nothing synchronises, so it can be captured in a CUDA graph."""
+
+    __slots__ = ("k_in", "k_out", "grid_in", "block_in", "shared_in", "grid_out", "block_out",
+                 "shared_out", "fixed_in", "fixed_out", "entry_in", "entry_out", "values_in",
+                 "values_out")
+
+    def __init__(self, x, y, out, w_in, b_a, b_b, b_c, w_out, state_arrays, arrivals, *,
+                 heads, head_dim, kv_heads, decay_max, hops, block_len, split=None):
+        from . import swr_step as ks
+
+        B, dim = x.shape
+        H, D = heads, head_dim
+        kind = ks._kind(x.dtype)
+        sp = split or split_for(B, D)
+        st, mode, K = ks._state_args(state_arrays, arrivals, hops)
+        self.k_in = in_step_kernel(kind, dim, H, D, H // kv_heads, mode, K, block_len, B,
+                                   sp["rpw"], sp["unroll"])
+        self.k_out = out_kernel(kind, H * D, dim, B, sp["nwb"], sp["out_rpw"], sp["out_unroll"])
+        nt, self.shared_in = in_step_geometry(kind, dim, D, B, sp["rpw"])
+        self.grid_in, self.block_in = (H,), (nt,)
+        gout, nto, self.shared_out = out_geometry(kind, H * D, dim, B, sp["nwb"], sp["out_rpw"])
+        self.grid_out, self.block_out = (gout,), (nto,)
+        f = ks._flat
+        self.fixed_in = (f(w_in), f(b_a), f(b_b), f(b_c)) + st + (np.float32(decay_max),)
+        self.fixed_out = (f(w_out),)
+        if SIMULATOR:
+            self.entry_in = self.entry_out = self.values_in = self.values_out = None
+            return
+        from ._launch import allow_shared_memory, prepare
+
+        self.entry_in, self.values_in = prepare(self.k_in, (f(x), f(y)) + self.fixed_in)
+        self.entry_out, self.values_out = prepare(self.k_out, (f(y), f(out)) + self.fixed_out)
+        allow_shared_memory(self.entry_in, self.shared_in)
+        allow_shared_memory(self.entry_out, self.shared_out)
+
+    def run(self, x, y, out, stream=None):
+        if SIMULATOR:
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+            from . import swr_step as ks
+
+            def sim(args):
+                return tuple(FakeCUDAArray(a) if isinstance(a, np.ndarray) else a for a in args)
+
+            self.k_in[self.grid_in, self.block_in, 0, self.shared_in](
+                *sim((ks._flat(x), ks._flat(y)) + self.fixed_in))
+            self.k_out[self.grid_out, self.block_out, 0, self.shared_out](
+                *sim((ks._flat(y), ks._flat(out)) + self.fixed_out))
+            return
+        from ._launch import launch_with_pointers
+        from .swr_step import _pointer
+
+        py = _pointer(y)
+        launch_with_pointers(self.entry_in, self.grid_in, self.block_in, self.values_in,
+                             (_pointer(x), py), stream, self.shared_in)
+        launch_with_pointers(self.entry_out, self.grid_out, self.block_out, self.values_out,
+                             (py, _pointer(out)), stream, self.shared_out)
