@@ -1053,6 +1053,60 @@ def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim
     return torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
 
 
+GEMV_MAX_BATCH = 8
+"""Largest batch at which :meth:`Phalanx.step` on CUDA runs the GEMV step (two kernels that read
+each weight once, ``numba_kernels/phalanx_gemv.py``) instead of torch's two GEMMs around the
+fused middle kernel; 0 turns the GEMV step off."""
+
+
+def _gemv_step(x_t: Tensor, out: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+               front: _FrontState, cfg) -> bool:
+    """The small-batch step as the two GEMV launches, on torch's current stream: x_t ``(B,
+    dim)`` (C-contiguous) -> out ``(B, dim)`` (C-contiguous, made by the caller), the state
+    advanced in place. False (nothing launched) where the GEMV kernels do not take these shapes,
+    dtypes or alignments (``phalanx_gemv.unsupported``); the caller then runs the GEMM path.
+
+    The plan (both launches prepared, a scratch ``Y`` ``(B, H*D)`` from torch's allocator,
+    views of the weights and biases that keep them alive) is made on the first call per
+    weights and kept on the front state, like the GEMM path's plan."""
+    plans = front._launch_cache.get("torch-gemv")
+    if plans is None:
+        plans = front._launch_cache["torch-gemv"] = {}
+    index = x_t.device.index
+    key = (index, x_t.dtype, w_in.data_ptr(), b_in.data_ptr(), w_out.data_ptr(), cfg)
+    entry = plans.get(key)
+    if entry is None:
+        if len(plans) >= 16:  # e.g. weights cast anew by autocast at every call: start over
+            plans.clear()
+        entry = plans[key] = _gemv_plan(x_t, out, w_in, b_in, w_out, front, cfg)
+    if entry is False:
+        return False
+    _cupy().cuda.runtime.setDevice(index)  # a current context for the launches on this thread
+    entry[0].run(x_t, entry[1], out, stream=_raw_stream(index))
+    return True
+
+
+def _gemv_plan(x_t, out, w_in, b_in, w_out, front: _FrontState, cfg):
+    """``(GemvStep, Y scratch, kept views)`` for :func:`_gemv_step`, or False."""
+    from swr_array.numba_kernels import phalanx_gemv as pg
+
+    B = x_t.shape[0]
+    kind = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[x_t.dtype]
+    if not (w_in.dtype == b_in.dtype == w_out.dtype == x_t.dtype and w_in.is_contiguous()
+            and w_out.is_contiguous() and b_in.is_contiguous()):
+        return False
+    if pg.unsupported(kind, B, cfg.dim, cfg.heads, cfg.head_dim,
+                      (w_in.data_ptr(), w_out.data_ptr())) is not None:
+        return False
+    _cupy().cuda.runtime.setDevice(x_t.device.index)
+    y = torch.empty((B, cfg.heads * cfg.head_dim), dtype=x_t.dtype, device=x_t.device)
+    biases = _bias_parts(b_in, cfg)
+    run = pg.GemvStep(x_t, y, out, w_in, *biases, w_out, front.arrays(), front._arrivals(),
+                      heads=cfg.heads, head_dim=cfg.head_dim, kv_heads=cfg.kv_heads,
+                      decay_max=cfg.decay_max, hops=front.hops, block_len=front.block_len)
+    return run, y, (w_in, w_out, biases)
+
+
 def _check_step_out(out: Tensor | None, z: Tensor, dim: int) -> None:
     """``out`` of a Phalanx step, before the state advances: ``(B, dim)`` on z's device, of the
     step's output dtype (z's: x_t's, or autocast's)."""
@@ -1363,11 +1417,16 @@ class Phalanx(nn.Module):
         ``(out_t, state)``, equal to the full forward at each row's position; ``state`` is
         advanced in place and returned (the same object). Not differentiable.
 
-        On CUDA (``fast_path``): torch's input GEMM ``z = x_t W_in``, ONE fused front kernel
+        On CUDA (``fast_path``), at batch up to ``GEMV_MAX_BATCH`` (this module's, 8): two GEMV
+        kernels that read each weight once (``numba_kernels/phalanx_gemv.py``: the input GEMV
+        with the gates and the state update in its epilogue, then the output GEMV), where
+        they take the shapes (rows of 16-byte multiples, 16-byte aligned weights, contiguous
+        weights of x_t's dtype, head_dim up to 85); otherwise, and above that batch, torch's
+        input GEMM ``z = x_t W_in``, ONE fused front kernel
         (``swr_array.phalanx.phalanx_step_mix``: gates, state update, read-out gate) and torch's
-        output GEMM, all on torch's current stream; after a first (warm-up) call the step can be
-        captured with ``torch.cuda.graph``. ``out`` (``(B, dim)``, x_t's dtype) receives out_t.
-        The CPU composes torch ops with :func:`swr_step`.
+        output GEMM. Both run on torch's current stream; after a first (warm-up) call the step
+        can be captured with ``torch.cuda.graph``. ``out`` (``(B, dim)``, x_t's dtype) receives
+        out_t. The CPU composes torch ops with :func:`swr_step`.
         """
         if isinstance(x_t, Tensor) and x_t.dim() == 3 and x_t.shape[1] == 1:
             res, state = self.step(x_t[:, 0], state, out=None if out is None else out[:, 0])
@@ -1380,6 +1439,14 @@ class Phalanx(nn.Module):
         w_in, b_in, w_out = self.in_proj_weight, self.in_proj_bias, self.out_proj_weight
         if self.fast_path and x_t.device.type in _FUSED_DEVICE_TYPES:
             x_t, w_in, b_in, w_out = _autocast(x_t, w_in, b_in, w_out)
+            if x_t.shape[0] <= GEMV_MAX_BATCH and not torch.compiler.is_compiling():
+                _check_step_out(out, x_t, self.dim)
+                res = out if out is not None and out.is_contiguous() else torch.empty_like(
+                    x_t, memory_format=torch.contiguous_format)
+                if _gemv_step(x_t.contiguous(), res, w_in, b_in, w_out, state.front, cfg):
+                    if out is not None and res is not out:
+                        out.copy_(res)
+                    return (res if out is None else out), state
             z = F.linear(x_t, w_in)
             _check_step_out(out, z, self.dim)
             if torch.compiler.is_compiling():
