@@ -39,10 +39,12 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import cuda, types
+from numba.cuda import cgutils
 
 from ._dtypes import ITEM_SIZE, KINDS, LOAD, SIMULATOR, STORE
-from ._ptx import make_vector_load
+from ._ptx import _load_words, _words_to_f32, warp_sync
 from .swr_step import _make_channel_step, _make_load_state, _sigmoid, hops_mode
 
 __all__ = ["in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
@@ -101,49 +103,117 @@ def _make_stage(kind, ncols, B, nthreads):
     return stage
 
 
-def _make_dot(kind, ncols, B, rpw, unroll):
-    """``dot(W, rows, xs, acc, lane)``: ``acc[q*B + b] += W[rows[q], cols] . xs[b, cols]`` over
-    the lane's columns (16-byte vectors ``lane + 32 k``); W is row-major with ``ncols``
-    columns, xs the staged rows."""
+def _make_gemv(kind, ncols, B, rpw, unroll):
+    """``gemv(W, rows, xs, lane, red, roff)``: for each of the warp's ``rpw`` weight rows
+    ``rows[q]`` of the row-major ``W`` (``ncols`` columns) and each staged row b of ``xs``, the
+    dot product over all columns (the lane's 16-byte vectors ``lane + 32 k``, ``unroll`` of them
+    per row loaded before any arithmetic, then a warp reduction); lane 0 writes it to
+    ``red[roff + q * B + b]`` (float32, shared memory). Every lane of the warp must call it.
+
+    On the device the body is LLVM IR generated here (an intrinsic): the ``rpw * B`` accumulators
+    are scalars and every index into the loaded vectors is a constant, so nothing depends on the
+    compiler's unrolling heuristics to stay in registers, and the generated code costs Numba's
+    front end nothing. The simulator runs the same arithmetic as Python loops."""
     epv = 16 // ITEM_SIZE[kind]
     nvec = ncols // epv
     kv = -(-nvec // 32)
-    vload = make_vector_load(kind, epv)
-    nw = unroll * rpw * epv
-    f4 = numba.float32
+    nacc = rpw * B
+    if SIMULATOR:
+        load = LOAD[kind]
 
-    @cuda.jit(device=True, inline=True)
-    def dot(W, rows, xs, acc, lane):
-        wv = cuda.local.array(nw, f4)
-        for k0 in range(0, kv, unroll):
-            for u in range(unroll):  # every load of this round first ...
-                j = lane + 32 * (k0 + u)
-                if j > nvec - 1:
-                    j = nvec - 1
+        def sim_gemv(W, rows, xs, lane, red, roff):
+            acc = [np.float32(0.0)] * nacc
+            for j in range(lane, nvec, 32):
                 for q in range(rpw):
-                    vload(W, rows[q] * ncols + j * epv, wv, (u * rpw + q) * epv)
-            for u in range(unroll):  # ... then the arithmetic
-                j = lane + 32 * (k0 + u)
-                if j < nvec:
                     for b in range(B):
                         for e in range(epv):
-                            xv = xs[(b * epv + e) * nvec + j]
-                            for q in range(rpw):
-                                acc[q * B + b] += wv[(u * rpw + q) * epv + e] * xv
+                            acc[q * B + b] += (load(W[rows[q] * ncols + j * epv + e])
+                                               * xs[(b * epv + e) * nvec + j])
+            for k in range(nacc):
+                total = lane_sum(acc[k])
+                if lane == 0:
+                    red[roff + k] = total
 
-    return dot
+        return cuda.jit(device=True)(sim_gemv)
+
+    nrounds = -(-kv // unroll)
+
+    @numba.cuda.extending.intrinsic
+    def gemv_core(typingctx, W, rows, xs, lane, red, roff):
+        sig = types.void(W, rows, xs, types.int64, red, types.int64)
+
+        def codegen(context, builder, sig, args):
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            w_t, rows_t, xs_t, _, red_t, _ = sig.args
+            wv, rowsv, xsv, lane, redv, roff = args
+            w_data = context.make_array(w_t)(context, builder, value=wv).data
+            rows_data = context.make_array(rows_t)(context, builder, value=rowsv).data
+            xs_data = context.make_array(xs_t)(context, builder, value=xsv).data
+            red_data = context.make_array(red_t)(context, builder, value=redv).data
+            bases = [builder.mul(builder.load(builder.gep(rows_data, [c64(q)])), c64(ncols))
+                     for q in range(rpw)]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
+                    for _ in range(nacc)]
+            with cgutils.for_range(builder, c64(nrounds)) as loop:
+                k0 = builder.mul(loop.index, c64(unroll))
+                cols, vals = [], {}
+                for u in range(unroll):  # every load of this round first ...
+                    j = builder.add(lane, builder.mul(builder.add(k0, c64(u)), c64(32)))
+                    inside = builder.icmp_signed("<", j, c64(nvec))
+                    col = builder.select(inside, j, c64(nvec - 1))
+                    cols.append((j, inside))
+                    for q in range(rpw):
+                        idx = builder.add(bases[q], builder.mul(col, c64(epv)))
+                        addr = builder.ptrtoint(builder.gep(w_data, [idx]), i64)
+                        vals[u, q] = _words_to_f32(builder, kind, _load_words(builder, addr, 16))
+                for u in range(unroll):  # ... then the arithmetic
+                    j, inside = cols[u]
+                    with builder.if_then(inside):
+                        for b in range(B):
+                            for e in range(epv):
+                                ptr = builder.gep(xs_data, [builder.add(j, c64((b * epv + e)
+                                                                              * nvec))])
+                                xv = builder.load(ptr)
+                                for q in range(rpw):
+                                    acc = accs[q * B + b]
+                                    builder.store(builder.fadd(builder.load(acc), builder.fmul(
+                                        vals[u, q][e], xv)), acc)
+            shfl = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32, [i32, f32, i32, i32]),
+                "llvm.nvvm.shfl.sync.bfly.f32")
+            first = builder.icmp_signed("==", lane, c64(0))
+            for k in range(nacc):
+                v = builder.load(accs[k])
+                for off in (16, 8, 4, 2, 1):
+                    v = builder.fadd(v, builder.call(shfl, [ir.Constant(i32, -1), v,
+                                                            ir.Constant(i32, off),
+                                                            ir.Constant(i32, 31)]))
+                with builder.if_then(first):
+                    builder.store(v, builder.gep(red_data, [builder.add(roff, c64(k))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @cuda.jit(device=True, inline=True)
+    def gemv(W, rows, xs, lane, red, roff):
+        gemv_core(W, rows, xs, numba.int64(lane), red, numba.int64(roff))
+
+    return gemv
 
 
 def in_step_geometry(kind, dim, D, B, rpw):
     """``(threads per block, dynamic shared bytes)`` of the input kernel."""
-    rows = 3 * D + 1
-    nwarps = -(-rows // rpw)
-    return 32 * nwarps, 4 * (B * dim + rows * B)
+    nwarps = -(-(3 * D + 1) // rpw)
+    return 32 * nwarps, 4 * (B * dim + nwarps * rpw * B)
 
 
 def out_geometry(kind, hd, dim, B, nwb, rpw):
     """``(blocks, threads per block, dynamic shared bytes)`` of the output kernel."""
-    return -(-dim // (nwb * rpw)), 32 * nwb, 4 * B * hd
+    return -(-dim // (nwb * rpw)), 32 * nwb, 4 * (B * hd + nwb * rpw * B)
 
 
 def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
@@ -156,10 +226,9 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
     XS = B * dim
     KK = max(K, 1)
     stage = _make_stage(kind, dim, B, nthreads)
-    dot = _make_dot(kind, dim, B, rpw, unroll)
+    gemv = _make_gemv(kind, dim, B, rpw, unroll)
     channel_step = _make_channel_step(mode, K, block_len)
     load_state = _make_load_state(mode, K)
-    NACC = rpw * B
     f4, i8 = numba.float32, numba.int64
 
     def phalanx_gemv_in_kernel(x, y, w_in, b_a, b_b, b_c, position, w, g, cv, cC, arrivals,
@@ -184,19 +253,11 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
                 rows[q] = HD + KD + kvh * D + (r - 2 * D)
             else:
                 rows[q] = HD + 2 * KD + h
-        acc = cuda.local.array(NACC, f4)
-        for k in range(NACC):
-            acc[k] = F0
         pb = i8(0)
         if t < B:
             pb = position[t]
         cuda.syncthreads()
-        dot(w_in, rows, smem, acc, lane)
-        for q in range(rpw):
-            for b in range(B):
-                s = lane_sum(acc[q * B + b])
-                if lane == 0 and warp * rpw + q < R:
-                    smem[XS + (warp * rpw + q) * B + b] = s
+        gemv(w_in, rows, smem, lane, smem, XS + warp * (rpw * B))  # z at [XS + r * B + b]
         cuda.syncthreads()
         rw = cuda.local.array(1, f4)
         rg = cuda.local.array(1, f4)
@@ -231,7 +292,8 @@ def _make_out(kind, hd, dim, B, nwb, rpw, unroll):
     store = STORE[kind]
     _, nthreads, _ = out_geometry(kind, hd, dim, B, nwb, rpw)
     stage = _make_stage(kind, hd, B, nthreads)
-    dot = _make_dot(kind, hd, B, rpw, unroll)
+    gemv = _make_gemv(kind, hd, B, rpw, unroll)
+    YS = B * hd
     NACC = rpw * B
     f4, i8 = numba.float32, numba.int64
 
@@ -246,16 +308,15 @@ def _make_out(kind, hd, dim, B, nwb, rpw, unroll):
         for q in range(rpw):
             r = first + q
             rows[q] = r if r < dim else dim - 1
-        acc = cuda.local.array(NACC, f4)
-        for k in range(NACC):
-            acc[k] = F0
         cuda.syncthreads()
-        dot(w_out, rows, smem, acc, lane)
-        for q in range(rpw):
-            for b in range(B):
-                s = lane_sum(acc[q * B + b])
-                if lane == 0 and first + q < dim:
-                    out[b * dim + first + q] = store(s)
+        red = YS + warp * NACC
+        gemv(w_out, rows, smem, lane, smem, red)
+        warp_sync()
+        for k in range(lane, NACC, 32):  # lane k writes sum k: out[b, first + q]
+            q = k // B
+            b = k - q * B
+            if first + q < dim:
+                out[b * dim + first + q] = store(smem[red + k])
 
     return cuda.jit(phalanx_gemv_out_kernel)
 
@@ -286,14 +347,15 @@ _STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
 
 def kernel_signatures():
     """Representative specialisations for compile tests: every storage kind, every hops mode,
-    grouped kv heads, batch 1, 8 and 16, the default split and a narrower one."""
+    grouped kv heads, batch 1, 2, 4, 8 and 16, the default splits and a narrower one."""
     f1, p1 = types.Array(types.float32, 1, "C"), types.Array(types.int64, 1, "C")
     n1 = types.Array(types.int32, 1, "C")
     out = []
-    cases = (("bf16", 1, 1, 1, DEFAULT_SPLIT), ("bf16", 4, None, 8, DEFAULT_SPLIT),
-             ("f16", 1, 0, 16, DEFAULT_SPLIT), ("f32", 2, 2, 4, DEFAULT_SPLIT),
-             ("bf16", 1, 1, 8, {"rpw": 2, "unroll": 4, "nwb": 8, "out_rpw": 2, "out_unroll": 4}))
+    alt = {"rpw": 2, "unroll": 4, "nwb": 8, "out_rpw": 2, "out_unroll": 4}
+    cases = (("bf16", 1, 1, 1, None), ("bf16", 4, None, 8, None), ("f16", 1, 0, 16, None),
+             ("f32", 2, 2, 4, None), ("bf16", 1, 1, 2, alt))
     for kind, G, hops, B, sp in cases:
+        sp = sp or split_for(B, 16)
         v1 = types.Array(_STORAGE[kind], 1, "C")
         mode, K = hops_mode(hops)
         sig = (v1,) * 6 + (p1,) + (f1,) * 4 + (n1, types.float32)

@@ -106,14 +106,3 @@ def test_gemv_step_equals_the_forward(rng, kind, B, H, D, KV, hops, block_len):
         assert np.abs(got - want).max() <= TOL[kind] * 4 * max(1.0, np.abs(want).max()), t
     np.testing.assert_array_equal(host(state.position), np.array(prompts) + steps)
     np.testing.assert_array_equal(host(state._arrivals()), 0)  # ready for the next launch
-
-
-def test_unsupported_shapes_are_named():
-    from swr_array.numba_kernels import phalanx_gemv as PG
-
-    assert PG.unsupported("bf16", 1, 2048, 128, 16, (0, 256)) is None
-    assert "batch" in PG.unsupported("bf16", PG.MAX_BATCH + 1, 2048, 128, 16, (0, 0))
-    assert "16 bytes" in PG.unsupported("bf16", 1, 2052, 128, 16, (0, 0))
-    assert "aligned" in PG.unsupported("f32", 1, 2048, 128, 16, (0, 8))
-    assert "warps" in PG.unsupported("f32", 1, 4096, 16, 256, (0, 0))
-    assert "shared memory" in PG.unsupported("f32", 16, 8192, 512, 16, (0, 0))
