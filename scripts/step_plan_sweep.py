@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -69,7 +70,8 @@ def _compile(job):
 
 def precompile(jobs, cc):
     t = time.time()
-    with ProcessPoolExecutor(max(1, min(len(jobs), (os.cpu_count() or 2) - 1))) as pool:
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) - 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         res = list(pool.map(_compile, [j + (cc,) for j in jobs]))
     errors = [r for r in res if isinstance(r, str)]
     print(f"compiled {len(jobs)} kernels in {time.time() - t:.1f} s" +
@@ -152,7 +154,10 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(), "dim": DIM, "heads": H, "head_dim": D,
                "hops": HOPS, "dtype": "bfloat16", "default_plan": list(KS.plan(H * D, K)),
                "middle": [], "swr_step": [], "gemv": []}
-    stream = swr_torch._raw_stream(torch.cuda.current_device())
+    index = torch.cuda.current_device()
+
+    def cur():  # torch's current stream (a capture's own stream inside torch.cuda.graph)
+        return swr_torch._raw_stream(index)
 
     def fresh_state(B):  # the same state at every call: rows at mixed positions
         s = layer.init_state(B)
@@ -175,12 +180,12 @@ def main(argv=None):
                                              s.front._arrivals(), heads=H, head_dim=D,
                                              kv_heads=c.kv_heads, decay_max=c.decay_max,
                                              hops=HOPS, block_len=BLOCK_LEN, tpb_cpt=(tpb, cpt))
-                run.run(z, y, stream=stream)
+                run.run(z, y, stream=cur())
                 torch.cuda.synchronize()
                 if ref_y is None:
                     ref_y = y.float().clone()
                 ok = bool(torch.equal(y.float(), ref_y))
-                us = graph_us(lambda run=run, y=y, z=z: run.run(z, y, stream=stream), args.runs,
+                us = graph_us(lambda run=run, y=y, z=z: run.run(z, y, stream=cur()), args.runs,
                               args.calls)
                 n = -(-H * D // (tpb * cpt))
                 row["plans"][f"{tpb}x{cpt}x{n}"] = {"us": us, "same_as_default": ok}
@@ -200,7 +205,7 @@ def main(argv=None):
                 run = KS.swr_step_launch(a, u, y, s.front.arrays(), s.front._arrivals(),
                                          hops=HOPS, block_len=BLOCK_LEN, per_channel=False,
                                          tpb_cpt=(tpb, cpt))
-                us = graph_us(lambda run=run, y=y, a=a, u=u: run.run(a, u, y, stream=stream),
+                us = graph_us(lambda run=run, y=y, a=a, u=u: run.run(a, u, y, stream=cur()),
                               args.runs, args.calls)
                 n = -(-H * D // (tpb * cpt))
                 row["plans"][f"{tpb}x{cpt}x{n}"] = {"us": us}
@@ -248,12 +253,12 @@ def main(argv=None):
                                       s.front._arrivals(), heads=H, head_dim=D,
                                       kv_heads=c.kv_heads, decay_max=c.decay_max, hops=HOPS,
                                       block_len=BLOCK_LEN, split=sp)
-                    run.run(x, y, o, stream=stream)
+                    run.run(x, y, o, stream=cur())
                     torch.cuda.synchronize()
                     err = float((o.float() - out_ref.float()).abs().max())
                     scale = float(out_ref.float().abs().max())
                     pos_ok = bool(torch.equal(s.position, s_ref.position))
-                    us = graph_us(lambda run=run, y=y, o=o, x=x: run.run(x, y, o, stream=stream),
+                    us = graph_us(lambda run=run, y=y, o=o, x=x: run.run(x, y, o, stream=cur()),
                                   args.runs, args.calls)
                 except Exception as exc:  # noqa: BLE001 - reported in the table
                     print(f"  B={B} split {name}: {type(exc).__name__}: {exc}"[:400], flush=True)
