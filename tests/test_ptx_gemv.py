@@ -24,16 +24,15 @@ else:
     SPECS = []
 
 
-def _compile(job):
-    """PTX of one (specialisation, cc), or the error it raised as text (in a worker process)."""
-    from numba import cuda
+def _compile(i):
+    """{cc: PTX} of specialisation i, or the error it raised as text (in a worker process)."""
+    from ptx_arches import compile_arches
     from swr_array.numba_kernels import phalanx_gemv
 
-    i, cc = job
     kernel, sig = phalanx_gemv.kernel_signatures()[i]
     try:
-        return cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
-    except Exception as exc:  # noqa: BLE001 - reported by the test of this specialisation
+        return compile_arches(kernel.py_func, sig)
+    except Exception as exc:  # noqa: BLE001 - reported by the tests of this specialisation
         return RuntimeError(f"{type(exc).__name__}: {str(exc)[:2000]}")
 
 
@@ -45,9 +44,17 @@ def all_ptx():
         NVVM()
     except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
         pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
-    workers = max(1, min(len(SPECS), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile, SPECS))
+    n = len(SPECS) // len(CCS)
+    workers = max(1, min(n, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_path) as pool:
+        return list(pool.map(_compile, range(n)))
+
+
+def _path():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _id(job):
@@ -58,9 +65,11 @@ def _id(job):
 
 @pytest.mark.parametrize("j", range(len(SPECS)), ids=[_id(s) for s in SPECS])
 def test_compiles_to_ptx(j):
-    ptx = all_ptx()[j]
+    i, cc = SPECS[j]
+    ptx = all_ptx()[i]
     if isinstance(ptx, Exception):
         raise ptx
+    ptx = ptx[cc]
     assert ".entry" in ptx
     assert "ld.local" not in ptx and "st.local" not in ptx
     assert "ld.global.v4.u32" in ptx  # 16-byte weight loads
