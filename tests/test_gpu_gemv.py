@@ -109,7 +109,9 @@ def test_gemv_step_falls_back_where_it_does_not_apply():
                         dtype=torch.bfloat16)
         x = torch.randn(B, 3, dim, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
+            layer.fast_path = False  # the composition: any shapes
             full = layer(x).float()
+            layer.fast_path = True
             state = layer.init_state(B)
             for t in range(3):
                 o, _ = layer.step(x[:, t], state)
