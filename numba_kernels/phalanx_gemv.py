@@ -45,7 +45,7 @@ from numba.cuda import cgutils
 
 from ._dtypes import ITEM_SIZE, KINDS, LOAD, SIMULATOR, STORE
 from ._ptx import _load_words, _words_to_f32, warp_sync
-from .swr_step import _make_channel_step, _make_load_state, _sigmoid, hops_mode
+from .swr_step import _make_channel_step, _make_load_state, _pointer, _sigmoid, hops_mode
 
 __all__ = ["in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
            "kernel_signatures", "DEFAULT_SPLIT"]
@@ -421,8 +421,7 @@ class GemvStep:
     Nothing is allocated and nothing synchronises, so it can be captured in a CUDA graph."""
 
     __slots__ = ("k_in", "k_out", "grid_in", "block_in", "shared_in", "grid_out", "block_out",
-                 "shared_out", "fixed_in", "fixed_out", "entry_in", "entry_out", "values_in",
-                 "values_out")
+                 "shared_out", "fixed_in", "fixed_out", "launch_in", "launch_out")
 
     def __init__(self, x, y, out, w_in, b_a, b_b, b_c, w_out, state_arrays, arrivals, *,
                  heads, head_dim, kv_heads, decay_max, hops, block_len, split=None):
@@ -443,15 +442,19 @@ class GemvStep:
         f = ks._flat
         self.fixed_in = (f(w_in), f(b_a), f(b_b), f(b_c)) + st + (np.float32(decay_max),)
         self.fixed_out = (f(w_out),)
+        self.launch_in = self.launch_out = None
         if SIMULATOR:
-            self.entry_in = self.entry_out = self.values_in = self.values_out = None
             return
         from ._launch import allow_shared_memory, prepare
 
-        self.entry_in, self.values_in = prepare(self.k_in, (f(x), f(y)) + self.fixed_in)
-        self.entry_out, self.values_out = prepare(self.k_out, (f(y), f(out)) + self.fixed_out)
-        allow_shared_memory(self.entry_in, self.shared_in)
-        allow_shared_memory(self.entry_out, self.shared_out)
+        entry, values = prepare(self.k_in, (f(x), f(y)) + self.fixed_in)
+        allow_shared_memory(entry, self.shared_in)
+        self.launch_in = ks.PackedLaunch(entry, values, self.grid_in, self.block_in, 2,
+                                         self.shared_in)
+        entry, values = prepare(self.k_out, (f(y), f(out)) + self.fixed_out)
+        allow_shared_memory(entry, self.shared_out)
+        self.launch_out = ks.PackedLaunch(entry, values, self.grid_out, self.block_out, 2,
+                                          self.shared_out)
 
     def run(self, x, y, out, stream=None):
         if SIMULATOR:
@@ -467,11 +470,6 @@ class GemvStep:
             self.k_out[self.grid_out, self.block_out, 0, self.shared_out](
                 *sim((ks._flat(y), ks._flat(out)) + self.fixed_out))
             return
-        from ._launch import launch_with_pointers
-        from .swr_step import _pointer
-
         py = _pointer(y)
-        launch_with_pointers(self.entry_in, self.grid_in, self.block_in, self.values_in,
-                             (_pointer(x), py), stream, self.shared_in)
-        launch_with_pointers(self.entry_out, self.grid_out, self.block_out, self.values_out,
-                             (py, _pointer(out)), stream, self.shared_out)
+        self.launch_in.run((_pointer(x), py), stream)
+        self.launch_out.run((py, _pointer(out)), stream)

@@ -46,6 +46,7 @@ bfloat16 arrays arrive as uint16 views. ``mode``: 0 (hops=0), 1 (window, K = hop
 from __future__ import annotations
 
 import math
+import struct
 
 import numba
 import numpy as np
@@ -56,7 +57,7 @@ from ._launch import FlatArray, data_pointer, launch_with_pointers, prepare
 
 __all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "hops_mode", "plan", "swr_step_kernel",
            "phalanx_step_kernel", "kernel_signatures", "StepLaunch", "swr_step_launch",
-           "phalanx_step_launch"]
+           "phalanx_step_launch", "PackedLaunch"]
 
 MODE_NONE, MODE_WINDOW, MODE_EXACT = 0, 1, 2
 F0 = np.float32(0.0)
@@ -372,6 +373,61 @@ def _pointer(x):
     return data_pointer(x)
 
 
+_U64 = struct.Struct("<Q")
+
+
+class PackedLaunch:
+    """A :func:`._launch.prepare`'d launch whose parameter block is packed once, into a buffer of
+    its own: ``run(pointers, stream)`` rewrites only the leading 1-D arrays' data pointers
+    (``nptr`` of them) and calls ``cuLaunchKernel``, skipping the per-call packing of every
+    parameter. One buffer per launch: calls of one launch from several threads at once would
+    race on it (as they would on the state they advance)."""
+
+    __slots__ = ("entry", "values", "grid", "block", "shared", "fn", "dims", "buf", "extra",
+                 "extra_ptr", "slots")
+
+    def __init__(self, entry, values, grid, block, nptr, shared=0):
+        from ._launch import _PARAM_OFFSET, _dims
+
+        self.entry, self.values, self.grid, self.block, self.shared = (entry, values, grid, block,
+                                                                       shared)
+        packer, nbytes = entry.packer
+        self.buf = np.zeros(packer.size, np.uint8)
+        packer.pack_into(self.buf, 0, nbytes, *values)
+        base = self.buf.ctypes.data
+        # cuLaunchKernel `extra`: {CU_LAUNCH_PARAM_BUFFER_POINTER, ptr, ..._SIZE, &size, ..._END}
+        self.extra = np.array([1, base + _PARAM_OFFSET, 2, base, 0], dtype=np.uint64)
+        self.extra_ptr = self.extra.ctypes.data
+        # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride)
+        self.slots = tuple(_PARAM_OFFSET + entry.offsets[7 * i + 4] for i in range(nptr))
+        self.fn = entry.function_ptr
+        self.dims = (*_dims(grid), *_dims(block), shared)
+
+    def run(self, pointers, stream=None):
+        buf = self.buf
+        for off, ptr in zip(self.slots, pointers):
+            _U64.pack_into(buf, off, ptr)
+        if stream is None:
+            from ._launch import _current_stream
+
+            stream = _current_stream().ptr
+        else:
+            stream = getattr(stream, "ptr", stream)
+        try:
+            _launch_kernel(self.fn, *self.dims, stream, 0, self.extra_ptr)
+        except Exception:  # noqa: BLE001 - a driver that refuses `extra`: the general launch
+            launch_with_pointers(self.entry, self.grid, self.block, self.values, pointers, stream,
+                                 self.shared)
+
+
+def _launch_kernel(*args):
+    from cupy_backends.cuda.api.driver import launchKernel
+
+    global _launch_kernel
+    _launch_kernel = launchKernel
+    launchKernel(*args)
+
+
 class StepLaunch:
     """A step kernel launch whose leading ``nvar`` array arguments change between calls (the
     token's inputs and outputs) and whose others (the state, the biases) are fixed.
@@ -382,11 +438,12 @@ class StepLaunch:
     synchronises: the launch can be captured in a CUDA graph.
     """
 
-    __slots__ = ("kernel", "grid", "block", "entry", "values", "fixed", "nvar")
+    __slots__ = ("kernel", "grid", "block", "entry", "values", "fixed", "nvar", "packed")
 
     def __init__(self, kernel, grid, block, args, nvar):
         self.kernel, self.grid, self.block, self.nvar = kernel, grid, block, nvar
         self.fixed = tuple(args[nvar:])
+        self.packed = None
         if grid[0] == 0 or block[0] == 0:  # no rows or no channels: nothing to launch
             self.kernel = self.entry = self.values = None
         elif SIMULATOR:
@@ -394,6 +451,7 @@ class StepLaunch:
         else:
             self.entry, self.values = prepare(kernel, tuple(_flat(x) for x in args[:nvar])
                                               + self.fixed)
+            self.packed = PackedLaunch(self.entry, self.values, grid, block, nvar)
 
     def run(self, *arrays, stream=None):
         if self.kernel is None:
@@ -405,8 +463,7 @@ class StepLaunch:
             args = tuple(FakeCUDAArray(x) if isinstance(x, np.ndarray) else x for x in args)
             self.kernel[self.grid, self.block](*args)
             return
-        ptrs = [_pointer(x) for x in arrays]
-        launch_with_pointers(self.entry, self.grid, self.block, self.values, ptrs, stream)
+        self.packed.run([_pointer(x) for x in arrays], stream)
 
 
 def _dummy(like):
