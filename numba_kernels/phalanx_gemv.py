@@ -216,7 +216,7 @@ def out_geometry(kind, hd, dim, B, nwb, rpw):
     return -(-dim // (nwb * rpw)), 32 * nwb, 4 * (B * hd + nwb * rpw * B)
 
 
-def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
+def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll, prefetch):
     load = LOAD[kind]
     store = STORE[kind]
     HD = H * D
@@ -225,6 +225,7 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
     nthreads, _ = in_step_geometry(kind, dim, D, B, rpw)
     XS = B * dim
     KK = max(K, 1)
+    ONE = prefetch and B * D <= nthreads  # a thread a channel: its state loaded up front
     stage = _make_stage(kind, dim, B, nthreads)
     gemv = _make_gemv(kind, dim, B, rpw, unroll)
     channel_step = _make_channel_step(mode, K, block_len)
@@ -256,28 +257,51 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll):
         pb = i8(0)
         if t < B:
             pb = position[t]
-        cuda.syncthreads()
-        gemv(w_in, rows, smem, lane, smem, XS + warp * (rpw * B))  # z at [XS + r * B + b]
-        cuda.syncthreads()
         rw = cuda.local.array(1, f4)
         rg = cuda.local.array(1, f4)
         rcv = cuda.local.array(KK, f4)
         rcC = cuda.local.array(KK, f4)
         ba = load(b_a[h])
-        for idx in range(t, B * D, nthreads):  # the gates and the state update, channel (b, d)
-            b = idx // D
-            d = idx - b * D
-            off = position[b] % block_len
-            kc = kvh * D + d
-            i = b * HD + h * D + d
-            load_state(0, i, w, g, cv, cC, rw, rg, rcv, rcC)
-            zr = XS + b
-            v = smem[zr + d * B]
-            rb = smem[zr + (D + d) * B] + load(b_b[kc])
-            rc = smem[zr + (2 * D + d) * B] + load(b_c[kc])
-            a = decay_max * _sigmoid(smem[zr + 3 * D * B] + ba)
-            s = channel_step(a, _sigmoid(rb) * v, off, 0, rw, rg, rcv, rcC, i, w, g, cv, cC)
-            y[i] = store(s * rc + v)
+        # one channel (b, d) a thread: its state, position and biases are loaded before the GEMV,
+        # so their latency hides behind it
+        b1 = t // D
+        d1 = t - b1 * D
+        kc1 = kvh * D + d1
+        i1 = b1 * HD + h * D + d1
+        off1 = i8(0)
+        rb1 = F0
+        rc1 = F0
+        if ONE and t < B * D:
+            off1 = position[b1] % block_len
+            load_state(0, i1, w, g, cv, cC, rw, rg, rcv, rcC)
+            rb1 = load(b_b[kc1])
+            rc1 = load(b_c[kc1])
+        cuda.syncthreads()
+        gemv(w_in, rows, smem, lane, smem, XS + warp * (rpw * B))  # z at [XS + r * B + b]
+        cuda.syncthreads()
+        if ONE:
+            if t < B * D:
+                zr = XS + b1
+                v = smem[zr + d1 * B]
+                a = decay_max * _sigmoid(smem[zr + 3 * D * B] + ba)
+                u = _sigmoid(smem[zr + (D + d1) * B] + rb1) * v
+                s = channel_step(a, u, off1, 0, rw, rg, rcv, rcC, i1, w, g, cv, cC)
+                y[i1] = store(s * (smem[zr + (2 * D + d1) * B] + rc1) + v)
+        else:
+            for idx in range(t, B * D, nthreads):  # the gates and the state update of (b, d)
+                b = idx // D
+                d = idx - b * D
+                off = position[b] % block_len
+                kc = kvh * D + d
+                i = b * HD + h * D + d
+                load_state(0, i, w, g, cv, cC, rw, rg, rcv, rcC)
+                zr = XS + b
+                v = smem[zr + d * B]
+                rb = smem[zr + (D + d) * B] + load(b_b[kc])
+                rc = smem[zr + (2 * D + d) * B] + load(b_c[kc])
+                a = decay_max * _sigmoid(smem[zr + 3 * D * B] + ba)
+                s = channel_step(a, _sigmoid(rb) * v, off, 0, rw, rg, rcv, rcC, i, w, g, cv, cC)
+                y[i] = store(s * rc + v)
         cuda.syncthreads()  # every thread of the block has read the positions
         if t < B:
             cuda.threadfence()
@@ -328,7 +352,7 @@ def in_step_kernel(kind: str, dim: int, H: int, D: int, G: int, mode: int, K: in
                    block_len: int, B: int, rpw: int, unroll: int):
     """The input GEMV + step kernel for these shapes, batch and split (compiled once per key)."""
     key = ("in", kind, int(dim), int(H), int(D), int(G), int(mode), int(K), int(block_len),
-           int(B), int(rpw), int(unroll))
+           int(B), int(rpw), int(unroll), bool(PREFETCH_STATE))
     if key not in _CACHE:
         _CACHE[key] = _make_in_step(*key[1:])
     return _CACHE[key]
@@ -347,19 +371,21 @@ _STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
 
 def kernel_signatures():
     """Representative specialisations for compile tests: every storage kind, every hops mode,
-    grouped kv heads, batch 1, 2, 4, 8 and 16, the default splits and a narrower one."""
+    grouped kv heads, batch 1, 2, 4, 8 and 16, the default splits and a narrower one, head_dim 16
+    and 64."""
     f1, p1 = types.Array(types.float32, 1, "C"), types.Array(types.int64, 1, "C")
     n1 = types.Array(types.int32, 1, "C")
     out = []
     alt = {"rpw": 2, "unroll": 4, "nwb": 8, "out_rpw": 2, "out_unroll": 4}
-    cases = (("bf16", 1, 1, 1, None), ("bf16", 4, None, 8, None), ("f16", 1, 0, 16, None),
-             ("f32", 2, 2, 4, None), ("bf16", 1, 1, 2, alt))
-    for kind, G, hops, B, sp in cases:
-        sp = sp or split_for(B, 16)
+    cases = (("bf16", 1, 1, 1, None, 16), ("bf16", 4, None, 8, None, 16),
+             ("f16", 1, 0, 16, None, 16), ("f32", 2, 2, 4, None, 16), ("bf16", 1, 1, 2, alt, 16),
+             ("bf16", 2, 1, 16, None, 64))  # head_dim 64 at batch 16: the looping epilogue
+    for kind, G, hops, B, sp, D in cases:
+        sp = sp or split_for(B, D)
         v1 = types.Array(_STORAGE[kind], 1, "C")
         mode, K = hops_mode(hops)
         sig = (v1,) * 6 + (p1,) + (f1,) * 4 + (n1, types.float32)
-        out.append((in_step_kernel(kind, 2048, 128, 16, G, mode, K, 16, B, sp["rpw"],
+        out.append((in_step_kernel(kind, 2048, 2048 // D, D, G, mode, K, 16, B, sp["rpw"],
                                    sp["unroll"]), sig))
         out.append((out_kernel(kind, 2048, 2048, B, sp["nwb"], sp["out_rpw"], sp["out_unroll"]),
                     (v1, v1, v1)))  # fmt: skip
@@ -370,6 +396,11 @@ def kernel_signatures():
 # ----------------------------------------------------------------------------------------------
 # Launching: both kernels prepared once per (state, weights, batch), relaunched with new pointers
 # ----------------------------------------------------------------------------------------------
+
+PREFETCH_STATE = True
+"""Where a block has a thread per channel of its head and batch (``B * D`` threads or more), the
+input kernel loads those channels' state and biases before its GEMV; False (tests) always takes
+the looping epilogue that loads them after it."""
 
 MAX_SHARED = 160 * 1024
 """Largest dynamic shared memory either kernel may ask for (the staged rows)."""
