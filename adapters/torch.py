@@ -1069,7 +1069,8 @@ def _gemv_step(x_t: Tensor, out: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tens
     """The small-batch step as the two GEMV launches, on torch's current stream: x_t ``(B,
     dim)`` (C-contiguous) -> out ``(B, dim)`` (C-contiguous, made by the caller), the state
     advanced in place. False (nothing launched) where the GEMV kernels do not take these shapes,
-    dtypes or alignments (``phalanx_gemv.unsupported``); the caller then runs the GEMM path.
+    dtypes or alignments (``phalanx_gemv.unsupported``, x_t 16-byte aligned); the caller then
+    runs the GEMM path.
 
     The plan (both launches prepared, a scratch ``Y`` ``(B, H*D)`` from torch's allocator,
     views of the weights and biases that keep them alive) is made on the first call per
@@ -1084,7 +1085,7 @@ def _gemv_step(x_t: Tensor, out: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tens
         if len(plans) >= 16:  # e.g. weights cast anew by autocast at every call: start over
             plans.clear()
         entry = plans[key] = _gemv_plan(x_t, out, w_in, b_in, w_out, front, cfg)
-    if entry is False:
+    if entry is False or x_t.data_ptr() % 16:  # (x is copied in 16-byte pieces)
         return False
     _cupy().cuda.runtime.setDevice(index)  # a current context for the launches on this thread
     entry[0].run(x_t, entry[1], out, stream=_raw_stream(index))

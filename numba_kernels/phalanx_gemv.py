@@ -18,19 +18,20 @@ of the GEMM path (``numba_kernels/swr_step.py``) with two launches:
 - ``out_kernel`` -> ``(y, out, w_out)``: ``out = y W_out^T`` with ``w_out`` ``(dim, H*D)``
   (the layer's ``out_proj_weight``), each block ``NWB * RPW`` output columns.
 
-Both stage their input rows (x, or y) in dynamic shared memory as float32, laid out
-``[b][e][j]`` (row b, element e of 16-byte vector j) so a warp's reads of one vector index are
-consecutive. Each warp takes ``RPW`` weight rows and walks them together, its lanes on
-consecutive 16-byte vectors (coalesced 512-byte warp accesses), ``U`` vectors per lane per row
-issued before any arithmetic; float32 accumulation; a row's sum is a warp shuffle reduction.
+Both stage their input rows (x, or y) in dynamic shared memory at their storage size with
+16-byte ``cp.async`` copies (all in flight at once), read back as 16-byte vectors (a warp's
+lanes on consecutive vectors). Each warp takes ``RPW`` weight rows and walks them together,
+its lanes on consecutive 16-byte vectors (coalesced 512-byte warp accesses), ``U`` vectors per
+lane per row issued before any arithmetic; float32 accumulation; a row's sum is a warp shuffle
+reduction.
 The weights are read once per launch whatever the batch, which is why this beats two cuBLAS
 GEMMs only at small batch (the arithmetic grows with B; the torch layer picks the path by
 batch).
 
 Specialised at compile time on the storage kind, the shapes, the batch ``B``, hops, block
 length and the split (``RPW``, ``U``, ``NWB``). Assumes: rows of ``w_in`` (``dim``) and
-``w_out`` (``H*D``) a multiple of 16 bytes and 16-byte aligned arrays (the callers check and
-otherwise keep the GEMM path). bfloat16 arrays arrive as uint16 views.
+``w_out`` (``H*D``) a multiple of 16 bytes, and 16-byte aligned ``w_in``, ``w_out``, ``x`` and
+``y`` (the callers check and otherwise keep the GEMM path). bfloat16 arrays arrive as uint16 views.
 """
 
 from __future__ import annotations
@@ -44,13 +45,21 @@ from numba import cuda, types
 from numba.cuda import cgutils
 
 from ._dtypes import ITEM_SIZE, KINDS, LOAD, SIMULATOR, STORE
-from ._ptx import _load_words, _words_to_f32, warp_sync
+from ._ptx import (
+    _load_words,
+    _words_to_f32,
+    async_commit,
+    make_async_copy,
+    make_async_wait,
+    warp_sync,
+)
 from .swr_step import _make_channel_step, _make_load_state, _pointer, _sigmoid, hops_mode
 
 __all__ = ["in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
            "kernel_signatures", "DEFAULT_SPLIT"]
 
 F0 = np.float32(0.0)
+_STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
 
 DEFAULT_SPLIT = {"rpw": 4, "unroll": 2, "nwb": 4, "out_rpw": 4, "out_unroll": 2}
 """Default split: weight rows per warp and vectors per lane in flight of the input kernel,
@@ -85,27 +94,29 @@ else:
 
 
 def _make_stage(kind, ncols, B, nthreads):
-    """``stage(x, smem)``: rows ``(B, ncols)`` of a storage array into shared float32 at
-    ``[b][e][j]`` (vector j of 16 bytes, element e)."""
-    load = LOAD[kind]
+    """``stage(x, xs)``: rows ``(B, ncols)`` of a storage array into the shared storage array
+    ``xs`` (same layout), 16-byte ``cp.async`` copies, every one in flight before the block
+    waits; then a barrier."""
     epv = 16 // ITEM_SIZE[kind]
-    nvec = ncols // epv
+    nvec = B * ncols // epv
+    copy = make_async_copy(kind, epv)
+    wait = make_async_wait(0)
 
     @cuda.jit(device=True, inline=True)
-    def stage(x, smem):
-        for idx in range(cuda.threadIdx.x, B * ncols, nthreads):
-            b = idx // ncols
-            col = idx - b * ncols
-            j = col // epv
-            e = col - j * epv
-            smem[(b * epv + e) * nvec + j] = load(x[idx])
+    def stage(x, xs):
+        for v in range(cuda.threadIdx.x, nvec, nthreads):
+            copy(x, v * epv, xs, v * epv)
+        async_commit()
+        wait()
+        cuda.syncthreads()
 
     return stage
 
 
 def _make_gemv(kind, ncols, B, rpw, unroll):
     """``gemv(W, rows, xs, lane, red, roff)``: for each of the warp's ``rpw`` weight rows
-    ``rows[q]`` of the row-major ``W`` (``ncols`` columns) and each staged row b of ``xs``, the
+    ``rows[q]`` of the row-major ``W`` (``ncols`` columns) and each staged row b of ``xs`` (the
+    shared storage array ``(B, ncols)``, read as 16-byte vectors), the
     dot product over all columns (the lane's 16-byte vectors ``lane + 32 k``, ``unroll`` of them
     per row loaded before any arithmetic, then a warp reduction); lane 0 writes it to
     ``red[roff + q * B + b]`` (float32, shared memory). Every lane of the warp must call it.
@@ -128,7 +139,7 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
                     for b in range(B):
                         for e in range(epv):
                             acc[q * B + b] += (load(W[rows[q] * ncols + j * epv + e])
-                                               * xs[(b * epv + e) * nvec + j])
+                                               * load(xs[(b * nvec + j) * epv + e]))
             for k in range(nacc):
                 total = lane_sum(acc[k])
                 if lane == 0:
@@ -174,14 +185,15 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
                     j, inside = cols[u]
                     with builder.if_then(inside):
                         for b in range(B):
+                            idx = builder.mul(builder.add(j, c64(b * nvec)), c64(epv))
+                            addr = builder.ptrtoint(builder.gep(xs_data, [idx]), i64)
+                            xv = _words_to_f32(builder, kind,
+                                               _load_words(builder, addr, 16, ".shared"))
                             for e in range(epv):
-                                ptr = builder.gep(xs_data, [builder.add(j, c64((b * epv + e)
-                                                                              * nvec))])
-                                xv = builder.load(ptr)
                                 for q in range(rpw):
                                     acc = accs[q * B + b]
                                     builder.store(builder.fadd(builder.load(acc), builder.fmul(
-                                        vals[u, q][e], xv)), acc)
+                                        vals[u, q][e], xv[e])), acc)
             shfl = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(f32, [i32, f32, i32, i32]),
                 "llvm.nvvm.shfl.sync.bfly.f32")
@@ -208,12 +220,12 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
 def in_step_geometry(kind, dim, D, B, rpw):
     """``(threads per block, dynamic shared bytes)`` of the input kernel."""
     nwarps = -(-(3 * D + 1) // rpw)
-    return 32 * nwarps, 4 * (B * dim + nwarps * rpw * B)
+    return 32 * nwarps, B * dim * ITEM_SIZE[kind] + 4 * nwarps * rpw * B
 
 
 def out_geometry(kind, hd, dim, B, nwb, rpw):
     """``(blocks, threads per block, dynamic shared bytes)`` of the output kernel."""
-    return -(-dim // (nwb * rpw)), 32 * nwb, 4 * (B * hd + nwb * rpw * B)
+    return -(-dim // (nwb * rpw)), 32 * nwb, B * hd * ITEM_SIZE[kind] + 4 * nwb * rpw * B
 
 
 def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll, prefetch):
@@ -223,7 +235,8 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll, prefet
     KD = (H // G) * D
     R = 3 * D + 1
     nthreads, _ = in_step_geometry(kind, dim, D, B, rpw)
-    XS = B * dim
+    XS = B * dim * ITEM_SIZE[kind] // 4  # z (float32) after the staged x in shared memory
+    STYPE = _STORAGE[kind]
     KK = max(K, 1)
     ONE = prefetch and B * D <= nthreads  # a thread a channel: its state loaded up front
     stage = _make_stage(kind, dim, B, nthreads)
@@ -234,13 +247,14 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll, prefet
 
     def phalanx_gemv_in_kernel(x, y, w_in, b_a, b_b, b_c, position, w, g, cv, cC, arrivals,
                                decay_max):
+        xs = cuda.shared.array(0, STYPE)  # x (B, dim), then (as float32) z (rows, B)
         smem = cuda.shared.array(0, f4)
         h = i8(cuda.blockIdx.x)
         t = cuda.threadIdx.x
         warp = t // 32
         lane = t - warp * 32
         kvh = h // G
-        stage(x, smem)
+        stage(x, xs)
         rows = cuda.local.array(rpw, i8)
         for q in range(rpw):
             r = warp * rpw + q
@@ -276,8 +290,7 @@ def _make_in_step(kind, dim, H, D, G, mode, K, block_len, B, rpw, unroll, prefet
             load_state(0, i1, w, g, cv, cC, rw, rg, rcv, rcC)
             rb1 = load(b_b[kc1])
             rc1 = load(b_c[kc1])
-        cuda.syncthreads()
-        gemv(w_in, rows, smem, lane, smem, XS + warp * (rpw * B))  # z at [XS + r * B + b]
+        gemv(w_in, rows, xs, lane, smem, XS + warp * (rpw * B))  # z at [XS + r * B + b]
         cuda.syncthreads()
         if ONE:
             if t < B * D:
@@ -317,24 +330,25 @@ def _make_out(kind, hd, dim, B, nwb, rpw, unroll):
     _, nthreads, _ = out_geometry(kind, hd, dim, B, nwb, rpw)
     stage = _make_stage(kind, hd, B, nthreads)
     gemv = _make_gemv(kind, hd, B, rpw, unroll)
-    YS = B * hd
+    YS = B * hd * ITEM_SIZE[kind] // 4  # the sums (float32) after the staged y
+    STYPE = _STORAGE[kind]
     NACC = rpw * B
     f4, i8 = numba.float32, numba.int64
 
     def phalanx_gemv_out_kernel(yin, out, w_out):
+        ys = cuda.shared.array(0, STYPE)  # y (B, hd), then (as float32) the warps' sums
         smem = cuda.shared.array(0, f4)
         t = cuda.threadIdx.x
         warp = t // 32
         lane = t - warp * 32
         first = i8(cuda.blockIdx.x) * (nwb * rpw) + warp * rpw
-        stage(yin, smem)
+        stage(yin, ys)
         rows = cuda.local.array(rpw, i8)
         for q in range(rpw):
             r = first + q
             rows[q] = r if r < dim else dim - 1
-        cuda.syncthreads()
         red = YS + warp * NACC
-        gemv(w_out, rows, smem, lane, smem, red)
+        gemv(w_out, rows, ys, lane, smem, red)
         warp_sync()
         for k in range(lane, NACC, 32):  # lane k writes sum k: out[b, first + q]
             q = k // B
@@ -364,9 +378,6 @@ def out_kernel(kind: str, hd: int, dim: int, B: int, nwb: int, rpw: int, unroll:
     if key not in _CACHE:
         _CACHE[key] = _make_out(*key[1:])
     return _CACHE[key]
-
-
-_STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
 
 
 def kernel_signatures():

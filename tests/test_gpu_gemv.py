@@ -117,3 +117,11 @@ def test_gemv_step_falls_back_where_it_does_not_apply():
                 o, _ = layer.step(x[:, t], state)
                 torch.testing.assert_close(o.float(), full[:, t], rtol=3e-2, atol=3e-2)
         assert not _ran_gemv(state)
+    layer = Phalanx(2048, device="cuda", dtype=torch.bfloat16)  # x_t not 16-byte aligned
+    with torch.no_grad():
+        x = torch.randn(2 * 2048 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(2, 2048)
+        state = layer.init_state(2)
+        o, _ = layer.step(x, state)
+        torch.testing.assert_close(o.float(), layer(x[:, None]).float()[:, 0], rtol=3e-2,
+                                   atol=3e-2)
+        assert state.front._launch_cache.get("torch-phalanx")  # the GEMM path ran
