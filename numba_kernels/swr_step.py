@@ -56,7 +56,7 @@ from ._dtypes import KINDS, LOAD, SIMULATOR, STORE, storage_kind
 from ._launch import FlatArray, data_pointer, launch_with_pointers, prepare
 
 __all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "hops_mode", "plan", "swr_step_kernel",
-           "phalanx_step_kernel", "kernel_signatures", "StepLaunch", "swr_step_launch",
+           "phalanx_step_kernel", "kernel_signatures", "StepLaunch", "swr_step_launch", "spread",
            "phalanx_step_launch", "PackedLaunch"]
 
 MODE_NONE, MODE_WINDOW, MODE_EXACT = 0, 1, 2
@@ -482,9 +482,33 @@ def _state_args(state_arrays, arrivals, hops):
     return (_flat(position), _flat(w), _flat(g), _flat(cv), _flat(cC), _flat(arrivals)), mode, K
 
 
+SPREAD_BLOCKS_PER_SM = 1
+"""Rows spread over several thread blocks until the launch has this many blocks per SM (0: one
+block per row wherever a row fits), see :func:`spread`."""
+SPREAD_MIN_THREADS = 128
+"""Fewest threads per block :func:`spread` goes down to."""
+
+
+def spread(B: int, hd: int, tpb: int, cpt: int, nchunks: int, sms: int) -> tuple[int, int, int]:
+    """The plan ``(tpb, cpt, nchunks)`` with each row over more blocks (halving the threads per
+    block, down to ``SPREAD_MIN_THREADS``) while ``B`` rows give fewer than
+    ``SPREAD_BLOCKS_PER_SM * sms`` blocks: at small batch one block a row leaves most SMs idle
+    and each thread waits on its loads alone. The position then advances through the row's
+    arrival counter."""
+    while (B * nchunks < SPREAD_BLOCKS_PER_SM * sms and tpb // 2 >= SPREAD_MIN_THREADS
+           and tpb % 64 == 0):
+        tpb //= 2
+        nchunks = -(-hd // (tpb * cpt))
+    return tpb, cpt, nchunks
+
+
 def _grid(B, hd, K, tpb_cpt):
     if tpb_cpt is None:
         tpb, cpt, nchunks = plan(hd, K)
+        if not SIMULATOR and tpb:
+            from ._launch import sm_count
+
+            tpb, cpt, nchunks = spread(B, hd, tpb, cpt, nchunks, sm_count())
     else:
         tpb, cpt = tpb_cpt
         nchunks = -(-hd // (tpb * cpt))

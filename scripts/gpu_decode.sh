@@ -23,16 +23,16 @@ log="$dir/log.txt"
 {
   python3 -c "import torch; print('device:', torch.cuda.get_device_name())"
   echo "=== step_plan_sweep $(date -u +%T)"
-  timeout 38 python3 scripts/step_plan_sweep.py --batches 1,8,64,256 --gemv-batches 1,2,4,8,16 \
+  timeout 30 python3 scripts/step_plan_sweep.py --batches 1,8,64,256 --gemv-batches 1,2,4,8,16 \
     --runs 5 --calls 50
   echo "=== step_plan_sweep rc=$? $(date -u +%T)"
-  timeout 30 python3 benchmarks/decode_bench.py --out "$dir" --batches 1,8,64,256 --contexts "" \
+  timeout 22 python3 benchmarks/decode_bench.py --out "$dir" --batches 1,8,64,256 --contexts "" \
     --runs 5 --calls 20 --host-calls 200
   echo "=== decode_bench rc=$? $(date -u +%T)"
-  timeout 32 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu_gemv.py \
+  timeout 48 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu_gemv.py \
     tests/test_gemv_step.py tests/test_gpu_step.py tests/test_kernels_step.py
   echo "=== tests rc=$? $(date -u +%T)"
-  timeout 8 python3 scripts/host_profile.py --decode
+  timeout 10 python3 scripts/host_profile.py --decode
   echo "=== host_profile rc=$? $(date -u +%T)"
   if [ "${NCU:-0}" = 1 ]; then  # hardware counters of the step kernels alone (adds ~60 s)
     timeout 90 ncu --clock-control none -k regex:step_kernel --section SpeedOfLight \

@@ -55,9 +55,18 @@ def decode():
         state64 = layer.init_state(64)
         x64 = torch.randn(64, H * D, device="cuda", dtype=dt)
         out64 = torch.empty(64, H * D, device="cuda", dtype=dt)
+        state256 = layer.init_state(256)
+        x256 = torch.randn(256, H * D, device="cuda", dtype=dt)
+        out256 = torch.empty(256, H * D, device="cuda", dtype=dt)
+        z256 = torch.empty(256, layer.in_proj_weight.shape[0], device="cuda", dtype=dt)
         rows = {
             "torch Phalanx.step (out=)": lambda: layer.step(x, state, out=out),
             "torch Phalanx.step B=64 (out=)": lambda: layer.step(x64, state64, out=out64),
+            "torch Phalanx.step B=256 (out=)": lambda: layer.step(x256, state256, out=out256),
+            "torch.mm B=256 x W_in^T (out=)": lambda: torch.mm(x256, layer.in_proj_weight.T,
+                                                              out=z256),
+            "torch F.linear B=256": lambda: torch.nn.functional.linear(x256,
+                                                                      layer.in_proj_weight),
             "torch swr_step (out=)": lambda: swr_torch.swr_step(a, u, s, out=y),
             "front swr_step (CuPy, out=)": lambda: sa.swr_step(ca, cu, cs, layout="BLHD", out=cy),
             "front swr_step_into (CuPy)": lambda: sa.swr_step_into(ca, cu, cy, cs),

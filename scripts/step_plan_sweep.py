@@ -9,7 +9,8 @@ microseconds per launch):
 
 - the fused middle kernel (``phalanx_step_kernel``) and ``swr_step_kernel`` under each plan
   ``(tpb, cpt)`` (threads per block, channels per thread; ``nchunks`` blocks per row follows),
-  each plan's output checked against the default plan's from the same state;
+  each plan's output checked against the first plan's (512x4) from the same state (within
+  bfloat16 rounding: specialisations may contract multiply-adds differently);
 - the GEMV step (``numba_kernels/phalanx_gemv.py``: input GEMV + gates + state update, output
   GEMV) under a few splits, against the two cuBLAS GEMMs alone and the graph-captured GEMM-path
   step (``Phalanx.step`` with the GEMV path off), its output checked against that step's.
@@ -76,6 +77,12 @@ def precompile(jobs, cc):
     errors = [r for r in res if isinstance(r, str)]
     print(f"compiled {len(jobs)} kernels in {time.time() - t:.1f} s" +
           "".join(f"\n  ERROR {e}" for e in errors), flush=True)
+
+
+def _sm_count():
+    from swr_array.numba_kernels._launch import sm_count
+
+    return sm_count()
 
 
 def graph_us(fn, runs, calls):
@@ -184,14 +191,18 @@ def main(argv=None):
                 torch.cuda.synchronize()
                 if ref_y is None:
                     ref_y = y.float().clone()
-                ok = bool(torch.equal(y.float(), ref_y))
+                diff = float((y.float() - ref_y).abs().max())  # contraction may differ
+                ok = diff <= 1e-2 * float(ref_y.abs().max())
                 us = graph_us(lambda run=run, y=y, z=z: run.run(z, y, stream=cur()), args.runs,
                               args.calls)
                 n = -(-H * D // (tpb * cpt))
-                row["plans"][f"{tpb}x{cpt}x{n}"] = {"us": us, "same_as_default": ok}
+                row["plans"][f"{tpb}x{cpt}x{n}"] = {"us": us, "same_as_first": ok,
+                                                     "max_diff": diff}
+            row["default"] = "{}x{}x{}".format(*KS.spread(B, H * D, *KS.plan(H * D, K),
+                                                          _sm_count()))
             results["middle"].append(row)
-            print(f"B={B:4d}: " + "  ".join(
-                f"{k} {v['us']:.2f}{'' if v['same_as_default'] else ' (DIFFERS)'}"
+            print(f"B={B:4d} (default {row['default']}): " + "  ".join(
+                f"{k} {v['us']:.2f}{'' if v['same_as_first'] else ' (DIFFERS)'}"
                 for k, v in row["plans"].items()), flush=True)
 
         print("\n== swr_step kernel (graph, us per launch) by plan")

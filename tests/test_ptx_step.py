@@ -132,3 +132,18 @@ def test_packed_launch_rewrites_only_the_data_pointers():
     entry.packer[0].pack_into(expect, 0, entry.packer[1], *want)
     np.testing.assert_array_equal(run.buf, expect)
     assert run.extra[1] == run.buf.ctypes.data + _launch._PARAM_OFFSET
+
+
+def test_rows_spread_over_blocks_at_small_batch():
+    """At small batch a row goes to several blocks (not below SPREAD_MIN_THREADS threads) until
+    the launch fills SPREAD_BLOCKS_PER_SM blocks an SM; every channel stays covered once."""
+    sms = 132
+    for B in (1, 8, 64, 256, 1024):
+        tpb, cpt, n = KS.spread(B, 2048, 512, 4, 1, sms)
+        assert tpb * cpt * n >= 2048 > tpb * cpt * (n - 1)
+        assert tpb >= KS.SPREAD_MIN_THREADS and tpb % 32 == 0
+        assert B * n >= KS.SPREAD_BLOCKS_PER_SM * sms or tpb // 2 < KS.SPREAD_MIN_THREADS
+    assert KS.spread(256, 2048, 512, 4, 1, sms) == (512, 4, 1)
+    assert KS.spread(64, 2048, 512, 4, 1, sms) == (128, 4, 4)
+    assert KS.spread(1, 2048, 512, 4, 1, sms) == (128, 4, 4)
+    assert KS.spread(1, 6, 32, 1, 1, sms) == (32, 1, 1)  # nothing to halve
