@@ -61,7 +61,7 @@ __all__ = ["in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
 F0 = np.float32(0.0)
 _STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
 
-DEFAULT_SPLIT = {"rpw": 4, "unroll": 2, "nwb": 4, "out_rpw": 4, "out_unroll": 2}
+DEFAULT_SPLIT = {"rpw": 4, "unroll": 2, "nwb": 8, "out_rpw": 1, "out_unroll": 8}
 """Default split: weight rows per warp and vectors per lane in flight of the input kernel,
 warps per block, rows per warp and vectors in flight of the output kernel."""
 
@@ -431,7 +431,7 @@ def split_for(B: int, D: int) -> dict | None:
         return None
     sp = dict(DEFAULT_SPLIT, rpw=rpw)
     if B * rpw > 32:
-        sp.update(unroll=1, out_unroll=1, out_rpw=2)
+        sp.update(unroll=1, out_unroll=4)
     return sp
 
 

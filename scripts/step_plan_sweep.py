@@ -34,9 +34,10 @@ PLANS = [(512, 4), (256, 4), (128, 4), (64, 4), (256, 2), (128, 2), (64, 2), (12
          (32, 1), (256, 8), (1024, 2)]
 SWR_PLANS = [(512, 4), (128, 4), (64, 2), (32, 1)]
 SPLITS = [
+    None,  # phalanx_gemv.split_for(B, 16): the default
+    {"rpw": 2, "unroll": 4, "nwb": 8, "out_rpw": 1, "out_unroll": 8},
+    {"rpw": 4, "unroll": 4, "nwb": 8, "out_rpw": 2, "out_unroll": 4},
     {"rpw": 4, "unroll": 2, "nwb": 4, "out_rpw": 4, "out_unroll": 2},
-    {"rpw": 2, "unroll": 4, "nwb": 8, "out_rpw": 2, "out_unroll": 4},
-    {"rpw": 4, "unroll": 1, "nwb": 4, "out_rpw": 2, "out_unroll": 2},
 ]
 H, D, DIM, BLOCK_LEN, HOPS = 128, 16, 2048, 16, 1
 
@@ -141,8 +142,8 @@ def main(argv=None):
         jobs.append(("swr_step", "swr_step_kernel", ("bf16", "bf16", H * D, D, False, mode, K,
                                                       BLOCK_LEN, tpb, cpt, n),
                      ["uint16"] * 3 + st))
-    gemv_cases = [(B, sp) for B in args.gemv_batches for sp in SPLITS
-                  if not (sp is not SPLITS[0] and B not in (1, 8))]
+    gemv_cases = [(B, sp or PG.split_for(B, D)) for B in args.gemv_batches
+                  for k, sp in enumerate(SPLITS) if k == 0 or B in (1, 8)]
     for B, sp in gemv_cases:
         jobs.append(("phalanx_gemv", "in_step_kernel", ("bf16", DIM, H, D, 1, mode, K, BLOCK_LEN,
                                                          B, sp["rpw"], sp["unroll"]),
@@ -251,8 +252,8 @@ def main(argv=None):
             if old is not None:
                 swr_torch.GEMV_MAX_BATCH = old
             row["splits"] = {}
-            for sp in SPLITS:
-                if (B, sp) not in [(b, p) for b, p in gemv_cases]:
+            for b_, sp in gemv_cases:
+                if b_ != B:
                     continue
                 name = "/".join(str(sp[k]) for k in ("rpw", "unroll", "nwb", "out_rpw",
                                                     "out_unroll"))
