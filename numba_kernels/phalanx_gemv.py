@@ -50,7 +50,6 @@ from ._ptx import (
     _words_to_f32,
     async_commit,
     make_async_copy,
-    make_async_wait,
     warp_sync,
 )
 from .swr_step import _make_channel_step, _make_load_state, _pointer, _sigmoid, hops_mode
@@ -94,21 +93,18 @@ else:
 
 
 def _make_stage(kind, ncols, B, nthreads):
-    """``stage(x, xs)``: rows ``(B, ncols)`` of a storage array into the shared storage array
-    ``xs`` (same layout), 16-byte ``cp.async`` copies, every one in flight before the block
-    waits; then a barrier."""
+    """``stage(x, xs)``: starts copying rows ``(B, ncols)`` of a storage array into the shared
+    storage array ``xs`` (same layout), 16-byte ``cp.async`` copies all in flight; the GEMV
+    (``_make_gemv``) waits for them and holds the barrier after its first weight loads."""
     epv = 16 // ITEM_SIZE[kind]
     nvec = B * ncols // epv
     copy = make_async_copy(kind, epv)
-    wait = make_async_wait(0)
 
     @cuda.jit(device=True, inline=True)
     def stage(x, xs):
         for v in range(cuda.threadIdx.x, nvec, nthreads):
             copy(x, v * epv, xs, v * epv)
         async_commit()
-        wait()
-        cuda.syncthreads()
 
     return stage
 
@@ -119,7 +115,9 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
     shared storage array ``(B, ncols)``, read as 16-byte vectors), the
     dot product over all columns (the lane's 16-byte vectors ``lane + 32 k``, ``unroll`` of them
     per row loaded before any arithmetic, then a warp reduction); lane 0 writes it to
-    ``red[roff + q * B + b]`` (float32, shared memory). Every lane of the warp must call it.
+    ``red[roff + q * B + b]`` (float32, shared memory). Every thread of the block must call it:
+    after its first round of weight loads it waits for the block's staging copies
+    (``_make_stage``) and holds a block barrier.
 
     On the device the body is LLVM IR generated here (an intrinsic): the ``rpw * B`` accumulators
     are scalars and every index into the loaded vectors is a constant, so nothing depends on the
@@ -133,6 +131,7 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
         load = LOAD[kind]
 
         def sim_gemv(W, rows, xs, lane, red, roff):
+            cuda.syncthreads()  # the staged rows are visible (the copies were immediate)
             acc = [np.float32(0.0)] * nacc
             for j in range(lane, nvec, 32):
                 for q in range(rpw):
@@ -169,10 +168,10 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
                      for q in range(rpw)]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
                     for _ in range(nacc)]
-            with cgutils.for_range(builder, c64(nrounds)) as loop:
-                k0 = builder.mul(loop.index, c64(unroll))
+
+            def loads(k0):  # the round's weight vectors, every load issued before any use
                 cols, vals = [], {}
-                for u in range(unroll):  # every load of this round first ...
+                for u in range(unroll):
                     j = builder.add(lane, builder.mul(builder.add(k0, c64(u)), c64(32)))
                     inside = builder.icmp_signed("<", j, c64(nvec))
                     col = builder.select(inside, j, c64(nvec - 1))
@@ -181,7 +180,10 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
                         idx = builder.add(bases[q], builder.mul(col, c64(epv)))
                         addr = builder.ptrtoint(builder.gep(w_data, [idx]), i64)
                         vals[u, q] = _words_to_f32(builder, kind, _load_words(builder, addr, 16))
-                for u in range(unroll):  # ... then the arithmetic
+                return cols, vals
+
+            def arithmetic(cols, vals):
+                for u in range(unroll):
                     j, inside = cols[u]
                     with builder.if_then(inside):
                         for b in range(B):
@@ -194,6 +196,20 @@ def _make_gemv(kind, ncols, B, rpw, unroll):
                                     acc = accs[q * B + b]
                                     builder.store(builder.fadd(builder.load(acc), builder.fmul(
                                         vals[u, q][e], xv[e])), acc)
+
+            # the first round's weight loads go out before the wait for the staged rows (the
+            # block's cp.async copies) and the barrier that makes them visible
+            first_round = loads(c64(0))
+            builder.asm(ir.FunctionType(ir.VoidType(), []), "cp.async.wait_group 0;",
+                        "~{memory}", [], True)
+            barrier = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.nvvm.barrier0")
+            builder.call(barrier, [])
+            arithmetic(*first_round)
+            if nrounds > 1:
+                with cgutils.for_range(builder, c64(nrounds - 1)) as loop:
+                    k0 = builder.mul(builder.add(loop.index, c64(1)), c64(unroll))
+                    arithmetic(*loads(k0))
             shfl = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(f32, [i32, f32, i32, i32]),
                 "llvm.nvvm.shfl.sync.bfly.f32")
