@@ -1396,7 +1396,8 @@ class Phalanx(nn.Module):
         calls check only its type, device and batch."""
         _check_state_arg(state, device, "the input")
         front = state.front
-        seen = front._launch_cache.get("phalanx-config")
+        compiling = torch.compiler.is_compiling()  # (traced: no cache read or written)
+        seen = None if compiling else front._launch_cache.get("phalanx-config")
         if seen is not None and seen[0] is self.config and seen[1] is front.layer:
             if state.w.shape[0] != batch:
                 raise ValueError(f"state has shape {state.shape}; this call needs (B, H, D) = "
@@ -1412,7 +1413,8 @@ class Phalanx(nn.Module):
         want = (batch, self.heads, self.head_dim)
         if state.shape != want:
             raise ValueError(f"state has shape {state.shape}; this call needs (B, H, D) = {want}")
-        front._launch_cache["phalanx-config"] = (self.config, front.layer)
+        if not compiling:
+            front._launch_cache["phalanx-config"] = (self.config, front.layer)
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> SWRState:
         """The decoding state before the first token of ``batch_size`` rows (default device: the
@@ -1449,9 +1451,12 @@ class Phalanx(nn.Module):
         if isinstance(x_t, Tensor) and x_t.dim() == 3 and x_t.shape[1] == 1:
             res, state = self.step(x_t[:, 0], state, out=None if out is None else out[:, 0])
             return (res[:, None] if out is None else out), state
-        params = self._parameters  # (nn.Module attribute lookups cost microseconds a call)
-        w_in, b_in, w_out = (params["in_proj_weight"], params["in_proj_bias"],
-                             params["out_proj_weight"])
+        if torch.compiler.is_compiling():
+            w_in, b_in, w_out = self.in_proj_weight, self.in_proj_bias, self.out_proj_weight
+        else:  # (nn.Module attribute lookups cost microseconds a call)
+            params = self._parameters
+            w_in, b_in, w_out = (params["in_proj_weight"], params["in_proj_bias"],
+                                 params["out_proj_weight"])
         self._check_input("x_t", x_t, 2, w_in)
         _check_tensor("out", out, optional=True)
         dev = x_t.device
