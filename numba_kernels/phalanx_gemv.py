@@ -23,10 +23,9 @@ Both stage their input rows (x, or y) in dynamic shared memory at their storage 
 lanes on consecutive vectors). Each warp takes ``RPW`` weight rows and walks them together,
 its lanes on consecutive 16-byte vectors (coalesced 512-byte warp accesses), ``U`` vectors per
 lane per row issued before any arithmetic; float32 accumulation; a row's sum is a warp shuffle
-reduction.
-The weights are read once per launch whatever the batch, which is why this beats two cuBLAS
-GEMMs only at small batch (the arithmetic grows with B; the torch layer picks the path by
-batch).
+reduction. The weights are read once per launch whatever the batch, but the arithmetic grows
+with it: the kernels beat two cuBLAS GEMMs only at small batch (the torch layer picks the path
+by batch).
 
 Specialised at compile time on the storage kind, the shapes, the batch ``B``, hops, block
 length and the split (``RPW``, ``U``, ``NWB``). Assumes: rows of ``w_in`` (``dim``) and
@@ -54,8 +53,8 @@ from ._ptx import (
 )
 from .swr_step import _make_channel_step, _make_load_state, _pointer, _sigmoid, hops_mode
 
-__all__ = ["in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
-           "kernel_signatures", "DEFAULT_SPLIT"]
+__all__ = ["GemvStep", "in_step_kernel", "out_kernel", "in_step_geometry", "out_geometry",
+           "split_for", "unsupported", "kernel_signatures", "DEFAULT_SPLIT"]
 
 F0 = np.float32(0.0)
 _STORAGE = {"f32": types.float32, "f16": types.float16, "bf16": types.uint16}
