@@ -12,8 +12,9 @@ microseconds per launch):
   each plan's output checked against the first plan's (512x4) from the same state (within
   bfloat16 rounding: specialisations may contract multiply-adds differently);
 - the GEMV step (``numba_kernels/phalanx_gemv.py``: input GEMV + gates + state update, output
-  GEMV) under a few splits, against the two cuBLAS GEMMs alone and the graph-captured GEMM-path
-  step (``Phalanx.step`` with the GEMV path off), its output checked against that step's.
+  GEMV) under a few splits, and each of its two kernels alone, against the two cuBLAS GEMMs
+  alone and the graph-captured GEMM-path step (``Phalanx.step`` with the GEMV path off), its
+  output checked against that step's.
 
 Kernels are compiled up front in worker processes into the PTX disk cache. Prints tables, then
 one line ``SWEEP_JSON {...}`` with every number.
@@ -272,17 +273,23 @@ def main(argv=None):
                     pos_ok = bool(torch.equal(s.position, s_ref.position))
                     us = graph_us(lambda run=run, y=y, o=o, x=x: run.run(x, y, o, stream=cur()),
                                   args.runs, args.calls)
+                    ptrs = (x.data_ptr(), y.data_ptr(), o.data_ptr())
+                    in_us = graph_us(lambda run=run, p=ptrs: run.launch_in.run(p[:2], cur()),
+                                     args.runs, args.calls)
+                    out_us = graph_us(lambda run=run, p=ptrs: run.launch_out.run(p[1:], cur()),
+                                      args.runs, args.calls)
                 except Exception as exc:  # noqa: BLE001 - reported in the table
                     print(f"  B={B} split {name}: {type(exc).__name__}: {exc}"[:400], flush=True)
                     continue
-                row["splits"][name] = {"us": us, "max_err": err, "scale": scale,
-                                       "position_ok": pos_ok,
+                row["splits"][name] = {"us": us, "in_us": in_us, "out_us": out_us,
+                                       "max_err": err, "scale": scale, "position_ok": pos_ok,
                                        "weight_gbs": bw_bytes / (us * 1e-6) / 1e9}
             results["gemv"].append(row)
             best = min(row["splits"].items(), key=lambda kv: kv[1]["us"], default=(None, None))
             print(f"B={B:3d}: cuBLAS GEMMs {row['gemms_us']:.2f}, GEMM-path step "
                   f"{row['gemm_step_us']:.2f}; GEMV " + "  ".join(
-                      f"[{k}] {v['us']:.2f} ({v['weight_gbs']:.0f} GB/s, err "
+                      f"[{k}] {v['us']:.2f} (in {v['in_us']:.2f} + out {v['out_us']:.2f}; "
+                      f"{v['weight_gbs']:.0f} GB/s, err "
                       f"{v['max_err']:.3g}/{v['scale']:.3g}, "
                       f"pos {'ok' if v['position_ok'] else 'BAD'})"
                       for k, v in row["splits"].items()) + f"; best {best[0]}", flush=True)
