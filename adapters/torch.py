@@ -1058,10 +1058,11 @@ def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim
     return torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
 
 
-GEMV_MAX_BATCH = 8
+GEMV_MAX_BATCH = 4
 """Largest batch at which :meth:`Phalanx.step` on CUDA runs the GEMV step (two kernels that read
 each weight once, ``numba_kernels/phalanx_gemv.py``) instead of torch's two GEMMs around the
-fused middle kernel; 0 turns the GEMV step off."""
+fused middle kernel; 0 turns the GEMV step off. At dim 2048 in bfloat16 on the H200 the GEMV
+step is faster than the GEMM path from batch 1 to 4 (the largest measured there)."""
 
 
 def _gemv_step(x_t: Tensor, out: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
@@ -1110,6 +1111,8 @@ def _gemv_plan(x_t, out, w_in, b_in, w_out, front: _FrontState, cfg):
     run = pg.GemvStep(x_t, y, out, w_in, *biases, w_out, front.arrays(), front._arrivals(),
                       heads=cfg.heads, head_dim=cfg.head_dim, kv_heads=cfg.kv_heads,
                       decay_max=cfg.decay_max, hops=front.hops, block_len=front.block_len)
+    if not run.fits:  # too many registers a thread for the block: it would not launch
+        return False
     return run, y, (w_in, w_out, biases)
 
 
@@ -1437,7 +1440,7 @@ class Phalanx(nn.Module):
         ``(out_t, state)``, equal to the full forward at each row's position; ``state`` is
         advanced in place and returned (the same object). Not differentiable.
 
-        On CUDA (``fast_path``), at batch up to ``GEMV_MAX_BATCH`` (this module's, 8): two GEMV
+        On CUDA (``fast_path``), at batch up to ``GEMV_MAX_BATCH`` (this module's, 4): two GEMV
         kernels that read each weight once (``numba_kernels/phalanx_gemv.py``: the input GEMV
         with the gates and the state update in its epilogue, then the output GEMV), where
         they take the shapes (rows of 16-byte multiples, 16-byte aligned weights, contiguous

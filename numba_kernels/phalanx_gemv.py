@@ -438,15 +438,16 @@ reads do not; the caller's threshold is usually lower)."""
 
 def split_for(B: int, D: int) -> dict | None:
     """The split of batch ``B`` and head_dim ``D``: rows per warp such that a head's ``3D + 1``
-    rows fit 32 warps (None where that needs more than 8 rows per warp), fewer vectors in flight
-    at larger batch (the accumulators grow with B)."""
+    rows fit 32 warps (None where that needs more than 8 rows per warp); above batch 4, where
+    the accumulators grow, 8 rows a warp (fewer threads a block) and fewer vectors in flight.
+    Batch 1, 2 and 4 at head_dim 16 are the measured ones (docs/decoding.md)."""
     rows = 3 * D + 1
     rpw = max(DEFAULT_SPLIT["rpw"], -(-rows // 32))
     if rpw > 8:
         return None
     sp = dict(DEFAULT_SPLIT, rpw=rpw)
-    if B * rpw > 32:
-        sp.update(unroll=1, out_unroll=4)
+    if B > 4:  # 8 rows a warp: at most 8 warps a block (D <= 21), which launch at any register
+        sp.update(rpw=max(rpw, 8), unroll=1, out_unroll=4)  # count, one vector a row in flight
     return sp
 
 
@@ -470,15 +471,30 @@ def unsupported(kind: str, B: int, dim: int, H: int, D: int, pointers) -> str | 
     return None
 
 
+def _fits(entry, threads: int) -> bool:
+    """Whether the compiled kernel launches with ``threads`` threads a block: its registers per
+    thread allow it (the driver's ``CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK``). Where the driver
+    cannot be asked, only blocks of up to 256 threads, which fit whatever the register count
+    (255 a thread at most)."""
+    try:
+        from cupy_backends.cuda.api import driver
+
+        return driver.funcGetAttribute(0, entry.function_ptr) >= threads
+    except Exception:  # noqa: BLE001 - no answer: the size that always fits
+        return threads <= 256
+
+
 class GemvStep:
     """The two GEMV launches of one small-batch Phalanx step, prepared once for a state, its
     weights and biases: ``run(x, y, out, stream=None)`` with x ``(B, dim)``, y ``(B, H*D)``
     (scratch, the read-out ``Y``) and out ``(B, dim)``, all of the weights' dtype, C-contiguous
     (torch tensors, CuPy arrays or device pointers as ints; NumPy arrays in the simulator).
-    Nothing is allocated and nothing synchronises, so it can be captured in a CUDA graph."""
+    Nothing is allocated and nothing synchronises, so it can be captured in a CUDA graph.
+    ``fits`` is False where a compiled kernel needs too many registers for its block size (it
+    would not launch): the caller then keeps the GEMM path."""
 
     __slots__ = ("k_in", "k_out", "grid_in", "block_in", "shared_in", "grid_out", "block_out",
-                 "shared_out", "fixed_in", "fixed_out", "launch_in", "launch_out")
+                 "shared_out", "fixed_in", "fixed_out", "launch_in", "launch_out", "fits")
 
     def __init__(self, x, y, out, w_in, b_a, b_b, b_c, w_out, state_arrays, arrivals, *,
                  heads, head_dim, kv_heads, decay_max, hops, block_len, split=None):
@@ -500,16 +516,19 @@ class GemvStep:
         self.fixed_in = (f(w_in), f(b_a), f(b_b), f(b_c)) + st + (np.float32(decay_max),)
         self.fixed_out = (f(w_out),)
         self.launch_in = self.launch_out = None
+        self.fits = True
         if SIMULATOR:
             return
         from ._launch import allow_shared_memory, prepare
 
         entry, values = prepare(self.k_in, (f(x), f(y)) + self.fixed_in)
         allow_shared_memory(entry, self.shared_in)
+        self.fits = _fits(entry, self.block_in[0])
         self.launch_in = ks.PackedLaunch(entry, values, self.grid_in, self.block_in, 2,
                                          self.shared_in)
         entry, values = prepare(self.k_out, (f(y), f(out)) + self.fixed_out)
         allow_shared_memory(entry, self.shared_out)
+        self.fits = self.fits and _fits(entry, self.block_out[0])
         self.launch_out = ks.PackedLaunch(entry, values, self.grid_out, self.block_out, 2,
                                           self.shared_out)
 

@@ -482,33 +482,38 @@ def _state_args(state_arrays, arrivals, hops):
     return (_flat(position), _flat(w), _flat(g), _flat(cv), _flat(cC), _flat(arrivals)), mode, K
 
 
-SPREAD_BLOCKS_PER_SM = 1
-"""Rows spread over several thread blocks until the launch has this many blocks per SM (0: one
-block per row wherever a row fits), see :func:`spread`."""
-SPREAD_MIN_THREADS = 128
-"""Fewest threads per block :func:`spread` goes down to."""
+SPREAD_THREADS = {"swr": 16384, "phalanx": 65536}
+"""Below about this many threads in all at the row plan's channels per thread, :func:`spread`
+gives each thread fewer channels and each row more blocks (per kernel: the Phalanx middle
+kernel does more work per channel)."""
+SPREAD_TPB = 128
+"""Threads per block of a spread plan."""
 
 
-def spread(B: int, hd: int, tpb: int, cpt: int, nchunks: int, sms: int) -> tuple[int, int, int]:
-    """The plan ``(tpb, cpt, nchunks)`` with each row over more blocks (halving the threads per
-    block, down to ``SPREAD_MIN_THREADS``) while ``B`` rows give fewer than
-    ``SPREAD_BLOCKS_PER_SM * sms`` blocks: at small batch one block a row leaves most SMs idle
-    and each thread waits on its loads alone. The position then advances through the row's
-    arrival counter."""
-    while (B * nchunks < SPREAD_BLOCKS_PER_SM * sms and tpb // 2 >= SPREAD_MIN_THREADS
-           and tpb % 64 == 0):
-        tpb //= 2
-        nchunks = -(-hd // (tpb * cpt))
-    return tpb, cpt, nchunks
+def spread(B: int, hd: int, tpb: int, cpt: int, nchunks: int, threads: int):
+    """The plan ``(tpb, cpt, nchunks)`` for ``B`` rows: the row plan where ``B * hd / cpt``
+    threads reach ``threads``, else ``SPREAD_TPB`` threads a block of the fewest channels per
+    thread (a power of two) that keeps about ``threads`` threads, each row over several blocks
+    (the position then advances through the row's arrival counter). At small batch one block a
+    row leaves most SMs idle and each thread waits on several channels' loads in turn; measured
+    on the H200 at dim 2048 (``scripts/step_plan_sweep.py``), the Phalanx middle kernel takes
+    2.4 / 2.6 / 3.9 us at batch 1 / 8 / 64 spread (128 threads of 1, 1, 2 channels) against
+    4.1 / 4.4 / 4.6 us with a row a block of 512 threads of 4, and batch 256 is fastest with
+    the row plan."""
+    want = -(-B * hd // threads)
+    if want >= cpt or tpb <= SPREAD_TPB:
+        return tpb, cpt, nchunks
+    c = 1
+    while c < want:
+        c *= 2
+    return SPREAD_TPB, c, -(-hd // (SPREAD_TPB * c))
 
 
-def _grid(B, hd, K, tpb_cpt):
+def _grid(B, hd, K, tpb_cpt, kernel):
     if tpb_cpt is None:
         tpb, cpt, nchunks = plan(hd, K)
         if not SIMULATOR and tpb:
-            from ._launch import sm_count
-
-            tpb, cpt, nchunks = spread(B, hd, tpb, cpt, nchunks, sm_count())
+            tpb, cpt, nchunks = spread(B, hd, tpb, cpt, nchunks, SPREAD_THREADS[kernel])
     else:
         tpb, cpt = tpb_cpt
         nchunks = -(-hd // (tpb * cpt))
@@ -524,7 +529,7 @@ def swr_step_launch(a, u, y, state_arrays, arrivals, *, hops, block_len, per_cha
     plan's (threads per block, channels per thread) (tests)."""
     B, H, D = u.shape
     st, mode, K = _state_args(state_arrays, arrivals, hops)
-    grid, block, tpb, cpt, nchunks = _grid(B, H * D, K, tpb_cpt)
+    grid, block, tpb, cpt, nchunks = _grid(B, H * D, K, tpb_cpt, "swr")
     kernel = None
     if grid[0] and block[0]:
         kernel = swr_step_kernel(_kind(u.dtype), _kind(y.dtype), H * D, D, per_channel, mode,
@@ -539,7 +544,7 @@ def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, arrivals, *, heads, h
     :func:`swr_step_launch`)."""
     B = z.shape[0]
     st, mode, K = _state_args(state_arrays, arrivals, hops)
-    grid, block, tpb, cpt, nchunks = _grid(B, heads * head_dim, K, tpb_cpt)
+    grid, block, tpb, cpt, nchunks = _grid(B, heads * head_dim, K, tpb_cpt, "phalanx")
     args = (z, y, _flat(b_a), _flat(b_b), _flat(b_c)) + st + (np.float32(decay_max),)
     kernel = None
     if grid[0] and block[0]:

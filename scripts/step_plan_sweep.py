@@ -81,12 +81,6 @@ def precompile(jobs, cc):
           "".join(f"\n  ERROR {e}" for e in errors), flush=True)
 
 
-def _sm_count():
-    from swr_array.numba_kernels._launch import sm_count
-
-    return sm_count()
-
-
 def graph_us(fn, runs, calls):
     """Median per-call microseconds of a CUDA graph of ``calls`` calls of ``fn``."""
     import torch
@@ -201,7 +195,7 @@ def main(argv=None):
                 row["plans"][f"{tpb}x{cpt}x{n}"] = {"us": us, "same_as_first": ok,
                                                      "max_diff": diff}
             row["default"] = "{}x{}x{}".format(*KS.spread(B, H * D, *KS.plan(H * D, K),
-                                                          _sm_count()))
+                                                          KS.SPREAD_THREADS["phalanx"]))
             results["middle"].append(row)
             print(f"B={B:4d} (default {row['default']}): " + "  ".join(
                 f"{k} {v['us']:.2f}{'' if v['same_as_first'] else ' (DIFFERS)'}"

@@ -135,15 +135,21 @@ def test_packed_launch_rewrites_only_the_data_pointers():
 
 
 def test_rows_spread_over_blocks_at_small_batch():
-    """At small batch a row goes to several blocks (not below SPREAD_MIN_THREADS threads) until
-    the launch fills SPREAD_BLOCKS_PER_SM blocks an SM; every channel stays covered once."""
-    sms = 132
-    for B in (1, 8, 64, 256, 1024):
-        tpb, cpt, n = KS.spread(B, 2048, 512, 4, 1, sms)
-        assert tpb * cpt * n >= 2048 > tpb * cpt * (n - 1)
-        assert tpb >= KS.SPREAD_MIN_THREADS and tpb % 32 == 0
-        assert B * n >= KS.SPREAD_BLOCKS_PER_SM * sms or tpb // 2 < KS.SPREAD_MIN_THREADS
-    assert KS.spread(256, 2048, 512, 4, 1, sms) == (512, 4, 1)
-    assert KS.spread(64, 2048, 512, 4, 1, sms) == (128, 4, 4)
-    assert KS.spread(1, 2048, 512, 4, 1, sms) == (128, 4, 4)
-    assert KS.spread(1, 6, 32, 1, 1, sms) == (32, 1, 1)  # nothing to halve
+    """At small batch a row goes to several blocks of SPREAD_TPB threads of fewer channels each
+    (the plans measured fastest by scripts/step_plan_sweep.py at dim 2048); every channel stays
+    covered once, and large batches keep the row plan."""
+    ph, sw = KS.SPREAD_THREADS["phalanx"], KS.SPREAD_THREADS["swr"]
+    row = (512, 4, 1)
+    assert KS.spread(1, 2048, *row, ph) == (128, 1, 16)
+    assert KS.spread(8, 2048, *row, ph) == (128, 1, 16)
+    assert KS.spread(64, 2048, *row, ph) == (128, 2, 8)
+    assert KS.spread(256, 2048, *row, ph) == row
+    assert KS.spread(8, 2048, *row, sw) == (128, 1, 16)
+    assert KS.spread(64, 2048, *row, sw) == row
+    assert KS.spread(1, 6, 32, 1, 1, ph) == (32, 1, 1)  # nothing to spread
+    for B in (1, 3, 8, 20, 64, 100, 256, 1024):
+        for hd, K in ((2048, 1), (2048, 8), (6, 1), (16384, 1), (100, 3)):
+            tpb, cpt = KS._device_plan(hd, K)
+            tpb, cpt, n = KS.spread(B, hd, tpb, cpt, -(-hd // (tpb * cpt)), ph)
+            assert tpb * cpt * n >= hd > tpb * cpt * (n - 1) and tpb % 32 == 0
+            assert cpt * max(K, 1) <= 8
