@@ -306,7 +306,11 @@ def main(argv=None):
         results["copy_bandwidth_gbs"] = bandwidth / 1e9
         os.makedirs(args.out, exist_ok=True)
         for B in args.batches:
-            results["batches"].append(bench_batch(B, args, bandwidth, log))
+            try:
+                results["batches"].append(bench_batch(B, args, bandwidth, log))
+            except Exception as exc:  # noqa: BLE001 - reported; the other batches still run
+                log(f"B={B}: FAILED: {type(exc).__name__}: {exc}")
+                results.setdefault("failed", {})[str(B)] = f"{type(exc).__name__}: {exc}"
             with open(os.path.join(args.out, "decode_bench.json"), "w") as f:
                 json.dump(results, f, indent=2)
     text = table(results)

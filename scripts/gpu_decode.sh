@@ -29,10 +29,10 @@ log="$dir/log.txt"
   timeout 22 python3 benchmarks/decode_bench.py --out "$dir" --batches 1,8,64,256 --contexts "" \
     --runs 5 --calls 20 --host-calls 200
   echo "=== decode_bench rc=$? $(date -u +%T)"
-  timeout 48 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu_gemv.py \
+  timeout 45 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu_gemv.py \
     tests/test_gemv_step.py tests/test_gpu_step.py tests/test_kernels_step.py
   echo "=== tests rc=$? $(date -u +%T)"
-  timeout 10 python3 scripts/host_profile.py --decode
+  timeout 15 python3 scripts/host_profile.py --decode
   echo "=== host_profile rc=$? $(date -u +%T)"
   if [ "${NCU:-0}" = 1 ]; then  # hardware counters of the step kernels alone (adds ~60 s)
     timeout 90 ncu --clock-control none -k regex:step_kernel --section SpeedOfLight \
