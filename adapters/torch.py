@@ -1061,8 +1061,8 @@ def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim
 GEMV_MAX_BATCH = 4
 """Largest batch at which :meth:`Phalanx.step` on CUDA runs the GEMV step (two kernels that read
 each weight once, ``numba_kernels/phalanx_gemv.py``) instead of torch's two GEMMs around the
-fused middle kernel; 0 turns the GEMV step off. At dim 2048 in bfloat16 on the H200 the GEMV
-step is faster than the GEMM path from batch 1 to 4 (the largest measured there)."""
+fused middle kernel; 0 turns the GEMV step off. Set to the largest batch at which the GEMV step
+was measured faster than the GEMM path (docs/decoding.md)."""
 
 
 def _gemv_step(x_t: Tensor, out: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,

@@ -439,8 +439,7 @@ reads do not; the caller's threshold is usually lower)."""
 def split_for(B: int, D: int) -> dict | None:
     """The split of batch ``B`` and head_dim ``D``: rows per warp such that a head's ``3D + 1``
     rows fit 32 warps (None where that needs more than 8 rows per warp); above batch 4, where
-    the accumulators grow, 8 rows a warp (fewer threads a block) and fewer vectors in flight.
-    Batch 1, 2 and 4 at head_dim 16 are the measured ones (docs/decoding.md)."""
+    the accumulators grow, 8 rows a warp (fewer threads a block) and fewer vectors in flight."""
     rows = 3 * D + 1
     rpw = max(DEFAULT_SPLIT["rpw"], -(-rows // 32))
     if rpw > 8:

@@ -495,11 +495,9 @@ def spread(B: int, hd: int, tpb: int, cpt: int, nchunks: int, threads: int):
     threads reach ``threads``, else ``SPREAD_TPB`` threads a block of the fewest channels per
     thread (a power of two) that keeps about ``threads`` threads, each row over several blocks
     (the position then advances through the row's arrival counter). At small batch one block a
-    row leaves most SMs idle and each thread waits on several channels' loads in turn; measured
-    on the H200 at dim 2048 (``scripts/step_plan_sweep.py``), the Phalanx middle kernel takes
-    2.4 / 2.6 / 3.9 us at batch 1 / 8 / 64 spread (128 threads of 1, 1, 2 channels) against
-    4.1 / 4.4 / 4.6 us with a row a block of 512 threads of 4, and batch 256 is fastest with
-    the row plan."""
+    row leaves most SMs idle and each thread waits on several channels' loads in turn. The
+    thread targets ``SPREAD_THREADS`` reproduce the plans ``scripts/step_plan_sweep.py`` found
+    fastest at dim 2048 (docs/decoding.md gives the times)."""
     want = -(-B * hd // threads)
     if want >= cpt or tpb <= SPREAD_TPB:
         return tpb, cpt, nchunks
