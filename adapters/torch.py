@@ -994,10 +994,11 @@ def _bias_parts(b_in: Tensor, cfg: _PhalanxConfig) -> tuple[Tensor, Tensor, Tens
     return b_in[2 * kv :], b_in[:kv], b_in[kv : 2 * kv]
 
 
-def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) -> None:
+def _phalanx_mix(z: Tensor, y: Tensor | None, b_in: Tensor, front: _FrontState, cfg) -> Tensor:
     """``y = swr_step(A, Bg * V) * C + V`` from ``z = x_t W_in`` (made by the caller: ``(B, W)``
-    C-contiguous) into ``y`` (``(B, H*D)``, made by the caller), ONE kernel launch on torch's
-    current stream; the front state (views of the torch state's tensors) advances in place.
+    C-contiguous) into ``y`` (``(B, H*D)``; None: a buffer kept with the plan, reused by every
+    call, which the caller consumes before the next step), ONE kernel launch on torch's current
+    stream; the front state (views of the torch state's tensors) advances in place. Returns y.
 
     The launch plan (``swr_array.phalanx.phalanx_step_plan``, which checks the arrays) is made
     on the first call per biases and kept on the front state with views of the biases (a view
@@ -1014,10 +1015,14 @@ def _phalanx_mix(z: Tensor, y: Tensor, b_in: Tensor, front: _FrontState, cfg) ->
         if len(plans) >= 16:  # e.g. biases cast anew by autocast at every call: start over
             plans.clear()
         biases = _bias_parts(b_in, cfg)
-        run = _front_phalanx.phalanx_step_plan(z, y, *biases, front, kv_heads=cfg.kv_heads,
-                                               decay_max=cfg.decay_max)
-        entry = plans[key] = (run, biases)
+        buf = torch.empty((z.shape[0], cfg.heads * cfg.head_dim), dtype=z.dtype, device=z.device)
+        run = _front_phalanx.phalanx_step_plan(z, buf if y is None else y, *biases, front,
+                                               kv_heads=cfg.kv_heads, decay_max=cfg.decay_max)
+        entry = plans[key] = (run, biases, buf)
+    if y is None:
+        y = entry[2]
     entry[0].run(z, y, stream=_raw_stream(index))
+    return y
 
 
 @torch.library.custom_op(
@@ -1051,6 +1056,64 @@ def _phalanx_mix_op(
 @_phalanx_mix_op.register_fake
 def _phalanx_mix_fake(z, b_in, position, w, g, carry_v, carry_C, heads, head_dim, *config):
     return torch.empty((z.shape[0], heads * head_dim), dtype=z.dtype, device=z.device)
+
+
+GEMV_MAX_BATCH = 4
+"""Largest batch at which :meth:`Phalanx.step` on CUDA runs the GEMV step (two kernels that read
+each weight once, ``numba_kernels/phalanx_gemv.py``) instead of torch's two GEMMs around the
+fused middle kernel; 0 turns the GEMV step off. Set to the largest batch at which the GEMV step
+was measured faster than the GEMM path (docs/decoding.md)."""
+
+
+def _gemv_step(x_t: Tensor, out: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+               front: _FrontState, cfg) -> bool:
+    """The small-batch step as the two GEMV launches, on torch's current stream: x_t ``(B,
+    dim)`` (C-contiguous) -> out ``(B, dim)`` (C-contiguous, made by the caller), the state
+    advanced in place. False (nothing launched) where the GEMV kernels do not take these shapes,
+    dtypes or alignments (``phalanx_gemv.unsupported``, x_t 16-byte aligned); the caller then
+    runs the GEMM path.
+
+    The plan (both launches prepared, a scratch ``Y`` ``(B, H*D)`` from torch's allocator,
+    views of the weights and biases that keep them alive) is made on the first call per
+    weights and kept on the front state, like the GEMM path's plan."""
+    plans = front._launch_cache.get("torch-gemv")
+    if plans is None:
+        plans = front._launch_cache["torch-gemv"] = {}
+    index = x_t.device.index
+    key = (index, x_t.dtype, w_in.data_ptr(), b_in.data_ptr(), w_out.data_ptr(), cfg)
+    entry = plans.get(key)
+    if entry is None:
+        if len(plans) >= 16:  # e.g. weights cast anew by autocast at every call: start over
+            plans.clear()
+        entry = plans[key] = _gemv_plan(x_t, out, w_in, b_in, w_out, front, cfg)
+    if entry is False or x_t.data_ptr() % 16:  # (x is copied in 16-byte pieces)
+        return False
+    _cupy().cuda.runtime.setDevice(index)  # a current context for the launches on this thread
+    entry[0].run(x_t, entry[1], out, stream=_raw_stream(index))
+    return True
+
+
+def _gemv_plan(x_t, out, w_in, b_in, w_out, front: _FrontState, cfg):
+    """``(GemvStep, Y scratch, kept views)`` for :func:`_gemv_step`, or False."""
+    from swr_array.numba_kernels import phalanx_gemv as pg
+
+    B = x_t.shape[0]
+    kind = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[x_t.dtype]
+    if not (w_in.dtype == b_in.dtype == w_out.dtype == x_t.dtype and w_in.is_contiguous()
+            and w_out.is_contiguous() and b_in.is_contiguous()):
+        return False
+    if pg.unsupported(kind, B, cfg.dim, cfg.heads, cfg.head_dim,
+                      (w_in.data_ptr(), w_out.data_ptr())) is not None:
+        return False
+    _cupy().cuda.runtime.setDevice(x_t.device.index)
+    y = torch.empty((B, cfg.heads * cfg.head_dim), dtype=x_t.dtype, device=x_t.device)
+    biases = _bias_parts(b_in, cfg)
+    run = pg.GemvStep(x_t, y, out, w_in, *biases, w_out, front.arrays(), front._arrivals(),
+                      heads=cfg.heads, head_dim=cfg.head_dim, kv_heads=cfg.kv_heads,
+                      decay_max=cfg.decay_max, hops=front.hops, block_len=front.block_len)
+    if not run.fits:  # too many registers a thread for the block: it would not launch
+        return False
+    return run, y, (w_in, w_out, biases)
 
 
 def _check_step_out(out: Tensor | None, z: Tensor, dim: int) -> None:
@@ -1258,14 +1321,13 @@ class Phalanx(nn.Module):
 
     # -- forward, prefill, decoding ---------------------------------------------------------------
 
-    def _check_input(self, name: str, x, ndim: int) -> None:
+    def _check_input(self, name: str, x, ndim: int, w: Tensor | None = None) -> None:
         _check_tensor(name, x)
-        shape = "(B, L, dim)" if ndim == 3 else "(B, dim)"
-        if x.dim() != ndim or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name} must have shape {shape} with dim={self.dim}, got {tuple(x.shape)}"
-            )
-        w = self.in_proj_weight
+        shape = x.shape
+        if len(shape) != ndim or shape[-1] != self.config.dim:
+            raise ValueError(f"{name} must have shape {'(B, L, dim)' if ndim == 3 else '(B, dim)'}"
+                             f" with dim={self.dim}, got {tuple(shape)}")
+        w = self.in_proj_weight if w is None else w
         _check_device(name, x, w.device, ref="the layer")
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {w.dtype}")
@@ -1329,8 +1391,21 @@ class Phalanx(nn.Module):
         return ("phalanx", c.dim, c.heads, c.head_dim, c.kv_heads, c.decay_max)
 
     def _check_state(self, state, batch: int, device: torch.device) -> None:
-        """A state of this layer's configuration, batch and device (before any launch)."""
+        """A state of this layer's configuration, batch and device (before any launch).
+
+        The configuration checks (block_len, hops, layer tag, heads, head_dim) run once per
+        state and configuration: a state that passed them is marked in its launch cache with
+        this configuration and its layer tag (its tensors keep their shapes for life), and later
+        calls check only its type, device and batch."""
         _check_state_arg(state, device, "the input")
+        front = state.front
+        compiling = torch.compiler.is_compiling()  # (traced: no cache read or written)
+        seen = None if compiling else front._launch_cache.get("phalanx-config")
+        if seen is not None and seen[0] is self.config and seen[1] is front.layer:
+            if state.w.shape[0] != batch:
+                raise ValueError(f"state has shape {state.shape}; this call needs (B, H, D) = "
+                                 f"{(batch, self.heads, self.head_dim)}")
+            return
         if state.block_len != self.block_len or state.hops != self.hops:
             raise ValueError(
                 f"state was made with block_len={state.block_len}, hops={state.hops}; this layer "
@@ -1341,6 +1416,8 @@ class Phalanx(nn.Module):
         want = (batch, self.heads, self.head_dim)
         if state.shape != want:
             raise ValueError(f"state has shape {state.shape}; this call needs (B, H, D) = {want}")
+        if not compiling:
+            front._launch_cache["phalanx-config"] = (self.config, front.layer)
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> SWRState:
         """The decoding state before the first token of ``batch_size`` rows (default device: the
@@ -1363,32 +1440,50 @@ class Phalanx(nn.Module):
         ``(out_t, state)``, equal to the full forward at each row's position; ``state`` is
         advanced in place and returned (the same object). Not differentiable.
 
-        On CUDA (``fast_path``): torch's input GEMM ``z = x_t W_in``, ONE fused front kernel
+        On CUDA (``fast_path``), at batch up to ``GEMV_MAX_BATCH`` (this module's, 4): two GEMV
+        kernels that read each weight once (``numba_kernels/phalanx_gemv.py``: the input GEMV
+        with the gates and the state update in its epilogue, then the output GEMV), where
+        they take the shapes (rows of 16-byte multiples, 16-byte aligned weights, contiguous
+        weights of x_t's dtype, head_dim up to 85); otherwise, and above that batch, torch's
+        input GEMM ``z = x_t W_in``, ONE fused front kernel
         (``swr_array.phalanx.phalanx_step_mix``: gates, state update, read-out gate) and torch's
-        output GEMM, all on torch's current stream; after a first (warm-up) call the step can be
-        captured with ``torch.cuda.graph``. ``out`` (``(B, dim)``, x_t's dtype) receives out_t.
-        The CPU composes torch ops with :func:`swr_step`.
+        output GEMM. Both run on torch's current stream; after a first (warm-up) call the step
+        can be captured with ``torch.cuda.graph``. ``out`` (``(B, dim)``, x_t's dtype) receives
+        out_t. The CPU composes torch ops with :func:`swr_step`.
         """
         if isinstance(x_t, Tensor) and x_t.dim() == 3 and x_t.shape[1] == 1:
             res, state = self.step(x_t[:, 0], state, out=None if out is None else out[:, 0])
             return (res[:, None] if out is None else out), state
-        self._check_input("x_t", x_t, 2)
+        if torch.compiler.is_compiling():
+            w_in, b_in, w_out = self.in_proj_weight, self.in_proj_bias, self.out_proj_weight
+        else:  # (nn.Module attribute lookups cost microseconds a call)
+            params = self._parameters
+            w_in, b_in, w_out = (params["in_proj_weight"], params["in_proj_bias"],
+                                 params["out_proj_weight"])
+        self._check_input("x_t", x_t, 2, w_in)
         _check_tensor("out", out, optional=True)
-        self._check_state(state, x_t.shape[0], x_t.device)
+        dev = x_t.device
+        self._check_state(state, x_t.shape[0], dev)
         _forbid_grad("Phalanx.step", x_t)
         cfg = self.config
-        w_in, b_in, w_out = self.in_proj_weight, self.in_proj_bias, self.out_proj_weight
-        if self.fast_path and x_t.device.type in _FUSED_DEVICE_TYPES:
-            x_t, w_in, b_in, w_out = _autocast(x_t, w_in, b_in, w_out)
+        if self.fast_path and dev.type in _FUSED_DEVICE_TYPES:
+            if torch.is_autocast_enabled(dev.type):
+                x_t, w_in, b_in, w_out = _autocast(x_t, w_in, b_in, w_out)
+            _check_step_out(out, x_t, cfg.dim)
+            compiling = torch.compiler.is_compiling()
+            if x_t.shape[0] <= GEMV_MAX_BATCH and not compiling:
+                res = out if out is not None and out.is_contiguous() else torch.empty_like(
+                    x_t, memory_format=torch.contiguous_format)
+                if _gemv_step(x_t.contiguous(), res, w_in, b_in, w_out, state.front, cfg):
+                    if out is not None and res is not out:
+                        out.copy_(res)
+                    return (res if out is None else out), state
             z = F.linear(x_t, w_in)
-            _check_step_out(out, z, self.dim)
-            if torch.compiler.is_compiling():
+            if compiling:
                 y = _phalanx_mix_op(z, b_in, *state.tensors(), cfg.heads, cfg.head_dim,
                                     cfg.kv_heads, cfg.decay_max, state.block_len, state.hops)
             else:
-                y = torch.empty((z.shape[0], cfg.heads * cfg.head_dim), dtype=z.dtype,
-                                device=z.device)  # fmt: skip
-                _phalanx_mix(z, y, b_in, state.front, cfg)
+                y = _phalanx_mix(z, None, b_in, state.front, cfg)
         else:
             z = F.linear(x_t, w_in, _input_bias(b_in, cfg))
             _check_step_out(out, z, self.dim)

@@ -6,7 +6,9 @@
 
 For each batch (dim 2048 = 128 heads x 16, bfloat16, hops=1, block_len=16), in one process:
 
-- ``Phalanx.step`` captured in a CUDA graph (``torch.cuda.graph``) and eager (host included);
+- ``Phalanx.step`` captured in a CUDA graph (``torch.cuda.graph``) and eager (host included),
+  and which path it ran: ``gemv`` (the two GEMV kernels, batch up to the torch adapter's
+  ``GEMV_MAX_BATCH``) or ``gemm`` (torch's GEMMs around the fused middle kernel);
 - the host cost of one eager ``Phalanx.step`` and of one eager torch ``swr_step`` (the step's
   shapes, ``out=`` given): the median wall time of single calls (``--host-calls`` of them, no
   synchronisation inside);
@@ -189,6 +191,9 @@ def bench_batch(B, args, bandwidth, log):
             layer.step(x, state, out=out)
 
         r["eager_us"] = timed(step, runs=args.runs, calls=args.calls)
+        gemv = state.front._launch_cache.get("torch-gemv", {})
+        r["path"] = "gemv" if any(e is not False for e in gemv.values()) else "gemm"
+        r["gemv_max_batch"] = swr_torch.GEMV_MAX_BATCH
         r["graph_us"] = timed(graphed(step), runs=args.runs, calls=args.calls)
         z = torch.empty(B, layer.in_proj_weight.shape[0], device="cuda", dtype=dtype)
         y = torch.randn(B, c.heads * c.head_dim, device="cuda", dtype=dtype)
@@ -221,8 +226,9 @@ def bench_batch(B, args, bandwidth, log):
         st = sum(t.numel() * t.element_size() for t in state.tensors())
         r["floor_bytes"] = weights + 2 * st + 2 * B * args.dim * item
         r["floor_us"] = r["floor_bytes"] / bandwidth * 1e6
-        log(f"B={B}: graph {r['graph_us']:.1f} us, eager {r['eager_us']:.1f} us, GEMMs "
-            f"{r['gemms_graph_us']:.1f} us, fused middle {r['mix_graph_us']:.1f} us, torch ops "
+        log(f"B={B} ({r['path']} path): graph {r['graph_us']:.1f} us, eager "
+            f"{r['eager_us']:.1f} us, GEMMs {r['gemms_graph_us']:.1f} us, fused middle "
+            f"{r['mix_graph_us']:.1f} us, torch ops "
             f"{r['torch_ops_graph_us']:.1f} us, floor {r['floor_us']:.1f} us; host: "
             f"Phalanx.step {r['host_step_us']:.1f} us, swr_step {r['swr_step_host_us']:.1f} us")
         for ctx in args.contexts:
@@ -244,17 +250,18 @@ def _us(t) -> str:
 
 def table(results) -> str:
     ctxs = results["contexts"]
-    head = ("| batch | Phalanx step, graph (us) | eager (us) | two GEMMs, graph (us) | "
+    head = ("| batch | step path | Phalanx step, graph (us) | eager (us) | two GEMMs, graph (us) | "
             "step / GEMMs | fused middle, graph (us) | host: Phalanx.step (us) | "
             "host: swr_step (us) | torch ops step, graph (us) | floor (us) | step / floor |"
             + "".join(f" attention {c // 1024}K, graph (us) |" for c in ctxs))
     lines = [f"Decode, one layer per token: {results['device']}, dim {results['dim']}, "
              f"{results['dtype']}, hops=1, block_len=16 (copy bandwidth "
              f"{results['copy_bandwidth_gbs']:.0f} GB/s)", "", head,
-             "|" + "---|" * (11 + len(ctxs))]
+             "|" + "---|" * (12 + len(ctxs))]
     for r in results["batches"]:
         att = [r.get(f"attention_{c}_graph_us") for c in ctxs]
-        cells = [str(r["batch"]), f"{r['graph_us']:.1f}", f"{r['eager_us']:.1f}",
+        cells = [str(r["batch"]), r.get("path", "gemm"), f"{r['graph_us']:.1f}",
+                 f"{r['eager_us']:.1f}",
                  f"{r['gemms_graph_us']:.1f}", f"{r['graph_us'] / r['gemms_graph_us']:.2f}x",
                  _us(r.get("mix_graph_us")), _us(r.get("host_step_us")),
                  _us(r.get("swr_step_host_us")),
@@ -299,7 +306,11 @@ def main(argv=None):
         results["copy_bandwidth_gbs"] = bandwidth / 1e9
         os.makedirs(args.out, exist_ok=True)
         for B in args.batches:
-            results["batches"].append(bench_batch(B, args, bandwidth, log))
+            try:
+                results["batches"].append(bench_batch(B, args, bandwidth, log))
+            except Exception as exc:  # noqa: BLE001 - reported; the other batches still run
+                log(f"B={B}: FAILED: {type(exc).__name__}: {exc}")
+                results.setdefault("failed", {})[str(B)] = f"{type(exc).__name__}: {exc}"
             with open(os.path.join(args.out, "decode_bench.json"), "w") as f:
                 json.dump(results, f, indent=2)
     text = table(results)

@@ -46,6 +46,7 @@ bfloat16 arrays arrive as uint16 views. ``mode``: 0 (hops=0), 1 (window, K = hop
 from __future__ import annotations
 
 import math
+import struct
 
 import numba
 import numpy as np
@@ -55,8 +56,8 @@ from ._dtypes import KINDS, LOAD, SIMULATOR, STORE, storage_kind
 from ._launch import FlatArray, data_pointer, launch_with_pointers, prepare
 
 __all__ = ["MODE_NONE", "MODE_WINDOW", "MODE_EXACT", "hops_mode", "plan", "swr_step_kernel",
-           "phalanx_step_kernel", "kernel_signatures", "StepLaunch", "swr_step_launch",
-           "phalanx_step_launch"]
+           "phalanx_step_kernel", "kernel_signatures", "StepLaunch", "swr_step_launch", "spread",
+           "phalanx_step_launch", "PackedLaunch"]
 
 MODE_NONE, MODE_WINDOW, MODE_EXACT = 0, 1, 2
 F0 = np.float32(0.0)
@@ -372,6 +373,61 @@ def _pointer(x):
     return data_pointer(x)
 
 
+_U64 = struct.Struct("<Q")
+
+
+class PackedLaunch:
+    """A :func:`._launch.prepare`'d launch whose parameter block is packed once, into a buffer of
+    its own: ``run(pointers, stream)`` rewrites only the leading 1-D arrays' data pointers
+    (``nptr`` of them) and calls ``cuLaunchKernel``, skipping the per-call packing of every
+    parameter. One buffer per launch: calls of one launch from several threads at once would
+    race on it (as they would on the state they advance)."""
+
+    __slots__ = ("entry", "values", "grid", "block", "shared", "fn", "dims", "buf", "extra",
+                 "extra_ptr", "slots")
+
+    def __init__(self, entry, values, grid, block, nptr, shared=0):
+        from ._launch import _PARAM_OFFSET, _dims
+
+        self.entry, self.values, self.grid, self.block, self.shared = (entry, values, grid, block,
+                                                                       shared)
+        packer, nbytes = entry.packer
+        self.buf = np.zeros(packer.size, np.uint8)
+        packer.pack_into(self.buf, 0, nbytes, *values)
+        base = self.buf.ctypes.data
+        # cuLaunchKernel `extra`: {CU_LAUNCH_PARAM_BUFFER_POINTER, ptr, ..._SIZE, &size, ..._END}
+        self.extra = np.array([1, base + _PARAM_OFFSET, 2, base, 0], dtype=np.uint64)
+        self.extra_ptr = self.extra.ctypes.data
+        # each 1-D array is 7 parameters (meminfo, parent, nitems, itemsize, data, shape, stride)
+        self.slots = tuple(_PARAM_OFFSET + entry.offsets[7 * i + 4] for i in range(nptr))
+        self.fn = entry.function_ptr
+        self.dims = (*_dims(grid), *_dims(block), shared)
+
+    def run(self, pointers, stream=None):
+        buf = self.buf
+        for off, ptr in zip(self.slots, pointers):
+            _U64.pack_into(buf, off, ptr)
+        if stream is None:
+            from ._launch import _current_stream
+
+            stream = _current_stream().ptr
+        else:
+            stream = getattr(stream, "ptr", stream)
+        try:
+            _launch_kernel(self.fn, *self.dims, stream, 0, self.extra_ptr)
+        except Exception:  # noqa: BLE001 - a driver that refuses `extra`: the general launch
+            launch_with_pointers(self.entry, self.grid, self.block, self.values, pointers, stream,
+                                 self.shared)
+
+
+def _launch_kernel(*args):
+    from cupy_backends.cuda.api.driver import launchKernel
+
+    global _launch_kernel
+    _launch_kernel = launchKernel
+    launchKernel(*args)
+
+
 class StepLaunch:
     """A step kernel launch whose leading ``nvar`` array arguments change between calls (the
     token's inputs and outputs) and whose others (the state, the biases) are fixed.
@@ -382,11 +438,12 @@ class StepLaunch:
     synchronises: the launch can be captured in a CUDA graph.
     """
 
-    __slots__ = ("kernel", "grid", "block", "entry", "values", "fixed", "nvar")
+    __slots__ = ("kernel", "grid", "block", "entry", "values", "fixed", "nvar", "packed")
 
     def __init__(self, kernel, grid, block, args, nvar):
         self.kernel, self.grid, self.block, self.nvar = kernel, grid, block, nvar
         self.fixed = tuple(args[nvar:])
+        self.packed = None
         if grid[0] == 0 or block[0] == 0:  # no rows or no channels: nothing to launch
             self.kernel = self.entry = self.values = None
         elif SIMULATOR:
@@ -394,6 +451,7 @@ class StepLaunch:
         else:
             self.entry, self.values = prepare(kernel, tuple(_flat(x) for x in args[:nvar])
                                               + self.fixed)
+            self.packed = PackedLaunch(self.entry, self.values, grid, block, nvar)
 
     def run(self, *arrays, stream=None):
         if self.kernel is None:
@@ -405,8 +463,7 @@ class StepLaunch:
             args = tuple(FakeCUDAArray(x) if isinstance(x, np.ndarray) else x for x in args)
             self.kernel[self.grid, self.block](*args)
             return
-        ptrs = [_pointer(x) for x in arrays]
-        launch_with_pointers(self.entry, self.grid, self.block, self.values, ptrs, stream)
+        self.packed.run([_pointer(x) for x in arrays], stream)
 
 
 def _dummy(like):
@@ -425,9 +482,36 @@ def _state_args(state_arrays, arrivals, hops):
     return (_flat(position), _flat(w), _flat(g), _flat(cv), _flat(cC), _flat(arrivals)), mode, K
 
 
-def _grid(B, hd, K, tpb_cpt):
+SPREAD_THREADS = {"swr": 16384, "phalanx": 65536}
+"""Below about this many threads in all at the row plan's channels per thread, :func:`spread`
+gives each thread fewer channels and each row more blocks (per kernel: the Phalanx middle
+kernel does more work per channel)."""
+SPREAD_TPB = 128
+"""Threads per block of a spread plan."""
+
+
+def spread(B: int, hd: int, tpb: int, cpt: int, nchunks: int, threads: int):
+    """The plan ``(tpb, cpt, nchunks)`` for ``B`` rows: the row plan where ``B * hd / cpt``
+    threads reach ``threads``, else ``SPREAD_TPB`` threads a block of the fewest channels per
+    thread (a power of two) that keeps about ``threads`` threads, each row over several blocks
+    (the position then advances through the row's arrival counter). At small batch one block a
+    row leaves most SMs idle and each thread waits on several channels' loads in turn. The
+    thread targets ``SPREAD_THREADS`` reproduce the plans ``scripts/step_plan_sweep.py`` found
+    fastest at dim 2048 (docs/decoding.md gives the times)."""
+    want = -(-B * hd // threads)
+    if want >= cpt or tpb <= SPREAD_TPB:
+        return tpb, cpt, nchunks
+    c = 1
+    while c < want:
+        c *= 2
+    return SPREAD_TPB, c, -(-hd // (SPREAD_TPB * c))
+
+
+def _grid(B, hd, K, tpb_cpt, kernel):
     if tpb_cpt is None:
         tpb, cpt, nchunks = plan(hd, K)
+        if not SIMULATOR and tpb:
+            tpb, cpt, nchunks = spread(B, hd, tpb, cpt, nchunks, SPREAD_THREADS[kernel])
     else:
         tpb, cpt = tpb_cpt
         nchunks = -(-hd // (tpb * cpt))
@@ -443,7 +527,7 @@ def swr_step_launch(a, u, y, state_arrays, arrivals, *, hops, block_len, per_cha
     plan's (threads per block, channels per thread) (tests)."""
     B, H, D = u.shape
     st, mode, K = _state_args(state_arrays, arrivals, hops)
-    grid, block, tpb, cpt, nchunks = _grid(B, H * D, K, tpb_cpt)
+    grid, block, tpb, cpt, nchunks = _grid(B, H * D, K, tpb_cpt, "swr")
     kernel = None
     if grid[0] and block[0]:
         kernel = swr_step_kernel(_kind(u.dtype), _kind(y.dtype), H * D, D, per_channel, mode,
@@ -458,7 +542,7 @@ def phalanx_step_launch(z, y, b_a, b_b, b_c, state_arrays, arrivals, *, heads, h
     :func:`swr_step_launch`)."""
     B = z.shape[0]
     st, mode, K = _state_args(state_arrays, arrivals, hops)
-    grid, block, tpb, cpt, nchunks = _grid(B, heads * head_dim, K, tpb_cpt)
+    grid, block, tpb, cpt, nchunks = _grid(B, heads * head_dim, K, tpb_cpt, "phalanx")
     args = (z, y, _flat(b_a), _flat(b_b), _flat(b_c)) + st + (np.float32(decay_max),)
     kernel = None
     if grid[0] and block[0]:

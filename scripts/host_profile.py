@@ -3,8 +3,9 @@ and its custom op called directly, then a cProfile of the torch forward+backward
 
     python scripts/host_profile.py            # medians of 1000 single calls, perf_counter
     python scripts/host_profile.py --decode   # eager decoding steps (batch 1, dim 2048, bf16):
-                                              # torch Phalanx.step, torch swr_step, the CuPy
-                                              # front's swr_step / swr_step_into, + cProfile
+                                              # torch Phalanx.step (also batch 64), torch
+                                              # swr_step, the CuPy front's swr_step /
+                                              # swr_step_into, + cProfiles of Phalanx.step
 """
 
 from __future__ import annotations
@@ -51,8 +52,21 @@ def decode():
         y = torch.empty_like(u)
         cs = sa.swr_init_state((B, H, D), like=cp.zeros(1))
         ca, cu, cy = cp.from_dlpack(a), cp.from_dlpack(u), cp.from_dlpack(y)
+        state64 = layer.init_state(64)
+        x64 = torch.randn(64, H * D, device="cuda", dtype=dt)
+        out64 = torch.empty(64, H * D, device="cuda", dtype=dt)
+        state256 = layer.init_state(256)
+        x256 = torch.randn(256, H * D, device="cuda", dtype=dt)
+        out256 = torch.empty(256, H * D, device="cuda", dtype=dt)
+        z256 = torch.empty(256, layer.in_proj_weight.shape[0], device="cuda", dtype=dt)
         rows = {
             "torch Phalanx.step (out=)": lambda: layer.step(x, state, out=out),
+            "torch Phalanx.step B=64 (out=)": lambda: layer.step(x64, state64, out=out64),
+            "torch Phalanx.step B=256 (out=)": lambda: layer.step(x256, state256, out=out256),
+            "torch.mm B=256 x W_in^T (out=)": lambda: torch.mm(x256, layer.in_proj_weight.T,
+                                                              out=z256),
+            "torch F.linear B=256": lambda: torch.nn.functional.linear(x256,
+                                                                      layer.in_proj_weight),
             "torch swr_step (out=)": lambda: swr_torch.swr_step(a, u, s, out=y),
             "front swr_step (CuPy, out=)": lambda: sa.swr_step(ca, cu, cs, layout="BLHD", out=cy),
             "front swr_step_into (CuPy)": lambda: sa.swr_step_into(ca, cu, cy, cs),
@@ -60,13 +74,16 @@ def decode():
         }
         for name, fn in rows.items():
             print(f"{name:<36s} {median_us(fn):8.1f} us")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(300):
-            layer.step(x, state, out=out)
-        prof.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        for name, (xx, st, oo) in (("batch 1", (x, state, out)),
+                                   ("batch 64", (x64, state64, out64))):
+            print(f"--- cProfile of 300 Phalanx.step calls, {name}")
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(300):
+                layer.step(xx, st, out=oo)
+            prof.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 def main():

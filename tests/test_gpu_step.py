@@ -179,9 +179,10 @@ def test_step_launches_take_torch_tensors(dtype):
 
 @pytest.mark.parametrize("hops,KV", [(1, 128), (2, 64), (8, 128), (None, 32), (0, 128)])
 def test_phalanx_step_mix_at_the_decoding_width(rng, hops, KV):
-    """The fused middle at dim 2048 (128 heads of 16): the device plan's one block per row of
-    several channels per thread (hops 0, 1, 2, None) and a row over two blocks with the arrival
-    counter (hops=8: one channel per thread), rows at mixed positions, against the reference."""
+    """The fused middle at dim 2048 (128 heads of 16): the device plan of several channels per
+    thread (hops 0, 1, 2, None; at batch 3 spread over several blocks a row) and of one channel
+    per thread (hops=8), rows over several blocks with the arrival counter, at mixed positions,
+    against the reference."""
     import cupy as cp
     from swr_array.numba_kernels import swr_step as ks
 
