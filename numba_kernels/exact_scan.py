@@ -31,8 +31,9 @@ last ticket moves it to ``(epoch + 1) << 32``, so the next launch on the same st
 ticket 0 of the next epoch. A tile flag holds ``4 * epoch + status`` (1 aggregate, 2 inclusive),
 so flags left by earlier launches never match. Nothing is read back to the host and nothing is
 launched besides the kernel: calls can be captured in a CUDA graph. Launches sharing one
-workspace must run one after the other (the front keeps one per device, role and shape, and
-does not tell streams apart: concurrent calls of one shape on two streams are not supported).
+workspace must run one after the other: the front keeps one per device, stream, role and sizes,
+so calls on different streams never share one, and keeps them for the process's life (a few bytes
+a tile), so a CUDA graph that captured a launch keeps valid status buffers.
 
 Flags are read with atomics or volatile loads and values with ``ld.global.cg`` (L2, not the
 SM's L1) after a fence, and written before a fence, a barrier and the flag (the CUB pattern).
@@ -1301,15 +1302,23 @@ def make_backward_plans(layout, shape, per_head, kind, align=0):
 _workspaces: dict = {}
 
 
-def workspace(xp, plan, device=None, role="forward"):
-    """(flags, vals) for ``plan``: zeroed once, then kept per (device, role, sizes) and reused by
-    every launch (the epochs in the flags make clearing unnecessary). The backward's two kernels
-    take roles "carries" and "backward": the second reads the first's values."""
-    key = (device, role, plan.nchains, plan.nchunks, plan.nvals)
+def _stream_id(stream):
+    """The CUDA stream handle a launch on ``stream`` uses (CuPy's current one for None)."""
+    if stream is None:
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+    return getattr(stream, "ptr", stream)
+
+
+def workspace(xp, plan, device=None, role="forward", stream=0):
+    """(flags, vals) for ``plan``: zeroed once, then kept per (device, stream, role, sizes) and
+    reused by every launch on that stream (the epochs in the flags make clearing unnecessary).
+    Never freed: a CUDA graph that captured a launch keeps pointing at them. The backward's two
+    kernels take roles "carries" and "backward": the second reads the first's values."""
+    key = (device, stream, role, plan.nchains, plan.nchunks, plan.nvals)
     ws = _workspaces.get(key)
     if ws is None:
-        if len(_workspaces) > 32:
-            _workspaces.clear()
         if xp is np:
             ws = (np.zeros(plan.nflags, np.int64), np.zeros(max(1, plan.nvals), np.float32))
         else:
@@ -1355,6 +1364,7 @@ def swr_exact(a, u, y, x0, *, layout, probe=-1, x_probe=None, stream=None):
     import cupy
 
     device = cupy.cuda.runtime.getDevice()
+    sid = _stream_id(stream)
     arrays = [a, u, y, x0]
     ptrs = [data_pointer(x) for x in arrays]
     align = ((ptrs[0] | ptrs[1]) & 15, ptrs[2] & 15)
@@ -1364,14 +1374,14 @@ def swr_exact(a, u, y, x0, *, layout, probe=-1, x_probe=None, stream=None):
         in_kind = _KINDS[np.dtype(FlatArray(0, 0, u.dtype).dtype)]
         out_kind = _KINDS[np.dtype(FlatArray(0, 0, y.dtype).dtype)]
         plan = make_plan(layout, shape, per_head, in_kind, out_kind, align)
-        flags, vals = workspace(cupy, plan, device)
+        flags, vals = workspace(cupy, plan, device, stream=sid)
         plan.entry, plan.values = prepare(
             plan.kernel, [FlatArray.of(x) for x in arrays] + [flags, vals, FlatArray.of(x0)]
             + plan.scalars + [np.int64(-1)])
         if len(_plans) > 256:
             _plans.clear()
         _plans[key] = plan
-    flags, vals = workspace(cupy, plan, device)
+    flags, vals = workspace(cupy, plan, device, stream=sid)
     values = plan.values
     if probe >= 0:
         values = values[:]
@@ -1414,6 +1424,7 @@ def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
     import cupy
 
     device = cupy.cuda.runtime.getDevice()
+    sid = _stream_id(stream)
     if dx0 is None:
         dx0 = x0  # not written (want_dx0 0)
     arrays = [a, u, dy, du, da, x0, dx0]
@@ -1424,8 +1435,8 @@ def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
     if plans is None:
         kind = _KINDS[np.dtype(FlatArray(0, 0, u.dtype).dtype)]
         fplan, bplan = make_backward_plans(layout, shape, per_head, kind, align)
-        f_flags, f_vals = workspace(cupy, fplan, device, "carries")
-        b_flags, b_vals = workspace(cupy, bplan, device, "backward")
+        f_flags, f_vals = workspace(cupy, fplan, device, "carries", sid)
+        b_flags, b_vals = workspace(cupy, bplan, device, "backward", sid)
         flat = [FlatArray.of(x) for x in arrays]
         fplan.entry, fplan.values = prepare(
             fplan.kernel, [flat[0], flat[1], flat[1], flat[5], f_flags, f_vals, flat[5]]
@@ -1436,8 +1447,8 @@ def swr_exact_vjp(a, u, dy, du, da, x0, dx0, *, layout, stream=None):
             _bwd_plans.clear()
         plans = _bwd_plans[key] = (fplan, bplan)
     fplan, bplan = plans
-    f_flags, f_vals = workspace(cupy, fplan, device, "carries")
-    b_flags, b_vals = workspace(cupy, bplan, device, "backward")
+    f_flags, f_vals = workspace(cupy, fplan, device, "carries", sid)
+    b_flags, b_vals = workspace(cupy, bplan, device, "backward", sid)
     launch_with_pointers(fplan.entry, fplan.grid, fplan.block, fplan.values,
                          [ptrs[0], ptrs[1], ptrs[1], ptrs[5], f_flags.data.ptr,
                           f_vals.data.ptr, ptrs[5]], stream)

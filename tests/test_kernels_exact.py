@@ -360,6 +360,37 @@ def test_gpu_vjp_matches_reference(rng, ex, case):
 
 
 @pytest.mark.gpu
+def test_gpu_two_streams(rng, ex):
+    """Same-shape forward and gradient calls issued on two streams without ordering between
+    them: each stream has its own status buffers, so both give the reference's numbers."""
+    import cupy
+
+    cases = [make_vjp_case(rng, "BLHD", True, 2, 8, 16, 3000, BF16, True) for _ in range(2)]
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+    outs = []
+    for (a, u, dy, x0, _), s in zip(cases, streams):
+        with s:
+            ad, ud, dyd, x0d = (cupy.asarray(v) for v in (a, u, dy, x0))
+            y = cupy.full(u.shape, np.nan, BF16)
+            du, da = cupy.full(u.shape, np.nan, BF16), cupy.full(a.shape, np.nan, BF16)
+            dx0 = cupy.full(x0.shape, np.nan, np.float32)
+            for _ in range(3):  # several launches each, interleaved with the other stream's
+                ex.swr_exact(view(ad), view(ud), view(y), x0d, layout="BLHD")
+                ex.swr_exact_vjp(view(ad), view(ud), view(dyd), view(du), view(da), x0d, dx0,
+                                 layout="BLHD")
+            outs.append((y, du, da, dx0))
+    for s in streams:
+        s.synchronize()
+    for (a, u, _dy, x0, (eda, edu, edx0)), (y, du, da, dx0) in zip(cases, outs):
+        f64 = lambda x: x.astype(np.float64)  # noqa: E731
+        expect = sa.swr(f64(a), f64(u), hops=None, layout="BLHD", x0=f64(x0))
+        np.testing.assert_allclose(y.get().astype(np.float64), expect, **tol(BF16))
+        np.testing.assert_allclose(du.get().astype(np.float64), edu, **tol(BF16))
+        np.testing.assert_allclose(da.get().astype(np.float64), eda, **tol(BF16))
+        np.testing.assert_allclose(dx0.get().astype(np.float64), edx0, **tol(BF16))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
 def test_gpu_public_calls(rng, layout):
     """sa.swr / sa.swr_vjp(hops=None) on CuPy arrays, twice (the second call takes the cached
