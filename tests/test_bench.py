@@ -552,5 +552,11 @@ def test_decode_bench_renders_a_saved_run(tmp_path):
     page = tmp_path / "page.md"
     assert mod.main(["--from-json", str(saved), "--markdown", str(page)]) == 0
     row = page.read_text().splitlines()[-1]
-    assert row == "| 64 | 20.0 | 70.0 | 16.0 | 1.25x | - | - | - | 44.0 | 8.0 | 2.50x | 50.0 | - |"
+    # a run saved before the GEMV step existed ran the GEMM path at every batch
+    assert row == ("| 64 | gemm | 20.0 | 70.0 | 16.0 | 1.25x | - | - | - | 44.0 | 8.0 | 2.50x "
+                   "| 50.0 | - |")
     assert "GPU X" in page.read_text()
+    run["batches"][0].update(batch=1, path="gemv")
+    saved.write_text(json.dumps(run))
+    assert mod.main(["--from-json", str(saved), "--markdown", str(page)]) == 0
+    assert page.read_text().splitlines()[-1].startswith("| 1 | gemv | 20.0 | 70.0 |")
