@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
+from ptx_arches import ASSEMBLE_CC, assemble
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -46,7 +47,10 @@ def _compile(job):
     i, cc = job
     kernel, sig = swr_step.kernel_signatures()[i]
     try:
-        return cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
+        ptx = cuda.compile_ptx(kernel.py_func, sig, cc=cc)[0]
+        if cc == ASSEMBLE_CC:
+            assemble(ptx, cc)  # ptxas accepts it too
+        return ptx
     except Exception as exc:  # noqa: BLE001 - reported by the test of this specialisation
         return RuntimeError(f"{type(exc).__name__}: {str(exc)[:2000]}")
 
