@@ -18,6 +18,18 @@ ASSEMBLE_CC = (9, 0)
 accepts code that ptxas may still refuse (inline PTX, vector widths, register limits)."""
 
 
+def nvvm_or_skip() -> None:
+    """Skip the calling test when NVVM (numba-cuda[cu13]'s libnvvm) cannot be loaded."""
+    import pytest
+
+    try:
+        from numba.cuda.cudadrv.nvvm import NVVM
+
+        NVVM()
+    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
+        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
+
+
 def compile_arches(pyfunc, sig, *, fastmath=False, lineinfo=False, launch_bounds=None) -> dict:
     """{cc: PTX text} of ``pyfunc`` (a kernel's Python function) for ``sig`` on every arch; the
     PTX of :data:`ASSEMBLE_CC` is also assembled (:func:`assemble`), so code ptxas refuses fails."""

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
-from ptx_arches import ARCHES, compile_arches, kernel_options
+from ptx_arches import ARCHES, compile_arches, kernel_options, nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(
     bool(numba.config.ENABLE_CUDASIM),
@@ -27,15 +27,6 @@ pytestmark = pytest.mark.skipif(
 
 CC = (9, 0)  # the launcher ABI probe below (the same on every architecture)
 ARRAY_ARGS, SCALAR_ARGS = 9, 11  # see numba_kernels/swr_forward.py: kernel arguments
-
-
-def _nvvm_or_skip():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
 
 
 def _check(ptx: str, name: str) -> list[str]:
@@ -84,7 +75,7 @@ def _compile_some(indices):
 
 
 def test_every_forward_specialisation_compiles_for_sm80_and_sm90():
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from swr_array.numba_kernels.swr_forward import specialisations
 
     specs = list(specialisations())
@@ -108,7 +99,7 @@ def test_every_forward_specialisation_compiles_for_sm80_and_sm90():
 def test_launcher_reads_the_numba_array_abi_from_ptx():
     """The parameter list the launcher packs: per 1-D array meminfo, parent, nitems, itemsize,
     data, shape, stride (7 x u64), per int64 scalar one u64, in argument order."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import cuda, types
     from swr_array.numba_kernels import compile_for
     from swr_array.numba_kernels._launch import entry_and_params

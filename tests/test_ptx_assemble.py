@@ -9,7 +9,7 @@ import pathlib
 
 import numba
 import pytest
-from ptx_arches import ASSEMBLE_CC, assemble
+from ptx_arches import ASSEMBLE_CC, assemble, nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -26,12 +26,7 @@ def _resources_module():
 
 
 def _ptx_of_scale():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
+    nvvm_or_skip()
     from numba import cuda, float32
 
     def scale(x, y):

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
+from ptx_arches import nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -23,15 +24,6 @@ if not numba.config.ENABLE_CUDASIM:
     NAMES = [name for name, _, _ in EX.specialisations()]
 else:
     NAMES = []
-
-
-def _nvvm_or_skip():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
 
 
 def _compile(i):
@@ -48,7 +40,7 @@ def _compile(i):
 
 @functools.lru_cache(maxsize=1)
 def all_ptx():
-    _nvvm_or_skip()
+    nvvm_or_skip()
     workers = max(1, min(len(NAMES), os.cpu_count() or 1))
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_path) as pool:

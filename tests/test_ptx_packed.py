@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numba
 import pytest
+from ptx_arches import nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(
     bool(numba.config.ENABLE_CUDASIM),
@@ -13,19 +14,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _nvvm_or_skip():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
-
-
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
 @pytest.mark.parametrize("gather", [False, True])
 def test_packing_kernels_compile(cc, gather):
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from swr_array.numba_kernels import compile_for, packing
     from swr_array.numba_kernels._launch import entry_and_params
@@ -82,7 +74,7 @@ def _check_ptx(ptx_by_cc, name):
 
 @pytest.mark.parametrize("case", FORWARD_CASES)
 def test_native_forward_compiles(case):
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk
@@ -98,7 +90,7 @@ def test_native_forward_compiles(case):
 
 @pytest.mark.parametrize("case", BACKWARD_CASES)
 def test_native_backward_compiles(case):
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk
@@ -114,7 +106,7 @@ def test_native_backward_compiles(case):
 
 @pytest.mark.parametrize("cu_type", ["int32", "int64"])
 def test_native_check_kernel_compiles(cu_type):
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk
@@ -132,7 +124,7 @@ TOKENS_FORWARD_CASES = [  # layout, in, out, per_head, hops, x0, vec
 
 @pytest.mark.parametrize("case", TOKENS_FORWARD_CASES)
 def test_tokens_forward_compiles(case):
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk
@@ -171,7 +163,7 @@ def test_tokens_backward_compiles(case):
     """Local memory holds the reverse pass's checkpoints only (``chunk / U`` of (L, Z, A); BHDL
     keeps them in shared memory); the per-head da sum is a butterfly per token (BLHD) or a
     reduce-scatter (BHDL)."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     import re
 
     from numba import types
@@ -208,7 +200,7 @@ RBLOCKS_CASES = [  # in, dy, per_head, hops, x0, vec, block_len, lph
 def test_rblocks_backward_compiles(case):
     """The reverse block walk: no local memory (checkpoints indexed by unrolled constants),
     log2(lph) shuffles a step, accesses of ``vec`` elements."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk
@@ -227,7 +219,7 @@ def test_rblocks_backward_compiles(case):
 def test_tile_forward_compiles(case):
     """The BHDL tile forward: 16-byte accesses of u and y, shared memory tiles, no local
     memory."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk
@@ -244,7 +236,7 @@ def test_tile_forward_compiles(case):
 @pytest.mark.parametrize("case", [("bf16", "bf16", True, 1, True, 16)])
 def test_tile_backward_compiles(case):
     """The BHDL tile backward: 16-byte accesses, shared memory tiles, no local memory."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
     from swr_array.numba_kernels import packed_walk

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
-from ptx_arches import ARCHES, compile_arches
+from ptx_arches import ARCHES, compile_arches, nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -24,15 +24,6 @@ if not numba.config.ENABLE_CUDASIM:
     SPECS = PF.kernel_signatures()
 else:
     SPECS = []
-
-
-def _nvvm_or_skip():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
 
 
 
@@ -55,7 +46,7 @@ def _compile(i):
 @functools.lru_cache(maxsize=1)
 def all_ptx():
     """Every specialisation's PTX, compiled in a process pool over the available cores."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     workers = max(1, min(len(SPECS), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_compile, range(len(SPECS))))
@@ -127,7 +118,7 @@ def test_launch_bounds_and_fast_sigmoid_specialisations(monkeypatch):
     reciprocal of the default kernels; the bfloat16 kernels keep 16-byte loads, and the forward
     nothing in local memory (the backward's checkpoints of w live there by design). By default
     the fast sigmoid is used for 16-bit storage only."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     from ptx_arches import kernel_options
 
     assert [PF.fast_sigmoid(d, k) for d in ("fwd", "bwd") for k in ("f32", "bf16")] == [
@@ -180,7 +171,7 @@ def test_prefetch_specialisation(monkeypatch):
     """TUNING's fwd_prefetch_ahead gives forward kernels of their own whose PTX asks L2 for the
     Bg, C and V rows of each later step (three prefetches a step of a batch), keeps its 16-byte
     loads and nothing in local memory; the default kernels prefetch nothing."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     monkeypatch.setitem(PF.TUNING, "fwd_fast_sigmoid", 0)
     monkeypatch.setitem(PF.TUNING, "fwd_prefetch_ahead", 2)
     kernel, sig = next((k, sg) for k, sg in PF.kernel_signatures()
@@ -200,7 +191,7 @@ def test_rows_backward_specialisations():
     block's words copied into shared memory with 4-byte ``cp.async`` and read back with
     ``ld.shared``, one barrier for the carriers (and two for the bias sums), a head's da summed
     with shuffles."""
-    _nvvm_or_skip()
+    nvvm_or_skip()
     done = [i for i, (k, _) in enumerate(SPECS)
             if k.py_func.__name__.startswith("phalanx_mix_backward_rows")]
     assert len(done) == 3

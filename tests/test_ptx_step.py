@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
-from ptx_arches import ASSEMBLE_CC, assemble
+from ptx_arches import ASSEMBLE_CC, assemble, nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -28,15 +28,6 @@ if not numba.config.ENABLE_CUDASIM:
     SPECS = [(i, cc) for i in range(len(KS.kernel_signatures())) for cc in CCS]
 else:
     SPECS = []
-
-
-def _nvvm_or_skip():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
 
 
 def _compile(job):
@@ -57,7 +48,7 @@ def _compile(job):
 
 @functools.lru_cache(maxsize=1)
 def all_ptx():
-    _nvvm_or_skip()
+    nvvm_or_skip()
     workers = max(1, min(len(SPECS), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_compile, SPECS))
@@ -108,7 +99,7 @@ def test_packed_launch_rewrites_only_the_data_pointers():
     from swr_array.numba_kernels._launch import FlatArray
 
     kernel, sig = KS.kernel_signatures()[0]
-    _nvvm_or_skip()
+    nvvm_or_skip()
     ptx = all_ptx()[0]
     if isinstance(ptx, Exception):
         raise ptx
