@@ -127,9 +127,10 @@ FUSED_HOPS = range(2, 9)  # numba_kernels.swr_forward.HALO_HOPS (not imported: n
 
 
 def one_pass(p):
-    """Whether a call without x0/state/return_state runs the forward in one kernel: hops 0/1 and
-    hops=None (the exact scan) in both layouts, BLHD hops 2..8 (the halo walk); the rest goes
-    through the block carriers."""
+    """Whether a call without x0/state/return_state takes the hot path (:func:`swr_forward_plain`)
+    with one forward kernel: hops 0/1 and hops=None (the exact scan) in both layouts, BLHD hops
+    2..8 (the halo walk). :func:`swr_forward` also runs hops 2..8 in one pass, both layouts, for
+    calls with x0 or return_state (no state given)."""
     return p.hops is None or p.hops in (0, 1) or (p.layout == "BLHD" and p.hops in FUSED_HOPS)
 
 
@@ -214,22 +215,24 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
     fresh = state is None
     if p.hops is None:
         return _exact_forward(a, u, y, p, x0, state, return_state, position)
-    if (fresh and not return_state and p.N and p.layout == "BHDL" and p.hops in FUSED_HOPS
-            and _halo_walk().TUNING["forward_bhdl"]):
-        # one pass: the BHDL halo walk (numba_kernels/halo_walk.py), x0 the carrier before block 0
-        halo_walk = _halo_walk()
-        carry = _plain_zeros(cp, p)[0] if x0 is None else cp_ascontig(x0)
-        halo_walk.halo_forward(_view(a), _view(u), _view(y), layout="BHDL", block_len=p.block_len,
-                               hops=p.hops, carry=carry)
-        return y
-    if fresh and not return_state and p.N and one_pass(p) and p.hops > 1:
-        # the halo walk: x0 is the carrier before block 0
+    if fresh and p.N and p.hops in FUSED_HOPS and (
+            p.layout == "BLHD" or _halo_walk().TUNING["forward_bhdl"]):
+        # one pass: the halo walk (BLHD: swr_forward's halo mode; BHDL: numba_kernels/halo_walk.py),
+        # x0 the carrier before block 0; a state from the last hops + 1 blocks of the inputs
         zeros, ones = _plain_zeros(cp, p)
         carry = zeros if x0 is None else cp_ascontig(x0)
-        nk.swr_forward.swr_forward(_view(a), _view(u), _view(y), layout=p.layout,
-                                   block_len=p.block_len, hops=p.hops, offset=0, w0=zeros,
-                                   g0=ones, carry=carry)  # fmt: skip
-        return y
+        if p.layout == "BHDL":
+            _halo_walk().halo_forward(_view(a), _view(u), _view(y), layout="BHDL",
+                                      block_len=p.block_len, hops=p.hops, carry=carry)
+        else:
+            nk.swr_forward.swr_forward(_view(a), _view(u), _view(y), layout=p.layout,
+                                       block_len=p.block_len, hops=p.hops, offset=0, w0=zeros,
+                                       g0=ones, carry=carry)  # fmt: skip
+        if not return_state:
+            return y
+        state = SWRState.initial(shape, block_len=p.block_len, hops=p.hops,
+                                 x0=None if x0 is None else cp_ascontig(x0), xp=cp, dtype=F32)
+        return y, _advance_from_tail(a, u, p, state, position)
     if fresh and (return_state or p.hops not in (0, 1)):
         x0f = None if x0 is None else cp_ascontig(x0)
         state = SWRState.initial(
@@ -322,8 +325,9 @@ def _exact_forward(a, u, y, p, x0, state, return_state, position):
 
 
 def _advance_from_tail(a, u, p, state, position):
-    """The next state for hops 0/1: only the trailing partial block and the K complete blocks
-    before it matter, so their carriers are recomputed from a short tail of the inputs."""
+    """The next state for finite hops K: only the trailing partial block and the K complete
+    blocks before it matter (their block carriers; the carries S do not enter the state), so
+    their carriers are recomputed from a short tail of the inputs."""
     cp = _xp_of(u)
     l, K = p.block_len, p.hops
     start_abs = position

@@ -87,6 +87,35 @@ def test_forward_and_state(rng, layout, hops):
 
 
 @pytest.mark.parametrize("layout", ["BHDL", "BLHD"])
+@pytest.mark.parametrize("hops", [2, 3])
+@pytest.mark.parametrize("cut", [6, 13, 16, 17])
+def test_halo_forward_returns_the_state(rng, layout, hops, cut):
+    """hops 2..8 with return_state run the one-pass halo walk and take the state from the last
+    hops + 1 blocks of the inputs: the state equals the reference's, field by field, and a call
+    continued from it gives the rest of the sequence (cuts before and after hops whole blocks,
+    on and off a block boundary)."""
+    X = xp()
+    a, u, x0 = case(rng, layout, per_head=hops == 2)
+    kw = dict(block_len=4, hops=hops, layout=layout)
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
+    expect = sa.swr(f64(a), f64(u), x0=f64(x0), **kw)
+    sl = (lambda x, s: x[..., s]) if layout == "BHDL" else (lambda x, s: x[:, s])
+    aX, uX, x0X = X.asarray(a), X.asarray(u), X.asarray(x0)
+    y1, st = backend_swr(sl(aX, slice(0, cut)), sl(uX, slice(0, cut)), x0=x0X, state=None,
+                         return_state=True, **dict(kw))
+    _, ref = sa.swr(f64(sl(a, slice(0, cut))), f64(sl(u, slice(0, cut))), x0=f64(x0),
+                    return_state=True, **kw)
+    np.testing.assert_allclose(to_np(y1), sl(expect, slice(0, cut)), **tol(np.float32))
+    np.testing.assert_array_equal(to_np(st.position), ref.position)
+    for name in ("w", "g", "carry_v", "carry_C"):
+        np.testing.assert_allclose(to_np(getattr(st, name)), getattr(ref, name), rtol=1e-4,
+                                   atol=1e-4, err_msg=name)
+    y2 = backend_swr(sl(aX, slice(cut, None)), sl(uX, slice(cut, None)), x0=None, state=st,
+                     return_state=False, **dict(kw))
+    np.testing.assert_allclose(to_np(y2), sl(expect, slice(cut, None)), **tol(np.float32))
+
+
+@pytest.mark.parametrize("layout", ["BHDL", "BLHD"])
 @pytest.mark.parametrize("hops", [0, 1, 2, None])
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
 def test_backward(rng, layout, hops, dtype):
