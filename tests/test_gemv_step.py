@@ -9,50 +9,16 @@ full forward (``swr_array.phalanx`` on float64) at each row's position.
 from __future__ import annotations
 
 import ml_dtypes
-import numba
 import numpy as np
 import pytest
+from kernel_side import SIM, dev, device_state, host, needs_kernels
 
 import swr_array as sa
-from swr_array.state import SWRState
 
-SIM = bool(numba.config.ENABLE_CUDASIM)
-
-
-def _gpu():
-    if SIM:
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no CuPy or no driver: no GPU
-        return False
-
-
-pytestmark = pytest.mark.skipif(not (SIM or _gpu()), reason="needs NUMBA_ENABLE_CUDASIM=1 or a GPU")
+pytestmark = needs_kernels
 
 DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
 TOL = {"f32": 2e-5, "f16": 4e-3, "bf16": 3e-2}
-
-
-def dev(x):
-    if SIM:
-        return np.ascontiguousarray(x)
-    import cupy
-
-    return cupy.asarray(x)
-
-
-def host(x):
-    return x if isinstance(x, np.ndarray) else x.get()
-
-
-def device_state(ref: SWRState) -> SWRState:
-    return SWRState(block_len=ref.block_len, hops=ref.hops, layer=ref.layer,
-                    position=dev(ref.position.astype(np.int64)),
-                    **{k: dev(getattr(ref, k).astype(np.float32))
-                       for k in ("w", "g", "carry_v", "carry_C")})
 
 
 # few simulated threads: 2-3 warps per head (8 rows a warp), one warp of 8 output rows a block

@@ -9,45 +9,19 @@ from __future__ import annotations
 import zlib
 
 import ml_dtypes
-import numba
 import numpy as np
 import pytest
+from kernel_side import RUNS, dev, host, needs_kernels
 
 from swr_array import reference as R
 
-SIM = bool(numba.config.ENABLE_CUDASIM)
+pytestmark = needs_kernels
 
-
-def _gpu():
-    if SIM:
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no CuPy or no driver: no GPU
-        return False
-
-
-pytestmark = pytest.mark.skipif(not (SIM or _gpu()), reason="needs NUMBA_ENABLE_CUDASIM=1 or a GPU")
-
-if SIM or _gpu():
+if RUNS:
     from swr_array.numba_kernels import phalanx_fused as PF
 
 DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
 TOL = {"f32": 2e-6, "f16": 2e-3, "bf16": 1.2e-2}
-
-
-def dev(x):
-    if SIM:
-        return x
-    import cupy
-
-    return cupy.asarray(x)
-
-
-def host(x):
-    return x if isinstance(x, np.ndarray) else x.get()
 
 
 def rel(a, b):

@@ -8,52 +8,17 @@ sit at different positions (mixed prompt lengths) and step together.
 from __future__ import annotations
 
 import ml_dtypes
-import numba
 import numpy as np
 import pytest
+from kernel_side import dev, device_state, host, needs_kernels
 
 import swr_array as sa
 from swr_array import reference as R
-from swr_array.state import SWRState
 
-SIM = bool(numba.config.ENABLE_CUDASIM)
-
-
-def _gpu():
-    if SIM:
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no CuPy or no driver: no GPU
-        return False
-
-
-pytestmark = pytest.mark.skipif(not (SIM or _gpu()), reason="needs NUMBA_ENABLE_CUDASIM=1 or a GPU")
+pytestmark = needs_kernels
 
 DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
 TOL = {"f32": 3e-6, "f16": 3e-3, "bf16": 2e-2}
-
-
-def dev(x):
-    if SIM:
-        return np.ascontiguousarray(x)
-    import cupy
-
-    return cupy.asarray(x)
-
-
-def host(x):
-    return x if isinstance(x, np.ndarray) else x.get()
-
-
-def device_state(ref: SWRState) -> SWRState:
-    """A float32 copy of a reference state on the kernels' side (NumPy in the simulator)."""
-    return SWRState(block_len=ref.block_len, hops=ref.hops, layer=ref.layer,
-                    position=dev(ref.position.astype(np.int64)),
-                    **{k: dev(getattr(ref, k).astype(np.float32))
-                       for k in ("w", "g", "carry_v", "carry_C")})
 
 
 @pytest.fixture(params=["rows_over_blocks", "row_per_block"])
