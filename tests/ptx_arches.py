@@ -30,6 +30,21 @@ def nvvm_or_skip() -> None:
         pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
 
 
+def compile_in_workers(fn, items) -> list:
+    """``[fn(item) for item in items]`` in a pool of spawned processes over the cores (NVVM
+    compiles one kernel on one core), after :func:`nvvm_or_skip`. ``fn`` is a module-level
+    function of a test module; it returns a compile error rather than raising it, so that the
+    test of that item reports it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    nvvm_or_skip()
+    items = list(items)
+    workers = max(1, min(len(items), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, items))
+
+
 def compile_arches(pyfunc, sig, *, fastmath=False, lineinfo=False, launch_bounds=None) -> dict:
     """{cc: PTX text} of ``pyfunc`` (a kernel's Python function) for ``sig`` on every arch; the
     PTX of :data:`ASSEMBLE_CC` is also assembled (:func:`assemble`), so code ptxas refuses fails."""

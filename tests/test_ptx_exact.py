@@ -7,13 +7,10 @@ flattened Numba ABI the launcher packs."""
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
-from ptx_arches import nvvm_or_skip
+from ptx_arches import compile_in_workers
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -40,17 +37,8 @@ def _compile(i):
 
 @functools.lru_cache(maxsize=1)
 def all_ptx():
-    nvvm_or_skip()
-    workers = max(1, min(len(NAMES), os.cpu_count() or 1))
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_path) as pool:
-        return list(pool.map(_compile, range(len(NAMES))))
+    return compile_in_workers(_compile, range(len(NAMES)))
 
-
-def _path():
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
 
 
 def test_every_specialisation_compiles():

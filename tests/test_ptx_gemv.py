@@ -5,12 +5,10 @@ nothing in local memory, reads the weights with 16-byte loads and reduces with w
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
+from ptx_arches import compile_in_workers
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -38,23 +36,8 @@ def _compile(i):
 
 @functools.lru_cache(maxsize=1)
 def all_ptx():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
+    return compile_in_workers(_compile, range(len(SPECS) // len(CCS)))
 
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
-    n = len(SPECS) // len(CCS)
-    workers = max(1, min(n, os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_path) as pool:
-        return list(pool.map(_compile, range(n)))
-
-
-def _path():
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _id(job):

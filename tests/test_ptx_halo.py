@@ -8,16 +8,13 @@ accesses of the configured width.
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 
 import ml_dtypes
 import numba
 import numpy as np
 import pytest
-from ptx_arches import ARCHES, compile_arches
+from ptx_arches import ARCHES, compile_arches, compile_in_workers
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -113,15 +110,7 @@ def compile_spec(spec):
 
 @functools.lru_cache(maxsize=1)
 def all_ptx():
-    try:
-        from numba.cuda.cudadrv.nvvm import NVVM
-
-        NVVM()
-    except Exception as exc:  # noqa: BLE001 - no NVVM library: nothing to compile with
-        pytest.skip(f"NVVM is not available ({exc}); install numba-cuda[cu13]")
-    workers = max(1, min(len(SPECS), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return dict(zip(SPECS, pool.map(compile_spec, SPECS)))
+    return dict(zip(SPECS, compile_in_workers(compile_spec, SPECS)))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[_spec_id(s) for s in SPECS])

@@ -7,13 +7,10 @@ bfloat16 word views really become 64-/32-bit loads.
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
-from ptx_arches import ARCHES, compile_arches, nvvm_or_skip
+from ptx_arches import ARCHES, compile_arches, compile_in_workers, nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -46,10 +43,7 @@ def _compile(i):
 @functools.lru_cache(maxsize=1)
 def all_ptx():
     """Every specialisation's PTX, compiled in a process pool over the available cores."""
-    nvvm_or_skip()
-    workers = max(1, min(len(SPECS), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile, range(len(SPECS))))
+    return compile_in_workers(_compile, range(len(SPECS)))
 
 
 @pytest.mark.parametrize("i", range(len(SPECS)), ids=[_id(i, s) for i, s in enumerate(SPECS)])

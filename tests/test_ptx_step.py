@@ -10,13 +10,10 @@ blocks of one channel per thread.
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import numba
 import pytest
-from ptx_arches import ASSEMBLE_CC, assemble, nvvm_or_skip
+from ptx_arches import ASSEMBLE_CC, assemble, compile_in_workers, nvvm_or_skip
 
 pytestmark = pytest.mark.skipif(bool(numba.config.ENABLE_CUDASIM),
                                 reason="compile_ptx needs the real CUDA target, not the simulator")
@@ -48,10 +45,7 @@ def _compile(job):
 
 @functools.lru_cache(maxsize=1)
 def all_ptx():
-    nvvm_or_skip()
-    workers = max(1, min(len(SPECS), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile, SPECS))
+    return compile_in_workers(_compile, SPECS)
 
 
 def _id(job):
