@@ -231,7 +231,7 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
         if not return_state:
             return y
         state = SWRState.initial(shape, block_len=p.block_len, hops=p.hops,
-                                 x0=None if x0 is None else cp_ascontig(x0), xp=cp, dtype=F32)
+                                 x0=None if x0 is None else carry, xp=cp, dtype=F32)
         return y, _advance_from_tail(a, u, p, state, position)
     if fresh and (return_state or p.hops not in (0, 1)):
         x0f = None if x0 is None else cp_ascontig(x0)
