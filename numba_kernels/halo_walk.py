@@ -86,9 +86,11 @@ LMAX = 64
 """Largest block_len of the backward walk (its checkpoint buffer is sized by it)."""
 
 TUNING = Tuning({
-    # the front takes the halo walks where they fit (False: the block-carry path, to compare)
+    # the front takes the halo walks where they fit (False: the block-carry path, to compare);
+    # the BHDL forward: "lane_scan" (swr_forward's lane scan in its halo mode for hops 2..5,
+    # this module's walk beyond), "walk" (this module's walk, one channel row a thread) or False
     "backward": True,
-    "forward_bhdl": True,
+    "forward_bhdl": "lane_scan",
     # backward (BLHD): bytes of u one thread moves per step for hops <= 4 and for hops > 4 (the
     # shift registers hold 2 k (vec + coefficient) floats), steps per checkpointed group, chunk
     # length in blocks (at least 2 per hop), threads per block
@@ -107,10 +109,11 @@ TUNING = Tuning({
     # BHDL: bytes of u per row and group, one vector access (16-byte pieces) along time
     "bwd_bhdl_group_bytes": 32,
     # forward, BHDL (one channel row per thread): bytes per row and group (one vector access
-    # along time), steps per group otherwise, chunk length in blocks per hop, threads per block
+    # along time), steps per group otherwise, chunk length in blocks (at least 16 per hop),
+    # threads per block
     "fwd_bhdl_group_bytes": 32,
     "fwd_bhdl_unroll": 8,
-    "fwd_bhdl_chunk_blocks_per_hop": 16,
+    "fwd_bhdl_chunk_blocks": 64,
     "fwd_bhdl_threads_per_block": 128,
 })
 """Launch knobs of the halo walks (scripts/halo_sweep.py sweeps them)."""
@@ -598,7 +601,7 @@ def _forward_launch_args(a, u, y, block_len, hops, carry, chunk_blocks=None):
     unroll = steps if tvec else min(TUNING["fwd_bhdl_unroll"], block_len)
     kernel = forward_kernel(ku, ko, per_head, hops, unroll, tvec)
     if chunk_blocks is None:
-        chunk_blocks = TUNING["fwd_bhdl_chunk_blocks_per_hop"] * hops
+        chunk_blocks = max(TUNING["fwd_bhdl_chunk_blocks"], 16 * hops)
     chunk_blocks = max(1, min(nb, int(chunk_blocks)))
     C = H * D
     nchunks = -(-nb // chunk_blocks)

@@ -54,7 +54,7 @@ def _time(fn, calls=10, runs=3):
 # (TUNING, key, values) of the chunk knob of each (layout, direction)
 CHUNK_KNOBS = {
     ("BLHD", "fwd"): (F.TUNING, "blhd_halo_chunk_blocks_per_hop", (2, 4)),
-    ("BHDL", "fwd"): (HW.TUNING, "fwd_bhdl_chunk_blocks_per_hop", (2, 4, 8, 16)),
+    ("BHDL", "fwd"): (HW.TUNING, "fwd_bhdl_chunk_blocks", (32, 64, 128)),
     ("BLHD", "bwd"): (HW.TUNING, "bwd_chunk_blocks", (8, 16, 32)),
     ("BHDL", "bwd"): (HW.TUNING, "bwd_bhdl_chunk_blocks", (8, 16, 32, 64)),
 }

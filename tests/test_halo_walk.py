@@ -338,3 +338,22 @@ def test_gpu_vjp_through_the_front(rng, monkeypatch, layout, per_head, dtype, ho
     assert_close(to_np(du), edu, dtype, "du")
     assert_close(to_np(da), eda, dtype, "da")
     assert_close(to_np(dx0), edx0, np.float32, "dx0")
+
+
+@needs_kernels
+@pytest.mark.parametrize("hops", [2, 4, 8])
+def test_bhdl_forward_chunk_length(hops):
+    """The BHDL forward's chunks: TUNING's fwd_bhdl_chunk_blocks, at least 16 per hop, at most
+    the blocks there are (one chunk then)."""
+    from swr_array.numba_kernels import halo_walk
+
+    X = xp()
+    want = max(halo_walk.TUNING["fwd_bhdl_chunk_blocks"], 16 * hops)
+    for N, nb in ((16 * 300, 300), (16 * 20 + 3, 21)):
+        a = X.zeros((1, 1, N), np.float32)
+        u = X.zeros((1, 1, 2, N), np.float32)
+        carry = X.zeros((1, 1, 2), np.float32)
+        *_, args = halo_walk._forward_launch_args(a, u, u.copy(), 16, hops, carry)
+        chunk_blocks, nchunks = int(args[9]), int(args[10])
+        assert chunk_blocks == min(want, nb)
+        assert nchunks == -(-nb // chunk_blocks)
