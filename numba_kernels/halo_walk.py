@@ -86,11 +86,9 @@ LMAX = 64
 """Largest block_len of the backward walk (its checkpoint buffer is sized by it)."""
 
 TUNING = Tuning({
-    # the front takes the halo walks where they fit (False: the block-carry path, to compare);
-    # the BHDL forward: "lane_scan" (swr_forward's lane scan in its halo mode for hops 2..5,
-    # this module's walk beyond), "walk" (this module's walk, one channel row a thread) or False
+    # the front takes the halo walks where they fit (False: the block-carry path, to compare)
     "backward": True,
-    "forward_bhdl": "lane_scan",
+    "forward_bhdl": True,
     # backward (BLHD): bytes of u one thread moves per step for hops <= 4 and for hops > 4 (the
     # shift registers hold 2 k (vec + coefficient) floats), steps per checkpointed group, chunk
     # length in blocks (at least 2 per hop), threads per block

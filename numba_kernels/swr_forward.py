@@ -15,10 +15,6 @@ coalesced accesses and several loads in flight per thread.
   that ended it (a shuffle), or from the previous iteration, so nothing is re-read inside a chunk.
   On the 16-byte path the loads of the next ``bhdl_stages - 1`` iterations are in flight as
   ``cp.async`` copies into shared memory (no registers held for them) while one iteration computes.
-  In the halo mode (hops k = 2..5 from offset 0) each row keeps a register of the k newest
-  carriers (v, C) of earlier iterations; a lane's carry S is the Horner sum over the k blocks
-  before its own, each from the lane that ended it in this iteration or from the register, and
-  a chunk first walks the k blocks before it (storing nothing there).
   For hops 0/1 with per-head ``a`` from offset 0, :func:`_make_row_scan_kernel` does the same
   with what depends on ``a`` alone (its copy, unpack and products) once per iteration for the
   warp's rows of one head, one shuffle per row for the carrier, and no 64-bit division in
@@ -87,13 +83,11 @@ HOPS1 = 1  # S_j = v_{j-1}; the first touched block takes `carry`
 BLOCK_CARRY = 2  # S_j = block_carry[..., j], computed outside (any hops, hops=None)
 CARRIERS = 3  # write v_j, C_j per touched block instead of y
 
-HALO_HOPS = range(2, 9)  # finite hops the BLHD walk runs in one pass (halo recompute)
-LANE_SCAN_HALO_HOPS = range(2, 6)  # ... and the BHDL lane scan (beyond: its register spills)
+HALO_HOPS = range(2, 9)  # finite hops the BLHD channel walk runs in one pass (halo recompute)
 
 
 def halo_mode(hops):
-    """The mode of the single-pass walks (BLHD channel walk, BHDL lane scan) for ``hops`` k in
-    :data:`HALO_HOPS`: S of every block
+    """The mode of the single-pass BLHD walk for ``hops`` k in :data:`HALO_HOPS`: S of every block
     from a shift register of the k previous carriers, each chunk re-walking the k blocks before
     it (writing nothing there); the first block's ``v_{-1}`` is ``carry``."""
     return 4 + hops
@@ -479,11 +473,6 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
     storage = STORAGE_TYPE[in_kind]
     smem_elems = max(1, warps_per_block * stages * rows_per_warp * span) if pipelined else 1
     prologue = max(stages - 1, 0)
-    # halo modes (hops k >= 2): per row a shift register of the k newest carriers (v, C) of the
-    # blocks that ended before the iteration, newest first
-    hk = _mode_hops(mode)
-    kr = max(hk, 1)
-    reg_size = rows_per_warp * kr
 
     def kernel(
         a, u, y, w0, g0, carry, block_carry, v_out, c_out,
@@ -502,8 +491,6 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
         lanes_per_block = min(32, block_len // vec)
         if mode == HOPS1 and jj0 > 0:
             t_walk = max((jj0 - 1) * block_len - offset, 0)
-        elif hk:  # the k blocks before the chunk (their carriers; nothing stored there)
-            t_walk = max((jj0 - hk) * block_len - offset, 0)
         else:
             t_walk = t_lo
 
@@ -521,16 +508,6 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
                 s_run[q] = block_carry[r * nb + jj0]
             else:
                 s_run[q] = f32(0.0)
-        reg_v = cuda.local.array(reg_size, f32)
-        reg_c = cuda.local.array(reg_size, f32)
-        new_v = cuda.local.array(kr, f32)
-        new_c = cuda.local.array(kr, f32)
-        for q in range(rows_per_warp):
-            for m in range(kr):
-                reg_v[q * kr + m] = f32(0.0)
-                reg_c[q * kr + m] = f32(0.0)
-            if hk and t_walk == 0:  # v_{-1}: x0 (or zeros); nothing before it
-                reg_v[q * kr] = carry[min(r0 + q, nrows - 1)]
 
         ubuf = cuda.local.array(row_buffer, f32)
         abuf = cuda.local.array(row_buffer, f32)
@@ -633,25 +610,6 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
                 elif mode == BLOCK_CARRY:
                     if valid:
                         carry_s = block_carry[r * nb + (t0 + offset) // block_len]
-                if hk:
-                    # S = sum_m (C_{j-1} .. C_{j-m}) v_{j-1-m} by Horner from the farthest block:
-                    # a block that ended in this iteration from its last lane, an earlier one
-                    # from the register (index: blocks back from the newest it holds)
-                    jb = (t0 + offset) // block_len
-                    j_old = (t_iter + offset) // block_len - 1
-                    for m in range(hk - 1, -1, -1):
-                        jm = jb - 1 - m
-                        end_lane = ((jm + 1) * block_len - offset - 1 - t_iter) // vec
-                        v_m = shfl_idx(big_w, max(end_lane, 0))
-                        c_m = shfl_idx(big_g, max(end_lane, 0))
-                        if end_lane < 0:
-                            v_m = f32(0.0)
-                            c_m = f32(0.0)
-                            for x in range(hk):
-                                if x == j_old - jm:
-                                    v_m = reg_v[q * kr + x]
-                                    c_m = reg_c[q * kr + x]
-                        carry_s = v_m + c_m * carry_s
                 if mode == CARRIERS:
                     ends = ((t0 + vec + offset) & mask) == 0 or t0 + vec == n
                     if valid and real_row and ends:
@@ -669,26 +627,6 @@ def _make_lane_scan_kernel(in_kind, out_kind, per_head, mode, vec, rows_per_warp
                 g_run[q] = shfl_idx(big_g, 31)
                 if mode == HOPS1:
                     s_run[q] = shfl_idx(carry_s, 31)
-                if hk:  # the register after this iteration: its k newest ended blocks
-                    j_old = (t_iter + offset) // block_len - 1
-                    j_new = (t_iter + span + offset) // block_len - 1
-                    for x in range(hk):
-                        jx = j_new - x
-                        end_lane = ((jx + 1) * block_len - offset - 1 - t_iter) // vec
-                        v_x = shfl_idx(big_w, max(end_lane, 0))
-                        c_x = shfl_idx(big_g, max(end_lane, 0))
-                        if end_lane < 0:
-                            v_x = f32(0.0)
-                            c_x = f32(0.0)
-                            for z_ in range(hk):
-                                if z_ == j_old - jx:
-                                    v_x = reg_v[q * kr + z_]
-                                    c_x = reg_c[q * kr + z_]
-                        new_v[x] = v_x
-                        new_c[x] = c_x
-                    for x in range(hk):
-                        reg_v[q * kr + x] = new_v[x]
-                        reg_c[q * kr + x] = new_c[x]
 
     kernel.__name__ = kernel.__qualname__ = (
         f"swr_{MODE_NAMES[mode]}_bhdl_lane_scan_{in_kind}_to_{out_kind}_"
@@ -1238,9 +1176,8 @@ def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, bloc
       ``w0``, ``g0``, ``carry``: (B, H, D) float32; ``block_carry``: (B, H, D, nb) float32,
       ``nb = ceil((offset + N) / block_len)``.
     ``hops`` 0 (S = 0; ``carry`` is not read) or 1 (S of the first touched block is ``carry``,
-    then the previous block's carrier); also, in one pass, BLHD 2..8 and BHDL 2..5 (``carry``
-    is ``v_{-1}``, the carrier before block 0, so ``offset`` 0 with ``w0`` 0 and ``g0`` 1: no
-    state continuation).
+    then the previous block's carrier); BLHD also 2..8 in one pass (``carry`` is ``v_{-1}``, the
+    carrier before block 0, so ``offset`` 0 with ``w0`` 0 and ``g0`` 1: no state continuation).
     With ``block_carry`` the kernel reads S of every touched
     block from it instead (any hops). ``a``/``u`` float32, float16 or bfloat16 (as uint16 bits);
     ``y`` any of the three. ``y`` must not overlap the inputs. Returns None.
@@ -1249,12 +1186,11 @@ def swr_forward(a, u, y, *, layout, block_len, hops, offset, w0, g0, carry, bloc
         mode = BLOCK_CARRY
     elif hops in (0, 1):
         mode = HOPS0 if hops == 0 else HOPS1
-    elif offset == 0 and hops in (HALO_HOPS if layout == "BLHD" else LANE_SCAN_HALO_HOPS):
+    elif hops in HALO_HOPS and layout == "BLHD" and offset == 0:
         mode = halo_mode(hops)
     else:
         raise ValueError(f"hops={hops!r} needs block_carry (the fused walk takes hops 0/1, and "
-                         f"from offset 0 BLHD hops {HALO_HOPS[0]}..{HALO_HOPS[-1]}, BHDL hops "
-                         f"{LANE_SCAN_HALO_HOPS[0]}..{LANE_SCAN_HALO_HOPS[-1]})")
+                         f"BLHD hops {HALO_HOPS[0]}..{HALO_HOPS[-1]} from offset 0)")
     _run(layout, a, u, y, None, None, block_len=block_len, offset=offset, w0=w0, g0=g0,
          carry=carry, block_carry=block_carry, mode=mode, stream=stream)  # fmt: skip
 
@@ -1280,13 +1216,14 @@ def specialisations():
     for layout in ("BLHD", "BHDL"):
         for in_kind in ("f32", "f16", "bf16"):
             widest = _vec_for(TUNING[f"{layout.lower()}_access_bytes"], in_kind)
-            # the halo mode: k=2 here (dtypes as below), the other k later
-            modes = (HOPS0, HOPS1, BLOCK_CARRY, CARRIERS, halo_mode(2))
+            modes = (HOPS0, HOPS1, BLOCK_CARRY, CARRIERS)
+            if layout == "BLHD":  # the halo walk: k=2 here (dtypes as below), the other k later
+                modes += (halo_mode(2),)
             for mode in modes:
                 outs = ("f32", "f16", "bf16")
                 if mode == CARRIERS:
                     outs = ("f32",)
-                elif _mode_hops(mode):  # the stores are the other modes': one pair each
+                elif _mode_hops(mode):  # the stores are the channel walk's: one pair each
                     outs = (in_kind, "f32") if in_kind == "bf16" else (in_kind,)
                 for out_kind in outs:
                     for per_head in (True, False):
@@ -1300,20 +1237,14 @@ def specialisations():
                             kernel = get_kernel(layout, in_kind, out_kind, per_head, mode, vec,
                                                 depth, *pipeline)  # fmt: skip
                             yield kernel.py_func.__name__, kernel, signature(in_kind, out_kind)
-    # the halo mode for k = 3..8: k only sets the register's length and the unrolled carrier
-    # sum, so bf16 -> bf16 at the widest vector stands for the dtype pairs (k=2 has all)
-    for layout in ("BLHD", "BHDL"):
-        vec = _vec_for(TUNING[f"{layout.lower()}_access_bytes"], "bf16")
-        for k in (HALO_HOPS if layout == "BLHD" else LANE_SCAN_HALO_HOPS)[1:]:
-            for per_head in (True, False):
-                if layout == "BLHD":
-                    kernel = get_kernel(layout, "bf16", "bf16", per_head, halo_mode(k), vec,
-                                        _unroll(halo_mode(k), vec))  # fmt: skip
-                else:
-                    kernel = get_kernel(layout, "bf16", "bf16", per_head, halo_mode(k), vec,
-                                        TUNING["bhdl_rows_per_warp"],
-                                        *_bhdl_pipeline(vec, TUNING["bhdl_threads_per_block"]))
-                yield kernel.py_func.__name__, kernel, signature("bf16", "bf16")
+    # the BLHD halo walk for k = 3..8: k only sets the shift register's length and the unrolled
+    # carrier sum, so bf16 -> bf16 at the widest vector stands for the dtype pairs (k=2 has all)
+    vec = _vec_for(TUNING["blhd_access_bytes"], "bf16")
+    for k in HALO_HOPS[1:]:
+        for per_head in (True, False):
+            kernel = get_kernel("BLHD", "bf16", "bf16", per_head, halo_mode(k), vec,
+                                _unroll(halo_mode(k), vec))  # fmt: skip
+            yield kernel.py_func.__name__, kernel, signature("bf16", "bf16")
     # the BLHD plain walk's hops=1 batches for long blocks (16-bit inputs, per head)
     for in_kind in ("f16", "bf16"):
         vec = _vec_for(TUNING["blhd_access_bytes"], in_kind)

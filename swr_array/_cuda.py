@@ -124,7 +124,6 @@ def cp_ascontig(x):
 _PLAIN_CONSTANTS: dict = {}
 
 FUSED_HOPS = range(2, 9)  # numba_kernels.swr_forward.HALO_HOPS (not imported: no Numba here)
-LANE_SCAN_HOPS = range(2, 6)  # numba_kernels.swr_forward.LANE_SCAN_HALO_HOPS (BHDL)
 
 
 def one_pass(p):
@@ -218,13 +217,11 @@ def swr_forward(a, u, p, *, x0, state, return_state, out=None):
         return _exact_forward(a, u, y, p, x0, state, return_state, position)
     if fresh and p.N and p.hops in FUSED_HOPS and (
             p.layout == "BLHD" or _halo_walk().TUNING["forward_bhdl"]):
-        # one pass: swr_forward's halo mode (BLHD the channel walk, BHDL hops 2..5 the lane
-        # scan; or BHDL numba_kernels/halo_walk.py's walk), x0 the carrier before block 0; a
-        # state from the last hops + 1 blocks of the inputs
+        # one pass: the halo walk (BLHD: swr_forward's halo mode; BHDL: numba_kernels/halo_walk.py),
+        # x0 the carrier before block 0; a state from the last hops + 1 blocks of the inputs
         zeros, ones = _plain_zeros(cp, p)
         carry = zeros if x0 is None else cp_ascontig(x0)
-        if p.layout == "BHDL" and (_halo_walk().TUNING["forward_bhdl"] == "walk"
-                                   or p.hops not in LANE_SCAN_HOPS):
+        if p.layout == "BHDL":
             _halo_walk().halo_forward(_view(a), _view(u), _view(y), layout="BHDL",
                                       block_len=p.block_len, hops=p.hops, carry=carry)
         else:
