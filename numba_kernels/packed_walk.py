@@ -45,13 +45,14 @@ the caller (empty sequences and hops=0 keep 0).
 Token walks (:func:`tokens_forward_kernel`, :func:`tokens_backward_kernel`; layout "BHDL"
 always, "BLHD" with the "tokens" family of :data:`VARIANTS` and for the backward past
 :data:`BACKWARD_LMAX`): a thread owns a channel vector (BLHD) or one channel row (BHDL, accesses
-of consecutive tokens along the row) and the tokens ``[t_lo, t_lo + TOKENS_CHUNK)``, and steps
-through them in groups of U tokens (loads in flight), following block and sequence boundaries
-token by token (:func:`_boundary`), so blocks need no alignment to the accesses. The walk starts
-at the block before the one holding ``t_lo`` (its carrier; nothing stored there). The backward
-first walks the chunk in reverse from the end of the block after the one holding the chunk's
-end, keeping the reverse state at every group boundary, then walks forward recomputing each
-group's reverse quantities from its checkpoint (:func:`_make_tokens_backward`).
+of consecutive tokens along the row) and a chunk of tokens ``[t_lo, t_lo + chunk)``
+(:func:`token_chunk`), and steps through them in groups of U tokens (loads in flight), following
+block and sequence boundaries token by token (:func:`_boundary`), so blocks need no alignment to
+the accesses. The walk starts at the block before the one holding ``t_lo`` (its carrier; nothing
+stored there). The backward first walks the chunk in reverse from the end of the block after the
+one holding the chunk's end, keeping the reverse state at every group boundary, then walks
+forward recomputing each group's reverse quantities from its checkpoint
+(:func:`_make_tokens_backward`).
 
 Reverse block walk (:func:`rblocks_kernel`, the BLHD backward of the default family
 "rblocks"): the blocks of the chunk from the last to the first, as the dense channel kernel.
@@ -296,10 +297,22 @@ def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec, unroll=FORWAR
 
 
 TOKENS_CHUNK = 256
-"""Tokens per thread of the token walks (a multiple of every group length)."""
+"""Tokens per thread of the BLHD token walks (a multiple of every group length)."""
+BHDL_TOKENS_CHUNK = {"fwd": 1024, "bwd": 512}
+"""Tokens per thread of the BHDL token walks, forward and backward (rounded up to a multiple of
+the access). Longer chunks re-walk less; the backward's checkpoints in shared memory grow with
+its chunk (at 512 tokens of bfloat16 they fill 48 KiB at :data:`BHDL_BACKWARD_THREADS`)."""
 BHDL_BACKWARD_THREADS = 32 if SIMULATOR else 128
 """Threads per block of the BHDL token backward (its checkpoints live in shared memory:
 ``chunk / U * 3 * 4`` bytes a thread)."""
+
+
+def token_chunk(layout, direction, vec):
+    """Tokens per thread of a token walk: :data:`TOKENS_CHUNK` (BLHD), else
+    :data:`BHDL_TOKENS_CHUNK` of ``direction`` ("fwd" or "bwd") rounded up to ``vec``."""
+    if layout == "BLHD":
+        return TOKENS_CHUNK
+    return -(-BHDL_TOKENS_CHUNK[direction] // vec) * vec
 
 
 def token_layout(layout, kind, vec):
@@ -1935,7 +1948,7 @@ def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout):
     if tokens:
         vec = tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned)
         kernel = tokens_forward_kernel(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
-        chunk = TOKENS_CHUNK if layout == "BLHD" else -(-TOKENS_CHUNK // vec) * vec
+        chunk = token_chunk(layout, "fwd", vec)
     else:
         vec = forward_config(in_kind, out_kind, per_head, H, D)
         if vec > 1 and not aligned(vec):
@@ -1990,10 +2003,9 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
     plan."""
     xa = dummy if x0 is None or hops != 1 else x0
     arrays = (a, u, y, xa, cu, ok)
-    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, FORWARD_CHUNK, BHDL_TILE, TILE_CHUNK,
-           THREADS, hops, block_len, a.shape,
-           u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype,
-           xa.dtype)
+    key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, BHDL_TOKENS_CHUNK["fwd"], FORWARD_CHUNK,
+           BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, a.shape, u.shape, y.shape, cu.shape,
+           xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype, xa.dtype)
     _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,
                                                 layout), arrays, 3, stream)
 
@@ -2026,7 +2038,7 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
         nwork = groups * (-(-T // chunk))
         args = head + (np.int64(chunk), np.int64(groups), np.int64(nwork))
     elif family == "tokens":
-        chunk = TOKENS_CHUNK if layout == "BLHD" else -(-TOKENS_CHUNK // vec) * vec
+        chunk = token_chunk(layout, "bwd", vec)
         kernel = tokens_backward_kernel(layout, in_kind, dy_kind, per_head, hops, has_x0, vec,
                                         lph, chunk)
         nwork = groups * (-(-T // chunk))
@@ -2049,8 +2061,8 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
     xa = x0 if has_x0 else dummy
     dxa = dx0 if has_x0 else dummy
     arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
-    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BACKWARD_CHUNK, RBLOCKS_CHUNK, BHDL_TILE,
-           TILE_CHUNK, THREADS, hops, block_len, has_x0,
+    key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BHDL_TOKENS_CHUNK["bwd"], BACKWARD_CHUNK,
+           RBLOCKS_CHUNK, BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, has_x0,
            a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype)
     _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
                                                  block_len, layout), arrays, 5, stream)

@@ -238,6 +238,7 @@ def tokens_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk
     with monkeypatch.context() as m, packed_walk.variant("tokens"):
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "TOKENS_CHUNK", chunk)
+        m.setattr(packed_walk, "BHDL_TOKENS_CHUNK", {"fwd": chunk, "bwd": chunk})
         m.setattr(packed_walk, "BHDL_TILE", False)
         y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
         y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))

@@ -141,6 +141,7 @@ def test_tokens_forward_compiles(case):
 
 TOKENS_BACKWARD_CASES = [  # layout, in, dy, per_head, hops, x0, vec, lph, chunk
     ("BHDL", "f16", "f32", True, 1, True, 4, 8, 256),
+    ("BHDL", "bf16", "bf16", True, 1, True, 8, 16, 512),  # the default chunk, 16-byte accesses
     ("BLHD", "bf16", "bf16", True, 1, True, 2, 8, 256),
 ]
 
