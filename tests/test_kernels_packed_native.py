@@ -375,3 +375,62 @@ def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk,
                                    atol=tol * (1 + np.abs(ref).max()))
     if with_x0:
         np.testing.assert_allclose(dx0, rdx0, rtol=tol, atol=tol * (1 + np.abs(rdx0).max()))
+
+
+# ----------------------------------------------------------------------------------------------
+# the BHDL warp-scan forward (packed_walk.BHDL_SCAN; numba_kernels/packed_scan.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def scan_case(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed, monkeypatch):
+    """The warp-scan forward (chunks of ``chunk`` tokens, rounded up to a warp iteration)
+    against the per-sequence reference; the backward is the token walk's."""
+    from swr_array.numba_kernels import packed_scan
+
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
+    monkeypatch.setattr(packed_scan, "CHUNK", chunk)
+    tokens_case(lens, layout="BHDL", per_head=per_head, H=H, D=D, bl=bl, hops=hops,
+                with_x0=with_x0, dtype=dtype, chunk=16, seed=seed, monkeypatch=monkeypatch)
+
+
+@settings(max_examples=10 if SIM else 40, deadline=None)
+@given(lens=st.lists(st.integers(0, 40), min_size=1, max_size=8).filter(lambda v: sum(v) > 0),
+       bl=st.sampled_from([1, 4, 8, 16, 32]), hops=st.sampled_from([0, 1]),
+       per_head=st.booleans(), with_x0=st.booleans(), chunk=st.sampled_from([1, 64]))
+def test_scan_forward_matches_reference(lens, bl, hops, per_head, with_x0, chunk):
+    """Lengths 0, 1, below, at and above block_len; one token a lane (T of any length), chunks
+    of one warp iteration (32 tokens: halos over chunk starts inside blocks) or longer."""
+    seed = zlib.crc32(repr((lens, bl, hops, per_head, with_x0, chunk)).encode())
+    with pytest.MonkeyPatch.context() as mp:
+        scan_case(lens, per_head=per_head, H=2, D=2, bl=bl, hops=hops, with_x0=with_x0,
+                  dtype=np.float32, chunk=chunk, seed=seed, monkeypatch=mp)
+
+
+@pytest.mark.parametrize("per_head, hops, with_x0, dtype, lens, bl", [
+    (True, 1, True, np.float32, [5, 0, 1, 9, 8, 1, 40, 3, 61], 4),  # T = 128: 4 tokens a lane
+    (False, 1, False, BF16, [13, 0, 3, 16, 0, 200, 23], 16),  # T = 255 -> 1 a lane
+    (True, 0, True, BF16, [7, 9, 1, 2, 5, 100, 38, 94], 8),  # T = 256: 8 tokens a lane, hops 0
+    (True, 1, True, BF16, [1] * 40 + [3, 0, 2] * 20 + [116], 2),  # T = 256: many tiny ones
+])
+def test_scan_forward_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dtype, lens, bl):
+    """Accesses of several tokens a lane, sequences and blocks starting inside a lane's
+    tokens, chunks of one warp iteration (so several, each with its halo)."""
+    scan_case(lens, per_head=per_head, H=1, D=2, bl=bl, hops=hops, with_x0=with_x0,
+              dtype=dtype, chunk=1, seed=int(rng.integers(1 << 30)), monkeypatch=monkeypatch)
+
+
+def test_scan_forward_invalid_cu_poisons_y(rng, monkeypatch):
+    """ok[0] == 0 (invalid device cu): NaN in every y the warp-scan forward owns."""
+    from swr_array.numba_kernels import packed_scan
+
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
+    monkeypatch.setattr(packed_scan, "CHUNK", 1)
+    X = xp()
+    a = X.asarray(rng.uniform(-1, 1, (1, 2, 70)).astype(np.float32))
+    u = X.asarray(rng.standard_normal((1, 2, 2, 70)).astype(np.float32))
+    cu = X.asarray(np.array([0, 40, 30, 70], np.int64))
+    p = _checks.check_swr(a, u, block_len=4, hops=1, layout="BHDL")
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    monkeypatch.setattr(packed, "_padded_inputs", _no_image)
+    assert np.isnan(to_np(packed.forward(a, u, p, cu, x0=None, device=True))).all()

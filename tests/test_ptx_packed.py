@@ -250,3 +250,31 @@ def test_tile_backward_compiles(case):
                      "packed_tile_backward")
     assert "ld.global.v4.u32" in ptx and "st.global.v4.u32" in ptx
     assert ".shared" in ptx and "bar.sync" in ptx
+
+
+SCAN_CASES = [  # in, out, per_head, hops, x0, E (tokens a lane)
+    ("bf16", "bf16", True, 1, True, 8),  # the headline: 16-byte accesses
+    ("bf16", "bf16", True, 0, False, 8),
+    ("f32", "f32", False, 1, False, 4),
+    ("f16", "f32", True, 1, True, 4),
+    ("bf16", "f16", False, 1, True, 1),
+]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_scan_forward_compiles(case):
+    """The BHDL warp-scan forward (numba_kernels/packed_scan.py): no local memory, 16-byte
+    loads where a lane's tokens fill them, the lanes' maps combined by shuffles."""
+    nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_scan
+
+    ik, ok, per_head, hops, x0, E = case
+    kernel = packed_scan.forward_kernel(ik, ok, per_head, hops, x0, E)
+    sig = [_arr(ik)] * 2 + [_arr(ok), _arr("float32"), _arr("int32"), _arr("int32")]
+    ptx = _check_ptx(compile_arches(kernel.py_func, sig + [types.int64] * 7),
+                     "packed_scan_forward")
+    if E * (2 if ik != "f32" else 4) == 16:
+        assert "ld.global.v4.u32" in ptx
+    assert ptx.count("shfl.sync.up") >= 6 * 5 + 6  # 5 steps of 6 values, then the exclusive 6
