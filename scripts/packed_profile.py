@@ -13,7 +13,8 @@ document count, one JSON line a measurement:
   call of the same loop, no synchronisation inside: when it is close to ``event_ms`` the call
   is bound by the host);
 - ``kernel``: each kernel of the native packed path alone (``packed_walk``: the ``cu`` check,
-  the forward, the backward; the candidate kernels of every ``packed_walk.VARIANTS`` entry),
+  the forward, the backward; the candidate kernels of every ``packed_walk.VARIANTS`` entry; BHDL the tile walks, the
+  token walks and the warp-scan forward),
   and the dense call with preallocated outputs, ``--reps`` launches captured in one CUDA graph
   and replayed (GPU time only, no host cost), per launch; ``gbps``: the bytes the kernel must
   move (read a and u, write y; backward: read a, u, dy, write da, du) over its time.
@@ -164,12 +165,11 @@ def profile_layout(layout, args, rng, emit):
         dx0 = cp.zeros((n_docs, H, D), np.float32)
         emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
-        tile_default = packed_walk.BHDL_TILE
-        for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens"):
-            if variant == "tile":  # BHDL: the tile walks, then the token walks
-                packed_walk.BHDL_TILE = True
-            elif layout == "BHDL":
-                packed_walk.BHDL_TILE = False
+        tile_default, scan_default = packed_walk.BHDL_TILE, packed_walk.BHDL_SCAN
+        for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens", "scan"):
+            # BHDL: the tile walks, the token walks, the warp-scan forward (backward: tokens)
+            packed_walk.BHDL_TILE = variant == "tile"
+            packed_walk.BHDL_SCAN = variant == "scan"
             with packed_walk.variant("tokens" if layout == "BHDL" else variant):
                 for x0_arg, tag in ((None, "packed"), (x0, "packed_x0"))[:1 + args.x0]:
                     fwd = functools.partial(packed_walk.forward, a, u, y, x0_arg, cu, ok, dummy,
@@ -182,7 +182,7 @@ def profile_layout(layout, args, rng, emit):
                                                 layout=layout)
                         emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
-        packed_walk.BHDL_TILE = tile_default
+        packed_walk.BHDL_TILE, packed_walk.BHDL_SCAN = tile_default, scan_default
         if layout == "BLHD" and args.sweep:
             # chunk lengths and threads per block (launch arguments: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]
