@@ -13,10 +13,11 @@ document count, one JSON line a measurement:
   call of the same loop, no synchronisation inside: when it is close to ``event_ms`` the call
   is bound by the host);
 - ``kernel``: each kernel of the native packed path alone (``packed_walk``: the ``cu`` check,
-  the forward, the backward; the candidate kernels of every ``packed_walk.VARIANTS`` entry;
-  BHDL the tile walks, the token walks and the warp-scan forward), and the dense call with preallocated outputs, ``--reps`` launches captured in one CUDA graph
-  and replayed (GPU time only, no host cost), per launch; ``gbps``: the bytes the kernel must
-  move (read a and u, write y; backward: read a, u, dy, write da, du) over its time.
+  the forward, the backward; the candidate kernels of every ``packed_walk.VARIANTS`` entry; BHDL
+  the tile walks, the token walks and the warp-scan forward), and the dense call with
+  preallocated outputs, ``--reps`` launches captured in one CUDA graph and replayed (GPU time
+  only, no host cost), per launch; ``gbps``: the bytes the kernel must move (read a and u, write
+  y; backward: read a, u, dy, write da, du) over its time.
 """
 
 from __future__ import annotations
