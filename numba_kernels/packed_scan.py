@@ -47,10 +47,8 @@ from ._dtypes import SIMULATOR
 from ._ptx import make_vector_load, make_vector_store, shfl_idx, shfl_up
 from .packed_walk import _seq_of
 
-__all__ = ["CHUNK", "THREADS", "forward_kernel", "launch_args"]
+__all__ = ["THREADS", "forward_kernel", "launch_args"]
 
-CHUNK = 2048
-"""Tokens a warp owns (rounded up to a whole warp iteration, ``32 * E``)."""
 THREADS = 32 if SIMULATOR else 128
 """Threads per block (whole warps; the simulator's shuffles span one block: one warp)."""
 
@@ -201,10 +199,11 @@ def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, E):
     return _CACHE[key]
 
 
-def launch_args(T, S, C, D, block_len, E):
-    """``(grid, block, scalars)`` of the warp-scan forward for T tokens of C rows."""
+def launch_args(T, S, C, D, block_len, E, chunk):
+    """``(grid, block, scalars)`` of the warp-scan forward for T tokens of C rows, a warp
+    owning ``chunk`` tokens of a row (rounded up to a whole warp iteration, ``32 * E``)."""
     span = 32 * E
-    chunk = -(-CHUNK // span) * span
+    chunk = -(-chunk // span) * span
     nwork = C * -(-T // chunk)
     scalars = tuple(np.int64(v) for v in (T, S, C, D, block_len, chunk, nwork))
     return -(-nwork * 32 // THREADS), THREADS, scalars

@@ -476,6 +476,8 @@ def _make_tokens_forward(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
 BHDL_SCAN = False
 """BHDL forward: the warp-scan kernel of ``packed_scan`` (a warp a channel row, coalesced along
 time) instead of the token walk. Off by default: not timed on a GPU yet."""
+BHDL_SCAN_CHUNK = 2048
+"""Tokens of a row one warp of the warp-scan forward owns."""
 BHDL_TILE = False
 """BHDL: the tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`) where they
 fit, instead of the token walks. Off by default: on the H200 they were slower than the token
@@ -1944,7 +1946,8 @@ def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout):
 
         vec = tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned)
         kernel = packed_scan.forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec)
-        grid, block, scalars = packed_scan.launch_args(T, S, H * D, D, block_len, vec)
+        grid, block, scalars = packed_scan.launch_args(T, S, H * D, D, block_len, vec,
+                                                       BHDL_SCAN_CHUNK)
         args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu),
                 _flat(ok)) + scalars
         return kernel, grid, block, args
@@ -2016,8 +2019,8 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", strea
     xa = dummy if x0 is None or hops != 1 else x0
     arrays = (a, u, y, xa, cu, ok)
     key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, BHDL_TOKENS_CHUNK["fwd"], FORWARD_CHUNK,
-           BHDL_SCAN, BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, a.shape, u.shape, y.shape,
-           cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype, xa.dtype)
+           BHDL_SCAN, BHDL_SCAN_CHUNK, BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, a.shape,
+           u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype, xa.dtype)
     _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,
                                                 layout), arrays, 3, stream)
 

@@ -385,10 +385,8 @@ def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk,
 def scan_case(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed, monkeypatch):
     """The warp-scan forward (chunks of ``chunk`` tokens, rounded up to a warp iteration)
     against the per-sequence reference; the backward is the token walk's."""
-    from swr_array.numba_kernels import packed_scan
-
     monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
-    monkeypatch.setattr(packed_scan, "CHUNK", chunk)
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN_CHUNK", chunk)
     tokens_case(lens, layout="BHDL", per_head=per_head, H=H, D=D, bl=bl, hops=hops,
                 with_x0=with_x0, dtype=dtype, chunk=16, seed=seed, monkeypatch=monkeypatch)
 
@@ -421,10 +419,8 @@ def test_scan_forward_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dt
 
 def test_scan_forward_invalid_cu_poisons_y(rng, monkeypatch):
     """ok[0] == 0 (invalid device cu): NaN in every y the warp-scan forward owns."""
-    from swr_array.numba_kernels import packed_scan
-
     monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
-    monkeypatch.setattr(packed_scan, "CHUNK", 1)
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN_CHUNK", 1)
     X = xp()
     a = X.asarray(rng.uniform(-1, 1, (1, 2, 70)).astype(np.float32))
     u = X.asarray(rng.standard_normal((1, 2, 2, 70)).astype(np.float32))
