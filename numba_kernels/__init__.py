@@ -34,6 +34,9 @@ __all__ = [
     "walk_plan",
 ]
 
-from . import packed_walk  # noqa: E402  (native packed kernels, swr_array/packed.py)
+from . import (
+    packed_scan,  # noqa: E402  (BHDL packed kernels by warp scans)
+    packed_walk,  # noqa: E402  (native packed kernels, swr_array/packed.py)
+)
 
-__all__ += ["packed_walk"]
+__all__ += ["packed_scan", "packed_walk"]

@@ -1,36 +1,36 @@
-"""Packed sequences, BHDL forward by warp scans: coalesced accesses along each channel row.
+"""Packed sequences, BHDL by warp scans: coalesced accesses along each channel row.
 
 A candidate to the token walk of ``packed_walk`` (one channel row a thread, whose accesses a
 warp spreads over 32 rows): here a warp owns ONE channel row and a chunk of ``chunk`` tokens,
 each lane ``E`` consecutive tokens of it (one access of up to 16 bytes), so a warp reads
 ``32 * E`` contiguous tokens of the row at a time, as the dense BHDL lane scan does. Blocks
 start at each sequence's first token (docs/spec.md#packed), so they do not line up with the
-lanes; the recurrence goes through the lanes as an associative scan instead.
+lanes.
 
-State after token t, for hops 1 (docs/spec.md#recurrence): ``w`` and ``g`` of the block in
-progress and ``c``, the carry S of that block (the carrier of the block before it in the same
-sequence, ``x0[s]`` or 0 for a sequence's first block); ``y_t = w_t + g_t c_t`` (hops 0:
-``y_t = w_t``). One token maps the state before it to the state after it affinely,
+Token marks. Where blocks and sequences start is the same for every channel row, so one small
+kernel (:func:`mark_tokens`) writes it once a call: ``marks[t] = 4 s + BLOCK + SEQUENCE`` (the
+bits where t starts a block, a sequence), s the sequence of t. The scan kernels read a lane's
+marks (from cache: every row reads the same T words) instead of searching ``cu``.
 
-    w' = A w + u          A  = 0 at a block start, else a
-    g' = A g + G          G  = a at a block start, else 0
-    c' = K c + L w + M    K  = 0 at a block start, else 1; L = 1 at a block start that is not
-                          a sequence start (c' = w of the previous token: the carrier), else 0;
-                          M = x0[s] at a sequence start (with x0), else 0
-
-and maps of that shape (A, Bw, Bg, K, L, M) compose into one of the same shape, so each lane
-composes its E tokens' maps, the warp scans the lanes' maps with shuffles (Hillis-Steele, 6
-values a step), and each lane then walks its tokens again from the state the scan gives it.
-The state entering a warp iteration is the last lane's state after the previous one.
+Forward, hops 1 (docs/spec.md#recurrence): in a block, ``w_t = a_t w_{t-1} + u_t`` from 0 and
+``g_t = a_{b0} ... a_t``; ``y_t = w_t + g_t c``, the carrier c the last w of the block before
+in the same sequence (``x0[s]`` or 0 at a sequence's first block); hops 0: ``y_t = w_t``.
+A lane walks its E tokens from w = 0, g = 1 (exact from its first block start on), then takes
+w and g of the token before its first token from the lane before (``shfl_up``); a lane without
+a block start passes its own on, so after r rounds every lane within r lanes of a block start
+has them exact. A block of at most ``block_len`` tokens reaches from its first token to the
+token after its last over at most ``ceil(block_len / E)`` lanes (:func:`rounds`), so that many
+rounds make every lane exact; the carrier goes through the same rounds. Lane 0 takes the state
+after the previous warp iteration's last token (``shfl_idx`` of lane 31). No associative scan:
+``rounds`` shuffles of three values, against ``5 * 6`` for a scan of the affine maps.
 
 Chunks: a chunk's first state needs no carry from the chunk before: the warp starts walking
 ``2 * block_len`` tokens earlier (rounded down to a lane's access; stores nothing there). A
 block is at most ``block_len`` tokens, so a block start, after which w and g are exact, and the
 start of the block before (its carrier) both lie in that halo; token 0 starts a sequence.
 
-A token's sequence: a binary search of ``cu`` for the lane's first token, then ``cu[s + 1]``
-followed token by token (empty sequences passed over). ``ok[0] == 0`` (invalid ``cu``, see
-``packed_walk.check_cu``) makes the kernel write NaN to its tokens instead.
+``ok[0] == 0`` (invalid ``cu``, see ``packed_walk.check_cu``) makes the kernel write NaN to its
+tokens instead, reading no marks.
 
 Arrays are 1-D views of C-contiguous ``(1, H, D, T)`` arrays (``a`` ``(1, H, T)`` per head),
 bfloat16 as uint16 bits; ``x0`` float32 ``(S, H, D)``. ``E > 1`` needs ``T % E == 0`` and the
@@ -47,7 +47,8 @@ from ._dtypes import SIMULATOR
 from ._ptx import make_vector_load, make_vector_store, shfl_idx, shfl_up
 from .packed_walk import _seq_of
 
-__all__ = ["THREADS", "forward_kernel", "launch_args"]
+__all__ = ["THREADS", "forward_kernel", "launch_args", "mark_tokens", "marks_kernel",
+           "marks_reference"]
 
 THREADS = 32 if SIMULATOR else 128
 """Threads per block (whole warps; the simulator's shuffles span one block: one warp)."""
@@ -55,6 +56,81 @@ THREADS = 32 if SIMULATOR else 128
 NAN = np.float32(np.nan)
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
+MARK_THREADS = 32 if SIMULATOR else 256
+BLOCK = 1
+"""Bit of a token's mark: the token starts a block."""
+SEQUENCE = 2
+"""Bit of a token's mark: the token starts a sequence (and so a block)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# token marks: where blocks and sequences start, computed once for every channel row
+# ----------------------------------------------------------------------------------------------
+
+
+def _marks(cu, marks, S, T, block_len):
+    t = cuda.grid(1)
+    if t >= T:
+        return
+    s = _seq_of(cu, S, t)
+    off = t - numba.int64(cu[s])
+    m = s * 4
+    if off % block_len == 0:
+        m += BLOCK
+    if off == 0:
+        m += SEQUENCE
+    marks[t] = m
+
+
+_CACHE: dict = {}
+
+
+def marks_kernel():
+    """The ``@cuda.jit`` dispatcher of :func:`mark_tokens` (for PTX tests)."""
+    k = _CACHE.get("marks")
+    if k is None:
+        _marks.__name__ = _marks.__qualname__ = "packed_mark_tokens"
+        k = _CACHE["marks"] = cuda.jit(_marks)
+    return k
+
+
+def mark_tokens(cu, T, block_len, marks, *, stream=None):
+    """``marks[t] = 4 s + BLOCK (t starts a block) + SEQUENCE (t starts a sequence)`` for each
+    of the T tokens, s its sequence (``cu[s] <= t < cu[s + 1]``, empty sequences passed over);
+    ``marks`` int32 of T entries (``S < 2**29``). ``cu`` must be valid (the scan kernels read
+    the marks only when ``ok[0]`` says so; an invalid cu gives marks of no meaning but reads
+    within ``cu``)."""
+    from ._launch import launch
+
+    S = cu.shape[0] - 1
+    launch(marks_kernel(), -(-T // MARK_THREADS), MARK_THREADS,
+           (cu, marks, np.int64(S), np.int64(T), np.int64(block_len)), stream)
+
+
+def marks_reference(cu, T, block_len):
+    """The marks of :func:`mark_tokens` in NumPy (int32, T entries), from a valid ``cu``."""
+    cu = np.asarray(cu, np.int64)
+    t = np.arange(T)
+    s = np.searchsorted(cu, t, side="right") - 1
+    off = t - cu[s]
+    return (4 * s + BLOCK * (off % block_len == 0) + SEQUENCE * (off == 0)).astype(np.int32)
+
+
+def rounds(block_len, E):
+    """Chain rounds of a warp iteration with E tokens a lane: ``ceil(block_len / E)``, the
+    most lanes between a block's first token and the token after its last (see the module
+    docstring)."""
+    return -(-block_len // E)
+
+
+MAX_ROUNDS = 8
+"""Most chain rounds a scan kernel runs (:func:`fits`); longer blocks keep the token walk."""
+
+
+def fits(block_len, E, S):
+    """Whether the scan kernels take this call: at most :data:`MAX_ROUNDS` rounds and
+    sequence numbers that fit the marks (``S < 2**29``)."""
+    return rounds(block_len, E) <= MAX_ROUNDS and S < (1 << 29)
 
 
 def _make_forward(in_kind, out_kind, per_head, hops, has_x0, E):
@@ -66,7 +142,7 @@ def _make_forward(in_kind, out_kind, per_head, hops, has_x0, E):
     X0 = has_x0 and HOPS1
     span = 32 * E
 
-    def kernel(a, u, y, x0, cu, ok, T, S, C, D, block_len, chunk, nwork):
+    def kernel(a, u, y, x0, marks, ok, T, C, D, block_len, chunk, n_rounds, nwork):
         warp = cuda.grid(1) // 32
         if warp >= nwork:
             return
@@ -85,110 +161,95 @@ def _make_forward(in_kind, out_kind, per_head, hops, has_x0, E):
             return
         t_first = max(t_lo - 2 * block_len, 0)
         t_first -= t_first % E
-        mask = block_len - 1
         abuf = cuda.local.array(E, f32)
         ubuf = cuda.local.array(E, f32)
-        mbuf = cuda.local.array(E, f32)  # M of each token
-        flags = cuda.local.array(E, numba.int32)  # 1: block start, 2: sequence start too
-        cw = F0  # the state entering the warp's iteration (any value before the halo)
-        cg = F0
+        gbuf = cuda.local.array(E, f32)
+        cbuf = cuda.local.array(E, f32)
+        mk = cuda.local.array(E, numba.int32)
+        cw = F0  # w, g, c after the previous iteration's last token (any value before the halo)
+        cg = F1
         cc = F0
         n_iters = (t_hi - t_first + span - 1) // span
-        s = numba.int64(0)
-        cn = numba.int64(0)
         for it in range(n_iters):
             t0 = t_first + it * span + lane * E
             live = t0 < T
             if live:
                 load_a(a, a_base + t0, abuf, 0)
                 load_u(u, u_base + t0, ubuf, 0)
-                s = _seq_of(cu, S, t0)
-                cn = numba.int64(cu[s + 1])
-            # the lane's map, composed token by token from the identity
-            A = F1
-            Bw = F0
-            Bg = F0
-            K = F1
-            L = F0
-            M = F0
+                for e in range(E):
+                    mk[e] = marks[t0 + e]
+            else:
+                for e in range(E):
+                    abuf[e] = F0
+                    ubuf[e] = F0
+                    mk[e] = BLOCK
+            # block-local w and g of each token from the lane's first token (w 0, g 1 there)
+            first = E  # the lane's first block start (E: none)
+            w = F0
+            g = F1
             for e in range(E):
-                flags[e] = 0
-                mbuf[e] = F0
-                if live:
-                    t = t0 + e
-                    while cn <= t:  # the sequence of t (passing over empty ones)
-                        s += 1
-                        cn = numba.int64(cu[s + 1])
-                    off = t - numba.int64(cu[s])
-                    av = abuf[e]
-                    if (off & mask) == 0:
-                        flags[e] = 2 if off == 0 else 1
-                        if X0 and off == 0:
-                            mbuf[e] = x0[s * C + row]
-                    if flags[e] != 0:
-                        At, Gt, Kt = F0, av, F0
-                        Lt = F1 if flags[e] == 1 else F0
-                    else:
-                        At, Gt, Kt, Lt = av, F0, F1, F0
-                    Mt = mbuf[e]
-                    L = Kt * L + Lt * A
-                    M = Kt * M + Lt * Bw + Mt
-                    K = Kt * K
-                    Bw = At * Bw + ubuf[e]
-                    Bg = At * Bg + Gt
-                    A = At * A
-            # inclusive scan of the lanes' maps (this lane's map after the earlier lanes')
-            k = 1
-            while k < 32:
-                uA = shfl_up(A, k)
-                uBw = shfl_up(Bw, k)
-                uBg = shfl_up(Bg, k)
-                uK = shfl_up(K, k)
-                uL = shfl_up(L, k)
-                uM = shfl_up(M, k)
-                if lane >= k:
-                    M = K * uM + L * uBw + M
-                    L = K * uL + L * uA
-                    K = K * uK
-                    Bw = A * uBw + Bw
-                    Bg = A * uBg + Bg
-                    A = A * uA
-                k *= 2
-            # the state entering this lane: the earlier lanes' map applied to the warp's state
-            eA = shfl_up(A, 1)
-            eBw = shfl_up(Bw, 1)
-            eBg = shfl_up(Bg, 1)
-            eK = shfl_up(K, 1)
-            eL = shfl_up(L, 1)
-            eM = shfl_up(M, 1)
-            if lane == 0:
-                eA, eBw, eBg, eK, eL, eM = F1, F0, F0, F1, F0, F0
-            w = eA * cw + eBw
-            g = eA * cg + eBg
-            c = eK * cc + eL * cw + eM
-            for e in range(E):
-                if flags[e] != 0:
-                    c = mbuf[e] if flags[e] == 2 else w
+                if mk[e] & BLOCK:
                     w = ubuf[e]
                     g = abuf[e]
+                    first = min(first, e)
                 else:
                     w = abuf[e] * w + ubuf[e]
                     g = abuf[e] * g
-                ybuf[e] = w + g * c if HOPS1 else w
+                ybuf[e] = w
+                gbuf[e] = g
+            # chain rounds: w and g before the lane's first token, from the lane before
+            win = cw
+            gin = cg
+            for _ in range(n_rounds):
+                wo = ybuf[E - 1]
+                go = gbuf[E - 1]
+                if first == E:
+                    wo += go * win
+                    go *= gin
+                pw = shfl_up(wo, 1)
+                pg = shfl_up(go, 1)
+                if lane > 0:
+                    win = pw
+                    gin = pg
+            # w and g of every token; the carrier of each block starting in the lane
+            wprev = win
+            cl = F0
+            for e in range(E):
+                if e < first:
+                    ybuf[e] += gbuf[e] * win
+                    gbuf[e] *= gin
+                if HOPS1 and mk[e] & BLOCK:
+                    if mk[e] & SEQUENCE:
+                        cl = x0[(mk[e] >> 2) * C + row] if X0 else F0
+                    else:
+                        cl = wprev
+                wprev = ybuf[e]
+                cbuf[e] = cl
+            if HOPS1:
+                # chain rounds: the carrier of the block in progress at the lane's first token
+                cin = cc
+                for _ in range(n_rounds):
+                    co = cl if first < E else cin
+                    pc = shfl_up(co, 1)
+                    if lane > 0:
+                        cin = pc
+                for e in range(E):
+                    if e < first:
+                        cbuf[e] = cin
+                cc = shfl_idx(cbuf[E - 1], 31)
+            cw = shfl_idx(ybuf[E - 1], 31)
+            cg = shfl_idx(gbuf[E - 1], 31)
+            if HOPS1:
+                for e in range(E):
+                    ybuf[e] += gbuf[e] * cbuf[e]
             if live and t0 >= t_lo and t0 < t_hi:
                 store_y(y, u_base + t0, ybuf, 0)
-            cw = shfl_idx(w, 31)
-            cg = shfl_idx(g, 31)
-            cc = shfl_idx(c, 31)
 
     kernel.__name__ = kernel.__qualname__ = (
         f"packed_scan_forward_bhdl_{in_kind}_to_{out_kind}"
         f"_{'per_head' if per_head else 'per_channel'}_hops{hops}{'_x0' if X0 else ''}_e{E}"
     )
     return cuda.jit(kernel)
-
-
-_CACHE: dict = {}
 
 
 def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, E):
@@ -199,12 +260,12 @@ def forward_kernel(in_kind, out_kind, per_head, hops, has_x0, E):
     return _CACHE[key]
 
 
-def launch_args(T, S, C, D, block_len, E, chunk):
+def launch_args(T, C, D, block_len, E, chunk):
     """``(grid, block, scalars)`` of the warp-scan forward for T tokens of C rows, a warp
     owning ``chunk`` tokens of a row (rounded up to a whole warp iteration, ``32 * E``)."""
     span = 32 * E
     chunk = -(-chunk // span) * span
     nwork = C * -(-T // chunk)
-    scalars = tuple(np.int64(v) for v in (T, S, C, D, block_len, chunk, nwork))
+    scalars = tuple(np.int64(v) for v in (T, C, D, block_len, chunk, rounds(block_len, E),
+                                          nwork))
     return -(-nwork * 32 // THREADS), THREADS, scalars
-

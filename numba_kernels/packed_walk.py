@@ -475,7 +475,8 @@ def _make_tokens_forward(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
 
 BHDL_SCAN = False
 """BHDL forward: the warp-scan kernel of ``packed_scan`` (a warp a channel row, coalesced along
-time) instead of the token walk. Off by default: not timed on a GPU yet."""
+time, over token marks) instead of the token walk. Off by default until timed against it (an
+earlier design, an associative scan of affine maps, was slower than the token walk)."""
 BHDL_SCAN_CHUNK = 2048
 """Tokens of a row one warp of the warp-scan forward owns."""
 BHDL_TILE = False
@@ -1927,8 +1928,33 @@ def tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned=
     return vec
 
 
-def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout):
-    """(kernel, grid, block, args) of :func:`forward`."""
+def _forward_aligned(a, u, y, layout):
+    """``aligned(vec)``: whether the arrays' pointers allow accesses of ``vec`` elements."""
+    per_head = a.ndim == 3
+    in_kind, out_kind = _kind(u), _kind(y)
+
+    def aligned(v):
+        return (_aligned(u, v * ITEM_SIZE[in_kind]) and _aligned(y, min(16, v * ITEM_SIZE[
+            out_kind])) and (per_head and layout == "BLHD" or _aligned(a, v * ITEM_SIZE[
+                in_kind])))
+
+    return aligned
+
+
+def scan_forward_fits(a, u, y, cu, block_len):
+    """Whether the BHDL warp-scan forward takes these arrays (``packed_scan.fits`` at the access
+    width their alignment allows)."""
+    from . import packed_scan
+
+    T, H, D = _shape(u, "BHDL")
+    vec = tokens_forward_config("BHDL", _kind(u), _kind(y), a.ndim == 3, H, D, T,
+                                _forward_aligned(a, u, y, "BHDL"))
+    return packed_scan.fits(block_len, vec, cu.shape[0] - 1)
+
+
+def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout, marks=None):
+    """(kernel, grid, block, args) of :func:`forward`; with ``marks`` (BHDL) the warp-scan
+    forward where it fits."""
     T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, out_kind = _kind(u), _kind(y)
@@ -1936,19 +1962,15 @@ def _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len, layout):
     has_x0 = x0 is not None and hops == 1
     tokens = layout == "BHDL" or _VARIANT[0] == "tokens"
 
-    def aligned(v):
-        return (_aligned(u, v * ITEM_SIZE[in_kind]) and _aligned(y, min(16, v * ITEM_SIZE[
-            out_kind])) and (per_head and layout == "BLHD" or _aligned(a, v * ITEM_SIZE[
-                in_kind])))
-
-    if layout == "BHDL" and BHDL_SCAN:
+    aligned = _forward_aligned(a, u, y, layout)
+    if marks is not None:
         from . import packed_scan
 
         vec = tokens_forward_config(layout, in_kind, out_kind, per_head, H, D, T, aligned)
         kernel = packed_scan.forward_kernel(in_kind, out_kind, per_head, hops, has_x0, vec)
-        grid, block, scalars = packed_scan.launch_args(T, S, H * D, D, block_len, vec,
+        grid, block, scalars = packed_scan.launch_args(T, H * D, D, block_len, vec,
                                                        BHDL_SCAN_CHUNK)
-        args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(cu),
+        args = (_flat(a), _flat(u), _flat(y), _flat(x0 if has_x0 else dummy), _flat(marks),
                 _flat(ok)) + scalars
         return kernel, grid, block, args
     if layout == "BHDL" and tile_forward_fits(in_kind, out_kind, T, aligned):
@@ -2010,19 +2032,44 @@ def _cached_launch(key, build, arrays, n_aligned, stream):
     launch_with_pointers(entry, grid, block, values, [data_pointer(x) for x in arrays], stream)
 
 
-def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", stream=None):
+def wants_marks(layout):
+    """Whether a packed call in ``layout`` computes token marks (:func:`mark_tokens`) for the
+    BHDL warp-scan kernels (:data:`BHDL_SCAN`)."""
+    return layout == "BHDL" and BHDL_SCAN
+
+
+def mark_tokens(cu, T, block_len, marks, *, stream=None):
+    """``packed_scan.mark_tokens`` through a cached launch plan (after :func:`check_cu` on the
+    same stream)."""
+    from . import packed_scan
+
+    def build():
+        S = cu.shape[0] - 1
+        return (packed_scan.marks_kernel(), -(-T // packed_scan.MARK_THREADS),
+                packed_scan.MARK_THREADS,
+                (_flat(cu), _flat(marks), np.int64(S), np.int64(T), np.int64(block_len)))
+
+    key = ("marks", T, block_len, cu.shape, cu.dtype, marks.shape)
+    _cached_launch(key, build, (cu, marks), 0, stream)
+
+
+def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", marks=None,
+            stream=None):
     """``y`` of the packed problem (B == 1, T >= 1, S >= 1; hops 0 or 1); ``x0`` float32
     ``(S, H, D)`` or None; ``ok`` from :func:`check_cu` (same stream); ``dummy`` a float32 array
-    of one element (passed where x0 is not read). BLHD runs the :data:`VARIANTS` family chosen
-    (:func:`variant`), BHDL the token walk. Repeated calls of one signature launch from a cached
-    plan."""
+    of one element (passed where x0 is not read); ``marks`` from :func:`mark_tokens` or None.
+    BLHD runs the :data:`VARIANTS` family chosen (:func:`variant`), BHDL the warp-scan forward
+    (with marks, where ``packed_scan.fits``), else the token walk. Repeated calls of one
+    signature launch from a cached plan."""
     xa = dummy if x0 is None or hops != 1 else x0
-    arrays = (a, u, y, xa, cu, ok)
+    scan = layout == "BHDL" and marks is not None and scan_forward_fits(a, u, y, cu, block_len)
+    arrays = (a, u, y, xa, marks if scan else cu, ok)
     key = ("fwd", layout, _VARIANT[0], TOKENS_CHUNK, BHDL_TOKENS_CHUNK["fwd"], FORWARD_CHUNK,
-           BHDL_SCAN, BHDL_SCAN_CHUNK, BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, a.shape,
+           scan, BHDL_SCAN_CHUNK, BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, a.shape,
            u.shape, y.shape, cu.shape, xa.shape, a.dtype, u.dtype, y.dtype, cu.dtype, xa.dtype)
     _cached_launch(key, lambda: _forward_launch(a, u, y, x0, cu, ok, dummy, hops, block_len,
-                                                layout), arrays, 3, stream)
+                                                layout, marks if scan else None),
+                   arrays, 3, stream)
 
 
 def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, layout):

@@ -14,7 +14,8 @@ document count, one JSON line a measurement:
   is bound by the host);
 - ``kernel``: each kernel of the native packed path alone (``packed_walk``: the ``cu`` check,
   the forward, the backward; the candidate kernels of every ``packed_walk.VARIANTS`` entry; BHDL
-  the tile walks, the token walks and the warp-scan forward), and the dense call with
+  the tile walks, the token walks and the warp-scan forward over the token marks, and the
+  marks kernel), and the dense call with
   preallocated outputs, ``--reps`` launches captured in one CUDA graph and replayed (GPU time
   only, no host cost), per launch; ``gbps``: the bytes the kernel must move (read a and u, write
   y; backward: read a, u, dy, write da, du) over its time.
@@ -165,6 +166,11 @@ def profile_layout(layout, args, rng, emit):
         dx0 = cp.zeros((n_docs, H, D), np.float32)
         emit(kind="kernel", layout=layout, docs=n_docs, call="check_cu", dir="-",
              ms=graph_time(functools.partial(packed_walk.check_cu, cu, T, ok), reps))
+        marks = cp.empty(T, np.int32)
+        if layout == "BHDL":
+            emit(kind="kernel", layout=layout, docs=n_docs, call="marks", dir="-",
+                 ms=graph_time(functools.partial(packed_walk.mark_tokens, cu, T, 16, marks),
+                               reps))
         tile_default, scan_default = packed_walk.BHDL_TILE, packed_walk.BHDL_SCAN
         for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens", "scan"):
             # BHDL: the tile walks, the token walks, the warp-scan forward (backward: tokens)
@@ -173,7 +179,8 @@ def profile_layout(layout, args, rng, emit):
             with packed_walk.variant("tokens" if layout == "BHDL" else variant):
                 for x0_arg, tag in ((None, "packed"), (x0, "packed_x0"))[:1 + args.x0]:
                     fwd = functools.partial(packed_walk.forward, a, u, y, x0_arg, cu, ok, dummy,
-                                            hops=1, block_len=16, layout=layout)
+                                            hops=1, block_len=16, layout=layout,
+                                            marks=marks if variant == "scan" else None)
                     emit(kind="kernel", layout=layout, docs=n_docs, call=tag, variant=variant,
                          dir="fwd", ms=graph_time(fwd, reps))
                     if packed_mod.native_backward_fits(p, cu, a, u, dy):
@@ -183,6 +190,16 @@ def profile_layout(layout, args, rng, emit):
                         emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
         packed_walk.BHDL_TILE, packed_walk.BHDL_SCAN = tile_default, scan_default
+        if layout == "BHDL":
+            # the warp-scan forward's chunk (tokens a warp owns: halo 2 block_len each)
+            old = packed_walk.BHDL_SCAN_CHUNK
+            for chunk in (512, 1024, 4096):
+                packed_walk.BHDL_SCAN_CHUNK = chunk
+                fwd = functools.partial(packed_walk.forward, a, u, y, None, cu, ok, dummy,
+                                        hops=1, block_len=16, layout=layout, marks=marks)
+                emit(kind="kernel", layout=layout, docs=n_docs, call="packed", variant="scan",
+                     dir="fwd", knob="BHDL_SCAN_CHUNK", value=chunk, ms=graph_time(fwd, reps))
+            packed_walk.BHDL_SCAN_CHUNK = old
         if layout == "BLHD" and args.sweep:
             # chunk lengths and threads per block (launch arguments: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]

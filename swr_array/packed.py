@@ -378,6 +378,18 @@ def _native_scratch(xp, cu):
     return xp.empty(1, np.int32), dummy
 
 
+def _marks(xp, cu, p):
+    """The token marks of the BHDL warp-scan kernels (int32, one a token; after the ``cu``
+    check on the same stream), or None where they do not run."""
+    from .numba_kernels import packed_walk
+
+    if not packed_walk.wants_marks(p.layout):
+        return None
+    marks = xp.empty(p.N, np.int32)
+    packed_walk.mark_tokens(cu, p.N, p.block_len, marks)
+    return marks
+
+
 def _native_forward(a, u, p, cu, x0, out):
     from .numba_kernels import packed_walk
 
@@ -390,8 +402,9 @@ def _native_forward(a, u, p, cu, x0, out):
     if x0 is not None and p.hops == 1:
         x0f = xp.ascontiguousarray(x0, dtype=np.float32)
     packed_walk.check_cu(cu, p.N, ok)
+    marks = _marks(xp, cu, p)
     packed_walk.forward(a, u, y, x0f, cu, ok, dummy, hops=p.hops, block_len=p.block_len,
-                        layout=p.layout)
+                        layout=p.layout, marks=marks)
     return y
 
 

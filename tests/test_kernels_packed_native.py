@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not (SIM or gpu_available()),
                                 reason="needs the CUDA simulator or a GPU")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 packed_walk = numba_kernels.packed_walk
+packed_scan = numba_kernels.packed_scan
 
 
 def xp():
@@ -387,8 +388,14 @@ def scan_case(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed, mo
     against the per-sequence reference; the backward is the token walk's."""
     monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
     monkeypatch.setattr(packed_walk, "BHDL_SCAN_CHUNK", chunk)
+    monkeypatch.setattr(packed_scan, "MAX_ROUNDS", 64)  # every block length through the scan
+    launched = []
+    kernel = packed_scan.forward_kernel
+    monkeypatch.setattr(packed_scan, "forward_kernel",
+                        lambda *k: launched.append(k) or kernel(*k))
     tokens_case(lens, layout="BHDL", per_head=per_head, H=H, D=D, bl=bl, hops=hops,
                 with_x0=with_x0, dtype=dtype, chunk=16, seed=seed, monkeypatch=monkeypatch)
+    assert launched, "the warp-scan forward did not run"
 
 
 @settings(max_examples=10 if SIM else 40, deadline=None)
@@ -430,3 +437,20 @@ def test_scan_forward_invalid_cu_poisons_y(rng, monkeypatch):
         p = dataclasses.replace(p, backend="cupy")
     monkeypatch.setattr(packed, "_padded_inputs", _no_image)
     assert np.isnan(to_np(packed.forward(a, u, p, cu, x0=None, device=True))).all()
+
+
+@settings(max_examples=10 if SIM else 40, deadline=None)
+@given(lens=st.lists(st.integers(0, 20), min_size=1, max_size=10).filter(lambda v: sum(v) > 0),
+       bl=st.sampled_from([1, 3, 4, 16]), cu_dtype=st.sampled_from([np.int32, np.int64]))
+def test_marks_match_reference(lens, bl, cu_dtype):
+    """Token marks (sequence, block start, sequence start) on the device against NumPy, empty
+    sequences passed over."""
+    X = xp()
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(cu_dtype)
+    T = int(cu[-1])
+    marks = X.asarray(np.full(T, -1, np.int32))  # poisoned: every token written
+    packed_walk.mark_tokens(X.asarray(cu), T, bl, marks)
+    want = packed_scan.marks_reference(cu, T, bl)
+    np.testing.assert_array_equal(to_np(marks), want)
+    s = want >> 2
+    assert (cu[s] <= np.arange(T)).all() and (np.arange(T) < cu[s + 1]).all()

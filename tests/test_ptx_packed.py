@@ -264,7 +264,7 @@ SCAN_CASES = [  # in, out, per_head, hops, x0, E (tokens a lane)
 @pytest.mark.parametrize("case", SCAN_CASES)
 def test_scan_forward_compiles(case):
     """The BHDL warp-scan forward (numba_kernels/packed_scan.py): no local memory, 16-byte
-    loads where a lane's tokens fill them, the lanes' maps combined by shuffles."""
+    loads where a lane's tokens fill them, the lanes' states passed on by shuffles."""
     nvvm_or_skip()
     from numba import types
     from ptx_arches import compile_arches
@@ -277,4 +277,17 @@ def test_scan_forward_compiles(case):
                      "packed_scan_forward")
     if E * (2 if ik != "f32" else 4) == 16:
         assert "ld.global.v4.u32" in ptx
-    assert ptx.count("shfl.sync.up") >= 6 * 5 + 6  # 5 steps of 6 values, then the exclusive 6
+    assert ptx.count("shfl.sync.up") >= (3 if hops == 1 else 2)  # chain rounds: w, g (and c)
+    assert "shfl.sync.idx" in ptx  # the last lane's state into the next iteration
+
+
+@pytest.mark.parametrize("cu_dtype", ["int32", "int64"])
+def test_marks_kernel_compiles(cu_dtype):
+    """The token marks of the scan kernels (packed_scan.mark_tokens): a binary search of cu."""
+    nvvm_or_skip()
+    from numba import types
+    from ptx_arches import compile_arches
+    from swr_array.numba_kernels import packed_scan
+
+    sig = [_arr(cu_dtype), _arr("int32")] + [types.int64] * 3
+    _check_ptx(compile_arches(packed_scan.marks_kernel().py_func, sig), "packed_mark_tokens")
