@@ -36,7 +36,8 @@ __all__ = [
 
 from . import (
     packed_scan,  # noqa: E402  (BHDL packed kernels by warp scans)
+    packed_scan_bwd,  # noqa: E402  (their backward)
     packed_walk,  # noqa: E402  (native packed kernels, swr_array/packed.py)
 )
 
-__all__ += ["packed_scan", "packed_walk"]
+__all__ += ["packed_scan", "packed_scan_bwd", "packed_walk"]

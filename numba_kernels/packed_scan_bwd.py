@@ -216,6 +216,10 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
         if ok[0] == 0:
             for e in range(E):
                 obuf[e] = NAN
+            if X0 and t_lo == 0:
+                for s in range(lane, S, 32):
+                    for r in range(nrows):
+                        dx0[s * C + row0 + r] = NAN
             for t in range(t_lo + lane * E, t_hi, span):
                 for k in range(nacc):
                     tk = t + k * vec

@@ -479,6 +479,12 @@ time, over token marks) instead of the token walk. Off by default until timed ag
 earlier design, an associative scan of affine maps, was slower than the token walk)."""
 BHDL_SCAN_CHUNK = 2048
 """Tokens of a row one warp of the warp-scan forward owns."""
+BHDL_SCAN_BWD = False
+"""BHDL backward: the warp-chain kernel of ``packed_scan_bwd`` (a warp a head's rows, coalesced
+along time, over token marks) instead of the token walk, where it fits. Off by default until
+timed against it."""
+BHDL_SCAN_BWD_CHUNK = 1024
+"""Tokens of a row one warp of the warp-chain backward owns."""
 BHDL_TILE = False
 """BHDL: the tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`) where they
 fit, instead of the token walks. Off by default: on the H200 they were slower than the token
@@ -2032,10 +2038,11 @@ def _cached_launch(key, build, arrays, n_aligned, stream):
     launch_with_pointers(entry, grid, block, values, [data_pointer(x) for x in arrays], stream)
 
 
-def wants_marks(layout):
+def wants_marks(layout, direction="fwd"):
     """Whether a packed call in ``layout`` computes token marks (:func:`mark_tokens`) for the
-    BHDL warp-scan kernels (:data:`BHDL_SCAN`)."""
-    return layout == "BHDL" and BHDL_SCAN
+    BHDL warp-scan kernels of ``direction`` ("fwd": :data:`BHDL_SCAN`, "bwd":
+    :data:`BHDL_SCAN_BWD`)."""
+    return layout == "BHDL" and (BHDL_SCAN if direction == "fwd" else BHDL_SCAN_BWD)
 
 
 def mark_tokens(cu, T, block_len, marks, *, stream=None):
@@ -2072,8 +2079,32 @@ def forward(a, u, y, x0, cu, ok, dummy, *, hops, block_len, layout="BLHD", marks
                    arrays, 3, stream)
 
 
-def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, layout):
-    """(kernel, grid, block, args) of :func:`backward`."""
+def _backward_aligned(a, u, dy, da, du):
+    """``aligned(vec)`` of the BHDL warp-chain backward: accesses of ``vec`` elements of every
+    array."""
+
+    def aligned(v):
+        return all(_aligned(x, v * x.dtype.itemsize) for x in (a, u, dy, da, du))
+
+    return aligned
+
+
+def scan_backward_config(a, u, dy, da, du, cu, block_len):
+    """``(vec, nacc)`` of the BHDL warp-chain backward for these arrays, or None where it does
+    not take them (``packed_scan_bwd.fits``)."""
+    from . import packed_scan_bwd
+
+    T = _shape(u, "BHDL")[0]
+    aligned = _backward_aligned(a, u, dy, da, du)
+    if not packed_scan_bwd.fits(_kind(u), _kind(dy), T, block_len, cu.shape[0] - 1, aligned):
+        return None
+    return packed_scan_bwd.config(_kind(u), _kind(dy), T, block_len, aligned)
+
+
+def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, layout,
+                     marks=None):
+    """(kernel, grid, block, args) of :func:`backward`; with ``marks`` (BHDL, where
+    :func:`scan_backward_config` takes the arrays) the warp-chain backward."""
     T, H, D = _shape(u, layout)
     per_head = a.ndim == 3
     in_kind, dy_kind = _kind(u), _kind(dy)
@@ -2089,6 +2120,15 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
     head = (_flat(a), _flat(u), _flat(dy), _flat(da), _flat(du), _flat(x_arg), _flat(dx_arg),
             _flat(cu), _flat(ok), np.int64(T), np.int64(S), np.int64(H * D), np.int64(D),
             np.int64(block_len))
+    if marks is not None:
+        from . import packed_scan_bwd
+
+        vec, nacc = scan_backward_config(a, u, dy, da, du, cu, block_len)
+        kernel = packed_scan_bwd.backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, vec,
+                                                 nacc)
+        grid, block, scalars = packed_scan_bwd.launch_args(T, S, H * D, D, block_len, per_head,
+                                                           vec, nacc, BHDL_SCAN_BWD_CHUNK)
+        return kernel, grid, block, head[:7] + (_flat(marks), _flat(ok)) + scalars
     if family == "tile":
         kernel = tile_backward_kernel(in_kind, dy_kind, per_head, hops, has_x0, D)
         nrg = -(-(H * D) // 32)
@@ -2114,7 +2154,7 @@ def _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops, block_len, 
 
 
 def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layout="BLHD",
-             stream=None):
+             marks=None, stream=None):
     """``da``, ``du`` (and ``dx0`` float32 ``(S, H, D)``, zeroed by the caller, with x0 and
     hops=1) of the packed problem; :func:`backward_plan` must not be None. BLHD runs the
     :data:`VARIANTS` family chosen (:func:`variant`), BHDL the token walk. Repeated calls of one
@@ -2122,9 +2162,13 @@ def backward(a, u, dy, da, du, x0, dx0, cu, ok, dummy, *, hops, block_len, layou
     has_x0 = x0 is not None and hops == 1
     xa = x0 if has_x0 else dummy
     dxa = dx0 if has_x0 else dummy
-    arrays = (a, u, dy, da, du, xa, dxa, cu, ok)
+    scan = (layout == "BHDL" and marks is not None
+            and scan_backward_config(a, u, dy, da, du, cu, block_len) is not None)
+    arrays = (a, u, dy, da, du, xa, dxa, marks if scan else cu, ok)
     key = ("bwd", layout, _VARIANT[0], TOKENS_CHUNK, BHDL_TOKENS_CHUNK["bwd"], BACKWARD_CHUNK,
-           RBLOCKS_CHUNK, BHDL_TILE, TILE_CHUNK, THREADS, hops, block_len, has_x0,
-           a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype, cu.dtype)
+           RBLOCKS_CHUNK, scan, BHDL_SCAN_BWD_CHUNK, BHDL_TILE, TILE_CHUNK, THREADS, hops,
+           block_len, has_x0, a.shape, u.shape, cu.shape, xa.shape, a.dtype, u.dtype, dy.dtype,
+           cu.dtype)
     _cached_launch(key, lambda: _backward_launch(a, u, dy, da, du, x0, dx0, cu, ok, dummy, hops,
-                                                 block_len, layout), arrays, 5, stream)
+                                                 block_len, layout, marks if scan else None),
+                   arrays, 5, stream)

@@ -14,7 +14,7 @@ document count, one JSON line a measurement:
   is bound by the host);
 - ``kernel``: each kernel of the native packed path alone (``packed_walk``: the ``cu`` check,
   the forward, the backward; the candidate kernels of every ``packed_walk.VARIANTS`` entry; BHDL
-  the tile walks, the token walks and the warp-scan forward over the token marks, and the
+  the tile walks, the token walks and the warp-scan kernels over the token marks, and the
   marks kernel), and the dense call with
   preallocated outputs, ``--reps`` launches captured in one CUDA graph and replayed (GPU time
   only, no host cost), per launch; ``gbps``: the bytes the kernel must move (read a and u, write
@@ -173,7 +173,7 @@ def profile_layout(layout, args, rng, emit):
                                reps))
         tile_default, scan_default = packed_walk.BHDL_TILE, packed_walk.BHDL_SCAN
         for variant in packed_walk.VARIANTS if layout == "BLHD" else ("tile", "tokens", "scan"):
-            # BHDL: the tile walks, the token walks, the warp-scan forward (backward: tokens)
+            # BHDL: the tile walks, the token walks, the warp-scan forward and backward
             packed_walk.BHDL_TILE = variant == "tile"
             packed_walk.BHDL_SCAN = variant == "scan"
             with packed_walk.variant("tokens" if layout == "BHDL" else variant):
@@ -186,7 +186,8 @@ def profile_layout(layout, args, rng, emit):
                     if packed_mod.native_backward_fits(p, cu, a, u, dy):
                         bwd = functools.partial(packed_walk.backward, a, u, dy, da, du, x0_arg,
                                                 dx0, cu, ok, dummy, hops=1, block_len=16,
-                                                layout=layout)
+                                                layout=layout,
+                                                marks=marks if variant == "scan" else None)
                         emit(kind="kernel", layout=layout, docs=n_docs, call=tag,
                              variant=variant, dir="bwd", ms=graph_time(bwd, reps))
         packed_walk.BHDL_TILE, packed_walk.BHDL_SCAN = tile_default, scan_default
@@ -200,6 +201,16 @@ def profile_layout(layout, args, rng, emit):
                 emit(kind="kernel", layout=layout, docs=n_docs, call="packed", variant="scan",
                      dir="fwd", knob="BHDL_SCAN_CHUNK", value=chunk, ms=graph_time(fwd, reps))
             packed_walk.BHDL_SCAN_CHUNK = old
+            old = packed_walk.BHDL_SCAN_BWD_CHUNK
+            for chunk in (512, 2048, 4096):
+                packed_walk.BHDL_SCAN_BWD_CHUNK = chunk
+                bwd = functools.partial(packed_walk.backward, a, u, dy, da, du, None, dx0, cu,
+                                        ok, dummy, hops=1, block_len=16, layout=layout,
+                                        marks=marks)
+                emit(kind="kernel", layout=layout, docs=n_docs, call="packed", variant="scan",
+                     dir="bwd", knob="BHDL_SCAN_BWD_CHUNK", value=chunk,
+                     ms=graph_time(bwd, reps))
+            packed_walk.BHDL_SCAN_BWD_CHUNK = old
         if layout == "BLHD" and args.sweep:
             # chunk lengths and threads per block (launch arguments: no new compilation)
             sweep = [("blocks", "FORWARD_CHUNK", "fwd", c) for c in (64, 256, 512)]

@@ -378,12 +378,12 @@ def _native_scratch(xp, cu):
     return xp.empty(1, np.int32), dummy
 
 
-def _marks(xp, cu, p):
-    """The token marks of the BHDL warp-scan kernels (int32, one a token; after the ``cu``
-    check on the same stream), or None where they do not run."""
+def _marks(xp, cu, p, direction="fwd"):
+    """The token marks of the BHDL warp-scan kernels of ``direction`` (int32, one a token; after
+    the ``cu`` check on the same stream), or None where they do not run."""
     from .numba_kernels import packed_walk
 
-    if not packed_walk.wants_marks(p.layout):
+    if not packed_walk.wants_marks(p.layout, direction):
         return None
     marks = xp.empty(p.N, np.int32)
     packed_walk.mark_tokens(cu, p.N, p.block_len, marks)
@@ -425,8 +425,9 @@ def _native_backward(a, u, dy, p, cu, x0):
         if p.hops == 1:
             x0f = xp.ascontiguousarray(x0, dtype=np.float32)
     packed_walk.check_cu(cu, p.N, ok)
+    marks = _marks(xp, cu, p, "bwd")
     packed_walk.backward(a, u, dy, da, du, x0f, dx0, cu, ok, dummy, hops=p.hops,
-                         block_len=p.block_len, layout=p.layout)
+                         block_len=p.block_len, layout=p.layout, marks=marks)
     return da, du, dx0
 
 

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not (SIM or gpu_available()),
 BF16 = np.dtype(ml_dtypes.bfloat16)
 packed_walk = numba_kernels.packed_walk
 packed_scan = numba_kernels.packed_scan
+packed_scan_bwd = numba_kernels.packed_scan_bwd
 
 
 def xp():
@@ -384,18 +385,26 @@ def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk,
 
 
 def scan_case(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed, monkeypatch):
-    """The warp-scan forward (chunks of ``chunk`` tokens, rounded up to a warp iteration)
-    against the per-sequence reference; the backward is the token walk's."""
+    """The warp-scan forward and the warp-chain backward (chunks of ``chunk`` tokens, rounded
+    up to a warp iteration) through the API against the per-sequence reference."""
     monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
     monkeypatch.setattr(packed_walk, "BHDL_SCAN_CHUNK", chunk)
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN_BWD", True)
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN_BWD_CHUNK", chunk)
     monkeypatch.setattr(packed_scan, "MAX_ROUNDS", 64)  # every block length through the scan
     launched = []
-    kernel = packed_scan.forward_kernel
+    fwd, bwd = packed_scan.forward_kernel, packed_scan_bwd.backward_kernel
     monkeypatch.setattr(packed_scan, "forward_kernel",
-                        lambda *k: launched.append(k) or kernel(*k))
+                        lambda *k: launched.append("fwd") or fwd(*k))
+    monkeypatch.setattr(packed_scan_bwd, "backward_kernel",
+                        lambda *k: launched.append("bwd") or bwd(*k))
     tokens_case(lens, layout="BHDL", per_head=per_head, H=H, D=D, bl=bl, hops=hops,
                 with_x0=with_x0, dtype=dtype, chunk=16, seed=seed, monkeypatch=monkeypatch)
-    assert launched, "the warp-scan forward did not run"
+    assert "fwd" in launched, "the warp-scan forward did not run"
+    T = sum(lens)
+    if packed_scan_bwd.config("f32" if dtype == np.float32 else "bf16", "f32" if dtype ==
+                              np.float32 else "bf16", T, bl) is not None:
+        assert "bwd" in launched, "the warp-chain backward did not run"
 
 
 @settings(max_examples=10 if SIM else 40, deadline=None)
@@ -424,8 +433,9 @@ def test_scan_forward_vector_paths(rng, monkeypatch, per_head, hops, with_x0, dt
               dtype=dtype, chunk=1, seed=int(rng.integers(1 << 30)), monkeypatch=monkeypatch)
 
 
-def test_scan_forward_invalid_cu_poisons_y(rng, monkeypatch):
-    """ok[0] == 0 (invalid device cu): NaN in every y the warp-scan forward owns."""
+def test_scan_invalid_cu_poisons_outputs(rng, monkeypatch):
+    """ok[0] == 0 (invalid device cu): NaN in every y of the warp-scan forward, and in every da,
+    du and dx0 of the warp-chain backward."""
     monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
     monkeypatch.setattr(packed_walk, "BHDL_SCAN_CHUNK", 1)
     X = xp()
@@ -437,6 +447,11 @@ def test_scan_forward_invalid_cu_poisons_y(rng, monkeypatch):
         p = dataclasses.replace(p, backend="cupy")
     monkeypatch.setattr(packed, "_padded_inputs", _no_image)
     assert np.isnan(to_np(packed.forward(a, u, p, cu, x0=None, device=True))).all()
+    monkeypatch.setattr(packed_walk, "BHDL_SCAN_BWD", True)
+    dy = X.asarray(rng.standard_normal((1, 2, 2, 70)).astype(np.float32))
+    x0 = X.asarray(rng.standard_normal((3, 2, 2)).astype(np.float32))
+    for g in packed.backward(a, u, dy, p, cu, x0=x0, device=True):
+        assert np.isnan(to_np(g)).all()
 
 
 @settings(max_examples=10 if SIM else 40, deadline=None)
