@@ -473,17 +473,17 @@ def _make_tokens_forward(layout, in_kind, out_kind, per_head, hops, has_x0, vec)
     return kernel
 
 
-BHDL_SCAN = False
+BHDL_SCAN = True
 """BHDL forward: the warp-scan kernel of ``packed_scan`` (a warp a channel row, coalesced along
-time, over token marks) instead of the token walk. Off by default until timed against it (an
-earlier design, an associative scan of affine maps, was slower than the token walk)."""
-BHDL_SCAN_CHUNK = 2048
-"""Tokens of a row one warp of the warp-scan forward owns."""
-BHDL_SCAN_BWD = False
+time, over token marks) where it fits, else the token walk. On by default: on the H200 it took
+well under the token walk's time (docs/benchmarks.md#packed-sequences)."""
+BHDL_SCAN_CHUNK = 4096
+"""Tokens of a row one warp of the warp-scan forward owns (each chunk re-walks 2 block_len)."""
+BHDL_SCAN_BWD = True
 """BHDL backward: the warp-chain kernel of ``packed_scan_bwd`` (a warp a head's rows, coalesced
-along time, over token marks) instead of the token walk, where it fits. Off by default until
-timed against it."""
-BHDL_SCAN_BWD_CHUNK = 1024
+along time, over token marks) where it fits, else the token walk. On by default, as
+:data:`BHDL_SCAN`."""
+BHDL_SCAN_BWD_CHUNK = 2048
 """Tokens of a row one warp of the warp-chain backward owns."""
 BHDL_TILE = False
 """BHDL: the tile walks (:func:`tile_forward_kernel`, :func:`tile_backward_kernel`) where they

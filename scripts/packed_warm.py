@@ -48,7 +48,8 @@ def case(args):
         cu = cp.asarray(np.array([0, 100, 117, 600, T], np.int32))
         x0 = cp.asarray(rng.standard_normal((4, H, D)).astype(np.float32)) if with_x0 else None
         packed_walk.BHDL_TILE = family == "tile"
-        with packed_walk.variant("tokens" if family == "tile" else family):
+        packed_walk.BHDL_SCAN = packed_walk.BHDL_SCAN_BWD = family == "scan"
+        with packed_walk.variant(family if layout == "BLHD" else "tokens"):
             sa.swr(a, u, cu_seqlens=cu, x0=x0, **kw)
             sa.swr_vjp(a, u, u, cu_seqlens=cu, x0=x0, **kw)
     cp.cuda.Device().synchronize()
@@ -61,9 +62,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cases = [("BLHD", "dense", False), ("BHDL", "dense", False)]
     for x0 in (False, True):
-        cases += [("BLHD", "rblocks", x0), ("BHDL", "tokens", x0)]
+        cases += [("BLHD", "rblocks", x0), ("BHDL", "scan", x0)]
     # the profile's others
-    cases += [("BLHD", "blocks", False), ("BLHD", "tokens", False), ("BHDL", "tile", False)]
+    cases += [("BLHD", "blocks", False), ("BLHD", "tokens", False), ("BHDL", "tokens", False),
+              ("BHDL", "tile", False)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(min(args.jobs, len(cases))) as pool:
         for line in pool.imap_unordered(case, cases):

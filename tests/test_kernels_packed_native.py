@@ -219,8 +219,9 @@ def test_backward_config(kinds, per_head, D, want):
 
 
 def tokens_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed,
-                monkeypatch):
-    """Forward and backward of the token walks against the per-sequence reference."""
+                monkeypatch, scan=False):
+    """Forward and backward of the token walks (BHDL with ``scan``: the warp-scan kernels where
+    they fit) against the per-sequence reference."""
     rng = np.random.default_rng(seed)
     S = len(lens)
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -242,6 +243,8 @@ def tokens_case(lens, *, layout, per_head, H, D, bl, hops, with_x0, dtype, chunk
         m.setattr(packed_walk, "TOKENS_CHUNK", chunk)
         m.setattr(packed_walk, "BHDL_TOKENS_CHUNK", {"fwd": chunk, "bwd": chunk})
         m.setattr(packed_walk, "BHDL_TILE", False)
+        m.setattr(packed_walk, "BHDL_SCAN", scan)
+        m.setattr(packed_walk, "BHDL_SCAN_BWD", scan)
         y = X.asarray(np.full(u.shape, np.nan, dtype=u.dtype))  # poisoned: every token written
         y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, out=y, device=True))
         da, du, dx0 = (None if v is None else to_np(v) for v in packed.backward(
@@ -357,6 +360,8 @@ def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk,
         m.setattr(packed, "_padded_inputs", _no_image)
         m.setattr(packed_walk, "TILE_CHUNK", chunk)
         m.setattr(packed_walk, "BHDL_TILE", True)
+        m.setattr(packed_walk, "BHDL_SCAN", False)
+        m.setattr(packed_walk, "BHDL_SCAN_BWD", False)
         m.setattr(packed_walk, "tokens_forward_kernel", _no_image)  # the tile walks must run
         m.setattr(packed_walk, "tokens_backward_kernel", _no_image)
         y = X.asarray(np.full(u.shape, np.nan, dtype=dtype))  # poisoned: every token written
@@ -387,11 +392,10 @@ def test_tile_matches_reference(lens, shape, bl, hops, per_head, with_x0, chunk,
 def scan_case(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed, monkeypatch):
     """The warp-scan forward and the warp-chain backward (chunks of ``chunk`` tokens, rounded
     up to a warp iteration) through the API against the per-sequence reference."""
-    monkeypatch.setattr(packed_walk, "BHDL_SCAN", True)
     monkeypatch.setattr(packed_walk, "BHDL_SCAN_CHUNK", chunk)
-    monkeypatch.setattr(packed_walk, "BHDL_SCAN_BWD", True)
     monkeypatch.setattr(packed_walk, "BHDL_SCAN_BWD_CHUNK", chunk)
     monkeypatch.setattr(packed_scan, "MAX_ROUNDS", 64)  # every block length through the scan
+    monkeypatch.setattr(packed_walk, "_PLANS", {})  # GPU: kernels built afresh, not from plans
     launched = []
     fwd, bwd = packed_scan.forward_kernel, packed_scan_bwd.backward_kernel
     monkeypatch.setattr(packed_scan, "forward_kernel",
@@ -399,7 +403,8 @@ def scan_case(lens, *, per_head, H, D, bl, hops, with_x0, dtype, chunk, seed, mo
     monkeypatch.setattr(packed_scan_bwd, "backward_kernel",
                         lambda *k: launched.append("bwd") or bwd(*k))
     tokens_case(lens, layout="BHDL", per_head=per_head, H=H, D=D, bl=bl, hops=hops,
-                with_x0=with_x0, dtype=dtype, chunk=16, seed=seed, monkeypatch=monkeypatch)
+                with_x0=with_x0, dtype=dtype, chunk=16, seed=seed, monkeypatch=monkeypatch,
+                scan=True)
     assert "fwd" in launched, "the warp-scan forward did not run"
     T = sum(lens)
     if packed_scan_bwd.config("f32" if dtype == np.float32 else "bf16", "f32" if dtype ==
