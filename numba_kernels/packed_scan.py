@@ -218,11 +218,12 @@ def _make_forward(in_kind, out_kind, per_head, hops, has_x0, E):
                 if e < first:
                     ybuf[e] += gbuf[e] * win
                     gbuf[e] *= gin
-                if HOPS1 and mk[e] & BLOCK:
-                    if mk[e] & SEQUENCE:
-                        cl = x0[(mk[e] >> 2) * C + row] if X0 else F0
-                    else:
-                        cl = wprev
+                if HOPS1:
+                    # x0 of the token's sequence, read at every token (s is valid at each) so
+                    # the loop stays free of branches around loads
+                    xv = x0[(mk[e] >> 2) * C + row] if X0 else F0
+                    if mk[e] & BLOCK:
+                        cl = xv if mk[e] & SEQUENCE else wprev
                 wprev = ybuf[e]
                 cbuf[e] = cl
             if HOPS1:

@@ -302,12 +302,12 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                 w = _chain_up(A, w, n_rounds, lane)
                 c = F0
                 for e in range(E):
+                    # x0 of the token's sequence at every token (s is valid at each, FAR too):
+                    # no branch around the load
+                    xv = x0[(mk[e] >> 2) * C + row] if X0 else F0
                     if mk[e] & BLOCK:
                         if HOPS1:
-                            if mk[e] & SEQUENCE:
-                                c = x0[(mk[e] >> 2) * C + row] if X0 else F0
-                            else:
-                                c = w
+                            c = xv if mk[e] & SEQUENCE else w
                         wp[e] = F0
                         w = ubuf[e]
                     else:
