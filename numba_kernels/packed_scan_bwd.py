@@ -339,6 +339,10 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                     lam = dbuf[e] + L
                     zb[e] = z
                     lb[e] = lam
+                    if X0 and mk[e] & SEQUENCE:
+                        tk = t0 + e  # q of the sequence's first block
+                        if tk >= ts and tk < te:
+                            dx0[(mk[e] >> 2) * C + row] = abuf[e] * z
                     if mk[e] & BLOCK:
                         L = abuf[e] * z if HOPS1 and not (mk[e] & SEQUENCE) else F0
                         Z = F0
@@ -363,11 +367,6 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                     tk = t0 + k * vec
                     if tk >= ts and tk < te:
                         store_in(du, row * T + tk, obuf, k * vec)
-                if X0:
-                    for e in range(E):
-                        tk = t0 + e
-                        if mk[e] & SEQUENCE and tk >= ts and tk < te:
-                            dx0[(mk[e] >> 2) * C + row] = abuf[e] * zb[e]
             for k in range(nacc):
                 tk = t0 + k * vec
                 if tk >= ts and tk < te:
