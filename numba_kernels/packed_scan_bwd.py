@@ -26,7 +26,9 @@ Chains across lanes. Each quantity crossing a lane boundary is affine in what en
 forward (from the lane before) ``w_out = A w_in + Bw``, ``g_out = A g_in + Bg`` and ``c_out =
 c_in`` or a lane-local carrier, reverse (from the lane after) ``Z_out = A Z_in + Qz`` and
 ``L_out = A L_in + Ql`` with one multiplier ``A``: the product of the lane's ``a`` where no block
-starts in the lane, else 0 (and then the outgoing value is the lane's own). A *round* hands
+starts in the lane; where one does, the outgoing value is the lane's own (chosen, not
+multiplied by 0: an inf or NaN of another block does not pass, so sequences exchange no
+values, non-finite ones included, as in the reference). A *round* hands
 each lane its neighbour's outgoing value (one shuffle per quantity) and recomputes its own. A
 lane whose block starts ``k`` lanes before it gets exact incoming values after ``k`` rounds;
 the token before a lane's first token lies in a block that starts at most ``block_len`` tokens
@@ -47,7 +49,8 @@ iteration starts at ``te``. So ``32 - 2 * ceil(2 * block_len / E)`` lanes an ite
 (:func:`config` asks for at least :data:`MIN_STORED_LANES`).
 
 ``ok[0] == 0`` (invalid ``cu``, see ``packed_walk.check_cu``): the warp writes NaN to every
-``da`` and ``du`` it owns and reads nothing else (``dx0`` is left as it is).
+``da`` and ``du`` it owns, and the warps of the first chunk to all of ``dx0``; it reads
+nothing else.
 
 Arrays are 1-D views of C-contiguous arrays: u, dy, du ``(1, H, D, T)`` (flat ``row * T + t``,
 ``C = H * D`` rows), a, da ``(1, H, T)`` per head (flat ``head * T + t``) or ``(1, H, D, T)``;
@@ -160,23 +163,24 @@ def _make_marks_load(width):
 
 
 @_device
-def _chain_up(A, B, n_rounds, lane):
+def _chain_up(A, B, K, n_rounds, lane):
     """The value entering this lane from the lane before (lane 0: 0) after ``n_rounds`` rounds
-    of ``out = A * in + B``."""
+    of ``out = A * in + B``, or ``out = B`` where a block starts in the lane (``K == 0``): a
+    select, so an inf or NaN entering such a lane (another block's) does not pass on."""
     vin = F0
     for _ in range(n_rounds):
-        v = shfl_up(A * vin + B, 1)
+        v = shfl_up(A * vin + B if K != F0 else B, 1)
         vin = v if lane > 0 else F0
     return vin
 
 
 @_device
-def _chain_down(A, B, n_rounds, lane):
+def _chain_down(A, B, K, n_rounds, lane):
     """The value entering this lane from the lane after (lane 31: 0) after ``n_rounds`` rounds
-    of ``out = A * in + B``."""
+    of ``out = A * in + B``, or ``out = B`` where a block starts in the lane (``K == 0``)."""
     vin = F0
     for _ in range(n_rounds):
-        v = shfl_idx(A * vin + B, min(lane + 1, 31))
+        v = shfl_idx(A * vin + B if K != F0 else B, min(lane + 1, 31))
         vin = v if lane < 31 else F0
     return vin
 
@@ -271,7 +275,7 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                 else:
                     A *= abuf[e]
                     g *= abuf[e]
-            gin = _chain_up(A, g, n_rounds, lane)
+            gin = _chain_up(A, g, K, n_rounds, lane)
             g = gin
             for e in range(E):
                 if mk[e] & BLOCK:
@@ -299,7 +303,7 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                         w = ubuf[e]
                     else:
                         w = abuf[e] * w + ubuf[e]
-                w = _chain_up(A, w, n_rounds, lane)
+                w = _chain_up(A, w, K, n_rounds, lane)
                 c = F0
                 for e in range(E):
                     # x0 of the token's sequence at every token (s is valid at each, FAR too):
@@ -316,7 +320,7 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                     cb[e] = c
                 if HOPS1:
                     # the carrier entering the lane: the lane's own where a block starts in it
-                    cin = _chain_up(K, c, n_rounds, lane)
+                    cin = _chain_up(F1, c, K, n_rounds, lane)
                     pre = True
                     for e in range(E):
                         if mk[e] & BLOCK:
@@ -331,7 +335,7 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                         Z = F0
                     else:
                         Z = abuf[e] * (dbuf[e] + Z)
-                Z = _chain_down(A, Z, n_rounds, lane)
+                Z = _chain_down(A, Z, K, n_rounds, lane)
                 L = F0
                 for q in range(E):
                     e = E - 1 - q
@@ -349,7 +353,7 @@ def _make_backward(in_kind, dy_kind, per_head, hops, has_x0, vec, nacc):
                     else:
                         L = abuf[e] * lam
                         Z = abuf[e] * z
-                L = _chain_down(A, L, n_rounds, lane)
+                L = _chain_down(A, L, K, n_rounds, lane)
                 # lam_t = lb + (what enters from after the lane, through the a's to t)
                 for q in range(E):
                     e = E - 1 - q

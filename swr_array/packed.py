@@ -4,7 +4,9 @@ Native (the GPU path, both layouts, hops 0 and 1, :func:`native_forward_fits` /
 :func:`native_backward_fits`): the kernels of numba_kernels/packed_walk.py walk each sequence's
 blocks in the packed array itself, one launch for all sequences after a one-block check of
 ``cu`` (no padded image, no token moves, no host read of ``cu``; an invalid ``cu`` gives NaN in
-every output). Sequences exchange no values, non-finite ones included. Repeated CuPy calls of
+every output). BHDL first marks each token's sequence and block start (:func:`_marks`, one
+small launch) for the warp-scan kernels of numba_kernels/packed_scan.py and packed_scan_bwd.py,
+where they fit. Sequences exchange no values, non-finite ones included. Repeated CuPy calls of
 one signature skip the checks (:func:`plan_key`, as plain calls do). ``return_state`` keeps its
 per-sequence host loop (below). Everything else takes the padded evaluation.
 

@@ -474,3 +474,51 @@ def test_marks_match_reference(lens, bl, cu_dtype):
     np.testing.assert_array_equal(to_np(marks), want)
     s = want >> 2
     assert (cu[s] <= np.arange(T)).all() and (np.arange(T) < cu[s + 1]).all()
+
+
+@pytest.mark.parametrize("layout", ["BLHD", "BHDL"])
+@pytest.mark.parametrize("poison", ["u_inf", "a_nan"])
+def test_sequences_exchange_no_nonfinite_values(layout, poison):
+    """inf in every u (or NaN in every a) of the middle sequence stays in it: the other
+    sequences' y, da, du and dx0 equal the per-sequence reference (finite), forward and
+    backward, where lanes pass state across the sequence starts (inside a lane's tokens too:
+    the last sequence starts at 63). Docs: sequences exchange no values."""
+    rng = np.random.default_rng(zlib.crc32(f"nonfinite-{layout}-{poison}".encode()))
+    lens, H, D, bl = [37, 26, 65], 1, 2, 4
+    S = len(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1])
+    us = (1, T, H, D) if layout == "BLHD" else (1, H, D, T)
+    a_s = (1, T, H) if layout == "BLHD" else (1, H, T)
+    a = rng.uniform(-1, 1, a_s).astype(np.float32)
+    u = rng.standard_normal(us).astype(np.float32)
+    dy = rng.standard_normal(us).astype(np.float32)
+    x0 = rng.standard_normal((S, H, D)).astype(np.float32)
+    bad = slice(int(cu[1]), int(cu[2]))  # sequence 1
+    if poison == "u_inf":
+        (u[0, bad] if layout == "BLHD" else u[0, :, :, bad])[...] = np.inf
+    else:
+        (a[0, bad] if layout == "BLHD" else a[0, :, bad])[...] = np.nan
+    X = xp()
+    a_d, u_d, dy_d, cu_d, x0_d = (X.asarray(v) for v in (a, u, dy, cu, x0))
+    p = _checks.check_swr(a_d, u_d, block_len=bl, hops=1, layout=layout)
+    if SIM:
+        p = dataclasses.replace(p, backend="cupy")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packed, "_padded_inputs", _no_image)
+        y = to_np(packed.forward(a_d, u_d, p, cu_d, x0=x0_d, device=True))
+        da, du, dx0 = (to_np(v) for v in packed.backward(a_d, u_d, dy_d, p, cu_d, x0=x0_d,
+                                                          device=True))
+    at, ut = to_time_last(a, layout, True), to_time_last(u, layout, False)
+    yr = from_time_last(reference.swr_packed(at, ut, cu, block_len=bl, hops=1, x0=x0), layout)
+    rda, rdu, rdx0 = reference.swr_vjp_packed(at, ut, to_time_last(dy, layout, False), cu,
+                                              block_len=bl, hops=1, x0=x0)
+    rda = from_time_last(rda.sum(axis=2, keepdims=True), layout, True)
+    rdu = from_time_last(rdu, layout)
+    keep = np.ones(T, bool)
+    keep[cu[1]:cu[2]] = False
+    tk = (lambda x: x[0, keep]) if layout == "BLHD" else (lambda x: x[0, ..., keep])
+    for got, ref in ((y, yr), (da, rda), (du, rdu)):
+        assert np.isfinite(tk(ref)).all()
+        np.testing.assert_allclose(tk(got), tk(ref), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx0[[0, 2]], rdx0[[0, 2]], rtol=1e-4, atol=1e-4)
